@@ -1,0 +1,74 @@
+"""The contracts between steps: which settings an output depends on, and the command that remakes it."""
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from config_utils.errors import PipelineError
+from config_utils.io import read_manifest
+
+# where outputs go and how many processes make them: they do not change what is made
+NOT_CONTENT_KEYS = {"data_params.num_proc", "data_params.processed_dir", "data_params.masked_dir"}
+# dataset keys that only step 2 uses; step 1's output does not depend on them
+STEP2_ONLY_KEYS = {"data_params.mask_prob", "data_params.tokenizer_name", "data_params.tokenizer_vocab_size"}
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def dataset_settings(dataset_config: dict, step: int) -> dict:
+    """The dataset keys that step 1 (step=1) or steps 1-2 (step=2) outputs depend on."""
+    skip = NOT_CONTENT_KEYS | (STEP2_ONLY_KEYS if step == 1 else set())
+    return {key: value for key, value in flatten(dataset_config).items() if key not in skip}
+
+
+def _sets(args: argparse.Namespace) -> str:
+    return "".join(f" --set {shlex.quote(text)}" for text in args.overrides)
+
+
+def step1_command(args: argparse.Namespace) -> str:
+    return f"python data_processors/load_dataset.py --config-name {args.config_dataset}{_sets(args)}"
+
+
+def step2_command(args: argparse.Namespace) -> str:
+    return (f"python data_processors/dataset.py --config-dataset {args.config_dataset} "
+            f"--config-model {args.config_model}{_sets(args)}")
+
+
+def step3_command(args: argparse.Namespace) -> str:
+    return (f"python train/train.py --config-model {args.config_model} --config-dataset {args.config_dataset} "
+            f"--config-train {args.config_train}{_sets(args)} --tag NAME")
+
+
+def check_settings(expected: dict, found: dict, what: str, run_first: str) -> None:
+    """Stop when an input was made with settings that differ from the ones this step runs with."""
+    for key, value in expected.items():
+        if key not in found or found[key] != value:
+            raise PipelineError(f"{what} was made with {key}={found.get(key)!r} but the configs now say "
+                                f"{key}={value!r}: run `{run_first}` again (or pass the same --set options)")
+
+
+def read_step2_output(dataset_config: dict, model_config: dict, args: argparse.Namespace) -> tuple[dict, str]:
+    """Step 2's manifest, checked against the configs steps 3 and 4 run with."""
+    masked_dir = Path(dataset_config["data_params"]["masked_dir"])
+    manifest, manifest_hash = read_manifest(masked_dir, step2_command(args))
+    check_settings(dataset_settings(dataset_config, step=2), manifest["dataset_settings"], str(masked_dir),
+                   step2_command(args))
+    if model_config["seq_len"] != manifest["seq_len"]:
+        raise PipelineError(f"model seq_len={model_config['seq_len']} but {masked_dir} holds sequences of "
+                            f"{manifest['seq_len']} tokens: run `{step2_command(args)}` again, or set "
+                            f"model.seq_len={manifest['seq_len']}")
+    vocab_size = manifest["tokenizer"]["vocab_size"]
+    if model_config["vocab_size"] is not None and model_config["vocab_size"] != vocab_size:
+        raise PipelineError(f"model vocab_size={model_config['vocab_size']} but the tokenizer in {masked_dir} "
+                            f"has {vocab_size} tokens: set model.vocab_size to null (= the tokenizer's) or "
+                            f"{vocab_size}")
+    return manifest, manifest_hash

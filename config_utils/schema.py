@@ -1,0 +1,105 @@
+"""The three config schemas (dataset, model, train): every key, its type, its default and its range.
+
+A key without a default is required. Keys added after the first release get defaults, so older
+config files keep working. The names follow DESIGN.md; users and scripts rely on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str                      # int | float | bool | str | list[str]
+    default: Any = REQUIRED
+    nullable: bool = False
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    help: str = ""
+
+    def describe(self) -> str:
+        """What is allowed, in words, for error messages."""
+        words = {"int": "an integer", "float": "a number", "bool": "true or false",
+                 "str": "a string", "list[str]": "a list of strings"}[self.kind]
+        if self.choices:
+            words = "one of " + ", ".join(map(str, self.choices))
+        if self.min is not None and self.max is not None:
+            words += f" in [{self.min}, {self.max}]"
+        elif self.min is not None:
+            words += f" >= {self.min}"
+        if self.nullable:
+            words += " or null"
+        return words
+
+
+DATASET_SCHEMA = {
+    "seed": Field("int", min=0, help="seed for shuffling, splitting, the builtin corpus and masking"),
+    "load_params": {
+        "source": Field("str", choices=("hub", "files", "builtin"), help="where the corpus comes from"),
+        "dataset_url": Field("str", help="hub dataset name (source=hub)"),
+        "data_files": Field("list[str]", default=[], help="paths or globs of .csv/.jsonl/.parquet (source=files)"),
+        "text_field": Field("str", help="column holding the text"),
+        "topic_field": Field("str", help="column holding the topic label"),
+        "train_len": Field("int", min=1, help="documents in the train split"),
+        "valid_len": Field("int", min=1, help="documents in the validation split"),
+        "test_len": Field("int", min=1, help="documents in the test split"),
+        "topic_len": Field("int", min=1, help="documents kept per evaluation topic"),
+        "builtin": {
+            "n_topics": Field("int", default=4, min=1, max=8, help="topics of the builtin corpus"),
+            "topic_overlap": Field("float", default=0.0, min=0.0, max=1.0,
+                                   help="0 = disjoint topical words, 1 = labels carry no information"),
+            "n_docs": Field("int", default=20000, min=1, help="documents generated"),
+        },
+    },
+    "data_params": {
+        "eval_topics": Field("list[str]", help="topics held out of train/valid/test, evaluated one by one"),
+        "train_topics": Field("list[str]", default=[], help="if set: train/valid/test balanced over these topics"),
+        "mask_prob": Field("float", min=0.0, max=1.0, help="share of real tokens picked for MLM"),
+        "tokenizer_name": Field("str", nullable=True, help="hub name or local dir; null = train WordPiece"),
+        "tokenizer_vocab_size": Field("int", default=8192, min=100, help="vocabulary when training one"),
+        "processed_dir": Field("str", default="data/processed", help="step 1 output"),
+        "masked_dir": Field("str", default="data/masked", help="step 2 output"),
+        "num_proc": Field("int", default=2, min=1, help="processes for tokenizing and masking"),
+    },
+}
+
+MODEL_SCHEMA = {
+    "vocab_size": Field("int", nullable=True, min=1, help="null = the tokenizer's"),
+    "embedding_dim": Field("int", min=1, help="model width"),
+    "seq_len": Field("int", min=4, help="tokens per sequence, [CLS] and [SEP] included"),
+    "num_head": Field("int", min=1, help="attention heads"),
+    "n_encoder_blocks": Field("int", min=1, help="Transformer blocks"),
+    "n_experts": Field("int", min=1, help="experts per MoE layer (1 = dense)"),
+    "top_k_experts": Field("int", min=1, help="experts chosen per token"),
+    "moe_dim": Field("int", min=1, help="hidden size of each expert"),
+    "dropout": Field("float", min=0.0, max=1.0, help="dropout rate"),
+    "moe_every": Field("int", default=1, min=1, help="every n-th block is MoE, the rest dense"),
+    "normalize_top_k": Field("bool", default=True, help="renormalize the k gate weights (k >= 2)"),
+    "load_balance_coef": Field("float", default=0.01, min=0.0, help="weight of the Switch balancing loss"),
+    "router_z_loss_coef": Field("float", default=0.0, min=0.0, help="weight of the router z-loss"),
+}
+
+TRAIN_SCHEMA = {
+    "batch_size": Field("int", min=1, help="sequences per step per process"),
+    "n_epochs": Field("int", min=1, help="passes over the train split"),
+    "max_steps": Field("int", default=None, nullable=True, min=1, help="if set, overrides n_epochs"),
+    "learning_rate": Field("float", min=0.0, help="peak AdamW learning rate"),
+    "weight_decay": Field("float", min=0.0, help="AdamW weight decay"),
+    "warmup_proportion": Field("float", min=0.0, max=1.0, help="share of steps with linear warmup"),
+    "gradient_accumulation_steps": Field("int", default=1, min=1, help="micro-batches per optimizer step"),
+    "max_grad_norm": Field("float", default=1.0, nullable=True, min=0.0, help="gradient clipping; null = off"),
+    "eval_steps": Field("int", min=1, help="evaluate on valid every n steps"),
+    "eval_batches": Field("int", default=None, nullable=True, min=1, help="cap on valid batches; null = all"),
+    "save_steps": Field("int", min=1, help="checkpoint every n steps"),
+    "save_path": Field("str", help="runs are written to save_path/<tag>"),
+    "experiment_name": Field("str", help="Aim experiment"),
+    "random_seed": Field("int", min=0, help="seed for init, data order and dropout"),
+    "device": Field("str", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if present"),
+    "aim_repo": Field("str", default=".", help="folder holding the .aim repository"),
+}
+
+SCHEMAS = {"dataset": DATASET_SCHEMA, "model": MODEL_SCHEMA, "train": TRAIN_SCHEMA}

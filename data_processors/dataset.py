@@ -1,0 +1,127 @@
+"""Step 2: tokenize step 1's splits and mask them into MLM tensors.
+
+Reads data_params.processed_dir (step 1), writes data_params.masked_dir: tokenizer/ (loadable with
+AutoTokenizer.from_pretrained), one Arrow dataset per split (train, valid, test) and per evaluation
+topic (topics/<topic>) with input_ids, attention_mask, labels (-100 where not masked), topic and
+doc_id, and manifest.json. Example:
+    python data_processors/dataset.py --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml
+"""
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+
+import os
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the map forks worker processes after training
+
+import datasets
+import numpy as np
+
+from config_utils import atomic_dir, load_step_configs, read_manifest, run_step, step_parser, write_json_atomic
+from config_utils.contracts import check_settings, dataset_settings, step1_command
+from data_processors.masking import IGNORE_INDEX, document_rng, mask_tokens
+from data_processors.splitting import SPLITS
+from data_processors.tokenizer import load_tokenizer, train_wordpiece
+
+ROWS_PER_PROCESS = 2000  # below this, starting worker processes costs more than it saves
+FEATURES = datasets.Features({
+    "doc_id": datasets.Value("int64"),
+    "topic": datasets.Value("string"),
+    "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "attention_mask": datasets.Sequence(datasets.Value("int8")),
+    "labels": datasets.Sequence(datasets.Value("int32")),
+})
+
+
+def tokenize_and_mask(batch: dict, tokenizer, seq_len: int, seed: int, mask_prob: float,
+                      random_token_ids: np.ndarray) -> dict:
+    encoded = tokenizer(batch["text"], truncation=True, padding="max_length", max_length=seq_len,
+                        return_special_tokens_mask=True)
+    masked_ids, labels = [], []
+    for doc_id, ids, special in zip(batch["doc_id"], encoded["input_ids"], encoded["special_tokens_mask"]):
+        ids = np.asarray(ids, dtype=np.int64)
+        maskable = np.asarray(special) == 0  # padding counts as special, so it is never masked
+        ids, doc_labels = mask_tokens(ids, maskable, document_rng(seed, doc_id), mask_prob,
+                                      tokenizer.mask_token_id, random_token_ids)
+        masked_ids.append(ids)
+        labels.append(doc_labels)
+    return {"doc_id": batch["doc_id"], "topic": batch["topic"], "input_ids": masked_ids,
+            "attention_mask": encoded["attention_mask"], "labels": labels}
+
+
+def token_counts(dataset: datasets.Dataset) -> dict:
+    real, masked = 0, 0
+    for batch in dataset.with_format("numpy", columns=["attention_mask", "labels"]).iter(batch_size=4096):
+        real += int(batch["attention_mask"].sum())
+        masked += int((batch["labels"] != IGNORE_INDEX).sum())
+    return {"documents": len(dataset), "real_tokens": real, "masked_tokens": masked}
+
+
+def main() -> None:
+    parser = step_parser(__doc__, {"dataset": ("--config-dataset", "dataset_params.yaml"),
+                                   "model": ("--config-model", "model_params.yaml")})
+    args = parser.parse_args()
+    configs = load_step_configs(args, ["dataset", "model"])
+    dataset_config, seq_len = configs["dataset"], configs["model"].seq_len
+    data_params = dataset_config.data_params
+    started = time.time()
+
+    processed_dir = Path(data_params.processed_dir)
+    step1_manifest, step1_hash = read_manifest(processed_dir, step1_command(args))
+    check_settings(dataset_settings(dataset_config, step=1), dataset_settings(step1_manifest["config"], step=1),
+                   str(processed_dir), step1_command(args))
+    files = {name: step1_manifest["files"][name] for name in SPLITS}
+    files.update({f"topics/{topic}": path for topic, path in step1_manifest["files"]["topics"].items()})
+    inputs = {name: datasets.Dataset.from_parquet(str(processed_dir / path)) for name, path in files.items()}
+
+    if data_params.tokenizer_name is None:
+        train_texts = inputs["train"]
+        print(f"training a WordPiece tokenizer (vocab {data_params.tokenizer_vocab_size}) on "
+              f"{len(train_texts)} train documents")
+        tokenizer = train_wordpiece((batch["text"] for batch in train_texts.iter(batch_size=1000)),
+                                    data_params.tokenizer_vocab_size, len(train_texts))
+    else:
+        tokenizer = load_tokenizer(data_params.tokenizer_name)
+    tokenizer.model_max_length = seq_len
+    random_token_ids = np.array(sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids)))
+
+    masked_dir = Path(data_params.masked_dir)
+    counts = {}
+    with atomic_dir(masked_dir) as tmp_dir:
+        tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
+        for name, dataset in inputs.items():
+            num_proc = min(data_params.num_proc, len(dataset) // ROWS_PER_PROCESS) or None
+            masked = dataset.map(
+                tokenize_and_mask, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
+                features=FEATURES, desc=f"step 2: tokenizing and masking {name}",
+                fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "seed": dataset_config.seed,
+                           "mask_prob": data_params.mask_prob, "random_token_ids": random_token_ids})
+            masked.save_to_disk(str(tmp_dir / name))
+            counts[name] = token_counts(masked)
+        write_json_atomic(tmp_dir / "manifest.json", {
+            "step": "dataset",
+            "input_manifest_hash": step1_hash,
+            "config": dataset_config,
+            "dataset_settings": dataset_settings(dataset_config, step=2),
+            "seed": dataset_config.seed,
+            "seq_len": seq_len,
+            "mask_prob": data_params.mask_prob,
+            "tokenizer": {"name": data_params.tokenizer_name or "trained WordPiece", "vocab_size": len(tokenizer),
+                          "pad_token_id": tokenizer.pad_token_id, "mask_token_id": tokenizer.mask_token_id,
+                          "special_token_ids": sorted(tokenizer.all_special_ids)},
+            "splits": list(SPLITS),
+            "topics": {topic: f"topics/{topic}" for topic in step1_manifest["files"]["topics"]},
+            "counts": counts,
+            "seconds": round(time.time() - started, 2),
+        })
+
+    test = counts["test"]
+    print(f"step 2 done: vocab {len(tokenizer)}, seq_len {seq_len}; test: {test['documents']} documents, "
+          f"{test['masked_tokens'] / max(test['real_tokens'], 1):.1%} of {test['real_tokens']} real tokens masked")
+    print(f"wrote {masked_dir}/ (next: python train/train.py --tag NAME)")
+
+
+if __name__ == "__main__":
+    run_step(main)

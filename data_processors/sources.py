@@ -1,0 +1,109 @@
+"""Where step 1's documents come from: the hub (streamed), local files, or the builtin corpus.
+
+Each source yields rows {"text": str | None, "topic": str} in a seeded random order and says how
+many rows it expects (None when unknown), so the splitter does not care where rows came from.
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Iterator
+
+from config_utils import ConfigSection, PipelineError
+
+FILE_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HUB_SHUFFLE_BUFFER = 10_000
+DEMO_HINT = ("offline? run the demo (`--config-name demo/dataset_params.yaml`) or read local files with "
+             "`--set dataset.load_params.source=files --set dataset.load_params.data_files=[PATH.csv]`")
+
+
+def open_source(load_params: ConfigSection, seed: int) -> tuple[Iterator[dict], int | None]:
+    """Return (rows, expected row count or None) for the configured source."""
+    if load_params.source == "builtin":
+        from data_processors.builtin_corpus import generate_documents
+        builtin = load_params.builtin
+        rows = generate_documents(builtin.n_docs, builtin.n_topics, builtin.topic_overlap, seed)
+        return rows, builtin.n_docs
+    if load_params.source == "files":
+        dataset = load_files(load_params.data_files, load_params.text_field, load_params.topic_field)
+        return _iter_columns(dataset.shuffle(seed=seed).flatten_indices(), load_params), len(dataset)
+    return _iter_hub(load_params, seed), None
+
+
+def expand_data_files(patterns: list[str]) -> list[Path]:
+    if not patterns:
+        raise PipelineError("dataset config: load_params.data_files is empty; list .csv/.jsonl/.parquet "
+                            "paths or globs, e.g. --set dataset.load_params.data_files=[data/*.csv]")
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise PipelineError(f"data file '{pattern}' not found (load_params.data_files); check the path")
+        paths.extend(Path(match) for match in matches)
+    for path in paths:
+        if path.suffix.lower() not in FILE_BUILDERS:
+            raise PipelineError(f"data file '{path}' has an unsupported type; use "
+                                f"{', '.join(FILE_BUILDERS)}")
+    return paths
+
+
+def load_files(patterns: list[str], text_field: str, topic_field: str):
+    """Read every file through `datasets` (one at a time, so an error names its file), then concatenate."""
+    import datasets
+
+    parts = []
+    for path in expand_data_files(patterns):
+        try:
+            part = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path),
+                                         split="train")
+        except Exception as error:  # datasets wraps parser errors in several types; all mean "unreadable"
+            cause = error
+            while cause.__cause__ is not None or cause.__context__ is not None:
+                cause = cause.__cause__ or cause.__context__
+            reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            if isinstance(cause, UnicodeDecodeError):
+                reason = "not UTF-8 text"
+            raise PipelineError(f"data file '{path}' could not be read ({reason}); "
+                                f"save it as UTF-8 {path.suffix.lower()[1:].upper()}") from None
+        missing = [field for field in (text_field, topic_field) if field not in part.column_names]
+        if missing:
+            raise PipelineError(f"data file '{path}' has no column {missing[0]!r} (columns: "
+                                f"{', '.join(part.column_names)}); set dataset.load_params.text_field / "
+                                f"topic_field")
+        parts.append(part.select_columns([text_field, topic_field])
+                     .cast(datasets.Features({text_field: datasets.Value("string"),
+                                              topic_field: datasets.Value("string")})))
+    return datasets.concatenate_datasets(parts)
+
+
+def _iter_columns(dataset, load_params: ConfigSection) -> Iterator[dict]:
+    for batch in dataset.iter(batch_size=1000):
+        for text, topic in zip(batch[load_params.text_field], batch[load_params.topic_field]):
+            yield {"text": text, "topic": topic}
+
+
+def _iter_hub(load_params: ConfigSection, seed: int) -> Iterator[dict]:
+    """Stream the hub dataset: nothing is downloaded beyond the rows we keep.
+
+    Connects before returning, so that an offline machine fails before any progress bar starts.
+    """
+    import itertools
+
+    import datasets
+
+    name = load_params.dataset_url
+    try:
+        stream = datasets.load_dataset(name, split="train", streaming=True)
+        rows = iter(stream.shuffle(seed=seed, buffer_size=HUB_SHUFFLE_BUFFER))
+        first = next(rows)
+    except StopIteration:
+        raise PipelineError(f"hub dataset '{name}' is empty; check load_params.dataset_url") from None
+    except Exception as error:  # offline, unknown name, auth: all leave us without data
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise PipelineError(f"cannot stream hub dataset '{name}' ({reason}); {DEMO_HINT}") from None
+    missing = [field for field in (load_params.text_field, load_params.topic_field) if field not in first]
+    if missing:
+        raise PipelineError(f"hub dataset '{name}' has no column {missing[0]!r} (columns: {', '.join(first)}); "
+                            f"set dataset.load_params.text_field / topic_field")
+    return ({"text": row[load_params.text_field], "topic": row[load_params.topic_field]}
+            for row in itertools.chain([first], rows))

@@ -1,0 +1,1 @@
+"""Step 4: per-topic evaluation and routing collection."""

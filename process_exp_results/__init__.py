@@ -1,0 +1,1 @@
+"""Post-processing of experiment results: routing plots and the architecture diagram."""

@@ -1,0 +1,361 @@
+"""Histograms of which experts the MoE routers pick.
+
+Both plot functions take raw routing counts (how many real, i.e. non-padding,
+tokens each router sent to each expert) and draw the *share* of routed tokens
+per expert in percent, so that groups or layers of different sizes can be
+compared, with the raw count written on every bar and a dashed line at the
+uniform share ``100 / n_experts``.
+
+Figures are built with the object-oriented API (``matplotlib.figure.Figure``
+rendered by the Agg canvas), so nothing is registered with ``pyplot``, no
+display is needed and no figure is left open.  Every file is written to a
+temporary file in the target directory and moved into place with
+``os.replace``, so readers never see a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
+
+__all__ = [
+    "DPI",
+    "format_count",
+    "plot_pooled_expert_histogram",
+    "plot_topic_layer_histogram",
+    "save_figure_atomic",
+]
+
+DPI = 150
+
+# Layout constants, in inches / points.
+_AXES_HEIGHT_IN = 3.8
+_MIN_FIG_WIDTH_IN = 7.5
+_MAX_FIG_WIDTH_IN = 40.0
+_SIDE_MARGIN_IN = 2.2  # y label, tick labels, "uniform" label
+_BAR_IN = 0.22  # width budget per bar
+_GROUP_GAP_IN = 0.3  # extra space per expert slot
+_MIN_SLOT_IN = 0.8  # an expert slot must fit its "expert 15" tick label
+_COUNT_FONTSIZE = 7.0
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+
+
+def format_count(n: float) -> str:
+    """Compact count label: 987, 1.2k, 34.5k, 123k, 1.2M, 3.4B."""
+    n = float(n)
+    if n < 0:
+        return "-" + format_count(-n)
+    if n < 1000:
+        return f"{n:.0f}"
+    for scale, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "B")):
+        v = n / scale
+        text = f"{v:.1f}" if v < 99.95 else f"{v:.0f}"
+        if float(text) < 1000 or suffix == "B":
+            if text.endswith(".0"):
+                text = text[:-2]
+            return text + suffix
+    raise AssertionError("unreachable")
+
+
+def save_figure_atomic(fig: Figure, path: str | os.PathLike, *, dpi: int = DPI) -> Path:
+    """Save ``fig`` as PNG to ``path`` atomically (temp file + ``os.replace``).
+
+    The temp file lives in the target directory (so the rename is atomic) and
+    is named ``.<name>.tmp-XXXX.png`` (ignored by git); it is removed if
+    saving fails.  Parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent
+    )
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+        # mkstemp creates the file 0600; make the PNG world-readable like a
+        # normal savefig (a fixed mode avoids the thread-unsafe os.umask dance).
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _as_count_matrix(name: str, arr) -> np.ndarray:
+    """Validate one [n_layers, n_experts] count array and return it as float."""
+    a = np.asarray(arr)
+    if a.ndim != 2:
+        raise ValueError(
+            f"{name}: expected a 2-D count array [n_layers, n_experts], "
+            f"got shape {a.shape}"
+        )
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{name}: count array is empty (shape {a.shape})")
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+            or a.dtype == bool):
+        raise ValueError(f"{name}: counts must be numeric, got dtype {a.dtype}")
+    a = a.astype(np.float64)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: counts contain NaN or inf")
+    if np.any(a < 0):
+        raise ValueError(f"{name}: counts must be non-negative")
+    return a
+
+
+def _shares_percent(counts: np.ndarray) -> np.ndarray:
+    """Row-wise share in percent; an all-zero row gives all-zero shares."""
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.where(totals > 0, 100.0 * counts / np.where(totals > 0, totals, 1.0), 0.0)
+    return shares
+
+
+def _series_colours(n: int, ordered: bool) -> list:
+    if ordered:
+        # Layers are ordered: a sequential map reads "shallow -> deep".
+        cmap = matplotlib.colormaps["viridis"]
+        if n == 1:
+            return [cmap(0.35)]
+        return [cmap(0.05 + 0.8 * i / (n - 1)) for i in range(n)]
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _grouped_share_figure(
+    counts: np.ndarray,
+    series_labels: Sequence[str],
+    *,
+    title: str,
+    ylabel: str,
+    legend_title: str,
+    ordered_colours: bool,
+) -> Figure:
+    """Grouped bar chart: one bar group per expert, one bar per row of ``counts``.
+
+    ``counts`` is [n_series, n_experts] of raw counts; bar height is the share
+    of the row's total in percent, bar label is the compact raw count.
+    """
+    n_series, n_experts = counts.shape
+    shares = _shares_percent(counts)
+    uniform = 100.0 / n_experts
+
+    slot_in = max(_MIN_SLOT_IN, _BAR_IN * n_series + _GROUP_GAP_IN)
+    axes_w_in = slot_in * n_experts
+    fig_w = min(_MAX_FIG_WIDTH_IN, max(_MIN_FIG_WIDTH_IN, axes_w_in + _SIDE_MARGIN_IN))
+    axes_w_in = fig_w - _SIDE_MARGIN_IN
+
+    # Legend above the axes, as many columns as fit the figure width.
+    max_chars = max(len(s) for s in series_labels)
+    entry_w_in = 0.75 + 0.075 * max_chars
+    ncol = int(max(1, min(n_series, (fig_w - 0.4) // entry_w_in)))
+    legend_rows = -(-n_series // ncol)
+
+    # Vertical layout in inches (bottom -> top): x labels, axes, legend, title.
+    # Very wide figures (E=16, many groups) get a little taller axes so the
+    # aspect stays readable when the PNG is shown scaled down.
+    bottom_in = 0.75
+    axes_h_in = min(5.5, _AXES_HEIGHT_IN + 0.06 * max(0.0, fig_w - 12.0))
+    legend_in = 0.32 + 0.24 * legend_rows
+    title_in = 0.55
+    fig_h = bottom_in + axes_h_in + legend_in + title_in
+    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((1.25 / fig_w, bottom_in / fig_h, axes_w_in / fig_w, axes_h_in / fig_h))
+
+    x = np.arange(n_experts, dtype=float)
+    total_width = 0.82
+    bar_w = total_width / n_series
+    offsets = (np.arange(n_series) - (n_series - 1) / 2.0) * bar_w
+    colours = _series_colours(n_series, ordered_colours)
+
+    # Count labels: font shrinks a little if bars get narrow (very wide E*S
+    # hits the width cap).
+    ax_w_pts = axes_w_in * 72.0
+    bar_pts = ax_w_pts / n_experts * bar_w
+    fontsize = float(np.clip(bar_pts * 0.75, 4.5, _COUNT_FONTSIZE))
+
+    for i in range(n_series):
+        bars = ax.bar(
+            x + offsets[i],
+            shares[i],
+            width=bar_w * 0.92,
+            color=colours[i],
+            edgecolor="white",
+            linewidth=0.4,
+            label=series_labels[i],
+            zorder=2,
+        )
+        ax.bar_label(
+            bars,
+            labels=[format_count(c) for c in counts[i]],
+            padding=2,
+            rotation=90,
+            fontsize=fontsize,
+            color="0.2",
+            # keep the dashed "uniform" line from striking through labels
+            bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.85),
+            zorder=5,
+        )
+
+    # Head-room for the rotated count labels: the longest label is ~6 chars.
+    ax_h_pts = axes_h_in * 72.0
+    label_pts = 6 * 0.62 * fontsize + 4
+    top_share = max(float(shares.max()), uniform)
+    frac = min(0.5, label_pts / ax_h_pts + 0.03)
+    ax.set_ylim(0.0, top_share / (1.0 - frac))
+
+    ax.axhline(uniform, color="0.25", linestyle="--", linewidth=1.1, zorder=4)
+    ax.text(
+        1.005,
+        uniform,
+        f"uniform\n{uniform:.3g}%",
+        transform=blended_transform_factory(ax.transAxes, ax.transData),
+        ha="left",
+        va="center",
+        fontsize=9,
+        color="0.25",
+    )
+
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"expert {e}" for e in range(n_experts)], fontsize=9)
+    ax.set_xlim(-0.5, n_experts - 0.5)
+    ax.set_xlabel("expert", fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.tick_params(axis="y", labelsize=9)
+    ax.yaxis.grid(True, color="0.88", linewidth=0.8, zorder=0)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+    ax.legend(
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0 + 0.08 / axes_h_in),
+        ncol=ncol,
+        fontsize=9,
+        title=legend_title,
+        title_fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle(title, fontsize=14, fontweight="bold", y=1.0 - 0.12 / fig_h, va="top")
+    return fig
+
+
+# --------------------------------------------------------------------------- #
+# public API
+# --------------------------------------------------------------------------- #
+
+
+def plot_pooled_expert_histogram(
+    expert_counts: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """Expert choice per group, all MoE layers pooled.
+
+    Args:
+        expert_counts: group name (e.g. ``"test"``, ``"programming"``) ->
+            int array [n_moe_layers, n_experts] of real tokens routed to each
+            expert by each layer's router.  All arrays must have the same shape.
+        path: PNG to write (atomically).
+        title: figure title; a default naming the layer count is used if None.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: no groups, a non-2-D / empty / negative array, or shapes
+            that differ between groups.
+    """
+    if not isinstance(expert_counts, Mapping) or len(expert_counts) == 0:
+        raise ValueError("expert_counts must be a non-empty mapping group -> [n_layers, n_experts] counts")
+    mats = {str(g): _as_count_matrix(f"expert_counts[{g!r}]", a) for g, a in expert_counts.items()}
+    shapes = {g: m.shape for g, m in mats.items()}
+    if len(set(shapes.values())) != 1:
+        detail = ", ".join(f"{g}={s}" for g, s in shapes.items())
+        raise ValueError(
+            "all groups in expert_counts must have the same shape "
+            f"[n_moe_layers, n_experts]; got {detail}"
+        )
+    n_layers, n_experts = next(iter(shapes.values()))
+    groups = list(mats)
+    pooled = np.stack([mats[g].sum(axis=0) for g in groups])  # [G, E]
+    labels = [f"{g} (n={int(round(pooled[i].sum())):,})" for i, g in enumerate(groups)]
+    if title is None:
+        layer_word = "layer" if n_layers == 1 else "layers"
+        title = f"Expert choice per group, {n_layers} MoE {layer_word} pooled ({n_experts} experts)"
+    fig = _grouped_share_figure(
+        pooled,
+        labels,
+        title=title,
+        ylabel="share of group's routed tokens (%)",
+        legend_title="group (routed tokens, all layers)",
+        ordered_colours=False,
+    )
+    return save_figure_atomic(fig, path)
+
+
+def plot_topic_layer_histogram(
+    group: str,
+    counts: np.ndarray,
+    path: str | os.PathLike,
+    layer_names: Sequence[str] | None = None,
+) -> Path:
+    """Expert choice per layer for one group (topic / split).
+
+    Args:
+        group: group name, used in the title.
+        counts: int array [n_layers, n_experts] of routed real tokens.
+        path: PNG to write (atomically).
+        layer_names: legend label per layer (e.g. ``"block 1"``); defaults to
+            ``"layer 0"``, ``"layer 1"``, ...
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: bad ``counts`` shape/values or ``layer_names`` length.
+    """
+    mat = _as_count_matrix(f"counts for group {group!r}", counts)
+    n_layers = mat.shape[0]
+    if layer_names is None:
+        names = [f"layer {i}" for i in range(n_layers)]
+    else:
+        names = [str(n) for n in layer_names]
+        if len(names) != n_layers:
+            raise ValueError(
+                f"layer_names has {len(names)} entries but counts has {n_layers} layers "
+                f"(shape {mat.shape})"
+            )
+    totals = mat.sum(axis=1)
+    if np.all(totals == totals[0]):
+        legend_title = f"layer (n={int(round(totals[0])):,} routed tokens each)"
+    else:
+        legend_title = "layer"
+        names = [f"{n} (n={int(round(t)):,})" for n, t in zip(names, totals)]
+    fig = _grouped_share_figure(
+        mat,
+        names,
+        title=f"Expert choice per layer: {group}",
+        ylabel="share of layer's routed tokens (%)",
+        legend_title=legend_title,
+        ordered_colours=True,
+    )
+    return save_figure_atomic(fig, path)

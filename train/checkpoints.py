@@ -1,0 +1,73 @@
+"""Run folders: checkpoints and the final model in Hugging Face format (safetensors), written atomically."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from config_utils import PipelineError, atomic_dir, write_json_atomic
+
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"  # save_path/latest names the last finished run, for step 4's default
+
+
+def run_dir_for(save_path: str, tag: str) -> Path:
+    if not re.fullmatch(r"[\w.-]+", tag):
+        raise PipelineError(f"--tag {tag!r}: use letters, digits, '.', '-' and '_' only (it names a folder)")
+    return Path(save_path) / tag
+
+
+def save_model(model, tokenizer, folder: Path, state: dict) -> Path:
+    """save_pretrained (safetensors) + tokenizer + a small JSON state, all or nothing."""
+    with atomic_dir(folder) as tmp_dir:
+        model.save_pretrained(str(tmp_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp_dir))
+        write_json_atomic(tmp_dir / "trainer_state.json", state)
+    return folder
+
+
+def mark_latest(save_path: str, tag: str) -> None:
+    tmp = Path(save_path) / f".{LATEST_FILE}.tmp"
+    tmp.write_text(tag + "\n", encoding="utf-8")
+    tmp.replace(Path(save_path) / LATEST_FILE)
+
+
+def find_run(save_path: str, run: str | None, run_first: str) -> Path:
+    """`run` is a tag under save_path, a path, or None for the last finished run."""
+    if run is None:
+        latest = Path(save_path) / LATEST_FILE
+        if not latest.is_file():
+            raise PipelineError(f"no finished training run in {save_path}/: run `{run_first}` first, "
+                                f"or pass --run PATH")
+        run = latest.read_text(encoding="utf-8").strip()
+    run_dir = Path(run) if Path(run).is_dir() else Path(save_path) / run
+    if not (run_dir / MODEL_DIR).is_dir():
+        raise PipelineError(f"run '{run}' has no finished model ({run_dir / MODEL_DIR} missing): "
+                            f"run `{run_first}` first")
+    return run_dir
+
+
+def load_model(folder: Path):
+    """Load a saved model; a missing or corrupt checkpoint becomes a one-line error."""
+    import models  # noqa: F401  registers the encoder with the Auto classes
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise PipelineError(f"{weights} is missing: the checkpoint is incomplete; train the run again")
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as error:  # safetensors, json and shape errors all mean "corrupt"
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise PipelineError(f"checkpoint {folder} is corrupt ({reason}); train the run again") from None
+    return model, tokenizer
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
