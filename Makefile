@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_CONFIGS := --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml \
+                --config-train demo/train_params.yaml
+DEMO_RESULTS := process_exp_results/results
+# the demo is offline by design: fail at once instead of retrying the hub
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: demo test install figures clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(OFFLINE) $(PY) data_processors/load_dataset.py --config-name demo/dataset_params.yaml
+	$(OFFLINE) $(PY) data_processors/dataset.py --config-dataset demo/dataset_params.yaml \
+		--config-model demo/model_params.yaml
+	$(OFFLINE) $(PY) train/train.py $(DEMO_CONFIGS) --tag demo --overwrite
+	$(OFFLINE) $(PY) inference/inference.py $(DEMO_CONFIGS) --run demo --save_path $(DEMO_RESULTS)
+	@echo "figures and metrics: $(DEMO_RESULTS)/demo/ (Aim runs: $(VENV)/bin/aim up)"
+
+test: $(VENV)/.installed-test
+	$(OFFLINE) $(PY) -m pytest -q
+
+figures: $(VENV)/.installed
+	$(PY) process_exp_results/architecture.py --out images/architecture.png
+
+clean:
+	rm -rf data/demo train_results/demo $(DEMO_RESULTS)/demo

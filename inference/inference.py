@@ -1,0 +1,106 @@
+"""Step 4: evaluate a trained run per topic and show which experts the router picks.
+
+Reads the run (train.save_path/<tag>/model, default: the last finished run) and step 2's test split
+and evaluation topics. Writes to <save_path>/<tag>/: metrics.csv (MLM loss, accuracy, perplexity,
+most-frequent-token baseline per split/topic), expert_counts.csv (real tokens per layer and expert),
+figures/*.png (all layers pooled; one figure per topic with a bar per layer) and manifest.json.
+With no options it uses the default configs. Example:
+    python inference/inference.py --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml \
+        --config-train demo/train_params.yaml --save_path process_exp_results/results
+"""
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+
+import csv
+import time
+
+import datasets
+import torch
+
+from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
+from config_utils.contracts import read_step2_output, step3_command
+from process_exp_results.plots import plot_pooled_expert_histogram, plot_topic_layer_histogram
+from train.checkpoints import MODEL_DIR, find_run, load_model
+from train.evaluation import evaluate_mlm, mlm_loader
+
+METRIC_COLUMNS = ["group", "documents", "real_tokens", "masked_tokens", "mlm_loss", "accuracy", "perplexity",
+                  "majority_accuracy"]
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main() -> None:
+    parser = step_parser(__doc__, {"dataset": ("--config-dataset", "dataset_params.yaml"),
+                                   "model": ("--config-model", "model_params.yaml"),
+                                   "train": ("--config-train", "train_params.yaml")})
+    parser.add_argument("--save_path", default="process_exp_results/results",
+                        help="results go to SAVE_PATH/<run tag>/")
+    parser.add_argument("--run", default=None, help="run tag under train.save_path, or a run folder; "
+                                                    "default: the last finished run")
+    parser.add_argument("--batch_size", type=int, default=64, help="sequences per evaluation batch")
+    args = parser.parse_args()
+    configs = load_step_configs(args, ["dataset", "model", "train"])
+    dataset_config, train_config = configs["dataset"], configs["train"]
+    run_dir = find_run(train_config.save_path, args.run, step3_command(args))
+    model, _ = load_model(run_dir / MODEL_DIR)
+    # the run's own model settings decide what data it can read, whatever model config is passed now
+    run_model_config = {**configs["model"], "seq_len": model.config.seq_len, "vocab_size": model.config.vocab_size}
+    step2_manifest, step2_hash = read_step2_output(dataset_config, run_model_config, args)
+
+    device = torch.device("cuda" if train_config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model.to(device)
+    masked_dir = Path(dataset_config.data_params.masked_dir)
+    groups = {"test": masked_dir / "test"}
+    groups.update({topic: masked_dir / folder for topic, folder in step2_manifest["topics"].items()})
+    layer_names = [f"block {index}" for index in model.config.moe_layer_indices]
+
+    started = time.time()
+    metric_rows, count_rows, expert_counts = [], [], {}
+    for group, folder in groups.items():
+        dataset = datasets.load_from_disk(str(folder))
+        result = evaluate_mlm(model, mlm_loader(dataset, args.batch_size), device,
+                              progress_desc=f"step 4: evaluating {group}")
+        metric_rows.append({"group": group, "documents": len(dataset), **result.as_dict()})
+        expert_counts[group] = result.expert_counts.numpy()
+        for layer_row, layer_name in enumerate(layer_names):
+            layer_total = max(int(result.expert_counts[layer_row].sum()), 1)
+            for expert, count in enumerate(result.expert_counts[layer_row].tolist()):
+                count_rows.append({"group": group, "layer": layer_name, "expert": expert, "count": count,
+                                   "share": count / layer_total})
+
+    out_dir = Path(args.save_path) / run_dir.name
+    figures = []
+    with atomic_dir(out_dir) as tmp_dir:
+        write_csv(tmp_dir / "metrics.csv", METRIC_COLUMNS, metric_rows)
+        write_csv(tmp_dir / "expert_counts.csv", ["group", "layer", "expert", "count", "share"], count_rows)
+        if layer_names:  # a dense model (no MoE layer) has no routing to draw
+            plot_pooled_expert_histogram(expert_counts, tmp_dir / "figures" / "experts_all_layers.png",
+                                         title=f"Expert choice, all MoE layers pooled ({run_dir.name})")
+            for group, counts in expert_counts.items():
+                plot_topic_layer_histogram(group, counts, tmp_dir / "figures" / f"experts_per_layer_{group}.png",
+                                           layer_names=layer_names)
+        figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
+        write_json_atomic(tmp_dir / "manifest.json", {
+            "step": "inference", "run": str(run_dir), "input_manifest_hash": step2_hash,
+            "config": {"dataset": dataset_config, "train": train_config}, "metrics": metric_rows,
+            "figures": [str(path) for path in figures], "seconds": round(time.time() - started, 2)})
+
+    print(f"{'group':<16}{'docs':>7}{'mlm loss':>10}{'accuracy':>10}{'baseline':>10}{'perplexity':>12}")
+    for row in metric_rows:
+        print(f"{row['group']:<16}{row['documents']:>7}{row['mlm_loss']:>10.4f}{row['accuracy']:>10.3f}"
+              f"{row['majority_accuracy']:>10.3f}{row['perplexity']:>12.2f}")
+    print("(baseline: accuracy of always predicting the group's most frequent masked token)")
+    print(f"metrics: {out_dir / 'metrics.csv'}\nexpert counts: {out_dir / 'expert_counts.csv'}")
+    for path in figures:
+        print(f"figure: {out_dir / path}")
+
+
+if __name__ == "__main__":
+    run_step(main)

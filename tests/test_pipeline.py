@@ -1,0 +1,103 @@
+"""All four steps end to end on a tiny builtin corpus, as a user runs them (subprocesses)."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = ["--config-dataset", "demo/dataset_params.yaml", "--config-model", "demo/model_params.yaml",
+        "--config-train", "demo/train_params.yaml"]
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    settings = {
+        "dataset.load_params.builtin.n_docs": 1500, "dataset.load_params.train_len": 600,
+        "dataset.load_params.valid_len": 64, "dataset.load_params.test_len": 128,
+        "dataset.load_params.topic_len": 96, "dataset.data_params.tokenizer_vocab_size": 400,
+        "dataset.data_params.processed_dir": tmp_path / "processed",
+        "dataset.data_params.masked_dir": tmp_path / "masked",
+        "model.embedding_dim": 64, "model.num_head": 2, "model.moe_dim": 128, "model.seq_len": 48,
+        "train.max_steps": 60, "train.eval_steps": 30, "train.save_steps": 40, "train.batch_size": 16,
+        "train.learning_rate": 3e-3, "train.save_path": tmp_path / "runs", "train.aim_repo": tmp_path,
+    }
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    sets = tiny_overrides(tmp_path)
+    run_script("data_processors/load_dataset.py", "--config-name", "demo/dataset_params.yaml", *sets)
+    run_script("data_processors/dataset.py", *DEMO[:4], *sets)
+    run_script("train/train.py", *DEMO, *sets, "--tag", "tiny")
+    inference = run_script("inference/inference.py", *DEMO, *sets, "--save_path", str(tmp_path / "results"))
+    return tmp_path, inference.stdout
+
+
+def test_manifests_chain_each_step_to_its_input(pipeline):
+    tmp_path, _ = pipeline
+    from config_utils.io import file_hash
+
+    step2 = json.loads((tmp_path / "masked" / "manifest.json").read_text())
+    run = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    results = json.loads((tmp_path / "results" / "tiny" / "manifest.json").read_text())
+    assert step2["input_manifest_hash"] == file_hash(tmp_path / "processed" / "manifest.json")
+    assert run["input_manifest_hash"] == file_hash(tmp_path / "masked" / "manifest.json")
+    assert results["input_manifest_hash"] == run["input_manifest_hash"]
+    assert step2["seq_len"] == 48 and run["total_steps"] == 60
+
+
+def test_step4_writes_metrics_counts_and_figures(pipeline):
+    tmp_path, stdout = pipeline
+    out_dir = tmp_path / "results" / "tiny"
+    metrics = {row["group"]: row for row in csv.DictReader(open(out_dir / "metrics.csv"))}
+    assert set(metrics) == {"test", "programming", "gaming"}
+    for row in metrics.values():
+        assert 0.0 <= float(row["accuracy"]) <= 1.0 and float(row["mlm_loss"]) > 0
+    counts = list(csv.DictReader(open(out_dir / "expert_counts.csv")))
+    # every real token of every group is routed once per MoE layer (top-1)
+    for group, row in metrics.items():
+        for layer in ("block 0", "block 1"):
+            routed = sum(int(c["count"]) for c in counts if c["group"] == group and c["layer"] == layer)
+            assert routed == int(row["real_tokens"])
+    figures = sorted(path.name for path in (out_dir / "figures").glob("*.png"))
+    assert figures == ["experts_all_layers.png", "experts_per_layer_gaming.png",
+                       "experts_per_layer_programming.png", "experts_per_layer_test.png"]
+    assert "figure:" in stdout and "metrics:" in stdout
+
+
+def test_run_is_a_hugging_face_model_with_safetensors(pipeline):
+    tmp_path, _ = pipeline
+    import models  # noqa: F401  registers the Auto classes
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model_dir = tmp_path / "runs" / "tiny" / "model"
+    assert (model_dir / "model.safetensors").is_file()
+    assert not list(model_dir.glob("*.bin")) and not list(model_dir.glob("*.pt"))
+    model = AutoModelForMaskedLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert model.config.vocab_size == len(tokenizer)
+    checkpoints = sorted(path.name for path in (tmp_path / "runs" / "tiny" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000040", "step-000060"]
+
+
+def test_training_is_tracked_in_aim(pipeline):
+    tmp_path, _ = pipeline
+    from aim import Repo
+
+    repo = Repo(str(tmp_path))
+    runs = [run for run in repo.iter_runs() if "tiny" in run.tags]
+    assert len(runs) == 1
+    metric_names = {metric.name for metric in runs[0].metrics()}
+    assert {"loss", "mlm_loss", "aux_loss", "eval_mlm_loss", "eval_accuracy", "expert_load"} <= metric_names
+    assert runs[0]["hparams"]["model"]["n_experts"] == 4
