@@ -74,13 +74,15 @@ def main() -> None:
                    str(processed_dir), step1_command(args))
     files = {name: step1_manifest["files"][name] for name in SPLITS}
     files.update({f"topics/{topic}": path for topic, path in step1_manifest["files"]["topics"].items()})
+    datasets.disable_progress_bars()  # reading a few parquet files is instant; keep the bars for the map
     inputs = {name: datasets.Dataset.from_parquet(str(processed_dir / path)) for name, path in files.items()}
+    datasets.enable_progress_bars()
 
     if data_params.tokenizer_name is None:
         train_texts = inputs["train"]
         print(f"training a WordPiece tokenizer (vocab {data_params.tokenizer_vocab_size}) on "
               f"{len(train_texts)} train documents")
-        tokenizer = train_wordpiece((batch["text"] for batch in train_texts.iter(batch_size=1000)),
+        tokenizer = train_wordpiece(lambda: (batch["text"] for batch in train_texts.iter(batch_size=1000)),
                                     data_params.tokenizer_vocab_size, len(train_texts))
     else:
         tokenizer = load_tokenizer(data_params.tokenizer_name)

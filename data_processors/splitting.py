@@ -89,14 +89,15 @@ def _all_full(result: SplitResult, quotas: dict, filled: Counter, topic_len: int
 
 def _check_result(result: SplitResult, eval_topics: list[str]) -> None:
     common = ", ".join(f"{name} ({count})" for name, count in result.topics_seen.most_common(8))
-    for topic in eval_topics:
-        if not result.topics[topic]:
-            raise PipelineError(f"evaluation topic '{topic}' is not in the corpus (most common topics: "
-                                f"{common or 'none'}); fix data_params.eval_topics")
+    # an empty corpus first: with no text at all every evaluation topic is missing too, and the cause is the text
     if not result.splits["train"]:
         raise PipelineError(f"the corpus is empty after filtering ({dict(result.dropped)} dropped; topics seen: "
                             f"{common or 'none'}); check load_params.text_field, data_params.eval_topics "
                             f"and train_topics")
+    for topic in eval_topics:
+        if not result.topics[topic]:
+            raise PipelineError(f"evaluation topic '{topic}' is not in the corpus (most common topics: "
+                                f"{common or 'none'}); fix data_params.eval_topics")
 
 
 def iter_with_progress(rows: Iterable[dict], total: int | None, description: str) -> Iterator[dict]:

@@ -1,7 +1,7 @@
 """Load a tokenizer by hub name or local folder, or train a WordPiece tokenizer on the train split."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 from config_utils import PipelineError
 
@@ -25,20 +25,36 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def train_wordpiece(texts: Iterable[list[str]], vocab_size: int, n_texts: int):
-    """Lower-cased BERT-style WordPiece, trained with `tokenizers`, wrapped as a fast HF tokenizer."""
+def train_wordpiece(text_batches: Callable[[], Iterable[list[str]]], vocab_size: int, n_texts: int):
+    """Lower-cased BERT-style WordPiece, trained with `tokenizers`, wrapped as a fast HF tokenizer.
+
+    text_batches() yields batches of texts; it is called twice (alphabet, then training).
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer numbers "##c" pieces in hash-map order, which breaks merge ties differently on every
+    # run (huggingface/tokenizers#1794); naming them up front, sorted, makes training deterministic.
+    continuation_chars = set()
+    for batch in text_batches():
+        for text in batch:
+            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+                continuation_chars.update(word[1:])
+    fixed_tokens = list(SPECIAL_TOKENS.values()) + [f"##{char}" for char in sorted(continuation_chars)]
+    draft = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
+    draft.normalizer, draft.pre_tokenizer = normalizer, pre_tokenizer
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=fixed_tokens, show_progress=False)
+    draft.train_from_iterator(text_batches(), trainer=trainer, length=n_texts)
+
+    # rebuild from the learned vocabulary so that only the five real special tokens are "special"
+    vocab = draft.get_vocab(with_added_tokens=False)
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                        show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=n_texts)
     cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
-        special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))])
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
     return BertTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)

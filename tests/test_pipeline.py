@@ -101,3 +101,16 @@ def test_training_is_tracked_in_aim(pipeline):
     metric_names = {metric.name for metric in runs[0].metrics()}
     assert {"loss", "mlm_loss", "aux_loss", "eval_mlm_loss", "eval_accuracy", "expert_load"} <= metric_names
     assert runs[0]["hparams"]["model"]["n_experts"] == 4
+
+
+def test_same_seed_same_weights_on_cpu(pipeline):
+    """Training twice with one seed gives bit-identical weights: runs are reproducible on CPU."""
+    tmp_path, _ = pipeline
+    from safetensors.torch import load_file
+
+    run_script("train/train.py", *DEMO, *tiny_overrides(tmp_path), "--set", "train.device=cpu", "--tag", "again")
+    first = load_file(tmp_path / "runs" / "tiny" / "model" / "model.safetensors")
+    second = load_file(tmp_path / "runs" / "again" / "model" / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert (first[name] == second[name]).all(), name

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from config_utils import PipelineError, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import read_step2_output
+from data_processors.masking import IGNORE_INDEX
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from train.checkpoints import CHECKPOINT_DIR, MODEL_DIR, git_commit, mark_latest, run_dir_for, save_model
 from train.evaluation import count_experts, evaluate_mlm, mlm_loader
@@ -115,7 +116,7 @@ def main() -> None:
     print(f"training {n_parameters:,} parameters for {total_steps} steps on {accelerator.device} "
           f"({len(train_set)} sequences, batch {train_config.batch_size}); run folder {run_dir}")
     started = time.time()
-    progress = tqdm(total=total_steps, desc=f"step 3: training {tag}", unit="step",
+    progress = tqdm(total=total_steps, desc=f"step 3: training {tag}", unit="step", mininterval=1.0,
                     disable=not accelerator.is_local_main_process)
     model.train()
     step_expert_counts = torch.zeros(len(moe_layers), unwrapped.config.n_experts, dtype=torch.long,
@@ -141,7 +142,7 @@ def main() -> None:
             if not math.isfinite(loss):
                 raise PipelineError(f"the loss became {loss} at step {step}; lower train.learning_rate "
                                     f"(the last checkpoint in {run_dir / CHECKPOINT_DIR} is intact)")
-            is_masked = batch["labels"] != -100
+            is_masked = batch["labels"] != IGNORE_INDEX
             accuracy = (output.logits.detach().argmax(-1)[is_masked] == batch["labels"][is_masked]).float().mean()
             accelerator.log({"loss": loss, "mlm_loss": output.mlm_loss.item(), "aux_loss": output.aux_loss.item(),
                              "z_loss": output.z_loss.item(), "accuracy": accuracy.item(),
