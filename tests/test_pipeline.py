@@ -1,19 +1,16 @@
 """All four steps end to end on a tiny builtin corpus, as a user runs them (subprocesses)."""
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = ["--config-dataset", "demo/dataset_params.yaml", "--config-model", "demo/model_params.yaml",
-        "--config-train", "demo/train_params.yaml"]
+from helpers import DEMO_CONFIGS, check_ok, run_step, sets
 
 
-def tiny_overrides(tmp_path: Path) -> list[str]:
-    settings = {
+def small_overrides(tmp_path: Path) -> list[str]:
+    """Bigger than helpers.tiny_sets: two MoE blocks and enough steps for the routing to be real."""
+    return sets(**{
         "dataset.load_params.builtin.n_docs": 1500, "dataset.load_params.train_len": 600,
         "dataset.load_params.valid_len": 64, "dataset.load_params.test_len": 128,
         "dataset.load_params.topic_len": 96, "dataset.data_params.tokenizer_vocab_size": 400,
@@ -22,25 +19,17 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "model.embedding_dim": 64, "model.num_head": 2, "model.moe_dim": 128, "model.seq_len": 48,
         "train.max_steps": 60, "train.eval_steps": 30, "train.save_steps": 40, "train.batch_size": 16,
         "train.learning_rate": 3e-3, "train.save_path": tmp_path / "runs", "train.aim_repo": tmp_path,
-    }
-    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
-
-
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-3000:]}"
-    return result
+    })
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("pipeline")
-    sets = tiny_overrides(tmp_path)
-    run_script("data_processors/load_dataset.py", "--config-name", "demo/dataset_params.yaml", *sets)
-    run_script("data_processors/dataset.py", *DEMO[:4], *sets)
-    run_script("train/train.py", *DEMO, *sets, "--tag", "tiny")
-    inference = run_script("inference/inference.py", *DEMO, *sets, "--save_path", str(tmp_path / "results"))
+    options = small_overrides(tmp_path)
+    check_ok(run_step(1, "--config-name", "demo/dataset_params.yaml", *options))
+    check_ok(run_step(2, *DEMO_CONFIGS[:4], *options))
+    check_ok(run_step(3, *DEMO_CONFIGS, *options, "--tag", "tiny", timeout=300))
+    inference = check_ok(run_step(4, *DEMO_CONFIGS, *options, "--save_path", str(tmp_path / "results")))
     return tmp_path, inference.stdout
 
 
@@ -108,7 +97,8 @@ def test_same_seed_same_weights_on_cpu(pipeline):
     tmp_path, _ = pipeline
     from safetensors.torch import load_file
 
-    run_script("train/train.py", *DEMO, *tiny_overrides(tmp_path), "--set", "train.device=cpu", "--tag", "again")
+    check_ok(run_step(3, *DEMO_CONFIGS, *small_overrides(tmp_path), "--set", "train.device=cpu", "--tag", "again",
+                      timeout=300))
     first = load_file(tmp_path / "runs" / "tiny" / "model" / "model.safetensors")
     second = load_file(tmp_path / "runs" / "again" / "model" / "model.safetensors")
     assert first.keys() == second.keys()
