@@ -43,6 +43,7 @@ def main() -> None:
 
     started = time.time()
     datasets.disable_progress_bars()  # many tiny reads and writes here; our own bar shows the progress
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is reported once, by us, in one line
     rows, expected = open_source(load_params, config.seed)
     split_lens = {name: load_params[f"{name}_len"] for name in SPLITS}
     result = split_corpus(iter_with_progress(rows, expected, f"step 1: reading {load_params.source} corpus"),

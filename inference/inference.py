@@ -1,4 +1,4 @@
-"""Step 4: evaluate a trained run per topic and show which experts the router picks.
+r"""Step 4: evaluate a trained run per topic and show which experts the router picks.
 
 Reads the run (train.save_path/<tag>/model, default: the last finished run) and step 2's test split
 and evaluation topics. Writes to <save_path>/<tag>/: metrics.csv (MLM loss, accuracy, perplexity,
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--save_path", default="process_exp_results/results",
                         help="results go to SAVE_PATH/<run tag>/")
     parser.add_argument("--run", default=None, help="run tag under train.save_path, or a run folder; "
-                                                    "default: the last finished run")
+                                                    "if not given, the last finished run")
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per evaluation batch")
     args = parser.parse_args()
     configs = load_step_configs(args, ["dataset", "model", "train"])

@@ -333,7 +333,7 @@ def test_model_schema_matches_model_config():
 
 # ---- the scripts' --help ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
 def test_step_help(step, tmp_path):
     result = check_ok(run_step(step, "--help", cwd=tmp_path))
     assert "--set" in result.stdout and "ROLE.KEY=VALUE" in result.stdout
@@ -342,5 +342,5 @@ def test_step_help(step, tmp_path):
 
 
 def test_step_scripts_exist():
-    for step in (1, 2, 3):
+    for step in (1, 2, 3, 4):
         assert STEP_SCRIPTS[step].is_file()

@@ -1,4 +1,4 @@
-"""Step 3: train the MoE encoder with masked language modelling, tracked in Aim.
+r"""Step 3: train the MoE encoder with masked language modelling, tracked in Aim.
 
 Reads data_params.masked_dir (step 2); writes train.save_path/<tag>/: checkpoints/step-N/, the final
 model/ (Hugging Face format, safetensors, with its tokenizer) and manifest.json; the Aim run (named
