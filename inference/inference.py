@@ -58,7 +58,8 @@ def main() -> None:
     model.to(device)
     masked_dir = Path(dataset_config.data_params.masked_dir)
     groups = {"test": masked_dir / "test"}
-    groups.update({topic: masked_dir / folder for topic, folder in step2_manifest["topics"].items()})
+    for topic in dataset_config.data_params.eval_topics:  # in the config's order, for the tables and figures
+        groups[topic] = masked_dir / step2_manifest["topics"][topic]
     layer_names = [f"block {index}" for index in model.config.moe_layer_indices]
 
     started = time.time()
