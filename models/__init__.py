@@ -14,10 +14,10 @@ from .encoder import (
     MoEEncoderPreTrainedModel,
     MoEMaskedLMOutput,
 )
-from .experts import StackedExperts
+from .experts import DenseFFN, StackedExperts
 from .losses import load_balancing_loss, router_z_loss
 from .moe import MoELayer, MoELayerStats
-from .router import RouterOutput, TopKRouter
+from .router import ExpertChoiceOutput, ExpertChoiceRouter, RouterOutput, TopKRouter, expert_capacity
 
 # exist_ok: re-importing (pytest, notebooks, importlib.reload) must not raise "already used".
 AutoConfig.register(MoEEncoderConfig.model_type, MoEEncoderConfig, exist_ok=True)
@@ -25,6 +25,9 @@ AutoModel.register(MoEEncoderConfig, MoEEncoderModel, exist_ok=True)
 AutoModelForMaskedLM.register(MoEEncoderConfig, MoEEncoderForMaskedLM, exist_ok=True)
 
 __all__ = [
+    "DenseFFN",
+    "ExpertChoiceOutput",
+    "ExpertChoiceRouter",
     "MoEEncoderConfig",
     "MoEEncoderForMaskedLM",
     "MoEEncoderModel",
@@ -36,6 +39,7 @@ __all__ = [
     "RouterOutput",
     "StackedExperts",
     "TopKRouter",
+    "expert_capacity",
     "load_balancing_loss",
     "router_z_loss",
 ]

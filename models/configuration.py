@@ -5,6 +5,10 @@ Field names are the keys of `configs/*/model_params.yaml`; keep them in sync.
 
 from transformers import PretrainedConfig
 
+ROUTER_TYPES = ("topk", "expert_choice")
+ROUTER_GATES = ("switch", "mixtral")
+EXPERT_TYPES = ("mlp", "swiglu")
+
 
 class MoEEncoderConfig(PretrainedConfig):
     """Encoder with sparse Mixture-of-Experts feed-forward blocks, trained with MLM.
@@ -27,12 +31,18 @@ class MoEEncoderConfig(PretrainedConfig):
     seq_len: int = 64  # maximum number of positions
     num_head: int = 8
     n_encoder_blocks: int = 3
-    n_experts: int = 4
-    top_k_experts: int = 1
+    n_experts: int = 4  # 1 = dense baseline: a plain FFN, no router
+    top_k_experts: int = 1  # experts per token (expert choice: average experts per token)
     moe_dim: int = 512  # hidden size of each expert (and of the dense FFN blocks)
     dropout: float = 0.1
     moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0
-    normalize_top_k: bool = True  # renormalize the k gate weights to sum 1 (only when k >= 2)
+    router_type: str = "topk"  # topk = token choice; expert_choice = each expert picks its tokens
+    router_gate: str = "switch"  # switch = softmax over all experts; mixtral = softmax over the k chosen
+    normalize_top_k: bool = True  # switch gate: renormalize the k gate weights to sum 1 (only when k >= 2)
+    router_jitter: float = 0.0  # training only: router input times uniform noise in [1 - eps, 1 + eps]
+    capacity_factor: float | None = None  # None = dropless (token choice), 1.0 (expert choice)
+    expert_type: str = "mlp"  # mlp = GELU MLP with biases; swiglu = SiLU-gated, no biases
+    n_shared_experts: int = 0  # always-on experts of size moe_dim added to every token (DeepSeekMoE)
     load_balance_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     initializer_range: float = 0.02
@@ -57,6 +67,45 @@ class MoEEncoderConfig(PretrainedConfig):
             )
         if self.moe_every < 1:
             raise ValueError(f"moe_every must be >= 1, got {self.moe_every}")
+        for name, choices in (("router_type", ROUTER_TYPES), ("router_gate", ROUTER_GATES), ("expert_type", EXPERT_TYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.router_gate == "mixtral":
+            if self.router_type != "topk":
+                raise ValueError(
+                    "router_gate=mixtral applies to router_type: topk only; expert choice always gates with "
+                    "the softmax over all experts: use router_gate: switch"
+                )
+            if self.top_k_experts < 2:
+                raise ValueError(
+                    "router_gate=mixtral needs top_k_experts >= 2: with k=1 the softmax over one logit is always 1 "
+                    "and the router gets no gradient; use router_gate: switch"
+                )
+            if not self.normalize_top_k:
+                raise ValueError(
+                    "router_gate=mixtral always sums the k gate weights to 1 (softmax over the chosen logits); "
+                    "normalize_top_k: false only applies to router_gate: switch"
+                )
+        if not 0.0 <= self.router_jitter < 1.0:
+            raise ValueError(
+                f"router_jitter must be in [0, 1) (noise factor in [1 - eps, 1 + eps]; 0 = off), got {self.router_jitter}"
+            )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"capacity_factor must be > 0, or null for dropless routing, got {self.capacity_factor}"
+            )
+        if self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if self.n_experts == 1 and self.n_shared_experts > 0:
+            raise ValueError(
+                "n_experts: 1 is the dense baseline (one plain FFN); shared experts only make sense next to routed "
+                "ones: set n_shared_experts: 0 (or raise moe_dim for a wider dense FFN)"
+            )
+
+    @property
+    def is_dense_baseline(self) -> bool:
+        """n_experts=1: the MoE blocks are plain FFNs (no router, no aux loss)."""
+        return self.n_experts == 1
 
     def is_moe_block(self, block_index: int) -> bool:
         return (block_index + 1) % self.moe_every == 0

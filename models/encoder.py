@@ -1,6 +1,6 @@
 """Bidirectional pre-LayerNorm Transformer encoder with MoE feed-forward blocks and an MLM head.
 
-Classes appear in forward order: attention, dense FFN, block, base encoder, masked-LM model.
+Classes appear in forward order: attention, block (its FFN: models/experts.py or models/moe.py), base encoder, masked-LM model.
 """
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration import MoEEncoderConfig
-from .experts import StackedExperts
+from .experts import DenseFFN, StackedExperts
 from .moe import MoELayer, MoELayerStats
 
 
@@ -38,16 +38,6 @@ class SelfAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(batch_size, seq_len, d_model))
 
 
-class DenseFFN(nn.Module):
-    def __init__(self, config: MoEEncoderConfig):
-        super().__init__()
-        self.fc_in = nn.Linear(config.embedding_dim, config.moe_dim)
-        self.fc_out = nn.Linear(config.moe_dim, config.embedding_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x)))
-
-
 class EncoderBlock(nn.Module):
     def __init__(self, config: MoEEncoderConfig, use_moe: bool):
         super().__init__()
@@ -55,7 +45,7 @@ class EncoderBlock(nn.Module):
         self.ln1 = nn.LayerNorm(config.embedding_dim)
         self.attn = SelfAttention(config)
         self.ln2 = nn.LayerNorm(config.embedding_dim)
-        self.ffn = MoELayer(config) if use_moe else DenseFFN(config)
+        self.ffn = MoELayer(config) if use_moe else DenseFFN(config.embedding_dim, config.moe_dim, config.expert_type)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, real_token_mask: torch.Tensor) -> tuple[torch.Tensor, MoELayerStats | None]:
@@ -75,6 +65,7 @@ class MoEEncoderOutput(ModelOutput):
     z_loss: torch.Tensor | None = None  # sum over MoE layers of the router z-loss
     expert_indices: tuple[torch.Tensor, ...] | None = None  # per MoE layer [B, T, k], -1 at padding
     router_probs: tuple[torch.Tensor, ...] | None = None  # per MoE layer [B, T, E], 0 at padding
+    dropped_fraction: tuple[torch.Tensor, ...] | None = None  # per MoE layer, share of assignments dropped
 
 
 @dataclass
@@ -86,6 +77,7 @@ class MoEMaskedLMOutput(ModelOutput):
     logits: torch.Tensor | None = None  # [B, T, V]
     expert_indices: tuple[torch.Tensor, ...] | None = None
     router_probs: tuple[torch.Tensor, ...] | None = None
+    dropped_fraction: tuple[torch.Tensor, ...] | None = None  # per MoE layer (0 when dropless)
 
 
 class MoEEncoderPreTrainedModel(PreTrainedModel):
@@ -108,8 +100,9 @@ class MoEEncoderPreTrainedModel(PreTrainedModel):
         elif isinstance(module, StackedExperts):
             init.normal_(module.w_in, mean=0.0, std=std)
             init.normal_(module.w_out, mean=0.0, std=std)
-            init.zeros_(module.b_in)
-            init.zeros_(module.b_out)
+            if module.b_in is not None:  # swiglu experts have no biases
+                init.zeros_(module.b_in)
+                init.zeros_(module.b_out)
 
 
 class MoEEncoderModel(MoEEncoderPreTrainedModel):
@@ -159,6 +152,7 @@ class MoEEncoderModel(MoEEncoderPreTrainedModel):
             z_loss=sum((s.z_loss for s in layer_stats), zero),
             expert_indices=tuple(s.expert_index for s in layer_stats),
             router_probs=tuple(s.router_probs for s in layer_stats),
+            dropped_fraction=tuple(s.dropped_fraction for s in layer_stats),
         )
 
 
@@ -233,5 +227,6 @@ class MoEEncoderForMaskedLM(MoEEncoderPreTrainedModel):
             logits=logits,
             expert_indices=encoded.expert_indices,
             router_probs=encoded.router_probs,
+            dropped_fraction=encoded.dropped_fraction,
         )
         return output if return_dict else output.to_tuple()
