@@ -2,8 +2,8 @@
 
 Reads data_params.processed_dir (step 1), writes data_params.masked_dir: tokenizer/ (loadable with
 AutoTokenizer.from_pretrained), one Arrow dataset per split (train, valid, test) and per evaluation
-topic (topics/<topic>) with input_ids, attention_mask, labels (-100 where not masked), topic and
-doc_id, and manifest.json. Example:
+topic (topics/<topic>) with input_ids, attention_mask, labels (-100 where not masked), topic,
+doc_id and unmasked_ids (for train.masking: dynamic), and manifest.json. Example:
     python data_processors/dataset.py --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml
 """
 import sys
@@ -32,6 +32,7 @@ FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")),
     "attention_mask": datasets.Sequence(datasets.Value("int8")),
     "labels": datasets.Sequence(datasets.Value("int32")),
+    "unmasked_ids": datasets.Sequence(datasets.Value("int32")),  # always kept: any run may pick dynamic masking
 })
 
 
@@ -39,16 +40,17 @@ def tokenize_and_mask(batch: dict, tokenizer, seq_len: int, seed: int, mask_prob
                       random_token_ids: np.ndarray) -> dict:
     encoded = tokenizer(batch["text"], truncation=True, padding="max_length", max_length=seq_len,
                         return_special_tokens_mask=True)
-    masked_ids, labels = [], []
+    masked_ids, labels, unmasked_ids = [], [], []
     for doc_id, ids, special in zip(batch["doc_id"], encoded["input_ids"], encoded["special_tokens_mask"]):
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = encoded_ids = np.asarray(ids, dtype=np.int64)
         maskable = np.asarray(special) == 0  # padding counts as special, so it is never masked
         ids, doc_labels = mask_tokens(ids, maskable, document_rng(seed, doc_id), mask_prob,
                                       tokenizer.mask_token_id, random_token_ids)
+        unmasked_ids.append(encoded_ids)
         masked_ids.append(ids)
         labels.append(doc_labels)
     return {"doc_id": batch["doc_id"], "topic": batch["topic"], "input_ids": masked_ids,
-            "attention_mask": encoded["attention_mask"], "labels": labels}
+            "attention_mask": encoded["attention_mask"], "labels": labels, "unmasked_ids": unmasked_ids}
 
 
 def token_counts(dataset: datasets.Dataset) -> dict:
@@ -110,6 +112,7 @@ def main() -> None:
             "seed": dataset_config.seed,
             "seq_len": seq_len,
             "mask_prob": data_params.mask_prob,
+            "columns": list(FEATURES),  # unmasked_ids: train.masking=dynamic re-masks from these
             "tokenizer": {"name": data_params.tokenizer_name or "trained WordPiece", "vocab_size": len(tokenizer),
                           "pad_token_id": tokenizer.pad_token_id, "mask_token_id": tokenizer.mask_token_id,
                           "special_token_ids": sorted(tokenizer.all_special_ids)},

@@ -2,7 +2,8 @@
 10% -> a random regular token, 10% unchanged. Labels hold the original id there and -100 elsewhere.
 
 Each document draws from its own generator seeded by (seed, doc_id), so the result does not depend
-on batch size or on how many processes run the map.
+on batch size or on how many processes run the map. Dynamic masking (train.masking: dynamic) re-masks
+the unmasked ids every epoch with a generator seeded by (seed, doc_id, epoch).
 """
 from __future__ import annotations
 
@@ -25,5 +26,6 @@ def mask_tokens(input_ids: np.ndarray, maskable: np.ndarray, rng: np.random.Gene
     return masked_ids, labels
 
 
-def document_rng(seed: int, doc_id: int) -> np.random.Generator:
-    return np.random.default_rng([seed, doc_id])
+def document_rng(seed: int, doc_id: int, epoch: int | None = None) -> np.random.Generator:
+    """Static masks (step 2) use (seed, doc_id); dynamic masks add the epoch, so each epoch differs."""
+    return np.random.default_rng([seed, doc_id] if epoch is None else [seed, doc_id, epoch])

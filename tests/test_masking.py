@@ -85,7 +85,7 @@ def step2_output(tmp_path_factory):
 def load_masked(folder, name) -> dict:
     """All columns of a step-2 dataset as numpy arrays (topic as a list of str)."""
     dataset = datasets.load_from_disk(str(folder / name))
-    assert set(dataset.column_names) == {"doc_id", "topic", "input_ids", "attention_mask", "labels"}
+    assert set(dataset.column_names) == {"doc_id", "topic", "input_ids", "attention_mask", "labels", "unmasked_ids"}
     columns = dataset.with_format("numpy")[:]
     return {**columns, "topic": list(columns["topic"])}
 

@@ -18,11 +18,21 @@ def run_dir_for(save_path: str, tag: str) -> Path:
     return Path(save_path) / tag
 
 
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # the encoder takes no token_type_ids
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Saved so that pipeline("fill-mask") feeds the model only what its forward takes."""
+    tokenizer.model_input_names = MODEL_INPUT_NAMES
+    tokenizer.init_kwargs["model_input_names"] = MODEL_INPUT_NAMES  # what save_pretrained writes
+    tokenizer.save_pretrained(str(folder))
+
+
 def save_model(model, tokenizer, folder: Path, state: dict) -> Path:
     """save_pretrained (safetensors) + tokenizer + a small JSON state, all or nothing."""
     with atomic_dir(folder) as tmp_dir:
         model.save_pretrained(str(tmp_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp_dir))
+        save_tokenizer(tokenizer, tmp_dir)
         write_json_atomic(tmp_dir / "trainer_state.json", state)
     return folder
 

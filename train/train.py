@@ -1,10 +1,14 @@
 r"""Step 3: train the MoE encoder with masked language modelling, tracked in Aim.
 
-Reads data_params.masked_dir (step 2); writes train.save_path/<tag>/: checkpoints/step-N/, the final
+Reads data_params.masked_dir (step 2); writes train.save_path/<tag>/: checkpoints/step-N/ (model,
+optimizer, scheduler, RNG and data position: `--resume latest` continues from the newest), the final
 model/ (Hugging Face format, safetensors, with its tokenizer) and manifest.json; the Aim run (named
-by --tag) goes to the Aim repository in train.aim_repo (`aim up` there shows it). Example:
+by --tag) goes to the Aim repository in train.aim_repo (`aim up` there shows it). One process, or
+several through torchrun / accelerate launch (batch_size is the global batch, split across them):
     python train/train.py --config-model demo/model_params.yaml --config-dataset demo/dataset_params.yaml \
         --config-train demo/train_params.yaml --tag demo
+    torchrun --standalone --nproc_per_node=2 train/train.py ... --tag demo
+SIGINT/SIGTERM save a checkpoint after the current step and exit with 130/143.
 """
 import sys
 from pathlib import Path
@@ -16,17 +20,20 @@ import time
 
 import datasets
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from config_utils import PipelineError, load_step_configs, run_step, step_parser, write_json_atomic
-from config_utils.contracts import read_step2_output
-from data_processors.masking import IGNORE_INDEX
+from config_utils.contracts import read_step2_output, step2_command, step3_command
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
-from train.checkpoints import CHECKPOINT_DIR, MODEL_DIR, git_commit, mark_latest, run_dir_for, save_model
-from train.evaluation import count_experts, evaluate_mlm, mlm_loader
+from train.checkpoints import MODEL_DIR, git_commit, mark_latest, run_dir_for, save_model
+from train.data import TrainBatches
+from train.loop import (NonFiniteLoss, evaluate_sharded, gather_rng_states, make_accelerator, optimizer_for,
+                        restore_rng_states, train_step)
+from train.state import (StopRequest, checkpoint_folder, complete_checkpoints, load_checkpoint, prune_checkpoints,
+                         resolve_resume, save_checkpoint)
+from train.tracking import RoutingRecorder, start_aim_run, track_expert_load, track_step
 
 
 def build_model(model_config: dict, vocab_size: int, pad_token_id: int) -> MoEEncoderForMaskedLM:
@@ -37,26 +44,6 @@ def build_model(model_config: dict, vocab_size: int, pad_token_id: int) -> MoEEn
         raise PipelineError(f"model config: {error}") from None
 
 
-def optimizer_for(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; biases and LayerNorm weights are not decayed (BERT's recipe)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate)
-
-
-def track_expert_load(tracker, expert_counts: torch.Tensor, moe_layers: list[int], step: int, subset: str) -> None:
-    """Per-layer share of real tokens sent to each expert, as Aim contexts (layer, expert)."""
-    if tracker is None:
-        return
-    shares = expert_counts.float() / expert_counts.sum(dim=1, keepdim=True).clamp(min=1)
-    for row, layer in enumerate(moe_layers):
-        for expert, share in enumerate(shares[row].tolist()):
-            tracker.track(share, name="expert_load", step=step,
-                          context={"subset": subset, "layer": layer, "expert": expert})
-
-
 def main() -> None:
     parser = step_parser(__doc__, {"model": ("--config-model", "model_params.yaml"),
                                    "dataset": ("--config-dataset", "dataset_params.yaml"),
@@ -64,114 +51,137 @@ def main() -> None:
     parser.add_argument("--tag", default=None,
                         help="names the run (its folder save_path/<tag> and its Aim tag); default: a timestamp")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run with the same tag")
+    parser.add_argument("--resume", metavar="latest|PATH", default=None,
+                        help="continue the run --tag from its newest checkpoint, or from a checkpoint folder")
     args = parser.parse_args()
     configs = load_step_configs(args, ["model", "dataset", "train"])
     model_config, dataset_config, train_config = configs["model"], configs["dataset"], configs["train"]
-    tag = args.tag or time.strftime("run-%Y%m%d-%H%M%S")
-    run_dir = run_dir_for(train_config.save_path, tag)
-    if (run_dir / MODEL_DIR).exists() and not args.overwrite:
-        raise PipelineError(f"run {run_dir} already exists: pick another --tag or pass --overwrite")
+    if args.resume and args.resume != "latest" and args.tag is None:
+        args.tag = Path(args.resume).resolve().parents[1].name  # run_dir/checkpoints/step-N
+    if args.resume == "latest" and args.tag is None:
+        raise PipelineError("--resume latest needs the --tag of the run to continue")
     step2_manifest, step2_hash = read_step2_output(dataset_config, model_config, args)
     if train_config.device == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train config: device=cuda but no CUDA device is visible; use device: auto or cpu")
-
     masked_dir = Path(dataset_config.data_params.masked_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(masked_dir / "tokenizer"))
     train_set = datasets.load_from_disk(str(masked_dir / "train"))
     valid_set = datasets.load_from_disk(str(masked_dir / "valid"))
+    if train_config.masking == "dynamic" and "unmasked_ids" not in train_set.column_names:
+        raise PipelineError(f"train.masking=dynamic needs the unmasked ids, which {masked_dir} lacks (made by an "
+                            f"older step 2): run `{step2_command(args)}` again")
 
-    accelerator = Accelerator(cpu=train_config.device == "cpu", log_with="aim",
-                              project_dir=train_config.aim_repo,
-                              gradient_accumulation_steps=train_config.gradient_accumulation_steps)
+    accelerator = make_accelerator(train_config)
+    n_processes = accelerator.num_processes
+    if train_config.batch_size % n_processes:
+        raise PipelineError(f"train.batch_size={train_config.batch_size} is the global batch and must split evenly "
+                            f"over {n_processes} processes")
+    tag = broadcast_object_list([args.tag or time.strftime("run-%Y%m%d-%H%M%S")])[0]  # one name for all
+    run_dir = run_dir_for(train_config.save_path, tag)
+    if (run_dir / MODEL_DIR).exists() and not (args.overwrite or args.resume):
+        raise PipelineError(f"run {run_dir} already exists: pick another --tag, pass --overwrite or --resume latest")
+    resume_from = resolve_resume(args.resume, run_dir, step3_command(args)) if args.resume else None
+
     set_seed(train_config.random_seed)
     model = build_model(model_config, step2_manifest["tokenizer"]["vocab_size"], tokenizer.pad_token_id)
-    train_loader = mlm_loader(train_set, train_config.batch_size, shuffle=True, seed=train_config.random_seed)
-    valid_loader = mlm_loader(valid_set, train_config.batch_size)
-    steps_per_epoch = math.ceil(len(train_loader) / train_config.gradient_accumulation_steps)
-    total_steps = train_config.max_steps or train_config.n_epochs * steps_per_epoch
-    optimizer = optimizer_for(model, train_config.learning_rate, train_config.weight_decay)
+    optimizer = optimizer_for(model, train_config.learning_rate, train_config.weight_decay,
+                              fused=accelerator.device.type == "cuda")
+    batches = TrainBatches(train_set, train_config.batch_size, train_config.random_seed, accelerator.process_index,
+                           n_processes, train_config.masking, step2_manifest["tokenizer"],
+                           dataset_config.data_params.mask_prob)
+    total_steps = train_config.max_steps or train_config.n_epochs * math.ceil(
+        batches.per_epoch / train_config.gradient_accumulation_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(train_config.warmup_proportion * total_steps),
                                                 total_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    # the scheduler is not prepared: accelerate would step it once per process per step
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    state = {"tag": tag, "step": 0, "position": [0, 0], "eval_history": [], "aim_run_hash": None}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, unwrapped, optimizer, train_config, model_config)
+        scheduler.load_state_dict(state.pop("scheduler"))
+        if not restore_rng_states(accelerator, state.pop("rng")):
+            print(f"note: {resume_from} was written by {state['n_processes']} processes, this run has {n_processes}: "
+                  f"the data order resumes exactly, dropout draws do not")
+        print(f"resuming {tag} from {resume_from} (step {state['step']} of {total_steps})")
 
     n_parameters = sum(parameter.numel() for parameter in model.parameters())
-    accelerator.init_trackers(tag, config={"dataset": dataset_config, "model": model_config, "train": train_config,
-                                           "tag": tag, "n_parameters": n_parameters, "git_commit": git_commit()},
-                              init_kwargs={"aim": {"experiment": train_config.experiment_name}})
-    tracker = accelerator.get_tracker("aim", unwrap=True) if accelerator.is_main_process else None
-    if tracker is not None:
-        tracker.add_tag(tag)
-    unwrapped = accelerator.unwrap_model(model)
+    aim_run = start_aim_run(accelerator, tag, train_config.experiment_name, {
+        "dataset": dataset_config, "model": model_config, "train": train_config, "tag": tag,
+        "n_parameters": n_parameters, "git_commit": git_commit(), "n_processes": n_processes,
+        "mixed_precision": accelerator.mixed_precision}, state["aim_run_hash"])
+    state["aim_run_hash"] = aim_run.hash if aim_run is not None else None
+    recorder = RoutingRecorder(unwrapped, unwrapped.config.n_experts, accelerator.device)
     moe_layers = unwrapped.config.moe_layer_indices
-    state = {"tag": tag, "step": 0, "epoch": 0, "eval_history": []}
 
-    def run_eval(step: int) -> dict:
-        result = evaluate_mlm(model, valid_loader, accelerator.device, train_config.eval_batches)
-        metrics = {"eval_mlm_loss": result.mlm_loss, "eval_accuracy": result.accuracy}
-        accelerator.log(metrics, step=step)
-        track_expert_load(tracker, result.expert_counts, moe_layers, step, "valid")
-        state["eval_history"].append({"step": step, **metrics})
-        return metrics
+    def save_checkpoint_now(step: int) -> None:
+        rng_states = gather_rng_states(accelerator)  # every process takes part; the main one writes
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoint_folder(run_dir, step), unwrapped, tokenizer, optimizer, rng_states, {
+                **state, "scheduler": scheduler.state_dict(), "n_processes": n_processes, "total_steps": total_steps,
+                "config": {"model": model_config, "dataset": dataset_config, "train": train_config}})
+            prune_checkpoints(run_dir, train_config.keep_checkpoints)
+        accelerator.wait_for_everyone()
 
-    print(f"training {n_parameters:,} parameters for {total_steps} steps on {accelerator.device} "
-          f"({len(train_set)} sequences, batch {train_config.batch_size}); run folder {run_dir}")
-    started = time.time()
-    progress = tqdm(total=total_steps, desc=f"step 3: training {tag}", unit="step", mininterval=1.0,
-                    disable=not accelerator.is_local_main_process)
+    print(f"training {n_parameters:,} parameters for {total_steps} steps on {n_processes} x {accelerator.device} "
+          f"({len(train_set)} sequences, global batch {train_config.batch_size} x "
+          f"{train_config.gradient_accumulation_steps} accumulation, {accelerator.mixed_precision} precision); "
+          f"run folder {run_dir}")
+    progress = tqdm(initial=state["step"], total=total_steps, desc=f"step 3: training {tag}", unit="step",
+                    mininterval=1.0, disable=not accelerator.is_local_main_process)
     model.train()
-    step_expert_counts = torch.zeros(len(moe_layers), unwrapped.config.n_experts, dtype=torch.long,
-                                     device=accelerator.device)
-    tokens_seen = 0
-    while state["step"] < total_steps:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                output = model(**batch)
-                accelerator.backward(output.loss)
-                if accelerator.sync_gradients and train_config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            step_expert_counts += count_experts(output.expert_indices, unwrapped.config.n_experts)
-            tokens_seen += int(batch["attention_mask"].sum())
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            step = state["step"]
-            loss = output.loss.item()
-            if not math.isfinite(loss):
-                raise PipelineError(f"the loss became {loss} at step {step}; lower train.learning_rate "
-                                    f"(the last checkpoint in {run_dir / CHECKPOINT_DIR} is intact)")
-            is_masked = batch["labels"] != IGNORE_INDEX
-            accuracy = (output.logits.detach().argmax(-1)[is_masked] == batch["labels"][is_masked]).float().mean()
-            accelerator.log({"loss": loss, "mlm_loss": output.mlm_loss.item(), "aux_loss": output.aux_loss.item(),
-                             "z_loss": output.z_loss.item(), "accuracy": accuracy.item(),
-                             "learning_rate": scheduler.get_last_lr()[0],
-                             "tokens_per_s": tokens_seen / max(time.time() - started, 1e-9)}, step=step)
+    started, paused, tokens = time.perf_counter(), 0.0, 0
+    with progress, StopRequest() as stop:  # the bar closes before an error line is printed
+        steps = batches.steps(*state["position"], train_config.gradient_accumulation_steps)
+        while state["step"] < total_steps:
+            micro_batches, position = next(steps)
+            step = state["step"] + 1
+            try:
+                result = train_step(accelerator, model, optimizer, scheduler, micro_batches, recorder,
+                                    train_config.max_grad_norm, stop.requested, step)
+            except NonFiniteLoss as error:
+                kept = complete_checkpoints(run_dir)
+                raise PipelineError(f"{error}; stopped before updating the weights. "
+                                    + (f"The last checkpoint {kept[-1]} is intact" if kept else "No checkpoint yet")
+                                    + "; lower train.learning_rate or train.max_grad_norm") from None
+            state["step"], state["position"] = step, list(position)
+            tokens += result.real_tokens
+            if step % train_config.log_steps == 0 or step == total_steps:
+                tokens_per_s = tokens / max(time.perf_counter() - started - paused, 1e-9)
+                track_step(aim_run, step, {**result.metrics, "tokens_per_s": tokens_per_s}, result.layer_metrics,
+                           moe_layers)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.3f}", mlm=f"{output.mlm_loss.item():.3f}")
+            progress.set_postfix(loss=f"{result.metrics['loss']:.3f}", refresh=False)
+            pause_started = time.perf_counter()
             if step % train_config.eval_steps == 0 or step == total_steps:
-                track_expert_load(tracker, step_expert_counts, moe_layers, step, "train")
-                step_expert_counts.zero_()
-                metrics = run_eval(step)
+                track_expert_load(aim_run, accelerator.reduce(recorder.expert_counts, "sum"), moe_layers, step, "train")
+                recorder.expert_counts.zero_()
+                evaluation = evaluate_sharded(accelerator, model, valid_set, train_config.batch_size,
+                                              train_config.eval_batches, recorder)
+                metrics = {"eval_mlm_loss": evaluation.mlm_loss, "eval_accuracy": evaluation.accuracy}
+                track_step(aim_run, step, metrics, {}, moe_layers)
+                track_expert_load(aim_run, evaluation.expert_counts, moe_layers, step, "valid")
+                state["eval_history"].append({"step": step, **metrics})
                 progress.write(f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, "
                                f"accuracy {metrics['eval_accuracy']:.3f}")
-            if (step % train_config.save_steps == 0 or step == total_steps) and accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), tokenizer,
-                           run_dir / CHECKPOINT_DIR / f"step-{step:06d}", state)
-            if step >= total_steps:
-                break
-        state["epoch"] += 1
-    progress.close()
+            if step % train_config.save_steps == 0 or step == total_steps or result.stop_requested:
+                save_checkpoint_now(step)
+            paused += time.perf_counter() - pause_started
+            if result.stop_requested and step < total_steps:
+                progress.close()  # before the message: tqdm redraws on close
+                print(f"stopped by a signal after step {step}: checkpoint {checkpoint_folder(run_dir, step)}; "
+                      f"continue with `{step3_command(args).replace('NAME', tag)} --resume latest`", file=sys.stderr)
+                raise SystemExit(128 + (stop.signal_number or 15))
 
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, run_dir / MODEL_DIR, state)
-        aim_run_hash = tracker.hash if tracker is not None else None
+        save_model(unwrapped, tokenizer, run_dir / MODEL_DIR, state)
         write_json_atomic(run_dir / "manifest.json", {
             "step": "train", "tag": tag, "input_manifest_hash": step2_hash, "git_commit": git_commit(),
             "config": {"model": model_config, "dataset": dataset_config, "train": train_config},
             "n_parameters": n_parameters, "total_steps": total_steps, "device": str(accelerator.device),
-            "seconds": round(time.time() - started, 2), "aim_run_hash": aim_run_hash,
+            "n_processes": n_processes, "mixed_precision": accelerator.mixed_precision,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "seconds": round(time.perf_counter() - started, 2), "aim_run_hash": state["aim_run_hash"],
             "final_eval": state["eval_history"][-1] if state["eval_history"] else None,
         })
         mark_latest(train_config.save_path, tag)

@@ -1,0 +1,216 @@
+"""Step 3 at scale: 2 processes = 1 process, resume = no interruption, NaN stops cleanly, Aim metrics,
+the fill-mask pipeline, dynamic masking, and the loss the loop builds equals the model's own."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import (REPO, STEP_SCRIPTS, check_ok, error_line, run_step, run_step_in_process, sets, step_config_args,
+                     tiny_sets)
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Steps 1-2 on a tiny corpus; options for a tiny 2-MoE-layer model without dropout."""
+    tmp_path = tmp_path_factory.mktemp("training")
+    options = tiny_sets(tmp_path, **{"model.n_encoder_blocks": 2, "model.dropout": 0.0,
+                                     "train.max_steps": STEPS, "train.eval_steps": 3, "train.save_steps": 2})
+    check_ok(run_step(1, *step_config_args(1), *options, cwd=tmp_path))
+    check_ok(run_step(2, *step_config_args(2), *options, cwd=tmp_path))
+    return tmp_path, options
+
+
+def env_one_thread() -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # the script must find the project itself
+    return env
+
+
+@pytest.fixture(scope="module")
+def single_run(data):
+    tmp_path, options = data
+    check_ok(subprocess.run([sys.executable, str(STEP_SCRIPTS[3]), *step_config_args(3), *options, "--tag", "one"],
+                            cwd=tmp_path, env=env_one_thread(), capture_output=True, text=True, timeout=180))
+    return tmp_path / "runs" / "one"
+
+
+def aim_run(aim_dir, tag):
+    from aim import Repo
+
+    runs = [run for run in Repo(str(aim_dir)).iter_runs() if tag in run.tags]
+    assert len(runs) == 1
+    return runs[0]
+
+
+def metric_values(run, name, context=None) -> list[float]:
+    for metric in run.metrics():
+        if metric.name == name and metric.context.to_dict() == (context or {}):
+            return metric.values.values_list()
+    raise AssertionError(f"no metric {name} {context}")
+
+
+def test_two_processes_give_the_single_process_loss_curve(data, single_run):
+    tmp_path, options = data
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(STEP_SCRIPTS[3]), *step_config_args(3), *options, "--tag", "two"],
+                            cwd=tmp_path, env=env_one_thread(), capture_output=True, text=True, timeout=300)
+    check_ok(result)
+    assert "on 2 x cpu" in result.stdout
+    one = metric_values(aim_run(tmp_path, "one"), "loss")
+    two = metric_values(aim_run(tmp_path, "two"), "loss")
+    assert len(one) == len(two) == STEPS
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
+
+
+def test_resume_after_sigterm_ends_with_the_same_weights(data):
+    from safetensors.torch import load_file
+
+    tmp_path, options = data
+    options = [*options, *sets(**{"model.dropout": 0.1, "train.max_steps": 150, "train.save_steps": 20,
+                                  "train.eval_steps": 50, "train.keep_checkpoints": 2})]
+    command = [sys.executable, str(STEP_SCRIPTS[3]), *step_config_args(3), *options]
+    run = dict(cwd=tmp_path, env=env_one_thread(), capture_output=True, text=True, timeout=180)
+    check_ok(subprocess.run([*command, "--tag", "whole"], **run))
+
+    interrupted = subprocess.Popen([*command, "--tag", "cut"], cwd=tmp_path, env=env_one_thread(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "runs" / "cut" / "checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints / "step-000020").is_dir() and interrupted.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    interrupted.send_signal(signal.SIGTERM)
+    _, stderr = interrupted.communicate(timeout=60)
+    assert interrupted.returncode == 143, stderr
+    assert "--tag cut --resume latest" in stderr.splitlines()[-1]
+    assert not (tmp_path / "runs" / "cut" / "model").exists()
+    kept = sorted(path.name for path in checkpoints.iterdir())
+    assert len(kept) == 2 and kept[0] == "step-000020", kept  # keep_checkpoints=2: the signal's one and the one before
+
+    resumed = check_ok(subprocess.run([*command, "--tag", "cut", "--resume", "latest"], **run))
+    assert "resuming cut from" in resumed.stdout
+    whole = load_file(tmp_path / "runs" / "whole" / "model" / "model.safetensors")
+    cut = load_file(tmp_path / "runs" / "cut" / "model" / "model.safetensors")
+    assert whole.keys() == cut.keys()
+    for name in whole:
+        assert torch.equal(whole[name], cut[name]), name
+    assert len(list(checkpoints.iterdir())) == 2
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data, monkeypatch):
+    from models import MoEEncoderForMaskedLM
+    from train.checkpoints import load_model
+
+    tmp_path, options = data
+    original_forward, calls = MoEEncoderForMaskedLM.forward, []
+
+    def forward_with_nan_at_call_5(self, *args, **kwargs):
+        output = original_forward(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 5:
+                output.mlm_loss = output.mlm_loss * float("nan")
+        return output
+
+    monkeypatch.setattr(MoEEncoderForMaskedLM, "forward", forward_with_nan_at_call_5)
+    line = error_line(run_step_in_process(3, *step_config_args(3), *options, "--tag", "nan", cwd=tmp_path))
+    checkpoint = tmp_path / "runs" / "nan" / "checkpoints" / "step-000004"
+    assert "the loss became nan at step 5" in line and str(checkpoint) in line and "intact" in line
+    model, _ = load_model(checkpoint)
+    assert model.config.n_experts == 4
+    assert not (tmp_path / "runs" / "nan" / "model").exists()
+
+
+def test_aim_run_holds_the_training_metrics(data, single_run):
+    tmp_path, _ = data
+    run = aim_run(tmp_path, "one")
+    names = {(metric.name, tuple(sorted(metric.context.to_dict()))) for metric in run.metrics()}
+    for name in ("loss", "mlm_loss", "aux_loss", "z_loss", "accuracy", "learning_rate", "tokens_per_s",
+                 "eval_mlm_loss", "eval_accuracy"):
+        assert (name, ()) in names, name
+    for name in ("aux_loss", "z_loss", "router_entropy", "dropped_fraction"):
+        assert (name, ("layer",)) in names, name
+        assert len(metric_values(run, name, {"layer": 1})) == STEPS
+    assert ("expert_load", ("expert", "layer", "subset")) in names
+    entropy = metric_values(run, "router_entropy", {"layer": 0})
+    assert all(0.0 < value <= np.log(4) + 1e-6 for value in entropy)
+    loads = [metric_values(run, "expert_load", {"subset": "train", "layer": 0, "expert": e})[-1] for e in range(4)]
+    assert abs(sum(loads) - 1.0) < 1e-5
+    assert run["hparams"]["tag"] == "one" and run["hparams"]["train"]["max_steps"] == STEPS
+    assert "git_commit" in run["hparams"]
+    assert len(metric_values(run, "learning_rate")) == STEPS
+
+
+def test_fill_mask_pipeline_loads_the_run(single_run):
+    import transformers
+
+    import models  # noqa: F401  registers the encoder with the Auto classes
+
+    fill = transformers.pipeline("fill-mask", model=str(single_run / "model"))
+    predictions = fill(f"the {fill.tokenizer.mask_token} is good", top_k=3)
+    assert len(predictions) == 3 and all("token_str" in prediction for prediction in predictions)
+    assert not list((single_run / "model").glob("*.bin"))
+
+
+def test_dynamic_masking_remasks_each_epoch_with_the_same_rule(data):
+    import datasets
+    import json
+
+    from data_processors.masking import IGNORE_INDEX
+    from train.data import TrainBatches
+
+    tmp_path, _ = data
+    manifest = json.loads((tmp_path / "masked" / "manifest.json").read_text())
+    train_set = datasets.load_from_disk(str(tmp_path / "masked" / "train"))
+    assert "unmasked_ids" in manifest["columns"]
+    static = train_set.with_format("numpy")[:50]
+    unmasked = static["unmasked_ids"]
+    kept = static["labels"] == IGNORE_INDEX
+    assert (static["input_ids"][kept] == unmasked[kept]).all()  # step 2 stores the ids before masking
+
+    batches = TrainBatches(train_set, 8, seed=3, rank=0, world_size=1, masking="dynamic",
+                           tokenizer_info=manifest["tokenizer"], mask_prob=0.15)
+    epoch0 = [micro for micro, _ in zip(batches.steps(0, 0, 1), range(30))]
+    again = [micro for micro, _ in zip(batches.steps(0, 0, 1), range(30))]
+    epoch1 = [micro for micro, _ in zip(batches.steps(1, 0, 1), range(30))]
+    labels0 = torch.cat([micro[0]["labels"] for micro, _ in epoch0])
+    assert torch.equal(labels0, torch.cat([micro[0]["labels"] for micro, _ in again]))  # reproducible
+    assert not torch.equal(labels0, torch.cat([micro[0]["labels"] for micro, _ in epoch1]))  # re-masked
+    special = torch.tensor(manifest["tokenizer"]["special_token_ids"])
+    picked = labels0 != IGNORE_INDEX
+    assert not torch.isin(labels0[picked], special).any()  # special tokens and padding are never picked
+    inputs = torch.cat([micro[0]["input_ids"] for micro, _ in epoch0])[picked]
+    share_masked = (inputs == manifest["tokenizer"]["mask_token_id"]).float().mean()
+    assert 0.6 < share_masked < 0.95  # 80% of the picked tokens become [MASK]
+    assert 0.08 < picked.float().sum() / torch.cat([m[0]["attention_mask"] for m, _ in epoch0]).sum() < 0.25
+
+
+def test_loop_loss_equals_the_models_loss_in_one_process():
+    """The global-batch loss the loop differentiates is the model's own loss when there is one process."""
+    from accelerate import Accelerator
+
+    from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+    from train.loop import global_balancing_loss, step_loss
+    from train.tracking import RoutingRecorder
+
+    torch.manual_seed(0)
+    config = MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=12, num_head=2, n_encoder_blocks=2,
+                              n_experts=4, top_k_experts=2, moe_dim=16, dropout=0.0, router_z_loss_coef=0.1)
+    model = MoEEncoderForMaskedLM(config)
+    recorder = RoutingRecorder(model, 4, torch.device("cpu"))
+    input_ids = torch.randint(5, 50, (3, 12))
+    attention_mask = torch.ones(3, 12, dtype=torch.bool)
+    attention_mask[1, 7:] = False
+    labels = torch.where(torch.rand(3, 12) < 0.3, input_ids, -100)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    share, value = global_balancing_loss(Accelerator(cpu=True), recorder.router_outputs, 4)
+    assert torch.allclose(value.sum().float(), output.aux_loss, atol=1e-6)
+    loss = step_loss(output, share, (labels != -100).sum(), attention_mask.sum(), int((labels != -100).sum()),
+                     int(attention_mask.sum()), n_micro=1, world_size=1, config=config)
+    assert torch.allclose(loss.float(), output.loss, atol=1e-6)

@@ -1,0 +1,182 @@
+"""One optimizer step over the global batch, sharded evaluation, and the process-wide pieces
+(accelerator, RNG states) that checkpoints need.
+
+Loss weighting, so N processes compute what one process computes on the same global batch:
+the MLM loss is the mean over every masked token of the step (all micro-batches, all processes),
+not a mean of per-process means; the z-loss likewise over every real token. The Switch balancing
+loss n_experts * sum_i f_i * P_i of each micro-batch is taken over the global micro-batch: f_i (no
+gradient) and P_i from counts and probability sums summed over processes, each process
+differentiating its own tokens' share of P_i. DDP averages gradients over processes, so each
+process scales its share by N.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from config_utils import PipelineError
+from data_processors.masking import IGNORE_INDEX
+from train.evaluation import EvalResult, evaluate_mlm, mlm_loader
+from train.tracking import LAYER_SUMS, RoutingRecorder
+
+
+def make_accelerator(train_config: dict) -> Accelerator:
+    precision = train_config["mixed_precision"]
+    if precision == "auto":
+        cuda = train_config["device"] != "cpu" and torch.cuda.is_available()
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(cpu=train_config["device"] == "cpu", mixed_precision=precision, log_with="aim",
+                       project_dir=train_config["aim_repo"],
+                       dynamo_backend="inductor" if train_config["compile"] else "no",
+                       # the broadcast is for buffers (BatchNorm); this model has none, and it costs a collective
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def optimizer_for(model: torch.nn.Module, learning_rate: float, weight_decay: float,
+                  fused: bool) -> torch.optim.AdamW:
+    """AdamW; biases and LayerNorm weights are not decayed (BERT's recipe); fused kernels on CUDA."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=fused or None)
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]              # loss, mlm_loss, aux_loss, z_loss, accuracy, ...
+    layer_metrics: dict[str, list[float]]  # per MoE layer: aux_loss, z_loss, router_entropy, dropped_fraction
+    real_tokens: int                       # all processes
+    stop_requested: bool                   # any process got SIGINT/SIGTERM
+
+
+def global_balancing_loss(accelerator: Accelerator, router_outputs: list, n_experts: int):
+    """Per MoE layer: (this process's differentiable share, the global value), over all processes' tokens."""
+    if not router_outputs:  # no MoE block
+        zero = torch.zeros(0, dtype=torch.float64, device=accelerator.device)
+        return zero, zero
+    probs = [routed.probs for routed in router_outputs]  # [N real tokens, E] each, with gradients
+    counts = torch.stack([torch.bincount(routed.expert_index.reshape(-1), minlength=n_experts)
+                          for routed in router_outputs]).double()
+    prob_sums = torch.stack([layer_probs.detach().sum(0) for layer_probs in probs]).double()
+    n_tokens = counts.new_tensor([probs[0].shape[0], router_outputs[0].expert_index.numel()])
+    totals = accelerator.reduce(torch.cat([counts.reshape(-1), prob_sums.reshape(-1), n_tokens]), "sum")
+    n_layers = len(probs)
+    global_counts, global_prob_sums = totals[:n_layers * n_experts], totals[n_layers * n_experts:-2]
+    n_tokens_all, n_assignments_all = totals[-2].clamp(min=1), totals[-1].clamp(min=1)
+    assignment_fraction = (global_counts / n_assignments_all).reshape(n_layers, n_experts)
+    share = torch.stack([n_experts * (assignment_fraction[row].to(layer_probs.dtype) * layer_probs.sum(0)).sum()
+                         / n_tokens_all.to(layer_probs.dtype) for row, layer_probs in enumerate(probs)])
+    value = n_experts * (assignment_fraction * global_prob_sums.reshape(n_layers, n_experts)).sum(1) / n_tokens_all
+    return share, value
+
+
+def step_loss(output, balancing_share, masked_here, real_here, masked_total, real_total, n_micro: int,
+              world_size: int, config):
+    """This process's share of the step's loss, times the process count (DDP averages the gradients)."""
+    return world_size * (masked_here / masked_total * output.mlm_loss
+                         + config.load_balance_coef * balancing_share.sum() / n_micro
+                         + config.router_z_loss_coef * real_here / real_total * output.z_loss)
+
+
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batches: list[dict], recorder: RoutingRecorder,
+               max_grad_norm: float | None, stop_requested: bool, step: int) -> StepResult:
+    """Forward/backward every micro-batch (gradients synchronized on the last), clip, optimizer step."""
+    config = accelerator.unwrap_model(model).config
+    world_size, n_micro = accelerator.num_processes, len(micro_batches)
+    counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
+                           sum(int(b["attention_mask"].sum()) for b in micro_batches)], device=accelerator.device)
+    masked_total, real_total = (max(int(n), 1) for n in accelerator.reduce(counts, "sum"))
+    mlm_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    for index, batch in enumerate(micro_batches):
+        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+        is_masked = batch["labels"] != IGNORE_INDEX
+        last = index == n_micro - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            output = model(**batch)
+            masked_here = is_masked.sum()
+            balancing_share, balancing = global_balancing_loss(accelerator, recorder.router_outputs, config.n_experts)
+            recorder.step_sums[:, 0] += balancing / world_size  # summed over processes below
+            loss = step_loss(output, balancing_share, masked_here, batch["attention_mask"].sum(), masked_total,
+                             real_total, n_micro, world_size, config)
+            accelerator.backward(loss)
+        mlm_sum += output.mlm_loss.detach().double() * masked_here
+        correct += (output.logits.detach()[is_masked].argmax(-1) == batch["labels"][is_masked]).sum()
+
+    # one collective for every number logged and for the stop flag, so all processes agree on both
+    local = torch.cat([torch.stack([mlm_sum, correct.double(), mlm_sum.new_tensor(float(stop_requested))]),
+                       recorder.take_step_sums().reshape(-1)])
+    totals = accelerator.reduce(local, "sum").cpu()
+    layer_sums = totals[3:].reshape(-1, len(LAYER_SUMS))
+    mlm_loss = float(totals[0]) / masked_total
+    aux_by_layer = (layer_sums[:, 0] / n_micro).tolist()
+    z_by_layer = (layer_sums[:, 1] / real_total).tolist()
+    loss = mlm_loss + config.load_balance_coef * sum(aux_by_layer) + config.router_z_loss_coef * sum(z_by_layer)
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(step, loss)
+
+    metrics = {"loss": loss, "mlm_loss": mlm_loss, "aux_loss": sum(aux_by_layer), "z_loss": sum(z_by_layer),
+               "accuracy": float(totals[1]) / masked_total, "learning_rate": optimizer.param_groups[0]["lr"]}
+    if max_grad_norm is not None:
+        metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    layer_metrics = {"aux_loss": aux_by_layer, "z_loss": z_by_layer,
+                     "router_entropy": (layer_sums[:, 2] / real_total).tolist(),
+                     "dropped_fraction": (layer_sums[:, 3] / real_total).tolist()}
+    return StepResult(metrics, layer_metrics, real_total, bool(totals[2] > 0))
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"the loss became {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+def evaluate_sharded(accelerator: Accelerator, model, dataset, batch_size: int, max_batches: int | None,
+                     recorder: RoutingRecorder) -> EvalResult:
+    """Every process evaluates its contiguous share of `dataset`; the sums are combined."""
+    world_size = accelerator.num_processes
+    shard = dataset.shard(world_size, accelerator.process_index, contiguous=True) if world_size > 1 else dataset
+    loader = mlm_loader(shard, max(batch_size // world_size, 1))
+    recorder.enabled = False
+    try:
+        result = evaluate_mlm(accelerator.unwrap_model(model), loader, accelerator.device, max_batches)
+    finally:
+        recorder.enabled = True
+    if world_size == 1:
+        return result
+    sums = torch.tensor([result.mlm_loss * result.masked_tokens, result.accuracy * result.masked_tokens,
+                         result.masked_tokens, result.real_tokens], dtype=torch.float64, device=accelerator.device)
+    loss_sum, correct, masked, real = accelerator.reduce(sums, "sum").tolist()
+    counts = accelerator.reduce(result.expert_counts.to(accelerator.device), "sum").cpu()
+    return EvalResult(mlm_loss=loss_sum / max(masked, 1), accuracy=correct / max(masked, 1), masked_tokens=int(masked),
+                      real_tokens=int(real), expert_counts=counts, majority_accuracy=float("nan"))
+
+
+def gather_rng_states(accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """[n_processes, state bytes] per generator; dropout depends on them, so resuming restores them."""
+    states = {"torch_cpu": torch.get_rng_state()}
+    if accelerator.device.type == "cuda":
+        states["torch_cuda"] = torch.cuda.get_rng_state(accelerator.device)
+    return {name: accelerator.gather(state.to(accelerator.device)[None]).cpu() for name, state in states.items()}
+
+
+def restore_rng_states(accelerator: Accelerator, states: dict[str, torch.Tensor]) -> bool:
+    """False when the process count changed: the data order still resumes exactly, dropout does not."""
+    rank = accelerator.process_index
+    if any(table.shape[0] != accelerator.num_processes for table in states.values()):
+        return False
+    torch.set_rng_state(states["torch_cpu"][rank].clone())
+    if "torch_cuda" in states and accelerator.device.type == "cuda":
+        torch.cuda.set_rng_state(states["torch_cuda"][rank].clone(), accelerator.device)
+    return True

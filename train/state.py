@@ -1,0 +1,155 @@
+"""Resumable training state: checkpoints holding model, optimizer, scheduler, RNG and data position;
+finding the newest one, pruning old ones, and turning SIGINT/SIGTERM into "save, then stop".
+
+A checkpoint folder checkpoints/step-NNNNNN/ holds the model and tokenizer (save_pretrained,
+safetensors), optimizer.safetensors (the optimizer's tensors), rng.safetensors (each process's torch
+RNG states) and trainer_state.json (step, data position, scheduler, optimizer hyperparameters, eval
+history, Aim run hash). No pickle anywhere. It is written to a temporary folder and renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from config_utils import PipelineError, atomic_dir, write_json_atomic
+from train.checkpoints import CHECKPOINT_DIR, save_tokenizer
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+# train keys that do not change what a resumed run computes
+RESUMABLE_CHANGES = {"eval_steps", "eval_batches", "log_steps", "save_steps", "keep_checkpoints", "save_path",
+                     "experiment_name", "device", "aim_repo", "compile"}
+
+
+def checkpoint_folder(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"step-{step:06d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints oldest first; temporary folders of an interrupted write start with '.' and are skipped."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.glob("step-*") if (path / STATE_FILE).is_file())
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors (for safetensors) + JSON (hyperparameters, non-tensor values)."""
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *saved["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
+              for group in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(folder: Path, model, tokenizer, optimizer, rng_states: dict[str, torch.Tensor],
+                    state: dict) -> Path:
+    """All or nothing: a crash mid-write leaves the previous checkpoints as they were."""
+    tensors, optimizer_json = optimizer_tensors(optimizer)
+    with atomic_dir(folder) as tmp_dir:
+        model.save_pretrained(str(tmp_dir), safe_serialization=True)
+        save_tokenizer(tokenizer, tmp_dir)
+        save_file(tensors, str(tmp_dir / OPTIMIZER_FILE))
+        save_file(rng_states, str(tmp_dir / RNG_FILE))
+        write_json_atomic(tmp_dir / STATE_FILE, {**state, "optimizer": optimizer_json})  # last: marks it complete
+    return folder
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep`; renamed first so a half-deleted folder never looks complete."""
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        doomed = old.parent / f".{old.name}.deleting-{os.getpid()}"
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def resolve_resume(resume: str, run_dir: Path, run_first: str) -> Path:
+    """`latest` = the newest complete checkpoint of this run; otherwise a checkpoint folder."""
+    if resume == "latest":
+        found = complete_checkpoints(run_dir)
+        if not found:
+            raise PipelineError(f"--resume latest: no checkpoint in {run_dir / CHECKPOINT_DIR}; start the run "
+                                f"without --resume (`{run_first}`)")
+        return found[-1]
+    folder = Path(resume)
+    if not (folder / STATE_FILE).is_file():
+        raise PipelineError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); pass latest or a "
+                            f"path like {run_dir / CHECKPOINT_DIR}/step-000200")
+    return folder
+
+
+def load_checkpoint(folder: Path, model, optimizer, train_config: dict, model_config: dict) -> dict:
+    """Restore weights and optimizer in place; return the saved state (step, position, scheduler, ...)."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        weights = load_file(str(folder / "model.safetensors"))
+        optimizer_state = load_file(str(folder / OPTIMIZER_FILE))
+        state["rng"] = load_file(str(folder / RNG_FILE))
+    except Exception as error:  # missing file, truncated safetensors, broken JSON all mean "corrupt"
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise PipelineError(f"checkpoint {folder} is corrupt ({reason}); resume from an older one") from None
+    for role, now in (("model", model_config), ("train", train_config)):
+        for key, value in now.items():
+            if key not in state["config"][role]:  # a key added to the schema since: it has its default
+                continue
+            saved = state["config"][role][key]
+            if saved != value and not (role == "train" and key in RESUMABLE_CHANGES):
+                raise PipelineError(f"--resume {folder}: the run was trained with {role}.{key}={saved!r} but "
+                                    f"the configs now say {value!r}; pass --set {role}.{key}={saved}")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])  # written once, re-tied on load
+    if unexpected or set(missing) - tied:
+        raise PipelineError(f"checkpoint {folder} does not fit the model (missing {sorted(set(missing) - tied)[:3]},"
+                            f" unexpected {sorted(unexpected)[:3]}); resume with the configs it was made with")
+    restore_optimizer(optimizer, optimizer_state, state.pop("optimizer"))
+    return state
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits 128+signal.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt), for when saving is not wanted.
+    """
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None

@@ -1,0 +1,95 @@
+"""What a training run records: routing statistics gathered on the device, and the Aim run.
+
+Aim metrics (`aim up` in the folder holding .aim shows them):
+  per step:  loss, mlm_loss, aux_loss, z_loss, accuracy (masked tokens), learning_rate, tokens_per_s,
+             grad_norm; per MoE layer (context `layer`): aux_loss, z_loss, router_entropy, dropped_fraction
+  per eval:  eval_mlm_loss, eval_accuracy; expert_load (contexts subset=train|valid, layer, expert)
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from models import MoELayer
+
+# per-layer sums kept by RoutingRecorder, one column each
+LAYER_SUMS = ("aux_loss_global", "z_loss_x_tokens", "entropy_x_tokens", "dropped_x_tokens", "real_tokens")
+
+
+class RoutingRecorder:
+    """Per-MoE-layer routing sums of the current step, filled by forward hooks, kept on the device.
+
+    Only counts and sums accumulate (bincount into a preallocated tensor): nothing grows with the run.
+    """
+
+    def __init__(self, model: torch.nn.Module, n_experts: int, device: torch.device):
+        self.moe_layers = [module for module in model.modules() if isinstance(module, MoELayer)]
+        self.n_experts = n_experts
+        self.step_sums = torch.zeros(len(self.moe_layers), len(LAYER_SUMS), dtype=torch.float64, device=device)
+        self.expert_counts = torch.zeros(len(self.moe_layers), n_experts, dtype=torch.long, device=device)
+        self.enabled = True  # off during evaluation, which runs the same modules
+        self.router_outputs: list = [None] * len(self.moe_layers)  # this forward's, with gradients
+        for row, layer in enumerate(self.moe_layers):
+            layer.register_forward_hook(partial(self._record, row))
+            layer.router.register_forward_hook(partial(self._keep_router_output, row))
+
+    def _keep_router_output(self, row: int, module, inputs, output) -> None:
+        if self.enabled:
+            self.router_outputs[row] = output  # probs [N real tokens, E] and expert_index [N, k]
+
+    @torch.no_grad()
+    def _record(self, row: int, module, inputs, output) -> None:
+        if not self.enabled:
+            return
+        stats = output[1]
+        chosen = stats.expert_index.reshape(-1, stats.expert_index.shape[-1])
+        real = (chosen[:, 0] >= 0).sum().double()
+        probs = stats.router_probs.double()
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum()  # padding rows are all 0 and add nothing
+        # None until the MoE layer reports it: the default layer is dropless (every token is routed)
+        dropped = getattr(stats, "dropped_fraction", None)
+        dropped = real.new_zeros(()) if dropped is None else dropped.detach().double()
+        # column 0 (balancing loss) is filled by the loop, over the global micro-batch
+        self.step_sums[row] += torch.stack([real.new_zeros(()),
+                                            stats.z_loss.detach().double() * real, entropy, dropped * real, real])
+        flat = chosen.reshape(-1)
+        self.expert_counts[row] += torch.bincount(flat[flat >= 0], minlength=self.n_experts)
+
+    def take_step_sums(self) -> torch.Tensor:
+        sums = self.step_sums.clone()
+        self.step_sums.zero_()
+        return sums
+
+
+def start_aim_run(accelerator, tag: str, experiment: str, hparams: dict, run_hash: str | None):
+    """The Aim run (main process only; None elsewhere); a resumed run continues its earlier Aim run."""
+    init = {"experiment": experiment, **({"run_hash": run_hash} if run_hash else {})}
+    accelerator.init_trackers(tag, config=hparams, init_kwargs={"aim": init})
+    if not accelerator.is_main_process:
+        return None
+    run = accelerator.get_tracker("aim", unwrap=True)
+    if tag not in run.tags:
+        run.add_tag(tag)
+    return run
+
+
+def track_step(run, step: int, metrics: dict[str, float], layer_metrics: dict[str, list[float]],
+               moe_layers: list[int]) -> None:
+    if run is None:
+        return
+    for name, value in metrics.items():
+        run.track(value, name=name, step=step)
+    for name, values in layer_metrics.items():
+        for layer, value in zip(moe_layers, values):
+            run.track(value, name=name, step=step, context={"layer": layer})
+
+
+def track_expert_load(run, expert_counts: torch.Tensor, moe_layers: list[int], step: int, subset: str) -> None:
+    """Per-layer share of real tokens sent to each expert, as Aim contexts (layer, expert)."""
+    if run is None:
+        return
+    shares = expert_counts.float() / expert_counts.sum(dim=1, keepdim=True).clamp(min=1)
+    for row, layer in enumerate(moe_layers):
+        for expert, share in enumerate(shares[row].tolist()):
+            run.track(share, name="expert_load", step=step, context={"subset": subset, "layer": layer, "expert": expert})
