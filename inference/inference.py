@@ -4,6 +4,10 @@ Reads the run (train.save_path/<tag>/model, default: the last finished run) and 
 and evaluation topics. Writes to <save_path>/<tag>/: metrics.csv (MLM loss, accuracy, perplexity,
 most-frequent-token baseline per split/topic), expert_counts.csv (real tokens per layer and expert),
 figures/*.png (all layers pooled; one figure per topic with a bar per layer) and manifest.json.
+Then the routing analysis over the test split and the evaluation topics together (each document labelled with its
+own topic): routing_stats.json/.csv (NMI of expert vs topic, token class and token id with bootstrap intervals,
+permutation p-values, I(expert; topic | token)), a topic x expert heatmap per layer, figures/nmi_per_layer.png,
+tokens_<layer>.html (sample documents coloured by expert) and report.md. --no-routing-stats skips it.
 With no options it uses the default configs. Example:
     python inference/inference.py --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml \
         --config-train demo/train_params.yaml --save_path process_exp_results/results
@@ -21,7 +25,10 @@ import torch
 
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import read_step2_output, step3_command
+from inference.routing import collect_routing, write_routing_outputs
 from process_exp_results.plots import plot_pooled_expert_histogram, plot_topic_layer_histogram
+from process_exp_results.report import write_report_md
+from process_exp_results.routing_stats import analyze_routing, token_classes
 from train.checkpoints import MODEL_DIR, find_run, load_model
 from train.evaluation import evaluate_mlm, mlm_loader
 
@@ -36,6 +43,15 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def run_summary(run_dir: Path, model_config, metric_rows: list[dict]) -> dict:
+    """The facts at the top of report.md."""
+    return {"run": run_dir.name, "model folder": str(run_dir / MODEL_DIR),
+            "model": f"{model_config.n_encoder_blocks} blocks, MoE in blocks {model_config.moe_layer_indices}, "
+                     f"{model_config.n_experts} experts, top-{model_config.top_k_experts}, "
+                     f"embedding {model_config.embedding_dim}, seq_len {model_config.seq_len}",
+            "evaluated": ", ".join(f"{row['group']} ({row['documents']} documents)" for row in metric_rows)}
+
+
 def main() -> None:
     parser = step_parser(__doc__, {"dataset": ("--config-dataset", "dataset_params.yaml"),
                                    "model": ("--config-model", "model_params.yaml"),
@@ -45,11 +61,16 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="run tag under train.save_path, or a run folder; "
                                                     "if not given, the last finished run")
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per evaluation batch")
+    parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of documents per interval")
+    parser.add_argument("--n-perm", type=int, default=200, help="permutations per p-value")
+    parser.add_argument("--max-docs-per-group", type=int, default=2000,
+                        help="documents per split/topic in the routing analysis")
+    parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
     args = parser.parse_args()
     configs = load_step_configs(args, ["dataset", "model", "train"])
     dataset_config, train_config = configs["dataset"], configs["train"]
     run_dir = find_run(train_config.save_path, args.run, step3_command(args))
-    model, _ = load_model(run_dir / MODEL_DIR)
+    model, tokenizer = load_model(run_dir / MODEL_DIR)
     # the run's own model settings decide what data it can read, whatever model config is passed now
     run_model_config = {**configs["model"], "seq_len": model.config.seq_len, "vocab_size": model.config.vocab_size}
     step2_manifest, step2_hash = read_step2_output(dataset_config, run_model_config, args)
@@ -64,8 +85,8 @@ def main() -> None:
 
     started = time.time()
     metric_rows, count_rows, expert_counts = [], [], {}
-    for group, folder in groups.items():
-        dataset = datasets.load_from_disk(str(folder))
+    group_datasets = {group: datasets.load_from_disk(str(folder)) for group, folder in groups.items()}
+    for group, dataset in group_datasets.items():
         result = evaluate_mlm(model, mlm_loader(dataset, args.batch_size), device,
                               progress_desc=f"step 4: evaluating {group}")
         metric_rows.append({"group": group, "documents": len(dataset), **result.as_dict()})
@@ -76,8 +97,17 @@ def main() -> None:
                 count_rows.append({"group": group, "layer": layer_name, "expert": expert, "count": count,
                                    "share": count / layer_total})
 
+    stats = None
+    if layer_names and not args.no_routing_stats:  # a dense model (no MoE layer) has no routing to analyse
+        records = collect_routing(model, group_datasets, device, args.batch_size, args.max_docs_per_group)
+        class_of_id, class_names = token_classes(tokenizer)
+        id_to_token = tokenizer.convert_ids_to_tokens(list(range(model.config.vocab_size)))
+        print("step 4: routing statistics (bootstrap and permutations) ...", file=sys.stderr)
+        stats = analyze_routing(records, class_of_id, class_names, id_to_token, n_boot=args.n_boot,
+                                n_perm=args.n_perm)
+
     out_dir = Path(args.save_path) / run_dir.name
-    figures = []
+    figures, routing_files = [], []
     with atomic_dir(out_dir) as tmp_dir:
         write_csv(tmp_dir / "metrics.csv", METRIC_COLUMNS, metric_rows)
         write_csv(tmp_dir / "expert_counts.csv", ["group", "layer", "expert", "count", "share"], count_rows)
@@ -87,11 +117,16 @@ def main() -> None:
             for group, counts in expert_counts.items():
                 plot_topic_layer_histogram(group, counts, tmp_dir / "figures" / f"experts_per_layer_{group}.png",
                                            layer_names=layer_names)
+        if stats is not None:
+            routing_files = write_routing_outputs(tmp_dir, stats, records, id_to_token)
         figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
+        write_report_md(tmp_dir / "report.md", run_summary(run_dir, model.config, metric_rows), metric_rows, stats,
+                        figures, [path for path in routing_files if path.suffix != ".png"])
         write_json_atomic(tmp_dir / "manifest.json", {
             "step": "inference", "run": str(run_dir), "input_manifest_hash": step2_hash,
             "config": {"dataset": dataset_config, "train": train_config}, "metrics": metric_rows,
-            "figures": [str(path) for path in figures], "seconds": round(time.time() - started, 2)})
+            "figures": [str(path) for path in figures], "routing_files": [str(path) for path in routing_files],
+            "routing_settings": stats["settings"] if stats else None, "seconds": round(time.time() - started, 2)})
 
     print(f"{'group':<16}{'docs':>7}{'mlm loss':>10}{'accuracy':>10}{'baseline':>10}{'perplexity':>12}")
     for row in metric_rows:
@@ -101,6 +136,12 @@ def main() -> None:
     print(f"metrics: {out_dir / 'metrics.csv'}\nexpert counts: {out_dir / 'expert_counts.csv'}")
     for path in figures:
         print(f"figure: {out_dir / path}")
+    for path in routing_files:
+        if path.suffix != ".png":
+            print(f"routing: {out_dir / path}")
+    print(f"report: {out_dir / 'report.md'}")
+    for sentence in stats["summary"] if stats else []:
+        print(sentence)
 
 
 if __name__ == "__main__":

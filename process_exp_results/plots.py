@@ -1,6 +1,6 @@
-"""Histograms of which experts the MoE routers pick.
+"""Histograms of which experts the MoE routers pick, and the routing-analysis figures.
 
-Both plot functions take raw routing counts (how many real, i.e. non-padding,
+The two histogram functions take raw routing counts (how many real, i.e. non-padding,
 tokens each router sent to each expert) and draw the *share* of routed tokens
 per expert in percent, so that groups or layers of different sizes can be
 compared, with the raw count written on every bar and a dashed line at the
@@ -11,6 +11,10 @@ rendered by the Agg canvas), so nothing is registered with ``pyplot``, no
 display is needed and no figure is left open.  Every file is written to a
 temporary file in the target directory and moved into place with
 ``os.replace``, so readers never see a half-written PNG.
+
+The routing analysis adds a topic x expert heatmap per layer
+(``plot_topic_expert_heatmap``) and the per-layer NMI / conditional MI figure
+(``plot_nmi_per_layer``), both drawn from ``routing_stats.analyze_routing``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from matplotlib.transforms import blended_transform_factory
 __all__ = [
     "DPI",
     "format_count",
+    "plot_nmi_per_layer",
     "plot_pooled_expert_histogram",
+    "plot_topic_expert_heatmap",
     "plot_topic_layer_histogram",
     "save_figure_atomic",
 ]
@@ -358,4 +364,188 @@ def plot_topic_layer_histogram(
         legend_title=legend_title,
         ordered_colours=True,
     )
+    return save_figure_atomic(fig, path)
+
+
+# --------------------------------------------------------------------------- #
+# routing statistics (step 4's routing analysis)
+# --------------------------------------------------------------------------- #
+
+
+def plot_topic_expert_heatmap(
+    topic_names: Sequence[str],
+    counts,
+    path: str | os.PathLike,
+    layer_name: str,
+) -> Path:
+    """Which experts each topic's tokens go to, in one MoE layer.
+
+    Rows are topics, columns experts; a cell is the share (%) of the topic's
+    routed tokens sent to that expert, written in the cell.  The diverging
+    colour map is centred on the uniform share ``100 / n_experts`` (white):
+    red cells get more than a uniform router would give, blue cells less.
+
+    Args:
+        topic_names: row labels, one per row of ``counts``.
+        counts: [n_topics, n_experts] routed real tokens (top choice).
+        path: PNG to write (atomically).
+        layer_name: e.g. ``"block 0"``, used in the title.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+
+    mat = _as_count_matrix(f"topic x expert counts for {layer_name!r}", counts)
+    n_topics, n_experts = mat.shape
+    if len(topic_names) != n_topics:
+        raise ValueError(f"{len(topic_names)} topic names for {n_topics} rows of counts")
+    shares = _shares_percent(mat)
+    uniform = 100.0 / n_experts
+    # Scale the "above" side to the data (at least twice uniform) so modest preferences stay visible.
+    vmax = min(100.0, max(2.0 * uniform, float(shares.max()) * 1.05))
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=vmax)
+    cmap = matplotlib.colormaps["RdBu_r"]
+
+    cell_in = 0.62 if n_experts <= 12 else 0.48
+    label_in = 0.3 + 0.075 * max(len(_topic_label(t, n)) for t, n in zip(topic_names, mat.sum(axis=1)))
+    fig_w = max(_MIN_FIG_WIDTH_IN - 1.5, label_in + cell_in * n_experts + 1.6)
+    fig_h = 1.5 + 0.42 * n_topics
+    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((label_in / fig_w, 0.75 / fig_h, cell_in * n_experts / fig_w, 0.42 * n_topics / fig_h))
+    image = ax.imshow(shares, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+
+    fontsize = 8.5 if n_experts <= 8 else 7.0
+    for row in range(n_topics):
+        for col in range(n_experts):
+            value = shares[row, col]
+            rgba = cmap(norm(value))
+            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+            ax.text(col, row, f"{value:.0f}" if value >= 99.5 else f"{value:.1f}", ha="center", va="center",
+                    fontsize=fontsize, color="white" if dark else "0.1")
+
+    ax.set_xticks(np.arange(n_experts))
+    ax.set_xticklabels([str(e) for e in range(n_experts)], fontsize=9)
+    ax.set_xlabel("expert", fontsize=10)
+    ax.set_yticks(np.arange(n_topics))
+    ax.set_yticklabels([_topic_label(t, n) for t, n in zip(topic_names, mat.sum(axis=1))], fontsize=9)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+    cax = fig.add_axes(((label_in + cell_in * n_experts + 0.2) / fig_w, 0.75 / fig_h, 0.18 / fig_w,
+                        0.42 * n_topics / fig_h))
+    bar = fig.colorbar(image, cax=cax)
+    bar.set_ticks([0.0, uniform, vmax], labels=["0", f"{uniform:.3g}", f"{vmax:.0f}"])  # ticks inside the range
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(f"% of topic's tokens\n(white = uniform {uniform:.3g}%)", fontsize=8.5)
+    fig.suptitle(f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
+                 fontsize=11.5, fontweight="bold", x=0.02, ha="left", y=1.0 - 0.12 / fig_h, va="top")
+    fig.text(0.02, 1.0 - 0.45 / fig_h, f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
+             fontsize=8.5, color="0.3", ha="left", va="top")
+    return save_figure_atomic(fig, path)
+
+
+def _topic_label(topic: str, n_tokens: float) -> str:
+    return f"{topic} (n={format_count(n_tokens)})"
+
+
+def _interval(entry: Mapping, value_key: str, ci_key: str) -> tuple[float, float, float]:
+    value = float(entry[value_key])
+    low, high = entry.get(ci_key) or (value, value)
+    return value, float(low), float(high)
+
+
+def _p_text(p: float | None, n_perm: int) -> str:
+    """A permutation p-value; at its floor 1/(n_perm+1) it is an upper bound."""
+    if p is None:
+        return "p n/a"
+    return f"p≤{p:.2g}" if n_perm and p <= 1.0 / (n_perm + 1) + 1e-12 else f"p={p:.2g}"
+
+
+def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
+    """How much of the expert choice each factor explains, per MoE layer, with 95% bootstrap intervals.
+
+    Left: normalized mutual information (NMI, 0 = unrelated, 1 = determined) between
+    the top expert and the document's topic, the token's class and the token id.
+    Right: conditional mutual information I(expert; topic | token) in bits, the
+    part of the topic signal that the token's identity does not explain, beside
+    the mean of its permutation null (what a topic-blind router would score).
+
+    Args:
+        stats: ``process_exp_results.routing_stats.analyze_routing`` result.
+        path: PNG to write (atomically).
+    """
+    layers = list(stats["layers"])
+    if not layers:
+        raise ValueError("stats has no layers: nothing to plot")
+    names = [layer["layer"] for layer in layers]
+    n_perm = int(stats.get("settings", {}).get("n_perm", 0))
+    series = [
+        ("topic", "tab:red", "o", [_interval(l, "nmi", "nmi_ci") for l in layers], [l.get("p_value") for l in layers]),
+        ("token class", "tab:blue", "s", [_interval(l["token_class"], "nmi", "nmi_ci") for l in layers],
+         [l["token_class"].get("p_value") for l in layers]),
+        ("token id", "tab:green", "^", [_interval(l["token_id"], "nmi", "nmi_ci") for l in layers], None),
+    ]
+    values = np.array([v for _, _, _, points, _ in series for point in points for v in point])
+    positive = values[values > 0]
+    log_y = positive.size > 0 and positive.max() / max(positive.min(), 1e-12) > 20
+
+    x = np.arange(len(layers), dtype=float)
+    fig_w = max(9.0, 4.5 + 1.3 * len(layers) * 2)
+    fig = Figure(figsize=(fig_w, 4.6), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax_nmi, ax_cmi = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1.0], "wspace": 0.32})
+
+    offsets = np.linspace(-0.22, 0.22, len(series))
+    for (label, colour, marker, points, p_values), offset in zip(series, offsets):
+        value, low, high = (np.array(c) for c in zip(*points))
+        floor = 1e-4 if log_y else 0.0  # an NMI of 0 cannot sit on a log axis
+        shown = np.maximum(value, floor)
+        errors = np.vstack([shown - np.maximum(low, floor), np.maximum(high, floor) - shown]).clip(min=0)
+        ax_nmi.errorbar(x + offset, shown, yerr=errors, fmt=marker, color=colour, markersize=7, capsize=4,
+                        elinewidth=1.4, label=label, zorder=3)
+        for xi, v, p in zip(x + offset, shown, p_values or [None] * len(x)):
+            text = f"{v:.3f}" if p is None else f"{v:.3f}\n{_p_text(p, n_perm)}"
+            ax_nmi.annotate(text, (xi, v), xytext=(6, 0), textcoords="offset points", fontsize=7, color=colour,
+                            va="center")
+    if log_y:
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        ax_nmi.set_yscale("log")
+        ax_nmi.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax_nmi.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_nmi.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    else:
+        ax_nmi.set_ylim(bottom=0)
+    ax_nmi.set_xticks(x)
+    ax_nmi.set_xticklabels(names, fontsize=9)
+    ax_nmi.set_xlim(-0.6, len(layers) - 0.4)
+    ax_nmi.set_ylabel("NMI with the top expert" + (" (log scale)" if log_y else ""), fontsize=10)
+    ax_nmi.set_title("What predicts the expert? (95% bootstrap CI)", fontsize=10.5)
+    ax_nmi.legend(fontsize=8.5, frameon=False, loc="best", title="expert vs", title_fontsize=8.5)
+    ax_nmi.yaxis.grid(True, color="0.9", which="major")
+
+    cmi = [_interval(l["conditional_topic"], "cmi", "cmi_ci") for l in layers]
+    value, low, high = (np.array(c) for c in zip(*cmi))
+    ax_cmi.errorbar(x, value, yerr=np.vstack([value - low, high - value]).clip(min=0), fmt="D", color="tab:purple",
+                    markersize=7, capsize=4, elinewidth=1.4, label="I(expert; topic | token)", zorder=3)
+    null = np.array([float(l["conditional_topic"].get("null_mean", np.nan)) for l in layers])
+    ax_cmi.scatter(x, null, marker="_", s=300, color="0.35", linewidths=2, label="permutation null mean", zorder=4)
+    for xi, l, v in zip(x, layers, high):
+        cond = l["conditional_topic"]
+        ax_cmi.annotate(f"{_p_text(cond['p_value'], n_perm)}\n{cond['explained_by']}", (xi, v), xytext=(0, 5),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7.5, color="0.25")
+    ax_cmi.set_xticks(x)
+    ax_cmi.set_xticklabels(names, fontsize=9)
+    ax_cmi.set_xlim(-0.6, len(layers) - 0.4)
+    top = float(np.nanmax(np.concatenate([high, null]))) if len(high) else 0.0
+    ax_cmi.set_ylim(0, max(top * 1.45, 1e-3))
+    ax_cmi.set_ylabel("bits", fontsize=10)
+    ax_cmi.set_title("Topic signal beyond the token itself", fontsize=10.5)
+    ax_cmi.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=1)
+    ax_cmi.yaxis.grid(True, color="0.9")
+    for ax in (ax_nmi, ax_cmi):
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    fig.suptitle(f"Routing vs topic, token class and token ({stats.get('n_tokens', 0):,} tokens, "
+                 f"{stats.get('n_documents', 0):,} documents)", fontsize=12, fontweight="bold")
     return save_figure_atomic(fig, path)
