@@ -68,6 +68,14 @@ def tiny_sets(tmp_path: Path, **extra: object) -> list[str]:
     return sets(**overrides)
 
 
+def prepare_tiny_data(tmp_path: Path, **extra: object) -> list[str]:
+    """Steps 1 and 2 on the tiny builtin corpus of tiny_sets (with `extra` overrides); returns the options."""
+    options = tiny_sets(tmp_path, **extra)
+    check_ok(run_step(1, *step_config_args(1), *options, cwd=tmp_path))
+    check_ok(run_step(2, *step_config_args(2), *options, cwd=tmp_path))
+    return options
+
+
 def run_step(step: int, *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a step script as `python SCRIPT ARGS` from `cwd` (not the repo root: scripts must run from anywhere)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

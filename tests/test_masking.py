@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_processors.masking import IGNORE_INDEX, document_rng, mask_tokens
-from helpers import REPO, check_ok, run_step, step_config_args, tiny_sets
+from helpers import REPO, check_ok, prepare_tiny_data, run_step, step_config_args, tiny_sets
 
 MASK_ID = 4
 SPECIAL_IDS = np.array([0, 1, 2, 3, 4])  # pad, unk, cls, sep, mask
@@ -76,10 +76,7 @@ SPLITS = ("train", "valid", "test")
 def step2_output(tmp_path_factory):
     """Steps 1 and 2 on a tiny builtin corpus; returns (tmp folder, the --set options used)."""
     tmp_path = tmp_path_factory.mktemp("masking")
-    options = tiny_sets(tmp_path, **{"dataset.data_params.mask_prob": 0.2})
-    check_ok(run_step(1, *step_config_args(1), *options, cwd=tmp_path))
-    check_ok(run_step(2, *step_config_args(2), *options, cwd=tmp_path))
-    return tmp_path, options
+    return tmp_path, prepare_tiny_data(tmp_path, **{"dataset.data_params.mask_prob": 0.2})
 
 
 def load_masked(folder, name) -> dict:

@@ -7,18 +7,15 @@ import yaml
 
 from config_utils import PipelineError, atomic_dir
 from config_utils.config import CONFIG_DIR
-from helpers import (STEP_SCRIPTS, check_ok, error_line, leftover_temporaries, run_step, run_step_in_process,
-                     sets, snapshot, step_config_args, tiny_sets, without)
+from helpers import (STEP_SCRIPTS, check_ok, error_line, leftover_temporaries, prepare_tiny_data, run_step,
+                     run_step_in_process, sets, snapshot, step_config_args, tiny_sets, without)
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Steps 1 and 2 done once on a tiny builtin corpus; tests that must not change them compare snapshots."""
     tmp_path = tmp_path_factory.mktemp("pipeline")
-    options = tiny_sets(tmp_path)
-    check_ok(run_step(1, *step_config_args(1), *options, cwd=tmp_path))
-    check_ok(run_step(2, *step_config_args(2), *options, cwd=tmp_path))
-    return tmp_path, options
+    return tmp_path, prepare_tiny_data(tmp_path)
 
 
 def assert_untouched(folder: Path, before: dict) -> None:

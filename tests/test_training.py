@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (REPO, STEP_SCRIPTS, check_ok, error_line, run_step, run_step_in_process, sets, step_config_args,
-                     tiny_sets)
+from helpers import (STEP_SCRIPTS, check_ok, error_line, prepare_tiny_data, run_step_in_process, sets,
+                     step_config_args)
 
 STEPS = 6
 
@@ -20,11 +20,9 @@ STEPS = 6
 def data(tmp_path_factory):
     """Steps 1-2 on a tiny corpus; options for a tiny 2-MoE-layer model without dropout."""
     tmp_path = tmp_path_factory.mktemp("training")
-    options = tiny_sets(tmp_path, **{"model.n_encoder_blocks": 2, "model.dropout": 0.0,
-                                     "train.max_steps": STEPS, "train.eval_steps": 3, "train.save_steps": 2})
-    check_ok(run_step(1, *step_config_args(1), *options, cwd=tmp_path))
-    check_ok(run_step(2, *step_config_args(2), *options, cwd=tmp_path))
-    return tmp_path, options
+    return tmp_path, prepare_tiny_data(tmp_path, **{"model.n_encoder_blocks": 2, "model.dropout": 0.0,
+                                                    "train.max_steps": STEPS, "train.eval_steps": 3,
+                                                    "train.save_steps": 2})
 
 
 def env_one_thread() -> dict:
