@@ -544,9 +544,12 @@ def _summary_sentence(layer: dict, topics: list[str], n_perm: int) -> str:
     ct = layer["conditional_topic"]
     tc = layer["token_class"]
     significant = layer["p_value"] <= ALPHA
+    if 1 / (n_perm + 1) > ALPHA:  # too few permutations to call anything significant
+        finding = "expert choice vs topic"
+    else:
+        finding = f"expert choice {'depends' if significant else 'shows no significant dependence'} on topic"
     parts = [
-        f"{name}: expert choice {'depends' if significant else 'shows no significant dependence'} on topic "
-        f"(NMI {_fmt(layer['nmi'])}, {_fmt_ci(layer['nmi_ci'])}, document-permutation "
+        f"{name}: {finding} (NMI {_fmt(layer['nmi'])}, {_fmt_ci(layer['nmi_ci'])}, document-permutation "
         f"{_fmt_p(layer['p_value'], n_perm)})",
     ]
     if len(topics) > 1 and layer["js"]:
@@ -560,6 +563,9 @@ def _summary_sentence(layer: dict, topics: list[str], n_perm: int) -> str:
     sentence = "; ".join(parts)
     sentence += (f"; given the token, topic adds I={_fmt(ct['cmi'])} bits ({_fmt_ci(ct['cmi_ci'])}; "
                  f"within-token null {_fmt(ct['null_mean'])}, {_fmt_p(ct['p_value'], n_perm)})")
+    if 1 / (n_perm + 1) > ALPHA:  # the smallest reachable p-value is above the threshold: no test can pass
+        return (f"{sentence}: with {n_perm} permutations no p-value can reach {ALPHA}, so nothing is "
+                f"decided; rerun with at least {int(round(1 / ALPHA)) * 2} permutations.")
     verdict = {
         "token identity": "the topic signal is explained by token identity",
         "context beyond the token": ("the topic signal goes beyond token identity" if layer["p_value"] <= ALPHA
