@@ -117,6 +117,8 @@ TRAIN_SCHEMA = {
     "save_path": Field("str", help="runs are written to save_path/<tag>"),
     "experiment_name": Field("str", help="Aim experiment"),
     "random_seed": Field("int", min=0, help="seed for init, data order, dynamic masks and dropout"),
+    "freeze_router": Field("bool", default=False,
+                           help="keep every MoE router at its random initialisation (a control: routing not learned)"),
     "device": Field("str", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if present"),
     "aim_repo": Field("str", default=".", help="folder holding the .aim repository"),
 }

@@ -40,9 +40,12 @@ def make_accelerator(train_config: dict) -> Accelerator:
 
 def optimizer_for(model: torch.nn.Module, learning_rate: float, weight_decay: float,
                   fused: bool) -> torch.optim.AdamW:
-    """AdamW; biases and LayerNorm weights are not decayed (BERT's recipe); fused kernels on CUDA."""
+    """AdamW over the trainable parameters (frozen ones are left out); biases and LayerNorm weights are not
+    decayed (BERT's recipe); fused kernels on CUDA."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
         (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, fused=fused or None)
@@ -60,6 +63,9 @@ def global_balancing_loss(accelerator: Accelerator, router_outputs: list, n_expe
     """Per MoE layer: (this process's differentiable share, the global value), over all processes' tokens."""
     if not router_outputs:  # no MoE block
         zero = torch.zeros(0, dtype=torch.float64, device=accelerator.device)
+        return zero, zero
+    if any(routed is None for routed in router_outputs):  # expert choice or the dense baseline: no such loss
+        zero = torch.zeros(len(router_outputs), dtype=torch.float64, device=accelerator.device)
         return zero, zero
     probs = [routed.probs for routed in router_outputs]  # [N real tokens, E] each, with gradients
     counts = torch.stack([torch.bincount(routed.expert_index.reshape(-1), minlength=n_experts)

@@ -32,11 +32,13 @@ class RoutingRecorder:
         self.router_outputs: list = [None] * len(self.moe_layers)  # this forward's, with gradients
         for row, layer in enumerate(self.moe_layers):
             layer.register_forward_hook(partial(self._record, row))
-            layer.router.register_forward_hook(partial(self._keep_router_output, row))
+            if hasattr(layer, "router"):  # the dense baseline (n_experts: 1) has no router
+                layer.router.register_forward_hook(partial(self._keep_router_output, row))
 
     def _keep_router_output(self, row: int, module, inputs, output) -> None:
+        # Only token choice has a balancing loss; expert choice is balanced by construction (None: no loss).
         if self.enabled:
-            self.router_outputs[row] = output  # probs [N real tokens, E] and expert_index [N, k]
+            self.router_outputs[row] = output if hasattr(output, "expert_index") else None
 
     @torch.no_grad()
     def _record(self, row: int, module, inputs, output) -> None:

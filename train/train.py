@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from config_utils import PipelineError, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import read_step2_output, step2_command, step3_command
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+from models.router import LinearRouter
 from train.checkpoints import MODEL_DIR, git_commit, mark_latest, run_dir_for, save_model
 from train.data import TrainBatches
 from train.loop import (NonFiniteLoss, evaluate_sharded, gather_rng_states, make_accelerator, optimizer_for,
@@ -42,6 +43,13 @@ def build_model(model_config: dict, vocab_size: int, pad_token_id: int) -> MoEEn
         return MoEEncoderForMaskedLM(MoEEncoderConfig(**settings, pad_token_id=pad_token_id))
     except ValueError as error:  # e.g. embedding_dim not divisible by num_head
         raise PipelineError(f"model config: {error}") from None
+
+
+def freeze_routers(model: MoEEncoderForMaskedLM) -> None:
+    """train.freeze_router: every router keeps its random init (a control arm; the optimizer skips it)."""
+    for module in model.modules():
+        if isinstance(module, LinearRouter):
+            module.requires_grad_(False)
 
 
 def main() -> None:
@@ -84,6 +92,8 @@ def main() -> None:
 
     set_seed(train_config.random_seed)
     model = build_model(model_config, step2_manifest["tokenizer"]["vocab_size"], tokenizer.pad_token_id)
+    if train_config.freeze_router:
+        freeze_routers(model)
     optimizer = optimizer_for(model, train_config.learning_rate, train_config.weight_decay,
                               fused=accelerator.device.type == "cuda")
     batches = TrainBatches(train_set, train_config.batch_size, train_config.random_seed, accelerator.process_index,

@@ -1,0 +1,235 @@
+r"""Compare finished runs: one table of per-topic metrics and routing specialization, and one figure.
+
+Reads step 4's result folders (<results>/<tag>/metrics.csv, and routing_stats.json where step 4 wrote it)
+or a sweep folder (its sweep.json lists the runs, in grid order, with their grid values as columns).
+Writes to --out: comparison.csv (one row per run: per group mlm_loss / accuracy / baseline; per MoE layer
+topic NMI with its bootstrap interval and permutation p, token-class NMI, conditional MI I(expert; topic |
+token) with interval and p, and what explains the topic signal), comparison.md (the same, printed too) and
+comparison.png (per run: topic NMI per layer with intervals, and test accuracy against the baseline).
+A run without routing_stats.json contributes its metrics only (the table says so). Examples:
+    python process_exp_results/compare_runs.py process_exp_results/results/demo process_exp_results/results/big \
+        --out process_exp_results/comparisons/demo_vs_big
+    python process_exp_results/compare_runs.py process_exp_results/sweeps/seq_mask
+"""
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+
+import argparse
+import csv
+import io
+import json
+import math
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from config_utils import PipelineError, run_step
+from config_utils.cli import HelpFormatter
+from process_exp_results.plots import save_figure_atomic
+
+NO_ROUTING = "no routing_stats.json: metrics only"
+
+
+def find_runs(paths: list[str]) -> list[dict]:
+    """Each path is a result folder (has metrics.csv), a sweep folder (has sweep.json) or a folder of results."""
+    runs = []
+    for text in paths:
+        path = Path(text)
+        if (path / "sweep.json").is_file():
+            sweep = json.loads((path / "sweep.json").read_text(encoding="utf-8"))
+            for run in sweep["runs"]:
+                folder = path / "results" / run["tag"]
+                runs.append({"name": run["tag"], "folder": folder, "grid": run.get("grid", {}),
+                             "status": run.get("status")})
+        elif (path / "metrics.csv").is_file():
+            runs.append({"name": path.name, "folder": path, "grid": {}, "status": None})
+        elif path.is_dir() and any(path.glob("*/metrics.csv")):
+            runs += [{"name": sub.parent.name, "folder": sub.parent, "grid": {}, "status": None}
+                     for sub in sorted(path.glob("*/metrics.csv"))]
+        else:
+            raise PipelineError(f"{path}: neither a result folder (metrics.csv), a sweep folder (sweep.json) nor a "
+                                f"folder of result folders; run inference/inference.py or sweep.py first")
+    names = [run["name"] for run in runs]
+    for run in runs:  # two folders with one name (results/a/x and results/b/x): use the parent too
+        if names.count(run["name"]) > 1:
+            run["name"] = f"{run['folder'].parent.name}/{run['name']}"
+    return runs
+
+
+def load_run(run: dict) -> dict:
+    """metrics (group -> row) and routing stats (or None); a missing metrics.csv marks the run as missing."""
+    metrics_path, stats_path = run["folder"] / "metrics.csv", run["folder"] / "routing_stats.json"
+    if not metrics_path.is_file():
+        return {**run, "metrics": {}, "stats": None,
+                "note": f"no results ({run['status']})" if run["status"] else "no metrics.csv"}
+    with open(metrics_path, newline="", encoding="utf-8") as handle:
+        metrics = {row["group"]: row for row in csv.DictReader(handle)}
+    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
+    return {**run, "metrics": metrics, "stats": stats, "note": "" if stats else NO_ROUTING}
+
+
+def as_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def table_rows(runs: list[dict]) -> tuple[list[str], list[dict], dict]:
+    """One flat row per run (numbers for the CSV); columns in a stable order across runs; and the column
+    families (grid keys, groups, layers) for the Markdown table."""
+    grid_keys = list(dict.fromkeys(key for run in runs for key in run["grid"]))
+    groups = list(dict.fromkeys(group for run in runs for group in run["metrics"]))
+    layers = list(dict.fromkeys(layer["layer"] for run in runs if run["stats"] for layer in run["stats"]["layers"]))
+    columns = ["run", *grid_keys]
+    for group in groups:
+        columns += [f"{group} mlm_loss", f"{group} accuracy", f"{group} baseline"]
+    for layer in layers:
+        columns += [f"{layer} topic_nmi", f"{layer} topic_nmi_ci_low", f"{layer} topic_nmi_ci_high",
+                    f"{layer} topic_p", f"{layer} token_class_nmi", f"{layer} cmi", f"{layer} cmi_ci_low",
+                    f"{layer} cmi_ci_high", f"{layer} cmi_p", f"{layer} explained_by"]
+    columns.append("note")
+    rows = []
+    for run in runs:
+        row = {"run": run["name"], **{key: run["grid"].get(key) for key in grid_keys}, "note": run["note"]}
+        for group, metric in run["metrics"].items():
+            row.update({f"{group} mlm_loss": as_float(metric.get("mlm_loss")),
+                        f"{group} accuracy": as_float(metric.get("accuracy")),
+                        f"{group} baseline": as_float(metric.get("majority_accuracy"))})
+        for layer in (run["stats"] or {}).get("layers", []):
+            name, conditional = layer["layer"], layer.get("conditional_topic") or {}
+            nmi_ci = layer.get("nmi_ci") or [math.nan, math.nan]
+            cmi_ci = conditional.get("cmi_ci") or [math.nan, math.nan]
+            row.update({f"{name} topic_nmi": layer.get("nmi"), f"{name} topic_nmi_ci_low": nmi_ci[0],
+                        f"{name} topic_nmi_ci_high": nmi_ci[1], f"{name} topic_p": layer.get("p_value"),
+                        f"{name} token_class_nmi": (layer.get("token_class") or {}).get("nmi"),
+                        f"{name} cmi": conditional.get("cmi"), f"{name} cmi_ci_low": cmi_ci[0],
+                        f"{name} cmi_ci_high": cmi_ci[1], f"{name} cmi_p": conditional.get("p_value"),
+                        f"{name} explained_by": conditional.get("explained_by")})
+        rows.append(row)
+    return columns, rows, {"grid_keys": grid_keys, "groups": groups, "layers": layers}
+
+
+def _number(value, digits: int = 3) -> str:
+    value = as_float(value)
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _p(value) -> str:
+    value = as_float(value)
+    return "–" if math.isnan(value) else (f"{value:.3f}" if value >= 0.001 else f"{value:.0e}")
+
+
+def markdown_table(rows: list[dict], families: dict) -> str:
+    """The same numbers, value and interval in one cell, per group and per layer."""
+    grid_keys, groups, layers = families["grid_keys"], families["groups"], families["layers"]
+    header = ["run", *[key.rsplit(".", 1)[-1] for key in grid_keys]]
+    header += [f"{group} acc (baseline) / loss" for group in groups]
+    for layer in layers:
+        header += [f"{layer} topic NMI [CI]", "p", "CMI [CI]", "p", "class NMI", "explained by"]
+    header.append("note")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["run"], *[str(row.get(key)) for key in grid_keys]]
+        cells += [f"{_number(row.get(f'{g} accuracy'))} ({_number(row.get(f'{g} baseline'))}) / "
+                  f"{_number(row.get(f'{g} mlm_loss'), 2)}" for g in groups]
+        for layer in layers:
+            if row.get(f"{layer} topic_nmi") is None:
+                cells += ["–"] * 6
+                continue
+            cells += [f"{_number(row[f'{layer} topic_nmi'])} [{_number(row[f'{layer} topic_nmi_ci_low'])}, "
+                      f"{_number(row[f'{layer} topic_nmi_ci_high'])}]", _p(row[f"{layer} topic_p"]),
+                      f"{_number(row[f'{layer} cmi'], 4)} [{_number(row[f'{layer} cmi_ci_low'], 4)}, "
+                      f"{_number(row[f'{layer} cmi_ci_high'], 4)}]", _p(row[f"{layer} cmi_p"]),
+                      _number(row[f"{layer} token_class_nmi"]), str(row[f"{layer} explained_by"])]
+        cells.append(row.get("note") or "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_figure(runs: list[dict]) -> Figure:
+    """Left: topic NMI per layer with its bootstrap interval, per run. Right: test accuracy and its baseline."""
+    names = [run["name"] for run in runs]
+    width = max(8.0, 1.1 * len(runs) + 4.0)
+    fig = Figure(figsize=(width, 4.6))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(runs), dtype=float)
+    layers = list(dict.fromkeys(layer["layer"] for run in runs if run["stats"] for layer in run["stats"]["layers"]))
+    colours = [f"C{index % 10}" for index in range(len(layers))]
+    step = 0.7 / max(len(layers), 1)
+    for index, (layer, colour) in enumerate(zip(layers, colours)):
+        xs, ys, low, high, significant = [], [], [], [], []
+        for position, run in zip(x, runs):
+            found = [entry for entry in (run["stats"] or {}).get("layers", []) if entry["layer"] == layer]
+            if found and found[0].get("nmi") is not None:
+                ci = found[0].get("nmi_ci") or [found[0]["nmi"]] * 2
+                xs.append(position + (index - (len(layers) - 1) / 2) * step)
+                ys.append(found[0]["nmi"])
+                low.append(found[0]["nmi"] - ci[0])
+                high.append(ci[1] - found[0]["nmi"])
+                significant.append(as_float(found[0].get("p_value")) <= 0.01)
+        left.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor=colour, capsize=3)
+        left.scatter(xs, ys, color=[colour if flag else "white" for flag in significant], edgecolors=colour,
+                     zorder=3, label=layer)  # hollow: permutation p > 0.01
+    left.axhline(0.0, color="0.5", linewidth=0.8)
+    left.set_title("Topic specialization: NMI(expert; topic), 95% bootstrap interval\n"
+                   "filled: permutation p <= 0.01, hollow: p > 0.01", fontsize=10)
+    left.set_ylabel("normalized mutual information")
+    if layers:
+        left.legend(fontsize=8, title="MoE layer", title_fontsize=8)
+    for position, run in zip(x, runs):
+        if run["stats"] is None:
+            left.text(position, 0.0, "no routing\nstats", ha="center", va="bottom", fontsize=7, color="0.4")
+    accuracy = [as_float(run["metrics"].get("test", {}).get("accuracy")) for run in runs]
+    baseline = [as_float(run["metrics"].get("test", {}).get("majority_accuracy")) for run in runs]
+    right.bar(x, accuracy, color="C0", width=0.6, label="model")
+    right.scatter(x, baseline, marker="_", s=400, color="black", zorder=3, label="most frequent token")
+    right.set_title("Masked-token accuracy, test split", fontsize=10)
+    right.set_ylabel("accuracy")
+    right.set_ylim(0, max([value for value in accuracy + baseline if not math.isnan(value)] + [0.1]) * 1.15)
+    right.legend(fontsize=8, loc="upper right")
+    for axes in (left, right):
+        axes.set_xticks(x, names, rotation=30 if max(map(len, names)) > 8 else 0, ha="right", fontsize=8)
+        axes.set_xlim(-0.6, len(runs) - 0.4)
+        axes.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("results", nargs="+", metavar="RESULT_DIR",
+                        help="step 4 result folders (<save_path>/<tag>), folders of them, or sweep folders")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="where the table and figure go; default: <sweep>/comparison for one sweep folder, "
+                             "else process_exp_results/comparison")
+    args = parser.parse_args()
+    runs = [load_run(run) for run in find_runs(args.results)]
+    single_sweep = len(args.results) == 1 and (Path(args.results[0]) / "sweep.json").is_file()
+    out_dir = Path(args.out or (Path(args.results[0]) / "comparison" if single_sweep
+                                else "process_exp_results/comparison"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns, rows, families = table_rows(runs)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    (out_dir / "comparison.csv").write_text(buffer.getvalue(), encoding="utf-8")
+    markdown = markdown_table(rows, families)
+    missing = [run["name"] for run in runs if run["stats"] is None]
+    notes = ["acc = masked-token accuracy; baseline = always the group's most frequent masked token; "
+             "NMI: top choice vs document topic, 95% document-bootstrap interval, p from a document-level "
+             "permutation; CMI = I(expert; topic | token)."]
+    if missing:
+        notes.append(f"{len(missing)} run(s) without routing_stats.json (metrics only): {', '.join(missing)}")
+    (out_dir / "comparison.md").write_text(markdown + "\n\n" + "\n".join(notes) + "\n", encoding="utf-8")
+    save_figure_atomic(comparison_figure(runs), out_dir / "comparison.png")
+    print(markdown)
+    print("\n".join(notes))
+    print(f"table: {out_dir / 'comparison.csv'} and {out_dir / 'comparison.md'}\nfigure: {out_dir / 'comparison.png'}")
+
+
+if __name__ == "__main__":
+    run_step(main)

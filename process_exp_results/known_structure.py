@@ -1,0 +1,182 @@
+r"""The check against known structure: does the routing analysis find topic specialization where the corpus
+has it, and only there?
+
+Trains small MoE models on the builtin corpus (synthetic: at topic_overlap 0 each topic has its own content
+words, at 1 every topic is drawn from one distribution, so topic labels carry no information) through the same
+four steps as any run (subprocesses, through sweep.py's runner), in three arms, each with several seeds:
+  overlap_0  topic_overlap 0                         expected: topic NMI clearly above 0 in some layer, p <= 0.01
+  overlap_1  topic_overlap 1                         expected: no layer with that (interval reaches 0 or p > 0.01)
+  frozen     topic_overlap 0, train.freeze_router    a router left at its random init; any "topic" signal it shows
+                                                     comes through the token embeddings: CMI tells which
+The seed is train.random_seed (initialisation, data order): each overlap's data is made once and shared.
+One topic (gaming) is held out by step 1 with only a few documents; the topics of the test split carry the test.
+Writes to --out: the sweep folder's runs/, results/ (step 4 outputs, routing_stats.json), sweep.json, and
+known_structure.md / known_structure.json: arm, seed, per layer topic NMI [CI], p, CMI [CI], p, explained_by,
+test accuracy, and per arm whether the expectation held. A few minutes on 2 CPU cores:
+    python process_exp_results/known_structure.py --out process_exp_results/known_structure
+Extra --set options apply to every run (e.g. --set train.max_steps=400); --arms and --seeds pick a subset.
+"""
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+
+import argparse
+import json
+import math
+
+from config_utils import PipelineError, run_step, write_json_atomic
+from config_utils.cli import SET_HELP, HelpFormatter
+from config_utils.config import parse_override
+from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
+
+ARMS = {
+    "overlap_0": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": False},
+    "overlap_1": {"dataset.load_params.builtin.topic_overlap": 1.0, "train.freeze_router": False},
+    "frozen": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": True},
+}
+# tiny but meaningful: 4 topics (one held out, small), 2 MoE blocks of 4 experts, a few hundred steps
+SIZES = {
+    "dataset.load_params.builtin.n_topics": 4, "dataset.load_params.builtin.n_docs": 3000,
+    "dataset.load_params.train_len": 2000, "dataset.load_params.valid_len": 100,
+    "dataset.load_params.test_len": 300, "dataset.load_params.topic_len": 20,
+    "dataset.data_params.eval_topics": ["gaming"], "dataset.data_params.tokenizer_vocab_size": 800,
+    "dataset.data_params.num_proc": 1,
+    "model.seq_len": 48, "model.embedding_dim": 64, "model.num_head": 2, "model.n_encoder_blocks": 2,
+    "model.n_experts": 4, "model.top_k_experts": 1, "model.moe_dim": 128, "model.dropout": 0.0,
+    "train.max_steps": 200, "train.batch_size": 32, "train.learning_rate": 3e-3, "train.eval_steps": 200,
+    "train.eval_batches": 2, "train.save_steps": 200, "train.keep_checkpoints": 1, "train.device": "cpu",
+}
+ALPHA = 0.01
+
+
+def clear_of_zero(layer: dict) -> bool:
+    """The issue's criterion for topic specialization in a layer: the NMI interval excludes 0 and p <= 0.01."""
+    ci = layer.get("nmi_ci") or [0.0, 0.0]
+    return ci[0] > 0.0 and layer.get("p_value", 1.0) <= ALPHA
+
+
+def expectation(arm: str, specialized: list[bool]) -> str:
+    if arm == "overlap_0":
+        return "as expected" if all(specialized) else "NOT as expected (a seed without topic specialization)"
+    if arm == "overlap_1":
+        return "as expected" if not any(specialized) else "NOT as expected (topic specialization without topics)"
+    return "reported (no expectation)"
+
+
+def summarize(runs: list[dict], results_root: Path) -> dict:
+    """Per run: the numbers of routing_stats.json and metrics.csv; per arm: whether the expectation held."""
+    import csv
+
+    rows = []
+    for run in runs:
+        folder = results_root / run["tag"]
+        row = {"arm": run["arm"], "seed": run["seed"], "tag": run["tag"], "status": run["status"], "layers": [],
+               "test_accuracy": None, "test_baseline": None, "specialized": None}
+        if (folder / "metrics.csv").is_file():
+            with open(folder / "metrics.csv", newline="", encoding="utf-8") as handle:
+                test = {r["group"]: r for r in csv.DictReader(handle)}.get("test", {})
+            row["test_accuracy"] = float(test["accuracy"]) if test else None
+            row["test_baseline"] = float(test["majority_accuracy"]) if test else None
+        if (folder / "routing_stats.json").is_file():
+            stats = json.loads((folder / "routing_stats.json").read_text(encoding="utf-8"))
+            row["topics"] = stats.get("topics")
+            for layer in stats["layers"]:
+                conditional = layer.get("conditional_topic") or {}
+                row["layers"].append({
+                    "layer": layer["layer"], "topic_nmi": layer["nmi"], "topic_nmi_ci": layer["nmi_ci"],
+                    "topic_p": layer["p_value"], "cmi": conditional.get("cmi"), "cmi_ci": conditional.get("cmi_ci"),
+                    "cmi_p": conditional.get("p_value"), "cmi_null_mean": conditional.get("null_mean"),
+                    "explained_by": conditional.get("explained_by"), "specialized": clear_of_zero(layer)})
+            row["specialized"] = any(layer["specialized"] for layer in row["layers"])
+        rows.append(row)
+    verdicts = {}
+    for arm in dict.fromkeys(row["arm"] for row in rows):
+        found = [row["specialized"] for row in rows if row["arm"] == arm]
+        verdicts[arm] = ("incomplete (runs failed or without routing_stats.json)" if None in found
+                         else expectation(arm, found))
+    return {"criterion": f"a layer shows topic specialization when its topic-NMI 95% bootstrap interval excludes 0 "
+                         f"and its permutation p <= {ALPHA}", "runs": rows, "verdicts": verdicts}
+
+
+def _f(value, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _p(value) -> str:
+    return "–" if value is None else (f"{value:.3f}" if value >= 0.001 else f"{value:.0e}")
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| arm | seed | layer | topic NMI [95% CI] | p | CMI [95% CI] | p | explained by | test acc (baseline) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in summary["runs"]:
+        accuracy = f"{_f(row['test_accuracy'])} ({_f(row['test_baseline'])})"
+        if not row["layers"]:
+            lines.append(f"| {row['arm']} | {row['seed']} | – | {row['status']}: no routing_stats.json | | | | | "
+                         f"{accuracy} |")
+        for layer in row["layers"]:
+            nmi_ci, cmi_ci = layer["topic_nmi_ci"] or [None, None], layer["cmi_ci"] or [None, None]
+            lines.append(f"| {row['arm']} | {row['seed']} | {layer['layer']} | {_f(layer['topic_nmi'])} "
+                         f"[{_f(nmi_ci[0])}, {_f(nmi_ci[1])}] | {_p(layer['topic_p'])} | {_f(layer['cmi'], 4)} "
+                         f"[{_f(cmi_ci[0], 4)}, {_f(cmi_ci[1], 4)}] | {_p(layer['cmi_p'])} | "
+                         f"{layer['explained_by']} | {accuracy} |")
+    lines.append("")
+    lines += [f"- {arm}: {verdict}" for arm, verdict in summary["verdicts"].items()]
+    lines.append(f"\nCriterion: {summary['criterion']}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--out", default="process_exp_results/known_structure", metavar="DIR",
+                        help="the experiment's folder (a sweep folder, plus the table)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (train.random_seed 0..N-1)")
+    parser.add_argument("--n-boot", type=int, default=200, help="step 4: bootstrap resamples per interval")
+    parser.add_argument("--n-perm", type=int, default=200, help="step 4: permutations per p-value")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ROLE.KEY=VALUE",
+                        help=SET_HELP + " Applied after the experiment's own sizes.")
+    parser.add_argument("--overwrite", action="store_true", help="redo finished runs")
+    args = parser.parse_args()
+    arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown or not arms:
+        raise PipelineError(f"--arms: unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    if args.seeds < 1:
+        raise PipelineError("--seeds must be at least 1")
+    for text in args.overrides:
+        key = parse_override(text)
+        if ".".join([key[0], *key[1]]) in PLACED_KEYS | set(next(iter(ARMS.values()))) | {"train.random_seed"}:
+            raise PipelineError(f"--set {text}: the experiment sets this key itself")
+    out_dir = Path(args.out)
+    sizes = [f"{key}={json.dumps(value)}" for key, value in SIZES.items()]
+    runner = argparse.Namespace(config_dataset="demo/dataset_params.yaml", config_model="demo/model_params.yaml",
+                                config_train="demo/train_params.yaml", overrides=[*sizes, f"train.aim_repo={out_dir}", *args.overrides],
+                                overwrite=args.overwrite,
+                                step4_options=["--n-boot", str(args.n_boot), "--n-perm", str(args.n_perm)])
+    assignments, tags, labels = [], [], []
+    for arm in arms:
+        for seed in range(args.seeds):
+            assignments.append({**ARMS[arm], "train.random_seed": seed})
+            tags.append(f"{arm}__seed-{seed}")
+            labels.append((arm, seed))
+    runs = plan_runs(runner, assignments, out_dir, tags)
+    for run, (arm, seed) in zip(runs, labels):  # data folders: one per overlap (seed, freezing: step 3 only)
+        run["arm"], run["seed"] = arm, seed
+    print(f"known structure: {len(runs)} runs ({', '.join(arms)} x {args.seeds} seeds) in {out_dir}")
+    execute(runner, runs, out_dir, {"experiment": "known_structure", "arms": {arm: ARMS[arm] for arm in arms}})
+    summary = summarize(runs, out_dir / "results")
+    summary["settings"] = {"sizes": SIZES, "sets": list(args.overrides), "n_boot": args.n_boot,
+                           "n_perm": args.n_perm, "seeds": args.seeds}
+    write_json_atomic(out_dir / "known_structure.json", summary)
+    table = markdown(summary)
+    (out_dir / "known_structure.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"table: {out_dir / 'known_structure.md'} and {out_dir / 'known_structure.json'}")
+    if any(row["status"] == "failed" for row in summary["runs"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_step(main)

@@ -1,0 +1,215 @@
+"""Experiments: a frozen-router control, grid sweeps, comparing runs, and the check against known structure."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from helpers import DEMO_CONFIGS, REPO, check_ok, run_step, run_step_in_process, step_config_args, tiny_sets
+
+SWEEP = REPO / "process_exp_results" / "sweep.py"
+COMPARE = REPO / "process_exp_results" / "compare_runs.py"
+KNOWN = REPO / "process_exp_results" / "known_structure.py"
+
+
+def run_script(script, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run an experiment script as a user would: from another folder, without PYTHONPATH, offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- freeze_router
+
+
+def test_freeze_router_keeps_the_routers_at_their_initialisation(tmp_path):
+    import torch
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from config_utils.config import load_config, parse_override
+    from train.train import build_model
+
+    options = tiny_sets(tmp_path, **{"train.freeze_router": "true", "train.max_steps": 3, "train.save_steps": 3,
+                                     "model.n_encoder_blocks": 2})
+    check_ok(run_step(1, *step_config_args(1), *options, cwd=tmp_path))
+    check_ok(run_step(2, *step_config_args(2), *options, cwd=tmp_path))
+    check_ok(run_step_in_process(3, *DEMO_CONFIGS, *options, "--tag", "frozen", cwd=tmp_path))
+
+    overrides = [parse_override(text) for text in options[1::2]]
+    model_config = load_config("model", "demo/model_params.yaml", overrides)
+    train_config = load_config("train", "demo/train_params.yaml", overrides)
+    step2 = json.loads((tmp_path / "masked" / "manifest.json").read_text())
+    set_seed(train_config.random_seed)  # what train.py does right before building the model
+    pad_token_id = AutoTokenizer.from_pretrained(str(tmp_path / "masked" / "tokenizer")).pad_token_id
+    initial = build_model(model_config, step2["tokenizer"]["vocab_size"], pad_token_id).state_dict()
+    trained = load_file(tmp_path / "runs" / "frozen" / "model" / "model.safetensors")
+
+    routers = [name for name in trained if ".router." in name]
+    assert len(routers) == 2
+    for name in routers:
+        assert torch.equal(trained[name], initial[name]), f"{name} was trained"
+    for name in ("encoder.blocks.0.ffn.experts.w_in", "encoder.blocks.1.attn.qkv.weight",
+                 "encoder.token_embedding.weight"):
+        assert not torch.equal(trained[name], initial[name]), f"{name} was not trained"
+
+
+def test_freeze_router_leaves_routers_out_of_the_optimizer():
+    from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+    from train.loop import optimizer_for
+    from train.train import freeze_routers
+
+    model = MoEEncoderForMaskedLM(MoEEncoderConfig(vocab_size=50, embedding_dim=8, seq_len=8, num_head=2,
+                                                   n_encoder_blocks=2, n_experts=4, top_k_experts=1, moe_dim=8,
+                                                   dropout=0.0))
+    freeze_routers(model)
+    optimized = {id(p) for group in optimizer_for(model, 1e-3, 0.01, fused=False).param_groups for p in group["params"]}
+    for name, parameter in model.named_parameters():
+        assert (id(parameter) in optimized) == (".router." not in name), name
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def test_sweep_dry_run_prints_each_step_once_per_distinct_input(tmp_path):
+    result = check_ok(run_script(SWEEP, *DEMO_CONFIGS, "--grid", "model.seq_len=[32,48]",
+                                 "--grid", "dataset.data_params.mask_prob=[0.1,0.2]",
+                                 "--grid", "train.learning_rate=[0.001,0.003]", "--set", "train.max_steps=5",
+                                 "--results", tmp_path / "sweep", "--dry-run", cwd=tmp_path))
+    lines = result.stdout.splitlines()
+    commands = [line for line in lines if line.startswith(sys.executable)]
+    count = {step: sum(script in line for line in commands)
+             for step, script in {1: "/load_dataset.py ", 2: "/dataset.py ", 3: "/train.py ", 4: "/inference.py "}.items()}
+    # step 1 depends on none of these keys, step 2 on seq_len and mask_prob, steps 3-4 on all three
+    assert count == {1: 1, 2: 4, 3: 8, 4: 8}, result.stdout
+    assert "# seq_len-32__mask_prob-0.1__learning_rate-0.001" in lines
+    assert "--tag seq_len-48__mask_prob-0.2__learning_rate-0.003" in result.stdout
+    assert "masked/seq_len-48__mask_prob-0.2 " in result.stdout and "processed/shared " in result.stdout
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_rejects_a_bad_grid_before_running_anything(tmp_path):
+    for grid, message in (("model.seq_lenn=[32]", "unknown key"), ("model.seq_len=[32,2]", "must be an integer"),
+                          ("model.seq_len=32", "non-empty YAML list"),
+                          ("train.save_path=[a,b]", "sets train.save_path itself")):
+        result = run_script(SWEEP, *DEMO_CONFIGS, "--grid", grid, "--results", tmp_path / "sweep", cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, (grid, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_runs_the_grid_goes_on_past_a_failure_and_compare_reads_it(tmp_path):
+    """num_head=3 does not divide embedding_dim=16: that run fails in step 3, the other finishes; steps 1-2 run
+    once for both (num_head does not change the data)."""
+    sweep = tmp_path / "sweep"
+    options = [text for text in tiny_sets(tmp_path)[1::2]
+               if not text.startswith(("dataset.data_params.processed_dir", "dataset.data_params.masked_dir",
+                                       "train.save_path"))]
+    result = run_script(SWEEP, *DEMO_CONFIGS, "--grid", "model.num_head=[3,2]",
+                        *[arg for text in options for arg in ("--set", text)], "--results", sweep, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED at step 3" in result.stderr and "1 of 2 run(s) failed" in result.stderr
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    runs = {run["tag"]: run for run in manifest["runs"]}
+    assert runs["num_head-3"]["status"] == "failed" and runs["num_head-3"]["failed_step"] == 3
+    assert "num_head" in runs["num_head-3"]["error"]
+    assert runs["num_head-2"]["status"] == "ok"
+    assert (sweep / "results" / "num_head-2" / "metrics.csv").is_file()
+    assert manifest["grid"] == {"model.num_head": [3, 2]}
+    logs = sorted(path.name for path in (sweep / "logs").iterdir())
+    assert [name for name in logs if name.endswith((".step1.log", ".step2.log"))] == [
+        "masked-shared.step2.log", "processed-shared.step1.log"]
+
+    again = run_script(SWEEP, *DEMO_CONFIGS, "--grid", "model.num_head=[2]",
+                       *[arg for text in options for arg in ("--set", text)], "--results", sweep, cwd=tmp_path)
+    assert again.returncode == 0 and "done earlier" in again.stdout, again.stdout + again.stderr
+
+    compare = check_ok(run_script(COMPARE, sweep, cwd=tmp_path, timeout=120))
+    rows = list(csv.DictReader(open(sweep / "comparison" / "comparison.csv")))
+    assert [row["run"] for row in rows] == ["num_head-2"]  # the second invocation's manifest lists one run
+    assert 0 <= float(rows[0]["test accuracy"]) <= 1
+    assert (sweep / "comparison" / "comparison.png").stat().st_size > 0
+    assert "| num_head-2 |" in compare.stdout
+
+
+# --------------------------------------------------------------------------- compare_runs
+
+
+def fake_stats(nmi: float, p: float, cmi_p: float, explained: str) -> dict:
+    """routing_stats.json in the shape of the issue 5 contract (two layers, two experts)."""
+    def layer(index):
+        return {"layer": f"block {index}", "layer_index": index, "nmi": nmi, "nmi_ci": [nmi * 0.8, nmi * 1.2],
+                "p_value": p, "js": {"cooking": 0.01}, "js_ci": {"cooking": [0.0, 0.02]},
+                "topic_expert_counts": [[5, 5], [5, 5]],
+                "token_class": {"classes": ["special", "word-initial"], "nmi": 0.2, "nmi_ci": [0.1, 0.3],
+                                "p_value": 0.005, "expert_counts": [[1, 2], [3, 4]]},
+                "token_id": {"nmi": 0.5, "nmi_ci": [0.4, 0.6]},
+                "conditional_topic": {"cmi": 0.002, "cmi_ci": [0.001, 0.003], "p_value": cmi_p, "null_mean": 0.001,
+                                      "explained_by": explained},
+                "vocabulary": {"lift_top": {}, "consistency": 0.8, "most_consistent": []}, "coactivation": None}
+    return {"n_tokens": 100, "n_documents": 10, "topics": ["cooking", "sports"], "n_experts": 2, "k": 1,
+            "settings": {"n_boot": 200, "n_perm": 200, "seed": 0, "min_token_count": 20},
+            "layers": [layer(0), layer(1)], "summary": ["..."]}
+
+
+def fake_result(folder, accuracy: float, stats: dict | None) -> None:
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["group", "documents", "real_tokens", "masked_tokens", "mlm_loss", "accuracy", "perplexity",
+                         "majority_accuracy"])
+        writer.writerow(["test", 10, 500, 75, 4.5, accuracy, 90.0, 0.09])
+        writer.writerow(["gaming", 10, 500, 75, 6.5, 0.05, 600.0, 0.04])
+    if stats is not None:
+        (folder / "routing_stats.json").write_text(json.dumps(stats))
+
+
+def test_compare_runs_tables_and_figure_with_and_without_routing_stats(tmp_path):
+    fake_result(tmp_path / "results" / "topical", 0.16, fake_stats(0.12, 0.005, 0.004, "context beyond the token"))
+    fake_result(tmp_path / "results" / "shuffled", 0.12, fake_stats(0.001, 0.4, 0.5, "neither"))
+    fake_result(tmp_path / "other" / "old_run", 0.10, None)
+    result = check_ok(run_script(COMPARE, tmp_path / "results", tmp_path / "other" / "old_run",
+                                 "--out", tmp_path / "cmp", cwd=tmp_path, timeout=120))
+    rows = {row["run"]: row for row in csv.DictReader(open(tmp_path / "cmp" / "comparison.csv"))}
+    assert list(rows) == ["shuffled", "topical", "old_run"]
+    topical = rows["topical"]
+    assert float(topical["block 1 topic_nmi"]) == 0.12 and float(topical["block 1 topic_p"]) == 0.005
+    assert float(topical["block 0 topic_nmi_ci_low"]) == 0.12 * 0.8
+    assert topical["block 0 explained_by"] == "context beyond the token"
+    assert float(topical["test accuracy"]) == 0.16 and float(topical["gaming baseline"]) == 0.04
+    assert float(topical["block 0 token_class_nmi"]) == 0.2 and float(topical["block 0 cmi_p"]) == 0.004
+    assert rows["old_run"]["block 0 topic_nmi"] == "" and "no routing_stats.json" in rows["old_run"]["note"]
+    assert "| 0.120 [0.096, 0.144] | 0.005 |" in result.stdout
+    assert "1 run(s) without routing_stats.json (metrics only): old_run" in result.stdout
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 5 and len({line.count("|") for line in table_lines}) == 1  # header, rule, 3 runs
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
+
+
+def test_compare_runs_says_what_to_run_when_there_are_no_results(tmp_path):
+    result = run_script(COMPARE, tmp_path, "--out", tmp_path / "cmp", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "inference.py" in result.stderr
+
+
+# --------------------------------------------------------------------------- known structure
+
+
+def test_known_structure_finds_topics_at_overlap_0_and_not_at_overlap_1(tmp_path):
+    """The issue's criterion, on a reduced run (1 seed, 150 steps): at topic_overlap 0 some layer's topic NMI
+    interval is clear of zero with p <= 0.01; at topic_overlap 1 no layer's is."""
+    result = run_script(KNOWN, "--out", tmp_path / "known", "--seeds", 1, "--arms", "overlap_0,overlap_1",
+                        "--n-boot", 100, "--n-perm", 100, "--set", "train.max_steps=150", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "known" / "known_structure.json").read_text())
+    by_arm = {row["arm"]: row for row in summary["runs"]}
+    assert set(by_arm) == {"overlap_0", "overlap_1"}
+    topical, shuffled = by_arm["overlap_0"]["layers"], by_arm["overlap_1"]["layers"]
+    assert len(topical) == len(shuffled) == 2
+    assert any(layer["topic_nmi_ci"][0] > 0 and layer["topic_p"] <= 0.01 for layer in topical), topical
+    assert all(layer["topic_nmi_ci"][0] <= 0 or layer["topic_p"] > 0.01 for layer in shuffled), shuffled
+    assert summary["verdicts"] == {"overlap_0": "as expected", "overlap_1": "as expected"}
+    table = (tmp_path / "known" / "known_structure.md").read_text()
+    assert "| overlap_0 | 0 | block 0 |" in table and "explained by" in table
