@@ -23,7 +23,7 @@ import time
 import datasets
 import torch
 
-from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
+from config_utils import atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import read_step2_output, step3_command
 from inference.routing import collect_routing, write_routing_outputs
 from process_exp_results.plots import plot_pooled_expert_histogram, plot_topic_layer_histogram

@@ -16,11 +16,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
-from config_utils import PipelineError
 from data_processors.masking import IGNORE_INDEX
 from train.evaluation import EvalResult, evaluate_mlm, mlm_loader
 from train.tracking import LAYER_SUMS, RoutingRecorder
