@@ -195,6 +195,10 @@ def main() -> None:
             "final_eval": state["eval_history"][-1] if state["eval_history"] else None,
         })
         mark_latest(train_config.save_path, tag)
+    # Drop DDP's reducer while the process group is still registered: were the reducer its last owner, gloo's
+    # destructor would join its worker threads while holding the GIL they need, and the process would hang.
+    del model
+    accelerator.free_memory()
     accelerator.end_training()
     print(f"step 3 done: {state['eval_history'][-1] if state['eval_history'] else ''}")
     print(f"wrote {run_dir / MODEL_DIR}/ (next: python inference/inference.py)")
