@@ -1,0 +1,480 @@
+"""Benchmark whole training steps of the masked-LM model: ours (dense and MoE) vs transformers' BertForMaskedLM.
+
+Implementations (same width, depth, heads, FFN size, vocabulary, sequence length, batch, optimizer, dropout):
+  ours_dense   models.MoEEncoderForMaskedLM with n_experts=1 (a plain GELU FFN per block: BERT's FFN)
+  hf_bert      transformers' BertForMaskedLM, attn_implementation="sdpa", hidden_act="gelu"
+  ours_moe     models.MoEEncoderForMaskedLM with E experts (default 8), top-k 1 and 2, each expert of the
+               dense FFN's size (moe_dim), expert_type mlp, load_balance_coef default (0.01)
+
+A timed step is a full training step: optimizer.zero_grad(set_to_none=True), forward with labels,
+loss.backward(), optimizer.step() (AdamW from train.loop.optimizer_for, lr 5e-4, weight decay 0.01, for all).
+The input is one fixed random batch: token ids uniform over the vocabulary (ids >= 5), attention_mask all
+ones (or a share of each sequence's tail padded with --pad-frac), 15% of the real positions masked
+(labels = the original id there, -100 elsewhere; the input id replaced by id 4). Everything is timed in one
+process, implementations alternating (the order rotates each round), median over the rounds.
+
+Peak memory is measured in a fresh child process per implementation (this script with --_probe), which
+first runs one step of a tiny model of the same kind (so one-time lazy allocations are not counted), then
+builds the model and runs --probe-steps steps: on CPU the child's peak RSS (VmHWM from /proc/self/status
+at the end; not ru_maxrss, which Linux carries over from the parent across fork + exec) minus its RSS
+just before the model was built (after imports and the batch), so it covers parameters,
+optimizer state, activations and gradients but not the interpreter and libraries; on CUDA
+torch.cuda.max_memory_allocated() in the child. tracemalloc does not see torch's allocations.
+Examples:
+    python benchmarks/bench_train.py --quick
+    python benchmarks/bench_train.py --json results/bench_train_cpu.json
+    python benchmarks/bench_train.py --device cuda --batch-size 128 --json results/bench_train_gpu.json
+"""
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+IMPLS = ("ours_dense", "hf_bert", "ours_moe")
+MASK_PROB = 0.15
+MASK_ID = 4
+FIRST_REAL_ID = 5  # ids 0-4 play the special tokens ([PAD] = 0)
+
+DENSE_MAX_VS_BERT = 1.0  # ours_dense step time / hf_bert step time
+MOE_TOP1_MAX_VS_DENSE = 1.25  # ours_moe (E=8, k=1) step time / ours_dense step time
+CHECK_E = 8
+
+DEFAULT_SHAPES = dict(vocab_size=8192, embedding_dim=256, n_layers=3, num_head=8, moe_dim=512, seq_len=64,
+                      batch_size=32)
+
+
+@dataclass
+class Shapes:
+    vocab_size: int = 8192
+    embedding_dim: int = 256
+    n_layers: int = 3
+    num_head: int = 8
+    moe_dim: int = 512
+    seq_len: int = 64
+    batch_size: int = 32
+    dropout: float = 0.1
+    pad_frac: float = 0.0
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+
+
+# --------------------------------------------------------------------------------------------------
+# Models, batch, optimizer
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(impl: str, shapes: Shapes, n_experts: int = 1, top_k: int = 1) -> torch.nn.Module:
+    if impl in ("ours_dense", "ours_moe"):
+        from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+
+        if impl == "ours_dense":
+            n_experts, top_k = 1, 1
+        config = MoEEncoderConfig(vocab_size=shapes.vocab_size, embedding_dim=shapes.embedding_dim,
+                                  seq_len=shapes.seq_len, num_head=shapes.num_head, n_encoder_blocks=shapes.n_layers,
+                                  n_experts=n_experts, top_k_experts=top_k, moe_dim=shapes.moe_dim,
+                                  dropout=shapes.dropout, expert_type="mlp")
+        return MoEEncoderForMaskedLM(config)
+    if impl == "hf_bert":
+        from transformers import BertConfig, BertForMaskedLM
+
+        config = BertConfig(vocab_size=shapes.vocab_size, hidden_size=shapes.embedding_dim,
+                            num_hidden_layers=shapes.n_layers, num_attention_heads=shapes.num_head,
+                            intermediate_size=shapes.moe_dim, max_position_embeddings=shapes.seq_len,
+                            hidden_act="gelu", hidden_dropout_prob=shapes.dropout,
+                            attention_probs_dropout_prob=shapes.dropout, pad_token_id=0)
+        config._attn_implementation = "sdpa"
+        model = BertForMaskedLM(config)
+        if getattr(model.config, "_attn_implementation", None) != "sdpa":
+            raise RuntimeError(f"BERT kept attn_implementation={model.config._attn_implementation!r}")
+        return model
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def make_batch(shapes: Shapes, seed: int = 0, device="cpu") -> dict:
+    """Random ids, tail padding of pad_frac of each sequence, 15% of real positions masked."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T = shapes.batch_size, shapes.seq_len
+    ids = torch.randint(FIRST_REAL_ID, shapes.vocab_size, (B, T), generator=gen)
+    n_pad = int(round(shapes.pad_frac * T))
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    if n_pad:
+        lengths = T - torch.randint(0, n_pad + 1, (B,), generator=gen)  # 0..n_pad padded per sequence
+        attention_mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+        attention_mask[:, 0] = 1
+        ids = ids.masked_fill(attention_mask == 0, 0)
+    masked = (torch.rand(B, T, generator=gen) < MASK_PROB) & attention_mask.bool()
+    masked[0, 1] = True  # at least one label
+    labels = torch.where(masked, ids, torch.full_like(ids, -100))
+    input_ids = torch.where(masked, torch.full_like(ids, MASK_ID), ids)
+    return {k: v.to(device) for k, v in {"input_ids": input_ids, "attention_mask": attention_mask,
+                                          "labels": labels}.items()}
+
+
+def make_optimizer(model: torch.nn.Module, shapes: Shapes, device: torch.device):
+    from train.loop import optimizer_for
+
+    return optimizer_for(model, shapes.lr, shapes.weight_decay, fused=device.type == "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, optimizer, batch: dict) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def timed_step(model, optimizer, batch: dict, device: torch.device) -> tuple[float, float]:
+    """One full training step; (milliseconds, loss)."""
+    _sync(device)
+    start = time.perf_counter()
+    loss = train_step(model, optimizer, batch)
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3, float(loss.detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory probe (child process)
+# --------------------------------------------------------------------------------------------------
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """This process's RSS high-water mark: VmHWM (reset at exec). Not ru_maxrss: Linux carries that over
+    from the parent across fork + exec, so a child of a big parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def probe(spec: dict) -> dict:
+    """In a fresh process: build one implementation, run a few steps, return its peak memory."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    shapes = Shapes(**spec["shapes"])
+    batch = make_batch(shapes, spec["seed"], device)
+    import models  # noqa: F401 - imports before the baseline, not counted
+    import train.loop  # noqa: F401
+    import transformers.models.bert.modeling_bert  # noqa: F401
+
+    # one step of a tiny model of the same kind first: one-time lazy allocations (kernels, thread pools,
+    # allocator arenas; ~20 MiB on CPU) then fall before the baseline instead of into the measurement
+    tiny = Shapes(vocab_size=64, embedding_dim=2 * shapes.num_head, n_layers=1, num_head=shapes.num_head,
+                  moe_dim=8, seq_len=shapes.seq_len, batch_size=2, dropout=shapes.dropout)
+    tiny_model = build_model(spec["impl"], tiny, spec["n_experts"], spec["top_k"]).to(device).train()
+    train_step(tiny_model, make_optimizer(tiny_model, tiny, device), make_batch(tiny, spec["seed"], device))
+    del tiny_model
+    gc.collect()
+
+    torch.manual_seed(spec["seed"])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _current_rss_bytes()
+    model = build_model(spec["impl"], shapes, spec["n_experts"], spec["top_k"]).to(device).train()
+    optimizer = make_optimizer(model, shapes, device)
+    for _ in range(spec["steps"]):
+        train_step(model, optimizer, batch)
+    _sync(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_mem_mb": (peak - base) / 2**20, "method": "cuda max_memory_allocated - allocated before build"}
+    peak = _peak_rss_bytes()
+    return {"peak_mem_mb": max(peak - base, 0) / 2**20, "peak_rss_mb": peak / 2**20, "base_rss_mb": base / 2**20,
+            "method": "child peak RSS (VmHWM) - RSS before build"}
+
+
+def run_probe(impl: str, n_experts: int, top_k: int, shapes: Shapes, device: str, threads: int, seed: int,
+              steps: int, timeout: float = 600) -> dict:
+    spec = {"impl": impl, "n_experts": n_experts, "top_k": top_k, "shapes": shapes.__dict__, "device": device,
+            "threads": threads, "seed": seed, "steps": steps}
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_probe", json.dumps(spec)],
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Harness
+# --------------------------------------------------------------------------------------------------
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
+
+
+def case_list(impls, experts, top_ks) -> list[tuple[str, int, int]]:
+    cases = []
+    for impl in impls:
+        if impl == "ours_moe":
+            cases += [(impl, e, k) for e in experts for k in top_ks if k <= e]
+        else:
+            cases.append((impl, 1, 1))
+    return cases
+
+
+def run_benchmark(shapes: Shapes, impls=IMPLS, experts=(8,), top_ks=(1, 2), repeats: int = 15, warmup: int = 3,
+                  device: str = "cpu", threads: int = 2, seed: int = 0, memory: bool = True, probe_steps: int = 3,
+                  log=print) -> dict:
+    """Time every case, alternating; then probe memory per case in child processes. Returns the JSON payload."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    batch = make_batch(shapes, seed, dev)
+    tokens = int(batch["attention_mask"].sum())
+    specs = case_list(impls, experts, top_ks)
+    built, skipped = {}, {}
+    for spec in specs:
+        torch.manual_seed(seed)
+        try:
+            model = build_model(spec[0], shapes, spec[1], spec[2]).to(dev).train()
+            built[spec] = [model, make_optimizer(model, shapes, dev), []]
+            for _ in range(warmup):
+                _, loss = timed_step(model, built[spec][1], batch, dev)
+                built[spec][2].append(loss)
+        except Exception as error:  # noqa: BLE001 - reported as skipped
+            built.pop(spec, None)
+            skipped[spec] = one_line(error)
+    times = {spec: [] for spec in built}
+    running = list(built)
+    start = time.perf_counter()
+    for r in range(repeats):
+        shift = r % len(running) if running else 0
+        for spec in running[shift:] + running[:shift]:
+            model, optimizer, losses = built[spec]
+            ms, loss = timed_step(model, optimizer, batch, dev)
+            times[spec].append(ms)
+            losses.append(loss)
+    if log:
+        log(f"  timed {repeats} rounds of {len(running)} implementations in {time.perf_counter() - start:.1f} s")
+    params = {spec: sum(p.numel() for p in {id(p): p for p in built[spec][0].parameters()}.values())
+              for spec in built}
+    losses = {spec: (built[spec][2][0], built[spec][2][-1]) for spec in built}
+    built.clear()  # free before the probes
+
+    cases = []
+    for spec in specs:
+        impl, n_experts, top_k = spec
+        case = {"impl": impl, "n_experts": n_experts, "top_k": top_k, "steps_per_s": None, "tokens_per_s": None,
+                "peak_mem_mb": None}
+        if spec in skipped:
+            case["skipped"] = skipped[spec]
+            cases.append(case)
+            continue
+        ms = statistics.median(times[spec])
+        case.update(steps_per_s=1e3 / ms, tokens_per_s=tokens * 1e3 / ms, ms_median=ms,
+                    ms_all=[round(t, 3) for t in times[spec]], n_params=params[spec],
+                    loss_first=round(losses[spec][0], 4), loss_last=round(losses[spec][1], 4))
+        if memory:
+            try:
+                result = run_probe(impl, n_experts, top_k, shapes, device, threads, seed, probe_steps)
+                case["peak_mem_mb"] = round(result["peak_mem_mb"], 1)
+                if "peak_rss_mb" in result:
+                    case["peak_rss_mb"] = round(result["peak_rss_mb"], 1)
+            except Exception as error:  # noqa: BLE001
+                case["memory_error"] = one_line(error)
+            if log:
+                log(f"  memory probe {impl} E={n_experts} k={top_k}: {case['peak_mem_mb']} MiB")
+        cases.append(case)
+
+    meta = {"device": device, "threads": threads, "repeats": repeats, "warmup": warmup, "seed": seed,
+            "shapes": shapes.__dict__, "tokens_per_step": tokens, "torch": torch.__version__,
+            "timed": "zero_grad(set_to_none) + forward with labels + loss.backward + optimizer.step",
+            "optimizer": f"AdamW (train.loop.optimizer_for) lr {shapes.lr}, weight decay {shapes.weight_decay}",
+            "tokens_per_s": "real (non-padding) tokens per step / median step time",
+            "peak_mem": ("CUDA: max_memory_allocated in a child, minus allocated before the build" if dev.type == "cuda"
+                         else f"CPU: child process peak RSS (VmHWM) minus RSS before the model was built, "
+                              f"{probe_steps} steps") if memory else "not measured (--no-memory)"}
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if dev.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(dev)
+    return {"cases": cases, "checks": check_summary(cases), "meta": meta}
+
+
+def _ms(cases, impl, n_experts=1, top_k=1):
+    for c in cases:
+        if c["impl"] == impl and c["n_experts"] == n_experts and c["top_k"] == top_k:
+            return c.get("ms_median")
+    return None
+
+
+def check_summary(cases: list[dict]) -> list[dict]:
+    def ratio_check(name, num, den, limit):
+        if num is None or den is None:
+            return {"check": name, "value": None, "status": "n/a", "detail": "not measured"}
+        ratio = num / den
+        status = "info" if limit is None else ("PASS" if ratio <= limit else "FAIL")
+        return {"check": name, "value": round(ratio, 3), "status": status,
+                "detail": f"{num:.1f} ms / {den:.1f} ms"}
+
+    dense = _ms(cases, "ours_dense")
+    return [
+        ratio_check(f"ours_dense step time <= {DENSE_MAX_VS_BERT} x hf_bert", dense, _ms(cases, "hf_bert"),
+                    DENSE_MAX_VS_BERT),
+        ratio_check(f"ours_moe E={CHECK_E} top-1 step time <= {MOE_TOP1_MAX_VS_DENSE} x ours_dense",
+                    _ms(cases, "ours_moe", CHECK_E, 1), dense, MOE_TOP1_MAX_VS_DENSE),
+        ratio_check(f"ours_moe E={CHECK_E} top-2 / ours_dense (no target)", _ms(cases, "ours_moe", CHECK_E, 2), dense,
+                    None),
+    ]
+
+
+def format_table(cases: list[dict]) -> str:
+    dense, bert = _ms(cases, "ours_dense"), _ms(cases, "hf_bert")
+    header = (f"{'impl':<11} {'E':>3} {'k':>2} {'ms_median':>10} {'steps/s':>8} {'tokens/s':>9} {'x dense':>8} "
+              f"{'x bert':>7} {'peak_MiB':>9} {'params':>10}  note")
+    lines = [header, "-" * len(header)]
+    for c in cases:
+        ms = c.get("ms_median")
+        note = f"skipped: {c['skipped']}" if "skipped" in c else c.get("memory_error", "")
+        lines.append(
+            f"{c['impl']:<11} {c['n_experts']:>3} {c['top_k']:>2} "
+            + (f"{ms:>10.1f} {c['steps_per_s']:>8.2f} {c['tokens_per_s']:>9.0f} " if ms else f"{'-':>10} {'-':>8} {'-':>9} ")
+            + (f"{ms / dense:>8.2f} " if ms and dense else f"{'-':>8} ")
+            + (f"{ms / bert:>7.2f} " if ms and bert else f"{'-':>7} ")
+            + (f"{c['peak_mem_mb']:>9.0f} " if c["peak_mem_mb"] is not None else f"{'-':>9} ")
+            + (f"{c['n_params']:>10}" if "n_params" in c else f"{'-':>10}")
+            + (f"  {note}" if note else ""))
+    return "\n".join(lines)
+
+
+def format_checks(checks: list[dict]) -> str:
+    lines = ["checks (ratios of median step times):"]
+    for c in checks:
+        value = "-" if c["value"] is None else f"{c['value']:.3f}"
+        lines.append(f"  [{c['status']:>4}] {c['check']}: {value}   ({c['detail']})")
+    return "\n".join(lines)
+
+
+def write_json(path, payload: dict) -> None:
+    """Write atomically: a temp file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bench_train.py",
+        description="Training steps/s, tokens/s and peak memory of the masked-LM model: ours (n_experts=1), "
+                    "transformers' BertForMaskedLM at the same shapes, and our MoE (E=8, k=1 and 2). One process, "
+                    "implementations alternating, median of the repeats; memory probed in a child per case.",
+        epilog="Defaults: the full-scale model (configs/model_params.yaml): vocab 8192, width 256, 3 blocks, 8 heads, "
+               "FFN/expert 512, seq_len 64, batch 32, dropout 0.1 for both models, 2 threads, 15 repeats, 3 warm-up. "
+               "--quick: 5 repeats, 1 warm-up, 2 probe steps (< 2 min on 2 cores).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = Shapes()
+    parser.add_argument("--quick", action="store_true", help="5 repeats, 1 warm-up, 2 probe steps")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, metavar="IMPL",
+                        help=f"implementations (default all): {' '.join(IMPLS)}")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8], metavar="E", help="ours_moe experts (default 8)")
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], metavar="K", help="ours_moe top-k (default 1 2)")
+    parser.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    parser.add_argument("--d-model", type=int, default=d.embedding_dim, help="width (embedding_dim / hidden_size)")
+    parser.add_argument("--layers", type=int, default=d.n_layers, help="encoder blocks")
+    parser.add_argument("--heads", type=int, default=d.num_head)
+    parser.add_argument("--d-ffn", type=int, default=d.moe_dim, help="FFN hidden size = each expert's (moe_dim)")
+    parser.add_argument("--seq-len", type=int, default=d.seq_len)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--dropout", type=float, default=d.dropout, help="dropout of both models (default 0.1)")
+    parser.add_argument("--pad-frac", type=float, default=0.0,
+                        help="pad up to this share of each sequence's tail (default 0: no padding)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15; --quick 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per impl (default 3; --quick 1)")
+    parser.add_argument("--probe-steps", type=int, default=None, help="steps in each memory probe (default 3; --quick 2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
+    parser.add_argument("--_probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._probe:
+        return args
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 15
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 3
+    if args.probe_steps is None:
+        args.probe_steps = 2 if args.quick else 3
+    if args.repeats < 1 or args.warmup < 0 or args.probe_steps < 1:
+        parser.error("--repeats and --probe-steps must be >= 1, --warmup >= 0")
+    if args.d_model % args.heads:
+        parser.error(f"--d-model ({args.d_model}) must be divisible by --heads ({args.heads})")
+    if not 0.0 <= args.pad_frac < 1.0:
+        parser.error("--pad-frac must be in [0, 1)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda asked, but torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._probe:
+        print(json.dumps(probe(json.loads(args._probe))))
+        return 0
+    shapes = Shapes(vocab_size=args.vocab_size, embedding_dim=args.d_model, n_layers=args.layers, num_head=args.heads,
+                    moe_dim=args.d_ffn, seq_len=args.seq_len, batch_size=args.batch_size, dropout=args.dropout,
+                    pad_frac=args.pad_frac)
+    print(f"training step: batch {shapes.batch_size}x{shapes.seq_len}, vocab {shapes.vocab_size}, width "
+          f"{shapes.embedding_dim}, {shapes.n_layers} blocks, {shapes.num_head} heads, FFN {shapes.moe_dim}, dropout "
+          f"{shapes.dropout}, {args.device}, {args.threads} threads, {args.repeats} repeats, {args.warmup} warm-up")
+    start = time.perf_counter()
+    payload = run_benchmark(shapes, args.impls, args.experts, args.top_k, args.repeats, args.warmup, args.device,
+                            args.threads, args.seed, not args.no_memory, args.probe_steps)
+    print()
+    print(format_table(payload["cases"]))
+    print()
+    print(format_checks(payload["checks"]))
+    print(f"\ntotal {time.perf_counter() - start:.1f} s")
+    if args.json:
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
