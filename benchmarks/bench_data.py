@@ -42,6 +42,8 @@ import tempfile
 import threading
 import time
 
+from benchmarks.common import finish
+
 REPO = Path(__file__).resolve().parents[1]
 STEP1 = REPO / "data_processors" / "load_dataset.py"
 STEP2 = REPO / "data_processors" / "dataset.py"
@@ -342,27 +344,6 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
     return my - slope * mx, 1.0 / slope
 
 
-def format_checks(checks: list[dict]) -> str:
-    lines = ["checks (step 2 is checked; step 1 shown as info):"]
-    for c in checks:
-        value = "-" if c["value"] is None else f"{c['value']:.3f}"
-        lines.append(f"  [{c['status']:>4}] {c['check']}: {value}   ({c['detail']})")
-    return "\n".join(lines)
-
-
-def write_json(path, payload: dict) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -414,15 +395,7 @@ def main(argv=None) -> int:
     except ChildFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print()
-    print(format_table(payload["cases"]))
-    print()
-    print(format_checks(payload["checks"]))
-    print(f"\ntotal {time.perf_counter() - start:.1f} s")
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
-    return 0
+    return finish(payload, format_table(payload["cases"]), "step 2 is checked; step 1 shown as info", start, args.json)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,15 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
 
 import argparse
-import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from benchmarks.common import finish
 
 IMPLS = ("ours", "dense", "hf_eager", "hf_grouped_mm", "hf_batched_mm", "seed_loop")
 HF_IMPLS = {"hf_eager": "eager", "hf_grouped_mm": "grouped_mm", "hf_batched_mm": "batched_mm"}
@@ -505,27 +504,6 @@ def check_summary(cases: list[dict]) -> list[dict]:
     return checks
 
 
-def format_checks(checks: list[dict]) -> str:
-    lines = ["checks (speedup = other ms / ours ms; worst case shown):"]
-    for c in checks:
-        value = "-" if c["value"] is None else f"{c['value']:.3f}"
-        lines.append(f"  [{c['status']:>4}] {c['check']}: {value}   ({c['detail']})")
-    return "\n".join(lines)
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_benchmark(experts, top_ks, tokens, seq_len, d_model, d_expert, impls=IMPLS, repeats=7, warmup=2,
@@ -613,15 +591,7 @@ def main(argv=None) -> int:
     payload = run_benchmark(args.experts, args.top_k, args.tokens, args.seq_len, args.d_model, args.d_expert,
                             args.impls, args.repeats, args.warmup, args.device, args.dtype, args.threads, args.seed,
                             args.mem_budget_gib)
-    print()
-    print(format_table(payload["cases"]))
-    print()
-    print(format_checks(payload["checks"]))
-    print(f"\ntotal {time.perf_counter() - start:.1f} s")
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
-    return 0
+    return finish(payload, format_table(payload["cases"]), "speedup = other ms / ours ms; worst case shown", start, args.json)
 
 
 if __name__ == "__main__":

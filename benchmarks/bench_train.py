@@ -37,11 +37,12 @@ import os
 import resource
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
+
+from benchmarks.common import finish
 
 IMPLS = ("ours_dense", "hf_bert", "ours_moe")
 MASK_PROB = 0.15
@@ -372,27 +373,6 @@ def format_table(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_checks(checks: list[dict]) -> str:
-    lines = ["checks (ratios of median step times):"]
-    for c in checks:
-        value = "-" if c["value"] is None else f"{c['value']:.3f}"
-        lines.append(f"  [{c['status']:>4}] {c['check']}: {value}   ({c['detail']})")
-    return "\n".join(lines)
-
-
-def write_json(path, payload: dict) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -465,15 +445,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     payload = run_benchmark(shapes, args.impls, args.experts, args.top_k, args.repeats, args.warmup, args.device,
                             args.threads, args.seed, not args.no_memory, args.probe_steps)
-    print()
-    print(format_table(payload["cases"]))
-    print()
-    print(format_checks(payload["checks"]))
-    print(f"\ntotal {time.perf_counter() - start:.1f} s")
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
-    return 0
+    return finish(payload, format_table(payload["cases"]), "ratios of median step times", start, args.json)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+from config_utils import write_json_atomic
+
 D_MODEL, D_EXPERT, TOKENS, SEQ_LEN, N_EXPERTS = 32, 64, 64, 16, 4
 CASE_KEYS = {"impl", "n_experts", "top_k", "tokens", "d_model", "d_expert", "expert_type", "ms_median"}
 
@@ -28,8 +30,8 @@ def payload(bench, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("bench") / "out" / "bench.json"
-    bench.write_json(path, result)
-    assert not list(path.parent.glob("*.tmp"))  # the temp file was renamed, not left behind
+    write_json_atomic(path, result)
+    assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # the temp file was renamed, not left behind
     return json.loads(path.read_text())
 
 
