@@ -53,10 +53,6 @@ DENSE_MAX_VS_BERT = 1.0  # ours_dense step time / hf_bert step time
 MOE_TOP1_MAX_VS_DENSE = 1.25  # ours_moe (E=8, k=1) step time / ours_dense step time
 CHECK_E = 8
 
-DEFAULT_SHAPES = dict(vocab_size=8192, embedding_dim=256, n_layers=3, num_head=8, moe_dim=512, seq_len=64,
-                      batch_size=32)
-
-
 @dataclass
 class Shapes:
     vocab_size: int = 8192
