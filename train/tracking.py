@@ -12,6 +12,7 @@ from functools import partial
 import torch
 
 from models import MoELayer
+from train.evaluation import count_experts
 
 # per-layer sums kept by RoutingRecorder, one column each
 LAYER_SUMS = ("aux_loss_global", "z_loss_x_tokens", "entropy_x_tokens", "dropped_x_tokens", "real_tokens")
@@ -55,8 +56,7 @@ class RoutingRecorder:
         # column 0 (balancing loss) is filled by the loop, over the global micro-batch
         self.step_sums[row] += torch.stack([real.new_zeros(()),
                                             stats.z_loss.detach().double() * real, entropy, dropped * real, real])
-        flat = chosen.reshape(-1)
-        self.expert_counts[row] += torch.bincount(flat[flat >= 0], minlength=self.n_experts)
+        self.expert_counts[row] += count_experts((chosen,), self.n_experts)[0]
 
     def take_step_sums(self) -> torch.Tensor:
         sums = self.step_sums.clone()
