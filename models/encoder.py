@@ -74,7 +74,7 @@ class MoEMaskedLMOutput(ModelOutput):
     mlm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # unscaled
     z_loss: torch.Tensor | None = None  # unscaled
-    logits: torch.Tensor | None = None  # [B, T, V]
+    logits: torch.Tensor | None = None  # [B, T, V]; [n_masked, V] with masked_logits_only
     expert_indices: tuple[torch.Tensor, ...] | None = None
     router_probs: tuple[torch.Tensor, ...] | None = None
     dropped_fraction: tuple[torch.Tensor, ...] | None = None  # per MoE layer (0 when dropless)
@@ -201,15 +201,26 @@ class MoEEncoderForMaskedLM(MoEEncoderPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        masked_logits_only: bool = False,
         return_dict: bool = True,
     ) -> MoEMaskedLMOutput | tuple:
+        """masked_logits_only=True (needs labels): the head runs only where labels != -100, and logits are those
+        rows, [n_masked, V], in row-major order of the mask. Same loss and gradients; the vocabulary projection,
+        the largest matmul of a small encoder, shrinks to the ~15% of positions the loss reads (as in NVIDIA's
+        and MosaicML's BERT)."""
         encoded = self.encoder(input_ids, attention_mask)
-        logits = self.lm_head(encoded.last_hidden_state)
+        hidden = encoded.last_hidden_state
+        if masked_logits_only:
+            if labels is None:
+                raise ValueError("masked_logits_only=True needs labels: they say which positions are masked")
+            is_masked = labels != -100
+            hidden, labels = hidden[is_masked], labels[is_masked]
+        logits = self.lm_head(hidden)
 
         mlm_loss = loss = None
         if labels is not None:
             token_losses = F.cross_entropy(
-                logits.view(-1, logits.shape[-1]).to(encoded.aux_loss.dtype), labels.view(-1), ignore_index=-100, reduction="sum"
+                logits.view(-1, logits.shape[-1]).to(encoded.aux_loss.dtype), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
             # Mean over masked tokens; clamp so a batch with no masked token gives 0, not NaN.
             mlm_loss = token_losses / (labels != -100).sum().clamp(min=1)

@@ -207,6 +207,32 @@ def test_loss_combines_mlm_and_aux_losses():
     assert model(ids).loss is None
 
 
+@pytest.mark.parametrize("n_experts", [1, 4])
+def test_masked_logits_only_matches_full_head_in_float64(n_experts):
+    """The training fast path (the head only at masked positions) against the plain one: same loss, logits
+    at the masked rows and gradients for every parameter, the tied decoder/embedding weight included."""
+    model = small_model(n_experts=n_experts, dropout=0.0).double()
+    ids = random_ids(3, 16)
+    labels = torch.full_like(ids, -100)
+    is_masked = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.2
+    labels[is_masked] = ids[is_masked]
+    results = []
+    for masked_only in (False, True):
+        model.zero_grad()
+        out = model(ids, labels=labels, masked_logits_only=masked_only)
+        out.loss.backward()
+        results.append((out, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (full, full_grads), (sparse, sparse_grads) = results
+    assert sparse.logits.shape == (int(is_masked.sum()), VOCAB)
+    torch.testing.assert_close(sparse.logits, full.logits[is_masked], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse.loss, full.loss, rtol=1e-12, atol=0)
+    assert sparse_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        assert relative_error(sparse_grads[name], full_grads[name]) < 1e-10, name
+    with pytest.raises(ValueError, match="needs labels"):
+        model(ids, masked_logits_only=True)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [dict(top_k_experts=5, n_experts=4), dict(top_k_experts=0), dict(embedding_dim=30, num_head=4)],

@@ -76,10 +76,11 @@ def evaluate_mlm(model, loader, device: torch.device, max_batches: int | None = 
         if max_batches is not None and batch_index >= max_batches:
             break
         batch = {key: value.to(device) for key, value in batch.items()}
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"]
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                       masked_logits_only=True)
         is_masked = labels != IGNORE_INDEX
-        logits = output.logits[is_masked].float()
+        logits = output.logits.float()  # [n_masked, V]
         targets = labels[is_masked]
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         correct += (logits.argmax(-1) == targets).sum()

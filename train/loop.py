@@ -104,7 +104,7 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
         is_masked = batch["labels"] != IGNORE_INDEX
         last = index == n_micro - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            output = model(**batch)
+            output = model(**batch, masked_logits_only=True)  # logits [n_masked, V]
             masked_here = is_masked.sum()
             balancing_share, balancing = global_balancing_loss(accelerator, recorder.router_outputs, config.n_experts)
             recorder.step_sums[:, 0] += balancing / world_size  # summed over processes below
@@ -112,7 +112,7 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
                              real_total, n_micro, world_size, config)
             accelerator.backward(loss)
         mlm_sum += output.mlm_loss.detach().double() * masked_here
-        correct += (output.logits.detach()[is_masked].argmax(-1) == batch["labels"][is_masked]).sum()
+        correct += (output.logits.detach().argmax(-1) == batch["labels"][is_masked]).sum()
 
     # one collective for every number logged and for the stop flag, so all processes agree on both
     local = torch.cat([torch.stack([mlm_sum, correct.double(), mlm_sum.new_tensor(float(stop_requested))]),
