@@ -6,6 +6,11 @@ Implementations (same width, depth, heads, FFN size, vocabulary, sequence length
   ours_moe     models.MoEEncoderForMaskedLM with E experts (default 8), top-k 1 and 2, each expert of the
                dense FFN's size (moe_dim), expert_type mlp, load_balance_coef default (0.01)
 
+MLM head ("head" column): our models run as train/train.py runs them, with masked_logits_only=True (the
+vocabulary projection only at the masked positions, which is all the loss reads); BertForMaskedLM projects
+every position, as transformers does. ours_dense also runs with the head at every position ("all"), to show
+how much of the difference the head makes; the checks use the "masked" rows, which are what training runs.
+
 A timed step is a full training step: optimizer.zero_grad(set_to_none=True), forward with labels,
 loss.backward(), optimizer.step() (AdamW from train.loop.optimizer_for, lr 5e-4, weight decay 0.01, for all).
 The input is one fixed random batch: token ids uniform over the vocabulary (ids >= 5), attention_mask all
@@ -131,19 +136,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model, optimizer, batch: dict) -> torch.Tensor:
+def train_step(model, optimizer, batch: dict, head: str = "all") -> torch.Tensor:
+    """head "masked": our models' masked_logits_only=True (as train/train.py); "all": logits at every position."""
     optimizer.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
+    loss = (model(**batch, masked_logits_only=True) if head == "masked" else model(**batch)).loss
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
-def timed_step(model, optimizer, batch: dict, device: torch.device) -> tuple[float, float]:
+def timed_step(model, optimizer, batch: dict, device: torch.device, head: str = "all") -> tuple[float, float]:
     """One full training step; (milliseconds, loss)."""
     _sync(device)
     start = time.perf_counter()
-    loss = train_step(model, optimizer, batch)
+    loss = train_step(model, optimizer, batch, head)
     _sync(device)
     return (time.perf_counter() - start) * 1e3, float(loss.detach())
 
@@ -186,7 +192,8 @@ def probe(spec: dict) -> dict:
     tiny = Shapes(vocab_size=64, embedding_dim=2 * shapes.num_head, n_layers=1, num_head=shapes.num_head,
                   moe_dim=8, seq_len=shapes.seq_len, batch_size=2, dropout=shapes.dropout)
     tiny_model = build_model(spec["impl"], tiny, spec["n_experts"], spec["top_k"]).to(device).train()
-    train_step(tiny_model, make_optimizer(tiny_model, tiny, device), make_batch(tiny, spec["seed"], device))
+    train_step(tiny_model, make_optimizer(tiny_model, tiny, device), make_batch(tiny, spec["seed"], device),
+               spec["head"])
     del tiny_model
     gc.collect()
 
@@ -200,7 +207,7 @@ def probe(spec: dict) -> dict:
     model = build_model(spec["impl"], shapes, spec["n_experts"], spec["top_k"]).to(device).train()
     optimizer = make_optimizer(model, shapes, device)
     for _ in range(spec["steps"]):
-        train_step(model, optimizer, batch)
+        train_step(model, optimizer, batch, spec["head"])
     _sync(device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -210,9 +217,10 @@ def probe(spec: dict) -> dict:
             "method": "child peak RSS (VmHWM) - RSS before build"}
 
 
-def run_probe(impl: str, n_experts: int, top_k: int, shapes: Shapes, device: str, threads: int, seed: int,
+def run_probe(impl: str, n_experts: int, top_k: int, head: str, shapes: Shapes, device: str, threads: int, seed: int,
               steps: int, timeout: float = 600) -> dict:
-    spec = {"impl": impl, "n_experts": n_experts, "top_k": top_k, "shapes": shapes.__dict__, "device": device,
+    spec = {"impl": impl, "n_experts": n_experts, "top_k": top_k, "head": head, "shapes": shapes.__dict__,
+            "device": device,
             "threads": threads, "seed": seed, "steps": steps}
     result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_probe", json.dumps(spec)],
                             capture_output=True, text=True, timeout=timeout)
@@ -231,13 +239,16 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
 
 
-def case_list(impls, experts, top_ks) -> list[tuple[str, int, int]]:
+def case_list(impls, experts, top_ks) -> list[tuple[str, int, int, str]]:
+    """(impl, n_experts, top_k, head) per case; ours_dense twice: as training runs it, and with the full head."""
     cases = []
     for impl in impls:
         if impl == "ours_moe":
-            cases += [(impl, e, k) for e in experts for k in top_ks if k <= e]
+            cases += [(impl, e, k, "masked") for e in experts for k in top_ks if k <= e]
+        elif impl == "ours_dense":
+            cases += [(impl, 1, 1, "masked"), (impl, 1, 1, "all")]
         else:
-            cases.append((impl, 1, 1))
+            cases.append((impl, 1, 1, "all"))
     return cases
 
 
@@ -257,7 +268,7 @@ def run_benchmark(shapes: Shapes, impls=IMPLS, experts=(8,), top_ks=(1, 2), repe
             model = build_model(spec[0], shapes, spec[1], spec[2]).to(dev).train()
             built[spec] = [model, make_optimizer(model, shapes, dev), []]
             for _ in range(warmup):
-                _, loss = timed_step(model, built[spec][1], batch, dev)
+                _, loss = timed_step(model, built[spec][1], batch, dev, spec[3])
                 built[spec][2].append(loss)
         except Exception as error:  # noqa: BLE001 - reported as skipped
             built.pop(spec, None)
@@ -269,7 +280,7 @@ def run_benchmark(shapes: Shapes, impls=IMPLS, experts=(8,), top_ks=(1, 2), repe
         shift = r % len(running) if running else 0
         for spec in running[shift:] + running[:shift]:
             model, optimizer, losses = built[spec]
-            ms, loss = timed_step(model, optimizer, batch, dev)
+            ms, loss = timed_step(model, optimizer, batch, dev, spec[3])
             times[spec].append(ms)
             losses.append(loss)
     if log:
@@ -281,9 +292,9 @@ def run_benchmark(shapes: Shapes, impls=IMPLS, experts=(8,), top_ks=(1, 2), repe
 
     cases = []
     for spec in specs:
-        impl, n_experts, top_k = spec
-        case = {"impl": impl, "n_experts": n_experts, "top_k": top_k, "steps_per_s": None, "tokens_per_s": None,
-                "peak_mem_mb": None}
+        impl, n_experts, top_k, head = spec
+        case = {"impl": impl, "n_experts": n_experts, "top_k": top_k, "mlm_head": head, "steps_per_s": None,
+                "tokens_per_s": None, "peak_mem_mb": None}
         if spec in skipped:
             case["skipped"] = skipped[spec]
             cases.append(case)
@@ -294,14 +305,14 @@ def run_benchmark(shapes: Shapes, impls=IMPLS, experts=(8,), top_ks=(1, 2), repe
                     loss_first=round(losses[spec][0], 4), loss_last=round(losses[spec][1], 4))
         if memory:
             try:
-                result = run_probe(impl, n_experts, top_k, shapes, device, threads, seed, probe_steps)
+                result = run_probe(impl, n_experts, top_k, head, shapes, device, threads, seed, probe_steps)
                 case["peak_mem_mb"] = round(result["peak_mem_mb"], 1)
                 if "peak_rss_mb" in result:
                     case["peak_rss_mb"] = round(result["peak_rss_mb"], 1)
             except Exception as error:  # noqa: BLE001
                 case["memory_error"] = one_line(error)
             if log:
-                log(f"  memory probe {impl} E={n_experts} k={top_k}: {case['peak_mem_mb']} MiB")
+                log(f"  memory probe {impl} E={n_experts} k={top_k} head={head}: {case['peak_mem_mb']} MiB")
         cases.append(case)
 
     meta = {"device": device, "threads": threads, "repeats": repeats, "warmup": warmup, "seed": seed,
@@ -323,9 +334,11 @@ def run_benchmark(shapes: Shapes, impls=IMPLS, experts=(8,), top_ks=(1, 2), repe
     return {"cases": cases, "checks": check_summary(cases), "meta": meta}
 
 
-def _ms(cases, impl, n_experts=1, top_k=1):
+def _ms(cases, impl, n_experts=1, top_k=1, head=None):
+    """Median ms of a case; head defaults to how the implementation trains (ours "masked", BERT "all")."""
+    head = head or ("all" if impl == "hf_bert" else "masked")
     for c in cases:
-        if c["impl"] == impl and c["n_experts"] == n_experts and c["top_k"] == top_k:
+        if c["impl"] == impl and c["n_experts"] == n_experts and c["top_k"] == top_k and c["mlm_head"] == head:
             return c.get("ms_median")
     return None
 
@@ -347,19 +360,21 @@ def check_summary(cases: list[dict]) -> list[dict]:
                     _ms(cases, "ours_moe", CHECK_E, 1), dense, MOE_TOP1_MAX_VS_DENSE),
         ratio_check(f"ours_moe E={CHECK_E} top-2 / ours_dense (no target)", _ms(cases, "ours_moe", CHECK_E, 2), dense,
                     None),
+        ratio_check("ours_dense with the head at every position / hf_bert (no target)",
+                    _ms(cases, "ours_dense", head="all"), _ms(cases, "hf_bert"), None),
     ]
 
 
 def format_table(cases: list[dict]) -> str:
     dense, bert = _ms(cases, "ours_dense"), _ms(cases, "hf_bert")
-    header = (f"{'impl':<11} {'E':>3} {'k':>2} {'ms_median':>10} {'steps/s':>8} {'tokens/s':>9} {'x dense':>8} "
+    header = (f"{'impl':<11} {'E':>3} {'k':>2} {'head':>6} {'ms_median':>10} {'steps/s':>8} {'tokens/s':>9} {'x dense':>8} "
               f"{'x bert':>7} {'peak_MiB':>9} {'params':>10}  note")
     lines = [header, "-" * len(header)]
     for c in cases:
         ms = c.get("ms_median")
         note = f"skipped: {c['skipped']}" if "skipped" in c else c.get("memory_error", "")
         lines.append(
-            f"{c['impl']:<11} {c['n_experts']:>3} {c['top_k']:>2} "
+            f"{c['impl']:<11} {c['n_experts']:>3} {c['top_k']:>2} {c['mlm_head']:>6} "
             + (f"{ms:>10.1f} {c['steps_per_s']:>8.2f} {c['tokens_per_s']:>9.0f} " if ms else f"{'-':>10} {'-':>8} {'-':>9} ")
             + (f"{ms / dense:>8.2f} " if ms and dense else f"{'-':>8} ")
             + (f"{ms / bert:>7.2f} " if ms and bert else f"{'-':>7} ")

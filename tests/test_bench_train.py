@@ -30,8 +30,9 @@ def test_run_benchmark_schema_without_memory():
     payload = bench_train.run_benchmark(tiny_shapes(pad_frac=0.25), repeats=1, warmup=0, threads=1,
                                          memory=False, log=None)
     cases = payload["cases"]
-    assert [(c["impl"], c["n_experts"], c["top_k"]) for c in cases] == [
-        ("ours_dense", 1, 1), ("hf_bert", 1, 1), ("ours_moe", 8, 1), ("ours_moe", 8, 2)]
+    assert [(c["impl"], c["n_experts"], c["top_k"], c["mlm_head"]) for c in cases] == [
+        ("ours_dense", 1, 1, "masked"), ("ours_dense", 1, 1, "all"), ("hf_bert", 1, 1, "all"),
+        ("ours_moe", 8, 1, "masked"), ("ours_moe", 8, 2, "masked")]
     for c in cases:
         assert "skipped" not in c, c
         assert set(c) >= {"impl", "n_experts", "top_k", "steps_per_s", "tokens_per_s", "peak_mem_mb"}
@@ -39,7 +40,7 @@ def test_run_benchmark_schema_without_memory():
         assert c["peak_mem_mb"] is None  # memory=False
         assert c["tokens_per_s"] == pytest.approx(c["steps_per_s"] * payload["meta"]["tokens_per_step"])
     assert payload["meta"]["tokens_per_step"] < TINY["batch_size"] * TINY["seq_len"]  # padding is not counted
-    assert [c["status"] for c in payload["checks"]][2] == "info"
+    assert [c["status"] for c in payload["checks"]][2:] == ["info", "info"]
     assert all(c["status"] in ("PASS", "FAIL") for c in payload["checks"][:2])
     json.dumps(payload)  # serialisable
     table = bench_train.format_table(cases)
@@ -59,23 +60,26 @@ def test_same_shapes_and_sdpa():
     assert abs(n(ours) - n(bert)) <= 4 * TINY["embedding_dim"]
 
 
-@pytest.mark.parametrize("impl,n_experts,top_k", [("ours_dense", 1, 1), ("hf_bert", 1, 1), ("ours_moe", 8, 1)])
-def test_loss_falls_on_a_fixed_batch(impl, n_experts, top_k):
+@pytest.mark.parametrize("impl,n_experts,top_k,head", [("ours_dense", 1, 1, "masked"), ("ours_dense", 1, 1, "all"),
+                                                       ("hf_bert", 1, 1, "all"), ("ours_moe", 8, 1, "masked")])
+def test_loss_falls_on_a_fixed_batch(impl, n_experts, top_k, head):
     shapes = tiny_shapes(dropout=0.0, lr=3e-3)
     torch.manual_seed(0)
     model = bench_train.build_model(impl, shapes, n_experts, top_k).train()
     optimizer = bench_train.make_optimizer(model, shapes, torch.device("cpu"))
     batch = bench_train.make_batch(shapes, seed=1)
-    losses = [float(bench_train.train_step(model, optimizer, batch)) for _ in range(20)]
+    losses = [float(bench_train.train_step(model, optimizer, batch, head)) for _ in range(20)]
     assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_checks_from_numbers():
-    cases = [{"impl": "ours_dense", "n_experts": 1, "top_k": 1, "ms_median": 10.0},
-             {"impl": "hf_bert", "n_experts": 1, "top_k": 1, "ms_median": 9.0},
-             {"impl": "ours_moe", "n_experts": 8, "top_k": 1, "ms_median": 12.0}]
+    cases = [{"impl": "ours_dense", "n_experts": 1, "top_k": 1, "mlm_head": "masked", "ms_median": 10.0},
+             {"impl": "ours_dense", "n_experts": 1, "top_k": 1, "mlm_head": "all", "ms_median": 20.0},
+             {"impl": "hf_bert", "n_experts": 1, "top_k": 1, "mlm_head": "all", "ms_median": 9.0},
+             {"impl": "ours_moe", "n_experts": 8, "top_k": 1, "mlm_head": "masked", "ms_median": 12.0}]
     checks = bench_train.check_summary(cases)
-    assert [c["status"] for c in checks] == ["FAIL", "PASS", "n/a"]
+    assert [c["status"] for c in checks] == ["FAIL", "PASS", "n/a", "info"]
+    assert checks[3]["value"] == pytest.approx(20 / 9, abs=1e-3)
     assert checks[0]["value"] == pytest.approx(10 / 9, abs=1e-3)
 
 
@@ -89,7 +93,8 @@ def test_cli_with_memory_probe_writes_json(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "checks" in result.stdout
     payload = json.loads(out.read_text())
-    (case,) = payload["cases"]
+    case = payload["cases"][0]
+    assert [(c["impl"], c["mlm_head"]) for c in payload["cases"]] == [("ours_dense", "masked"), ("ours_dense", "all")]
     assert case["impl"] == "ours_dense" and case["steps_per_s"] > 0 and case["tokens_per_s"] > 0
     assert case["peak_mem_mb"] is not None and case["peak_mem_mb"] >= 0
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left nothing behind
@@ -98,7 +103,7 @@ def test_cli_with_memory_probe_writes_json(tmp_path):
 def test_memory_probe_does_not_inherit_the_parents_peak():
     """Linux carries ru_maxrss over fork + exec: a big parent must not inflate the child's number."""
     ballast = torch.ones(300 * 2**20 // 4)  # 300 MiB resident in this (the parent) process
-    result = bench_train.run_probe("ours_dense", 1, 1, tiny_shapes(), "cpu", threads=1, seed=0, steps=1)
+    result = bench_train.run_probe("ours_dense", 1, 1, "masked", tiny_shapes(), "cpu", threads=1, seed=0, steps=1)
     assert 0 <= result["peak_mem_mb"] < 150, result
     assert result["peak_rss_mb"] < result["base_rss_mb"] + 150, result
     del ballast
