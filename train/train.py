@@ -193,6 +193,7 @@ def main() -> None:
             "resumed_from": str(resume_from) if resume_from else None,
             "seconds": round(time.perf_counter() - started, 2), "aim_run_hash": state["aim_run_hash"],
             "final_eval": state["eval_history"][-1] if state["eval_history"] else None,
+            "eval_history": state["eval_history"],  # [{step, eval_mlm_loss, eval_accuracy}]: learning curves
         })
         mark_latest(train_config.save_path, tag)
     # Drop DDP's reducer while the process group is still registered: were the reducer its last owner, gloo's
