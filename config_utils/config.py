@@ -86,6 +86,8 @@ def _check_value(field: Field, value: Any, where: str, key: str) -> Any:
             raise fail()
         value = float(value)
     elif field.kind == "str":
+        if value is False and field.choices and "no" in field.choices:
+            value = "no"  # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means the choice "no"
         if not isinstance(value, str):
             raise fail()
     elif field.kind == "list[str]":

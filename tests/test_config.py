@@ -170,6 +170,21 @@ def test_choices(tmp_path):
     assert "auto, cpu, cuda" in load_error(tmp_path, "train", raw)
 
 
+def test_a_bare_no_means_the_choice_no(tmp_path):
+    """YAML 1.1 reads `mixed_precision: no` as false; where "no" is a choice it is taken as that choice."""
+    path = tmp_path / "train.yaml"
+    path.write_text((CONFIG_DIR / DEMO["train"]).read_text(encoding="utf-8").replace(
+        "mixed_precision: auto", "mixed_precision: no"), encoding="utf-8")
+    assert load_config("train", str(path), []).mixed_precision == "no"
+    assert load_config("train", DEMO["train"], [parse_override("train.mixed_precision=no")]).mixed_precision == "no"
+    raw = demo_raw("train")
+    raw["mixed_precision"] = True  # only false maps to a choice; true stays an error
+    assert "'mixed_precision'" in load_error(tmp_path, "train", raw)
+    raw = demo_raw("dataset")
+    raw["load_params"]["source"] = False  # "no" is not among these choices
+    assert "'load_params.source'" in load_error(tmp_path, "dataset", raw)
+
+
 def test_nullable(tmp_path):
     raw = demo_raw("model")
     raw["vocab_size"] = None
