@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
 
+import gc
 import os
 import time
 
@@ -96,12 +97,21 @@ def main() -> None:
     with atomic_dir(masked_dir) as tmp_dir:
         tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
         for name, dataset in inputs.items():
-            num_proc = min(data_params.num_proc, len(dataset) // ROWS_PER_PROCESS) or None
-            masked = dataset.map(
-                tokenize_and_mask, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
-                features=FEATURES, desc=f"step 2: tokenizing and masking {name}",
-                fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "seed": dataset_config.seed,
-                           "mask_prob": data_params.mask_prob, "random_token_ids": random_token_ids})
+            num_proc = min(data_params.num_proc, len(dataset) // ROWS_PER_PROCESS)
+            # one process: map in this one (datasets 5 forks a pool worker and a manager even for num_proc=1)
+            num_proc = num_proc if num_proc > 1 else None
+            if num_proc:
+                # the forked workers share this process's objects copy-on-write: keep the garbage collector's
+                # full passes (in here and in them) from touching, hence copying, every page they live on
+                gc.freeze()
+            try:
+                masked = dataset.map(
+                    tokenize_and_mask, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
+                    features=FEATURES, desc=f"step 2: tokenizing and masking {name}",
+                    fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "seed": dataset_config.seed,
+                               "mask_prob": data_params.mask_prob, "random_token_ids": random_token_ids})
+            finally:
+                gc.unfreeze()
             masked.save_to_disk(str(tmp_dir / name))
             counts[name] = token_counts(masked)
         write_json_atomic(tmp_dir / "manifest.json", {

@@ -1,7 +1,10 @@
 """Step 1: load a topic-labelled corpus, hold out the evaluation topics, write the splits.
 
 Writes to data_params.processed_dir: train/valid/test.parquet, topics/<topic>.parquet (one per
-evaluation topic) and manifest.json. Example:
+evaluation topic) and manifest.json. Rows are written as they are kept, in Parquet row groups of
+ROWS_PER_GROUP rows: memory does not grow with the corpus (only the set of text digests that finds
+duplicates does, about 100 bytes a document), and step 2 reads the files back a row group at a time.
+Example:
     python data_processors/load_dataset.py --config-name demo/dataset_params.yaml
 """
 import sys
@@ -9,15 +12,23 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
 
+import contextlib
 import re
 import time
 from collections import Counter
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from data_processors.sources import open_source
 from data_processors.splitting import SPLITS, iter_with_progress, split_corpus
+
+ROWS_PER_GROUP = 10_000  # rows buffered per output file, and the row group size step 2 reads at once
+FEATURES = datasets.Features({"doc_id": datasets.Value("int64"), "text": datasets.Value("string"),
+                              "topic": datasets.Value("string")})
+SCHEMA = FEATURES.arrow_schema  # with the `huggingface` metadata, as Dataset.to_parquet writes it
 
 
 def topic_file_name(topic: str) -> str:
@@ -25,10 +36,49 @@ def topic_file_name(topic: str) -> str:
     return re.sub(r"[^\w.-]", "_", topic) + ".parquet"
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
-    columns = {"doc_id": [row["doc_id"] for row in rows], "text": [row["text"] for row in rows],
-               "topic": [row["topic"] for row in rows]}
-    datasets.Dataset.from_dict(columns).to_parquet(str(path))
+class ParquetRows:
+    """A split's rows, appended one at a time and written to a Parquet file every `rows_per_group` rows.
+
+    len() is the number of rows appended; topic_counts counts their topics (in first-seen order).
+    Use as a context manager: leaving it writes the last rows and the file's footer.
+    """
+
+    def __init__(self, path: Path, rows_per_group: int | None = None):
+        self.path, self.rows_per_group = path, rows_per_group or ROWS_PER_GROUP
+        self.topic_counts: Counter = Counter()
+        self._writer = pq.ParquetWriter(str(path), SCHEMA)
+        self._columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self._count = 0
+
+    def append(self, row: dict) -> None:
+        for name, column in self._columns.items():
+            column.append(row[name])
+        self.topic_counts[row["topic"]] += 1
+        self._count += 1
+        if len(self._columns["doc_id"]) >= self.rows_per_group:
+            self._flush()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _flush(self) -> None:
+        if self._columns["doc_id"]:
+            self._writer.write_table(pa.Table.from_pydict(self._columns, schema=SCHEMA))
+            self._columns = {name: [] for name in SCHEMA.names}
+
+    def close(self) -> None:
+        if self._writer is not None:
+            try:
+                self._flush()
+            finally:
+                self._writer.close()
+                self._writer = None
+
+    def __enter__(self) -> "ParquetRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def main() -> None:
@@ -46,27 +96,35 @@ def main() -> None:
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is reported once, by us, in one line
     rows, expected = open_source(load_params, config.seed)
     split_lens = {name: load_params[f"{name}_len"] for name in SPLITS}
-    result = split_corpus(iter_with_progress(rows, expected, f"step 1: reading {load_params.source} corpus"),
-                          split_lens, load_params.topic_len, data_params.eval_topics, data_params.train_topics)
-
-    for name in SPLITS:
-        if len(result.splits[name]) < split_lens[name]:
-            print(f"warning: {name} has {len(result.splits[name])} documents, fewer than {name}_len="
-                  f"{split_lens[name]}: the corpus is smaller than asked", file=sys.stderr)
-    for topic, topic_rows in result.topics.items():
-        if len(topic_rows) < load_params.topic_len:
-            print(f"warning: evaluation topic '{topic}' has {len(topic_rows)} documents, fewer than "
-                  f"topic_len={load_params.topic_len}", file=sys.stderr)
+    files = {name: f"{name}.parquet" for name in SPLITS}
+    topic_files = {topic: f"topics/{topic_file_name(topic)}" for topic in dict.fromkeys(data_params.eval_topics)}
+    if len(set(topic_files.values())) < len(topic_files):
+        raise PipelineError(f"dataset config: data_params.eval_topics {list(topic_files)} would share a file name "
+                            f"({sorted(topic_files.values())}); name evaluation topics that differ in letters, "
+                            f"digits, '.', '-' or '_'")
 
     out_dir = Path(data_params.processed_dir)
+    # the rows stream into the temporary folder as they are kept; an error (or Ctrl-C) removes it whole
     with atomic_dir(out_dir) as tmp_dir:
         (tmp_dir / "topics").mkdir()
-        files = {name: f"{name}.parquet" for name in SPLITS}
-        topic_files = {topic: f"topics/{topic_file_name(topic)}" for topic in result.topics}
+        with contextlib.ExitStack() as writers:
+            def new_bucket(kind: str, name: str) -> ParquetRows:
+                path = tmp_dir / (files[name] if kind == "split" else topic_files[name])
+                return writers.enter_context(ParquetRows(path))
+
+            result = split_corpus(
+                iter_with_progress(rows, expected, f"step 1: reading {load_params.source} corpus"), split_lens,
+                load_params.topic_len, data_params.eval_topics, data_params.train_topics, new_bucket)
+
         for name in SPLITS:
-            write_rows(result.splits[name], tmp_dir / files[name])
+            if len(result.splits[name]) < split_lens[name]:
+                print(f"warning: {name} has {len(result.splits[name])} documents, fewer than {name}_len="
+                      f"{split_lens[name]}: the corpus is smaller than asked", file=sys.stderr)
         for topic, topic_rows in result.topics.items():
-            write_rows(topic_rows, tmp_dir / topic_files[topic])
+            if len(topic_rows) < load_params.topic_len:
+                print(f"warning: evaluation topic '{topic}' has {len(topic_rows)} documents, fewer than "
+                      f"topic_len={load_params.topic_len}", file=sys.stderr)
+
         write_json_atomic(tmp_dir / "manifest.json", {
             "step": "load_dataset",
             "config": config,
@@ -74,7 +132,7 @@ def main() -> None:
             "files": {**files, "topics": topic_files},
             "counts": {**{name: len(result.splits[name]) for name in SPLITS},
                        "topics": {topic: len(topic_rows) for topic, topic_rows in result.topics.items()}},
-            "train_topic_counts": dict(Counter(row["topic"] for row in result.splits["train"]).most_common(50)),
+            "train_topic_counts": dict(result.splits["train"].topic_counts.most_common(50)),
             "dropped": dict(result.dropped),
             "seconds": round(time.time() - started, 2),
         })

@@ -4,30 +4,48 @@ Rows arrive in a seeded random order. Each evaluation topic keeps its first `top
 every other document goes to the split (train, valid, test) furthest below its target, so a corpus
 smaller than asked for still yields splits in the requested proportions. With `train_topics` the
 splits are also balanced over those topics. Reading stops as soon as every bucket is full.
+
+A bucket is anything with append(row) and len(): a list by default, or (step 1) a writer that streams
+the rows to a file as they come, so the kept rows are never all held in memory.
 """
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 from config_utils import PipelineError
 
 SPLITS = ("train", "valid", "test")
 
 
+class Bucket(Protocol):
+    """Where a split's (or an evaluation topic's) rows go, in the order they are kept."""
+
+    def append(self, row: dict) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+def list_bucket(kind: str, name: str) -> Bucket:
+    return []
+
+
 @dataclass
 class SplitResult:
-    splits: dict[str, list[dict]]            # train/valid/test rows {"doc_id", "text", "topic"}
-    topics: dict[str, list[dict]]            # evaluation topic -> rows
+    splits: dict[str, Bucket]                # train/valid/test rows {"doc_id", "text", "topic"}
+    topics: dict[str, Bucket]                # evaluation topic -> rows
     dropped: Counter = field(default_factory=Counter)   # empty, duplicate, other_topic, surplus
     topics_seen: Counter = field(default_factory=Counter)
 
 
 def split_corpus(rows: Iterable[dict], split_lens: dict[str, int], topic_len: int,
-                 eval_topics: list[str], train_topics: list[str]) -> SplitResult:
-    result = SplitResult(splits={name: [] for name in SPLITS}, topics={topic: [] for topic in eval_topics})
+                 eval_topics: list[str], train_topics: list[str],
+                 new_bucket: Callable[[str, str], Bucket] = list_bucket) -> SplitResult:
+    """new_bucket("split", name) / new_bucket("topic", topic) makes each bucket (default: a list)."""
+    result = SplitResult(splits={name: new_bucket("split", name) for name in SPLITS},
+                         topics={topic: new_bucket("topic", topic) for topic in dict.fromkeys(eval_topics)})
     quotas = _split_quotas(split_lens, train_topics)
     filled: Counter = Counter()              # (split, topic or None) -> rows kept
     seen_hashes: set[bytes] = set()
@@ -90,12 +108,12 @@ def _all_full(result: SplitResult, quotas: dict, filled: Counter, topic_len: int
 def _check_result(result: SplitResult, eval_topics: list[str]) -> None:
     common = ", ".join(f"{name} ({count})" for name, count in result.topics_seen.most_common(8))
     # an empty corpus first: with no text at all every evaluation topic is missing too, and the cause is the text
-    if not result.splits["train"]:
+    if len(result.splits["train"]) == 0:
         raise PipelineError(f"the corpus is empty after filtering ({dict(result.dropped)} dropped; topics seen: "
                             f"{common or 'none'}); check load_params.text_field, data_params.eval_topics "
                             f"and train_topics")
     for topic in eval_topics:
-        if not result.topics[topic]:
+        if len(result.topics[topic]) == 0:
             raise PipelineError(f"evaluation topic '{topic}' is not in the corpus (most common topics: "
                                 f"{common or 'none'}); fix data_params.eval_topics")
 
