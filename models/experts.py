@@ -158,8 +158,9 @@ class StackedExperts(nn.Module):
             nn.init.zeros_(self.b_in)
             nn.init.zeros_(self.b_out)
 
-    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """x_sorted [M, d], rows grouped by expert in order 0..E-1; tokens_per_expert: E counts summing to M."""
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor | list[int]) -> torch.Tensor:
+        """x_sorted [M, d], rows grouped by expert in order 0..E-1; tokens_per_expert: E counts summing to M,
+        a list or an integer tensor (on x's device, grouped_mm uses it there without a host sync)."""
         weights = (self.w_in, self.b_in, self.w_out, self.b_out)
         device_type = x_sorted.device.type
         if torch.is_autocast_enabled(device_type):
@@ -174,12 +175,13 @@ class StackedExperts(nn.Module):
         if use_grouped:
             return self._grouped_forward(x_sorted, weights, tokens_per_expert)
         with torch.autocast(device_type, enabled=False):
-            return _ExpertLoop.apply(x_sorted, *weights, list(tokens_per_expert), self.expert_type)
+            counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
+            return _ExpertLoop.apply(x_sorted, *weights, counts, self.expert_type)
 
-    def _grouped_forward(self, x_sorted: torch.Tensor, weights: tuple, tokens_per_expert: list[int]) -> torch.Tensor:
+    def _grouped_forward(self, x_sorted: torch.Tensor, weights: tuple, tokens_per_expert) -> torch.Tensor:
         """The same computation as one grouped matmul per layer (offsets = cumulative counts)."""
         w_in, b_in, w_out, b_out = weights
-        counts = torch.tensor(tokens_per_expert, device=x_sorted.device)
+        counts = torch.as_tensor(tokens_per_expert, device=x_sorted.device)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         hidden = F.grouped_mm(x_sorted, w_in, offs=offsets)
         if b_in is not None:

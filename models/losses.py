@@ -3,6 +3,16 @@
 import torch
 
 
+def count_assignments(expert_index: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[E] int64: how many entries of expert_index (values 0..E-1) name each expert.
+
+    torch.bincount would do, but on CUDA it reads the maximum back to the host (a sync per call);
+    a scatter-add into E slots stays on the device.
+    """
+    flat = expert_index.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Switch Transformer loss n_experts * sum_i f_i * P_i; equals 1 for a perfectly uniform router.
 
@@ -11,7 +21,7 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, 
     """
     n_assignments = max(expert_index.numel(), 1)  # max(): an all-padding batch gives 0, not NaN
     n_tokens = max(router_probs.shape[0], 1)
-    assignment_fraction = torch.bincount(expert_index.reshape(-1), minlength=n_experts).to(router_probs.dtype)
+    assignment_fraction = count_assignments(expert_index, n_experts).to(router_probs.dtype)
     assignment_fraction = assignment_fraction / n_assignments
     mean_prob = router_probs.sum(dim=0) / n_tokens
     return n_experts * torch.sum(assignment_fraction * mean_prob)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .configuration import MoEEncoderConfig
 from .experts import DenseFFN, StackedExperts
-from .losses import load_balancing_loss, router_z_loss
+from .losses import count_assignments, load_balancing_loss, router_z_loss
 from .router import ExpertChoiceRouter, TopKRouter, expert_capacity
 
 
@@ -113,7 +113,7 @@ class MoELayer(nn.Module):
         # are served before any second choice, each in token (position) order, as in GShard and Switch.
         flat_expert = routing.expert_index.t().reshape(-1) if top_k > 1 else routing.expert_index.view(-1)
         order = torch.argsort(flat_expert, stable=True)  # [N*k] assignments grouped by expert
-        tokens_per_expert = torch.bincount(flat_expert, minlength=n_experts)
+        tokens_per_expert = count_assignments(flat_expert, n_experts)
         n_assignments = flat_expert.numel()
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, n_tokens, top_k, n_experts)
@@ -121,16 +121,17 @@ class MoELayer(nn.Module):
             rank_in_expert = torch.arange(n_assignments, device=tokens.device) - starts[flat_expert[order]]
             # Keep each expert's first `capacity` assignments; move the rest to the end, order otherwise kept.
             order = order[torch.argsort((rank_in_expert >= capacity).to(torch.int8), stable=True)]
-            tokens_per_expert = tokens_per_expert.clamp(max=capacity)
-        counts = tokens_per_expert.tolist()
-        n_kept = sum(counts)
+            expert_counts = tokens_per_expert.clamp(max=capacity).tolist()  # the kept rows' slice needs them here
+            n_kept = sum(expert_counts)
+        else:  # every assignment is kept: the counts stay on the device (no host sync on a GPU)
+            expert_counts, n_kept = tokens_per_expert, n_assignments
         n_dropped = n_assignments - n_kept
 
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(n_assignments, device=order.device)
         token_of_sorted = order % n_tokens if top_k > 1 else order
         x_sorted = _GatherRows.apply(tokens, token_of_sorted, inverse, top_k)
-        expert_output = self.experts(x_sorted[:n_kept] if n_dropped else x_sorted, counts)
+        expert_output = self.experts(x_sorted[:n_kept] if n_dropped else x_sorted, expert_counts)
         if n_dropped:  # a dropped assignment contributes 0; a token dropped by all its experts is 0 here
             expert_output = torch.cat([expert_output, expert_output.new_zeros(n_dropped, expert_output.shape[1])])
 
@@ -146,7 +147,7 @@ class MoELayer(nn.Module):
                 combined = combined + per_assignment[rank] * gate_weights[:, rank:rank + 1]
 
         load_balance = load_balancing_loss(routing.probs, routing.expert_index, n_experts)
-        dropped = routing.probs.new_tensor(n_dropped / max(n_assignments, 1))
+        dropped = routing.probs.new_full((), n_dropped / max(n_assignments, 1))  # a fill: no host-to-device copy
         return combined, routing.expert_index, routing, load_balance, dropped
 
     def _expert_choice(self, tokens: torch.Tensor):

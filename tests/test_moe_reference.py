@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM, MoELayer
 from models.experts import DenseFFN
+from models.losses import count_assignments
 
 D_MODEL, HIDDEN, N_EXPERTS = 16, 24, 4
 
@@ -432,3 +433,10 @@ def test_dense_baseline_model_reports_one_expert():
     for chosen in out.expert_indices:
         assert chosen.shape == (2, 10, 1)
         assert (chosen[ids != 0] == 0).all() and (chosen[ids == 0] == -1).all()
+
+
+def test_count_assignments_equals_bincount():
+    """The sync-free counter used in the routing hot path counts exactly what bincount counts."""
+    index = torch.randint(0, 6, (50, 2), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(count_assignments(index, 8), torch.bincount(index.reshape(-1), minlength=8))
+    assert torch.equal(count_assignments(index[:0], 8), torch.zeros(8, dtype=torch.long))

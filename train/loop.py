@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from data_processors.masking import IGNORE_INDEX
+from models.losses import count_assignments
 from train.evaluation import EvalResult, evaluate_mlm, mlm_loader
 from train.tracking import LAYER_SUMS, RoutingRecorder
 
@@ -66,8 +67,7 @@ def global_balancing_loss(accelerator: Accelerator, router_outputs: list, n_expe
         zero = torch.zeros(len(router_outputs), dtype=torch.float64, device=accelerator.device)
         return zero, zero
     probs = [routed.probs for routed in router_outputs]  # [N real tokens, E] each, with gradients
-    counts = torch.stack([torch.bincount(routed.expert_index.reshape(-1), minlength=n_experts)
-                          for routed in router_outputs]).double()
+    counts = torch.stack([count_assignments(routed.expert_index, n_experts) for routed in router_outputs]).double()
     prob_sums = torch.stack([layer_probs.detach().sum(0) for layer_probs in probs]).double()
     n_tokens = counts.new_tensor([probs[0].shape[0], router_outputs[0].expert_index.numel()])
     totals = accelerator.reduce(torch.cat([counts.reshape(-1), prob_sums.reshape(-1), n_tokens]), "sum")
