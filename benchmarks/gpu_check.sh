@@ -5,12 +5,14 @@
 #   2. benchmarks/bench_train.py on CUDA (bf16 weights are not used there: fp32 + the timed step, batch 128)
 #   3. the real pipeline at full scale: steps 1-3 with configs/{dataset,model,train}_params.yaml on the builtin
 #      corpus (the hub is not needed), 300 training steps in bf16 autocast (train.mixed_precision auto = bf16)
-# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]        (PYTHON=... to pick the interpreter; default python)
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]        (PYTHON=... to pick the interpreter; default python;
+#        PARTS="moe train pipeline" to run only some of the three, e.g. PARTS=pipeline to redo one)
 # Needs the packages of requirements.txt; writes OUT_DIR (default gpu_check/) and prints the table last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check}
 PY=${PYTHON:-python}
+PARTS=${PARTS:-moe train pipeline}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -20,16 +22,22 @@ fi
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__)" | tee "$OUT/device.txt"
 START=$(date +%s)
 
+if [[ " $PARTS " == *" moe "* ]]; then
 echo "== 1/3 MoE layer, bf16, large shapes"
 timeout 150 "$PY" benchmarks/bench_moe.py --device cuda --dtype bfloat16 --d-model 768 --d-expert 3072 \
     --tokens 16384 --experts 8 64 --top-k 1 2 --repeats 10 --warmup 3 --json "$OUT/bench_moe_gpu.json" \
     > "$OUT/bench_moe_gpu.log" 2>&1 || echo "bench_moe failed or timed out: see $OUT/bench_moe_gpu.log"
+fi
 
+if [[ " $PARTS " == *" train "* ]]; then
 echo "== 2/3 training step, ours vs BertForMaskedLM, CUDA"
-timeout 60 "$PY" benchmarks/bench_train.py --device cuda --batch-size 128 --repeats 20 --warmup 5 \
+# 150 s: each memory probe is a fresh child process that starts CUDA (~15 s each on the H200 seen)
+timeout 150 "$PY" benchmarks/bench_train.py --device cuda --batch-size 128 --repeats 20 --warmup 5 \
     --json "$OUT/bench_train_gpu.json" > "$OUT/bench_train_gpu.log" 2>&1 \
     || echo "bench_train failed or timed out: see $OUT/bench_train_gpu.log"
+fi
 
+if [[ " $PARTS " == *" pipeline "* ]]; then
 echo "== 3/3 full-scale pipeline, 300 bf16 steps"
 SETS=(--set dataset.load_params.source=builtin --set dataset.load_params.builtin.n_docs=140000
       --set dataset.data_params.tokenizer_name=null --set dataset.data_params.num_proc=8
@@ -43,6 +51,7 @@ CONFIGS=(--config-dataset dataset_params.yaml --config-model model_params.yaml -
         --config-model model_params.yaml "${SETS[@]}" &&
     timeout 120 "$PY" train/train.py "${CONFIGS[@]}" "${SETS[@]}" --tag gpu_check --overwrite
 } > "$OUT/pipeline.log" 2>&1 || echo "pipeline failed or timed out: see $OUT/pipeline.log"
+fi
 
 echo "== summary ($(( $(date +%s) - START )) s)"
 "$PY" - "$OUT" <<'EOF'

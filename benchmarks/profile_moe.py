@@ -1,0 +1,61 @@
+"""Where the time of one MoE layer's forward + backward goes: torch.profiler's top operators per implementation.
+
+Builds the implementations exactly as bench_moe.py does (same router weights, same input), warms them up,
+profiles a few steps and prints each one's operators sorted by self device time (CPU time without a GPU).
+  python benchmarks/profile_moe.py --device cuda --dtype bfloat16 --experts 8 --top-k 1 --impls ours hf_grouped_mm
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_moe import INIT_STD, IMPLS, build, step_ms  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", nargs="+", default=["ours", "hf_grouped_mm"], choices=IMPLS)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--d-expert", type=int, default=3072)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
+    parser.add_argument("--rows", type=int, default=20, help="operators shown per implementation (default 20)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    router_weight = torch.randn(args.experts, args.d_model, generator=gen) * INIT_STD
+    hidden = torch.randn(args.tokens // args.seq_len, args.seq_len, args.d_model, generator=gen)
+    hidden = hidden.to(device=device, dtype=dtype).requires_grad_(True)
+    mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name in args.impls:
+        built = build(name, args.d_model, args.d_expert, args.experts, args.top_k, router_weight, device, dtype)
+        if built.skipped:
+            print(f"{name}: skipped: {built.skipped}")
+            continue
+        times = [step_ms(built.module, hidden, mask) for _ in range(5)]
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                step_ms(built.module, hidden, mask)
+        print(f"\n=== {name}: E={args.experts} k={args.top_k}, {args.tokens} tokens, {args.dtype}; "
+              f"warm-up step times (ms): {', '.join(f'{t:.2f}' for t in times)}; {args.steps} steps profiled")
+        print(prof.key_averages().table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
