@@ -97,14 +97,21 @@ def load_run(run: dict) -> dict | None:
         with open(metrics_csv, encoding="utf-8") as f:
             rows = {row["group"]: row for row in csv.DictReader(f)}
         test = rows.get("test")
-    return {"history": history, "final": history[-1], "n_parameters": manifest["n_parameters"],
+    return {"history": history, "final": history[-1], "best": lowest_loss_point(history),
+            "n_parameters": manifest["n_parameters"],
             "active_parameters": active_parameters(manifest["n_parameters"], manifest["config"]["model"]),
             "seconds": manifest.get("seconds"),
             "test_mlm_loss": float(test["mlm_loss"]) if test and test.get("mlm_loss") else None}
 
 
+def lowest_loss_point(history: list[dict]) -> dict:
+    """The evaluation with the lowest validation loss: on a small corpus the final one can be past overfitting."""
+    return min(history, key=lambda point: point["eval_mlm_loss"])
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Per corpus and model: the seeds' final validation loss/accuracy, mean, range, and the comparison with dense."""
+    """Per corpus and model: the seeds' final (and lowest) validation loss, accuracy, mean, range, and the
+    comparison with dense."""
     results = {}
     for run in runs:
         loaded = load_run(run)
@@ -114,6 +121,7 @@ def summarize(runs: list[dict]) -> dict:
     for corpus, by_model in results.items():
         dense = by_model.get("dense")
         dense_losses = [r["final"]["eval_mlm_loss"] for r in dense] if dense else None
+        dense_best = [r["best"]["eval_mlm_loss"] for r in dense] if dense else None
         for model, seeds in by_model.items():
             losses = [r["final"]["eval_mlm_loss"] for r in seeds]
             accuracies = [r["final"]["eval_accuracy"] for r in seeds]
@@ -125,11 +133,15 @@ def summarize(runs: list[dict]) -> dict:
                    "val_loss_mean": statistics.fmean(losses), "val_loss_range": max(losses) - min(losses),
                    "val_accuracy_mean": statistics.fmean(accuracies),
                    "val_accuracy_range": max(accuracies) - min(accuracies),
+                   "best_val_loss": [r["best"]["eval_mlm_loss"] for r in seeds],
+                   "best_step": [r["best"]["step"] for r in seeds],
                    "test_loss": [r["test_mlm_loss"] for r in seeds],
                    "seconds_mean": statistics.fmean(r["seconds"] or 0.0 for r in seeds)}
             if dense_losses and model != "dense":
                 row["loss_vs_dense"] = row["val_loss_mean"] - statistics.fmean(dense_losses)
                 row["verdict"] = verdict(losses, dense_losses)
+                row["best_loss_vs_dense"] = statistics.fmean(row["best_val_loss"]) - statistics.fmean(dense_best)
+                row["best_verdict"] = verdict(row["best_val_loss"], dense_best)
             rows.append(row)
     return {"rows": rows, "curves": {corpus: {model: [{"seed": r["seed"], "history": r["history"]} for r in seeds]
                                               for model, seeds in by_model.items()}
@@ -146,15 +158,20 @@ def verdict(moe_losses: list[float], dense_losses: list[float]) -> str:
 
 def markdown(summary: dict) -> str:
     lines = ["| corpus | model | experts x k | expert size | params (active) | steps | val MLM loss, mean [seeds] "
-             "| val accuracy, mean [seeds] | loss - dense | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| val accuracy, mean [seeds] | loss - dense | verdict | lowest val loss, mean [seeds @ step] "
+             "| lowest - dense | verdict at the lowest |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         seeds_loss = ", ".join(f"{x:.3f}" for x in row["val_loss"])
         seeds_acc = ", ".join(f"{x:.3f}" for x in row["val_accuracy"])
+        seeds_best = ", ".join(f"{x:.3f} @ {step}" for x, step in zip(row["best_val_loss"], row["best_step"]))
         delta = f"{row['loss_vs_dense']:+.3f}" if "loss_vs_dense" in row else "-"
+        best_delta = f"{row['best_loss_vs_dense']:+.3f}" if "best_loss_vs_dense" in row else "-"
         lines.append(f"| {row['corpus']} | {row['model']} | {row['n_experts']} x {row['top_k']} | {row['expert_size']} "
                      f"| {row['n_parameters'] / 1e6:.2f}M ({row['active_parameters'] / 1e6:.2f}M) | {row['steps']} "
                      f"| {row['val_loss_mean']:.3f} [{seeds_loss}] | {row['val_accuracy_mean']:.3f} [{seeds_acc}] "
-                     f"| {delta} | {row.get('verdict', '-')} |")
+                     f"| {delta} | {row.get('verdict', '-')} "
+                     f"| {statistics.fmean(row['best_val_loss']):.3f} [{seeds_best}] | {best_delta} "
+                     f"| {row.get('best_verdict', '-')} |")
     return "\n".join(lines)
 
 

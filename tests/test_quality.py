@@ -69,6 +69,10 @@ def test_tiny_experiment_end_to_end(tmp_path):
         rows["moe_e8_k1"]["val_loss_mean"] - rows["dense"]["val_loss_mean"])
     curve = summary["curves"]["builtin"]["dense"][0]["history"]
     assert [point["step"] for point in curve] == [3, 6]
+    lowest = min(curve, key=lambda point: point["eval_mlm_loss"])  # the lowest point, read from the curve itself
+    assert rows["dense"]["best_val_loss"][0] == lowest["eval_mlm_loss"] and rows["dense"]["best_step"][0] == lowest["step"]
+    assert all(best <= final for best, final in zip(rows["moe_e8_k1"]["best_val_loss"], rows["moe_e8_k1"]["val_loss"]))
+    assert rows["moe_e8_k1"]["best_verdict"].endswith("seed spread")
     assert (out / "quality_val_loss.png").stat().st_size > 10_000
     assert "| builtin | moe_e8_k1 | 8 x 1 |" in (out / "quality.md").read_text()
 
