@@ -4,10 +4,12 @@ has it, and only there?
 Trains small MoE models on the builtin corpus (synthetic: at topic_overlap 0 each topic has its own content
 words, at 1 every topic is drawn from one distribution, so topic labels carry no information) through the same
 four steps as any run (subprocesses, through sweep.py's runner), in three arms, each with several seeds:
-  overlap_0  topic_overlap 0                         expected: topic NMI clearly above 0 in some layer, p <= 0.01
-  overlap_1  topic_overlap 1                         expected: no layer with that (interval reaches 0 or p > 0.01)
+  overlap_0  topic_overlap 0                         expected: topic NMI clearly above 0 in some layer, p <= 0.01 / L
+  overlap_1  topic_overlap 1                         expected: no layer with that (interval reaches 0 or p > 0.01 / L)
   frozen     topic_overlap 0, train.freeze_router    a router left at its random init; any "topic" signal it shows
                                                      comes through the token embeddings: CMI tells which
+L is the number of MoE layers (Bonferroni): "some layer of this run" is L tests, and without the division a run
+with no topic signal would pass about L times 1% of the time. So --n-perm must reach 1/(n_perm + 1) <= 0.01 / L.
 The seed is train.random_seed (initialisation, data order): each overlap's data is made once and shared.
 One topic (gaming) is held out by step 1 with only a few documents; the topics of the test split carry the test.
 Writes to --out: the sweep folder's runs/, results/ (step 4 outputs, routing_stats.json), sweep.json, and
@@ -50,10 +52,21 @@ SIZES = {
 ALPHA = 0.01
 
 
-def clear_of_zero(layer: dict) -> bool:
-    """The issue's criterion for topic specialization in a layer: the NMI interval excludes 0 and p <= 0.01."""
+def layer_threshold(n_layers: int) -> float:
+    """The p-value a layer must reach: ALPHA split over the run's MoE layers (Bonferroni), so that a run with no
+    topic signal shows "specialization" in some layer with probability at most ALPHA."""
+    return ALPHA / max(n_layers, 1)
+
+
+def clear_of_zero(layer: dict, n_layers: int) -> bool:
+    """Topic specialization in a layer: the NMI interval excludes 0 and p <= ALPHA / n_layers."""
     ci = layer.get("nmi_ci") or [0.0, 0.0]
-    return ci[0] > 0.0 and layer.get("p_value", 1.0) <= ALPHA
+    return ci[0] > 0.0 and layer.get("p_value", 1.0) <= layer_threshold(n_layers)
+
+
+def permutations_needed(n_layers: int) -> int:
+    """The fewest permutations whose smallest p-value, 1 / (n_perm + 1), reaches layer_threshold(n_layers)."""
+    return math.ceil(1.0 / layer_threshold(n_layers) - 1.0 - 1e-9)
 
 
 def expectation(arm: str, specialized: list[bool]) -> str:
@@ -64,8 +77,9 @@ def expectation(arm: str, specialized: list[bool]) -> str:
     return "reported (no expectation)"
 
 
-def summarize(runs: list[dict], results_root: Path) -> dict:
-    """Per run: the numbers of routing_stats.json and metrics.csv; per arm: whether the expectation held."""
+def summarize(runs: list[dict], results_root: Path, n_perm: int) -> dict:
+    """Per run: the numbers of routing_stats.json and metrics.csv; per arm: whether the expectation held
+    (undecided where n_perm permutations cannot give a p-value as small as the threshold)."""
     import csv
 
     rows = []
@@ -81,22 +95,32 @@ def summarize(runs: list[dict], results_root: Path) -> dict:
         if (folder / "routing_stats.json").is_file():
             stats = json.loads((folder / "routing_stats.json").read_text(encoding="utf-8"))
             row["topics"] = stats.get("topics")
+            n_layers = len(stats["layers"])
+            row["p_threshold"] = layer_threshold(n_layers)
             for layer in stats["layers"]:
                 conditional = layer.get("conditional_topic") or {}
                 row["layers"].append({
                     "layer": layer["layer"], "topic_nmi": layer["nmi"], "topic_nmi_ci": layer["nmi_ci"],
                     "topic_p": layer["p_value"], "cmi": conditional.get("cmi"), "cmi_ci": conditional.get("cmi_ci"),
                     "cmi_p": conditional.get("p_value"), "cmi_null_mean": conditional.get("null_mean"),
-                    "explained_by": conditional.get("explained_by"), "specialized": clear_of_zero(layer)})
+                    "explained_by": conditional.get("explained_by"), "specialized": clear_of_zero(layer, n_layers)})
             row["specialized"] = any(layer["specialized"] for layer in row["layers"])
+            if n_perm < permutations_needed(n_layers):
+                row["specialized"] = None
+                row["note"] = (f"--n-perm {n_perm} cannot give p <= {row['p_threshold']:g} "
+                               f"(use --n-perm {permutations_needed(n_layers)} or more)")
         rows.append(row)
     verdicts = {}
     for arm in dict.fromkeys(row["arm"] for row in rows):
         found = [row["specialized"] for row in rows if row["arm"] == arm]
-        verdicts[arm] = ("incomplete (runs failed or without routing_stats.json)" if None in found
+        notes = sorted({row["note"] for row in rows if row["arm"] == arm and row.get("note")})
+        verdicts[arm] = (f"undecided: {notes[0]}" if notes
+                         else "incomplete (runs failed or without routing_stats.json)" if None in found
                          else expectation(arm, found))
     return {"criterion": f"a layer shows topic specialization when its topic-NMI 95% bootstrap interval excludes 0 "
-                         f"and its permutation p <= {ALPHA}", "runs": rows, "verdicts": verdicts}
+                         f"and its permutation p <= {ALPHA} / (the run's number of MoE layers), so that a run without "
+                         f"topic signal passes in some layer with probability at most {ALPHA}",
+            "runs": rows, "verdicts": verdicts}
 
 
 def _f(value, digits: int = 3) -> str:
@@ -166,7 +190,7 @@ def main() -> None:
         run["arm"], run["seed"] = arm, seed
     print(f"known structure: {len(runs)} runs ({', '.join(arms)} x {args.seeds} seeds) in {out_dir}")
     execute(runner, runs, out_dir, {"experiment": "known_structure", "arms": {arm: ARMS[arm] for arm in arms}})
-    summary = summarize(runs, out_dir / "results")
+    summary = summarize(runs, out_dir / "results", args.n_perm)
     summary["settings"] = {"sizes": SIZES, "sets": list(args.overrides), "n_boot": args.n_boot,
                            "n_perm": args.n_perm, "seeds": args.seeds}
     write_json_atomic(out_dir / "known_structure.json", summary)
