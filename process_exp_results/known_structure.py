@@ -30,6 +30,7 @@ import math
 from config_utils import PipelineError, run_step, write_json_atomic
 from config_utils.cli import SET_HELP, HelpFormatter
 from config_utils.config import parse_override
+from process_exp_results.routing_stats import ALPHA  # one significance level for the per-layer verdicts and this check
 from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
 
 ARMS = {
@@ -49,7 +50,6 @@ SIZES = {
     "train.max_steps": 200, "train.batch_size": 32, "train.learning_rate": 3e-3, "train.eval_steps": 200,
     "train.eval_batches": 2, "train.save_steps": 200, "train.keep_checkpoints": 1, "train.device": "cpu",
 }
-ALPHA = 0.01
 
 
 def layer_threshold(n_layers: int) -> float:
