@@ -146,7 +146,7 @@ class MoELayer(nn.Module):
             for rank in range(1, top_k):
                 combined = combined + per_assignment[rank] * gate_weights[:, rank:rank + 1]
 
-        load_balance = load_balancing_loss(routing.probs, routing.expert_index, n_experts)
+        load_balance = load_balancing_loss(routing.probs, routing.expert_index, n_experts, counts=tokens_per_expert)
         dropped = routing.probs.new_full((), n_dropped / max(n_assignments, 1))  # a fill: no host-to-device copy
         return combined, routing.expert_index, routing, load_balance, dropped
 
