@@ -359,6 +359,17 @@ def step_ms(module: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> floa
     return (time.perf_counter() - start) * 1e3
 
 
+def case_inputs(n_experts: int, tokens: int, seq_len: int, d_model: int, device: torch.device, dtype: torch.dtype,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared router weights [E, d], the input [tokens / seq_len, seq_len, d] (needs grad) and an all-real mask."""
+    gen = torch.Generator().manual_seed(seed)
+    router_weight = torch.randn(n_experts, d_model, generator=gen) * INIT_STD
+    hidden = torch.randn(tokens // seq_len, seq_len, d_model, generator=gen).to(device=device, dtype=dtype)
+    hidden.requires_grad_(True)  # a layer inside a model also back-propagates to its input
+    mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=device)
+    return router_weight, hidden, mask
+
+
 def run_case(n_experts: int, top_k: int, tokens: int, seq_len: int, d_model: int, d_expert: int,
              impls=IMPLS, repeats: int = 7, warmup: int = 2, device="cpu", dtype=torch.float32,
              seed: int = 0, mem_budget_gib: float | None = None) -> list[dict]:
@@ -375,11 +386,7 @@ def run_case(n_experts: int, top_k: int, tokens: int, seq_len: int, d_model: int
         budget = int(mem_budget_gib * 2**30)
     if tokens % seq_len:
         raise ValueError(f"tokens ({tokens}) must be a multiple of seq_len ({seq_len})")
-    gen = torch.Generator().manual_seed(seed)
-    router_weight = torch.randn(n_experts, d_model, generator=gen) * INIT_STD
-    hidden = torch.randn(tokens // seq_len, seq_len, d_model, generator=gen).to(device=device, dtype=dtype)
-    hidden.requires_grad_(True)  # a layer inside a model also back-propagates to its input
-    mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=device)
+    router_weight, hidden, mask = case_inputs(n_experts, tokens, seq_len, d_model, device, dtype, seed)
 
     torch.manual_seed(seed)
     built = []

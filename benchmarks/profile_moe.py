@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_moe import INIT_STD, IMPLS, build, step_ms  # noqa: E402
+from benchmarks.bench_moe import IMPLS, build, case_inputs, step_ms  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,11 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    gen = torch.Generator().manual_seed(0)
-    router_weight = torch.randn(args.experts, args.d_model, generator=gen) * INIT_STD
-    hidden = torch.randn(args.tokens // args.seq_len, args.seq_len, args.d_model, generator=gen)
-    hidden = hidden.to(device=device, dtype=dtype).requires_grad_(True)
-    mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=device)
+    router_weight, hidden, mask = case_inputs(args.experts, args.tokens, args.seq_len, args.d_model, device, dtype)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     for name in args.impls:
