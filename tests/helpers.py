@@ -147,3 +147,9 @@ def leftover_temporaries(folder: Path) -> list[Path]:
     if not folder.exists():
         return []
     return [path for path in folder.rglob(".*") if ".tmp" in path.name or ".old-" in path.name]
+
+
+def relative_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected||, in float64 on the CPU (tensors of any dtype and device)."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()

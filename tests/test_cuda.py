@@ -9,17 +9,13 @@ import copy
 import pytest
 import torch
 
+from helpers import relative_error
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM, MoELayer
 from models.experts import grouped_mm_works
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 D_MODEL, HIDDEN, N_EXPERTS = 64, 128, 8  # multiples of 16 bytes in bf16, as grouped_mm needs
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
 
 
 def run_layer(layer: MoELayer, hidden: torch.Tensor, mask: torch.Tensor, upstream: torch.Tensor):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
+from helpers import relative_error
 from models import (
     MoEEncoderConfig,
     MoEEncoderForMaskedLM,
@@ -112,10 +113,6 @@ def naive_moe_reference(layer: MoELayer, hidden, real_token_mask, top_k: int, no
                 y = y + w * (F.gelu(x @ experts.w_in[e] + experts.b_in[e]) @ experts.w_out[e] + experts.b_out[e])
             rows.append(y)
     return torch.stack(rows).view_as(hidden)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 @pytest.mark.parametrize("top_k,normalize", [(1, True), (2, True), (2, False)])

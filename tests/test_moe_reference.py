@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import relative_error
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM, MoELayer
 from models.experts import DenseFFN
 from models.losses import count_assignments
@@ -112,10 +113,6 @@ def naive_moe(layer: MoELayer, config: MoEEncoderConfig, hidden: torch.Tensor, m
             y = y + shared_forward(layer.shared_experts, xs[n])
         output[b, t] = y
     return output, kept, dropped
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
 
 
 # ---- every combination against the reference ---------------------------------------------------------
