@@ -4,9 +4,11 @@ Reads the run (train.save_path/<tag>/model, default: the last finished run) and 
 and evaluation topics. Writes to <save_path>/<tag>/: metrics.csv (MLM loss, accuracy, perplexity,
 most-frequent-token baseline per split/topic), expert_counts.csv (real tokens per layer and expert),
 figures/*.png (all layers pooled; one figure per topic with a bar per layer) and manifest.json.
-Then the routing analysis over the test split and the evaluation topics together (each document labelled with its
-own topic): routing_stats.json/.csv (NMI of expert vs topic, token class and token id with bootstrap intervals,
-permutation p-values, I(expert; topic | token)), a topic x expert heatmap per layer, figures/nmi_per_layer.png,
+Then the routing analysis over the test split (topics seen in training; each document labelled with its own
+topic), with the held-out topics analysed apart: routing_stats.json/.csv (NMI of expert vs topic, token class and
+token id with bootstrap intervals and permutation p-values, each against random routers and the best linear
+router on the same hidden states, with the specialization index; I(expert; topic | token) as its excess over the
+permutation null), a topic x expert heatmap per layer, figures/nmi_per_layer.png, figures/specialization_index.png,
 tokens_<layer>.html (sample documents coloured by expert) and report.md. --no-routing-stats skips it.
 With no options it uses the default configs. Example:
     python inference/inference.py --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml \
@@ -21,13 +23,14 @@ import csv
 import time
 
 import datasets
+import numpy as np
 import torch
 
 from config_utils import atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import read_step2_output, step3_command
 from inference.routing import collect_routing, write_routing_outputs
 from process_exp_results.plots import plot_pooled_expert_histogram, plot_topic_layer_histogram
-from process_exp_results.report import write_report_md
+from process_exp_results.report import summary_sentences, write_report_md
 from process_exp_results.routing_stats import analyze_routing, token_classes
 from train.checkpoints import MODEL_DIR, find_run, load_model
 from train.evaluation import evaluate_mlm, mlm_loader
@@ -41,6 +44,15 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def training_token_ids(train_dir: Path) -> np.ndarray:
+    """The token ids that occur in the training split (its unmasked text), sorted."""
+    train = datasets.load_from_disk(str(train_dir)).with_format("numpy", columns=["unmasked_ids", "attention_mask"])
+    seen = set()
+    for batch in train.iter(batch_size=4096):
+        seen.update(np.unique(batch["unmasked_ids"][batch["attention_mask"].astype(bool)]).tolist())
+    return np.array(sorted(seen), dtype=np.int64)
 
 
 def run_summary(run_dir: Path, model_config, metric_rows: list[dict]) -> dict:
@@ -65,6 +77,14 @@ def main() -> None:
     parser.add_argument("--n-perm", type=int, default=200, help="permutations per p-value")
     parser.add_argument("--max-docs-per-group", type=int, default=2000,
                         help="documents per split/topic in the routing analysis")
+    parser.add_argument("--n-random-routers", type=int, default=50,
+                        help="random routers per layer for the references (a router that learned nothing)")
+    parser.add_argument("--max-router-inputs", type=int, default=200_000,
+                        help="router inputs kept per layer for the references (a seeded sample of tokens; 0 = no "
+                             "references)")
+    parser.add_argument("--pool-held-out", action="store_true",
+                        help="analyse the held-out topics together with the test split's (the earlier study's "
+                             "design; they are unfamiliar text, so topic and novelty mix)")
     parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
     args = parser.parse_args()
     configs = load_step_configs(args, ["dataset", "model", "train"])
@@ -99,12 +119,19 @@ def main() -> None:
 
     stats = None
     if layer_names and not args.no_routing_stats:  # a dense model (no MoE layer) has no routing to analyse
-        records = collect_routing(model, group_datasets, device, args.batch_size, args.max_docs_per_group)
+        held_out = tuple(dataset_config.data_params.eval_topics)
+        records, router_sample = collect_routing(model, group_datasets, device, args.batch_size,
+                                                 args.max_docs_per_group, held_out, args.max_router_inputs,
+                                                 sample_held_out=args.pool_held_out)
         class_of_id, class_names = token_classes(tokenizer)
         id_to_token = tokenizer.convert_ids_to_tokens(list(range(model.config.vocab_size)))
-        print("step 4: routing statistics (bootstrap and permutations) ...", file=sys.stderr)
+        print("step 4: routing statistics (bootstrap, permutations, references) ...", file=sys.stderr)
         stats = analyze_routing(records, class_of_id, class_names, id_to_token, n_boot=args.n_boot,
-                                n_perm=args.n_perm)
+                                n_perm=args.n_perm, router_sample=router_sample,
+                                n_random_routers=args.n_random_routers,
+                                train_token_ids=training_token_ids(masked_dir / "train"),
+                                pool_held_out=args.pool_held_out)
+        stats["summary"] = summary_sentences(stats)
 
     out_dir = Path(args.save_path) / run_dir.name
     figures, routing_files = [], []

@@ -1,7 +1,8 @@
 """Routing records for step 4: which expert each real token went to, per MoE layer, and the files made from them.
 
-collect_routing runs the model over step 2's *unmasked* ids (the analysis asks where real text goes, not where
-[MASK] goes) and keeps one row per real token: its document, topic, token id, position and experts per layer.
+collect_routing runs the encoder over step 2's *unmasked* ids (the analysis asks where real text goes, not where
+[MASK] goes) and keeps one row per real token: its document, topic, token id, position and experts per layer, and
+the router inputs of a seeded sample of tokens (the references of process_exp_results.references).
 write_routing_outputs turns the statistics of process_exp_results.routing_stats into JSON, CSV, figures and
 token pages.
 """
@@ -15,9 +16,11 @@ import numpy as np
 import torch
 
 from config_utils import write_json_atomic
-from process_exp_results.plots import plot_nmi_per_layer, plot_topic_expert_heatmap
-from process_exp_results.report import write_token_html
-from process_exp_results.routing_stats import RoutingRecords, stats_csv_rows
+from models import MoELayer
+from process_exp_results.plots import plot_nmi_per_layer, plot_specialization_index, plot_topic_expert_heatmap
+from process_exp_results.references import RouterSample, SelectionRule
+from process_exp_results.report import stats_csv_rows, write_token_html
+from process_exp_results.routing_stats import RoutingRecords
 
 ROUTING_COLUMNS = ["doc_id", "unmasked_ids", "attention_mask"]
 CSV_COLUMNS = ["layer", "measure", "value", "ci_low", "ci_high", "p_value"]
@@ -36,47 +39,116 @@ def topic_names_of(groups: dict) -> list[str]:
     return names
 
 
+def _sample_positions(groups: dict, sampled: set[str], max_tokens: int, seed: int) -> tuple[np.ndarray, int]:
+    """Sorted positions, among the real tokens of the `sampled` groups taken in order, of a seeded uniform sample
+    of at most max_tokens; and the number of candidates."""
+    n_real = sum(int(np.sum(dataset.with_format("numpy", columns=["attention_mask"])["attention_mask"]))
+                 for name, dataset in groups.items() if name in sampled)
+    chosen = np.random.default_rng([seed, 7]).choice(n_real, size=min(max_tokens, n_real), replace=False)
+    return np.sort(chosen), n_real
+
+
+class _RouterInputs:
+    """Forward hooks that keep each router's input ([real tokens, d]) of the current forward pass."""
+
+    def __init__(self, routers: list[torch.nn.Module]):
+        self.current: list[torch.Tensor | None] = [None] * len(routers)
+        self.handles = [router.register_forward_hook(self._keep(i)) for i, router in enumerate(routers)]
+
+    def _keep(self, index: int):
+        def hook(module, inputs, output):
+            self.current[index] = inputs[0].detach()
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @torch.no_grad()
-def collect_routing(model, groups: dict, device, batch_size: int = 64,
-                    max_docs_per_group: int | None = 2000) -> RoutingRecords:
-    """Forward pass over each group's `unmasked_ids` with attention_mask, in eval mode, no grad; one record per
-    real token; topic = the document's own `topic` column value (so the test split contributes its several
-    topics, and each held-out topic set its own)."""
+def collect_routing(model, groups: dict, device, batch_size: int = 64, max_docs_per_group: int | None = 2000,
+                    held_out_groups: tuple[str, ...] = (), max_router_inputs: int = 200_000,
+                    sample_held_out: bool = False, seed: int = 0) -> tuple[RoutingRecords, RouterSample | None]:
+    """Encoder forward passes (no MLM head: the analysis needs the routing only) over each group's `unmasked_ids`
+    with attention_mask, in eval mode, no grad; one record per real token; topic = the document's own `topic`
+    column value (so the test split contributes its several topics, and each held-out topic set its own).
+
+    Also keeps the router inputs of a seeded sample of at most max_router_inputs real tokens of the seen groups
+    (and of held_out_groups with sample_held_out), for the references; None for a model without routers or with
+    max_router_inputs 0.
+    """
     was_training = model.training
     model.eval()
     groups = {name: first_documents(dataset, max_docs_per_group) for name, dataset in groups.items()}
     topic_names = topic_names_of(groups)
     topic_index = {name: index for index, name in enumerate(topic_names)}
     n_layers = len(model.config.moe_layer_indices)
-    parts: dict[str, list[np.ndarray]] = {key: [] for key in ("doc_id", "topic", "token_id", "position", "experts")}
-    for dataset in groups.values():
-        topics = np.array([topic_index[topic] for topic in dataset["topic"]], dtype=np.int64)
-        start = 0
-        for batch in dataset.with_format("numpy", columns=ROUTING_COLUMNS).iter(batch_size=batch_size):
-            ids = torch.as_tensor(batch["unmasked_ids"], dtype=torch.long, device=device)
-            real = torch.as_tensor(batch["attention_mask"], device=device).bool()
-            output = model(input_ids=ids, attention_mask=real)
-            n_docs, seq_len = ids.shape
-            if n_layers:
-                experts = torch.stack(output.expert_indices, dim=2)  # [B, T, n_layers, k]
-            else:
-                experts = torch.full((n_docs, seq_len, 0, 1), -1, dtype=torch.long, device=device)
-            real_cpu = real.cpu().numpy()
-            parts["experts"].append(experts[real].cpu().numpy().astype(np.int64))
-            parts["token_id"].append(ids[real].cpu().numpy().astype(np.int64))
-            parts["position"].append(np.nonzero(real_cpu)[1].astype(np.int32))
-            rows = np.nonzero(real_cpu)[0]
-            parts["doc_id"].append(np.asarray(batch["doc_id"], dtype=np.int64)[rows])
-            parts["topic"].append(topics[start:start + n_docs][rows])
-            start += n_docs
-    model.train(was_training)
+    routers = [module.router for module in model.modules() if isinstance(module, MoELayer) and hasattr(module, "router")]
+    sampled = {name for name in groups if sample_held_out or name not in held_out_groups}
+    keep_inputs = bool(routers) and max_router_inputs > 0
+    positions, n_candidates = _sample_positions(groups, sampled, max_router_inputs, seed) if keep_inputs else (None, 0)
+    hooks = _RouterInputs(routers) if keep_inputs else None
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in ("doc_id", "topic", "token_id", "position", "experts",
+                                                              "held_out")}
+    sample = {"rows": [], "batch": [], "inputs": [[] for _ in routers]}
+    n_rows = n_seen = n_batches = 0  # records so far; real tokens of the sampled groups so far; forward passes
+    try:
+        for name, dataset in groups.items():
+            topics = np.array([topic_index[topic] for topic in dataset["topic"]], dtype=np.int64)
+            start = 0
+            for batch in dataset.with_format("numpy", columns=ROUTING_COLUMNS).iter(batch_size=batch_size):
+                ids = torch.as_tensor(batch["unmasked_ids"], dtype=torch.long, device=device)
+                real = torch.as_tensor(batch["attention_mask"], device=device).bool()
+                output = model.encoder(input_ids=ids, attention_mask=real)
+                n_docs, seq_len = ids.shape
+                if n_layers:
+                    experts = torch.stack(output.expert_indices, dim=2)  # [B, T, n_layers, k]
+                else:
+                    experts = torch.full((n_docs, seq_len, 0, 1), -1, dtype=torch.long, device=device)
+                real_cpu = real.cpu().numpy()
+                n_real = int(real_cpu.sum())
+                parts["experts"].append(experts[real].cpu().numpy().astype(np.int64))
+                parts["token_id"].append(ids[real].cpu().numpy().astype(np.int64))
+                parts["position"].append(np.nonzero(real_cpu)[1].astype(np.int32))
+                rows = np.nonzero(real_cpu)[0]
+                parts["doc_id"].append(np.asarray(batch["doc_id"], dtype=np.int64)[rows])
+                parts["topic"].append(topics[start:start + n_docs][rows])
+                parts["held_out"].append(np.full(n_real, name in held_out_groups))
+                if hooks is not None and name in sampled:
+                    # the sampled positions in this pass, as indices into its real tokens (the router's row order)
+                    here = positions[np.searchsorted(positions, n_seen):np.searchsorted(positions, n_seen + n_real)]
+                    local = torch.as_tensor(here - n_seen, dtype=torch.long, device=device)
+                    for kept, current in zip(sample["inputs"], hooks.current):
+                        kept.append(current.index_select(0, local).float().cpu().numpy())
+                    sample["rows"].append(n_rows + here - n_seen)
+                    sample["batch"].append(np.full(len(here), n_batches))
+                    n_seen += n_real
+                start += n_docs
+                n_rows += n_real
+                n_batches += 1
+    finally:
+        if hooks is not None:
+            hooks.remove()
+        model.train(was_training)
     k = parts["experts"][0].shape[-1] if parts["experts"] else model.config.top_k_experts
     empty = {"doc_id": np.zeros(0, np.int64), "topic": np.zeros(0, np.int64), "token_id": np.zeros(0, np.int64),
-             "position": np.zeros(0, np.int32), "experts": np.zeros((0, n_layers, k), np.int64)}
+             "position": np.zeros(0, np.int32), "experts": np.zeros((0, n_layers, k), np.int64),
+             "held_out": np.zeros(0, bool)}
     columns = {key: np.concatenate(values) if values else empty[key] for key, values in parts.items()}
-    return RoutingRecords(**columns, topic_names=topic_names,
-                          layer_names=[f"block {index}" for index in model.config.moe_layer_indices],
-                          n_experts=model.config.n_experts)
+    records = RoutingRecords(**columns, topic_names=topic_names,
+                             layer_names=[f"block {index}" for index in model.config.moe_layer_indices],
+                             n_experts=model.config.n_experts)
+    if hooks is None:
+        return records, None
+    d_model = model.config.embedding_dim
+    router_sample = RouterSample(
+        rows=np.concatenate(sample["rows"]) if sample["rows"] else np.zeros(0, np.int64),
+        batch=np.concatenate(sample["batch"]) if sample["batch"] else np.zeros(0, np.int64),
+        inputs=[np.concatenate(kept) if kept else np.zeros((0, d_model), np.float32) for kept in sample["inputs"]],
+        weights=[router.linear.weight.detach().float().cpu().numpy() for router in routers],
+        rule=SelectionRule(model.config.router_type, model.config.top_k_experts, model.config.capacity_factor),
+        n_candidates=n_candidates, max_tokens=max_router_inputs)
+    return records, router_sample
 
 
 def sample_documents(records: RoutingRecords, id_to_token: list[str], layer: int, per_topic: int = 2,
@@ -101,7 +173,8 @@ def file_stem(layer_name: str) -> str:
 
 
 def write_routing_outputs(out_dir: Path, stats: dict, records: RoutingRecords, id_to_token: list[str]) -> list[Path]:
-    """routing_stats.json/.csv, a topic x expert heatmap per layer, the NMI figure and a token page per layer.
+    """routing_stats.json/.csv, a topic x expert heatmap per layer, the NMI and specialization-index figures and a
+    token page per layer.
 
     Returns the written paths, relative to out_dir.
     """
@@ -123,4 +196,9 @@ def write_routing_outputs(out_dir: Path, stats: dict, records: RoutingRecords, i
         written += [figure, page]
     figure = Path("figures") / "nmi_per_layer.png"
     plot_nmi_per_layer(stats, out_dir / figure)
-    return written + [figure]
+    written.append(figure)
+    if any(layer.get("references") for layer in stats["layers"]):
+        figure = Path("figures") / "specialization_index.png"
+        plot_specialization_index(stats, out_dir / figure)
+        written.append(figure)
+    return written

@@ -35,6 +35,7 @@ __all__ = [
     "format_count",
     "plot_nmi_per_layer",
     "plot_pooled_expert_histogram",
+    "plot_specialization_index",
     "plot_topic_expert_heatmap",
     "plot_topic_layer_histogram",
     "save_figure_atomic",
@@ -461,14 +462,23 @@ def _p_text(p: float | None, n_perm: int) -> str:
     return f"p≤{p:.2g}" if n_perm and p <= 1.0 / (n_perm + 1) + 1e-12 else f"p={p:.2g}"
 
 
-def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
-    """How much of the expert choice each factor explains, per MoE layer, with 95% bootstrap intervals.
+FACTOR_SERIES = (("topic", "tab:red", "o"), ("token class", "tab:blue", "s"), ("token id", "tab:green", "^"))
+FACTOR_KEYS = {"topic": "topic", "token class": "token_class", "token id": "token_id"}
 
-    Left: normalized mutual information (NMI, 0 = unrelated, 1 = determined) between
-    the top expert and the document's topic, the token's class and the token id.
-    Right: conditional mutual information I(expert; topic | token) in bits, the
-    part of the topic signal that the token's identity does not explain, beside
-    the mean of its permutation null (what a topic-blind router would score).
+
+def _factor_entry(layer: Mapping, label: str) -> Mapping:
+    return layer if label == "topic" else layer[FACTOR_KEYS[label]]
+
+
+def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
+    """How much of the expert choice each factor explains, per MoE layer, against its references.
+
+    Left: NMI (0 = unrelated, 1 = determined) between the top expert and the document's topic, the token's class
+    and the token id, with 95% bootstrap intervals; behind each, a grey bar spanning what random routers with the
+    trained router's loads give on the same hidden states (2.5-97.5% over the draws, a line at their mean), and a
+    hollow star at the best linear router (the probe). Right: the excess of I(expert; topic | token) over its
+    permutation null (bits), with its interval: the part of the topic signal that the token's identity does not
+    explain and that is not estimator bias.
 
     Args:
         stats: ``process_exp_results.routing_stats.analyze_routing`` result.
@@ -479,34 +489,49 @@ def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
         raise ValueError("stats has no layers: nothing to plot")
     names = [layer["layer"] for layer in layers]
     n_perm = int(stats.get("settings", {}).get("n_perm", 0))
-    series = [
-        ("topic", "tab:red", "o", [_interval(l, "nmi", "nmi_ci") for l in layers], [l.get("p_value") for l in layers]),
-        ("token class", "tab:blue", "s", [_interval(l["token_class"], "nmi", "nmi_ci") for l in layers],
-         [l["token_class"].get("p_value") for l in layers]),
-        ("token id", "tab:green", "^", [_interval(l["token_id"], "nmi", "nmi_ci") for l in layers], None),
-    ]
-    values = np.array([v for _, _, _, points, _ in series for point in points for v in point])
+    values = []
+    for layer in layers:
+        for label, _, _ in FACTOR_SERIES:
+            values += list(_interval(_factor_entry(layer, label), "nmi", "nmi_ci"))
+            reference = (layer.get("references") or {}).get(FACTOR_KEYS[label])
+            if reference:
+                band = reference["random_load_matched"]
+                values += [band["low"], band["high"]] + ([reference["probe"]] if reference.get("probe") else [])
+    values = np.array(values, dtype=float)
     positive = values[values > 0]
     log_y = positive.size > 0 and positive.max() / max(positive.min(), 1e-12) > 20
+    floor = 1e-4 if log_y else 0.0  # an NMI of 0 cannot sit on a log axis
 
     x = np.arange(len(layers), dtype=float)
-    fig_w = max(9.0, 4.5 + 1.3 * len(layers) * 2)
-    fig = Figure(figsize=(fig_w, 4.6), dpi=DPI)
+    fig_w = max(10.0, 5.0 + 1.5 * len(layers) * 2)
+    fig = Figure(figsize=(fig_w, 5.0), dpi=DPI)
     FigureCanvasAgg(fig)
-    ax_nmi, ax_cmi = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1.0], "wspace": 0.32})
+    ax_nmi, ax_cmi = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.8, 1.0], "wspace": 0.3})
 
-    offsets = np.linspace(-0.22, 0.22, len(series))
-    for (label, colour, marker, points, p_values), offset in zip(series, offsets):
-        value, low, high = (np.array(c) for c in zip(*points))
-        floor = 1e-4 if log_y else 0.0  # an NMI of 0 cannot sit on a log axis
-        shown = np.maximum(value, floor)
-        errors = np.vstack([shown - np.maximum(low, floor), np.maximum(high, floor) - shown]).clip(min=0)
-        ax_nmi.errorbar(x + offset, shown, yerr=errors, fmt=marker, color=colour, markersize=7, capsize=4,
-                        elinewidth=1.4, label=label, zorder=3)
-        for xi, v, p in zip(x + offset, shown, p_values or [None] * len(x)):
-            text = f"{v:.3f}" if p is None else f"{v:.3f}\n{_p_text(p, n_perm)}"
-            ax_nmi.annotate(text, (xi, v), xytext=(6, 0), textcoords="offset points", fontsize=7, color=colour,
-                            va="center")
+    offsets = np.linspace(-0.26, 0.26, len(FACTOR_SERIES))
+    band_drawn = probe_drawn = False
+    for (label, colour, marker), offset in zip(FACTOR_SERIES, offsets):
+        for xi, layer in zip(x + offset, layers):
+            entry = _factor_entry(layer, label)
+            value, low, high = (max(v, floor) for v in _interval(entry, "nmi", "nmi_ci"))
+            reference = (layer.get("references") or {}).get(FACTOR_KEYS[label])
+            if reference:
+                band = reference["random_load_matched"]
+                ax_nmi.bar(xi, max(band["high"], floor) - max(band["low"], floor), bottom=max(band["low"], floor),
+                           width=0.13, color="0.85", edgecolor="0.6", linewidth=0.6, zorder=1,
+                           label=None if band_drawn else "random routers, loads matched (2.5-97.5%)")
+                ax_nmi.plot([xi - 0.065, xi + 0.065], [max(band["mean"], floor)] * 2, color="0.35", linewidth=1.2,
+                            zorder=2)
+                band_drawn = True
+                if reference.get("probe") is not None:
+                    ax_nmi.scatter(xi, max(reference["probe"], floor), marker="*", s=120, facecolor="white",
+                                   edgecolor=colour, linewidths=1.2, zorder=3,
+                                   label=None if probe_drawn else "best linear router (probe)")
+                    probe_drawn = True
+            ax_nmi.errorbar(xi, value, yerr=[[value - low], [high - value]], fmt=marker, color=colour, markersize=7,
+                            capsize=4, elinewidth=1.4, zorder=4, label=label if xi == x[0] + offset else None)
+            ax_nmi.annotate(f"{value:.3f}", (xi, value), xytext=(7, 0), textcoords="offset points", fontsize=7,
+                            color=colour, va="center", zorder=5)
     if log_y:
         from matplotlib.ticker import FuncFormatter, LogLocator
 
@@ -514,38 +539,90 @@ def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
         ax_nmi.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax_nmi.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax_nmi.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax_nmi.set_ylim(positive.min() / 1.6, min(positive.max() * 1.6, 1.6))  # every band and star inside
     else:
         ax_nmi.set_ylim(bottom=0)
     ax_nmi.set_xticks(x)
     ax_nmi.set_xticklabels(names, fontsize=9)
     ax_nmi.set_xlim(-0.6, len(layers) - 0.4)
     ax_nmi.set_ylabel("NMI with the top expert" + (" (log scale)" if log_y else ""), fontsize=10)
-    ax_nmi.set_title("What predicts the expert? (95% bootstrap CI)", fontsize=10.5)
-    ax_nmi.legend(fontsize=8.5, frameon=False, loc="best", title="expert vs", title_fontsize=8.5)
+    ax_nmi.set_title("What predicts the expert? Trained router (95% CI) vs references", fontsize=10.5)
+    ax_nmi.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
     ax_nmi.yaxis.grid(True, color="0.9", which="major")
 
-    cmi = [_interval(l["conditional_topic"], "cmi", "cmi_ci") for l in layers]
-    value, low, high = (np.array(c) for c in zip(*cmi))
+    excess = [_interval(layer["conditional_topic"], "cmi_excess", "cmi_excess_ci") for layer in layers]
+    value, low, high = (np.array(c) for c in zip(*excess))
+    ax_cmi.axhline(0.0, color="0.5", linestyle="--", linewidth=1, zorder=1)
     ax_cmi.errorbar(x, value, yerr=np.vstack([value - low, high - value]).clip(min=0), fmt="D", color="tab:purple",
-                    markersize=7, capsize=4, elinewidth=1.4, label="I(expert; topic | token)", zorder=3)
-    null = np.array([float(l["conditional_topic"].get("null_mean", np.nan)) for l in layers])
-    ax_cmi.scatter(x, null, marker="_", s=300, color="0.35", linewidths=2, label="permutation null mean", zorder=4)
-    for xi, l, v in zip(x, layers, high):
-        cond = l["conditional_topic"]
-        ax_cmi.annotate(f"{_p_text(cond['p_value'], n_perm)}\n{cond['explained_by']}", (xi, v), xytext=(0, 5),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=7.5, color="0.25")
+                    markersize=7, capsize=4, elinewidth=1.4, zorder=3)
+    for xi, layer, v in zip(x, layers, high):
+        cond = layer["conditional_topic"]
+        ax_cmi.annotate(f"{cond['cmi_excess']:.3f}\n{_p_text(cond['p_value'], n_perm)}\n{cond['explained_by']}",
+                        (xi, v), xytext=(0, 5), textcoords="offset points", ha="center", va="bottom", fontsize=7.5,
+                        color="0.25")
     ax_cmi.set_xticks(x)
     ax_cmi.set_xticklabels(names, fontsize=9)
     ax_cmi.set_xlim(-0.6, len(layers) - 0.4)
-    top = float(np.nanmax(np.concatenate([high, null]))) if len(high) else 0.0
-    ax_cmi.set_ylim(0, max(top * 1.45, 1e-3))
-    ax_cmi.set_ylabel("bits", fontsize=10)
-    ax_cmi.set_title("Topic signal beyond the token itself", fontsize=10.5)
-    ax_cmi.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=1)
+    top, bottom = float(np.nanmax(np.r_[high, 0.0])), float(np.nanmin(np.r_[low, 0.0]))
+    span = max(top - bottom, 1e-3)
+    ax_cmi.set_ylim(bottom - 0.1 * span, top + 0.6 * span)
+    ax_cmi.set_ylabel("bits above the permutation null", fontsize=10)
+    ax_cmi.set_title("I(expert; topic | token): excess over its null", fontsize=10.5)
     ax_cmi.yaxis.grid(True, color="0.9")
     for ax in (ax_nmi, ax_cmi):
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
     fig.suptitle(f"Routing vs topic, token class and token ({stats.get('n_tokens', 0):,} tokens, "
                  f"{stats.get('n_documents', 0):,} documents)", fontsize=12, fontweight="bold")
+    fig.subplots_adjust(bottom=0.2)
+    return save_figure_atomic(fig, path)
+
+
+def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
+    """The specialization index per MoE layer and factor, with 95% intervals: 0 = no more than a router that
+    learned nothing (random routers with the trained loads, on the same hidden states), 1 = as much as the best
+    linear router for the factor. A layer is called specialized on a factor when the interval clears 0 (and its
+    permutation test passes). Layers without references are left out; n/a where the probe found nothing.
+    """
+    layers = [layer for layer in stats["layers"] if layer.get("references")]
+    if not layers:
+        raise ValueError("stats has no references: nothing to plot (step 4 ran without router inputs)")
+    names = [layer["layer"] for layer in layers]
+    series = [("topic", "tab:red", "o"), ("token_class", "tab:blue", "s")]
+    x = np.arange(len(layers), dtype=float)
+    fig = Figure(figsize=(max(7.5, 3.0 + 1.6 * len(layers)), 4.6), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.1, 0.17, 0.62, 0.7))
+    bounds = [-0.15, 1.15]
+    for (factor, colour, marker), offset in zip(series, (-0.12, 0.12)):
+        for xi, layer in zip(x + offset, layers):
+            reference = layer["references"].get(factor) or {}
+            index, ci = reference.get("index"), reference.get("index_ci")
+            if index is None or ci is None:
+                ax.annotate("n/a", (xi, 0.0), ha="center", va="bottom", fontsize=8, color=colour)
+                continue
+            bounds += [ci[0], ci[1]]
+            ax.errorbar(xi, index, yerr=[[index - ci[0]], [ci[1] - index]], fmt=marker, color=colour, markersize=8,
+                        capsize=5, elinewidth=1.6, zorder=3, label=factor.replace("_", " ") if xi == x[0] + offset
+                        else None)
+            ax.annotate(f"{index:.2f}\n[{ci[0]:.2f}, {ci[1]:.2f}]", (xi, ci[1]), xytext=(0, 4),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7.5, color=colour)
+    ax.axhline(0.0, color="0.35", linestyle="--", linewidth=1.1)
+    ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.1)
+    transform = blended_transform_factory(ax.transAxes, ax.transData)
+    ax.text(1.02, 0.0, "0: random router\n(learned nothing)", transform=transform, va="center", fontsize=8.5,
+            color="0.3")
+    ax.text(1.02, 1.0, "1: best linear\nrouter (probe)", transform=transform, va="center", fontsize=8.5, color="0.3")
+    span = max(bounds) - min(bounds)
+    ax.set_ylim(min(bounds) - 0.05 * span, max(bounds) + 0.2 * span)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, fontsize=9)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
+    ax.set_ylabel("specialization index", fontsize=10)
+    ax.legend(fontsize=8.5, frameon=False, loc="upper left", ncol=2)
+    ax.yaxis.grid(True, color="0.92")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.suptitle("What did the router learn? (95% CI over documents and random routers)", fontsize=11.5,
+                 fontweight="bold", x=0.02, ha="left")
     return save_figure_atomic(fig, path)

@@ -13,7 +13,9 @@ from pathlib import Path
 import matplotlib
 from matplotlib.colors import to_hex, to_rgb
 
-__all__ = ["expert_colours", "write_report_md", "write_token_html"]
+from process_exp_results.routing_stats import ALPHA, is_specialized
+
+__all__ = ["expert_colours", "stats_csv_rows", "summary_sentences", "write_report_md", "write_token_html"]
 
 NO_EXPERT_COLOUR = "#d9d9d9"  # expert choice: a token no expert picked
 
@@ -108,11 +110,11 @@ def _p(value, n_perm: int) -> str:
     return f"≤{value:.2g}" if n_perm and value <= 1.0 / (n_perm + 1) + 1e-12 else f"{value:.2g}"
 
 
-def _interval(values) -> str:
+def _interval(values, digits: int = 3) -> str:
     if not values:
         return ""
     low, high = values
-    return f" [{_number(low)}, {_number(high)}]"
+    return f" [{_number(low, digits)}, {_number(high, digits)}]"
 
 
 def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
@@ -163,31 +165,205 @@ def write_report_md(path: str | os.PathLike, run_info: Mapping, metric_rows: Seq
     return _write_text_atomic(Path(path), "\n".join(lines))
 
 
+FACTOR_WORDS = {"topic": "topic", "token_class": "token class", "token_id": "token identity"}
+SPECIFIC = {"topic": "topic-specific", "token_class": "specific to token class",
+            "token_id": "specific to token identity"}
+
+
+def _band(band: Mapping | None) -> str:
+    return "n/a" if band is None else f"{_number(band['mean'])} [{_number(band['low'])}, {_number(band['high'])}]"
+
+
+def _too_few_permutations(n_perm: int) -> bool:
+    return 1 / (n_perm + 1) > ALPHA  # the smallest reachable p-value is above the threshold: no test can pass
+
+
+def factor_verdict(reference: Mapping | None, p_value: float | None, factor: str, n_perm: int) -> str:
+    """What the references allow one to say about one factor in one layer."""
+    word, specific = FACTOR_WORDS.get(factor, factor), SPECIFIC.get(factor, factor)
+    if reference is None:
+        return "no references were computed, so whether this is more than a router that learned nothing is open"
+    if reference.get("probe") is not None and reference.get("index") is None:
+        return f"the best linear router finds no more {word} in these hidden states than random routers do"
+    ci = reference.get("index_ci")
+    if ci is None:
+        return f"no specialization index for {word}"
+    if ci[0] > 0:
+        if is_specialized(reference, p_value):
+            return f"specialized on {word}: more {specific} than random routers on the same hidden states"
+        if _too_few_permutations(n_perm):
+            return (f"index clear of 0, but with {n_perm} permutations no p-value can reach {ALPHA}: rerun with "
+                    f"--n-perm {int(round(2 / ALPHA))} to decide")
+        return f"index clear of 0 but the permutation test is not (p={p_value:.2g}): not called specialized"
+    if ci[1] < 0:
+        return f"less {specific} than a router that learned nothing"
+    return f"no more {specific} than a router that learned nothing"
+
+
+def _factor_clause(layer: Mapping, factor: str, n_perm: int) -> str:
+    """'topic NMI 0.033 [0.030, 0.036]; random routers ... ; index ...: verdict'."""
+    entry = layer if factor == "topic" else layer[factor]
+    reference = (layer.get("references") or {}).get(factor)
+    text = f"{FACTOR_WORDS[factor]} NMI {_number(entry['nmi'])}{_interval(entry.get('nmi_ci'))}"
+    if reference is None:
+        return f"{text}: {factor_verdict(None, entry.get('p_value'), factor, n_perm)}"
+    text += (f"; random routers with its loads on the same hidden states "
+             f"{_band(reference['random_load_matched'])}")
+    if reference.get("probe") is not None:
+        text += f", best linear router {_number(reference['probe'])}"
+    if reference.get("index") is not None:
+        text += f"; index {_number(reference['index'], 2)}{_interval(reference.get('index_ci'), 2)}"
+    return f"{text}: {factor_verdict(reference, entry.get('p_value'), factor, n_perm)}"
+
+
+def summary_sentences(stats: Mapping) -> list[str]:
+    """One sentence per layer (topic, token class, what the token explains), then one per held-out topic."""
+    n_perm = int(stats.get("settings", {}).get("n_perm", 0))
+    sentences = []
+    for layer in stats["layers"]:
+        parts = [_factor_clause(layer, "topic", n_perm), _factor_clause(layer, "token_class", n_perm)]
+        ct = layer["conditional_topic"]
+        clause = (f"given the token, topic adds {_number(ct['cmi_excess'])} bits beyond its permutation null"
+                  f"{_interval(ct.get('cmi_excess_ci'))} (raw {_number(ct['cmi'])}, null {_number(ct['null_mean'])}, "
+                  f"{_p(ct.get('p_value'), n_perm)})")
+        clause += f": {EXPLANATIONS[ct['explained_by']]}"
+        random_cmi = (layer.get("references") or {}).get("conditional_topic")
+        if random_cmi is not None and ct["explained_by"] == "context beyond the token":
+            band = random_cmi["random_load_matched"]
+            more = "more than" if random_cmi["trained"] > band["high"] else "no more than"
+            clause += (f", {more} under random routers with its loads on the same hidden states (raw "
+                       f"{_band(band)})")
+        parts.append(clause)
+        sentence = f"{layer['layer']}: " + "; ".join(parts) + "."
+        if _too_few_permutations(n_perm):
+            sentence += (f" With {n_perm} permutations no p-value can reach {ALPHA}, so no test decides; rerun with "
+                         f"at least {int(round(2 / ALPHA))} permutations.")
+        sentences.append(sentence)
+    seen_share = stats.get("seen_unseen_piece_share")
+    for topic, shift in (stats.get("held_out_shift") or {}).items():
+        mixes = " and ".join(f"{_number(value)}{_interval(shift['js_ci'].get(name))} bits in {name}"
+                             for name, value in shift["js"].items())
+        sentence = (f"held-out topic {topic} (not in training, analysed apart): its expert mix differs from the seen "
+                    f"documents' by JS {mixes}")
+        if shift.get("unseen_piece_share") is not None:
+            sentence += (f"; {100 * shift['unseen_piece_share']:.1f}% of its tokens never occur in the training split"
+                         + (f" (seen documents: {100 * seen_share:.1f}%)" if seen_share is not None else ""))
+        sentences.append(sentence + ".")
+    return sentences
+
+
+EXPLANATIONS = {
+    "context beyond the token": "the same token goes to different experts in different topics",
+    "token identity": "the topic signal is explained by which tokens a topic uses",
+    "neither": "there is no topic signal beyond the token to explain",
+}
+
+
+def stats_csv_rows(stats: Mapping) -> list[dict]:
+    """Flat rows {"layer", "measure", "value", "ci_low", "ci_high", "p_value"} (None where not defined)."""
+    rows = []
+
+    def row(layer, measure, value, ci=None, p=None):
+        rows.append({"layer": layer, "measure": measure, "value": value,
+                     "ci_low": None if ci is None else ci[0], "ci_high": None if ci is None else ci[1],
+                     "p_value": p})
+
+    for layer in stats["layers"]:
+        name = layer["layer"]
+        row(name, "topic_nmi", layer["nmi"], layer["nmi_ci"], layer["p_value"])
+        tc = layer["token_class"]
+        row(name, "token_class_nmi", tc["nmi"], tc["nmi_ci"], tc["p_value"])
+        row(name, "token_id_nmi", layer["token_id"]["nmi"], layer["token_id"]["nmi_ci"])
+        ct = layer["conditional_topic"]
+        row(name, "conditional_topic_mi", ct["cmi"], ct["cmi_ci"], ct["p_value"])
+        row(name, "conditional_topic_mi_excess", ct["cmi_excess"], ct["cmi_excess_ci"], ct["p_value"])
+        for topic, value in layer["js"].items():
+            row(name, f"js:{topic}", value, layer["js_ci"].get(topic))
+        for factor, reference in (layer.get("references") or {}).items():
+            if not isinstance(reference, Mapping) or "trained" not in reference:
+                continue
+            row(name, f"reference:{factor}:trained", reference["trained"])
+            for kind in ("random", "random_load_matched"):
+                band = reference[kind]
+                row(name, f"reference:{factor}:{kind}", band["mean"], [band["low"], band["high"]])
+            if "probe" in reference:
+                row(name, f"reference:{factor}:probe", reference["probe"])
+                row(name, f"specialization_index:{factor}", reference["index"], reference["index_ci"])
+    for topic, shift in (stats.get("held_out_shift") or {}).items():
+        for name, value in shift["js"].items():
+            row(name, f"held_out_js:{topic}", value, shift["js_ci"].get(name))
+        if shift.get("unseen_piece_share") is not None:
+            row("", f"held_out_unseen_piece_share:{topic}", shift["unseen_piece_share"])
+    return rows
+
+
 def _routing_section(stats: Mapping) -> list[str]:
     settings = stats.get("settings", {})
+    n_perm = int(settings.get("n_perm", 0))
+    groups = stats.get("groups") or {}
+    design = ("the held-out topics pooled with the seen ones (--pool-held-out)" if groups.get("pooled")
+              else "the test split's documents (topics seen in training); the held-out topics are analysed apart")
     lines = ["## Routing analysis", "",
-             f"{stats['n_tokens']:,} real tokens from {stats['n_documents']:,} documents, topics: "
+             f"{stats['n_tokens']:,} real tokens from {stats['n_documents']:,} documents of {design}; topics: "
              f"{', '.join(stats['topics'])}; {stats['n_experts']} experts, top-{stats['k']} routing. "
              f"Intervals are 95% document-level bootstrap intervals ({settings.get('n_boot', '?')} resamples); "
              f"p-values come from {settings.get('n_perm', '?')} permutations.", "",
              "### In plain words", ""]
     lines += [f"- {sentence}" for sentence in stats.get("summary", [])]
-    lines += ["", "### Per layer", ""]
-    rows, n_perm = [], int(settings.get("n_perm", 0))
+    references = settings.get("references")
+    lines += ["", "### Against routers that learned nothing, and the best linear router", ""]
+    if references is None:
+        lines += ["No references were computed (no router inputs were sampled).", ""]
+    else:
+        lines += [f"The same router inputs ({references['n_router_inputs']:,} of {references['n_candidate_tokens']:,} "
+                  f"tokens, at most {references['max_router_inputs']:,}) through {references['n_random_routers']} "
+                  "random routers (Gaussian rows with the trained rows' norms), the same routers with biases that "
+                  "match the trained router's expert loads, and a linear probe fitted on half of the documents and "
+                  "applied to the other half. Index: 0 = no more than a random router, 1 = as much as the probe.", ""]
+        rows = []
+        for layer in stats["layers"]:
+            for factor in ("topic", "token_class", "token_id"):
+                reference = (layer.get("references") or {}).get(factor)
+                if reference is None:
+                    continue
+                p_value = layer["p_value"] if factor == "topic" else layer[factor].get("p_value")
+                rows.append([layer["layer"], FACTOR_WORDS[factor], _number(reference["trained"]),
+                             _band(reference["random"]), _band(reference["random_load_matched"]),
+                             f"{reference['random_load_matched']['rank']} of {references['n_random_routers'] + 1}",
+                             _number(reference.get("probe")),
+                             f"{_number(reference.get('index'), 2)}{_interval(reference.get('index_ci'), 2)}",
+                             _p(p_value, n_perm) if p_value is not None else "",
+                             factor_verdict(reference, p_value, factor, n_perm) if factor != "token_id" else ""])
+        lines += _markdown_table(["layer", "factor", "trained NMI", "random [2.5, 97.5%]", "load-matched [2.5, 97.5%]",
+                                  "rank", "best linear", "index [95% CI]", "p", "verdict"], rows)
+        lines.append("")
+    lines += ["### Topic signal given the token", ""]
+    rows = []
     for layer in stats["layers"]:
-        token_class, token_id, cond = layer["token_class"], layer["token_id"], layer["conditional_topic"]
-        rows.append([layer["layer"],
-                     f"{_number(layer['nmi'])}{_interval(layer.get('nmi_ci'))}", _p(layer.get("p_value"), n_perm),
-                     f"{_number(token_class['nmi'])}{_interval(token_class.get('nmi_ci'))}",
-                     f"{_number(token_id['nmi'])}{_interval(token_id.get('nmi_ci'))}",
-                     f"{_number(cond['cmi'])}{_interval(cond.get('cmi_ci'))}", _p(cond.get("p_value"), n_perm),
-                     cond.get("explained_by", "")])
-    lines += _markdown_table(["layer", "topic NMI [95% CI]", "p", "token-class NMI [95% CI]", "token-id NMI [95% CI]",
-                              "I(expert; topic \\| token) bits [95% CI]", "p", "topic signal explained by"], rows)
+        ct = layer["conditional_topic"]
+        random_cmi = (layer.get("references") or {}).get("conditional_topic")
+        rows.append([layer["layer"], _number(ct["cmi"]), _number(ct["null_mean"]),
+                     f"{_number(ct['cmi_excess'])}{_interval(ct.get('cmi_excess_ci'))}", _p(ct.get("p_value"), n_perm),
+                     _band(random_cmi["random_load_matched"]) if random_cmi else "n/a", ct["explained_by"]])
+    lines += _markdown_table(["layer", "I(expert; topic \\| token) bits", "permutation null mean",
+                              "excess [95% CI]", "p", "random routers (loads matched), raw", "explained by"], rows)
     lines += ["",
               "How to read it: NMI is 0 when the expert says nothing about the factor and 1 when it determines it. "
               "A topic signal can be pure vocabulary (topics use different words, and the router sees words): the "
               "conditional mutual information I(expert; topic | token) measures what is left once the token is "
-              "known; \"token identity\" means the topic signal disappears given the token, \"context beyond the "
-              "token\" means the same token is routed differently by topic.", ""]
+              "known, and its excess over the permutation null is the part that is not estimator bias. A router "
+              "applied to contextual hidden states shows some of it without having learned anything: compare "
+              "with the random routers' raw value.", ""]
+    held_out = stats.get("held_out_shift") or {}
+    if held_out:
+        names = [layer["layer"] for layer in stats["layers"]]
+        lines += ["### Held-out topics (not in training)", ""]
+        rows = [[topic, shift["n_documents"], shift["n_tokens"],
+                 "n/a" if shift.get("unseen_piece_share") is None else f"{100 * shift['unseen_piece_share']:.1f}%",
+                 *[f"{_number(shift['js'][name])}{_interval(shift['js_ci'].get(name))}" for name in names]]
+                for topic, shift in held_out.items()]
+        lines += _markdown_table(["topic", "documents", "tokens", "tokens absent from training",
+                                  *[f"JS from seen mix, {name}" for name in names]], rows)
+        lines += ["", "Part of a held-out topic's difference is unfamiliar text (word pieces the model never saw "
+                      "in training), not topic.", ""]
     return lines

@@ -1,58 +1,56 @@
-"""Do MoE experts specialize, and on what?  Statistics over routing records, with uncertainty.
+"""Do MoE experts specialize, and on what?  Statistics over routing records, read against references.
 
-Every number here could have come out the other way: each association is reported with a
-document-level bootstrap interval and, where a null hypothesis makes sense, a permutation p-value.
+Per MoE layer, on the top choice (column 0 of ``experts``; rows with -1 ignored), over the *seen* topics (the test
+split's documents; ``pool_held_out`` adds the held-out topics' documents, the earlier study's pooled design):
 
-Measures, per MoE layer, on the top choice (column 0 of ``experts``; rows with -1 ignored):
+* topic vs expert: NMI(topic; expert) = I / sqrt(H(topic) H(expert)) (bits), a document-level bootstrap interval
+  (``resampling.recentred_ci``) and a document-level permutation p-value (topic labels shuffled among documents,
+  each document keeps its tokens and routing). Tokens of one document are not independent draws.
+* Jensen-Shannon divergence (bits) of each topic's expert distribution from the pooled one, with intervals.
+* token class vs expert (special, punctuation, digit, continuation "##" piece, function word, capitalized when the
+  tokenizer keeps case, other word-initial piece): NMI, interval, and a permutation of the class labels within each
+  document.
+* token identity vs expert: NMI(token; expert), tokens seen fewer than ``min_token_count`` times pooled into one
+  "rare" bucket (the plug-in MI of thousands of singletons is pure bias).
+* I(expert; topic | token) over frequent tokens, against a null that shuffles topics among the occurrences of each
+  token (a token's occurrences in one document move together, and trade topics only with as many occurrences of
+  the same token in another document, so the shuffle keeps p(topic | token)). Reported as ``cmi_excess`` = observed - null mean,
+  the part that is not estimator bias. ``explained_by``: "context beyond the token" when the excess interval is
+  clear of 0 and p <= ALPHA; otherwise "token identity" when the topic test has p <= ALPHA; otherwise "neither".
+* ``references`` (with a ``router_sample``; ``process_exp_results.references``): per factor the trained router's
+  NMI on the sampled router inputs beside random routers, load-matched random routers and the best linear router,
+  and the specialization index with its interval. A layer is called specialized on a factor only when the index
+  interval is clear of 0 *and* the permutation test has p <= ALPHA: at tens of thousands of tokens every
+  permutation test passes, so it is the second condition, never the headline.
+* vocabulary (per expert the frequent tokens of highest lift P(expert | token) / P(expert)) and co-activation.
 
-* topic vs expert: NMI(topic; expert) = I / sqrt(H(topic) H(expert)) (bits), document-level bootstrap
-  interval (resample documents with replacement, all tokens of a drawn document come along; 2.5/97.5
-  percentiles, re-centred on the estimate, see ``_ci``), document-level permutation p-value (topic labels
-  shuffled among documents, each document keeps its tokens and routing),
-  p = (1 + #{null >= observed}) / (1 + n_perm).  Tokens of one document are not independent draws; a
-  token-level test would treat a few documents with idiosyncratic routing as thousands of independent
-  observations.
-* Jensen-Shannon divergence (bits, in [0, 1]) of each topic's expert distribution from the pooled one,
-  with bootstrap intervals.
-* token class vs expert (special, punctuation, digit, continuation "##" piece, function word,
-  capitalized when the tokenizer keeps case, other word-initial piece): NMI, bootstrap interval, and a
-  permutation p-value from a permutation of the class labels *within each document* (keeps each
-  document's expert mix and class mix, breaks only the class-expert link inside documents).
-* token identity vs expert: NMI(token; expert) where tokens with fewer than ``min_token_count``
-  occurrences are pooled into one "rare" bucket (the plug-in MI of thousands of singletons is pure bias).
-* I(expert; topic | token) over tokens with >= ``min_token_count`` occurrences: does the topic tell
-  anything about the expert once the token is known?  Null: topic labels shuffled among the occurrences
-  of each token, where the occurrences of a token inside one document move together (they share the
-  document's topic and, often, its routing quirks; shuffling single occurrences would mistake a few
-  idiosyncratic documents for a topic effect).  ``null_mean`` is the plug-in bias to compare against.
-  ``explained_by``: "context beyond the token" if the conditional test is significant (p <= 0.01);
-  otherwise "token identity" if the topic test is significant; otherwise "neither".
-* vocabulary: per expert the frequent tokens with the highest lift P(expert | token) / P(expert);
-  token consistency (share of a frequent token's occurrences that go to its most common expert).
-* co-activation (k >= 2): how often experts i and j are chosen for the same token.
-
-Everything is vectorized numpy: contingency tables are ``np.bincount`` over combined indices; a bootstrap
-draw reweights precomputed per-document cells by the document multiplicities; within-group permutations
-sort by (group, random key).  Seeded: same inputs and seed, same output.
+The held-out topics (unfamiliar words) get their own block, ``held_out_shift``: per topic and layer the JS
+divergence of its expert mix from the seen documents' mix, and the share of its tokens that never occur in the
+training split. Everything is vectorized numpy; seeded: same inputs and seed, same output.
 """
 
 from __future__ import annotations
 
-import math
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
-__all__ = [
-    "FUNCTION_WORDS",
-    "RoutingRecords",
-    "analyze_routing",
-    "stats_csv_rows",
-    "token_classes",
-]
+from process_exp_results.information import cmi, js_rows, nmi
+from process_exp_results.references import Factor, RouterSample, layer_references
+from process_exp_results.resampling import Cells, GroupShuffler, bootstrap_weights, p_value, recentred_ci, rng_for
+
+__all__ = ["ALPHA", "FUNCTION_WORDS", "RoutingRecords", "analyze_routing", "is_specialized", "token_classes"]
 
 ALPHA = 0.01  # significance level for the plain-language verdicts and "explained_by"
+
+
+def is_specialized(reference: dict | None, p_value: float | None) -> bool:
+    """A layer is specialized on a factor when its index interval is clear of 0 (more than routers that learned
+    nothing) and its permutation test has p <= ALPHA (the second condition: at scale it always passes)."""
+    ci = (reference or {}).get("index_ci")
+    return ci is not None and ci[0] > 0 and p_value is not None and p_value <= ALPHA
 
 # Frequent English function words (articles, pronouns, prepositions, conjunctions, auxiliaries).
 FUNCTION_WORDS = frozenset("""
@@ -83,6 +81,12 @@ class RoutingRecords:
     experts: np.ndarray  # [n, n_layers, k] int64; column 0 = the top choice; -1 = no expert
     layer_names: list[str]
     n_experts: int
+    held_out: np.ndarray | None = None  # [n] bool: the document's topic was held out of training (None: none was)
+
+    def subset(self, rows: np.ndarray) -> "RoutingRecords":
+        held_out = None if self.held_out is None else self.held_out[rows]
+        return RoutingRecords(self.doc_id[rows], self.topic[rows], self.topic_names, self.token_id[rows],
+                              self.position[rows], self.experts[rows], self.layer_names, self.n_experts, held_out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,133 +138,131 @@ def token_classes(tokenizer) -> tuple[np.ndarray, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# information measures (bits)
+# one layer's tables
 
 
-def _entropy(counts: np.ndarray) -> float:
-    counts = np.asarray(counts, dtype=np.float64).ravel()
-    total = counts.sum()
-    if total <= 0:
-        return 0.0
-    nz = counts[counts > 0]
-    return max(float(math.log2(total) - (nz * np.log2(nz)).sum() / total), 0.0)
+def frequent_token_index(token_id: np.ndarray, min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row the index of its token among the tokens seen >= min_count times (F for the rare bucket), and the
+    frequent tokens' ids and counts (F of them)."""
+    uniq, inverse, counts = np.unique(token_id, return_inverse=True, return_counts=True)
+    frequent = counts >= min_count
+    index = np.full(len(uniq), int(frequent.sum()), dtype=np.int64)
+    index[frequent] = np.arange(int(frequent.sum()))
+    return index[inverse], uniq[frequent], counts[frequent]
 
 
-_TINY = 1e-12  # entropy differences below this are rounding noise
+@dataclass
+class LayerTables:
+    """One MoE layer's routed tokens and their per-document contingency cells (tables: topic x expert,
+    class x expert, token x expert with a rare bucket, token x topic x expert over frequent tokens)."""
 
+    name: str
+    rows: np.ndarray  # analysed rows with an expert
+    expert: np.ndarray  # their top expert
+    token_index: np.ndarray  # frequent-token index per row, F = rare
+    frequent_ids: np.ndarray
+    frequent_counts: np.ndarray
+    topic_cells: Cells
+    class_cells: Cells
+    token_cells: Cells
+    conditional_cells: Cells
+    shape: tuple[int, int, int, int]  # topics K, classes C, frequent tokens F, experts E
 
-def _mi_nmi(table: np.ndarray) -> tuple[float, float]:
-    """Plug-in I(X;Y) in bits and NMI = I / sqrt(H(X) H(Y)) (0 when either entropy is 0) of a count table."""
-    hx, hy, hxy = _entropy(table.sum(1)), _entropy(table.sum(0)), _entropy(table)
-    mi = hx + hy - hxy
-    mi = mi if mi > _TINY else 0.0
-    if hx <= 0 or hy <= 0:
-        return mi, 0.0
-    return mi, min(mi / math.sqrt(hx * hy), 1.0)
+    @classmethod
+    def build(cls, name: str, experts: np.ndarray, doc: np.ndarray, topic: np.ndarray, token_class: np.ndarray,
+              token_id: np.ndarray, n_topics: int, n_classes: int, n_experts: int, min_count: int) -> "LayerTables":
+        rows = np.flatnonzero(experts >= 0)
+        e, d, t = experts[rows], doc[rows], topic[rows]
+        f, frequent_ids, frequent_counts = frequent_token_index(token_id[rows], min_count)
+        F = len(frequent_ids)
+        frequent = f < F
+        K, C, E = n_topics, n_classes, n_experts
+        return cls(name, rows, e, f, frequent_ids, frequent_counts,
+                   Cells(d, t * E + e, K * E), Cells(d, token_class[rows] * E + e, C * E),
+                   Cells(d, f * E + e, (F + 1) * E),
+                   Cells(d[frequent], (f[frequent] * K + t[frequent]) * E + e[frequent], F * K * E),
+                   (K, C, F, E))
 
+    @property
+    def n_frequent(self) -> int:
+        return self.shape[2]
 
-def _nmi(table: np.ndarray) -> float:
-    return _mi_nmi(table)[1]
+    def tables(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The four tables, for the plain data (weights None) or one bootstrap draw of documents."""
+        K, C, F, E = self.shape
+        return {"topic": self.topic_cells.table(weights).reshape(K, E),
+                "class": self.class_cells.table(weights).reshape(C, E),
+                "token": self.token_cells.table(weights).reshape(F + 1, E),
+                "conditional": self.conditional_cells.table(weights).reshape(F, K, E)}
 
-
-def _js_rows(table: np.ndarray) -> np.ndarray:
-    """JS divergence (bits) of each row's distribution from the pooled distribution; NaN for empty rows."""
-    table = np.asarray(table, dtype=np.float64)
-    rows = table.sum(1, keepdims=True)
-    total = table.sum()
-    if total <= 0:
-        return np.full(table.shape[0], np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = table / rows
-        q = np.broadcast_to(table.sum(0) / total, p.shape)
-        m = (p + q) / 2
-        kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum(1)
-        kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(1)
-    js = np.clip(0.5 * (kl_p + kl_q), 0.0, 1.0)
-    js[rows[:, 0] <= 0] = np.nan
-    return js
-
-
-def _cmi_parts(t3: np.ndarray) -> tuple[float, float, float, float]:
-    """H(T), H(T,K), H(T,E), H(T,K,E) of a [token, topic, expert] count table."""
-    return (_entropy(t3.sum((1, 2))), _entropy(t3.sum(2)), _entropy(t3.sum(1)), _entropy(t3))
-
-
-def _cmi(t3: np.ndarray) -> float:
-    """I(E; K | T) = H(T,K) + H(T,E) - H(T,K,E) - H(T) = sum_t p(t) I(E; K | T=t)."""
-    h_t, h_tk, h_te, h_tke = _cmi_parts(t3)
-    cmi = h_tk + h_te - h_tke - h_t
-    return cmi if cmi > _TINY else 0.0
-
-
-# ----------------------------------------------------------------------------------------------------
-# resampling helpers
-
-
-class _Cells:
-    """Per-document sparse contingency cells: (document, table index, count).
-
-    A document-level bootstrap draw with multiplicities w[doc] is the table
-    ``bincount(index, weights=w[doc] * count)``; the plain table is w = 1.
-    """
-
-    def __init__(self, doc: np.ndarray, index: np.ndarray, size: int):
-        self.size = int(size)
-        combined = doc.astype(np.int64) * self.size + index.astype(np.int64)
-        uniq, counts = np.unique(combined, return_counts=True)
-        self.doc = uniq // self.size
-        self.index = uniq % self.size
-        self.count = counts.astype(np.float64)
-
-    def table(self, weights: np.ndarray | None = None) -> np.ndarray:
-        w = self.count if weights is None else self.count * weights[self.doc]
-        return np.bincount(self.index, weights=w, minlength=self.size)
-
-
-class _GroupShuffler:
-    """Random permutations of labels within groups, vectorized: sort by (group, random key)."""
-
-    def __init__(self, groups: np.ndarray):
-        self.order = np.argsort(groups, kind="stable")
-        self.sorted_groups = groups[self.order].astype(np.float64)
-
-    def shuffle(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        perm = np.argsort(self.sorted_groups + rng.random(self.sorted_groups.size))
-        out = np.empty_like(labels)
-        out[self.order] = labels[self.order[perm]]
-        return out
-
-
-def _ci(samples: list[float] | np.ndarray, estimate: float) -> list[float] | None:
-    """95% document-bootstrap interval: 2.5/97.5 percentiles of the bootstrap distribution, re-centred so
-    that its median sits on the point estimate, clipped at 0 (all measures here are >= 0).
-
-    Plug-in information measures are biased upwards, and more so on a bootstrap sample (duplicated
-    documents mean fewer distinct observations), so the raw percentile interval of a sparse table can lie
-    entirely above the estimate it is meant to describe.  The re-centred interval keeps the bootstrap
-    spread and shape; the bias itself is what the permutation nulls (and ``null_mean``) are for.
-    """
-    samples = np.asarray(samples, dtype=np.float64)
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0 or estimate is None or not np.isfinite(estimate):
-        return None
-    low, mid, high = np.percentile(samples, [2.5, 50.0, 97.5])
-    shift = float(estimate) - mid
-    return [max(float(low + shift), 0.0), max(float(high + shift), 0.0)]
-
-
-def _p_value(observed: float, null: list[float] | np.ndarray) -> float:
-    null = np.asarray(null, dtype=np.float64)
-    # a tiny tolerance so that ties (exactly equal statistics computed in another summation order) count
-    return float((1 + np.sum(null >= observed - 1e-12)) / (1 + null.size))
-
-
-def _rng(seed: int, *parts: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), *parts])
+    def measures(self, weights: np.ndarray | None = None) -> dict:
+        tables = self.tables(weights)
+        return {"nmi": nmi(tables["topic"]), "js": js_rows(tables["topic"]), "class_nmi": nmi(tables["class"]),
+                "token_nmi": nmi(tables["token"]),
+                "cmi": cmi(tables["conditional"]) if self.n_frequent else np.nan}
 
 
 # ----------------------------------------------------------------------------------------------------
-# main analysis
+# permutation nulls
+
+
+def topic_null(layers: list[LayerTables], doc_topic: np.ndarray, n_perm: int, seed: int) -> list[list[float]]:
+    """Topic NMI with topic labels permuted among documents, per layer."""
+    rng, nulls = rng_for(seed, 2), [[] for _ in layers]
+    for _ in range(n_perm):
+        permuted = doc_topic[rng.permutation(len(doc_topic))]
+        for null, layer in zip(nulls, layers):
+            K, _, _, E = layer.shape
+            cells = layer.topic_cells
+            index = permuted[cells.doc] * E + cells.index % E
+            null.append(nmi(np.bincount(index, weights=cells.count, minlength=K * E).reshape(K, E)))
+    return nulls
+
+
+def within_document_nulls(layers: list[LayerTables], doc: np.ndarray, doc_topic: np.ndarray, token_class: np.ndarray,
+                          n_perm: int, seed: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Per layer: token-class NMI with classes permuted within documents, and the conditional MI with topics
+    permuted among the occurrences of each frequent token (a token's occurrences in one document move together).
+
+    Layers with the same routed rows (all of them, for token choice) share their permutations.
+    """
+    class_nulls, conditional_nulls = [[] for _ in layers], [[] for _ in layers]
+    groups: dict[bytes, list[int]] = {}
+    for number, layer in enumerate(layers):
+        groups.setdefault(layer.rows.tobytes(), []).append(number)
+    D = len(doc_topic)
+    for group_number, members in enumerate(groups.values()):
+        first = layers[members[0]]
+        rows = first.rows
+        shuffler, classes = GroupShuffler(doc[rows]), token_class[rows]
+        rng = rng_for(seed, 3, group_number)
+        for _ in range(n_perm):
+            permuted = shuffler.shuffle(classes, rng)
+            for number in members:
+                _, C, _, E = layers[number].shape
+                class_nulls[number].append(nmi(np.bincount(permuted * E + layers[number].expert,
+                                                           minlength=C * E).reshape(C, E)))
+        K, _, F, E = first.shape
+        if F == 0:
+            continue
+        frequent = np.flatnonzero(first.token_index < F)
+        f = first.token_index[frequent]
+        # a unit = a token's occurrences in one document; units trade topics only with units of the same token and
+        # size, so the shuffle keeps p(topic | token) and the null mean is the plug-in bias, not a bit less
+        units, unit_of, unit_size = np.unique(f * D + doc[rows][frequent], return_inverse=True, return_counts=True)
+        shuffler = GroupShuffler(units // D * (unit_size.max() + 1) + unit_size)
+        unit_topic = doc_topic[units % D]
+        rng = rng_for(seed, 4, group_number)
+        for _ in range(n_perm):
+            permuted = shuffler.shuffle(unit_topic, rng)[unit_of]
+            for number in members:
+                t3 = np.bincount((f * K + permuted) * E + layers[number].expert[frequent], minlength=F * K * E)
+                conditional_nulls[number].append(cmi(t3.reshape(F, K, E)))
+    return class_nulls, conditional_nulls
+
+
+# ----------------------------------------------------------------------------------------------------
+# the analysis
 
 
 def _merge_topics(doc_topic: np.ndarray, topic_names: list[str], min_topic_docs: int):
@@ -277,243 +279,246 @@ def _merge_topics(doc_topic: np.ndarray, topic_names: list[str], min_topic_docs:
     return mapping[doc_topic], names
 
 
-def _fmt(x: float) -> str:
-    if x is None or not np.isfinite(x):
-        return "n/a"
-    if x == 0:
-        return "0"
-    return f"{x:.2g}" if abs(x) < 0.001 else f"{x:.3f}"
+def _documents(doc_id: np.ndarray, topic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense document index per row, and each document's topic (every token of a document must carry it)."""
+    doc_keys, doc = np.unique(doc_id, return_inverse=True)
+    doc_topic = np.zeros(len(doc_keys), dtype=np.int64)
+    doc_topic[doc] = topic
+    if np.any(doc_topic[doc] != topic):
+        raise ValueError("tokens of one document carry different topics")
+    return doc, doc_topic
 
 
-def _fmt_ci(ci) -> str:
-    return "no interval" if ci is None else f"95% CI {_fmt(ci[0])}-{_fmt(ci[1])}"
-
-
-def _fmt_p(p: float, n_perm: int) -> str:
-    if n_perm == 0:
-        return "no permutation test"
-    if p <= 1.0 / (1 + n_perm) + 1e-12:
-        return f"p<={p:.2g}"
-    return f"p={p:.2g}"
+def _check(records: RoutingRecords, experts: np.ndarray, token_class_of_id: np.ndarray) -> None:
+    n_tokens, n_layers, _ = experts.shape
+    if not (records.doc_id.shape == records.topic.shape == records.token_id.shape == (n_tokens,)):
+        raise ValueError("doc_id, topic, token_id and experts must have the same number of rows")
+    if len(records.layer_names) != n_layers:
+        raise ValueError(f"{len(records.layer_names)} layer names for {n_layers} layers")
+    if n_tokens and (records.topic.min() < 0 or records.topic.max() >= len(records.topic_names)):
+        raise ValueError("topic index out of range of topic_names")
+    if n_tokens and (records.token_id.min() < 0 or records.token_id.max() >= len(token_class_of_id)):
+        raise ValueError("token id out of range of token_class_of_id")
+    if n_tokens and experts.max() >= records.n_experts:
+        raise ValueError(f"expert index >= n_experts ({records.n_experts})")
 
 
 def analyze_routing(records: RoutingRecords, token_class_of_id: np.ndarray, class_names: list[str],
                     id_to_token: list[str], n_boot: int = 200, n_perm: int = 200, seed: int = 0,
-                    min_token_count: int = 20, min_topic_docs: int = 5) -> dict:
-    """Routing statistics per layer as a JSON-ready dict (layout in the module docstring / issue 5 spec)."""
+                    min_token_count: int = 20, min_topic_docs: int = 5, router_sample: RouterSample | None = None,
+                    n_random_routers: int = 50, train_token_ids: np.ndarray | None = None,
+                    pool_held_out: bool = False) -> dict:
+    """Routing statistics per layer as a JSON-ready dict (the layout is the README's "Routing analysis").
+
+    router_sample: the sampled router inputs for the references (None: no references);
+    train_token_ids: the token ids that occur in the training split (for the held-out topics' unfamiliar pieces);
+    pool_held_out: analyse the held-out topics together with the seen ones, as the earlier study did.
+    """
     experts = np.asarray(records.experts, dtype=np.int64)
     if experts.ndim == 2:
         experts = experts[:, :, None]
+    records = replace(records, experts=experts)
+    token_class_of_id = np.asarray(token_class_of_id, dtype=np.int64)
+    _check(records, experts, token_class_of_id)
     n_tokens, n_layers, k = experts.shape
     E = int(records.n_experts)
-    doc_raw = np.asarray(records.doc_id, dtype=np.int64)
-    topic_raw = np.asarray(records.topic, dtype=np.int64)
-    token_id = np.asarray(records.token_id, dtype=np.int64)
-    token_class_of_id = np.asarray(token_class_of_id, dtype=np.int64)
-    if not (doc_raw.shape == topic_raw.shape == token_id.shape == (n_tokens,)):
-        raise ValueError("doc_id, topic, token_id and experts must have the same number of rows")
-    if len(records.layer_names) != n_layers:
-        raise ValueError(f"{len(records.layer_names)} layer names for {n_layers} layers")
-    if n_tokens and (topic_raw.min() < 0 or topic_raw.max() >= len(records.topic_names)):
-        raise ValueError("topic index out of range of topic_names")
-    if n_tokens and (token_id.min() < 0 or token_id.max() >= len(token_class_of_id)):
-        raise ValueError("token id out of range of token_class_of_id")
-    if n_tokens and experts.max() >= E:
-        raise ValueError(f"expert index >= n_experts ({E})")
+    held_out = np.zeros(n_tokens, bool) if records.held_out is None else np.asarray(records.held_out, bool)
+    analysed_rows = np.arange(n_tokens) if pool_held_out else np.flatnonzero(~held_out)
+    seen = records.subset(analysed_rows)
 
-    doc_keys, doc = np.unique(doc_raw, return_inverse=True)
-    D = len(doc_keys)
-    doc_topic_raw = np.zeros(D, dtype=np.int64)
-    doc_topic_raw[doc] = topic_raw
-    if np.any(doc_topic_raw[doc] != topic_raw):
-        raise ValueError("tokens of one document carry different topics")
+    doc, doc_topic_raw = _documents(seen.doc_id, seen.topic)
     doc_topic, topics = _merge_topics(doc_topic_raw, list(records.topic_names), min_topic_docs)
-    K = len(topics)
-    topic = doc_topic[doc]
-    cls_all = token_class_of_id[token_id]
-    C = len(class_names)
+    topic, token_class = doc_topic[doc], token_class_of_id[seen.token_id]
+    K, C = len(topics), len(class_names)
+    layers = [LayerTables.build(name, seen.experts[:, li, 0], doc, topic, token_class, seen.token_id, K, C, E,
+                                min_token_count) for li, name in enumerate(records.layer_names)]
+    observed = [layer.measures() for layer in layers]
+    rng, draws = rng_for(seed, 1), [[] for _ in layers]
+    for _ in range(n_boot):  # one draw of document multiplicities serves every layer and measure
+        weights = bootstrap_weights(rng, len(doc_topic))
+        for layer_draws, layer in zip(draws, layers):
+            layer_draws.append(layer.measures(weights))
+    topic_nulls = topic_null(layers, doc_topic, n_perm, seed)
+    class_nulls, conditional_nulls = within_document_nulls(layers, doc, doc_topic, token_class, n_perm, seed)
+    references = ([None] * n_layers if router_sample is None else
+                  _references(router_sample, analysed_rows, doc, doc_topic, topic, token_class, seen.token_id, K, C,
+                              min_token_count, n_random_routers, n_boot, seed))
 
-    # ---- per-layer preparation: observed tables and sparse per-document cells
-    layers = []
-    for li in range(n_layers):
-        e_all = experts[:, li, 0]
-        valid = e_all >= 0
-        idx = np.flatnonzero(valid)
-        e = e_all[idx]
-        d = doc[idx]
-        tok = token_id[idx]
-        uniq_tok, tok_inv, tok_count = np.unique(tok, return_inverse=True, return_counts=True)
-        frequent = tok_count >= min_token_count
-        F = int(frequent.sum())
-        freq_index = np.full(len(uniq_tok), F, dtype=np.int64)  # rare tokens -> bucket F
-        freq_index[frequent] = np.arange(F)
-        f = freq_index[tok_inv]
-        is_freq = f < F
-        L = {
-            "li": li, "idx": idx, "e": e, "valid_key": valid.tobytes(), "F": F,
-            "freq_ids": uniq_tok[frequent], "freq_counts": tok_count[frequent],
-            "topic_cells": _Cells(d, doc_topic[d] * E + e, K * E),
-            "class_cells": _Cells(d, cls_all[idx] * E + e, C * E),
-            "tok_cells": _Cells(d, f * E + e, (F + 1) * E),
-            "cmi_cells": _Cells(d[is_freq], (f[is_freq] * K + topic[idx][is_freq]) * E + e[is_freq], F * K * E),
-            "freq_pos": np.flatnonzero(is_freq), "f_freq": f[is_freq],
-        }
-        L["topic_table"] = L["topic_cells"].table().reshape(K, E)
-        L["class_table"] = L["class_cells"].table().reshape(C, E)
-        L["tok_table"] = L["tok_cells"].table().reshape(F + 1, E)
-        L["cmi_table"] = L["cmi_cells"].table().reshape(F, K, E)
-        L["nmi"] = _nmi(L["topic_table"])
-        L["js"] = _js_rows(L["topic_table"])
-        L["class_nmi"] = _nmi(L["class_table"])
-        L["tok_nmi"] = _nmi(L["tok_table"])
-        L["cmi"] = _cmi(L["cmi_table"])
-        L["boot"] = {"nmi": [], "js": [], "class_nmi": [], "tok_nmi": [], "cmi": []}
-        L["null"] = {"nmi": [], "class_nmi": [], "cmi": []}
-        layers.append(L)
-
-    # ---- document-level bootstrap: one draw of document multiplicities serves every layer and measure
-    rng = _rng(seed, 1)
-    for _ in range(n_boot):
-        w = np.bincount(rng.integers(0, D, size=D), minlength=D).astype(np.float64) if D else np.zeros(0)
-        for L in layers:
-            tt = L["topic_cells"].table(w).reshape(K, E)
-            L["boot"]["nmi"].append(_nmi(tt))
-            L["boot"]["js"].append(_js_rows(tt))
-            L["boot"]["class_nmi"].append(_nmi(L["class_cells"].table(w).reshape(C, E)))
-            L["boot"]["tok_nmi"].append(_nmi(L["tok_cells"].table(w).reshape(L["F"] + 1, E)))
-            if L["F"]:
-                L["boot"]["cmi"].append(_cmi(L["cmi_cells"].table(w).reshape(L["F"], K, E)))
-
-    # ---- topic test: topic labels permuted among documents
-    rng = _rng(seed, 2)
-    for _ in range(n_perm):
-        perm_topic = doc_topic[rng.permutation(D)]
-        for L in layers:
-            cells = L["topic_cells"]
-            index = perm_topic[cells.doc] * E + cells.index % E
-            L["null"]["nmi"].append(_nmi(np.bincount(index, weights=cells.count, minlength=K * E).reshape(K, E)))
-
-    # ---- layers with the same set of routed tokens share their within-group permutations
-    groups: dict[bytes, list[dict]] = {}
-    for L in layers:
-        groups.setdefault(L["valid_key"], []).append(L)
-    for gi, group in enumerate(groups.values()):
-        first = group[0]
-        idx = first["idx"]
-        # token class test: class labels permuted within each document
-        shuffler = _GroupShuffler(doc[idx])
-        cls_valid = cls_all[idx]
-        rng = _rng(seed, 3, gi)
-        for _ in range(n_perm):
-            cls_perm = shuffler.shuffle(cls_valid, rng)
-            for L in group:
-                L["null"]["class_nmi"].append(
-                    _nmi(np.bincount(cls_perm * E + L["e"], minlength=C * E).reshape(C, E)))
-        # conditional MI test: topic labels permuted among the occurrences of each frequent token, moving
-        # the occurrences of a token within one document together (a document's tokens are not independent)
-        if first["F"] == 0:
-            continue
-        pos = first["freq_pos"]
-        f_freq = first["f_freq"]
-        units, unit_of = np.unique(f_freq * D + doc[idx][pos], return_inverse=True)
-        unit_topic = doc_topic[units % D]
-        shuffler = _GroupShuffler(units // D)
-        base = f_freq * K
-        rng = _rng(seed, 4, gi)
-        for _ in range(n_perm):
-            tp = shuffler.shuffle(unit_topic, rng)[unit_of]
-            for L in group:
-                # units differ in size, so the shuffle changes H(T,K) too: recompute every term
-                t3 = np.bincount((base + tp) * E + L["e"][pos], minlength=L["F"] * K * E)
-                L["null"]["cmi"].append(_cmi(t3.reshape(L["F"], K, E)))
-
-    # ---- assemble
-    out_layers, summary = [], []
-    for L in layers:
-        li = L["li"]
-        name = records.layer_names[li]
-        p_topic = _p_value(L["nmi"], L["null"]["nmi"])
-        p_class = _p_value(L["class_nmi"], L["null"]["class_nmi"])
-        if L["F"]:
-            p_cmi = _p_value(L["cmi"], L["null"]["cmi"])
-            null_mean = float(np.mean(L["null"]["cmi"])) if L["null"]["cmi"] else 0.0
-        else:
-            p_cmi, null_mean = 1.0, 0.0
-        if p_cmi <= ALPHA:
-            explained_by = "context beyond the token"
-        elif p_topic <= ALPHA:
-            explained_by = "token identity"
-        else:
-            explained_by = "neither"
-        js_boot = np.array(L["boot"]["js"]).reshape(-1, K)
-        layer = {
-            "layer": name,
-            "layer_index": li,
-            "nmi": float(L["nmi"]),
-            "nmi_ci": _ci(L["boot"]["nmi"], L["nmi"]),
-            "p_value": p_topic,
-            "js": {t: float(np.nan_to_num(L["js"][i])) for i, t in enumerate(topics)},
-            "js_ci": {t: _ci(js_boot[:, i], L["js"][i]) for i, t in enumerate(topics)},
-            "topic_expert_counts": L["topic_table"].astype(np.int64).tolist(),
-            "token_class": {
-                "classes": list(class_names),
-                "nmi": float(L["class_nmi"]),
-                "nmi_ci": _ci(L["boot"]["class_nmi"], L["class_nmi"]),
-                "p_value": p_class,
-                "expert_counts": L["class_table"].astype(np.int64).tolist(),
-            },
-            "token_id": {"nmi": float(L["tok_nmi"]), "nmi_ci": _ci(L["boot"]["tok_nmi"], L["tok_nmi"])},
-            "conditional_topic": {
-                "cmi": float(L["cmi"]),
-                "cmi_ci": _ci(L["boot"]["cmi"], L["cmi"]),
-                "p_value": p_cmi,
-                "null_mean": null_mean,
-                "explained_by": explained_by,
-            },
-            "vocabulary": _vocabulary(L, E, id_to_token),
-            "coactivation": _coactivation(experts[:, li, :], E) if k >= 2 else None,
-        }
-        out_layers.append(layer)
-        summary.append(_summary_sentence(layer, topics, n_perm))
-
-    return {
-        "n_tokens": int(n_tokens),
-        "n_documents": int(D),
+    out_layers = []
+    for li, layer in enumerate(layers):
+        result = _layer_result(layer, observed[li], draws[li], topic_nulls[li], class_nulls[li],
+                               conditional_nulls[li], topics, class_names, id_to_token)
+        out_layers.append({"layer": layer.name, "layer_index": li, **result,
+                           "coactivation": _coactivation(seen.experts[:, li, :], E) if k >= 2 else None})
+        if references[li] is not None:
+            out_layers[-1]["references"] = references[li]
+    held_out_topics = sorted({records.topic_names[t] for t in np.unique(records.topic[held_out])})
+    stats = {
+        "n_tokens": int(len(analysed_rows)),
+        "n_documents": int(len(doc_topic)),
         "topics": topics,
+        "groups": {"seen": sorted({records.topic_names[t] for t in np.unique(records.topic[~held_out])}),
+                   "held_out": held_out_topics, "pooled": bool(pool_held_out)},
         "n_experts": E,
         "k": int(k),
         "settings": {"n_boot": int(n_boot), "n_perm": int(n_perm), "seed": int(seed),
                      "min_token_count": int(min_token_count)},
         "layers": out_layers,
-        "summary": summary,
+        "held_out_shift": _held_out_shift(records, held_out, train_token_ids, n_boot, seed),
+    }
+    if router_sample is not None:
+        stats["settings"]["references"] = {"n_random_routers": int(n_random_routers),
+                                           "max_router_inputs": int(router_sample.max_tokens),
+                                           "n_router_inputs": int(len(router_sample.rows)),
+                                           "n_candidate_tokens": int(router_sample.n_candidates),
+                                           "selection": router_sample.rule.router_type}
+    if train_token_ids is not None:
+        stats["seen_unseen_piece_share"] = _unseen_share(records.token_id[~held_out], train_token_ids)
+    return stats
+
+
+def _layer_result(layer: LayerTables, observed: dict, draws: list[dict], topic_null_values, class_null_values,
+                  conditional_null_values, topics: list[str], class_names: list[str], id_to_token: list[str]) -> dict:
+    boot = {key: [draw[key] for draw in draws] for key in observed}
+    js_boot = np.array(boot["js"]).reshape(-1, len(topics))
+    p_topic = p_value(observed["nmi"], topic_null_values)
+    tables = layer.tables()
+    if layer.n_frequent:
+        p_cmi = p_value(observed["cmi"], conditional_null_values)
+        null_mean = float(np.mean(conditional_null_values)) if conditional_null_values else 0.0
+        cmi_value = float(observed["cmi"])
+    else:
+        p_cmi, null_mean, cmi_value = 1.0, 0.0, 0.0
+    excess_ci = recentred_ci(boot["cmi"], cmi_value, clip_at_zero=False)
+    excess_ci = None if excess_ci is None else [excess_ci[0] - null_mean, excess_ci[1] - null_mean]
+    if excess_ci is not None and excess_ci[0] > 0 and p_cmi <= ALPHA:
+        explained_by = "context beyond the token"
+    elif p_topic <= ALPHA:
+        explained_by = "token identity"
+    else:
+        explained_by = "neither"
+    return {
+        "nmi": float(observed["nmi"]),
+        "nmi_ci": recentred_ci(boot["nmi"], observed["nmi"]),
+        "p_value": p_topic,
+        "js": {t: float(np.nan_to_num(observed["js"][i])) for i, t in enumerate(topics)},
+        "js_ci": {t: recentred_ci(js_boot[:, i], observed["js"][i]) for i, t in enumerate(topics)},
+        "topic_expert_counts": tables["topic"].astype(np.int64).tolist(),
+        "token_class": {
+            "classes": list(class_names),
+            "nmi": float(observed["class_nmi"]),
+            "nmi_ci": recentred_ci(boot["class_nmi"], observed["class_nmi"]),
+            "p_value": p_value(observed["class_nmi"], class_null_values),
+            "expert_counts": tables["class"].astype(np.int64).tolist(),
+        },
+        "token_id": {"nmi": float(observed["token_nmi"]),
+                     "nmi_ci": recentred_ci(boot["token_nmi"], observed["token_nmi"])},
+        "conditional_topic": {
+            "cmi": cmi_value,
+            "cmi_ci": recentred_ci(boot["cmi"], cmi_value),
+            "p_value": p_cmi,
+            "null_mean": null_mean,
+            "cmi_excess": cmi_value - null_mean,
+            "cmi_excess_ci": excess_ci,
+            "explained_by": explained_by,
+        },
+        "vocabulary": _vocabulary(layer, tables["token"], id_to_token),
     }
 
 
-def _vocabulary(L: dict, E: int, id_to_token: list[str]) -> dict:
+def _references(sample: RouterSample, analysed_rows: np.ndarray, doc: np.ndarray, doc_topic: np.ndarray,
+                topic: np.ndarray, token_class: np.ndarray, token_id: np.ndarray, n_topics: int, n_classes: int,
+                min_token_count: int, n_random: int, n_boot: int, seed: int) -> list[dict]:
+    """layer_references for every layer, on the sampled tokens that are among the analysed rows."""
+    position = np.minimum(np.searchsorted(analysed_rows, sample.rows), max(len(analysed_rows) - 1, 0))
+    keep = analysed_rows[position] == sample.rows if len(analysed_rows) else np.zeros(len(sample.rows), bool)
+    rows = position[keep]
+    token_index, frequent_ids, _ = frequent_token_index(token_id, min_token_count)
+    F = len(frequent_ids)
+    f = token_index[rows]
+    factors = [Factor("topic", topic[rows], n_topics), Factor("token_class", token_class[rows], n_classes),
+               Factor("token_id", f, F + 1, probe=False)]
+    conditional = ({"token": np.where(f < F, f, -1), "n_tokens": F, "topic": topic[rows], "n_topics": n_topics}
+                   if F else None)
+    return [layer_references(torch.from_numpy(np.ascontiguousarray(inputs[keep])), weight, sample.rule,
+                             sample.batch[keep], doc[rows], doc_topic, factors, conditional, n_random, n_boot, seed,
+                             li)
+            for li, (inputs, weight) in enumerate(zip(sample.inputs, sample.weights))]
+
+
+def _unseen_share(token_id: np.ndarray, train_token_ids: np.ndarray) -> float:
+    return float(np.mean(~np.isin(token_id, train_token_ids))) if len(token_id) else 0.0
+
+
+def _held_out_shift(records: RoutingRecords, held_out: np.ndarray, train_token_ids: np.ndarray | None,
+                    n_boot: int, seed: int) -> dict:
+    """Per held-out topic: per layer the JS divergence of its expert mix from the seen documents' mix (documents of
+    each group resampled on their own), and the share of its tokens absent from the training split."""
+    if not held_out.any() or held_out.all():
+        return {}
+    E = records.n_experts
+    held_topics = np.unique(records.topic[held_out])
+    group = np.where(held_out, 1 + np.searchsorted(held_topics, records.topic), 0)  # 0 = seen
+    doc_keys, doc = np.unique(records.doc_id, return_inverse=True)
+    doc_group = np.zeros(len(doc_keys), dtype=np.int64)
+    doc_group[doc] = group
+    members = [np.flatnonzero(doc_group == g) for g in range(len(held_topics) + 1)]
+    rng = rng_for(seed, 5)
+    weight_draws = []
+    for _ in range(n_boot):
+        weights = np.zeros(len(doc_keys))
+        for docs in members:
+            weights[docs] = bootstrap_weights(rng, len(docs))
+        weight_draws.append(weights)
+    out = {records.topic_names[t]: {"js": {}, "js_ci": {}, "n_documents": int(len(members[1 + i])),
+                                    "n_tokens": int(np.sum(records.topic[held_out] == t))}
+           for i, t in enumerate(held_topics)}
+    for li, name in enumerate(records.layer_names):
+        e = records.experts[:, li, 0]
+        routed = e >= 0
+        cells = Cells(doc[routed], group[routed] * E + e[routed], (len(held_topics) + 1) * E)
+
+        def shifts(weights=None):
+            table = cells.table(weights).reshape(-1, E)
+            return js_rows(table[1:], reference=table[0])
+
+        observed, boot = shifts(), np.array([shifts(weights) for weights in weight_draws]).reshape(-1, len(held_topics))
+        for i, t in enumerate(held_topics):
+            entry = out[records.topic_names[t]]
+            entry["js"][name] = float(np.nan_to_num(observed[i]))
+            entry["js_ci"][name] = recentred_ci(boot[:, i], observed[i])
+    if train_token_ids is not None:
+        for t in held_topics:
+            out[records.topic_names[t]]["unseen_piece_share"] = _unseen_share(
+                records.token_id[held_out & (records.topic == t)], train_token_ids)
+    return out
+
+
+def _vocabulary(layer: LayerTables, token_table: np.ndarray, id_to_token: list[str]) -> dict:
     """Lift top-10 per expert ([token, lift, occurrences of the token routed to that expert]) and consistency."""
-    F = L["F"]
-    table = L["tok_table"][:F]  # frequent tokens x experts
-    total = L["tok_table"].sum()
-    p_e = L["tok_table"].sum(0) / total if total > 0 else np.zeros(E)
+    F, E = layer.n_frequent, layer.shape[3]
+    table = token_table[:F]  # frequent tokens x experts
+    total = token_table.sum()
+    p_e = token_table.sum(0) / total if total > 0 else np.zeros(E)
 
     def name(i: int) -> str:
-        tid = int(L["freq_ids"][i])
+        tid = int(layer.frequent_ids[i])
         return str(id_to_token[tid]) if tid < len(id_to_token) else str(tid)
 
     lift_top = {}
-    n_t = L["freq_counts"].astype(np.float64)
+    n_t = layer.frequent_counts.astype(np.float64)
     for ex in range(E):
         if F == 0 or p_e[ex] <= 0:
             lift_top[str(ex)] = []
             continue
         lift = table[:, ex] / n_t / p_e[ex]
-        order = np.lexsort((L["freq_ids"], -table[:, ex], -lift))
+        order = np.lexsort((layer.frequent_ids, -table[:, ex], -lift))
         order = [i for i in order[:10] if table[i, ex] > 0]
         lift_top[str(ex)] = [[name(i), float(lift[i]), int(table[i, ex])] for i in order]
     if F:
         share = table.max(1) / n_t
         consistency = float((share * n_t).sum() / n_t.sum())
-        order = np.lexsort((L["freq_ids"], -n_t, -share))[:10]
+        order = np.lexsort((layer.frequent_ids, -n_t, -share))[:10]
         most = [[name(i), float(share[i]), int(n_t[i])] for i in order]
     else:
         consistency, most = 0.0, []
@@ -537,62 +542,3 @@ def _coactivation(choices: np.ndarray, E: int) -> list[list[int]]:
     for i in range(E):
         co[i, i] = int(np.any(choices == i, axis=1).sum())
     return co.tolist()
-
-
-def _summary_sentence(layer: dict, topics: list[str], n_perm: int) -> str:
-    name = layer["layer"]
-    ct = layer["conditional_topic"]
-    tc = layer["token_class"]
-    significant = layer["p_value"] <= ALPHA
-    if 1 / (n_perm + 1) > ALPHA:  # too few permutations to call anything significant
-        finding = "expert choice vs topic"
-    else:
-        finding = f"expert choice {'depends' if significant else 'shows no significant dependence'} on topic"
-    parts = [
-        f"{name}: {finding} (NMI {_fmt(layer['nmi'])}, {_fmt_ci(layer['nmi_ci'])}, document-permutation "
-        f"{_fmt_p(layer['p_value'], n_perm)})",
-    ]
-    if len(topics) > 1 and layer["js"]:
-        top = max(layer["js"], key=layer["js"].get)
-        parts.append(f"the most distinct topic is {top} (JS divergence {_fmt(layer['js'][top])} bits, "
-                     f"{_fmt_ci(layer['js_ci'][top])})")
-    parts.append(
-        f"on token class NMI {_fmt(tc['nmi'])} ({_fmt_ci(tc['nmi_ci'])}, within-document permutation "
-        f"{_fmt_p(tc['p_value'], n_perm)})")
-    parts.append(f"on token identity NMI {_fmt(layer['token_id']['nmi'])} ({_fmt_ci(layer['token_id']['nmi_ci'])})")
-    sentence = "; ".join(parts)
-    sentence += (f"; given the token, topic adds I={_fmt(ct['cmi'])} bits ({_fmt_ci(ct['cmi_ci'])}; "
-                 f"within-token null {_fmt(ct['null_mean'])}, {_fmt_p(ct['p_value'], n_perm)})")
-    if 1 / (n_perm + 1) > ALPHA:  # the smallest reachable p-value is above the threshold: no test can pass
-        return (f"{sentence}: with {n_perm} permutations no p-value can reach {ALPHA}, so nothing is "
-                f"decided; rerun with at least {int(round(1 / ALPHA)) * 2} permutations.")
-    verdict = {
-        "token identity": "the topic signal is explained by token identity",
-        "context beyond the token": ("the topic signal goes beyond token identity" if layer["p_value"] <= ALPHA
-                                     else "given the token, topic still predicts the expert, although the "
-                                          "overall topic dependence is not significant"),
-        "neither": "there is no document-level topic signal to explain",
-    }[ct["explained_by"]]
-    return f"{sentence}: {verdict}."
-
-
-def stats_csv_rows(stats: dict) -> list[dict]:
-    """Flat rows {"layer", "measure", "value", "ci_low", "ci_high", "p_value"} (None where not defined)."""
-    rows = []
-
-    def row(layer, measure, value, ci, p):
-        rows.append({"layer": layer, "measure": measure, "value": value,
-                     "ci_low": None if ci is None else ci[0], "ci_high": None if ci is None else ci[1],
-                     "p_value": p})
-
-    for layer in stats["layers"]:
-        name = layer["layer"]
-        row(name, "topic_nmi", layer["nmi"], layer["nmi_ci"], layer["p_value"])
-        tc = layer["token_class"]
-        row(name, "token_class_nmi", tc["nmi"], tc["nmi_ci"], tc["p_value"])
-        row(name, "token_id_nmi", layer["token_id"]["nmi"], layer["token_id"]["nmi_ci"], None)
-        ct = layer["conditional_topic"]
-        row(name, "conditional_topic_mi", ct["cmi"], ct["cmi_ci"], ct["p_value"])
-        for topic, value in layer["js"].items():
-            row(name, f"js:{topic}", value, layer["js_ci"].get(topic), None)
-    return rows

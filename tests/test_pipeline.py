@@ -62,7 +62,7 @@ def test_step4_writes_metrics_counts_and_figures(pipeline):
     figures = sorted(path.name for path in (out_dir / "figures").glob("*.png"))
     assert figures == ["experts_all_layers.png", "experts_per_layer_gaming.png",
                        "experts_per_layer_programming.png", "experts_per_layer_test.png", "nmi_per_layer.png",
-                       "topic_expert_heatmap_block_0.png", "topic_expert_heatmap_block_1.png"]
+                       "specialization_index.png", "topic_expert_heatmap_block_0.png", "topic_expert_heatmap_block_1.png"]
     assert "figure:" in stdout and "metrics:" in stdout
 
 

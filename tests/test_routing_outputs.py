@@ -38,7 +38,8 @@ def test_routing_stats_json_and_csv(tiny_run):
     assert stats["settings"]["n_boot"] == 20 and stats["settings"]["n_perm"] == 20
     rows = list(csv.DictReader(open(out_dir / "routing_stats.csv", encoding="utf-8")))
     assert rows and set(rows[0]) == {"layer", "measure", "value", "ci_low", "ci_high", "p_value"}
-    assert {row["layer"] for row in rows} == {"block 0", "block 1"}
+    assert {row["layer"] for row in rows} == {"block 0", "block 1", ""}  # "": not per layer (held-out vocabulary)
+    assert all(row["measure"].startswith("held_out_unseen_piece_share:") for row in rows if not row["layer"])
     for sentence in stats["summary"]:  # step 4 prints what the statistics say
         assert sentence in stdout
     assert "report:" in stdout
@@ -48,7 +49,8 @@ def test_figures_are_readable_pngs(tiny_run):
     _, out_dir, _ = tiny_run
     import matplotlib.image
 
-    names = {"nmi_per_layer.png", "topic_expert_heatmap_block_0.png", "topic_expert_heatmap_block_1.png"}
+    names = {"nmi_per_layer.png", "specialization_index.png", "topic_expert_heatmap_block_0.png",
+             "topic_expert_heatmap_block_1.png"}
     assert names <= {path.name for path in (out_dir / "figures").glob("*.png")}
     for name in names:
         path = out_dir / "figures" / name
@@ -115,13 +117,16 @@ def _collect(tmp_path: Path, max_docs):
     manifest = json.loads((masked / "manifest.json").read_text())
     for topic, folder in manifest["topics"].items():
         groups[topic] = datasets.load_from_disk(str(masked / folder))
-    return collect_routing(model, groups, torch.device("cpu"), batch_size=16, max_docs_per_group=max_docs), model, groups
+    records, _ = collect_routing(model, groups, torch.device("cpu"), batch_size=16, max_docs_per_group=max_docs,
+                                 held_out_groups=tuple(manifest["topics"]))
+    return records, model, groups
 
 
 def test_collect_routing_matches_the_model_token_by_token(tiny_run):
     import torch
 
     records, model, groups = _collect(tiny_run[0], max_docs=25)
+    assert records.held_out.tolist() == [topic != "test" for topic in _group_of_rows(records, groups, 25)]
     evaluated = {name: dataset.select(range(min(25, len(dataset)))) for name, dataset in groups.items()}
     real_tokens = sum(int(np.sum(dataset["attention_mask"])) for dataset in evaluated.values())
     assert len(records.token_id) == len(records.doc_id) == len(records.position) == real_tokens
@@ -148,3 +153,97 @@ def test_collect_routing_matches_the_model_token_by_token(tiny_run):
             for layer, chosen in enumerate(expected_experts):
                 assert records.experts[row, layer].tolist() == chosen[doc, position].tolist()
             row += 1
+
+
+def _group_of_rows(records, groups, max_docs):
+    names = []
+    for name, dataset in groups.items():
+        names += [name] * int(np.sum(dataset.select(range(min(max_docs, len(dataset))))["attention_mask"]))
+    return names
+
+
+def test_references_in_step4_outputs(tiny_run):
+    _, out_dir, _ = tiny_run
+    stats = json.loads((out_dir / "routing_stats.json").read_text())
+    assert stats["groups"]["seen"] and stats["groups"]["held_out"] and stats["groups"]["pooled"] is False
+    assert set(stats["groups"]["seen"]).isdisjoint(stats["groups"]["held_out"])
+    assert set(stats["held_out_shift"]) == set(stats["groups"]["held_out"])
+    assert stats["settings"]["references"]["n_random_routers"] == 50
+    for layer in stats["layers"]:
+        for factor in ("topic", "token_class"):
+            reference = layer["references"][factor]
+            assert {"trained", "random", "random_load_matched", "probe", "index", "index_ci"} <= set(reference)
+            assert set(reference["random"]) == {"mean", "low", "high", "rank"}
+    measures = {row["measure"] for row in csv.DictReader(open(out_dir / "routing_stats.csv", encoding="utf-8"))}
+    assert {"specialization_index:topic", "reference:topic:random_load_matched", "conditional_topic_mi_excess"} <= measures
+    report = (out_dir / "report.md").read_text(encoding="utf-8")
+    assert "learned nothing" in report and "Held-out topics" in report
+
+
+def _sample(tiny_run, model, max_router_inputs, seed=0, batch_size=16):
+    import datasets
+    import torch
+
+    from inference.routing import collect_routing
+
+    masked = tiny_run[0] / "masked"
+    manifest = json.loads((masked / "manifest.json").read_text())
+    groups = {"test": datasets.load_from_disk(str(masked / "test"))}
+    for topic, folder in manifest["topics"].items():
+        groups[topic] = datasets.load_from_disk(str(masked / folder))
+    return collect_routing(model, groups, torch.device("cpu"), batch_size=batch_size,
+                           held_out_groups=tuple(manifest["topics"]), max_router_inputs=max_router_inputs, seed=seed)
+
+
+def test_router_inputs_reproduce_the_routing_and_the_mlm_head_never_runs(tiny_run):
+    """The kept router inputs through the trained router's weights give the recorded top choice, token by token;
+    the sample is capped, seeded and drawn from the seen (test split) tokens only; the MLM head is not run."""
+    import torch
+
+    from process_exp_results.references import SelectionRule
+    from train.checkpoints import load_model
+
+    model, _ = load_model(tiny_run[0] / "runs" / "tiny" / "model")
+
+    def refuse(*_):
+        raise AssertionError("collect_routing ran the MLM head")
+
+    model.lm_head.register_forward_hook(refuse)
+    records, sample = _sample(tiny_run, model, max_router_inputs=10**9)
+    seen = np.flatnonzero(~records.held_out)
+    assert np.array_equal(sample.rows, seen) and sample.n_candidates == len(seen)
+    for layer, (inputs, weight) in enumerate(zip(sample.inputs, sample.weights)):
+        assert inputs.shape == (len(seen), model.config.embedding_dim)
+        logits = torch.from_numpy(inputs) @ torch.from_numpy(weight).T
+        choice = SelectionRule("topk").top_choice(logits[None], sample.batch)[0].numpy()
+        assert np.array_equal(choice, records.experts[seen, layer, 0])
+    capped, capped_sample = _sample(tiny_run, model, max_router_inputs=50, seed=3)
+    assert len(capped_sample.rows) == 50 and np.all(np.diff(capped_sample.rows) > 0)
+    assert not capped.held_out[capped_sample.rows].any()
+    again = _sample(tiny_run, model, max_router_inputs=50, seed=3)[1]
+    assert np.array_equal(again.rows, capped_sample.rows) and np.array_equal(again.inputs[0], capped_sample.inputs[0])
+    rows_in_full = np.searchsorted(sample.rows, capped_sample.rows)
+    assert np.allclose(capped_sample.inputs[1], sample.inputs[1][rows_in_full], atol=1e-6)
+
+
+def test_expert_choice_references_use_the_models_own_rule(tiny_run):
+    """An expert-choice model: the references' selection rule, on every seen token's router input and the step-4
+    forward passes, reproduces the model's own choice (each expert takes its capacity of a pass's tokens)."""
+    import torch
+
+    from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+    from process_exp_results.references import SelectionRule
+    from train.checkpoints import load_model
+
+    trained, _ = load_model(tiny_run[0] / "runs" / "tiny" / "model")
+    settings = {**trained.config.to_dict(), "router_type": "expert_choice", "capacity_factor": 1.0}
+    torch.manual_seed(0)
+    model = MoEEncoderForMaskedLM(MoEEncoderConfig(**settings))
+    records, sample = _sample(tiny_run, model, max_router_inputs=10**9, batch_size=8)
+    assert sample.rule == SelectionRule("expert_choice", model.config.top_k_experts, 1.0)
+    assert len(np.unique(sample.batch)) > 1  # several forward passes compete separately
+    for layer, (inputs, weight) in enumerate(zip(sample.inputs, sample.weights)):
+        logits = torch.from_numpy(inputs) @ torch.from_numpy(weight).T
+        choice = sample.rule.top_choice(logits[None], sample.batch)[0].numpy()
+        recorded = records.experts[sample.rows, layer, 0]
+        assert np.array_equal(np.where(choice == model.config.n_experts, -1, choice), recorded)

@@ -5,15 +5,11 @@ import time
 import numpy as np
 import pytest
 
-from process_exp_results.routing_stats import (
-    RoutingRecords,
-    _Cells,
-    _GroupShuffler,
-    _nmi,
-    analyze_routing,
-    stats_csv_rows,
-    token_classes,
-)
+from process_exp_results.information import nmi as _nmi
+from process_exp_results.report import stats_csv_rows, summary_sentences
+from process_exp_results.resampling import Cells as _Cells
+from process_exp_results.resampling import GroupShuffler as _GroupShuffler
+from process_exp_results.routing_stats import RoutingRecords, analyze_routing, token_classes
 
 FAST = {"n_boot": 50, "n_perm": 100}
 
@@ -269,7 +265,7 @@ def test_document_level_dependence_does_not_fool_the_topic_test():
 
 # ---------------------------------------------------------------------------------------------- (i) shape
 
-TOP_KEYS = {"n_tokens", "n_documents", "topics", "n_experts", "k", "settings", "layers", "summary"}
+TOP_KEYS = {"n_tokens", "n_documents", "topics", "groups", "n_experts", "k", "settings", "layers", "held_out_shift"}
 LAYER_KEYS = {"layer", "layer_index", "nmi", "nmi_ci", "p_value", "js", "js_ci", "topic_expert_counts",
               "token_class", "token_id", "conditional_topic", "vocabulary", "coactivation"}
 
@@ -287,12 +283,18 @@ def test_output_is_json_with_the_spec_keys():
     assert stats["settings"] == {"n_boot": 50, "n_perm": 100, "seed": 0, "min_token_count": 20}
     assert stats["n_tokens"] == n and stats["n_documents"] == 40 and stats["k"] == 2 and stats["n_experts"] == 4
     assert stats["topics"] == ["a", "b", "c", "d"]  # a topic without documents is dropped
-    assert len(stats["summary"]) == 2 and all(s.startswith(f"block {i}:") for i, s in enumerate(stats["summary"]))
+    summary = summary_sentences(stats)
+    assert len(summary) == 2 and all(s.startswith(f"block {i}:") for i, s in enumerate(summary))
+    assert stats["groups"] == {"seen": ["a", "b", "c", "d"], "held_out": [], "pooled": False}
+    assert stats["held_out_shift"] == {}
     for i, layer in enumerate(stats["layers"]):
         assert set(layer) == LAYER_KEYS and layer["layer_index"] == i and layer["layer"] == f"block {i}"
         assert set(layer["token_class"]) == {"classes", "nmi", "nmi_ci", "p_value", "expert_counts"}
         assert set(layer["token_id"]) == {"nmi", "nmi_ci"}
-        assert set(layer["conditional_topic"]) == {"cmi", "cmi_ci", "p_value", "null_mean", "explained_by"}
+        assert set(layer["conditional_topic"]) == {"cmi", "cmi_ci", "p_value", "null_mean", "cmi_excess",
+                                                   "cmi_excess_ci", "explained_by"}
+        conditional = layer["conditional_topic"]
+        assert conditional["cmi_excess"] == pytest.approx(conditional["cmi"] - conditional["null_mean"])
         assert set(layer["vocabulary"]) == {"lift_top", "consistency", "most_consistent"}
         assert set(layer["js"]) == set(layer["js_ci"]) == set(stats["topics"])
         assert np.array(layer["topic_expert_counts"]).shape == (4, 4)
@@ -305,7 +307,7 @@ def test_output_is_json_with_the_spec_keys():
     assert all(set(r) == {"layer", "measure", "value", "ci_low", "ci_high", "p_value"} for r in rows)
     measures = [r["measure"] for r in rows if r["layer"] == "block 0"]
     assert measures == ["topic_nmi", "token_class_nmi", "token_id_nmi", "conditional_topic_mi",
-                        "js:a", "js:b", "js:c", "js:d"]
+                        "conditional_topic_mi_excess", "js:a", "js:b", "js:c", "js:d"]
     assert rows[0]["value"] == stats["layers"][0]["nmi"] and rows[0]["p_value"] == stats["layers"][0]["p_value"]
 
 

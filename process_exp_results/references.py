@@ -1,0 +1,338 @@
+"""References for a routing claim, on the router inputs the trained router saw (DESIGN.md, "How a routing claim is
+judged").
+
+Per MoE layer, the same hidden states go through
+* ``random``: R routers that learned nothing, Gaussian weight rows rescaled to the trained router's row norms,
+  applied with the layer's own selection rule (top-k: the best expert; expert choice: each expert takes its
+  capacity of tokens);
+* ``random_load_matched``: the same R routers with per-expert biases fitted so that their expert loads match the
+  trained router's (a balanced and an unbalanced router are not comparable on NMI);
+* ``probe``: the best linear router for the factor, a multinomial logistic regression from router input to the
+  factor, cross-fitted over two halves of the documents (each half routed by the probe fitted on the other), its
+  classes mapped one-to-one to experts; with more classes than experts, the classes the probe confuses most are
+  merged first (greedy, the merge that keeps the most I(factor; probe's group) on the fitting halves).
+The specialization index = (trained - load-matched mean) / (probe - load-matched mean): 0 = no more than a router
+that learned nothing, 1 = as much as the best linear router. Its interval resamples documents and, per draw,
+compares with one of the R load-matched routers drawn at random, so it covers both the evaluation data's noise and
+how much routers that learned nothing differ from each other: a random router's interval covers 0 (about 95%).
+All values are NMI of the factor with the top expert (the statistic the analysis reports). Seeded.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from models.router import expert_capacity
+from process_exp_results.information import cmi_many, nmi_many
+from process_exp_results.resampling import Cells, bootstrap_weights, percentile_ci, rng_for
+
+LOAD_TOLERANCE = 0.005  # load matching stops when every expert is within half a percentage point
+LOGIT_BUDGET = 2 ** 24  # router logits held at once (floats): bounds memory for wide models and many routers
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How a layer turns router logits into each token's top expert."""
+    router_type: str  # topk | expert_choice
+    top_k: int = 1
+    capacity_factor: float | None = None  # expert choice only (None = 1.0)
+
+    def top_choice(self, logits: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
+        """[R, n, E] logits -> [R, n] long: each token's top expert; E where no expert took it (expert choice).
+
+        batch: [n] the forward pass each token was routed in (non-decreasing): expert-choice experts compete for
+        the tokens of one forward pass, as in the model.
+        """
+        n_experts = logits.shape[-1]
+        if self.router_type != "expert_choice":
+            return logits.argmax(-1)
+        out = torch.empty(logits.shape[:2], dtype=torch.long)
+        bounds = np.flatnonzero(np.diff(batch)) + 1
+        for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(batch)]):
+            probs = torch.softmax(logits[:, start:end], dim=-1)  # [R, n_b, E]
+            capacity = expert_capacity(self.capacity_factor or 1.0, end - start, self.top_k, n_experts)
+            chosen = probs.transpose(1, 2).topk(capacity, dim=-1).indices  # [R, E, capacity]
+            picked = torch.zeros(probs.shape[0], n_experts, end - start, dtype=torch.bool)
+            picked = picked.scatter_(2, chosen, True).transpose(1, 2)  # [R, n_b, E]
+            best = probs.masked_fill(~picked, -1.0).argmax(-1)  # the model's rule: the best gate among its pickers
+            out[:, start:end] = torch.where(picked.any(-1), best, n_experts)
+        return out
+
+
+def random_router_weights(trained_weight: np.ndarray, n_routers: int, rng: np.random.Generator) -> np.ndarray:
+    """[R, E, d] Gaussian rows, each rescaled to the norm of the trained router's row for the same expert."""
+    rows = rng.standard_normal((n_routers, *trained_weight.shape))
+    rows *= np.linalg.norm(trained_weight, axis=1)[None, :, None] / np.linalg.norm(rows, axis=2, keepdims=True)
+    return rows.astype(np.float32)
+
+
+def expert_loads(choice: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[R, n] top experts (E = none) -> [R, E] share of each router's routed tokens per expert."""
+    counts = torch.zeros(choice.shape[0], n_experts + 1, dtype=torch.float64)
+    counts.scatter_add_(1, choice, torch.ones_like(choice, dtype=torch.float64))
+    return counts[:, :n_experts] / counts[:, :n_experts].sum(1, keepdim=True).clamp(min=1)
+
+
+def fit_load_biases(logits: torch.Tensor, rule: SelectionRule, batch: np.ndarray, target: torch.Tensor,
+                    max_iterations: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert biases [R, E] that bring each router's loads to `target` [E]; and the largest error per router.
+
+    A multiplicative update on the log loads, with a step that shrinks for a router whose error stops falling;
+    the best biases seen are kept.
+    """
+    n_routers, _, n_experts = logits.shape
+    biases = torch.zeros(n_routers, n_experts, dtype=logits.dtype)
+    step = logits.std(dim=(1, 2)).clamp(min=1e-6)[:, None] * 0.5
+    best_biases, best_error = biases.clone(), torch.full((n_routers,), float("inf"), dtype=torch.float64)
+    log_target = target.clamp(min=1e-6).log()
+    for _ in range(max_iterations):
+        loads = expert_loads(rule.top_choice(logits + biases[:, None, :], batch), n_experts)
+        error = (loads - target).abs().max(1).values
+        improved = error < best_error
+        best_biases[improved], best_error[improved] = biases[improved], error[improved]
+        step[~improved] *= 0.7
+        if bool((best_error <= LOAD_TOLERANCE).all()):
+            break
+        biases = biases + step * (log_target - loads.clamp(min=1e-6).log()).to(logits.dtype)
+    return best_biases, best_error
+
+
+def _logits(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[n, d] x [R, E, d] -> [R, n, E]."""
+    n_routers, n_experts, _ = weights.shape
+    return (x @ weights.reshape(n_routers * n_experts, -1).T).view(-1, n_routers, n_experts).transpose(0, 1)
+
+
+def random_choices(x: torch.Tensor, trained_weight: np.ndarray, rule: SelectionRule, batch: np.ndarray,
+                   n_routers: int, rng: np.random.Generator):
+    """Top experts of the trained router [n], of R random routers [R, n], of the same routers load-matched [R, n],
+    and the largest load error of any load-matched router."""
+    n_tokens, n_experts = x.shape[0], trained_weight.shape[0]
+    trained = rule.top_choice(_logits(x, torch.as_tensor(trained_weight, dtype=x.dtype)[None]), batch)
+    target = expert_loads(trained, n_experts)[0]
+    weights = torch.as_tensor(random_router_weights(trained_weight, n_routers, rng), dtype=x.dtype)
+    plain, matched, worst = [], [], 0.0
+    chunk = max(1, LOGIT_BUDGET // max(n_tokens * n_experts, 1))
+    for start in range(0, n_routers, chunk):
+        logits = _logits(x, weights[start:start + chunk])
+        plain.append(rule.top_choice(logits, batch))
+        biases, error = fit_load_biases(logits, rule, batch, target)
+        matched.append(rule.top_choice(logits + biases[:, None, :], batch))
+        worst = max(worst, float(error.max()))
+    return trained[0], torch.cat(plain), torch.cat(matched), worst
+
+
+# ------------------------------------------------------------------------------------------------ the probe
+
+def document_folds(doc_strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[D] 0/1: two halves of the documents, each stratum (e.g. topic) split evenly between them (dealt in turn,
+    stratum after stratum, so odd strata do not all tip the same half)."""
+    order = np.concatenate([rng.permutation(np.flatnonzero(doc_strata == stratum))
+                            for stratum in np.unique(doc_strata)]) if len(doc_strata) else np.zeros(0, np.int64)
+    folds = np.zeros(len(doc_strata), dtype=np.int64)
+    folds[order[1::2]] = 1
+    return folds
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-4,
+                 max_iterations: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (class-balanced, L2 on the weights) by L-BFGS; returns weight, bias."""
+    counts = torch.bincount(y, minlength=n_classes).to(x.dtype)
+    class_weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+    weight = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iterations, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y, weight=class_weight)
+        loss = loss + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def merge_classes(joint: np.ndarray, n_groups: int) -> np.ndarray:
+    """Map the columns (predicted classes) of a [true, predicted] count table onto n_groups groups, merging the pair
+    whose merge loses the least I(true; predicted group) until n_groups are left. Returns [n_predicted] group ids."""
+    columns = [joint[:, c].astype(np.float64) for c in range(joint.shape[1])]
+    members = [[c] for c in range(joint.shape[1])]
+
+    def share(column: np.ndarray) -> float:  # the column's part of the MI (up to terms every grouping shares)
+        total = column.sum()
+        nz = column[column > 0]
+        return float((nz * np.log(nz)).sum() - (total * np.log(total) if total > 0 else 0.0))
+
+    while len(columns) > n_groups:
+        loss, a, b = min((share(columns[i]) + share(columns[j]) - share(columns[i] + columns[j]), i, j)
+                         for i in range(len(columns)) for j in range(i + 1, len(columns)))
+        columns[a], members[a] = columns[a] + columns[b], members[a] + members[b]
+        del columns[b], members[b]
+    group = np.empty(joint.shape[1], dtype=np.int64)
+    for g, classes in enumerate(members):
+        group[classes] = g
+    return group
+
+
+def probe_choices(x: torch.Tensor, labels: np.ndarray, n_levels: int, doc: np.ndarray, folds: np.ndarray,
+                  n_experts: int) -> np.ndarray:
+    """[n] the expert the cross-fitted probe sends each token to: the factor's level it predicts for the token from
+    the probe fitted on the other half of the documents, mapped to an expert (merged when n_levels > n_experts)."""
+    token_fold = folds[doc]
+    y = torch.as_tensor(labels, dtype=torch.long)
+    predicted = np.empty(len(labels), dtype=np.int64)
+    joint_in_sample = np.zeros((n_levels, n_levels))
+    for fold in (0, 1):
+        fit, apply = np.flatnonzero(token_fold == fold), np.flatnonzero(token_fold != fold)
+        if fit.size == 0 or apply.size == 0:
+            predicted[apply] = 0
+            continue
+        x_fit = x[fit]
+        mean, std = x_fit.mean(0), x_fit.std(0).clamp(min=1e-6)  # standardized: L-BFGS converges in fewer steps
+        weight, bias = fit_logistic((x_fit - mean) / std, y[fit], n_levels)
+        predicted[apply] = (((x[apply] - mean) / std) @ weight.T + bias).argmax(-1).numpy()
+        in_sample = (((x_fit - mean) / std) @ weight.T + bias).argmax(-1).numpy()
+        np.add.at(joint_in_sample, (labels[fit], in_sample), 1)
+    # the expert a level goes to does not change the NMI; only which levels share an expert does
+    group = np.arange(n_levels) if n_levels <= n_experts else merge_classes(joint_in_sample, n_experts)
+    return group[predicted]
+
+
+# ------------------------------------------------------------------------------------------------ assembly
+
+@dataclass
+class Band:
+    """What R routers give: their mean, 2.5/97.5 percentiles, and the trained router's rank (1 = above all)."""
+    mean: float
+    low: float
+    high: float
+    rank: int
+
+    @classmethod
+    def of(cls, values: np.ndarray, trained: float) -> "Band":
+        low, high = np.percentile(values, [2.5, 97.5])
+        return cls(float(values.mean()), float(low), float(high), 1 + int(np.sum(values > trained)))
+
+
+@dataclass
+class FactorReference:
+    trained: float
+    random: Band
+    random_load_matched: Band
+    probe: float | None = None
+    index: float | None = None
+    index_ci: list[float] | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Factor:
+    """One thing the expert may depend on, per sampled token: its level, and whether a probe is fitted for it."""
+    name: str
+    labels: np.ndarray  # [n] level of each token, 0..n_levels-1
+    n_levels: int
+    probe: bool = True
+
+
+def _nmi_per_router(choices: torch.Tensor, labels: np.ndarray, n_levels: int, n_experts: int) -> np.ndarray:
+    """[M, n] top experts (E = none, left out) -> [M] NMI with the labels."""
+    n_routers = choices.shape[0]
+    index = (np.arange(n_routers)[:, None] * n_levels + labels[None, :]) * (n_experts + 1) + choices.numpy()
+    tables = np.bincount(index.ravel(), minlength=n_routers * n_levels * (n_experts + 1))
+    return nmi_many(tables.reshape(n_routers, n_levels, n_experts + 1)[:, :, :n_experts])
+
+
+def factor_reference(factor: Factor, trained: torch.Tensor, plain: torch.Tensor, matched: torch.Tensor,
+                     probe: np.ndarray | None, doc: np.ndarray, n_docs: int, n_experts: int, n_boot: int,
+                     rng: np.random.Generator) -> FactorReference:
+    trained_nmi = float(_nmi_per_router(trained[None], factor.labels, factor.n_levels, n_experts)[0])
+    matched_nmi = _nmi_per_router(matched, factor.labels, factor.n_levels, n_experts)
+    reference = FactorReference(trained_nmi, Band.of(_nmi_per_router(plain, factor.labels, factor.n_levels,
+                                                                     n_experts), trained_nmi),
+                                Band.of(matched_nmi, trained_nmi))
+    if probe is None:
+        return reference
+    reference.probe = float(_nmi_per_router(torch.as_tensor(probe)[None], factor.labels, factor.n_levels,
+                                            n_experts)[0])
+    span = reference.probe - reference.random_load_matched.mean
+    if span <= 1e-9:  # the best linear router finds no more than routers that learned nothing: no scale
+        return reference
+    reference.index = (trained_nmi - reference.random_load_matched.mean) / span
+    # one document bootstrap over [trained, R load-matched, probe]; per draw, one load-matched router as the null
+    rows = torch.cat([trained[None], matched, torch.as_tensor(probe)[None]])
+    n_rows, width = rows.shape[0], factor.n_levels * (n_experts + 1)
+    cells = Cells(np.broadcast_to(doc, rows.shape).ravel(),
+                  (np.arange(n_rows)[:, None] * width + factor.labels[None, :] * (n_experts + 1)
+                   + rows.numpy()).ravel(), n_rows * width)
+    draws = []
+    for _ in range(n_boot):
+        tables = cells.table(bootstrap_weights(rng, n_docs)).reshape(n_rows, factor.n_levels, n_experts + 1)
+        values = nmi_many(tables[:, :, :n_experts])
+        null = values[1:-1]
+        draw_span = values[-1] - null.mean()
+        draws.append((values[0] - null[rng.integers(len(null))]) / draw_span if draw_span > 1e-9 else np.nan)
+    reference.index_ci = percentile_ci(draws)
+    return reference
+
+
+def conditional_reference(trained: torch.Tensor, plain: torch.Tensor, matched: torch.Tensor, token: np.ndarray,
+                          n_tokens: int, topic: np.ndarray, n_topics: int, n_experts: int) -> dict:
+    """Raw I(expert; topic | token) of the trained router and of the R random routers on the same tokens (frequent
+    tokens only: token -1 is left out), so the conditional MI is read against routers that learned nothing too."""
+    keep = token >= 0
+    width = n_tokens * n_topics * (n_experts + 1)
+
+    def values(choices: torch.Tensor) -> np.ndarray:
+        n_rows = choices.shape[0]
+        index = (np.arange(n_rows)[:, None] * width
+                 + ((token[keep] * n_topics + topic[keep]) * (n_experts + 1))[None, :] + choices[:, keep].numpy())
+        tables = np.bincount(index.ravel(), minlength=n_rows * width)
+        return cmi_many(tables.reshape(n_rows, n_tokens, n_topics, n_experts + 1)[..., :n_experts])
+
+    trained_cmi = float(values(trained[None])[0])
+    return {"trained": trained_cmi, "random": asdict(Band.of(values(plain), trained_cmi)),
+            "random_load_matched": asdict(Band.of(values(matched), trained_cmi))}
+
+
+def layer_references(x: torch.Tensor, trained_weight: np.ndarray, rule: SelectionRule, batch: np.ndarray,
+                     doc: np.ndarray, doc_topic: np.ndarray, factors: list[Factor], conditional: dict | None,
+                     n_random: int, n_boot: int, seed: int, layer: int) -> dict:
+    """Every reference of one MoE layer, as JSON: {factor name: FactorReference, "conditional_topic": ...,
+    "load_match_max_error": the largest gap of any load-matched router's expert load from the trained one's}.
+
+    x: [n, d] router inputs of the sampled tokens; doc: [n] their documents (0..D-1); doc_topic: [D] (the probe's
+    halves are balanced over it); conditional: {"token", "n_tokens", "topic", "n_topics"} for the conditional MI.
+    """
+    n_experts = trained_weight.shape[0]
+    trained, plain, matched, load_error = random_choices(x, trained_weight, rule, batch, n_random,
+                                                         rng_for(seed, 20, layer))
+    folds = document_folds(doc_topic, rng_for(seed, 21, layer))
+    out = {}
+    for number, factor in enumerate(factors):
+        probe = (probe_choices(x, factor.labels, factor.n_levels, doc, folds, n_experts)
+                 if factor.probe and factor.n_levels > 1 else None)
+        out[factor.name] = factor_reference(factor, trained, plain, matched, probe, doc, len(doc_topic), n_experts,
+                                            n_boot, rng_for(seed, 22, layer, number)).to_json()
+    if conditional is not None:
+        out["conditional_topic"] = conditional_reference(trained, plain, matched, n_experts=n_experts, **conditional)
+    out["load_match_max_error"] = load_error
+    return out
+
+
+@dataclass
+class RouterSample:
+    """What step 4 keeps of the router inputs for the references: a seeded sample of the analysed tokens."""
+    rows: np.ndarray  # [n] sorted rows of the routing records whose inputs were kept
+    batch: np.ndarray  # [n] the forward pass each was routed in (expert choice competes within one)
+    inputs: list[np.ndarray]  # per MoE layer [n, d] float32: the router's input
+    weights: list[np.ndarray]  # per MoE layer [E, d]: the trained router's weight
+    rule: SelectionRule
+    n_candidates: int  # the tokens the sample was drawn from
+    max_tokens: int  # the cap
