@@ -119,6 +119,10 @@ TRAIN_SCHEMA = {
     "random_seed": Field("int", min=0, help="seed for init, data order, dynamic masks and dropout"),
     "freeze_router": Field("bool", default=False,
                            help="keep every MoE router at its random initialisation (a control: routing not learned)"),
+    "router_supervision": Field("str", default=None, nullable=True, choices=("topic",),
+                                help="a control, off by default: topic = a cross-entropy term on every router that "
+                                     "sends the train split's topic t (sorted) to expert t mod n_experts"),
+    "router_supervision_coef": Field("float", default=1.0, min=0.0, help="weight of that term"),
     "device": Field("str", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if present"),
     "aim_repo": Field("str", default=".", help="folder holding the .aim repository"),
 }

@@ -3,9 +3,11 @@ r"""Compare finished runs: one table of per-topic metrics and routing specializa
 Reads step 4's result folders (<results>/<tag>/metrics.csv, and routing_stats.json where step 4 wrote it)
 or a sweep folder (its sweep.json lists the runs, in grid order, with their grid values as columns).
 Writes to --out: comparison.csv (one row per run: per group mlm_loss / accuracy / baseline; per MoE layer
-topic NMI with its bootstrap interval and permutation p, token-class NMI, conditional MI I(expert; topic |
-token) with interval and p, and what explains the topic signal), comparison.md (the same, printed too) and
-comparison.png (per run: topic NMI per layer with intervals, and test accuracy against the baseline).
+topic NMI with its bootstrap interval and permutation p, what random routers with the same loads give on the
+same hidden states, the best linear router, the topic and token-class specialization indices with intervals,
+the excess of I(expert; topic | token) over its null with interval and p, and what explains the topic signal),
+comparison.md (the same, printed too) and comparison.png (per run: the topic specialization index per layer with
+its interval, and test accuracy against the baseline).
 A run without routing_stats.json contributes its metrics only (the table says so). Examples:
     python process_exp_results/compare_runs.py process_exp_results/results/demo process_exp_results/results/big \
         --out process_exp_results/comparisons/demo_vs_big
@@ -28,6 +30,7 @@ from matplotlib.figure import Figure
 from config_utils import PipelineError, run_step
 from config_utils.cli import HelpFormatter
 from process_exp_results.plots import save_figure_atomic
+from process_exp_results.routing_stats import is_specialized
 
 NO_ROUTING = "no routing_stats.json: metrics only"
 
@@ -77,6 +80,35 @@ def as_float(value) -> float:
         return math.nan
 
 
+LAYER_COLUMNS = ["topic_nmi", "topic_nmi_ci_low", "topic_nmi_ci_high", "topic_p", "topic_random_mean",
+                 "topic_random_low", "topic_random_high", "topic_probe", "topic_index", "topic_index_ci_low",
+                 "topic_index_ci_high", "topic_specialized", "token_class_nmi", "token_class_index",
+                 "token_class_index_ci_low", "token_class_index_ci_high", "cmi", "cmi_excess", "cmi_excess_ci_low",
+                 "cmi_excess_ci_high", "cmi_p", "explained_by"]
+
+
+def layer_values(layer: dict) -> dict:
+    """The LAYER_COLUMNS of one layer of routing_stats.json (None where step 4 computed no references)."""
+    conditional = layer.get("conditional_topic") or {}
+    references = layer.get("references") or {}
+    topic, token_class = references.get("topic") or {}, references.get("token_class") or {}
+    band = topic.get("random_load_matched") or {}
+    nan2 = [math.nan, math.nan]
+    values = {"topic_nmi": layer.get("nmi"), "topic_p": layer.get("p_value"), "topic_random_mean": band.get("mean"),
+              "topic_random_low": band.get("low"), "topic_random_high": band.get("high"),
+              "topic_probe": topic.get("probe"), "topic_index": topic.get("index"),
+              "topic_specialized": is_specialized(topic, layer.get("p_value")) if topic else None,
+              "token_class_nmi": (layer.get("token_class") or {}).get("nmi"),
+              "token_class_index": token_class.get("index"), "cmi": conditional.get("cmi"),
+              "cmi_excess": conditional.get("cmi_excess"), "cmi_p": conditional.get("p_value"),
+              "explained_by": conditional.get("explained_by")}
+    for name, interval in (("topic_nmi", layer.get("nmi_ci")), ("topic_index", topic.get("index_ci")),
+                           ("token_class_index", token_class.get("index_ci")),
+                           ("cmi_excess", conditional.get("cmi_excess_ci"))):
+        values[f"{name}_ci_low"], values[f"{name}_ci_high"] = interval or nan2
+    return values
+
+
 def table_rows(runs: list[dict]) -> tuple[list[str], list[dict], dict]:
     """One flat row per run (numbers for the CSV); columns in a stable order across runs; and the column
     families (grid keys, groups, layers) for the Markdown table."""
@@ -87,9 +119,7 @@ def table_rows(runs: list[dict]) -> tuple[list[str], list[dict], dict]:
     for group in groups:
         columns += [f"{group} mlm_loss", f"{group} accuracy", f"{group} baseline"]
     for layer in layers:
-        columns += [f"{layer} topic_nmi", f"{layer} topic_nmi_ci_low", f"{layer} topic_nmi_ci_high",
-                    f"{layer} topic_p", f"{layer} token_class_nmi", f"{layer} cmi", f"{layer} cmi_ci_low",
-                    f"{layer} cmi_ci_high", f"{layer} cmi_p", f"{layer} explained_by"]
+        columns += [f"{layer} {name}" for name in LAYER_COLUMNS]
     columns.append("note")
     rows = []
     for run in runs:
@@ -99,15 +129,7 @@ def table_rows(runs: list[dict]) -> tuple[list[str], list[dict], dict]:
                         f"{group} accuracy": as_float(metric.get("accuracy")),
                         f"{group} baseline": as_float(metric.get("majority_accuracy"))})
         for layer in (run["stats"] or {}).get("layers", []):
-            name, conditional = layer["layer"], layer.get("conditional_topic") or {}
-            nmi_ci = layer.get("nmi_ci") or [math.nan, math.nan]
-            cmi_ci = conditional.get("cmi_ci") or [math.nan, math.nan]
-            row.update({f"{name} topic_nmi": layer.get("nmi"), f"{name} topic_nmi_ci_low": nmi_ci[0],
-                        f"{name} topic_nmi_ci_high": nmi_ci[1], f"{name} topic_p": layer.get("p_value"),
-                        f"{name} token_class_nmi": (layer.get("token_class") or {}).get("nmi"),
-                        f"{name} cmi": conditional.get("cmi"), f"{name} cmi_ci_low": cmi_ci[0],
-                        f"{name} cmi_ci_high": cmi_ci[1], f"{name} cmi_p": conditional.get("p_value"),
-                        f"{name} explained_by": conditional.get("explained_by")})
+            row.update({f"{layer['layer']} {name}": value for name, value in layer_values(layer).items()})
         rows.append(row)
     return columns, rows, {"grid_keys": grid_keys, "groups": groups, "layers": layers}
 
@@ -128,7 +150,8 @@ def markdown_table(rows: list[dict], families: dict) -> str:
     header = ["run", *[key.rsplit(".", 1)[-1] for key in grid_keys]]
     header += [f"{group} acc (baseline) / loss" for group in groups]
     for layer in layers:
-        header += [f"{layer} topic NMI [CI]", "p", "CMI [CI]", "p", "class NMI", "explained by"]
+        header += [f"{layer} topic NMI [CI]", "p", "random, loads matched", "topic index [CI]", "class index [CI]",
+                   "CMI excess [CI]", "p", "explained by"]
     header.append("note")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -137,20 +160,26 @@ def markdown_table(rows: list[dict], families: dict) -> str:
                   f"{_number(row.get(f'{g} mlm_loss'), 2)}" for g in groups]
         for layer in layers:
             if row.get(f"{layer} topic_nmi") is None:
-                cells += ["–"] * 6
+                cells += ["–"] * 8
                 continue
-            cells += [f"{_number(row[f'{layer} topic_nmi'])} [{_number(row[f'{layer} topic_nmi_ci_low'])}, "
-                      f"{_number(row[f'{layer} topic_nmi_ci_high'])}]", _p(row[f"{layer} topic_p"]),
-                      f"{_number(row[f'{layer} cmi'], 4)} [{_number(row[f'{layer} cmi_ci_low'], 4)}, "
-                      f"{_number(row[f'{layer} cmi_ci_high'], 4)}]", _p(row[f"{layer} cmi_p"]),
-                      _number(row[f"{layer} token_class_nmi"]), str(row[f"{layer} explained_by"])]
+
+            def with_ci(name: str, digits: int = 3) -> str:
+                return (f"{_number(row[f'{layer} {name}'], digits)} [{_number(row[f'{layer} {name}_ci_low'], digits)}, "
+                        f"{_number(row[f'{layer} {name}_ci_high'], digits)}]")
+
+            cells += [with_ci("topic_nmi"), _p(row[f"{layer} topic_p"]),
+                      f"{_number(row[f'{layer} topic_random_mean'])} [{_number(row[f'{layer} topic_random_low'])}, "
+                      f"{_number(row[f'{layer} topic_random_high'])}]", with_ci("topic_index", 2),
+                      with_ci("token_class_index", 2), with_ci("cmi_excess", 4), _p(row[f"{layer} cmi_p"]),
+                      str(row[f"{layer} explained_by"])]
         cells.append(row.get("note") or "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def comparison_figure(runs: list[dict]) -> Figure:
-    """Left: topic NMI per layer with its bootstrap interval, per run. Right: test accuracy and its baseline."""
+    """Left: the topic specialization index per layer with its interval, per run (filled: the layer is called
+    topic-specialized). Right: test accuracy and its baseline."""
     names = [run["name"] for run in runs]
     width = max(8.0, 1.1 * len(runs) + 4.0)
     fig = Figure(figsize=(width, 4.6))
@@ -160,28 +189,29 @@ def comparison_figure(runs: list[dict]) -> Figure:
     colours = [f"C{index % 10}" for index in range(len(layers))]
     step = 0.7 / max(len(layers), 1)
     for index, (layer, colour) in enumerate(zip(layers, colours)):
-        xs, ys, low, high, significant = [], [], [], [], []
+        xs, ys, low, high, specialized = [], [], [], [], []
         for position, run in zip(x, runs):
             found = [entry for entry in (run["stats"] or {}).get("layers", []) if entry["layer"] == layer]
-            if found and found[0].get("nmi") is not None:
-                ci = found[0].get("nmi_ci") or [found[0]["nmi"]] * 2
+            values = layer_values(found[0]) if found else {}
+            if values.get("topic_index") is not None and not math.isnan(values["topic_index_ci_low"]):
                 xs.append(position + (index - (len(layers) - 1) / 2) * step)
-                ys.append(found[0]["nmi"])
-                low.append(found[0]["nmi"] - ci[0])
-                high.append(ci[1] - found[0]["nmi"])
-                significant.append(as_float(found[0].get("p_value")) <= 0.01)
+                ys.append(values["topic_index"])
+                low.append(values["topic_index"] - values["topic_index_ci_low"])
+                high.append(values["topic_index_ci_high"] - values["topic_index"])
+                specialized.append(bool(values["topic_specialized"]))
         left.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor=colour, capsize=3)
-        left.scatter(xs, ys, color=[colour if flag else "white" for flag in significant], edgecolors=colour,
-                     zorder=3, label=layer)  # hollow: permutation p > 0.01
-    left.axhline(0.0, color="0.5", linewidth=0.8)
-    left.set_title("Topic specialization: NMI(expert; topic), 95% bootstrap interval\n"
-                   "filled: permutation p <= 0.01, hollow: p > 0.01", fontsize=10)
-    left.set_ylabel("normalized mutual information")
+        left.scatter(xs, ys, color=[colour if flag else "white" for flag in specialized], edgecolors=colour,
+                     zorder=3, label=layer)  # hollow: not called specialized
+    left.axhline(0.0, color="0.4", linewidth=0.9, linestyle="--")
+    left.axhline(1.0, color="0.6", linewidth=0.8, linestyle=":")
+    left.set_title("Topic specialization index, 95% interval (0 = random router, 1 = best linear router)\n"
+                   "filled: topic-specialized (interval clear of 0 and p <= 0.01)", fontsize=10)
+    left.set_ylabel("specialization index")
     if layers:
         left.legend(fontsize=8, title="MoE layer", title_fontsize=8)
     for position, run in zip(x, runs):
-        if run["stats"] is None:
-            left.text(position, 0.0, "no routing\nstats", ha="center", va="bottom", fontsize=7, color="0.4")
+        if run["stats"] is None or not any(layer.get("references") for layer in run["stats"]["layers"]):
+            left.text(position, 0.0, "no routing\nreferences", ha="center", va="bottom", fontsize=7, color="0.4")
     accuracy = [as_float(run["metrics"].get("test", {}).get("accuracy")) for run in runs]
     baseline = [as_float(run["metrics"].get("test", {}).get("majority_accuracy")) for run in runs]
     right.bar(x, accuracy, color="C0", width=0.6, label="model")
@@ -221,7 +251,9 @@ def main() -> None:
     missing = [run["name"] for run in runs if run["stats"] is None]
     notes = ["acc = masked-token accuracy; baseline = always the group's most frequent masked token; "
              "NMI: top choice vs document topic, 95% document-bootstrap interval, p from a document-level "
-             "permutation; CMI = I(expert; topic | token)."]
+             "permutation; random: what random routers with the trained loads give on the same hidden states "
+             "(mean [2.5, 97.5%]); index: 0 = no more than such a router, 1 = as much as the best linear router; "
+             "CMI excess = I(expert; topic | token) minus its permutation null."]
     if missing:
         notes.append(f"{len(missing)} run(s) without routing_stats.json (metrics only): {', '.join(missing)}")
     (out_dir / "comparison.md").write_text(markdown + "\n\n" + "\n".join(notes) + "\n", encoding="utf-8")

@@ -1,20 +1,25 @@
-r"""The check against known structure: does the routing analysis find topic specialization where the corpus
-has it, and only there?
+r"""The check against known structure: does the routing analysis find topic specialization where a router has it,
+and only there?
 
-Trains small MoE models on the builtin corpus (synthetic: at topic_overlap 0 each topic has its own content
-words, at 1 every topic is drawn from one distribution, so topic labels carry no information) through the same
-four steps as any run (subprocesses, through sweep.py's runner), in three arms, each with several seeds:
-  overlap_0  topic_overlap 0                         expected: topic NMI clearly above 0 in some layer, p <= 0.01 / L
-  overlap_1  topic_overlap 1                         expected: no layer with that (interval reaches 0 or p > 0.01 / L)
-  frozen     topic_overlap 0, train.freeze_router    a router left at its random init; any "topic" signal it shows
-                                                     comes through the token embeddings: CMI tells which
-L is the number of MoE layers (Bonferroni): "some layer of this run" is L tests, and without the division a run
-with no topic signal would pass about L times 1% of the time. So --n-perm must reach 1/(n_perm + 1) <= 0.01 / L.
+Trains small MoE models on the builtin corpus (synthetic: at topic_overlap 0 each topic has its own content words, at
+1 every topic is drawn from one distribution, so topic labels carry no information) through the same four steps as
+any run (subprocesses, through sweep.py's runner), in four arms, each with several seeds, and judges each MoE layer
+by its topic specialization index (step 4's references: 0 = no more topic-specific than random routers on the same
+hidden states, 1 = as much as the best linear router for the topic):
+  overlap_0   topic_overlap 0                             reported (no expectation: whether an MLM router learns
+                                                          topics is the question, not a premise)
+  overlap_1   topic_overlap 1                             index interval contains 0 in every layer
+  frozen      topic_overlap 0, train.freeze_router        index interval contains 0 in every layer: a router left at
+                                                          its random init is a random router
+  supervised  topic_overlap 0, train.router_supervision   index lower bound > 0.5 in every layer: a positive control,
+              topic                                       each router trained to send topic t to expert t mod E
+A layer is called specialized when its index interval is clear of 0 and its topic permutation test has
+p <= 0.01 / L, with L the run's number of MoE layers (Bonferroni), so --n-perm must reach 1/(n_perm + 1) <= 0.01 / L.
+The table counts, per arm, the layer-seed pairs whose index interval clears 0.
 The seed is train.random_seed (initialisation, data order): each overlap's data is made once and shared.
 One topic (gaming) is held out by step 1 with only a few documents; the topics of the test split carry the test.
 Writes to --out: the sweep folder's runs/, results/ (step 4 outputs, routing_stats.json), sweep.json, and
-known_structure.md / known_structure.json: arm, seed, per layer topic NMI [CI], p, CMI [CI], p, explained_by,
-test accuracy, and per arm whether the expectation held. A few minutes on 2 CPU cores:
+known_structure.md / known_structure.json. A few minutes on 2 CPU cores:
     python process_exp_results/known_structure.py --out process_exp_results/known_structure
 Extra --set options apply to every run (e.g. --set train.max_steps=400); --arms and --seeds pick a subset.
 """
@@ -30,14 +35,20 @@ import math
 from config_utils import PipelineError, run_step, write_json_atomic
 from config_utils.cli import SET_HELP, HelpFormatter
 from config_utils.config import parse_override
-from process_exp_results.routing_stats import ALPHA  # one significance level for the per-layer verdicts and this check
+from process_exp_results.routing_stats import ALPHA, is_specialized  # one rule for step 4's verdicts and this check
 from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
 
 ARMS = {
-    "overlap_0": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": False},
-    "overlap_1": {"dataset.load_params.builtin.topic_overlap": 1.0, "train.freeze_router": False},
-    "frozen": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": True},
+    "overlap_0": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": False,
+                  "train.router_supervision": None},
+    "overlap_1": {"dataset.load_params.builtin.topic_overlap": 1.0, "train.freeze_router": False,
+                  "train.router_supervision": None},
+    "frozen": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": True,
+               "train.router_supervision": None},
+    "supervised": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": False,
+                   "train.router_supervision": "topic"},
 }
+SUPERVISED_LOWER_BOUND = 0.5  # the positive control's index interval must sit above this in every layer
 # tiny but meaningful: 4 topics (one held out, small), 2 MoE blocks of 4 experts, a few hundred steps
 SIZES = {
     "dataset.load_params.builtin.n_topics": 4, "dataset.load_params.builtin.n_docs": 3000,
@@ -58,10 +69,10 @@ def layer_threshold(n_layers: int) -> float:
     return ALPHA / max(n_layers, 1)
 
 
-def clear_of_zero(layer: dict, n_layers: int) -> bool:
-    """Topic specialization in a layer: the NMI interval excludes 0 and p <= ALPHA / n_layers."""
-    ci = layer.get("nmi_ci") or [0.0, 0.0]
-    return ci[0] > 0.0 and layer.get("p_value", 1.0) <= layer_threshold(n_layers)
+def specialized(layer: dict, n_layers: int) -> bool:
+    """Topic specialization in a layer: the topic index interval is clear of 0 and p <= ALPHA / n_layers."""
+    return is_specialized((layer.get("references") or {}).get("topic"), layer.get("p_value"),
+                          alpha=layer_threshold(n_layers))
 
 
 def permutations_needed(n_layers: int) -> int:
@@ -69,12 +80,18 @@ def permutations_needed(n_layers: int) -> int:
     return math.ceil(1.0 / layer_threshold(n_layers) - 1.0 - 1e-9)
 
 
-def expectation(arm: str, specialized: list[bool]) -> str:
-    if arm == "overlap_0":
-        return "as expected" if all(specialized) else "NOT as expected (a seed without topic specialization)"
-    if arm == "overlap_1":
-        return "as expected" if not any(specialized) else "NOT as expected (topic specialization without topics)"
-    return "reported (no expectation)"
+def expectation(arm: str, layers: list[dict]) -> str:
+    """The arm's verdict from all its layer-seed pairs (each with index_ci)."""
+    clear = sum(1 for layer in layers if layer["index_ci"] and layer["index_ci"][0] > 0)
+    pairs = f"{clear} of {len(layers)} layer-seed pairs clear 0"
+    if arm in ("overlap_1", "frozen"):
+        return f"as expected ({pairs})" if clear == 0 else f"NOT as expected ({pairs}: a router that learned nothing)"
+    if arm == "supervised":
+        low = [layer["index_ci"][0] if layer["index_ci"] else float("-inf") for layer in layers]
+        met = sum(value > SUPERVISED_LOWER_BOUND for value in low)
+        return (f"{'as expected' if met == len(layers) else 'NOT as expected'} ({met} of {len(layers)} layer-seed "
+                f"pairs with an index lower bound above {SUPERVISED_LOWER_BOUND}; lowest {min(low):.2f})")
+    return f"reported ({pairs})"
 
 
 def summarize(runs: list[dict], results_root: Path, n_perm: int) -> dict:
@@ -99,11 +116,14 @@ def summarize(runs: list[dict], results_root: Path, n_perm: int) -> dict:
             row["p_threshold"] = layer_threshold(n_layers)
             for layer in stats["layers"]:
                 conditional = layer.get("conditional_topic") or {}
+                reference = (layer.get("references") or {}).get("topic") or {}
                 row["layers"].append({
                     "layer": layer["layer"], "topic_nmi": layer["nmi"], "topic_nmi_ci": layer["nmi_ci"],
-                    "topic_p": layer["p_value"], "cmi": conditional.get("cmi"), "cmi_ci": conditional.get("cmi_ci"),
-                    "cmi_p": conditional.get("p_value"), "cmi_null_mean": conditional.get("null_mean"),
-                    "explained_by": conditional.get("explained_by"), "specialized": clear_of_zero(layer, n_layers)})
+                    "topic_p": layer["p_value"], "random_load_matched": reference.get("random_load_matched"),
+                    "probe": reference.get("probe"), "index": reference.get("index"),
+                    "index_ci": reference.get("index_ci"), "cmi_excess": conditional.get("cmi_excess"),
+                    "cmi_excess_ci": conditional.get("cmi_excess_ci"), "cmi_p": conditional.get("p_value"),
+                    "explained_by": conditional.get("explained_by"), "specialized": specialized(layer, n_layers)})
             row["specialized"] = any(layer["specialized"] for layer in row["layers"])
             if n_perm < permutations_needed(n_layers):
                 row["specialized"] = None
@@ -112,14 +132,15 @@ def summarize(runs: list[dict], results_root: Path, n_perm: int) -> dict:
         rows.append(row)
     verdicts = {}
     for arm in dict.fromkeys(row["arm"] for row in rows):
-        found = [row["specialized"] for row in rows if row["arm"] == arm]
-        notes = sorted({row["note"] for row in rows if row["arm"] == arm and row.get("note")})
+        arm_rows = [row for row in rows if row["arm"] == arm]
+        notes = sorted({row["note"] for row in arm_rows if row.get("note")})
+        complete = all(row["layers"] for row in arm_rows)
         verdicts[arm] = (f"undecided: {notes[0]}" if notes
-                         else "incomplete (runs failed or without routing_stats.json)" if None in found
-                         else expectation(arm, found))
-    return {"criterion": f"a layer shows topic specialization when its topic-NMI 95% bootstrap interval excludes 0 "
-                         f"and its permutation p <= {ALPHA} / (the run's number of MoE layers), so that a run without "
-                         f"topic signal passes in some layer with probability at most {ALPHA}",
+                         else "incomplete (runs failed or without routing_stats.json)" if not complete
+                         else expectation(arm, [layer for row in arm_rows for layer in row["layers"]]))
+    return {"criterion": f"a layer is topic-specialized when its topic specialization index interval (documents and "
+                         f"random routers resampled) is clear of 0 and its permutation p <= {ALPHA} / (the run's "
+                         f"number of MoE layers)",
             "runs": rows, "verdicts": verdicts}
 
 
@@ -131,20 +152,29 @@ def _p(value) -> str:
     return "–" if value is None else (f"{value:.3f}" if value >= 0.001 else f"{value:.0e}")
 
 
+def _band(band) -> str:
+    return "–" if not band else f"{_f(band['mean'])} [{_f(band['low'])}, {_f(band['high'])}]"
+
+
+def _ci(values, digits: int = 3) -> str:
+    return "[–]" if not values else f"[{_f(values[0], digits)}, {_f(values[1], digits)}]"
+
+
 def markdown(summary: dict) -> str:
-    lines = ["| arm | seed | layer | topic NMI [95% CI] | p | CMI [95% CI] | p | explained by | test acc (baseline) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seed | layer | topic NMI [95% CI] | random routers, loads matched | best linear | index [95% CI] "
+             "| p | CMI excess [95% CI] | specialized | test acc (baseline) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["runs"]:
         accuracy = f"{_f(row['test_accuracy'])} ({_f(row['test_baseline'])})"
         if not row["layers"]:
-            lines.append(f"| {row['arm']} | {row['seed']} | – | {row['status']}: no routing_stats.json | | | | | "
+            lines.append(f"| {row['arm']} | {row['seed']} | – | {row['status']}: no routing_stats.json | | | | | | | "
                          f"{accuracy} |")
         for layer in row["layers"]:
-            nmi_ci, cmi_ci = layer["topic_nmi_ci"] or [None, None], layer["cmi_ci"] or [None, None]
             lines.append(f"| {row['arm']} | {row['seed']} | {layer['layer']} | {_f(layer['topic_nmi'])} "
-                         f"[{_f(nmi_ci[0])}, {_f(nmi_ci[1])}] | {_p(layer['topic_p'])} | {_f(layer['cmi'], 4)} "
-                         f"[{_f(cmi_ci[0], 4)}, {_f(cmi_ci[1], 4)}] | {_p(layer['cmi_p'])} | "
-                         f"{layer['explained_by']} | {accuracy} |")
+                         f"{_ci(layer['topic_nmi_ci'])} | {_band(layer['random_load_matched'])} | {_f(layer['probe'])} "
+                         f"| {_f(layer['index'], 2)} {_ci(layer['index_ci'], 2)} | {_p(layer['topic_p'])} | "
+                         f"{_f(layer['cmi_excess'], 4)} {_ci(layer['cmi_excess_ci'], 4)} | "
+                         f"{'yes' if layer['specialized'] else 'no'} | {accuracy} |")
     lines.append("")
     lines += [f"- {arm}: {verdict}" for arm, verdict in summary["verdicts"].items()]
     lines.append(f"\nCriterion: {summary['criterion']}.")

@@ -46,11 +46,11 @@ __all__ = ["ALPHA", "FUNCTION_WORDS", "RoutingRecords", "analyze_routing", "is_s
 ALPHA = 0.01  # significance level for the plain-language verdicts and "explained_by"
 
 
-def is_specialized(reference: dict | None, p_value: float | None) -> bool:
+def is_specialized(reference: dict | None, p_value: float | None, alpha: float = ALPHA) -> bool:
     """A layer is specialized on a factor when its index interval is clear of 0 (more than routers that learned
-    nothing) and its permutation test has p <= ALPHA (the second condition: at scale it always passes)."""
+    nothing) and its permutation test has p <= alpha (the second condition: at scale it always passes)."""
     ci = (reference or {}).get("index_ci")
-    return ci is not None and ci[0] > 0 and p_value is not None and p_value <= ALPHA
+    return ci is not None and ci[0] > 0 and p_value is not None and p_value <= alpha
 
 # Frequent English function words (articles, pronouns, prepositions, conjunctions, auxiliaries).
 FUNCTION_WORDS = frozenset("""

@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-from helpers import DEMO_CONFIGS, REPO, check_ok, run_step, run_step_in_process, step_config_args, tiny_sets
+import datasets
+
+from helpers import (DEMO_CONFIGS, REPO, check_ok, error_line, prepare_tiny_data, run_step, run_step_in_process,
+                     step_config_args, tiny_sets)
 
 SWEEP = REPO / "process_exp_results" / "sweep.py"
 COMPARE = REPO / "process_exp_results" / "compare_runs.py"
@@ -68,6 +71,50 @@ def test_freeze_router_leaves_routers_out_of_the_optimizer():
     optimized = {id(p) for group in optimizer_for(model, 1e-3, 0.01, fused=False).param_groups for p in group["params"]}
     for name, parameter in model.named_parameters():
         assert (id(parameter) in optimized) == (".router." not in name), name
+
+
+# --------------------------------------------------------------------------- router_supervision
+
+
+def test_router_supervision_is_the_routers_cross_entropy_and_trains_the_routers_only():
+    import torch
+    import torch.nn.functional as F
+
+    from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+    from train.loop import router_supervision_sum
+    from train.tracking import RoutingRecorder
+
+    torch.manual_seed(0)
+    model = MoEEncoderForMaskedLM(MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=8, num_head=2,
+                                                   n_encoder_blocks=2, n_experts=4, top_k_experts=1, moe_dim=16,
+                                                   dropout=0.0, pad_token_id=0))
+    recorder = RoutingRecorder(model, 4, torch.device("cpu"))
+    ids, mask = torch.randint(1, 50, (3, 8)), torch.ones(3, 8, dtype=torch.bool)
+    mask[2, 5:] = False
+    model(input_ids=ids, attention_mask=mask)
+    target = torch.tensor([0, 3, 1])  # one target expert per sequence
+    total = router_supervision_sum(recorder, target, mask)
+    per_token = target[:, None].expand(3, 8)[mask]  # the routers see the real tokens in row-major order
+    expected = sum(F.cross_entropy(routed.logits, per_token, reduction="sum") for routed in recorder.router_outputs)
+    assert torch.allclose(total, expected)
+    total.backward()
+    assert all(layer.router.linear.weight.grad.abs().sum() > 0 for layer in recorder.moe_layers)
+    below = [parameter.grad for name, parameter in model.named_parameters() if ".router." not in name]
+    assert all(grad is None for grad in below)  # the hidden states are not pushed towards the topic
+
+
+def test_router_supervision_in_training_maps_each_train_topic_to_an_expert(tmp_path):
+    options = prepare_tiny_data(tmp_path, **{"train.router_supervision": "topic", "train.max_steps": 3,
+                                             "train.save_steps": 3, "model.n_experts": 2})
+    check_ok(run_step_in_process(3, *DEMO_CONFIGS, *options, "--tag", "supervised", cwd=tmp_path))
+    manifest = json.loads((tmp_path / "runs" / "supervised" / "manifest.json").read_text())
+    train_topics = sorted(set(datasets.load_from_disk(str(tmp_path / "masked" / "train"))["topic"]))
+    assert manifest["router_supervision"] == {"factor": "topic", "coef": 1.0, "expert_of_topic": {
+        topic: index % 2 for index, topic in enumerate(train_topics)}}
+    dense = run_step_in_process(3, *DEMO_CONFIGS, *options, "--set", "model.n_experts=1", "--tag", "dense",
+                                cwd=tmp_path)
+    assert error_line(dense) == ("error: train.router_supervision=topic needs routers: set model.n_experts to 2 or "
+                                 "more")
 
 
 # --------------------------------------------------------------------------- sweep
@@ -147,8 +194,14 @@ def fake_stats(nmi: float, p: float, cmi_p: float, explained: str) -> dict:
                                 "p_value": 0.005, "expert_counts": [[1, 2], [3, 4]]},
                 "token_id": {"nmi": 0.5, "nmi_ci": [0.4, 0.6]},
                 "conditional_topic": {"cmi": 0.002, "cmi_ci": [0.001, 0.003], "p_value": cmi_p, "null_mean": 0.001,
-                                      "explained_by": explained},
-                "vocabulary": {"lift_top": {}, "consistency": 0.8, "most_consistent": []}, "coactivation": None}
+                                      "cmi_excess": 0.001, "cmi_excess_ci": [0.0, 0.002], "explained_by": explained},
+                "vocabulary": {"lift_top": {}, "consistency": 0.8, "most_consistent": []}, "coactivation": None,
+                "references": {factor: {"trained": nmi, "random": band, "random_load_matched": band, "probe": 0.5,
+                                        "index": specialization, "index_ci": [specialization - 0.1,
+                                                                              specialization + 0.1]}
+                               for factor in ("topic", "token_class")}}
+    band = {"mean": 0.01, "low": 0.0, "high": 0.02, "rank": 1}
+    specialization = (nmi - 0.01) / (0.5 - 0.01)
     return {"n_tokens": 100, "n_documents": 10, "topics": ["cooking", "sports"], "n_experts": 2, "k": 1,
             "settings": {"n_boot": 200, "n_perm": 200, "seed": 0, "min_token_count": 20},
             "layers": [layer(0), layer(1)], "summary": ["..."]}
@@ -180,6 +233,8 @@ def test_compare_runs_tables_and_figure_with_and_without_routing_stats(tmp_path)
     assert topical["block 0 explained_by"] == "context beyond the token"
     assert float(topical["test accuracy"]) == 0.16 and float(topical["gaming baseline"]) == 0.04
     assert float(topical["block 0 token_class_nmi"]) == 0.2 and float(topical["block 0 cmi_p"]) == 0.004
+    assert float(topical["block 0 topic_index"]) == (0.12 - 0.01) / 0.49 and topical["block 0 topic_specialized"] == "True"
+    assert rows["shuffled"]["block 0 topic_specialized"] == "False" and float(topical["block 0 cmi_excess"]) == 0.001
     assert rows["old_run"]["block 0 topic_nmi"] == "" and "no routing_stats.json" in rows["old_run"]["note"]
     assert "| 0.120 [0.096, 0.144] | 0.005 |" in result.stdout
     assert "1 run(s) without routing_stats.json (metrics only): old_run" in result.stdout
@@ -198,12 +253,15 @@ def test_compare_runs_says_what_to_run_when_there_are_no_results(tmp_path):
 
 
 def test_known_structure_threshold_is_split_over_the_layers():
-    """Bonferroni over a run's MoE layers: p = 1/101 passes in a one-layer run, not in a two-layer one."""
-    from process_exp_results.known_structure import clear_of_zero, layer_threshold, permutations_needed
+    """A layer is specialized when its index interval clears 0 and p <= 0.01 / L: p = 1/101 passes in a one-layer
+    run, not in a two-layer one; an interval that reaches 0 never passes."""
+    from process_exp_results.known_structure import layer_threshold, permutations_needed, specialized
 
-    layer = {"nmi_ci": [0.001, 0.002], "p_value": 1 / 101}
-    assert clear_of_zero(layer, 1) and not clear_of_zero(layer, 2)
-    assert not clear_of_zero({"nmi_ci": [0.0, 0.002], "p_value": 1 / 201}, 2)  # the interval reaches 0
+    layer = {"p_value": 1 / 101, "references": {"topic": {"index": 0.3, "index_ci": [0.1, 0.5]}}}
+    assert specialized(layer, 1) and not specialized(layer, 2)
+    reaches_zero = {"p_value": 1 / 201, "references": {"topic": {"index": 0.3, "index_ci": [0.0, 0.5]}}}
+    assert not specialized(reaches_zero, 2)
+    assert not specialized({"p_value": 1 / 201}, 2)  # no references: nothing to claim
     assert layer_threshold(2) == 0.005 and permutations_needed(1) == 99 and permutations_needed(2) == 199
     assert 1 / (permutations_needed(4) + 1) <= layer_threshold(4) < 1 / permutations_needed(4)
 
@@ -211,28 +269,35 @@ def test_known_structure_threshold_is_split_over_the_layers():
 def test_known_structure_verdicts_from_results_and_too_few_permutations(tmp_path):
     from process_exp_results.known_structure import summarize
 
-    fake_result(tmp_path / "overlap_0__seed-0", 0.16, fake_stats(0.12, 1 / 201, 0.004, "context beyond the token"))
+    fake_result(tmp_path / "supervised__seed-0", 0.16, fake_stats(0.45, 1 / 201, 0.004, "context beyond the token"))
     fake_result(tmp_path / "overlap_1__seed-0", 0.12, fake_stats(0.001, 1 / 101, 0.5, "neither"))
-    runs = [{"arm": arm, "seed": 0, "tag": f"{arm}__seed-0", "status": "ok"} for arm in ("overlap_0", "overlap_1")]
-    summary = summarize(runs, tmp_path, n_perm=200)
-    assert summary["verdicts"] == {"overlap_0": "as expected", "overlap_1": "as expected"}  # 1/101 > 0.01 / 2
+    fake_result(tmp_path / "frozen__seed-0", 0.12, fake_stats(0.06, 1 / 201, 0.5, "neither"))
+    runs = [{"arm": arm, "seed": 0, "tag": f"{arm}__seed-0", "status": "ok"}
+            for arm in ("supervised", "overlap_1", "frozen")]
+    verdicts = summarize(runs, tmp_path, n_perm=200)["verdicts"]
+    # supervised: index (0.45 - 0.01) / 0.49 = 0.90, interval [0.80, 1.00]; overlap_1: index interval [-0.1, 0.1];
+    # frozen: index 0.10, interval [0.002, 0.2] clears 0: a router that learned nothing would not
+    assert verdicts["supervised"].startswith("as expected (2 of 2 layer-seed pairs with an index lower bound above")
+    assert verdicts["overlap_1"] == "as expected (0 of 2 layer-seed pairs clear 0)"
+    assert verdicts["frozen"].startswith("NOT as expected (2 of 2 layer-seed pairs clear 0")
     undecided = summarize(runs, tmp_path, n_perm=100)["verdicts"]  # 100 permutations cannot reach 0.005
     assert all(v.startswith("undecided: --n-perm 100") and "199 or more" in v for v in undecided.values()), undecided
 
 
-def test_known_structure_finds_topics_at_overlap_0_and_not_at_overlap_1(tmp_path):
-    """The criterion, on a reduced run (1 seed, 150 steps): at topic_overlap 0 some layer's topic NMI interval
-    is clear of zero with p <= 0.01 / 2 (2 MoE layers); at topic_overlap 1 no layer's is."""
-    result = run_script(KNOWN, "--out", tmp_path / "known", "--seeds", 1, "--arms", "overlap_0,overlap_1",
+def test_known_structure_supervised_routers_are_found_and_shuffled_topics_are_not(tmp_path):
+    """The criterion, on a reduced run (1 seed, 150 steps): routers trained to send each topic to its own expert
+    are topic-specialized in some layer (index interval clear of 0, p <= 0.01 / 2); with topic labels that carry no
+    information (overlap 1) no layer's index interval clears 0."""
+    result = run_script(KNOWN, "--out", tmp_path / "known", "--seeds", 1, "--arms", "supervised,overlap_1",
                         "--n-boot", 100, "--n-perm", 200, "--set", "train.max_steps=150", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "known" / "known_structure.json").read_text())
     by_arm = {row["arm"]: row for row in summary["runs"]}
-    assert set(by_arm) == {"overlap_0", "overlap_1"}
-    topical, shuffled = by_arm["overlap_0"]["layers"], by_arm["overlap_1"]["layers"]
-    assert len(topical) == len(shuffled) == 2
-    assert any(layer["topic_nmi_ci"][0] > 0 and layer["topic_p"] <= 0.005 for layer in topical), topical
-    assert all(layer["topic_nmi_ci"][0] <= 0 or layer["topic_p"] > 0.005 for layer in shuffled), shuffled
-    assert summary["verdicts"] == {"overlap_0": "as expected", "overlap_1": "as expected"}
+    assert set(by_arm) == {"supervised", "overlap_1"}
+    supervised, shuffled = by_arm["supervised"]["layers"], by_arm["overlap_1"]["layers"]
+    assert len(supervised) == len(shuffled) == 2
+    assert any(layer["specialized"] for layer in supervised), supervised
+    assert all(layer["index_ci"][0] <= 0 for layer in shuffled), shuffled
+    assert summary["verdicts"]["overlap_1"] == "as expected (0 of 2 layer-seed pairs clear 0)"
     table = (tmp_path / "known" / "known_structure.md").read_text()
-    assert "| overlap_0 | 0 | block 0 |" in table and "explained by" in table
+    assert "| supervised | 0 | block 0 |" in table and "index [95% CI]" in table

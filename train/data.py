@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -61,24 +62,36 @@ class DynamicMasking:
         return collate_mlm(remasked)
 
 
+def with_router_target(collate, rows: list[dict]) -> dict[str, torch.Tensor]:
+    """collate(rows) plus each sequence's target expert (train.router_supervision)."""
+    batch = collate(rows)
+    batch["router_target"] = torch.as_tensor(np.array([row["router_target"] for row in rows]), dtype=torch.long)
+    return batch
+
+
 class TrainBatches:
-    """Micro-batches of the train split for this process, grouped into optimizer steps."""
+    """Micro-batches of the train split for this process, grouped into optimizer steps.
+
+    A dataset with a "router_target" column (train.router_supervision) hands it on with every batch."""
 
     def __init__(self, dataset, batch_size: int, seed: int, rank: int, world_size: int,
                  masking: str, tokenizer_info: dict, mask_prob: float):
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.masking, self.tokenizer_info, self.mask_prob = masking, tokenizer_info, mask_prob
         columns = MODEL_COLUMNS if masking == "static" else ["unmasked_ids", "attention_mask", "doc_id"]
-        self.dataset = dataset.with_format("numpy", columns=columns)
+        self.router_target = "router_target" in dataset.column_names
+        self.dataset = dataset.with_format("numpy", columns=columns + ["router_target"] * self.router_target)
         self.per_epoch = EpochBatches.batches_per_epoch(len(dataset), batch_size, world_size)
 
     def collate_for(self, epoch: int):
         if self.masking == "static":
-            return collate_mlm
-        info = self.tokenizer_info
-        special = np.array(info["special_token_ids"])
-        return DynamicMasking(self.seed, epoch, self.mask_prob, info["mask_token_id"], special,
-                              np.setdiff1d(np.arange(info["vocab_size"]), special))
+            collate = collate_mlm
+        else:
+            info = self.tokenizer_info
+            special = np.array(info["special_token_ids"])
+            collate = DynamicMasking(self.seed, epoch, self.mask_prob, info["mask_token_id"], special,
+                                     np.setdiff1d(np.arange(info["vocab_size"]), special))
+        return partial(with_router_target, collate) if self.router_target else collate
 
     def steps(self, epoch: int, batch_in_epoch: int, accumulation: int):
         """Yield ([micro-batches], (epoch, batch) position after them) forever, from the given position."""

@@ -63,7 +63,8 @@ def global_balancing_loss(accelerator: Accelerator, router_outputs: list, n_expe
     if not router_outputs:  # no MoE block
         zero = torch.zeros(0, dtype=torch.float64, device=accelerator.device)
         return zero, zero
-    if any(routed is None for routed in router_outputs):  # expert choice or the dense baseline: no such loss
+    # expert choice (balanced by construction) or the dense baseline: no such loss
+    if any(routed is None or not hasattr(routed, "expert_index") for routed in router_outputs):
         zero = torch.zeros(len(router_outputs), dtype=torch.float64, device=accelerator.device)
         return zero, zero
     probs = [routed.probs for routed in router_outputs]  # [N real tokens, E] each, with gradients
@@ -81,26 +82,49 @@ def global_balancing_loss(accelerator: Accelerator, router_outputs: list, n_expe
     return share, value
 
 
+def router_supervision_sum(recorder: RoutingRecorder, router_target: torch.Tensor, real_token_mask: torch.Tensor):
+    """train.router_supervision (a control): cross-entropy of every router's logits against each real token's target
+    expert (its document's), summed over tokens and MoE layers. The router input is detached, so the term trains the
+    router weights only: with the gradient reaching the layers below, the hidden states cluster by topic and random
+    routers on them split the topics too, which is a representation that learned the topic, not a router."""
+    targets = router_target[:, None].expand(real_token_mask.shape)[real_token_mask]  # the routers' row order
+    total = 0.0
+    for layer, router_input in zip(recorder.moe_layers, recorder.router_inputs):
+        weight = layer.router.linear.weight
+        logits = torch.nn.functional.linear(router_input.detach().to(torch.float32), weight.to(torch.float32))
+        total = total + torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return total
+
+
 def step_loss(output, balancing_share, masked_here, real_here, masked_total, real_total, n_micro: int,
-              world_size: int, config):
+              world_size: int, config, supervision_sum=None, supervision_coef: float = 0.0):
     """This process's share of the step's loss, times the process count (DDP averages the gradients)."""
-    return world_size * (masked_here / masked_total * output.mlm_loss
-                         + config.load_balance_coef * balancing_share.sum() / n_micro
-                         + config.router_z_loss_coef * real_here / real_total * output.z_loss)
+    loss = (masked_here / masked_total * output.mlm_loss
+            + config.load_balance_coef * balancing_share.sum() / n_micro
+            + config.router_z_loss_coef * real_here / real_total * output.z_loss)
+    if supervision_sum is not None:  # a mean over every real token of the step, like the z-loss
+        loss = loss + supervision_coef * supervision_sum / real_total
+    return world_size * loss
 
 
 def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batches: list[dict], recorder: RoutingRecorder,
-               max_grad_norm: float | None, stop_requested: bool, step: int) -> StepResult:
-    """Forward/backward every micro-batch (gradients synchronized on the last), clip, optimizer step."""
+               max_grad_norm: float | None, stop_requested: bool, step: int,
+               supervision_coef: float = 0.0) -> StepResult:
+    """Forward/backward every micro-batch (gradients synchronized on the last), clip, optimizer step.
+
+    A micro-batch with a "router_target" (train.router_supervision) adds its routers' cross-entropy, times
+    supervision_coef."""
     config = accelerator.unwrap_model(model).config
     world_size, n_micro = accelerator.num_processes, len(micro_batches)
     counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
                            sum(int(b["attention_mask"].sum()) for b in micro_batches)], device=accelerator.device)
     masked_total, real_total = (max(int(n), 1) for n in accelerator.reduce(counts, "sum"))
     mlm_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    supervision_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
     for index, batch in enumerate(micro_batches):
         batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+        router_target = batch.pop("router_target", None)
         is_masked = batch["labels"] != IGNORE_INDEX
         last = index == n_micro - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
@@ -108,26 +132,34 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
             masked_here = is_masked.sum()
             balancing_share, balancing = global_balancing_loss(accelerator, recorder.router_outputs, config.n_experts)
             recorder.step_sums[:, 0] += balancing / world_size  # summed over processes below
+            supervision = (None if router_target is None else
+                           router_supervision_sum(recorder, router_target, batch["attention_mask"]))
             loss = step_loss(output, balancing_share, masked_here, batch["attention_mask"].sum(), masked_total,
-                             real_total, n_micro, world_size, config)
+                             real_total, n_micro, world_size, config, supervision, supervision_coef)
             accelerator.backward(loss)
+        if supervision is not None:
+            supervision_total += supervision.detach().double()
         mlm_sum += output.mlm_loss.detach().double() * masked_here
         correct += (output.logits.detach().argmax(-1) == batch["labels"][is_masked]).sum()
 
     # one collective for every number logged and for the stop flag, so all processes agree on both
-    local = torch.cat([torch.stack([mlm_sum, correct.double(), mlm_sum.new_tensor(float(stop_requested))]),
-                       recorder.take_step_sums().reshape(-1)])
+    local = torch.cat([torch.stack([mlm_sum, correct.double(), mlm_sum.new_tensor(float(stop_requested)),
+                                    supervision_total]), recorder.take_step_sums().reshape(-1)])
     totals = accelerator.reduce(local, "sum").cpu()
-    layer_sums = totals[3:].reshape(-1, len(LAYER_SUMS))
+    layer_sums = totals[4:].reshape(-1, len(LAYER_SUMS))
     mlm_loss = float(totals[0]) / masked_total
     aux_by_layer = (layer_sums[:, 0] / n_micro).tolist()
     z_by_layer = (layer_sums[:, 1] / real_total).tolist()
     loss = mlm_loss + config.load_balance_coef * sum(aux_by_layer) + config.router_z_loss_coef * sum(z_by_layer)
+    supervision_loss = float(totals[3]) / real_total
+    loss += supervision_coef * supervision_loss
     if not math.isfinite(loss):
         raise NonFiniteLoss(step, loss)
 
     metrics = {"loss": loss, "mlm_loss": mlm_loss, "aux_loss": sum(aux_by_layer), "z_loss": sum(z_by_layer),
                "accuracy": float(totals[1]) / masked_total, "learning_rate": optimizer.param_groups[0]["lr"]}
+    if supervision_coef:
+        metrics["router_supervision_loss"] = supervision_loss  # summed over MoE layers, mean over real tokens
     if max_grad_norm is not None:
         metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
     optimizer.step()

@@ -31,15 +31,15 @@ class RoutingRecorder:
         self.expert_counts = torch.zeros(len(self.moe_layers), n_experts, dtype=torch.long, device=device)
         self.enabled = True  # off during evaluation, which runs the same modules
         self.router_outputs: list = [None] * len(self.moe_layers)  # this forward's, with gradients
+        self.router_inputs: list = [None] * len(self.moe_layers)  # this forward's [real tokens, d]
         for row, layer in enumerate(self.moe_layers):
             layer.register_forward_hook(partial(self._record, row))
             if hasattr(layer, "router"):  # the dense baseline (n_experts: 1) has no router
                 layer.router.register_forward_hook(partial(self._keep_router_output, row))
 
     def _keep_router_output(self, row: int, module, inputs, output) -> None:
-        # Only token choice has a balancing loss; expert choice is balanced by construction (None: no loss).
-        if self.enabled:
-            self.router_outputs[row] = output if hasattr(output, "expert_index") else None
+        if self.enabled:  # RouterOutput (token choice) or ExpertChoiceOutput
+            self.router_outputs[row], self.router_inputs[row] = output, inputs[0]
 
     @torch.no_grad()
     def _record(self, row: int, module, inputs, output) -> None:

@@ -52,6 +52,16 @@ def freeze_routers(model: MoEEncoderForMaskedLM) -> None:
             module.requires_grad_(False)
 
 
+def add_router_targets(train_set, n_experts: int):
+    """train.router_supervision=topic: each sequence's target expert, topic t (of the sorted train topics) -> t mod E."""
+    if n_experts < 2:
+        raise PipelineError("train.router_supervision=topic needs routers: set model.n_experts to 2 or more")
+    topics = sorted(set(train_set["topic"]))
+    expert_of_topic = {topic: index % n_experts for index, topic in enumerate(topics)}
+    return (train_set.add_column("router_target", [expert_of_topic[topic] for topic in train_set["topic"]]),
+            expert_of_topic)
+
+
 def main() -> None:
     parser = step_parser(__doc__, {"model": ("--config-model", "model_params.yaml"),
                                    "dataset": ("--config-dataset", "dataset_params.yaml"),
@@ -78,6 +88,11 @@ def main() -> None:
     if train_config.masking == "dynamic" and "unmasked_ids" not in train_set.column_names:
         raise PipelineError(f"train.masking=dynamic needs the unmasked ids, which {masked_dir} lacks (made by an "
                             f"older step 2): run `{step2_command(args)}` again")
+
+    expert_of_topic = None
+    if train_config.router_supervision == "topic":
+        train_set, expert_of_topic = add_router_targets(train_set, model_config.n_experts)
+    supervision_coef = train_config.router_supervision_coef if expert_of_topic else 0.0
 
     accelerator = make_accelerator(train_config)
     n_processes = accelerator.num_processes
@@ -148,7 +163,7 @@ def main() -> None:
             step = state["step"] + 1
             try:
                 result = train_step(accelerator, model, optimizer, scheduler, micro_batches, recorder,
-                                    train_config.max_grad_norm, stop.requested, step)
+                                    train_config.max_grad_norm, stop.requested, step, supervision_coef)
             except NonFiniteLoss as error:
                 kept = complete_checkpoints(run_dir)
                 raise PipelineError(f"{error}; stopped before updating the weights. "
@@ -194,6 +209,8 @@ def main() -> None:
             "seconds": round(time.perf_counter() - started, 2), "aim_run_hash": state["aim_run_hash"],
             "final_eval": state["eval_history"][-1] if state["eval_history"] else None,
             "eval_history": state["eval_history"],  # [{step, eval_mlm_loss, eval_accuracy}]: learning curves
+            "router_supervision": None if expert_of_topic is None else {
+                "factor": "topic", "coef": supervision_coef, "expert_of_topic": expert_of_topic},
         })
         mark_latest(train_config.save_path, tag)
     # Drop DDP's reducer while the process group is still registered: were the reducer its last owner, gloo's
