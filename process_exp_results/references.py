@@ -100,9 +100,10 @@ def fit_load_biases(logits: torch.Tensor, rule: SelectionRule, batch: np.ndarray
 
 
 def _logits(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[n, d] x [R, E, d] -> [R, n, E]."""
+    """[n, d] x [R, E, d] -> [R, n, E], contiguous (the argmax over experts runs on it many times)."""
     n_routers, n_experts, _ = weights.shape
-    return (x @ weights.reshape(n_routers * n_experts, -1).T).view(-1, n_routers, n_experts).transpose(0, 1)
+    logits = (x @ weights.reshape(n_routers * n_experts, -1).T).view(-1, n_routers, n_experts)
+    return logits.transpose(0, 1).contiguous()
 
 
 def random_choices(x: torch.Tensor, trained_weight: np.ndarray, rule: SelectionRule, batch: np.ndarray,

@@ -110,6 +110,12 @@ def _p(value, n_perm: int) -> str:
     return f"≤{value:.2g}" if n_perm and value <= 1.0 / (n_perm + 1) + 1e-12 else f"{value:.2g}"
 
 
+def _p_equals(value, n_perm: int) -> str:
+    """'p=0.15', or 'p≤0.005' at the floor 1/(n_perm+1)."""
+    text = _p(value, n_perm)
+    return f"p{text}" if text.startswith("≤") else f"p={text}"
+
+
 def _interval(values, digits: int = 3) -> str:
     if not values:
         return ""
@@ -225,7 +231,7 @@ def summary_sentences(stats: Mapping) -> list[str]:
         ct = layer["conditional_topic"]
         clause = (f"given the token, topic adds {_number(ct['cmi_excess'])} bits beyond its permutation null"
                   f"{_interval(ct.get('cmi_excess_ci'))} (raw {_number(ct['cmi'])}, null {_number(ct['null_mean'])}, "
-                  f"{_p(ct.get('p_value'), n_perm)})")
+                  f"{_p_equals(ct.get('p_value'), n_perm)})")
         clause += f": {EXPLANATIONS[ct['explained_by']]}"
         random_cmi = (layer.get("references") or {}).get("conditional_topic")
         if random_cmi is not None and ct["explained_by"] == "context beyond the token":
