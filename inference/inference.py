@@ -26,7 +26,7 @@ import datasets
 import numpy as np
 import torch
 
-from config_utils import atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
+from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import read_step2_output, step3_command
 from inference.routing import collect_routing, write_routing_outputs
 from process_exp_results.plots import plot_pooled_expert_histogram, plot_topic_layer_histogram
@@ -87,6 +87,9 @@ def main() -> None:
                              "design; they are unfamiliar text, so topic and novelty mix)")
     parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
     args = parser.parse_args()
+    if args.n_random_routers < 1:
+        raise PipelineError(f"--n-random-routers {args.n_random_routers}: need at least 1 (--max-router-inputs 0 "
+                            f"skips the references)")
     configs = load_step_configs(args, ["dataset", "model", "train"])
     dataset_config, train_config = configs["dataset"], configs["train"]
     run_dir = find_run(train_config.save_path, args.run, step3_command(args))

@@ -39,13 +39,26 @@ def topic_names_of(groups: dict) -> list[str]:
     return names
 
 
-def _sample_positions(groups: dict, sampled: set[str], max_tokens: int, seed: int) -> tuple[np.ndarray, int]:
+def _sample_positions(groups: dict, sampled: set[str], max_tokens: int, seed: int, batch_size: int,
+                      whole_passes: bool) -> tuple[np.ndarray, int]:
     """Sorted positions, among the real tokens of the `sampled` groups taken in order, of a seeded uniform sample
-    of at most max_tokens; and the number of candidates."""
-    n_real = sum(int(np.sum(dataset.with_format("numpy", columns=["attention_mask"])["attention_mask"]))
-                 for name, dataset in groups.items() if name in sampled)
-    chosen = np.random.default_rng([seed, 7]).choice(n_real, size=min(max_tokens, n_real), replace=False)
-    return np.sort(chosen), n_real
+    of at most max_tokens; and the number of candidates. whole_passes (expert choice, whose experts compete for
+    the tokens of one forward pass): whole forward passes of batch_size documents, drawn at random up to the cap."""
+    pass_tokens = []  # real tokens of each forward pass of the sampled groups, in order
+    for name, dataset in groups.items():
+        if name in sampled:
+            per_doc = np.asarray(dataset.with_format("numpy", columns=["attention_mask"])[:]["attention_mask"]).sum(1)
+            pass_tokens += [int(per_doc[i:i + batch_size].sum()) for i in range(0, len(per_doc), batch_size)]
+    n_real = sum(pass_tokens)
+    rng = np.random.default_rng([seed, 7])
+    if not whole_passes:
+        return np.sort(rng.choice(n_real, size=min(max_tokens, n_real), replace=False)), n_real
+    starts, kept, total = np.cumsum([0] + pass_tokens[:-1]), [], 0
+    for index in rng.permutation(len(pass_tokens)):
+        if total + pass_tokens[index] <= max_tokens:
+            kept.append(np.arange(starts[index], starts[index] + pass_tokens[index]))
+            total += pass_tokens[index]
+    return np.sort(np.concatenate(kept)) if kept else np.zeros(0, np.int64), n_real
 
 
 class _RouterInputs:
@@ -74,8 +87,8 @@ def collect_routing(model, groups: dict, device, batch_size: int = 64, max_docs_
     column value (so the test split contributes its several topics, and each held-out topic set its own).
 
     Also keeps the router inputs of a seeded sample of at most max_router_inputs real tokens of the seen groups
-    (and of held_out_groups with sample_held_out), for the references; None for a model without routers or with
-    max_router_inputs 0.
+    (and of held_out_groups with sample_held_out), for the references: tokens drawn uniformly, or for expert
+    choice whole forward passes; None for a model without routers or with max_router_inputs 0.
     """
     was_training = model.training
     model.eval()
@@ -86,7 +99,9 @@ def collect_routing(model, groups: dict, device, batch_size: int = 64, max_docs_
     routers = [module.router for module in model.modules() if isinstance(module, MoELayer) and hasattr(module, "router")]
     sampled = {name for name in groups if sample_held_out or name not in held_out_groups}
     keep_inputs = bool(routers) and max_router_inputs > 0
-    positions, n_candidates = _sample_positions(groups, sampled, max_router_inputs, seed) if keep_inputs else (None, 0)
+    whole_passes = model.config.router_type == "expert_choice"
+    positions, n_candidates = (_sample_positions(groups, sampled, max_router_inputs, seed, batch_size, whole_passes)
+                               if keep_inputs else (None, 0))
     hooks = _RouterInputs(routers) if keep_inputs else None
     parts: dict[str, list[np.ndarray]] = {key: [] for key in ("doc_id", "topic", "token_id", "position", "experts",
                                                               "held_out")}

@@ -14,7 +14,7 @@ from torch import nn
 from .configuration import MoEEncoderConfig
 from .experts import DenseFFN, StackedExperts
 from .losses import count_assignments, load_balancing_loss, router_z_loss
-from .router import ExpertChoiceRouter, TopKRouter, expert_capacity
+from .router import ExpertChoiceRouter, TopKRouter, best_picker, expert_capacity
 
 
 @dataclass
@@ -162,11 +162,8 @@ class MoELayer(nn.Module):
         )
 
         # For the analysis: per token the expert with the highest gate among those that picked it, -1 if none.
-        picked = torch.zeros(n_experts, n_tokens, dtype=torch.bool, device=tokens.device)
-        picked = picked.scatter_(1, routing.token_index, True).t()  # [N, E]
-        best = routing.probs.detach().masked_fill(~picked, -1.0).argmax(dim=-1)
-        was_picked = picked.any(dim=-1)
-        expert_index = torch.where(was_picked, best, -1)[:, None]
+        expert_index = best_picker(routing.probs.detach(), routing.token_index)[:, None]
+        was_picked = expert_index[:, 0] >= 0
         # Balanced by construction: the Switch loss would be the constant 1 with zero gradient, so report 0.
         load_balance = routing.probs.new_zeros(())
         dropped = (~was_picked).sum().to(routing.probs.dtype) / max(n_tokens, 1)  # tokens no expert took

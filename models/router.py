@@ -77,6 +77,18 @@ def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts
     return min(math.ceil(capacity_factor * n_tokens * top_k / n_experts), n_tokens)
 
 
+def best_picker(probs: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """Expert choice, per token: the expert with the highest gate among those that picked it, -1 if none did.
+
+    probs [..., N, E]; token_index [..., E, C] (the tokens each expert picked). Returns [..., N] long.
+    """
+    n_tokens, n_experts = probs.shape[-2:]
+    picked = torch.zeros(*probs.shape[:-2], n_experts, n_tokens, dtype=torch.bool, device=probs.device)
+    picked = picked.scatter_(-1, token_index, True).transpose(-1, -2)  # [..., N, E]
+    best = probs.masked_fill(~picked, -1.0).argmax(dim=-1)
+    return torch.where(picked.any(dim=-1), best, -1)
+
+
 @dataclass
 class ExpertChoiceOutput:
     logits: torch.Tensor  # [N, E], at least float32

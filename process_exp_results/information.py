@@ -54,14 +54,6 @@ def nmi_many(tables: np.ndarray) -> np.ndarray:
     return np.where(denominator > 0, np.minimum(mi / np.where(denominator > 0, denominator, 1.0), 1.0), 0.0)
 
 
-def js_divergence(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
-    """JS divergence (bits, in [0, 1]) between two count vectors' distributions; NaN if either is empty."""
-    p_counts, q_counts = (np.asarray(c, dtype=np.float64) for c in (p_counts, q_counts))
-    if p_counts.sum() <= 0 or q_counts.sum() <= 0:
-        return float("nan")
-    return float(js_rows(p_counts[None, :], q_counts)[0])
-
-
 def js_rows(table: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """JS divergence (bits) of each row's distribution from `reference`'s (default: the pooled rows); NaN for
     empty rows."""

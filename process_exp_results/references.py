@@ -1,5 +1,5 @@
-"""References for a routing claim, on the router inputs the trained router saw (DESIGN.md, "How a routing claim is
-judged").
+"""References for a routing claim, on the router inputs the trained router saw: every number about routing is read
+against a router that learned nothing and a router that learned exactly the factor.
 
 Per MoE layer, the same hidden states go through
 * ``random``: R routers that learned nothing, Gaussian weight rows rescaled to the trained router's row norms,
@@ -15,7 +15,10 @@ The specialization index = (trained - load-matched mean) / (probe - load-matched
 that learned nothing, 1 = as much as the best linear router. Its interval resamples documents and, per draw,
 compares with one of the R load-matched routers drawn at random, so it covers both the evaluation data's noise and
 how much routers that learned nothing differ from each other: a random router's interval covers 0 (about 95%).
-All values are NMI of the factor with the top expert (the statistic the analysis reports). Seeded.
+All values are NMI of the factor with the top expert (the statistic the analysis reports), except the random
+routers' raw conditional MI I(expert; topic | token) set beside the trained router's. Without an index when the
+probe is within the load-matched band: the hidden states then hold no more of the factor than random routers
+pick up. Seeded.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from models.router import expert_capacity
+from models.router import best_picker, expert_capacity
 from process_exp_results.information import cmi_many, nmi_many
 from process_exp_results.resampling import Cells, bootstrap_weights, percentile_ci, rng_for
 
@@ -42,8 +45,8 @@ class SelectionRule:
     def top_choice(self, logits: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
         """[R, n, E] logits -> [R, n] long: each token's top expert; E where no expert took it (expert choice).
 
-        batch: [n] the forward pass each token was routed in (non-decreasing): expert-choice experts compete for
-        the tokens of one forward pass, as in the model.
+        batch: [n] the forward pass each token was routed in (non-decreasing). Expert-choice experts compete for
+        the tokens of one forward pass, as in the model, so the sample must hold every token of its passes.
         """
         n_experts = logits.shape[-1]
         if self.router_type != "expert_choice":
@@ -53,11 +56,8 @@ class SelectionRule:
         for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(batch)]):
             probs = torch.softmax(logits[:, start:end], dim=-1)  # [R, n_b, E]
             capacity = expert_capacity(self.capacity_factor or 1.0, end - start, self.top_k, n_experts)
-            chosen = probs.transpose(1, 2).topk(capacity, dim=-1).indices  # [R, E, capacity]
-            picked = torch.zeros(probs.shape[0], n_experts, end - start, dtype=torch.bool)
-            picked = picked.scatter_(2, chosen, True).transpose(1, 2)  # [R, n_b, E]
-            best = probs.masked_fill(~picked, -1.0).argmax(-1)  # the model's rule: the best gate among its pickers
-            out[:, start:end] = torch.where(picked.any(-1), best, n_experts)
+            best = best_picker(probs, probs.transpose(1, 2).topk(capacity, dim=-1).indices)  # the model's rule
+            out[:, start:end] = torch.where(best >= 0, best, n_experts)
         return out
 
 
@@ -183,25 +183,27 @@ def merge_classes(joint: np.ndarray, n_groups: int) -> np.ndarray:
 def probe_choices(x: torch.Tensor, labels: np.ndarray, n_levels: int, doc: np.ndarray, folds: np.ndarray,
                   n_experts: int) -> np.ndarray:
     """[n] the expert the cross-fitted probe sends each token to: the factor's level it predicts for the token from
-    the probe fitted on the other half of the documents, mapped to an expert (merged when n_levels > n_experts)."""
+    the probe fitted on the other half of the documents, mapped to an expert (with n_levels > n_experts, merged by
+    that probe's own confusions on its fitting half)."""
     token_fold = folds[doc]
     y = torch.as_tensor(labels, dtype=torch.long)
-    predicted = np.empty(len(labels), dtype=np.int64)
-    joint_in_sample = np.zeros((n_levels, n_levels))
+    chosen = np.zeros(len(labels), dtype=np.int64)
     for fold in (0, 1):
         fit, apply = np.flatnonzero(token_fold == fold), np.flatnonzero(token_fold != fold)
         if fit.size == 0 or apply.size == 0:
-            predicted[apply] = 0
             continue
         x_fit = x[fit]
-        mean, std = x_fit.mean(0), x_fit.std(0).clamp(min=1e-6)  # standardized: L-BFGS converges in fewer steps
+        # standardized: L-BFGS converges in fewer steps (correction 0: one token gives std 0, not NaN)
+        mean, std = x_fit.mean(0), x_fit.std(0, correction=0).clamp(min=1e-6)
         weight, bias = fit_logistic((x_fit - mean) / std, y[fit], n_levels)
-        predicted[apply] = (((x[apply] - mean) / std) @ weight.T + bias).argmax(-1).numpy()
-        in_sample = (((x_fit - mean) / std) @ weight.T + bias).argmax(-1).numpy()
-        np.add.at(joint_in_sample, (labels[fit], in_sample), 1)
-    # the expert a level goes to does not change the NMI; only which levels share an expert does
-    group = np.arange(n_levels) if n_levels <= n_experts else merge_classes(joint_in_sample, n_experts)
-    return group[predicted]
+        group = np.arange(n_levels)  # the expert a level goes to does not change the NMI; which levels share one does
+        if n_levels > n_experts:
+            in_sample = (((x_fit - mean) / std) @ weight.T + bias).argmax(-1).numpy()
+            joint = np.zeros((n_levels, n_levels))
+            np.add.at(joint, (labels[fit], in_sample), 1)
+            group = merge_classes(joint, n_experts)
+        chosen[apply] = group[(((x[apply] - mean) / std) @ weight.T + bias).argmax(-1).numpy()]
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------ assembly
@@ -263,8 +265,8 @@ def factor_reference(factor: Factor, trained: torch.Tensor, plain: torch.Tensor,
     reference.probe = float(_nmi_per_router(torch.as_tensor(probe)[None], factor.labels, factor.n_levels,
                                             n_experts)[0])
     span = reference.probe - reference.random_load_matched.mean
-    if span <= 1e-9:  # the best linear router finds no more than routers that learned nothing: no scale
-        return reference
+    if reference.probe <= reference.random_load_matched.high:  # the probe is within what random routers reach:
+        return reference  # the hidden states hold no more of the factor than they pick up, and the index has no scale
     reference.index = (trained_nmi - reference.random_load_matched.mean) / span
     # one document bootstrap over [trained, R load-matched, probe]; per draw, one load-matched router as the null
     rows = torch.cat([trained[None], matched, torch.as_tensor(probe)[None]])

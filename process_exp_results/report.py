@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.colors import to_hex, to_rgb
 
-from process_exp_results.routing_stats import ALPHA, is_specialized
+from process_exp_results.routing_stats import ALPHA, is_specialized, permutations_needed
 
 __all__ = ["expert_colours", "stats_csv_rows", "summary_sentences", "write_report_md", "write_token_html"]
 
@@ -176,12 +176,13 @@ SPECIFIC = {"topic": "topic-specific", "token_class": "specific to token class",
             "token_id": "specific to token identity"}
 
 
-def _band(band: Mapping | None) -> str:
+def band_text(band: Mapping | None) -> str:
+    """'mean [2.5%, 97.5%]' of a reference band."""
     return "n/a" if band is None else f"{_number(band['mean'])} [{_number(band['low'])}, {_number(band['high'])}]"
 
 
 def _too_few_permutations(n_perm: int) -> bool:
-    return 1 / (n_perm + 1) > ALPHA  # the smallest reachable p-value is above the threshold: no test can pass
+    return n_perm < permutations_needed(ALPHA)  # the smallest reachable p-value is above ALPHA: no test can pass
 
 
 def factor_verdict(reference: Mapping | None, p_value: float | None, factor: str, n_perm: int) -> str:
@@ -190,7 +191,8 @@ def factor_verdict(reference: Mapping | None, p_value: float | None, factor: str
     if reference is None:
         return "no references were computed, so whether this is more than a router that learned nothing is open"
     if reference.get("probe") is not None and reference.get("index") is None:
-        return f"the best linear router finds no more {word} in these hidden states than random routers do"
+        return (f"the best linear router is within the random routers' band: these hidden states hold no more "
+                f"{word} than a router that learned nothing picks up")
     ci = reference.get("index_ci")
     if ci is None:
         return f"no specialization index for {word}"
@@ -199,7 +201,7 @@ def factor_verdict(reference: Mapping | None, p_value: float | None, factor: str
             return f"specialized on {word}: more {specific} than random routers on the same hidden states"
         if _too_few_permutations(n_perm):
             return (f"index clear of 0, but with {n_perm} permutations no p-value can reach {ALPHA}: rerun with "
-                    f"--n-perm {int(round(2 / ALPHA))} to decide")
+                    f"--n-perm {permutations_needed(ALPHA)} or more to decide")
         return f"index clear of 0 but the permutation test is not (p={p_value:.2g}): not called specialized"
     if ci[1] < 0:
         return f"less {specific} than a router that learned nothing"
@@ -214,7 +216,7 @@ def _factor_clause(layer: Mapping, factor: str, n_perm: int) -> str:
     if reference is None:
         return f"{text}: {factor_verdict(None, entry.get('p_value'), factor, n_perm)}"
     text += (f"; random routers with its loads on the same hidden states "
-             f"{_band(reference['random_load_matched'])}")
+             f"{band_text(reference['random_load_matched'])}")
     if reference.get("probe") is not None:
         text += f", best linear router {_number(reference['probe'])}"
     if reference.get("index") is not None:
@@ -238,16 +240,17 @@ def summary_sentences(stats: Mapping) -> list[str]:
             band = random_cmi["random_load_matched"]
             more = "more than" if random_cmi["trained"] > band["high"] else "no more than"
             clause += (f", {more} under random routers with its loads on the same hidden states (raw "
-                       f"{_band(band)})")
+                       f"{band_text(band)})")
         parts.append(clause)
         sentence = f"{layer['layer']}: " + "; ".join(parts) + "."
         if _too_few_permutations(n_perm):
             sentence += (f" With {n_perm} permutations no p-value can reach {ALPHA}, so no test decides; rerun with "
-                         f"at least {int(round(2 / ALPHA))} permutations.")
+                         f"at least {permutations_needed(ALPHA)} permutations.")
         sentences.append(sentence)
     seen_share = stats.get("seen_unseen_piece_share")
     for topic, shift in (stats.get("held_out_shift") or {}).items():
         mixes = " and ".join(f"{_number(value)}{_interval(shift['js_ci'].get(name))} bits in {name}"
+                             f" (seen documents among themselves {_number(shift['js_null'].get(name))})"
                              for name, value in shift["js"].items())
         sentence = (f"held-out topic {topic} (not in training, analysed apart): its expert mix differs from the seen "
                     f"documents' by JS {mixes}")
@@ -292,7 +295,7 @@ def stats_csv_rows(stats: Mapping) -> list[dict]:
             for kind in ("random", "random_load_matched"):
                 band = reference[kind]
                 row(name, f"reference:{factor}:{kind}", band["mean"], [band["low"], band["high"]])
-            if "probe" in reference:
+            if reference.get("probe") is not None:
                 row(name, f"reference:{factor}:probe", reference["probe"])
                 row(name, f"specialization_index:{factor}", reference["index"], reference["index_ci"])
     for topic, shift in (stats.get("held_out_shift") or {}).items():
@@ -334,7 +337,7 @@ def _routing_section(stats: Mapping) -> list[str]:
                     continue
                 p_value = layer["p_value"] if factor == "topic" else layer[factor].get("p_value")
                 rows.append([layer["layer"], FACTOR_WORDS[factor], _number(reference["trained"]),
-                             _band(reference["random"]), _band(reference["random_load_matched"]),
+                             band_text(reference["random"]), band_text(reference["random_load_matched"]),
                              f"{reference['random_load_matched']['rank']} of {references['n_random_routers'] + 1}",
                              _number(reference.get("probe")),
                              f"{_number(reference.get('index'), 2)}{_interval(reference.get('index_ci'), 2)}",
@@ -350,7 +353,7 @@ def _routing_section(stats: Mapping) -> list[str]:
         random_cmi = (layer.get("references") or {}).get("conditional_topic")
         rows.append([layer["layer"], _number(ct["cmi"]), _number(ct["null_mean"]),
                      f"{_number(ct['cmi_excess'])}{_interval(ct.get('cmi_excess_ci'))}", _p(ct.get("p_value"), n_perm),
-                     _band(random_cmi["random_load_matched"]) if random_cmi else "n/a", ct["explained_by"]])
+                     band_text(random_cmi["random_load_matched"]) if random_cmi else "n/a", ct["explained_by"]])
     lines += _markdown_table(["layer", "I(expert; topic \\| token) bits", "permutation null mean",
                               "excess [95% CI]", "p", "random routers (loads matched), raw", "explained by"], rows)
     lines += ["",
@@ -366,7 +369,8 @@ def _routing_section(stats: Mapping) -> list[str]:
         lines += ["### Held-out topics (not in training)", ""]
         rows = [[topic, shift["n_documents"], shift["n_tokens"],
                  "n/a" if shift.get("unseen_piece_share") is None else f"{100 * shift['unseen_piece_share']:.1f}%",
-                 *[f"{_number(shift['js'][name])}{_interval(shift['js_ci'].get(name))}" for name in names]]
+                 *[f"{_number(shift['js'][name])}{_interval(shift['js_ci'].get(name))} "
+                   f"(null {_number(shift['js_null'].get(name))})" for name in names]]
                 for topic, shift in held_out.items()]
         lines += _markdown_table(["topic", "documents", "tokens", "tokens absent from training",
                                   *[f"JS from seen mix, {name}" for name in names]], rows)

@@ -31,6 +31,7 @@ training split. Everything is vectorized numpy; seeded: same inputs and seed, sa
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from dataclasses import dataclass, replace
 
@@ -41,9 +42,15 @@ from process_exp_results.information import cmi, js_rows, nmi
 from process_exp_results.references import Factor, RouterSample, layer_references
 from process_exp_results.resampling import Cells, GroupShuffler, bootstrap_weights, p_value, recentred_ci, rng_for
 
-__all__ = ["ALPHA", "FUNCTION_WORDS", "RoutingRecords", "analyze_routing", "is_specialized", "token_classes"]
+__all__ = ["ALPHA", "FUNCTION_WORDS", "RoutingRecords", "analyze_routing", "is_specialized", "permutations_needed",
+           "token_classes"]
 
 ALPHA = 0.01  # significance level for the plain-language verdicts and "explained_by"
+
+
+def permutations_needed(alpha: float = ALPHA) -> int:
+    """The fewest permutations whose smallest p-value, 1 / (n_perm + 1), reaches alpha."""
+    return math.ceil(1.0 / alpha - 1.0 - 1e-9)
 
 
 def is_specialized(reference: dict | None, p_value: float | None, alpha: float = ALPHA) -> bool:
@@ -220,13 +227,15 @@ def topic_null(layers: list[LayerTables], doc_topic: np.ndarray, n_perm: int, se
 
 
 def within_document_nulls(layers: list[LayerTables], doc: np.ndarray, doc_topic: np.ndarray, token_class: np.ndarray,
-                          n_perm: int, seed: int) -> tuple[list[list[float]], list[list[float]]]:
-    """Per layer: token-class NMI with classes permuted within documents, and the conditional MI with topics
-    permuted among the occurrences of each frequent token (a token's occurrences in one document move together).
+                          n_perm: int, seed: int) -> tuple[list[list[float]], list[list[float]], list[float | None]]:
+    """Per layer: token-class NMI with classes permuted within documents, the conditional MI with topics permuted
+    among the occurrences of each frequent token (a token's occurrences in one document move together), and the
+    share of those occurrences that the shuffle can move to another topic (the rest keep theirs: a conservative
+    null).
 
     Layers with the same routed rows (all of them, for token choice) share their permutations.
     """
-    class_nulls, conditional_nulls = [[] for _ in layers], [[] for _ in layers]
+    class_nulls, conditional_nulls, movable = [[] for _ in layers], [[] for _ in layers], [None] * len(layers)
     groups: dict[bytes, list[int]] = {}
     for number, layer in enumerate(layers):
         groups.setdefault(layer.rows.tobytes(), []).append(number)
@@ -250,15 +259,21 @@ def within_document_nulls(layers: list[LayerTables], doc: np.ndarray, doc_topic:
         # a unit = a token's occurrences in one document; units trade topics only with units of the same token and
         # size, so the shuffle keeps p(topic | token) and the null mean is the plug-in bias, not a bit less
         units, unit_of, unit_size = np.unique(f * D + doc[rows][frequent], return_inverse=True, return_counts=True)
-        shuffler = GroupShuffler(units // D * (unit_size.max() + 1) + unit_size)
-        unit_topic = doc_topic[units % D]
+        unit_group = units // D * (unit_size.max() + 1) + unit_size
+        shuffler, unit_topic = GroupShuffler(unit_group), doc_topic[units % D]
+        # a unit can move only if units of another topic share its (token, size)
+        pairs = np.unique(np.stack([unit_group, unit_topic]), axis=1)
+        groups_with_topics, topics_per_group = np.unique(pairs[0], return_counts=True)
+        can_move = topics_per_group[np.searchsorted(groups_with_topics, unit_group)] >= 2
+        for number in members:
+            movable[number] = float(unit_size[can_move].sum() / unit_size.sum())
         rng = rng_for(seed, 4, group_number)
         for _ in range(n_perm):
             permuted = shuffler.shuffle(unit_topic, rng)[unit_of]
             for number in members:
                 t3 = np.bincount((f * K + permuted) * E + layers[number].expert[frequent], minlength=F * K * E)
                 conditional_nulls[number].append(cmi(t3.reshape(F, K, E)))
-    return class_nulls, conditional_nulls
+    return class_nulls, conditional_nulls, movable
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,7 +354,7 @@ def analyze_routing(records: RoutingRecords, token_class_of_id: np.ndarray, clas
         for layer_draws, layer in zip(draws, layers):
             layer_draws.append(layer.measures(weights))
     topic_nulls = topic_null(layers, doc_topic, n_perm, seed)
-    class_nulls, conditional_nulls = within_document_nulls(layers, doc, doc_topic, token_class, n_perm, seed)
+    class_nulls, conditional_nulls, movable = within_document_nulls(layers, doc, doc_topic, token_class, n_perm, seed)
     references = ([None] * n_layers if router_sample is None else
                   _references(router_sample, analysed_rows, doc, doc_topic, topic, token_class, seen.token_id, K, C,
                               min_token_count, n_random_routers, n_boot, seed))
@@ -348,6 +363,7 @@ def analyze_routing(records: RoutingRecords, token_class_of_id: np.ndarray, clas
     for li, layer in enumerate(layers):
         result = _layer_result(layer, observed[li], draws[li], topic_nulls[li], class_nulls[li],
                                conditional_nulls[li], topics, class_names, id_to_token)
+        result["conditional_topic"]["null_movable_share"] = movable[li]
         out_layers.append({"layer": layer.name, "layer_index": li, **result,
                            "coactivation": _coactivation(seen.experts[:, li, :], E) if k >= 2 else None})
         if references[li] is not None:
@@ -451,42 +467,41 @@ def _unseen_share(token_id: np.ndarray, train_token_ids: np.ndarray) -> float:
 
 
 def _held_out_shift(records: RoutingRecords, held_out: np.ndarray, train_token_ids: np.ndarray | None,
-                    n_boot: int, seed: int) -> dict:
-    """Per held-out topic: per layer the JS divergence of its expert mix from the seen documents' mix (documents of
-    each group resampled on their own), and the share of its tokens absent from the training split."""
+                    n_boot: int, seed: int, n_null: int = 50) -> dict:
+    """Per held-out topic and layer: the JS divergence of its expert mix from the seen documents' mix, with an
+    interval (each group's documents resampled on their own) and ``js_null``, the mean JS between a random set of
+    as many seen documents and the other seen documents (plug-in JS of a small group is biased upward); and the
+    share of its tokens absent from the training split."""
     if not held_out.any() or held_out.all():
         return {}
     E = records.n_experts
     held_topics = np.unique(records.topic[held_out])
     group = np.where(held_out, 1 + np.searchsorted(held_topics, records.topic), 0)  # 0 = seen
-    doc_keys, doc = np.unique(records.doc_id, return_inverse=True)
-    doc_group = np.zeros(len(doc_keys), dtype=np.int64)
-    doc_group[doc] = group
+    doc, doc_group = _documents(records.doc_id, group)
     members = [np.flatnonzero(doc_group == g) for g in range(len(held_topics) + 1)]
+    seen_docs = members[0]
     rng = rng_for(seed, 5)
-    weight_draws = []
-    for _ in range(n_boot):
-        weights = np.zeros(len(doc_keys))
-        for docs in members:
-            weights[docs] = bootstrap_weights(rng, len(docs))
-        weight_draws.append(weights)
-    out = {records.topic_names[t]: {"js": {}, "js_ci": {}, "n_documents": int(len(members[1 + i])),
+    boot = [[bootstrap_weights(rng, len(docs)) for docs in members] for _ in range(n_boot)]
+    null_sets = [[rng.permutation(len(seen_docs))[:min(len(docs), len(seen_docs) // 2)] for _ in range(n_null)]
+                 for docs in members[1:]]
+    out = {records.topic_names[t]: {"js": {}, "js_ci": {}, "js_null": {}, "n_documents": int(len(members[1 + i])),
                                     "n_tokens": int(np.sum(records.topic[held_out] == t))}
            for i, t in enumerate(held_topics)}
     for li, name in enumerate(records.layer_names):
         e = records.experts[:, li, 0]
         routed = e >= 0
-        cells = Cells(doc[routed], group[routed] * E + e[routed], (len(held_topics) + 1) * E)
-
-        def shifts(weights=None):
-            table = cells.table(weights).reshape(-1, E)
-            return js_rows(table[1:], reference=table[0])
-
-        observed, boot = shifts(), np.array([shifts(weights) for weights in weight_draws]).reshape(-1, len(held_topics))
+        doc_table = np.bincount(doc[routed] * E + e[routed], minlength=len(doc_group) * E).reshape(-1, E)
+        seen_table = doc_table[seen_docs]
         for i, t in enumerate(held_topics):
+            topic_table = doc_table[members[1 + i]]
+            observed = js_rows(topic_table.sum(0)[None], reference=seen_table.sum(0))[0]
+            draws = [js_rows((w[1 + i] @ topic_table)[None], reference=w[0] @ seen_table)[0] for w in boot]
+            null = [js_rows(seen_table[chosen].sum(0)[None], reference=seen_table.sum(0) - seen_table[chosen].sum(0))[0]
+                    for chosen in null_sets[i]]
             entry = out[records.topic_names[t]]
-            entry["js"][name] = float(np.nan_to_num(observed[i]))
-            entry["js_ci"][name] = recentred_ci(boot[:, i], observed[i])
+            entry["js"][name] = float(np.nan_to_num(observed))
+            entry["js_ci"][name] = recentred_ci(draws, observed)
+            entry["js_null"][name] = float(np.nanmean(null)) if null else None
     if train_token_ids is not None:
         for t in held_topics:
             out[records.topic_names[t]]["unseen_piece_share"] = _unseen_share(

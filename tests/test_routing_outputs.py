@@ -239,11 +239,14 @@ def test_expert_choice_references_use_the_models_own_rule(tiny_run):
     settings = {**trained.config.to_dict(), "router_type": "expert_choice", "capacity_factor": 1.0}
     torch.manual_seed(0)
     model = MoEEncoderForMaskedLM(MoEEncoderConfig(**settings))
-    records, sample = _sample(tiny_run, model, max_router_inputs=10**9, batch_size=8)
-    assert sample.rule == SelectionRule("expert_choice", model.config.top_k_experts, 1.0)
-    assert len(np.unique(sample.batch)) > 1  # several forward passes compete separately
-    for layer, (inputs, weight) in enumerate(zip(sample.inputs, sample.weights)):
-        logits = torch.from_numpy(inputs) @ torch.from_numpy(weight).T
-        choice = sample.rule.top_choice(logits[None], sample.batch)[0].numpy()
-        recorded = records.experts[sample.rows, layer, 0]
-        assert np.array_equal(np.where(choice == model.config.n_experts, -1, choice), recorded)
+    for cap in (10**9, 600):  # every seen token, and a sample of whole forward passes
+        records, sample = _sample(tiny_run, model, max_router_inputs=cap, batch_size=8)
+        assert sample.rule == SelectionRule("expert_choice", model.config.top_k_experts, 1.0)
+        assert len(np.unique(sample.batch)) > 1  # several forward passes compete separately
+        assert len(sample.rows) <= cap and (cap > len(sample.rows) or sample.n_candidates > cap)
+        for layer, (inputs, weight) in enumerate(zip(sample.inputs, sample.weights)):
+            logits = torch.from_numpy(inputs) @ torch.from_numpy(weight).T
+            choice = sample.rule.top_choice(logits[None], sample.batch)[0].numpy()
+            recorded = records.experts[sample.rows, layer, 0]
+            assert np.array_equal(np.where(choice == model.config.n_experts, -1, choice), recorded)
+    assert 0 < len(sample.rows) < sample.n_candidates  # the capped sample is partial, and still exact

@@ -292,7 +292,8 @@ def test_output_is_json_with_the_spec_keys():
         assert set(layer["token_class"]) == {"classes", "nmi", "nmi_ci", "p_value", "expert_counts"}
         assert set(layer["token_id"]) == {"nmi", "nmi_ci"}
         assert set(layer["conditional_topic"]) == {"cmi", "cmi_ci", "p_value", "null_mean", "cmi_excess",
-                                                   "cmi_excess_ci", "explained_by"}
+                                                   "cmi_excess_ci", "explained_by", "null_movable_share"}
+        assert 0 < layer["conditional_topic"]["null_movable_share"] <= 1
         conditional = layer["conditional_topic"]
         assert conditional["cmi_excess"] == pytest.approx(conditional["cmi"] - conditional["null_mean"])
         assert set(layer["vocabulary"]) == {"lift_top", "consistency", "most_consistent"}

@@ -80,7 +80,9 @@ class TrainBatches:
         self.masking, self.tokenizer_info, self.mask_prob = masking, tokenizer_info, mask_prob
         columns = MODEL_COLUMNS if masking == "static" else ["unmasked_ids", "attention_mask", "doc_id"]
         self.router_target = "router_target" in dataset.column_names
-        self.dataset = dataset.with_format("numpy", columns=columns + ["router_target"] * self.router_target)
+        if self.router_target:
+            columns = [*columns, "router_target"]
+        self.dataset = dataset.with_format("numpy", columns=columns)
         self.per_epoch = EpochBatches.batches_per_epoch(len(dataset), batch_size, world_size)
 
     def collate_for(self, epoch: int):

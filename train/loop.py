@@ -7,7 +7,8 @@ not a mean of per-process means; the z-loss likewise over every real token. The 
 loss n_experts * sum_i f_i * P_i of each micro-batch is taken over the global micro-batch: f_i (no
 gradient) and P_i from counts and probability sums summed over processes, each process
 differentiating its own tokens' share of P_i. DDP averages gradients over processes, so each
-process scales its share by N.
+process scales its share by N. The router-supervision control (train.router_supervision) is, like
+the z-loss, a mean over every real token of the step.
 """
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ def global_balancing_loss(accelerator: Accelerator, router_outputs: list, n_expe
 def router_supervision_sum(recorder: RoutingRecorder, router_target: torch.Tensor, real_token_mask: torch.Tensor):
     """train.router_supervision (a control): cross-entropy of every router's logits against each real token's target
     expert (its document's), summed over tokens and MoE layers. The router input is detached, so the term trains the
-    router weights only: with the gradient reaching the layers below, the hidden states cluster by topic and random
-    routers on them split the topics too, which is a representation that learned the topic, not a router."""
+    router weights only (reaching the layers below, it made the hidden states cluster by topic, and random routers
+    on them split the topics too: a representation that learned the topic, not a router)."""
     targets = router_target[:, None].expand(real_token_mask.shape)[real_token_mask]  # the routers' row order
     total = 0.0
     for layer, router_input in zip(recorder.moe_layers, recorder.router_inputs):
@@ -166,6 +167,7 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
     if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    recorder.release()  # the step's router tensors are done with; evaluation must not keep them alive
     layer_metrics = {"aux_loss": aux_by_layer, "z_loss": z_by_layer,
                      "router_entropy": (layer_sums[:, 2] / real_total).tolist(),
                      "dropped_fraction": (layer_sums[:, 3] / real_total).tolist()}

@@ -58,6 +58,11 @@ class RoutingRecorder:
                                             stats.z_loss.detach().double() * real, entropy, dropped * real, real])
         self.expert_counts[row] += count_experts((chosen,), self.n_experts)[0]
 
+    def release(self) -> None:
+        """Drop the last forward's router outputs and inputs (and the graph they hold)."""
+        self.router_outputs = [None] * len(self.moe_layers)
+        self.router_inputs = [None] * len(self.moe_layers)
+
     def take_step_sums(self) -> torch.Tensor:
         sums = self.step_sums.clone()
         self.step_sums.zero_()

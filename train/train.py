@@ -91,6 +91,9 @@ def main() -> None:
 
     expert_of_topic = None
     if train_config.router_supervision == "topic":
+        if train_config.freeze_router:
+            raise PipelineError("train.router_supervision=topic trains the routers, train.freeze_router=true keeps "
+                                "them fixed: set one of them off")
         train_set, expert_of_topic = add_router_targets(train_set, model_config.n_experts)
     supervision_coef = train_config.router_supervision_coef if expert_of_topic else 0.0
 
