@@ -19,7 +19,7 @@ The table counts, per arm, the layer-seed pairs whose index interval clears 0.
 The seed is train.random_seed (initialisation, data order): each overlap's data is made once and shared.
 One topic (gaming) is held out by step 1 with only a few documents; the topics of the test split carry the test.
 Writes to --out: the sweep folder's runs/, results/ (step 4 outputs, routing_stats.json), sweep.json, and
-known_structure.md / known_structure.json. A few minutes on 2 CPU cores:
+known_structure.md / known_structure.json. About 10 minutes on 2 CPU cores:
     python process_exp_results/known_structure.py --out process_exp_results/known_structure
 Extra --set options apply to every run (e.g. --set train.max_steps=400); --arms and --seeds pick a subset.
 """
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--out", default="process_exp_results/known_structure", metavar="DIR",
                         help="the experiment's folder (a sweep folder, plus the table)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (train.random_seed 0..N-1)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (train.random_seed 0..N-1)")
     parser.add_argument("--n-boot", type=int, default=200, help="step 4: bootstrap resamples per interval")
     parser.add_argument("--n-perm", type=int, default=200, help="step 4: permutations per p-value")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ROLE.KEY=VALUE",

@@ -10,11 +10,12 @@ Per MoE layer, the same hidden states go through
 * ``probe``: the best linear router for the factor, a multinomial logistic regression from router input to the
   factor, cross-fitted over two halves of the documents (each half routed by the probe fitted on the other), its
   classes mapped one-to-one to experts; with more classes than experts, the classes the probe confuses most are
-  merged first (greedy, the merge that keeps the most I(factor; probe's group) on the fitting halves).
+  merged first (greedy, the merge that keeps the most I(factor; probe's group) on that probe's fitting half).
 The specialization index = (trained - load-matched mean) / (probe - load-matched mean): 0 = no more than a router
 that learned nothing, 1 = as much as the best linear router. Its interval resamples documents and, per draw,
 compares with one of the R load-matched routers drawn at random, so it covers both the evaluation data's noise and
-how much routers that learned nothing differ from each other: a random router's interval covers 0 (about 95%).
+how much routers that learned nothing differ from each other: a random router's interval covered 0 in 93% of 200
+synthetic simulations (an interval over documents alone in 44%).
 All values are NMI of the factor with the top expert (the statistic the analysis reports), except the random
 routers' raw conditional MI I(expert; topic | token) set beside the trained router's. Without an index when the
 probe is within the load-matched band: the hidden states then hold no more of the factor than random routers
