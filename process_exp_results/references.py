@@ -245,12 +245,24 @@ class Factor:
     probe: bool = True
 
 
+def _stacked_cells(choices: torch.Tensor, labels: np.ndarray, n_levels: int, n_experts: int) -> np.ndarray:
+    """[M, n] top experts (E = none) -> [M, n] cell of each (router, label, expert) in M stacked [levels, E+1]
+    tables."""
+    n_routers = choices.shape[0]
+    return (np.arange(n_routers)[:, None] * n_levels + labels[None, :]) * (n_experts + 1) + choices.numpy()
+
+
+def _nmi_of_tables(tables: np.ndarray, n_routers: int, n_levels: int, n_experts: int) -> np.ndarray:
+    """Flat counts of M stacked [levels, E+1] tables -> [M] NMI, the "no expert" column left out."""
+    return nmi_many(tables.reshape(n_routers, n_levels, n_experts + 1)[:, :, :n_experts])
+
+
 def _nmi_per_router(choices: torch.Tensor, labels: np.ndarray, n_levels: int, n_experts: int) -> np.ndarray:
     """[M, n] top experts (E = none, left out) -> [M] NMI with the labels."""
     n_routers = choices.shape[0]
-    index = (np.arange(n_routers)[:, None] * n_levels + labels[None, :]) * (n_experts + 1) + choices.numpy()
-    tables = np.bincount(index.ravel(), minlength=n_routers * n_levels * (n_experts + 1))
-    return nmi_many(tables.reshape(n_routers, n_levels, n_experts + 1)[:, :, :n_experts])
+    tables = np.bincount(_stacked_cells(choices, labels, n_levels, n_experts).ravel(),
+                         minlength=n_routers * n_levels * (n_experts + 1))
+    return _nmi_of_tables(tables, n_routers, n_levels, n_experts)
 
 
 def factor_reference(factor: Factor, trained: torch.Tensor, plain: torch.Tensor, matched: torch.Tensor,
@@ -265,20 +277,19 @@ def factor_reference(factor: Factor, trained: torch.Tensor, plain: torch.Tensor,
         return reference
     reference.probe = float(_nmi_per_router(torch.as_tensor(probe)[None], factor.labels, factor.n_levels,
                                             n_experts)[0])
-    span = reference.probe - reference.random_load_matched.mean
     if reference.probe <= reference.random_load_matched.high:  # the probe is within what random routers reach:
         return reference  # the hidden states hold no more of the factor than they pick up, and the index has no scale
-    reference.index = (trained_nmi - reference.random_load_matched.mean) / span
+    reference.index = ((trained_nmi - reference.random_load_matched.mean)
+                       / (reference.probe - reference.random_load_matched.mean))
     # one document bootstrap over [trained, R load-matched, probe]; per draw, one load-matched router as the null
     rows = torch.cat([trained[None], matched, torch.as_tensor(probe)[None]])
-    n_rows, width = rows.shape[0], factor.n_levels * (n_experts + 1)
+    n_rows = rows.shape[0]
     cells = Cells(np.broadcast_to(doc, rows.shape).ravel(),
-                  (np.arange(n_rows)[:, None] * width + factor.labels[None, :] * (n_experts + 1)
-                   + rows.numpy()).ravel(), n_rows * width)
+                  _stacked_cells(rows, factor.labels, factor.n_levels, n_experts).ravel(),
+                  n_rows * factor.n_levels * (n_experts + 1))
     draws = []
     for _ in range(n_boot):
-        tables = cells.table(bootstrap_weights(rng, n_docs)).reshape(n_rows, factor.n_levels, n_experts + 1)
-        values = nmi_many(tables[:, :, :n_experts])
+        values = _nmi_of_tables(cells.table(bootstrap_weights(rng, n_docs)), n_rows, factor.n_levels, n_experts)
         null = values[1:-1]
         draw_span = values[-1] - null.mean()
         draws.append((values[0] - null[rng.integers(len(null))]) / draw_span if draw_span > 1e-9 else np.nan)
