@@ -7,6 +7,16 @@ from config_utils import PipelineError
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                   "mask_token": "[MASK]"}
+# from_pretrained's options that transformers records in init_kwargs (is_local, local_files_only) and
+# save_pretrained would write into tokenizer_config.json; they say how one copy was loaded, not what it is.
+LOAD_OPTIONS = ("is_local", "local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
+                "subfolder", "trust_remote_code", "_commit_hash", "_from_auto")
+
+
+def drop_load_options(tokenizer) -> None:
+    """Forget how the tokenizer was loaded, so that saving it writes only what it is."""
+    for key in LOAD_OPTIONS:
+        tokenizer.init_kwargs.pop(key, None)
 
 
 def load_tokenizer(name: str):
@@ -22,6 +32,7 @@ def load_tokenizer(name: str):
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
         raise PipelineError(f"tokenizer '{name}' has no [MASK] or [PAD] token, so it cannot do MLM; "
                             f"pick a BERT-style tokenizer or tokenizer_name: null")
+    drop_load_options(tokenizer)  # step 2 saves it: tokenizer/tokenizer_config.json stays free of them
     return tokenizer
 
 
