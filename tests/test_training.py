@@ -14,6 +14,7 @@ from helpers import (STEP_SCRIPTS, check_ok, error_line, prepare_tiny_data, run_
                      step_config_args)
 
 STEPS = 6
+TRAIN = {"subset": "train"}
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,11 @@ def aim_run(aim_dir, tag):
 
 
 def metric_values(run, name, context=None) -> list[float]:
+    """The values in step order (values.values_list() comes in hash order)."""
     for metric in run.metrics():
         if metric.name == name and metric.context.to_dict() == (context or {}):
-            return metric.values.values_list()
+            steps, (values, *_) = metric.data.items_list()
+            return [value for _, value in sorted(zip(steps, values))]
     raise AssertionError(f"no metric {name} {context}")
 
 
@@ -61,8 +64,8 @@ def test_two_processes_give_the_single_process_loss_curve(data, single_run):
                             cwd=tmp_path, env=env_one_thread(), capture_output=True, text=True, timeout=300)
     check_ok(result)
     assert "on 2 x cpu" in result.stdout
-    one = metric_values(aim_run(tmp_path, "one"), "loss")
-    two = metric_values(aim_run(tmp_path, "two"), "loss")
+    one = metric_values(aim_run(tmp_path, "one"), "loss", TRAIN)
+    two = metric_values(aim_run(tmp_path, "two"), "loss", TRAIN)
     assert len(one) == len(two) == STEPS
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
 
@@ -129,16 +132,19 @@ def test_aim_run_holds_the_training_metrics(data, single_run):
     tmp_path, _ = data
     run = aim_run(tmp_path, "one")
     names = {(metric.name, tuple(sorted(metric.context.to_dict()))) for metric in run.metrics()}
-    for name in ("loss", "mlm_loss", "aux_loss", "z_loss", "accuracy", "learning_rate", "tokens_per_s",
-                 "eval_mlm_loss", "eval_accuracy"):
+    for name in ("loss", "mlm_loss", "aux_loss_total", "accuracy"):  # tests/test_tracking.py: the full convention
+        assert (name, ("subset",)) in names, name
+    for name in ("learning_rate", "tokens_per_s"):
         assert (name, ()) in names, name
-    for name in ("aux_loss", "z_loss", "router_entropy", "dropped_fraction"):
-        assert (name, ("layer",)) in names, name
-        assert len(metric_values(run, name, {"layer": 1})) == STEPS
+    for name in ("mlm_loss", "accuracy"):
+        assert len(metric_values(run, name, {"subset": "valid"})) == 2
+    for name in ("aux_loss", "router_entropy"):
+        assert (name, ("layer", "subset")) in names, name
+        assert len(metric_values(run, name, {**TRAIN, "layer": "block 1"})) == STEPS
     assert ("expert_load", ("expert", "layer", "subset")) in names
-    entropy = metric_values(run, "router_entropy", {"layer": 0})
-    assert all(0.0 < value <= np.log(4) + 1e-6 for value in entropy)
-    loads = [metric_values(run, "expert_load", {"subset": "train", "layer": 0, "expert": e})[-1] for e in range(4)]
+    entropy = metric_values(run, "router_entropy", {**TRAIN, "layer": "block 0"})
+    assert all(0.0 < value <= np.log2(4) + 1e-6 for value in entropy)  # bits
+    loads = [metric_values(run, "expert_load", {**TRAIN, "layer": "block 0", "expert": e})[-1] for e in range(4)]
     assert abs(sum(loads) - 1.0) < 1e-5
     assert run["hparams"]["tag"] == "one" and run["hparams"]["train"]["max_steps"] == STEPS
     assert "git_commit" in run["hparams"]

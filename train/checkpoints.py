@@ -6,6 +6,9 @@ import subprocess
 from pathlib import Path
 
 from config_utils import PipelineError, atomic_dir, write_json_atomic
+from config_utils.io import use_default_file_modes
+from data_processors.tokenizer import drop_load_options
+from train.model_card import model_card
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
@@ -22,18 +25,27 @@ MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # the encoder takes no toke
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
-    """Saved so that pipeline("fill-mask") feeds the model only what its forward takes."""
+    """Saved so that pipeline("fill-mask") feeds the model only what its forward takes, and without the options
+    it was loaded with (AutoTokenizer.from_pretrained of a folder records is_local and local_files_only)."""
     tokenizer.model_input_names = MODEL_INPUT_NAMES
     tokenizer.init_kwargs["model_input_names"] = MODEL_INPUT_NAMES  # what save_pretrained writes
+    drop_load_options(tokenizer)
     tokenizer.save_pretrained(str(folder))
 
 
-def save_model(model, tokenizer, folder: Path, state: dict) -> Path:
-    """save_pretrained (safetensors) + tokenizer + a small JSON state, all or nothing."""
+def save_model(model, tokenizer, folder: Path, state: dict, card: dict | None = None) -> Path:
+    """save_pretrained (safetensors, plus the modeling code and auto_map, see models/__init__.py) + tokenizer +
+    a small JSON state + the model card README.md, all or nothing.
+
+    card: what the model card reports beyond the model itself (see train.model_card.model_card).
+    """
+    card = {**(card or {}), "architecture": model.config.to_dict(), "mask_token": tokenizer.mask_token}
     with atomic_dir(folder) as tmp_dir:
         model.save_pretrained(str(tmp_dir), safe_serialization=True)
         save_tokenizer(tokenizer, tmp_dir)
         write_json_atomic(tmp_dir / "trainer_state.json", state)
+        (tmp_dir / "README.md").write_text(model_card(card), encoding="utf-8")
+        use_default_file_modes(tmp_dir)  # safetensors writes 0600; others must be able to read the model
     return folder
 
 
@@ -75,9 +87,13 @@ def load_model(folder: Path):
     return model, tokenizer
 
 
-def git_commit() -> str | None:
+def git_state() -> dict:
+    """{"commit": HEAD, "dirty": whether `git status --porcelain` lists anything} of this code; None values
+    outside a git checkout (the commit alone does not say what ran when the tree had changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
     except (OSError, subprocess.SubprocessError):
-        return None
+        return {"commit": None, "dirty": None}

@@ -20,17 +20,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
+from config_utils import PipelineError
 from data_processors.masking import IGNORE_INDEX
 from models.losses import count_assignments
 from train.evaluation import EvalResult, evaluate_mlm, mlm_loader
-from train.tracking import LAYER_SUMS, RoutingRecorder
+from train.tracking import LAYER_SUMS, RoutingRecorder, routing_metric_names
 
 
 def make_accelerator(train_config: dict) -> Accelerator:
     precision = train_config["mixed_precision"]
+    cuda = train_config["device"] != "cpu" and torch.cuda.is_available()
     if precision == "auto":
-        cuda = train_config["device"] != "cpu" and torch.cuda.is_available()
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    mps = train_config["device"] != "cpu" and torch.backends.mps.is_available()
+    if precision == "fp16" and not (cuda or mps):  # accelerate would train in float32 and still report fp16
+        raise PipelineError("train.mixed_precision=fp16 needs a GPU, and this run is on the CPU, where it would "
+                            "silently train in float32: use mixed_precision: no (or auto), or bf16, which runs "
+                            "on the CPU under bfloat16 autocast")
     return Accelerator(cpu=train_config["device"] == "cpu", mixed_precision=precision, log_with="aim",
                        project_dir=train_config["aim_repo"],
                        dynamo_backend="inductor" if train_config["compile"] else "no",
@@ -53,8 +59,8 @@ def optimizer_for(model: torch.nn.Module, learning_rate: float, weight_decay: fl
 
 @dataclass
 class StepResult:
-    metrics: dict[str, float]              # loss, mlm_loss, aux_loss, z_loss, accuracy, ...
-    layer_metrics: dict[str, list[float]]  # per MoE layer: aux_loss, z_loss, router_entropy, dropped_fraction
+    metrics: dict[str, float]              # loss, mlm_loss, accuracy, learning_rate, aux_loss_total, ...
+    layer_metrics: dict[str, list[float]]  # per MoE layer, those of tracking.routing_metric_names
     real_tokens: int                       # all processes
     stop_requested: bool                   # any process got SIGINT/SIGTERM
 
@@ -157,8 +163,8 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
     if not math.isfinite(loss):
         raise NonFiniteLoss(step, loss)
 
-    metrics = {"loss": loss, "mlm_loss": mlm_loss, "aux_loss": sum(aux_by_layer), "z_loss": sum(z_by_layer),
-               "accuracy": float(totals[1]) / masked_total, "learning_rate": optimizer.param_groups[0]["lr"]}
+    metrics = {"loss": loss, "mlm_loss": mlm_loss, "accuracy": float(totals[1]) / masked_total,
+               "learning_rate": optimizer.param_groups[0]["lr"]}
     if supervision_coef:
         metrics["router_supervision_loss"] = supervision_loss  # summed over MoE layers, mean over real tokens
     if max_grad_norm is not None:
@@ -168,9 +174,13 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     recorder.release()  # the step's router tensors are done with; evaluation must not keep them alive
-    layer_metrics = {"aux_loss": aux_by_layer, "z_loss": z_by_layer,
-                     "router_entropy": (layer_sums[:, 2] / real_total).tolist(),
-                     "dropped_fraction": (layer_sums[:, 3] / real_total).tolist()}
+    per_layer = {"router_entropy": (layer_sums[:, 2] / real_total).tolist(), "aux_loss": aux_by_layer,
+                 "z_loss": z_by_layer, "dropped_fraction": (layer_sums[:, 3] / real_total).tolist()}
+    wanted = routing_metric_names(config)
+    layer_metrics = {name: values for name, values in per_layer.items() if name in wanted}
+    for name in ("aux_loss", "z_loss"):
+        if name in layer_metrics:  # the sum over layers that the loss weights; its own name beside the series
+            metrics[f"{name}_total"] = sum(layer_metrics[name])
     return StepResult(metrics, layer_metrics, real_total, bool(totals[2] > 0))
 
 

@@ -1,13 +1,25 @@
 """What a training run records: routing statistics gathered on the device, and the Aim run.
 
-Aim metrics (`aim up` in the folder holding .aim shows them):
-  per step:  loss, mlm_loss, aux_loss, z_loss, accuracy (masked tokens), learning_rate, tokens_per_s,
-             grad_norm; per MoE layer (context `layer`): aux_loss, z_loss, router_entropy, dropped_fraction
-  per eval:  eval_mlm_loss, eval_accuracy; expert_load (contexts subset=train|valid, layer, expert)
+Aim metrics (`aim up` in the folder holding .aim shows them; README "What Aim records" has the table).
+One naming convention, Aim's: a metric measured on data has the same name for every subset and says
+which in its context, {"subset": "train" | "valid"} (mlm_loss, accuracy, expert_load); per MoE layer
+a context `layer` named as in step 4's CSVs ("block 0"); a sum over layers has its own name
+(aux_loss_total beside the per-layer aux_loss). Numbers of the optimizer rather than of a subset
+(learning_rate, grad_norm, tokens_per_s) have no context. Router metrics appear only where they can
+say something: the balancing and z losses when their coefficient is > 0, dropped_fraction where the
+layer can drop, none for the dense baseline. Entropies are in bits, as in step 4's report.
+  every log_steps, subset=train:  loss, mlm_loss, accuracy (masked tokens), aux_loss_total, z_loss_total,
+                                  router_supervision_loss (when on)
+                  + layer:        router_entropy, aux_loss, z_loss, dropped_fraction
+                  no context:     learning_rate, grad_norm, tokens_per_s
+  every eval,     subset=valid:   mlm_loss, accuracy
+                  subset=train|valid + layer + expert: expert_load
 """
 from __future__ import annotations
 
+import platform
 from functools import partial
+from importlib import metadata
 
 import torch
 
@@ -15,7 +27,11 @@ from models import MoELayer
 from train.evaluation import count_experts
 
 # per-layer sums kept by RoutingRecorder, one column each
-LAYER_SUMS = ("aux_loss_global", "z_loss_x_tokens", "entropy_x_tokens", "dropped_x_tokens", "real_tokens")
+LAYER_SUMS = ("aux_loss_global", "z_loss_x_tokens", "entropy_bits_x_tokens", "dropped_x_tokens", "real_tokens")
+# numbers of the optimizer, not measured on a data subset: tracked without a context
+OPTIMIZER_METRICS = ("learning_rate", "grad_norm", "tokens_per_s")
+# the packages whose versions a run records (with python's)
+RECORDED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "aim")
 
 
 class RoutingRecorder:
@@ -49,7 +65,7 @@ class RoutingRecorder:
         chosen = stats.expert_index.reshape(-1, stats.expert_index.shape[-1])
         real = (chosen[:, 0] >= 0).sum().double()
         probs = stats.router_probs.double()
-        entropy = -(probs * probs.clamp_min(1e-30).log()).sum()  # padding rows are all 0 and add nothing
+        entropy = -(probs * probs.clamp_min(1e-30).log2()).sum()  # bits; padding rows are all 0 and add nothing
         # None until the MoE layer reports it: the default layer is dropless (every token is routed)
         dropped = getattr(stats, "dropped_fraction", None)
         dropped = real.new_zeros(()) if dropped is None else dropped.detach().double()
@@ -81,22 +97,59 @@ def start_aim_run(accelerator, tag: str, experiment: str, hparams: dict, run_has
     return run
 
 
-def track_step(run, step: int, metrics: dict[str, float], layer_metrics: dict[str, list[float]],
+def layer_name(index: int) -> str:
+    """A block's name in Aim contexts, as in step 4's CSVs and figures."""
+    return f"block {index}"
+
+
+def routing_metric_names(config) -> set[str]:
+    """The per-MoE-layer metrics worth tracking for this model: a loss whose coefficient is 0 or a share
+    that is 0 by construction would only add flat lines."""
+    if config.is_dense_baseline:  # no router at all
+        return set()
+    names = {"router_entropy"}
+    if config.load_balance_coef > 0 and config.router_type != "expert_choice":  # expert choice: balanced by construction
+        names.add("aux_loss")
+    if config.router_z_loss_coef > 0:
+        names.add("z_loss")
+    if config.router_type == "expert_choice" or config.capacity_factor is not None:  # dropless layers drop nothing
+        names.add("dropped_fraction")
+    return names
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of python and of the packages that decide what a run computes (None: not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def track_step(run, step: int, subset: str, metrics: dict[str, float], layer_metrics: dict[str, list[float]],
                moe_layers: list[int]) -> None:
+    """Metrics measured on `subset` (train or valid) get context {"subset": subset}, per-layer ones also
+    {"layer": "block N"}; OPTIMIZER_METRICS get none."""
     if run is None:
         return
+    shared = set(metrics) & set(layer_metrics)
+    if shared:  # one name must not hold both a per-layer series and a total
+        raise ValueError(f"metric names used both per layer and as a total: {sorted(shared)}")
     for name, value in metrics.items():
-        run.track(value, name=name, step=step)
+        run.track(value, name=name, step=step, context={} if name in OPTIMIZER_METRICS else {"subset": subset})
     for name, values in layer_metrics.items():
         for layer, value in zip(moe_layers, values):
-            run.track(value, name=name, step=step, context={"layer": layer})
+            run.track(value, name=name, step=step, context={"subset": subset, "layer": layer_name(layer)})
 
 
 def track_expert_load(run, expert_counts: torch.Tensor, moe_layers: list[int], step: int, subset: str) -> None:
-    """Per-layer share of real tokens sent to each expert, as Aim contexts (layer, expert)."""
+    """Per-layer share of real tokens sent to each expert, as Aim contexts (subset, layer, expert)."""
     if run is None:
         return
     shares = expert_counts.float() / expert_counts.sum(dim=1, keepdim=True).clamp(min=1)
     for row, layer in enumerate(moe_layers):
         for expert, share in enumerate(shares[row].tolist()):
-            run.track(share, name="expert_load", step=step, context={"subset": subset, "layer": layer, "expert": expert})
+            run.track(share, name="expert_load", step=step,
+                      context={"subset": subset, "layer": layer_name(layer), "expert": expert})
