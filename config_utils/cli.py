@@ -7,6 +7,7 @@ from typing import Callable
 
 from config_utils.config import ConfigSection, load_config, parse_override
 from config_utils.errors import PipelineError
+from config_utils.io import is_disk_full
 
 SET_HELP = ("override one config key, repeatable: ROLE.KEY=VALUE with ROLE dataset, model or train and "
             "KEY the dotted path in that file, the value parsed as YAML "
@@ -41,6 +42,13 @@ def run_step(main: Callable[[], None]) -> None:
         main()
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"error: no space left on the device{where}; free space there (or choose other output folders) and "
+              f"run again: outputs written whole before this one are intact", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; nothing was written in place of earlier outputs", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,19 @@ from config_utils.errors import PipelineError
 from config_utils.schema import REQUIRED, SCHEMAS, Field
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as people write numbers: 1e-3 is a float (YAML 1.1, PyYAML's default, reads it as a string)."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506  a SafeLoader subclass
 
 
 class ConfigSection(dict):
@@ -46,7 +60,7 @@ def parse_override(text: str) -> tuple[str, list[str], Any]:
         raise PipelineError(f"--set {text}: ROLE must be one of {', '.join(SCHEMAS)} followed by .KEY, "
                             f"e.g. --set train.max_steps=20")
     try:
-        value = yaml.safe_load(raw_value)
+        value = read_yaml(raw_value)
     except yaml.YAMLError:
         raise PipelineError(f"--set {text}: the value '{raw_value}' is not valid YAML") from None
     path = key.split(".")
@@ -95,9 +109,13 @@ def _check_value(field: Field, value: Any, where: str, key: str) -> Any:
             value = [value]  # a single item is a list of one
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise fail()
+        if field.strip:
+            value = [item.strip() for item in value]
     if field.choices and value not in field.choices:
         raise fail()
-    if field.min is not None and value < field.min or field.max is not None and value > field.max:
+    if field.min is not None and (value < field.min or field.min_exclusive and value == field.min):
+        raise fail()
+    if field.max is not None and value > field.max:
         raise fail()
     return value
 
@@ -130,7 +148,7 @@ def load_config(role: str, name: str, overrides: list[tuple[str, list[str], Any]
     """Read the YAML file for `role`, apply that role's overrides, validate."""
     path = resolve_config_path(name)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         first_line = str(error).splitlines()[0]
         raise PipelineError(f"{path}: not valid YAML ({first_line}); fix the file") from None

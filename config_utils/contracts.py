@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from config_utils.errors import PipelineError
-from config_utils.io import read_manifest
+from config_utils.io import current_manifest_hash, read_manifest
 
 # where outputs go and how many processes make them: they do not change what is made
 NOT_CONTENT_KEYS = {"data_params.num_proc", "data_params.processed_dir", "data_params.masked_dir"}
@@ -34,18 +34,37 @@ def _sets(args: argparse.Namespace) -> str:
     return "".join(f" --set {shlex.quote(text)}" for text in args.overrides)
 
 
+def sibling_config(args: argparse.Namespace, role: str) -> str:
+    """The config of `role` this run uses: its option if the step has one, else the file beside the dataset config
+    (demo/dataset_params.yaml -> demo/model_params.yaml), so a printed command names the same set of configs."""
+    given = getattr(args, f"config_{role}", None)
+    if given is not None:
+        return given
+    from config_utils.config import CONFIG_DIR
+
+    sibling = args.config_dataset.replace("dataset_params", f"{role}_params")
+    return sibling if (CONFIG_DIR / sibling).is_file() or Path(sibling).is_file() else f"{role}_params.yaml"
+
+
 def step1_command(args: argparse.Namespace) -> str:
     return f"python data_processors/load_dataset.py --config-name {args.config_dataset}{_sets(args)}"
 
 
 def step2_command(args: argparse.Namespace) -> str:
     return (f"python data_processors/dataset.py --config-dataset {args.config_dataset} "
-            f"--config-model {args.config_model}{_sets(args)}")
+            f"--config-model {sibling_config(args, 'model')}{_sets(args)}")
 
 
-def step3_command(args: argparse.Namespace) -> str:
-    return (f"python train/train.py --config-model {args.config_model} --config-dataset {args.config_dataset} "
-            f"--config-train {args.config_train}{_sets(args)} --tag NAME")
+def step3_command(args: argparse.Namespace, tag: str | None = None) -> str:
+    """Step 3 with this step's configs; `tag` None: the run's --tag if this step has one, else a new tag."""
+    tag = tag or getattr(args, "tag", None) or "my-run"
+    return (f"python train/train.py --config-model {sibling_config(args, 'model')} --config-dataset "
+            f"{args.config_dataset} --config-train {sibling_config(args, 'train')}{_sets(args)} --tag {tag}")
+
+
+def step4_command(args: argparse.Namespace, tag: str) -> str:
+    return (f"python inference/inference.py --config-dataset {args.config_dataset} --config-model "
+            f"{sibling_config(args, 'model')} --config-train {sibling_config(args, 'train')}{_sets(args)} --run {tag}")
 
 
 def check_settings(expected: dict, found: dict, what: str, run_first: str) -> None:
@@ -60,6 +79,12 @@ def read_step2_output(dataset_config: dict, model_config: dict, args: argparse.N
     """Step 2's manifest, checked against the configs steps 3 and 4 run with."""
     masked_dir = Path(dataset_config["data_params"]["masked_dir"])
     manifest, manifest_hash = read_manifest(masked_dir, step2_command(args))
+    # the whole chain: step 2's input must still be the step-1 output that is there now
+    processed_dir = Path(dataset_config["data_params"]["processed_dir"])
+    step1_hash = current_manifest_hash(processed_dir)
+    if step1_hash is not None and step1_hash != manifest.get("input_manifest_hash"):
+        raise PipelineError(f"{masked_dir} was made from an earlier step-1 output: {processed_dir} has been remade "
+                            f"since; run `{step2_command(args)}` again")
     check_settings(dataset_settings(dataset_config, step=2), manifest["dataset_settings"], str(masked_dir),
                    step2_command(args))
     if model_config["seq_len"] != manifest["seq_len"]:
@@ -72,3 +97,13 @@ def read_step2_output(dataset_config: dict, model_config: dict, args: argparse.N
                             f"has {vocab_size} tokens: set model.vocab_size to null (= the tokenizer's) or "
                             f"{vocab_size}")
     return manifest, manifest_hash
+
+
+def check_run_data(run_manifest: dict, run_dir: Path, step2_hash: str, args: argparse.Namespace) -> None:
+    """A run is evaluated only on the step-2 output it was trained on (same tokenizer, same splits)."""
+    trained_on = run_manifest.get("input_manifest_hash")
+    if trained_on != step2_hash:
+        raise PipelineError(f"run {run_dir} was trained on another step-2 output (input hash {trained_on}) than the "
+                            f"one in the configured masked_dir now (hash {step2_hash}): pass the dataset configs it "
+                            f"was trained with, or train it again on this data with "
+                            f"`{step3_command(args, run_dir.name)} --overwrite`")

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,21 +16,97 @@ from config_utils.errors import PipelineError
 MANIFEST = "manifest.json"
 
 
+def _process_umask() -> int:
+    umask = os.umask(0)  # os.umask is the only portable way to read it: set, then put back at once
+    os.umask(umask)
+    return umask
+
+
+# What open() gives a new file (0644 under the usual umask 022); read once, at import, before any threads.
+DEFAULT_FILE_MODE = 0o666 & ~_process_umask()
+
+
+def use_default_file_modes(folder: str | Path) -> None:
+    """Give every file under folder the mode a plain open() would.
+
+    safetensors writes its files 0600, so other users sharing the run folder could not read the weights.
+    """
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(DEFAULT_FILE_MODE)
+
+
+def check_output_folder(path: str | Path, key: str) -> Path:
+    """An output folder must be a folder (or not exist yet) below folders: one line naming the key if not."""
+    path = Path(path)
+    for part in [path, *path.parents]:
+        if part.exists() and not part.is_dir():
+            raise PipelineError(f"{key}={str(path)!r}: {part} is a file, not a folder; remove it or choose "
+                                f"another path for {key}")
+    return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old|deleting)-(?P<pid>\d+)$")  # .NAME.tmp-PID and the like
+
+
+def remove_stale_temporaries(parent: Path, name: str | None = None) -> None:
+    """Temporaries (of `name`, or of any name) in parent whose writer has died: an interrupted write's leftovers."""
+    for path in parent.glob(".*"):
+        match = TEMPORARY.match(path.name)
+        if not match or name is not None and match["name"] != name:
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and not _process_alive(pid):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, also when a library (safetensors, pyarrow) wraps it in its own exception type."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
 @contextlib.contextmanager
 def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces final_dir, on failure it is removed.
 
-    An interrupted step therefore never leaves a folder that looks complete.
+    An interrupted step therefore never leaves a folder that looks complete; a full disk becomes one line.
     """
-    final_dir = Path(final_dir)
+    final_dir = check_output_folder(final_dir, "the output folder")
     final_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final_dir.parent, final_dir.name)
     tmp_dir = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
     try:
         yield tmp_dir
-    except BaseException:
+    except BaseException as error:
+        written = folder_size(tmp_dir) if is_disk_full(error) else 0
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if is_disk_full(error):
+            free = shutil.disk_usage(final_dir.parent).free
+            previous = f"; the previous {final_dir} is intact" if final_dir.exists() else ""
+            raise PipelineError(f"no space left on the device holding {final_dir.parent}: the disk filled after "
+                                f"{written / 2**20:.1f} MB of {final_dir.name} ({free / 2**20:.1f} MB free now); free "
+                                f"more than {written / 2**20:.0f} MB there, or choose another output folder, and run "
+                                f"again{previous}") from None
         raise
     old_dir = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}"
     if final_dir.exists():
@@ -46,10 +124,6 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return path
 
 
-def file_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def read_manifest(folder: str | Path, run_first: str) -> tuple[dict, str]:
     """Return (manifest, its hash); a missing or broken one names the command to run first."""
     path = Path(folder) / MANIFEST
@@ -59,4 +133,42 @@ def read_manifest(folder: str | Path, run_first: str) -> tuple[dict, str]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PipelineError(f"{path} is corrupt: run `{run_first}` again") from None
-    return manifest, file_hash(path)
+    return manifest, manifest_hash(manifest)
+
+
+# how long a step took does not change what it made: rerunning a step on the same input keeps its hash
+VOLATILE_MANIFEST_KEYS = {"seconds"}
+
+
+def manifest_hash(manifest: dict) -> str:
+    """The hash later steps record of an input: its manifest's content, without the timing."""
+    content = {key: value for key, value in manifest.items() if key not in VOLATILE_MANIFEST_KEYS}
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def current_manifest_hash(folder: str | Path) -> str | None:
+    """The hash of the manifest now in folder, or None when there is none (or it is unreadable)."""
+    try:
+        return manifest_hash(json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def safe_file_stem(label: str) -> str:
+    """A file name for a label from the data (a topic): letters, digits, '_' and '-' only, never a path.
+
+    A label that had to change gets a short hash of itself, so 'Sci/Tech' and 'Sci_Tech' stay two files.
+    """
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", label)[:60] or "_"
+    if stem != label:
+        stem += "-" + hashlib.blake2b(label.encode("utf-8"), digest_size=4).hexdigest()
+    return stem
+
+
+def safe_file_stems(labels: list[str], what: str) -> dict[str, str]:
+    """label -> its file stem, refusing the (unlikely) case that two labels would share one."""
+    stems = {label: safe_file_stem(label) for label in dict.fromkeys(labels)}
+    if len(set(stems.values())) < len(stems):
+        raise PipelineError(f"{what} {list(stems)} would share a file name ({sorted(stems.values())}); rename one")
+    return stems

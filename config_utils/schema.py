@@ -20,6 +20,8 @@ class Field:
     max: float | None = None
     choices: tuple | None = None
     help: str = ""
+    min_exclusive: bool = False    # min itself is not allowed: (min, max]
+    strip: bool = False            # list[str] of labels: compared without surrounding whitespace, as step 1 writes them
 
     def describe(self) -> str:
         """What is allowed, in words, for error messages."""
@@ -27,10 +29,11 @@ class Field:
                  "str": "a string", "list[str]": "a list of strings"}[self.kind]
         if self.choices:
             words = "one of " + ", ".join(map(str, self.choices))
+        opening = "(" if self.min_exclusive else "["
         if self.min is not None and self.max is not None:
-            words += f" in [{self.min}, {self.max}]"
+            words += f" in {opening}{self.min}, {self.max}]"
         elif self.min is not None:
-            words += f" >= {self.min}"
+            words += f" {'>' if self.min_exclusive else '>='} {self.min}"
         if self.nullable:
             words += " or null"
         return words
@@ -56,9 +59,10 @@ DATASET_SCHEMA = {
         },
     },
     "data_params": {
-        "eval_topics": Field("list[str]", help="topics held out of train/valid/test, evaluated one by one"),
-        "train_topics": Field("list[str]", default=[], help="if set: train/valid/test balanced over these topics"),
-        "mask_prob": Field("float", min=0.0, max=1.0, help="share of real tokens picked for MLM"),
+        "eval_topics": Field("list[str]", strip=True, help="topics held out of train/valid/test, evaluated one by one"),
+        "train_topics": Field("list[str]", default=[], strip=True, help="if set: train/valid/test balanced over these topics"),
+        "mask_prob": Field("float", min=0.0, max=1.0, min_exclusive=True,
+                           help="share of real tokens picked for MLM (0 would leave nothing to learn or score)"),
         "tokenizer_name": Field("str", nullable=True, help="hub name or local dir; null = train WordPiece"),
         "tokenizer_vocab_size": Field("int", default=8192, min=100, help="vocabulary when training one"),
         "processed_dir": Field("str", default="data/processed", help="step 1 output"),

@@ -2,7 +2,7 @@
 
 Reads data_params.processed_dir (step 1), writes data_params.masked_dir: tokenizer/ (loadable with
 AutoTokenizer.from_pretrained), one Arrow dataset per split (train, valid, test) and per evaluation
-topic (topics/<topic>) with input_ids, attention_mask, labels (-100 where not masked), topic,
+topic (topics/<file stem>, the manifest maps each label to it) with input_ids, attention_mask, labels (-100 where not masked), topic,
 doc_id and unmasked_ids (for train.masking: dynamic), and manifest.json. Example:
     python data_processors/dataset.py --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml
 """
@@ -12,7 +12,10 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
 
 import gc
+import hashlib
+import json
 import os
+import re
 import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the map forks worker processes after training
@@ -21,7 +24,8 @@ import datasets
 import numpy as np
 
 from config_utils import atomic_dir, load_step_configs, read_manifest, run_step, step_parser, write_json_atomic
-from config_utils.contracts import check_settings, dataset_settings, step1_command
+from config_utils.contracts import check_settings, dataset_settings, step1_command, step3_command
+from config_utils.io import check_output_folder, safe_file_stems
 from data_processors.masking import IGNORE_INDEX, document_rng, mask_tokens
 from data_processors.splitting import SPLITS
 from data_processors.tokenizer import load_tokenizer, train_wordpiece
@@ -37,10 +41,43 @@ FEATURES = datasets.Features({
 })
 
 
+WORD = re.compile(r"[^ \t\n\r]+")  # split only where every tokenizer sees a boundary
+
+
+def first_words(text: str, n_words: int) -> str:
+    """The text up to the end of its n_words-th word (a run without spaces, tabs or newlines).
+
+    Tokenizers split words independently, so when the first seq_len words fill seq_len tokens they are the whole
+    text's first seq_len tokens: a 50 MB document costs what its start costs (encode checks that they fill it).
+    """
+    for count, match in enumerate(WORD.finditer(text), start=1):
+        if count == n_words:
+            return text[:match.end()]
+    return text
+
+
+def encode(tokenizer, texts: list[str], seq_len: int) -> dict:
+    """tokenizer(texts) cut to seq_len tokens, reading only the start of long texts."""
+    def tokenize(some_texts):
+        return tokenizer(some_texts, truncation=True, padding="max_length", max_length=seq_len,
+                         return_special_tokens_mask=True)
+
+    starts = [first_words(text, seq_len) for text in texts]
+    encoded = tokenize(starts)
+    # a cut text whose start did not fill the sequence (words that give no token): encode it whole
+    redo = [row for row, (start, text) in enumerate(zip(starts, texts))
+            if len(start) < len(text) and sum(encoded["attention_mask"][row]) < seq_len]
+    if redo:
+        whole = tokenize([texts[row] for row in redo])
+        for key in encoded:
+            for index, row in enumerate(redo):
+                encoded[key][row] = whole[key][index]
+    return encoded
+
+
 def tokenize_and_mask(batch: dict, tokenizer, seq_len: int, seed: int, mask_prob: float,
                       random_token_ids: np.ndarray) -> dict:
-    encoded = tokenizer(batch["text"], truncation=True, padding="max_length", max_length=seq_len,
-                        return_special_tokens_mask=True)
+    encoded = encode(tokenizer, batch["text"], seq_len)
     masked_ids, labels, unmasked_ids = [], [], []
     for doc_id, ids, special in zip(batch["doc_id"], encoded["input_ids"], encoded["special_tokens_mask"]):
         ids = encoded_ids = np.asarray(ids, dtype=np.int64)
@@ -52,6 +89,11 @@ def tokenize_and_mask(batch: dict, tokenizer, seq_len: int, seed: int, mask_prob
         labels.append(doc_labels)
     return {"doc_id": batch["doc_id"], "topic": batch["topic"], "input_ids": masked_ids,
             "attention_mask": encoded["attention_mask"], "labels": labels, "unmasked_ids": unmasked_ids}
+
+
+def vocab_hash(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.blake2b(json.dumps(vocab).encode("utf-8"), digest_size=8).hexdigest()
 
 
 def token_counts(dataset: datasets.Dataset) -> dict:
@@ -76,7 +118,9 @@ def main() -> None:
     check_settings(dataset_settings(dataset_config, step=1), dataset_settings(step1_manifest["config"], step=1),
                    str(processed_dir), step1_command(args))
     files = {name: step1_manifest["files"][name] for name in SPLITS}
-    files.update({f"topics/{topic}": path for topic, path in step1_manifest["files"]["topics"].items()})
+    topic_folders = {topic: f"topics/{stem}" for topic, stem in
+                     safe_file_stems(list(step1_manifest["files"]["topics"]), "step 1's evaluation topics").items()}
+    files.update({topic_folders[topic]: path for topic, path in step1_manifest["files"]["topics"].items()})
     datasets.disable_progress_bars()  # reading a few parquet files is instant; keep the bars for the map
     inputs = {name: datasets.Dataset.from_parquet(str(processed_dir / path)) for name, path in files.items()}
     datasets.enable_progress_bars()
@@ -92,7 +136,7 @@ def main() -> None:
     tokenizer.model_max_length = seq_len
     random_token_ids = np.array(sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids)))
 
-    masked_dir = Path(data_params.masked_dir)
+    masked_dir = check_output_folder(data_params.masked_dir, "dataset.data_params.masked_dir")
     counts = {}
     with atomic_dir(masked_dir) as tmp_dir:
         tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
@@ -124,10 +168,11 @@ def main() -> None:
             "mask_prob": data_params.mask_prob,
             "columns": list(FEATURES),  # unmasked_ids: train.masking=dynamic re-masks from these
             "tokenizer": {"name": data_params.tokenizer_name or "trained WordPiece", "vocab_size": len(tokenizer),
+                          "vocab_hash": vocab_hash(tokenizer),  # a hub tokenizer can change under the same name
                           "pad_token_id": tokenizer.pad_token_id, "mask_token_id": tokenizer.mask_token_id,
                           "special_token_ids": sorted(tokenizer.all_special_ids)},
             "splits": list(SPLITS),
-            "topics": {topic: f"topics/{topic}" for topic in step1_manifest["files"]["topics"]},
+            "topics": topic_folders,  # label -> folder
             "counts": counts,
             "seconds": round(time.time() - started, 2),
         })
@@ -135,7 +180,7 @@ def main() -> None:
     test = counts["test"]
     print(f"step 2 done: vocab {len(tokenizer)}, seq_len {seq_len}; test: {test['documents']} documents, "
           f"{test['masked_tokens'] / max(test['real_tokens'], 1):.1%} of {test['real_tokens']} real tokens masked")
-    print(f"wrote {masked_dir}/ (next: python train/train.py --tag NAME)")
+    print(f"wrote {masked_dir}/ (next: {step3_command(args)})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Step 1: load a topic-labelled corpus, hold out the evaluation topics, write the splits.
 
-Writes to data_params.processed_dir: train/valid/test.parquet, topics/<topic>.parquet (one per
-evaluation topic) and manifest.json. Rows are written as they are kept, in Parquet row groups of
+Writes to data_params.processed_dir: train/valid/test.parquet, topics/<file stem>.parquet (one per
+evaluation topic; the manifest maps each label to its file) and manifest.json. Topic labels are
+stripped of surrounding whitespace; rows with an empty or missing text or topic are dropped and counted.
+Rows are written as they are kept, in Parquet row groups of
 ROWS_PER_GROUP rows: memory does not grow with the corpus (only the set of text digests that finds
 duplicates does, about 100 bytes a document), and step 2 reads the files back a row group at a time.
 Example:
@@ -13,7 +15,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
 
 import contextlib
-import re
 import time
 from collections import Counter
 
@@ -22,18 +23,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
+from config_utils.contracts import step2_command
+from config_utils.io import check_output_folder, safe_file_stems
 from data_processors.sources import open_source
 from data_processors.splitting import SPLITS, iter_with_progress, split_corpus
 
 ROWS_PER_GROUP = 10_000  # rows buffered per output file, and the row group size step 2 reads at once
 FEATURES = datasets.Features({"doc_id": datasets.Value("int64"), "text": datasets.Value("string"),
                               "topic": datasets.Value("string")})
+DROP_REASONS = {"empty": "with empty text", "no_topic": "without a topic", "duplicate": "duplicates",
+                "other_topic": "of topics outside train_topics", "surplus": "beyond the split sizes"}
 SCHEMA = FEATURES.arrow_schema  # with the `huggingface` metadata, as Dataset.to_parquet writes it
-
-
-def topic_file_name(topic: str) -> str:
-    """Topic labels come from data; keep file names safe."""
-    return re.sub(r"[^\w.-]", "_", topic) + ".parquet"
 
 
 class ParquetRows:
@@ -97,13 +97,10 @@ def main() -> None:
     rows, expected = open_source(load_params, config.seed)
     split_lens = {name: load_params[f"{name}_len"] for name in SPLITS}
     files = {name: f"{name}.parquet" for name in SPLITS}
-    topic_files = {topic: f"topics/{topic_file_name(topic)}" for topic in dict.fromkeys(data_params.eval_topics)}
-    if len(set(topic_files.values())) < len(topic_files):
-        raise PipelineError(f"dataset config: data_params.eval_topics {list(topic_files)} would share a file name "
-                            f"({sorted(topic_files.values())}); name evaluation topics that differ in letters, "
-                            f"digits, '.', '-' or '_'")
+    stems = safe_file_stems(data_params.eval_topics, "dataset config: data_params.eval_topics")
+    topic_files = {topic: f"topics/{stem}.parquet" for topic, stem in stems.items()}
 
-    out_dir = Path(data_params.processed_dir)
+    out_dir = check_output_folder(data_params.processed_dir, "dataset.data_params.processed_dir")
     # the rows stream into the temporary folder as they are kept; an error (or Ctrl-C) removes it whole
     with atomic_dir(out_dir) as tmp_dir:
         (tmp_dir / "topics").mkdir()
@@ -134,13 +131,15 @@ def main() -> None:
                        "topics": {topic: len(topic_rows) for topic, topic_rows in result.topics.items()}},
             "train_topic_counts": dict(result.splits["train"].topic_counts.most_common(50)),
             "dropped": dict(result.dropped),
+            "content_hash": result.content.hexdigest(),  # changes when the corpus does, even at equal counts
             "seconds": round(time.time() - started, 2),
         })
 
     counts = ", ".join(f"{name} {len(result.splits[name])}" for name in SPLITS)
     topics = ", ".join(f"{topic} {len(topic_rows)}" for topic, topic_rows in result.topics.items())
-    print(f"step 1 done: {counts}; evaluation topics: {topics}; dropped {dict(result.dropped) or 'none'}")
-    print(f"wrote {out_dir}/ (next: python data_processors/dataset.py)")
+    dropped = ", ".join(f"{count} {DROP_REASONS.get(reason, reason)}" for reason, count in result.dropped.items())
+    print(f"step 1 done: {counts}; evaluation topics: {topics}; dropped: {dropped or 'none'}")
+    print(f"wrote {out_dir}/ (next: {step2_command(args)})")
 
 
 if __name__ == "__main__":

@@ -70,10 +70,48 @@ def load_files(patterns: list[str], text_field: str, topic_field: str):
             raise PipelineError(f"data file '{path}' has no column {missing[0]!r} (columns: "
                                 f"{', '.join(part.column_names)}); set dataset.load_params.text_field / "
                                 f"topic_field")
+        check_column_types(part.features, path, text_field, topic_field)
         parts.append(part.select_columns([text_field, topic_field])
                      .cast(datasets.Features({text_field: datasets.Value("string"),
                                               topic_field: datasets.Value("string")})))
     return datasets.concatenate_datasets(parts)
+
+
+TEXT_TYPES = {"string", "large_string"}
+LABEL_TYPES = TEXT_TYPES | {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"}
+
+
+def _type_name(feature) -> str:
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        return feature.dtype
+    if isinstance(feature, datasets.ClassLabel):
+        return "class label"
+    return type(feature).__name__.lower()  # List, Json (objects), Sequence, ...
+
+
+def check_column_types(features, path: Path, text_field: str, topic_field: str) -> None:
+    """Text must be text and a topic a plain label: casting a number or a list to a string would train on noise."""
+    text_type, topic_type = _type_name(features[text_field]), _type_name(features[topic_field])
+    if text_type not in TEXT_TYPES:
+        raise PipelineError(f"data file '{path}': text column {text_field!r} holds {text_type} values, not strings; "
+                            f"point dataset.load_params.text_field at a column of text")
+    if topic_type not in LABEL_TYPES:
+        raise PipelineError(f"data file '{path}': topic column {topic_field!r} holds {topic_type} values (objects or "
+                            f"lists), not labels; give every row one string or integer topic, or set "
+                            f"dataset.load_params.topic_field")
+
+
+def _checked_hub_row(row: dict, name: str, text_field: str, topic_field: str) -> dict:
+    text, topic = row[text_field], row[topic_field]
+    if text is not None and not isinstance(text, str):
+        raise PipelineError(f"hub dataset '{name}': text column {text_field!r} holds {type(text).__name__} values, "
+                            f"not strings; set dataset.load_params.text_field to a text column")
+    if topic is not None and not isinstance(topic, (str, int)):
+        raise PipelineError(f"hub dataset '{name}': topic column {topic_field!r} holds {type(topic).__name__} values, "
+                            f"not labels; set dataset.load_params.topic_field to a label column")
+    return {"text": text, "topic": topic}
 
 
 def _iter_columns(dataset, load_params: ConfigSection) -> Iterator[dict]:
@@ -105,5 +143,5 @@ def _iter_hub(load_params: ConfigSection, seed: int) -> Iterator[dict]:
     if missing:
         raise PipelineError(f"hub dataset '{name}' has no column {missing[0]!r} (columns: {', '.join(first)}); "
                             f"set dataset.load_params.text_field / topic_field")
-    return ({"text": row[load_params.text_field], "topic": row[load_params.topic_field]}
+    return (_checked_hub_row(row, name, load_params.text_field, load_params.topic_field)
             for row in itertools.chain([first], rows))

@@ -1,6 +1,7 @@
 """Step 1's core: drop empty and duplicate texts, hold out evaluation topics, fill the splits.
 
-Rows arrive in a seeded random order. Each evaluation topic keeps its first `topic_len` documents;
+Rows arrive in a seeded random order. Topic labels are stripped of surrounding whitespace (so
+'programming ' is the held-out 'programming'), and rows without text or without a topic are dropped. Each evaluation topic keeps its first `topic_len` documents;
 every other document goes to the split (train, valid, test) furthest below its target, so a corpus
 smaller than asked for still yields splits in the requested proportions. With `train_topics` the
 splits are also balanced over those topics. Reading stops as soon as every bucket is full.
@@ -38,6 +39,13 @@ class SplitResult:
     topics: dict[str, Bucket]                # evaluation topic -> rows
     dropped: Counter = field(default_factory=Counter)   # empty, duplicate, other_topic, surplus
     topics_seen: Counter = field(default_factory=Counter)
+    # the kept rows' texts and topics in order: with the config, it pins what step 1 wrote (later steps compare it)
+    content: "hashlib._Hash" = field(default_factory=lambda: hashlib.blake2b(digest_size=16))
+
+
+def normalize_label(label) -> str:
+    """Topic labels as step 1 writes them: text without surrounding whitespace ('' for a missing one)."""
+    return "" if label is None else str(label).strip()
 
 
 def split_corpus(rows: Iterable[dict], split_lens: dict[str, int], topic_len: int,
@@ -52,9 +60,12 @@ def split_corpus(rows: Iterable[dict], split_lens: dict[str, int], topic_len: in
     next_doc_id = 0
     for row in rows:
         text = (row["text"] or "").strip()
-        topic = str(row["topic"])
+        topic = normalize_label(row["topic"])
         if not text:
             result.dropped["empty"] += 1
+            continue
+        if not topic:  # a missing label is not a topic named "None"
+            result.dropped["no_topic"] += 1
             continue
         digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
         if digest in seen_hashes:
@@ -70,6 +81,7 @@ def split_corpus(rows: Iterable[dict], split_lens: dict[str, int], topic_len: in
             result.dropped["surplus"] += 1
         else:
             bucket.append({"doc_id": next_doc_id, "text": text, "topic": topic})
+            result.content.update(digest + topic.encode("utf-8") + b"\0")
             next_doc_id += 1
         if _all_full(result, quotas, filled, topic_len):
             break

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
-from config_utils.contracts import read_step2_output, step3_command
+from config_utils.contracts import check_run_data, read_step2_output, step3_command
+from config_utils.io import check_output_folder, read_manifest, safe_file_stems
 from inference.routing import collect_routing, write_routing_outputs
 from process_exp_results.plots import plot_pooled_expert_histogram, plot_topic_layer_histogram
 from process_exp_results.report import summary_sentences, write_report_md
@@ -87,16 +88,25 @@ def main() -> None:
                              "design; they are unfamiliar text, so topic and novelty mix)")
     parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
     args = parser.parse_args()
+    for option, value in (("--batch_size", args.batch_size), ("--max-docs-per-group", args.max_docs_per_group),
+                          ("--n-boot", args.n_boot), ("--n-perm", args.n_perm)):
+        if value < 1:
+            raise PipelineError(f"{option} {value}: must be a positive integer")
+    if args.max_router_inputs < 0:
+        raise PipelineError(f"--max-router-inputs {args.max_router_inputs}: must be >= 0 (0 = no references)")
     if args.n_random_routers < 1:
         raise PipelineError(f"--n-random-routers {args.n_random_routers}: need at least 1 (--max-router-inputs 0 "
                             f"skips the references)")
     configs = load_step_configs(args, ["dataset", "model", "train"])
     dataset_config, train_config = configs["dataset"], configs["train"]
+    out_root = check_output_folder(args.save_path, "--save_path")
     run_dir = find_run(train_config.save_path, args.run, step3_command(args))
+    run_manifest, _ = read_manifest(run_dir, step3_command(args, run_dir.name) + " --overwrite")
     model, tokenizer = load_model(run_dir / MODEL_DIR)
     # the run's own model settings decide what data it can read, whatever model config is passed now
     run_model_config = {**configs["model"], "seq_len": model.config.seq_len, "vocab_size": model.config.vocab_size}
     step2_manifest, step2_hash = read_step2_output(dataset_config, run_model_config, args)
+    check_run_data(run_manifest, run_dir, step2_hash, args)
 
     device = torch.device("cuda" if train_config.device != "cpu" and torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -105,7 +115,12 @@ def main() -> None:
     for topic in dataset_config.data_params.eval_topics:  # in the config's order, for the tables and figures
         groups[topic] = masked_dir / step2_manifest["topics"][topic]
     layer_names = [f"block {index}" for index in model.config.moe_layer_indices]
+    if model.config.is_dense_baseline:  # one expert per layer: every token takes it, there is no choice to analyse
+        print(f"note: {run_dir.name} is the dense baseline (n_experts: 1): no routing to analyse; writing its "
+              f"metrics only", file=sys.stderr)
+        layer_names = []
 
+    file_stems = safe_file_stems(list(groups), "the evaluated groups")  # topic labels are data, not paths
     started = time.time()
     metric_rows, count_rows, expert_counts = [], [], {}
     group_datasets = {group: datasets.load_from_disk(str(folder)) for group, folder in groups.items()}
@@ -136,7 +151,7 @@ def main() -> None:
                                 pool_held_out=args.pool_held_out)
         stats["summary"] = summary_sentences(stats)
 
-    out_dir = Path(args.save_path) / run_dir.name
+    out_dir = out_root / run_dir.name
     figures, routing_files = [], []
     with atomic_dir(out_dir) as tmp_dir:
         write_csv(tmp_dir / "metrics.csv", METRIC_COLUMNS, metric_rows)
@@ -145,8 +160,8 @@ def main() -> None:
             plot_pooled_expert_histogram(expert_counts, tmp_dir / "figures" / "experts_all_layers.png",
                                          title=f"Expert choice, all MoE layers pooled ({run_dir.name})")
             for group, counts in expert_counts.items():
-                plot_topic_layer_histogram(group, counts, tmp_dir / "figures" / f"experts_per_layer_{group}.png",
-                                           layer_names=layer_names)
+                figure = tmp_dir / "figures" / f"experts_per_layer_{file_stems[group]}.png"
+                plot_topic_layer_histogram(group, counts, figure, layer_names=layer_names)
         if stats is not None:
             routing_files = write_routing_outputs(tmp_dir, stats, records, id_to_token)
         figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))

@@ -73,9 +73,10 @@ def write_token_html(path: str | os.PathLike, documents: Sequence[Mapping], laye
             continuation = token.startswith("##") and len(token) > 2
             shown = token[2:] if continuation else token
             css_class = ' class="cont"' if continuation else ""
-            spans.append(f'<span{css_class} style="background:{colour}" '
+            space = "" if continuation or not spans else " "  # a ## piece is drawn against the piece before it
+            spans.append(f'{space}<span{css_class} style="background:{colour}" '
                          f'title="{html.escape(who + ": " + token, quote=True)}">{html.escape(shown)}</span>')
-        sections.append(f"<h2>{html.escape(str(document['label']))}</h2>\n<div class=\"doc\">{' '.join(spans)}</div>")
+        sections.append(f"<h2>{html.escape(str(document['label']))}</h2>\n<div class=\"doc\">{''.join(spans)}</div>")
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head>

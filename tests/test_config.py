@@ -134,8 +134,9 @@ def test_list_key_accepts_one_string_and_rejects_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("role,key_path,value,allowed", [
-    ("dataset", ["data_params", "mask_prob"], 1.5, "[0.0, 1.0]"),
-    ("dataset", ["data_params", "mask_prob"], -0.1, "[0.0, 1.0]"),
+    ("dataset", ["data_params", "mask_prob"], 1.5, "(0.0, 1.0]"),
+    ("dataset", ["data_params", "mask_prob"], -0.1, "(0.0, 1.0]"),
+    ("dataset", ["data_params", "mask_prob"], 0.0, "(0.0, 1.0]"),
     ("model", ["n_experts"], 0, ">= 1"),
     ("model", ["seq_len"], 3, ">= 4"),
     ("dataset", ["load_params", "builtin", "n_topics"], 9, "[1, 8]"),

@@ -6,7 +6,7 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import check_ok, error_line, run_step, run_step_in_process, step_config_args, tiny_sets  # noqa: I001
+from helpers import check_ok, run_step_in_process, step_config_args, tiny_sets  # noqa: I001
 from data_processors import load_dataset  # its import points sys.path[0] at the repo: import helpers first
 from data_processors.builtin_corpus import generate_documents
 from data_processors.load_dataset import SCHEMA, ParquetRows
@@ -80,11 +80,3 @@ def test_step1_writes_bounded_row_groups_with_the_rows_split_corpus_keeps(tmp_pa
                                                   .most_common(50))
     assert manifest["dropped"] == dict(expected.dropped)
     assert [path.name for path in tmp_path.iterdir() if ".tmp" in path.name] == []
-
-
-@pytest.mark.parametrize("topics", ["[c++, c__]", "[a/b, a_b]"])
-def test_evaluation_topics_that_would_share_a_file(tmp_path, topics):
-    line = error_line(run_step(1, *step_config_args(1), *tiny_sets(tmp_path),
-                               "--set", f"dataset.data_params.eval_topics={topics}", cwd=tmp_path))
-    assert "would share a file name" in line and "eval_topics" in line
-    assert not (tmp_path / "processed").exists()

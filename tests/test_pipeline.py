@@ -35,13 +35,13 @@ def pipeline(tmp_path_factory):
 
 def test_manifests_chain_each_step_to_its_input(pipeline):
     tmp_path, _ = pipeline
-    from config_utils.io import file_hash
+    from config_utils.io import current_manifest_hash
 
     step2 = json.loads((tmp_path / "masked" / "manifest.json").read_text())
     run = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
     results = json.loads((tmp_path / "results" / "tiny" / "manifest.json").read_text())
-    assert step2["input_manifest_hash"] == file_hash(tmp_path / "processed" / "manifest.json")
-    assert run["input_manifest_hash"] == file_hash(tmp_path / "masked" / "manifest.json")
+    assert step2["input_manifest_hash"] == current_manifest_hash(tmp_path / "processed")
+    assert run["input_manifest_hash"] == current_manifest_hash(tmp_path / "masked")
     assert results["input_manifest_hash"] == run["input_manifest_hash"]
     assert step2["seq_len"] == 48 and run["total_steps"] == 60
 
@@ -88,8 +88,9 @@ def test_training_is_tracked_in_aim(pipeline):
     repo = Repo(str(tmp_path))
     runs = [run for run in repo.iter_runs() if "tiny" in run.tags]
     assert len(runs) == 1
-    metric_names = {metric.name for metric in runs[0].metrics()}
-    assert {"loss", "mlm_loss", "aux_loss", "eval_mlm_loss", "eval_accuracy", "expert_load"} <= metric_names
+    tracked = {(metric.name, metric.context.to_dict().get("subset")) for metric in runs[0].metrics()}
+    assert {("loss", "train"), ("mlm_loss", "train"), ("aux_loss_total", "train"), ("mlm_loss", "valid"),
+            ("accuracy", "valid"), ("expert_load", "valid")} <= tracked
     assert runs[0]["hparams"]["model"]["n_experts"] == 4
 
 

@@ -58,7 +58,7 @@ def _bad_choice(raw):
     (_drop_train_len, ["missing key 'load_params.train_len'"]),
     (_unknown_key, ["mask_probability", "did you mean 'mask_prob'?"]),
     (_string_for_int, ["'load_params.train_len'", "an integer", "'300'"]),
-    (_out_of_range, ["'data_params.mask_prob'", "[0.0, 1.0]", "1.5"]),
+    (_out_of_range, ["'data_params.mask_prob'", "(0.0, 1.0]", "1.5"]),
     (_bad_choice, ["'load_params.source'", "hub, files, builtin", "'ftp'"]),
 ])
 def test_step1_bad_dataset_config(tmp_path, edit, expected):

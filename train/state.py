@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from config_utils import PipelineError, atomic_dir, write_json_atomic
+from config_utils.io import remove_stale_temporaries, use_default_file_modes
 from train.checkpoints import CHECKPOINT_DIR, save_tokenizer
 
 STATE_FILE = "trainer_state.json"
@@ -73,11 +74,13 @@ def save_checkpoint(folder: Path, model, tokenizer, optimizer, rng_states: dict[
         save_file(tensors, str(tmp_dir / OPTIMIZER_FILE))
         save_file(rng_states, str(tmp_dir / RNG_FILE))
         write_json_atomic(tmp_dir / STATE_FILE, {**state, "optimizer": optimizer_json})  # last: marks it complete
+        use_default_file_modes(tmp_dir)  # safetensors writes 0600; others must be able to read the checkpoint
     return folder
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep`; renamed first so a half-deleted folder never looks complete."""
+    remove_stale_temporaries(run_dir / CHECKPOINT_DIR)  # of checkpoint writes a killed run left behind
     for old in complete_checkpoints(run_dir)[:-keep]:
         doomed = old.parent / f".{old.name}.deleting-{os.getpid()}"
         os.replace(old, doomed)
@@ -99,8 +102,12 @@ def resolve_resume(resume: str, run_dir: Path, run_first: str) -> Path:
     return folder
 
 
-def load_checkpoint(folder: Path, model, optimizer, train_config: dict, model_config: dict) -> dict:
-    """Restore weights and optimizer in place; return the saved state (step, position, scheduler, ...)."""
+def load_checkpoint(folder: Path, model, optimizer, train_config: dict, model_config: dict, input_hash: str,
+                    restart: str) -> dict:
+    """Restore weights and optimizer in place; return the saved state (step, position, scheduler, ...).
+
+    input_hash: the step-2 manifest hash this run reads now; a checkpoint made on other data is refused
+    (restart: the step-3 command that starts the run again, for the message)."""
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
         weights = load_file(str(folder / "model.safetensors"))
@@ -109,6 +116,12 @@ def load_checkpoint(folder: Path, model, optimizer, train_config: dict, model_co
     except Exception as error:  # missing file, truncated safetensors, broken JSON all mean "corrupt"
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         raise PipelineError(f"checkpoint {folder} is corrupt ({reason}); resume from an older one") from None
+    trained_on = state.get("input_manifest_hash")  # absent in checkpoints written before it was recorded
+    if trained_on is not None and trained_on != input_hash:
+        raise PipelineError(f"--resume {folder}: the run was trained on another step-2 output (input hash {trained_on}, "
+                            f"now {input_hash}: other data or tokenizer); resume with the dataset configs it was "
+                            f"trained with (its {STATE_FILE} lists them), or start it again on this data with "
+                            f"`{restart} --overwrite`")
     for role, now in (("model", model_config), ("train", train_config)):
         for key, value in now.items():
             if key not in state["config"][role]:  # a key added to the schema since: it has its default

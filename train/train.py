@@ -25,16 +25,18 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from config_utils import PipelineError, load_step_configs, run_step, step_parser, write_json_atomic
-from config_utils.contracts import read_step2_output, step2_command, step3_command
+from config_utils.contracts import read_step2_output, step2_command, step3_command, step4_command
+from config_utils.io import check_output_folder
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from models.router import LinearRouter
-from train.checkpoints import MODEL_DIR, git_commit, mark_latest, run_dir_for, save_model
+from train.checkpoints import MODEL_DIR, git_state, mark_latest, run_dir_for, save_model
 from train.data import TrainBatches
 from train.loop import (NonFiniteLoss, evaluate_sharded, gather_rng_states, make_accelerator, optimizer_for,
                         restore_rng_states, train_step)
+from train.run_folder import RunLock, finish_run_folder, start_run_folder
 from train.state import (StopRequest, checkpoint_folder, complete_checkpoints, load_checkpoint, prune_checkpoints,
                          resolve_resume, save_checkpoint)
-from train.tracking import RoutingRecorder, start_aim_run, track_expert_load, track_step
+from train.tracking import RoutingRecorder, package_versions, start_aim_run, track_expert_load, track_step
 
 
 def build_model(model_config: dict, vocab_size: int, pad_token_id: int) -> MoEEncoderForMaskedLM:
@@ -103,10 +105,19 @@ def main() -> None:
         raise PipelineError(f"train.batch_size={train_config.batch_size} is the global batch and must split evenly "
                             f"over {n_processes} processes")
     tag = broadcast_object_list([args.tag or time.strftime("run-%Y%m%d-%H%M%S")])[0]  # one name for all
-    run_dir = run_dir_for(train_config.save_path, tag)
-    if (run_dir / MODEL_DIR).exists() and not (args.overwrite or args.resume):
-        raise PipelineError(f"run {run_dir} already exists: pick another --tag, pass --overwrite or --resume latest")
-    resume_from = resolve_resume(args.resume, run_dir, step3_command(args)) if args.resume else None
+    run_dir = run_dir_for(check_output_folder(train_config.save_path, "train.save_path"), tag)
+    check_output_folder(train_config.aim_repo, "train.aim_repo")
+    run_lock, replaced_run, problem = None, None, None
+    if accelerator.is_main_process:  # one process owns the folder; the others hear whether it could
+        try:
+            run_lock = RunLock(train_config.save_path, tag)
+            replaced_run = start_run_folder(run_dir, args.overwrite, bool(args.resume), step3_command(args, tag))
+        except PipelineError as error:
+            problem = str(error)
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise PipelineError(problem)
+    resume_from = resolve_resume(args.resume, run_dir, step3_command(args, tag)) if args.resume else None
 
     set_seed(train_config.random_seed)
     model = build_model(model_config, step2_manifest["tokenizer"]["vocab_size"], tokenizer.pad_token_id)
@@ -124,9 +135,12 @@ def main() -> None:
     # the scheduler is not prepared: accelerate would step it once per process per step
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    state = {"tag": tag, "step": 0, "position": [0, 0], "eval_history": [], "aim_run_hash": None}
+    git = git_state()  # this start's code; checkpoints carry state["git"], so a resumed run keeps its first start's
+    state = {"tag": tag, "step": 0, "position": [0, 0], "eval_history": [], "aim_run_hash": None, "git": git,
+             "resume_git": []}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, unwrapped, optimizer, train_config, model_config)
+        state = load_checkpoint(resume_from, unwrapped, optimizer, train_config, model_config, step2_hash,
+                                step3_command(args, tag))
         scheduler.load_state_dict(state.pop("scheduler"))
         if not restore_rng_states(accelerator, state.pop("rng")):
             print(f"note: {resume_from} was written by {state['n_processes']} processes, this run has {n_processes}: "
@@ -134,9 +148,14 @@ def main() -> None:
         print(f"resuming {tag} from {resume_from} (step {state['step']} of {total_steps})")
 
     n_parameters = sum(parameter.numel() for parameter in model.parameters())
+    if resume_from is not None:  # checkpoints written before runs recorded their commit have none
+        state.setdefault("git", {"commit": None, "dirty": None})
+        state["resume_git"] = [*state.get("resume_git", []), {"step": state["step"], **git}]
     aim_run = start_aim_run(accelerator, tag, train_config.experiment_name, {
         "dataset": dataset_config, "model": model_config, "train": train_config, "tag": tag,
-        "n_parameters": n_parameters, "git_commit": git_commit(), "n_processes": n_processes,
+        "vocab_size": unwrapped.config.vocab_size,  # resolved from step 2's tokenizer (model.vocab_size may be null)
+        "n_parameters": n_parameters, "git_commit": state["git"]["commit"], "git_dirty": state["git"]["dirty"],
+        "resume_git": state["resume_git"], "versions": package_versions(), "n_processes": n_processes,
         "mixed_precision": accelerator.mixed_precision}, state["aim_run_hash"])
     state["aim_run_hash"] = aim_run.hash if aim_run is not None else None
     recorder = RoutingRecorder(unwrapped, unwrapped.config.n_experts, accelerator.device)
@@ -146,7 +165,8 @@ def main() -> None:
         rng_states = gather_rng_states(accelerator)  # every process takes part; the main one writes
         if accelerator.is_main_process:
             save_checkpoint(checkpoint_folder(run_dir, step), unwrapped, tokenizer, optimizer, rng_states, {
-                **state, "scheduler": scheduler.state_dict(), "n_processes": n_processes, "total_steps": total_steps,
+                **state, "input_manifest_hash": step2_hash,  # a resume on other data is refused
+                "scheduler": scheduler.state_dict(), "n_processes": n_processes, "total_steps": total_steps,
                 "config": {"model": model_config, "dataset": dataset_config, "train": train_config}})
             prune_checkpoints(run_dir, train_config.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -176,8 +196,8 @@ def main() -> None:
             tokens += result.real_tokens
             if step % train_config.log_steps == 0 or step == total_steps:
                 tokens_per_s = tokens / max(time.perf_counter() - started - paused, 1e-9)
-                track_step(aim_run, step, {**result.metrics, "tokens_per_s": tokens_per_s}, result.layer_metrics,
-                           moe_layers)
+                track_step(aim_run, step, "train", {**result.metrics, "tokens_per_s": tokens_per_s},
+                           result.layer_metrics, moe_layers)
             progress.update(1)
             progress.set_postfix(loss=f"{result.metrics['loss']:.3f}", refresh=False)
             pause_started = time.perf_counter()
@@ -187,8 +207,11 @@ def main() -> None:
                 evaluation = evaluate_sharded(accelerator, model, valid_set, train_config.batch_size,
                                               train_config.eval_batches, recorder)
                 metrics = {"eval_mlm_loss": evaluation.mlm_loss, "eval_accuracy": evaluation.accuracy}
-                track_step(aim_run, step, metrics, {}, moe_layers)
+                # the same names as the training metrics, told apart by their context (eval_history keeps its keys)
+                track_step(aim_run, step, "valid", {"mlm_loss": evaluation.mlm_loss, "accuracy": evaluation.accuracy},
+                           {}, moe_layers)
                 track_expert_load(aim_run, evaluation.expert_counts, moe_layers, step, "valid")
+                state["valid_expert_counts"] = evaluation.expert_counts.tolist()  # the model card's routing summary
                 state["eval_history"].append({"step": step, **metrics})
                 progress.write(f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, "
                                f"accuracy {metrics['eval_accuracy']:.3f}")
@@ -197,14 +220,22 @@ def main() -> None:
             paused += time.perf_counter() - pause_started
             if result.stop_requested and step < total_steps:
                 progress.close()  # before the message: tqdm redraws on close
+                kept = f" (the run it replaces stays in {replaced_run} until this one finishes)" if replaced_run else ""
                 print(f"stopped by a signal after step {step}: checkpoint {checkpoint_folder(run_dir, step)}; "
-                      f"continue with `{step3_command(args).replace('NAME', tag)} --resume latest`", file=sys.stderr)
+                      f"continue with `{step3_command(args, tag)} --resume latest`{kept}", file=sys.stderr)
                 raise SystemExit(128 + (stop.signal_number or 15))
 
     if accelerator.is_main_process:
-        save_model(unwrapped, tokenizer, run_dir / MODEL_DIR, state)
+        save_model(unwrapped, tokenizer, run_dir / MODEL_DIR, state, card={
+            "tag": tag, "dataset": dataset_config, "train": train_config, "data": step2_manifest,
+            "eval_history": state["eval_history"], "valid_expert_counts": state.get("valid_expert_counts"),
+            "n_parameters": n_parameters, "total_steps": total_steps, "device": str(accelerator.device),
+            "n_processes": n_processes, "mixed_precision": accelerator.mixed_precision})
         write_json_atomic(run_dir / "manifest.json", {
-            "step": "train", "tag": tag, "input_manifest_hash": step2_hash, "git_commit": git_commit(),
+            "step": "train", "tag": tag, "input_manifest_hash": step2_hash,
+            "git_commit": state["git"]["commit"], "git_dirty": state["git"]["dirty"],  # of the run's first start
+            "resume_git": state["resume_git"],  # [{step, commit, dirty}] of each resume
+            "versions": package_versions(), "vocab_size": unwrapped.config.vocab_size,
             "config": {"model": model_config, "dataset": dataset_config, "train": train_config},
             "n_parameters": n_parameters, "total_steps": total_steps, "device": str(accelerator.device),
             "n_processes": n_processes, "mixed_precision": accelerator.mixed_precision,
@@ -216,13 +247,15 @@ def main() -> None:
                 "factor": "topic", "coef": supervision_coef, "expert_of_topic": expert_of_topic},
         })
         mark_latest(train_config.save_path, tag)
+        finish_run_folder(run_dir, replaced_run)
+        run_lock.release()
     # Drop DDP's reducer while the process group is still registered: were the reducer its last owner, gloo's
     # destructor would join its worker threads while holding the GIL they need, and the process would hang.
     del model
     accelerator.free_memory()
     accelerator.end_training()
     print(f"step 3 done: {state['eval_history'][-1] if state['eval_history'] else ''}")
-    print(f"wrote {run_dir / MODEL_DIR}/ (next: python inference/inference.py)")
+    print(f"wrote {run_dir / MODEL_DIR}/ (next: {step4_command(args, tag)})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""One writer per run folder, and a fresh folder for every new run.
+
+A run folder train.save_path/<tag>/ belongs to one training process at a time: RunLock holds an
+exclusive POSIX lock on save_path/.<tag>.lock (the kernel drops it when the process dies, so a killed run
+never leaves a stale lock; it belongs to the process, so a step run twice in one process does not lock
+itself out) and writes its PID there for the next writer's error message.
+
+A new run (no --resume) starts from an empty folder. An existing one is refused unless --overwrite is
+given; then it is moved aside to save_path/.<tag>.old-<PID>, kept intact until the new run has written
+its model, and deleted only then. Checkpoints of an earlier run can therefore never be pruned into, resumed
+from, or mistaken for the new run's.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from config_utils import PipelineError
+from config_utils.io import remove_stale_temporaries
+from train.checkpoints import CHECKPOINT_DIR, MODEL_DIR
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run folder; a second writer gets one line naming the holder's PID."""
+
+    def __init__(self, save_path: str | Path, tag: str):
+        self.path = Path(save_path) / f".{tag}.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.lockf(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: another process holds it
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "unknown"
+            self._handle.close()
+            raise PipelineError(f"run {Path(save_path) / tag} is being written by another training process (PID "
+                                f"{holder}): wait for it to finish, stop it, or pick another --tag") from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"{os.getpid()}\n")
+        self._handle.flush()
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            fcntl.lockf(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+
+
+def describe_run(run_dir: Path) -> str:
+    """What an existing run folder holds, in words, for the refusal message."""
+    checkpoints = sorted((run_dir / CHECKPOINT_DIR).glob("step-*")) if (run_dir / CHECKPOINT_DIR).is_dir() else []
+    if (run_dir / MODEL_DIR).is_dir():
+        return "a finished run"
+    if checkpoints:
+        return f"an unfinished run (checkpoints up to {checkpoints[-1].name})"
+    return "files of an earlier run"
+
+
+def start_run_folder(run_dir: Path, overwrite: bool, resume: bool, command: str) -> Path | None:
+    """Make run_dir ready for this run; return where an overwritten run was moved aside (None if nothing was).
+
+    command: step 3's command line for this tag, for the hints (without --resume/--overwrite).
+    """
+    if overwrite and resume:
+        raise PipelineError("--overwrite starts the run again and --resume continues it: pass one of them")
+    in_use = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume or not in_use:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return None
+    if not overwrite:
+        raise PipelineError(f"run {run_dir} already holds {describe_run(run_dir)}: continue it with "
+                            f"`{command} --resume latest`, replace it with `{command} --overwrite`, or pick another "
+                            f"--tag")
+    aside = run_dir.parent / f".{run_dir.name}.old-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(run_dir, aside)  # atomic: the old run stays whole, just out of the way, until this one finishes
+    run_dir.mkdir()
+    return aside
+
+
+def finish_run_folder(run_dir: Path, aside: Path | None) -> None:
+    """The new run wrote its model: the run it replaced can go (also one set aside by an interrupted start)."""
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    remove_stale_temporaries(run_dir.parent, run_dir.name)
