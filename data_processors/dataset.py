@@ -41,6 +41,8 @@ FEATURES = datasets.Features({
 })
 
 
+# a vocabulary is learnt from many documents, not from one long one: the start of each is enough
+TOKENIZER_WORDS_PER_DOCUMENT = 4096
 WORD = re.compile(r"[^ \t\n\r]+")  # split only where every tokenizer sees a boundary
 
 
@@ -129,8 +131,11 @@ def main() -> None:
         train_texts = inputs["train"]
         print(f"training a WordPiece tokenizer (vocab {data_params.tokenizer_vocab_size}) on "
               f"{len(train_texts)} train documents")
-        tokenizer = train_wordpiece(lambda: (batch["text"] for batch in train_texts.iter(batch_size=1000)),
-                                    data_params.tokenizer_vocab_size, len(train_texts))
+        def text_batches():
+            for batch in train_texts.iter(batch_size=1000):
+                yield [first_words(text, TOKENIZER_WORDS_PER_DOCUMENT) for text in batch["text"]]
+
+        tokenizer = train_wordpiece(text_batches, data_params.tokenizer_vocab_size, len(train_texts))
     else:
         tokenizer = load_tokenizer(data_params.tokenizer_name)
     tokenizer.model_max_length = seq_len

@@ -31,8 +31,8 @@ from data_processors.splitting import SPLITS, iter_with_progress, split_corpus
 ROWS_PER_GROUP = 10_000  # rows buffered per output file, and the row group size step 2 reads at once
 FEATURES = datasets.Features({"doc_id": datasets.Value("int64"), "text": datasets.Value("string"),
                               "topic": datasets.Value("string")})
-DROP_REASONS = {"empty": "with empty text", "no_topic": "without a topic", "duplicate": "duplicates",
-                "other_topic": "of topics outside train_topics", "surplus": "beyond the split sizes"}
+DROP_REASONS = {"empty": "empty text", "no_topic": "no topic", "duplicate": "duplicate text",
+                "other_topic": "topic outside train_topics", "surplus": "beyond the split sizes"}
 SCHEMA = FEATURES.arrow_schema  # with the `huggingface` metadata, as Dataset.to_parquet writes it
 
 
@@ -137,7 +137,7 @@ def main() -> None:
 
     counts = ", ".join(f"{name} {len(result.splits[name])}" for name in SPLITS)
     topics = ", ".join(f"{topic} {len(topic_rows)}" for topic, topic_rows in result.topics.items())
-    dropped = ", ".join(f"{count} {DROP_REASONS.get(reason, reason)}" for reason, count in result.dropped.items())
+    dropped = ", ".join(f"{DROP_REASONS.get(reason, reason)} {count}" for reason, count in result.dropped.items())
     print(f"step 1 done: {counts}; evaluation topics: {topics}; dropped: {dropped or 'none'}")
     print(f"wrote {out_dir}/ (next: {step2_command(args)})")
 

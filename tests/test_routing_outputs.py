@@ -250,3 +250,16 @@ def test_expert_choice_references_use_the_models_own_rule(tiny_run):
             recorded = records.experts[sample.rows, layer, 0]
             assert np.array_equal(np.where(choice == model.config.n_experts, -1, choice), recorded)
     assert 0 < len(sample.rows) < sample.n_candidates  # the capped sample is partial, and still exact
+
+
+def test_token_pages_draw_word_pieces_against_the_piece_before(tmp_path):
+    from process_exp_results.report import write_token_html
+
+    documents = [{"label": "doc", "tokens": ["[CLS]", "un", "##believ", "##able", "cats", "[SEP]"],
+                  "experts": [0, 1, 1, 0, 1, 0]}]
+    page = write_token_html(tmp_path / "page.html", documents, "block 0", 2).read_text(encoding="utf-8")
+    doc = re.search(r'<div class="doc">(.*?)</div>', page, re.S).group(1)
+    spans = re.findall(r'( ?)<span( class="cont")?[^>]*>([^<]*)</span>', doc)
+    assert [(space, continuation != "", text) for space, continuation, text in spans] == [
+        ("", False, "[CLS]"), (" ", False, "un"), ("", True, "believ"), ("", True, "able"), (" ", False, "cats"),
+        (" ", False, "[SEP]")]

@@ -157,7 +157,7 @@ def test_topic_labels_that_look_like_paths_or_carry_spaces(tmp_path):
                        **{"dataset.load_params.train_len": 1000})
     result = run_step_in_process(1, *step_config_args(1), *options, cwd=tmp_path)
     check_ok(result)
-    assert "200 without a topic" in result.stdout  # the empty and the missing label: 100 rows each
+    assert "no topic 200" in result.stdout  # the empty and the missing label: 100 rows each
     processed = tmp_path / "processed"
     manifest = json.loads((processed / "manifest.json").read_text())
     assert manifest["dropped"]["no_topic"] == 200
