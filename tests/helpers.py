@@ -153,3 +153,20 @@ def relative_error(actual, expected) -> float:
     """||actual - expected|| / ||expected||, in float64 on the CPU (tensors of any dtype and device)."""
     actual, expected = actual.double().cpu(), expected.double().cpu()
     return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+def forward_with_nan_loss_at(call: int):
+    """A replacement MoEEncoderForMaskedLM.forward whose `call`-th training forward returns a NaN MLM loss."""
+    from models import MoEEncoderForMaskedLM
+
+    original_forward, calls = MoEEncoderForMaskedLM.forward, []
+
+    def forward(self, *args, **kwargs):
+        output = original_forward(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == call:
+                output.mlm_loss = output.mlm_loss * float("nan")
+        return output
+
+    return forward

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from helpers import REPO, check_ok, error_line, prepare_tiny_data, run_step, run_step_in_process, sets, step_config_args
+from helpers import (REPO, check_ok, error_line, forward_with_nan_loss_at, prepare_tiny_data, run_step,
+                     run_step_in_process, sets, step_config_args)
 
 N_EXPERTS = 4  # the demo model's
 LAYERS = ("block 0", "block 1")
@@ -175,15 +176,7 @@ def test_resumed_run_keeps_its_first_commit_and_records_the_resume(data, monkeyp
     import train.train as step3
 
     tmp_path, options = data
-    original_forward, calls = MoEEncoderForMaskedLM.forward, []
-
-    def forward_with_nan_at_call_5(self, *args, **kwargs):  # stops the run after the step-4 checkpoint
-        output = original_forward(self, *args, **kwargs)
-        if self.training:
-            calls.append(1)
-            if len(calls) == 5:
-                output.mlm_loss = output.mlm_loss * float("nan")
-        return output
+    forward_with_nan_at_call_5 = forward_with_nan_loss_at(5)  # stops the run after the step-4 checkpoint
 
     with monkeypatch.context() as patch:
         patch.setattr(MoEEncoderForMaskedLM, "forward", forward_with_nan_at_call_5)

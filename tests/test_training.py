@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (STEP_SCRIPTS, check_ok, error_line, prepare_tiny_data, run_step_in_process, sets,
-                     step_config_args)
+from helpers import (STEP_SCRIPTS, check_ok, error_line, forward_with_nan_loss_at, prepare_tiny_data,
+                     run_step_in_process, sets, step_config_args)
 
 STEPS = 6
 TRAIN = {"subset": "train"}
@@ -109,15 +109,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data, monkeypatch)
     from train.checkpoints import load_model
 
     tmp_path, options = data
-    original_forward, calls = MoEEncoderForMaskedLM.forward, []
-
-    def forward_with_nan_at_call_5(self, *args, **kwargs):
-        output = original_forward(self, *args, **kwargs)
-        if self.training:
-            calls.append(1)
-            if len(calls) == 5:
-                output.mlm_loss = output.mlm_loss * float("nan")
-        return output
+    forward_with_nan_at_call_5 = forward_with_nan_loss_at(5)
 
     monkeypatch.setattr(MoEEncoderForMaskedLM, "forward", forward_with_nan_at_call_5)
     line = error_line(run_step_in_process(3, *step_config_args(3), *options, "--tag", "nan", cwd=tmp_path))
