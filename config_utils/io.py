@@ -83,6 +83,25 @@ def folder_size(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
+def human_size(n_bytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n_bytes < 1024 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+
+
+def disk_full_message(final_dir: Path, written: int) -> str:
+    """What filled, what is free, and a lower bound of what the output needs (what was written, or the previous
+    output's size when that is larger: a rerun writes about as much)."""
+    previous = folder_size(final_dir) if final_dir.is_dir() else 0
+    needed = max(written, previous)
+    free = shutil.disk_usage(final_dir.parent).free
+    kept = f"; the previous {final_dir} is intact" if final_dir.exists() else ""
+    return (f"no space left on the device holding {final_dir.parent}: the disk filled after {human_size(written)} of "
+            f"{final_dir.name} ({human_size(free)} free now) and needs at least {human_size(needed)}: free space there or "
+            f"choose another output folder, and run again{kept}")
+
+
 @contextlib.contextmanager
 def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces final_dir, on failure it is removed.
@@ -101,12 +120,7 @@ def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
         written = folder_size(tmp_dir) if is_disk_full(error) else 0
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if is_disk_full(error):
-            free = shutil.disk_usage(final_dir.parent).free
-            previous = f"; the previous {final_dir} is intact" if final_dir.exists() else ""
-            raise PipelineError(f"no space left on the device holding {final_dir.parent}: the disk filled after "
-                                f"{written / 2**20:.1f} MB of {final_dir.name} ({free / 2**20:.1f} MB free now); free "
-                                f"more than {written / 2**20:.0f} MB there, or choose another output folder, and run "
-                                f"again{previous}") from None
+            raise PipelineError(disk_full_message(final_dir, written)) from None
         raise
     old_dir = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}"
     if final_dir.exists():
