@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
 
+import argparse
 import csv
 import time
 
@@ -30,12 +31,18 @@ from config_utils import PipelineError, atomic_dir, load_step_configs, run_step,
 from config_utils.contracts import check_run_data, read_step2_output, step3_command
 from config_utils.io import check_output_folder, read_manifest, safe_file_stems
 from inference.routing import collect_routing, write_routing_outputs
-from process_exp_results.plots import plot_pooled_expert_histogram, plot_topic_layer_histogram
-from process_exp_results.report import summary_sentences, write_report_md
+from process_exp_results.plots import (plot_pooled_expert_histogram, plot_routing_saturation,
+                                       plot_topic_layer_histogram)
+from inference.routing import first_documents
+from process_exp_results.ablation import analyze_ablation, plot_ablation
+from process_exp_results.consistency import analyze_consistency
+from process_exp_results.report import consistency_sentence, saturation_sentence, summary_sentences, write_report_md
 from process_exp_results.routing_stats import analyze_routing, token_classes
 from train.checkpoints import MODEL_DIR, find_run, load_model
+from train.routing_snapshots import saturation
 from train.evaluation import evaluate_mlm, mlm_loader
 
+ABLATION_MAX_EXPERTS = 16  # E x L evaluations: beyond this the default is off
 METRIC_COLUMNS = ["group", "documents", "real_tokens", "masked_tokens", "mlm_loss", "accuracy", "perplexity",
                   "majority_accuracy"]
 
@@ -87,6 +94,10 @@ def main() -> None:
                         help="analyse the held-out topics together with the test split's (the earlier study's "
                              "design; they are unfamiliar text, so topic and novelty mix)")
     parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
+                        help="disable each expert of each MoE layer in turn and measure the MLM loss per group, with "
+                             "intervals and topic / token-class tests (ablation.json, figures/ablation_<layer>.png); "
+                             f"default: on for models with at most {ABLATION_MAX_EXPERTS} experts per layer")
     args = parser.parse_args()
     for option, value in (("--batch_size", args.batch_size), ("--max-docs-per-group", args.max_docs_per_group),
                           ("--n-boot", args.n_boot), ("--n-perm", args.n_perm)):
@@ -149,7 +160,24 @@ def main() -> None:
                                 n_random_routers=args.n_random_routers,
                                 train_token_ids=training_token_ids(masked_dir / "train"),
                                 pool_held_out=args.pool_held_out)
-        stats["summary"] = summary_sentences(stats)
+        print("step 4: local routing consistency ...", file=sys.stderr)
+        stats["consecutive"] = analyze_consistency(records, id_to_token, n_boot=args.n_boot,
+                                                   pool_held_out=args.pool_held_out, router_sample=router_sample,
+                                                   n_random_routers=args.n_random_routers)
+        stats["saturation"] = saturation(run_dir, layer_names)  # from the run's routing snapshots
+        stats["summary"] = summary_sentences(stats) + [
+            consistency_sentence(layer, values) for layer, values in stats["consecutive"].items()] + [
+            saturation_sentence(layer, values) for layer, values in (stats["saturation"] or {}).items()]
+
+    ablation = None
+    if args.ablation is None:
+        args.ablation = bool(layer_names) and model.config.n_experts <= ABLATION_MAX_EXPERTS
+    if args.ablation and layer_names:
+        print("step 4: expert ablation (each expert disabled in turn) ...", file=sys.stderr)
+        ablated_groups = {name: first_documents(dataset, args.max_docs_per_group)
+                          for name, dataset in group_datasets.items()}
+        ablation = analyze_ablation(model, ablated_groups, device, args.batch_size, tokenizer,
+                                    topic_groups=("test",), n_bootstrap=args.n_boot, n_permutations=args.n_perm)
 
     out_dir = out_root / run_dir.name
     figures, routing_files = [], []
@@ -164,9 +192,16 @@ def main() -> None:
                 plot_topic_layer_histogram(group, counts, figure, layer_names=layer_names)
         if stats is not None:
             routing_files = write_routing_outputs(tmp_dir, stats, records, id_to_token)
+            if stats["saturation"]:
+                plot_routing_saturation(stats["saturation"], tmp_dir / "figures" / "routing_saturation.png")
+        if ablation is not None:
+            write_json_atomic(tmp_dir / "ablation.json", ablation)
+            routing_files.append(Path("ablation.json"))
+            for layer in layer_names:
+                plot_ablation(ablation, layer, tmp_dir / "figures" / f"ablation_{layer.replace(' ', '_')}.png")
         figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
         write_report_md(tmp_dir / "report.md", run_summary(run_dir, model.config, metric_rows), metric_rows, stats,
-                        figures, [path for path in routing_files if path.suffix != ".png"])
+                        figures, [path for path in routing_files if path.suffix != ".png"], ablation)
         write_json_atomic(tmp_dir / "manifest.json", {
             "step": "inference", "run": str(run_dir), "input_manifest_hash": step2_hash,
             "config": {"dataset": dataset_config, "train": train_config}, "metrics": metric_rows,

@@ -16,7 +16,15 @@ def _routing_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class LinearRouter(nn.Module):
-    """Router logits = x @ W, with Switch's multiplicative jitter on the router input in training."""
+    """Router logits = x @ W, with Switch's multiplicative jitter on the router input in training.
+
+    disabled_experts: for the expert ablation only (process_exp_results/ablation.py), a [E] bool tensor,
+    True = switched off (token choice: logit -inf, so its tokens go to their next choice; expert choice: its
+    tokens get gate weight 0, the other experts' choices unchanged). A plain attribute, not a buffer: never
+    saved or exported. None (the default) leaves routing untouched.
+    """
+
+    disabled_experts: torch.Tensor | None = None
 
     def __init__(self, d_model: int, n_experts: int, jitter: float = 0.0):
         super().__init__()
@@ -61,6 +69,8 @@ class TopKRouter(LinearRouter):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         logits = self.logits(x)
+        if self.disabled_experts is not None:
+            logits = logits.masked_fill(self.disabled_experts.to(logits.device), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if self.gate == "mixtral":
             top_logits, expert_index = torch.topk(logits, self.top_k, dim=-1)
@@ -113,4 +123,6 @@ class ExpertChoiceRouter(LinearRouter):
         probs = torch.softmax(logits, dim=-1)
         capacity = expert_capacity(self.capacity_factor, x.shape[0], self.top_k, self.n_experts)
         token_weights, token_index = torch.topk(probs.t(), capacity, dim=-1)
+        if self.disabled_experts is not None:  # its picks count for nothing: as if it output 0
+            token_weights = token_weights.masked_fill(self.disabled_experts.to(logits.device)[:, None], 0.0)
         return ExpertChoiceOutput(logits=logits, probs=probs, token_index=token_index, token_weights=token_weights)

@@ -627,3 +627,37 @@ def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
     fig.suptitle("What did the router learn? (95% CI over documents and random routers)", fontsize=11.5,
                  fontweight="bold", x=0.02, ha="left")
     return save_figure_atomic(fig, path)
+
+
+def plot_routing_saturation(saturation: Mapping, path: str | os.PathLike) -> Path:
+    """Router saturation over training: per MoE layer, the share of the probe tokens whose top-1 expert at each
+    evaluation equals the final model's (solid) and the mean top-k overlap / k (dashed, when k >= 2), with the
+    0.9 line from which a layer counts as settled.
+
+    Args:
+        saturation: ``train.routing_snapshots.saturation`` result, {layer: {"steps", "top1", "topk", "settled_at"}}.
+        path: PNG to write (atomically).
+    """
+    if not saturation:
+        raise ValueError("no saturation to plot (the run has fewer than two routing snapshots)")
+    fig = Figure(figsize=(7.5, 4.4), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.1, 0.14, 0.64, 0.74))
+    colours = matplotlib.colormaps["tab10"]
+    for index, (layer, values) in enumerate(saturation.items()):
+        colour = colours(index % 10)
+        ax.plot(values["steps"], values["top1"], marker="o", markersize=3.5, color=colour, label=f"{layer}: top-1")
+        if values["topk"] != values["top1"]:  # k >= 2
+            ax.plot(values["steps"], values["topk"], linestyle="--", color=colour, label=f"{layer}: top-k overlap")
+        if values["settled_at"] is not None:
+            ax.axvline(values["settled_at"], color=colour, linestyle=":", linewidth=1.0)
+    ax.axhline(0.9, color="0.35", linestyle="--", linewidth=1.0)
+    ax.text(1.0, 0.9, " 0.9", transform=blended_transform_factory(ax.transAxes, ax.transData), va="center",
+            fontsize=8, color="0.35")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("agreement with the final model")
+    ax.set_title("Router saturation: probe tokens routed as by the final model", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.04, 1.0), fontsize=8, frameon=False)
+    return save_figure_atomic(fig, path)

@@ -137,7 +137,7 @@ METRIC_COLUMNS = [("group", "group"), ("documents", "documents"), ("real_tokens"
 
 def write_report_md(path: str | os.PathLike, run_info: Mapping, metric_rows: Sequence[Mapping],
                     stats: Mapping | None, figure_paths: Sequence[str | os.PathLike],
-                    other_files: Sequence[str | os.PathLike] = ()) -> Path:
+                    other_files: Sequence[str | os.PathLike] = (), ablation: Mapping | None = None) -> Path:
     """The run report: run settings, metrics table, figures, and what the routing statistics say.
 
     Args:
@@ -146,6 +146,7 @@ def write_report_md(path: str | os.PathLike, run_info: Mapping, metric_rows: Seq
         metric_rows: step 4's metrics.csv rows.
         stats: analyze_routing's result, or None when the routing analysis was skipped.
         figure_paths: PNGs to embed; other_files: files to link (token pages, statistics).
+        ablation: process_exp_results.ablation.analyze_ablation's result, or None when it did not run.
     """
     lines = [f"# Run report: {run_info.get('run', '')}", ""]
     lines += [f"- {key}: {value}" for key, value in run_info.items() if key != "run"]
@@ -157,6 +158,10 @@ def write_report_md(path: str | os.PathLike, run_info: Mapping, metric_rows: Seq
 
     if stats is not None:
         lines += _routing_section(stats)
+        lines += consistency_section(stats.get("consecutive"))
+    lines += ablation_section(ablation)
+    if stats is not None:
+        lines += saturation_section(stats.get("saturation"))
     else:
         lines += ["## Routing analysis", "", "Skipped (--no-routing-stats, or the model has no MoE layer).", ""]
 
@@ -170,6 +175,88 @@ def write_report_md(path: str | os.PathLike, run_info: Mapping, metric_rows: Seq
         lines += [f"- [{Path(name).as_posix()}]({Path(name).as_posix()})" for name in other_files]
         lines.append("")
     return _write_text_atomic(Path(path), "\n".join(lines))
+
+
+def ablation_section(ablation: Mapping | None) -> list[str]:
+    """Per layer: the MLM loss increase of every group when each expert is disabled, and whether it depends on topic
+    or token class (permutation p-values)."""
+    if not ablation:
+        return []
+    lines = ["## Expert ablation (causal evidence)", "",
+             "Each expert disabled in turn (its tokens go to their next choice), the MLM loss measured on the same "
+             "masked positions: the increase in nats per masked token with a 95% document-bootstrap interval. The "
+             "topic p-value asks whether the increase differs between the seen topics (labels shuffled among "
+             "documents), the class p-value whether it differs between token classes.", ""]
+    for layer, entry in ablation.items():
+        if not layer.startswith("block "):
+            continue
+        experts = entry["experts"]
+        groups = list(next(iter(experts.values())))
+        rows = []
+        for expert, by_group in experts.items():
+            cells = [("n/a" if by_group[group]["delta"] is None else
+                      f"{by_group[group]['delta']:+.3f}{_interval(by_group[group]['ci'], 2)}") for group in groups]
+            rows.append([expert, *cells, _number(entry["topic_p_value"].get(expert)),
+                         _number(entry["class_p_value"].get(expert))])
+        lines += [f"### {layer}", "", *_markdown_table(["expert", *groups, "topic p", "class p"], rows), ""]
+    cost = ablation.get("cost") or {}
+    if cost:
+        lines += [f"Cost: {cost.get('block_forwards')} block forwards instead of {cost.get('naive_block_forwards')} "
+                  f"(the work below each ablated layer is reused), {cost.get('seconds', 0):.1f} s.", ""]
+    return lines
+
+
+def consistency_sentence(layer: str, values: Mapping) -> str:
+    """Consecutive tokens sharing their top-1 expert, against chance and against random routers, in words."""
+    text = (f"{layer}: consecutive tokens share their top-1 expert at a rate of {values['top1_rate']:.2f}"
+            f"{_interval(values.get('top1_rate_ci'), 2)}, against {values['chance']:.2f} by chance from the loads "
+            f"and {values['within_document_chance']:.2f} if each document's experts were shuffled within it")
+    reference = values.get("random_reference")
+    if reference:
+        band = reference["random_load_matched"]
+        text += (f"; random routers with its loads on the same hidden states give {band['mean']:.2f} "
+                 f"[{band['low']:.2f}, {band['high']:.2f}] (on the {reference['n_pairs']} sampled pairs, where the "
+                 f"trained router gives {reference['trained']:.2f})")
+    if values.get("word_piece_rate") is not None:
+        text += (f"; the pieces of one word share it at {values['word_piece_rate']:.2f} (chance "
+                 f"{values['word_piece_chance']:.2f}, {values['n_word_piece_pairs']} pairs)")
+    return text + "."
+
+
+def consistency_section(consecutive: Mapping | None) -> list[str]:
+    if not consecutive:
+        return []
+    return ["## Local routing consistency", "",
+            "Pairs of neighbouring real tokens of one document. Random routers applied to contextual hidden states "
+            "already keep neighbours together (neighbouring hidden states are alike), so the trained router's rate "
+            "means something only above theirs.", "",
+            *[f"- {consistency_sentence(layer, values)}" for layer, values in consecutive.items()], ""]
+
+
+def saturation_sentence(layer: str, values: Mapping) -> str:
+    """Whether a layer's routing had settled by the end of training, in words."""
+    if values["settled_at"] is not None:
+        return (f"{layer}: routing settled at step {values['settled_at']}: from then on at least 90% of the probe "
+                f"tokens went to the final model's top-1 expert (at the evaluation before the last: "
+                f"{values['top1'][-2]:.0%}).")
+    return (f"{layer}: routing was still changing when training stopped: at the evaluation before the last only "
+            f"{values['top1'][-2]:.0%} of the probe tokens went to the final model's top-1 expert, so the routing "
+            f"analysed here describes a moving target.")
+
+
+def saturation_section(saturation: Mapping | None) -> list[str]:
+    lines = ["## Routing over training (saturation)", ""]
+    if not saturation:
+        return lines + ["Not available: the run has fewer than two routing snapshots (trained before they were "
+                        "recorded, or with a single evaluation).", ""]
+    lines += ["Each evaluation recorded where the first 256 validation sequences' tokens went; agreement is the "
+              "share routed to the final model's top-1 expert.", ""]
+    lines += [f"- {saturation_sentence(layer, values)}" for layer, values in saturation.items()]
+    steps = next(iter(saturation.values()))["steps"]
+    lines += ["", *_markdown_table(["layer", *[f"step {step}" for step in steps]],
+                                   [[layer, *[f"{value:.2f}" for value in values["top1"]]]
+                                    for layer, values in saturation.items()]), ""]
+    return lines
 
 
 FACTOR_WORDS = {"topic": "topic", "token_class": "token class", "token_id": "token identity"}

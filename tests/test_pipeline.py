@@ -60,9 +60,11 @@ def test_step4_writes_metrics_counts_and_figures(pipeline):
             routed = sum(int(c["count"]) for c in counts if c["group"] == group and c["layer"] == layer)
             assert routed == int(row["real_tokens"])
     figures = sorted(path.name for path in (out_dir / "figures").glob("*.png"))
-    assert figures == ["experts_all_layers.png", "experts_per_layer_gaming.png",
+    assert figures == ["ablation_block_0.png", "ablation_block_1.png", "experts_all_layers.png",
+                       "experts_per_layer_gaming.png",
                        "experts_per_layer_programming.png", "experts_per_layer_test.png", "nmi_per_layer.png",
-                       "specialization_index.png", "topic_expert_heatmap_block_0.png", "topic_expert_heatmap_block_1.png"]
+                       "routing_saturation.png", "specialization_index.png", "topic_expert_heatmap_block_0.png",
+                       "topic_expert_heatmap_block_1.png"]
     assert "figure:" in stdout and "metrics:" in stdout
 
 

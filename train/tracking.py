@@ -10,9 +10,11 @@ say something: the balancing and z losses when their coefficient is > 0, dropped
 layer can drop, none for the dense baseline. Entropies are in bits, as in step 4's report.
   every log_steps, subset=train:  loss, mlm_loss, accuracy (masked tokens), aux_loss_total, z_loss_total,
                                   router_supervision_loss (when on)
-                  + layer:        router_entropy, aux_loss, z_loss, dropped_fraction
+                  + layer:        router_entropy, aux_loss, z_loss, dropped_fraction, max_load_over_ideal and
+                                  dead_experts (token choice: over the logging window)
                   no context:     learning_rate, grad_norm, tokens_per_s
-  every eval,     subset=valid:   mlm_loss, accuracy
+  every eval,     subset=valid:   mlm_loss, accuracy; + layer: routing_agreement (top-1 of the probe tokens vs
+                                  the previous evaluation's, train/routing_snapshots.py)
                   subset=train|valid + layer + expert: expert_load
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import platform
 from functools import partial
 from importlib import metadata
 
+import numpy as np
 import torch
 
 from models import MoELayer
@@ -45,6 +48,7 @@ class RoutingRecorder:
         self.n_experts = n_experts
         self.step_sums = torch.zeros(len(self.moe_layers), len(LAYER_SUMS), dtype=torch.float64, device=device)
         self.expert_counts = torch.zeros(len(self.moe_layers), n_experts, dtype=torch.long, device=device)
+        self.step_counts = torch.zeros_like(self.expert_counts)  # this step's, for the training-health checks
         self.enabled = True  # off during evaluation, which runs the same modules
         self.router_outputs: list = [None] * len(self.moe_layers)  # this forward's, with gradients
         self.router_inputs: list = [None] * len(self.moe_layers)  # this forward's [real tokens, d]
@@ -72,12 +76,19 @@ class RoutingRecorder:
         # column 0 (balancing loss) is filled by the loop, over the global micro-batch
         self.step_sums[row] += torch.stack([real.new_zeros(()),
                                             stats.z_loss.detach().double() * real, entropy, dropped * real, real])
-        self.expert_counts[row] += count_experts((chosen,), self.n_experts)[0]
+        counts = count_experts((chosen,), self.n_experts)[0]
+        self.expert_counts[row] += counts
+        self.step_counts[row] += counts
 
     def release(self) -> None:
         """Drop the last forward's router outputs and inputs (and the graph they hold)."""
         self.router_outputs = [None] * len(self.moe_layers)
         self.router_inputs = [None] * len(self.moe_layers)
+
+    def take_step_counts(self) -> torch.Tensor:
+        counts = self.step_counts.clone()
+        self.step_counts.zero_()
+        return counts
 
     def take_step_sums(self) -> torch.Tensor:
         sums = self.step_sums.clone()
@@ -115,6 +126,46 @@ def routing_metric_names(config) -> set[str]:
     if config.router_type == "expert_choice" or config.capacity_factor is not None:  # dropless layers drop nothing
         names.add("dropped_fraction")
     return names
+
+
+class RoutingHealth:
+    """What users of large MoE trainers watch: per layer, over each logging window, the busiest expert's load over
+    the ideal 1/E (max_load_over_ideal) and the experts below DEAD_SHARE of the ideal load (dead_experts); and a
+    console warning when a layer collapses, one expert taking more than half of its tokens for COLLAPSE_STEPS steps
+    in a row (repeated at most every COLLAPSE_STEPS steps)."""
+
+    DEAD_SHARE = 0.01
+    COLLAPSE_SHARE = 0.5
+    COLLAPSE_STEPS = 100
+
+    def __init__(self, n_layers: int, n_experts: int, layer_names: list[str]):
+        self.n_experts, self.layer_names = n_experts, layer_names
+        self.window = np.zeros((n_layers, n_experts), dtype=np.int64)
+        self.streak = np.zeros(n_layers, dtype=np.int64)  # steps in a row with one expert above COLLAPSE_SHARE
+        self.last_warning = np.full(n_layers, -self.COLLAPSE_STEPS, dtype=np.int64)
+
+    def add_step(self, step: int, counts: np.ndarray) -> list[str]:
+        """Add one step's [n_layers, n_experts] counts; return the warning lines due now."""
+        self.window += counts
+        top_share = counts.max(axis=1) / np.maximum(counts.sum(axis=1), 1)
+        self.streak = np.where(top_share > self.COLLAPSE_SHARE, self.streak + 1, 0)
+        warnings = []
+        for row in np.flatnonzero((self.streak >= self.COLLAPSE_STEPS)
+                                  & (step - self.last_warning >= self.COLLAPSE_STEPS)):
+            self.last_warning[row] = step
+            warnings.append(f"warning: step {step}: {self.layer_names[row]} has collapsed: expert "
+                            f"{int(counts[row].argmax())} took more than half of its tokens for {int(self.streak[row])} "
+                            f"steps in a row; raise model.load_balance_coef or lower train.learning_rate")
+        return warnings
+
+    def take_window(self) -> dict[str, list[float]]:
+        """The window's per-layer metrics, then a new window."""
+        shares = self.window / np.maximum(self.window.sum(axis=1, keepdims=True), 1)
+        ideal = 1.0 / self.n_experts
+        metrics = {"max_load_over_ideal": (shares.max(axis=1) / ideal).tolist(),
+                   "dead_experts": (shares < self.DEAD_SHARE * ideal).sum(axis=1).astype(float).tolist()}
+        self.window[:] = 0
+        return metrics
 
 
 def package_versions() -> dict[str, str | None]:

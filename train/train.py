@@ -36,7 +36,10 @@ from train.loop import (NonFiniteLoss, evaluate_sharded, gather_rng_states, make
 from train.run_folder import RunLock, finish_run_folder, start_run_folder
 from train.state import (StopRequest, checkpoint_folder, complete_checkpoints, load_checkpoint, prune_checkpoints,
                          resolve_resume, save_checkpoint)
-from train.tracking import RoutingRecorder, package_versions, start_aim_run, track_expert_load, track_step
+from train.routing_snapshots import (SNAPSHOT_DIR, load_snapshots, probe_batches, routing_snapshot, save_snapshot,
+                                     snapshot_path, snapshot_steps, top1_agreement)
+from train.tracking import (RoutingHealth, RoutingRecorder, package_versions, start_aim_run, track_expert_load,
+                            track_step)
 
 
 def build_model(model_config: dict, vocab_size: int, pad_token_id: int) -> MoEEncoderForMaskedLM:
@@ -160,6 +163,18 @@ def main() -> None:
     state["aim_run_hash"] = aim_run.hash if aim_run is not None else None
     recorder = RoutingRecorder(unwrapped, unwrapped.config.n_experts, accelerator.device)
     moe_layers = unwrapped.config.moe_layer_indices
+    layer_names = [f"block {index}" for index in moe_layers]
+    routed = bool(moe_layers) and not unwrapped.config.is_dense_baseline
+    # token choice only: an expert-choice layer is balanced by construction
+    health = RoutingHealth(len(moe_layers), unwrapped.config.n_experts, layer_names) if (
+        routed and unwrapped.config.router_type == "topk") else None
+    probe = probe_batches(valid_set, train_config.batch_size) if routed and accelerator.is_main_process else None
+    # a resumed run continues from its checkpoint: snapshots of the steps after it belong to the abandoned stretch
+    for later in (step for step in snapshot_steps(run_dir) if step > state["step"]):
+        snapshot_path(run_dir, later).unlink()
+    earlier_snapshots = load_snapshots(run_dir)[1] if probe is not None else []
+    previous_snapshot = earlier_snapshots[-1] if earlier_snapshots else None
+    snapshot_seconds = 0.0
 
     def save_checkpoint_now(step: int) -> None:
         rng_states = gather_rng_states(accelerator)  # every process takes part; the main one writes
@@ -194,10 +209,16 @@ def main() -> None:
                                     + "; lower train.learning_rate or train.max_grad_norm") from None
             state["step"], state["position"] = step, list(position)
             tokens += result.real_tokens
+            step_counts = recorder.take_step_counts()
+            if health is not None:
+                counts = accelerator.reduce(step_counts, "sum") if n_processes > 1 else step_counts
+                for line in health.add_step(step, counts.cpu().numpy()):
+                    progress.write(line)
             if step % train_config.log_steps == 0 or step == total_steps:
                 tokens_per_s = tokens / max(time.perf_counter() - started - paused, 1e-9)
-                track_step(aim_run, step, "train", {**result.metrics, "tokens_per_s": tokens_per_s},
-                           result.layer_metrics, moe_layers)
+                layer_metrics = {**result.layer_metrics, **(health.take_window() if health is not None else {})}
+                track_step(aim_run, step, "train", {**result.metrics, "tokens_per_s": tokens_per_s}, layer_metrics,
+                           moe_layers)
             progress.update(1)
             progress.set_postfix(loss=f"{result.metrics['loss']:.3f}", refresh=False)
             pause_started = time.perf_counter()
@@ -212,6 +233,18 @@ def main() -> None:
                            {}, moe_layers)
                 track_expert_load(aim_run, evaluation.expert_counts, moe_layers, step, "valid")
                 state["valid_expert_counts"] = evaluation.expert_counts.tolist()  # the model card's routing summary
+                if probe is not None:
+                    snapshot_started = time.perf_counter()
+                    recorder.enabled = False  # the probe is not training data
+                    snapshot = routing_snapshot(unwrapped, probe, accelerator.device)
+                    recorder.enabled = True
+                    save_snapshot(run_dir, step, snapshot)
+                    if previous_snapshot is not None:
+                        track_step(aim_run, step, "valid", {},
+                                   {"routing_agreement": top1_agreement(previous_snapshot, snapshot).tolist()},
+                                   moe_layers)
+                    previous_snapshot = snapshot
+                    snapshot_seconds += time.perf_counter() - snapshot_started
                 state["eval_history"].append({"step": step, **metrics})
                 progress.write(f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, "
                                f"accuracy {metrics['eval_accuracy']:.3f}")
@@ -243,6 +276,10 @@ def main() -> None:
             "seconds": round(time.perf_counter() - started, 2), "aim_run_hash": state["aim_run_hash"],
             "final_eval": state["eval_history"][-1] if state["eval_history"] else None,
             "eval_history": state["eval_history"],  # [{step, eval_mlm_loss, eval_accuracy}]: learning curves
+            "routing_snapshots": None if probe is None else {  # step 4 reads the run's saturation off them
+                "folder": SNAPSHOT_DIR, "probe_sequences": sum(len(batch["input_ids"]) for batch in probe),
+                "probe_tokens": int(previous_snapshot.shape[1]) if previous_snapshot is not None else 0,
+                "steps": snapshot_steps(run_dir), "seconds_this_start": round(snapshot_seconds, 2)},
             "router_supervision": None if expert_of_topic is None else {
                 "factor": "topic", "coef": supervision_coef, "expert_of_topic": expert_of_topic},
         })
