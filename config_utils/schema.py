@@ -127,6 +127,9 @@ TRAIN_SCHEMA = {
                                 help="a control, off by default: topic = a cross-entropy term on every router that "
                                      "sends the train split's topic t (sorted) to expert t mod n_experts"),
     "router_supervision_coef": Field("float", default=1.0, min=0.0, help="weight of that term"),
+    "routing_snapshots": Field("bool", default=True,
+                               help="record where a validation probe's tokens go at every evaluation (step 4's "
+                                    "router saturation)"),
     "device": Field("str", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if present"),
     "aim_repo": Field("str", default=".", help="folder holding the .aim repository"),
 }

@@ -101,3 +101,12 @@ def test_a_collapse_warns_after_100_steps_and_at_most_every_100():
     health.add_step(351, balanced)  # the streak ends
     warned = [step for step in range(352, 460) for _ in health.add_step(step, collapsed)]
     assert warned == [451]
+
+
+def test_snapshots_can_be_switched_off(run):
+    tmp_path, options, _ = run
+    check_ok(run_step_in_process(3, *step_config_args(3), *options, *sets(**{"train.routing_snapshots": "false"}),
+                                 "--tag", "nosnap", cwd=tmp_path))
+    run_dir = tmp_path / "runs" / "nosnap"
+    assert json.loads((run_dir / "manifest.json").read_text())["routing_snapshots"] is None
+    assert not (run_dir / "routing_snapshots").exists() and saturation(run_dir, ["block 0"]) is None

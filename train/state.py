@@ -26,7 +26,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 # train keys that do not change what a resumed run computes
 RESUMABLE_CHANGES = {"eval_steps", "eval_batches", "log_steps", "save_steps", "keep_checkpoints", "save_path",
-                     "experiment_name", "device", "aim_repo", "compile"}
+                     "experiment_name", "device", "aim_repo", "compile", "routing_snapshots"}
 
 
 def checkpoint_folder(run_dir: Path, step: int) -> Path:

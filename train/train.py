@@ -168,7 +168,8 @@ def main() -> None:
     # token choice only: an expert-choice layer is balanced by construction
     health = RoutingHealth(len(moe_layers), unwrapped.config.n_experts, layer_names) if (
         routed and unwrapped.config.router_type == "topk") else None
-    probe = probe_batches(valid_set, train_config.batch_size) if routed and accelerator.is_main_process else None
+    snapshots_wanted = routed and train_config.routing_snapshots and accelerator.is_main_process
+    probe = probe_batches(valid_set, train_config.batch_size) if snapshots_wanted else None
     # a resumed run continues from its checkpoint: snapshots of the steps after it belong to the abandoned stretch
     for later in (step for step in snapshot_steps(run_dir) if step > state["step"]):
         snapshot_path(run_dir, later).unlink()
