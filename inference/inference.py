@@ -36,7 +36,8 @@ from process_exp_results.plots import (plot_pooled_expert_histogram, plot_routin
 from inference.routing import first_documents
 from process_exp_results.ablation import analyze_ablation, plot_ablation
 from process_exp_results.consistency import analyze_consistency
-from process_exp_results.report import consistency_sentence, saturation_sentence, summary_sentences, write_report_md
+from process_exp_results.report import (ablation_sentence, consistency_sentence, saturation_sentence, summary_sentences,
+                                        write_report_md)
 from process_exp_results.routing_stats import analyze_routing, token_classes
 from train.checkpoints import MODEL_DIR, find_run, load_model
 from train.routing_snapshots import saturation
@@ -179,6 +180,8 @@ def main() -> None:
         ablation = analyze_ablation(model, ablated_groups, device, args.batch_size, tokenizer,
                                     topic_groups=("test",), n_bootstrap=args.n_boot, n_permutations=args.n_perm)
 
+    ablation_lines = [ablation_sentence(layer, entry) for layer, entry in (ablation or {}).items()
+                      if layer.startswith("block ")]
     out_dir = out_root / run_dir.name
     figures, routing_files = [], []
     with atomic_dir(out_dir) as tmp_dir:
@@ -220,7 +223,7 @@ def main() -> None:
         if path.suffix != ".png":
             print(f"routing: {out_dir / path}")
     print(f"report: {out_dir / 'report.md'}")
-    for sentence in stats["summary"] if stats else []:
+    for sentence in [*(stats["summary"] if stats else []), *ablation_lines]:
         print(sentence)
 
 

@@ -177,6 +177,24 @@ def write_report_md(path: str | os.PathLike, run_info: Mapping, metric_rows: Seq
     return _write_text_atomic(Path(path), "\n".join(lines))
 
 
+def ablation_sentence(layer: str, entry: Mapping, alpha: float = 0.01) -> str:
+    """The layer's ablation in words: which expert matters most on the test split, and which depend on topic or class."""
+    test = {expert: by_group["test"] for expert, by_group in entry["experts"].items()
+            if by_group.get("test", {}).get("delta") is not None}
+    if not test:
+        return f"{layer}: expert ablation: no masked test tokens."
+    worst = max(test, key=lambda expert: test[expert]["delta"])
+    others = ", ".join(f"{test[expert]['delta']:+.3f}" for expert in test if expert != worst)
+    text = (f"{layer}: disabling expert {worst} raises the test loss most, by {test[worst]['delta']:+.3f} nats"
+            f"{_interval(test[worst]['ci'], 2)} (the others: "
+            f"{others})")
+    for key, word in (("topic_p_value", "topic"), ("class_p_value", "token class")):
+        depends = [expert for expert, value in entry[key].items() if value is not None and value <= alpha]
+        text += (f"; the increase depends on {word} (p <= {alpha}) for expert{'s' if len(depends) > 1 else ''} "
+                 f"{', '.join(depends)}" if depends else f"; for no expert does it depend on {word} (p <= {alpha})")
+    return text + "."
+
+
 def ablation_section(ablation: Mapping | None) -> list[str]:
     """Per layer: the MLM loss increase of every group when each expert is disabled, and whether it depends on topic
     or token class (permutation p-values)."""
@@ -198,7 +216,8 @@ def ablation_section(ablation: Mapping | None) -> list[str]:
                       f"{by_group[group]['delta']:+.3f}{_interval(by_group[group]['ci'], 2)}") for group in groups]
             rows.append([expert, *cells, _number(entry["topic_p_value"].get(expert)),
                          _number(entry["class_p_value"].get(expert))])
-        lines += [f"### {layer}", "", *_markdown_table(["expert", *groups, "topic p", "class p"], rows), ""]
+        lines += [f"### {layer}", "", ablation_sentence(layer, entry), "",
+                  *_markdown_table(["expert", *groups, "topic p", "class p"], rows), ""]
     cost = ablation.get("cost") or {}
     if cost:
         lines += [f"Cost: {cost.get('block_forwards')} block forwards instead of {cost.get('naive_block_forwards')} "

@@ -232,3 +232,16 @@ def test_plot_ablation_with_constant_or_one_sided_values(tmp_path, value):
     ablation = {"block 0": {"experts": {str(e): {"test": {"delta": value if e else 0.0, "ci": None},
                                                   "topic": {"delta": value, "ci": None}} for e in range(3)}}}
     assert plot_ablation(ablation, "block 0", tmp_path / "a.png").exists()
+
+
+def test_ablation_sentence_names_the_expert_that_matters_and_the_tests():
+    from process_exp_results.report import ablation_section, ablation_sentence
+
+    entry = {"experts": {"0": {"test": {"delta": 0.01, "ci": [0.0, 0.02]}, "a": {"delta": 0.3, "ci": [0.2, 0.4]}},
+                         "1": {"test": {"delta": 0.2, "ci": [0.1, 0.3]}, "a": {"delta": None, "ci": None}}},
+             "topic_p_value": {"0": 0.005, "1": 0.5}, "class_p_value": {"0": None, "1": 0.2}}
+    sentence = ablation_sentence("block 0", entry)
+    assert "disabling expert 1 raises the test loss most, by +0.200" in sentence
+    assert "depends on topic (p <= 0.01) for expert 0" in sentence and "for no expert does it depend on token class" in sentence
+    table = "\n".join(ablation_section({"block 0": entry, "cost": {}}))
+    assert "| 1 | +0.200 [0.10, 0.30] | n/a | 0.500 | 0.200 |" in table
