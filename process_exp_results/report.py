@@ -186,7 +186,7 @@ def ablation_sentence(layer: str, entry: Mapping, alpha: float = 0.01) -> str:
     worst = max(test, key=lambda expert: test[expert]["delta"])
     others = ", ".join(f"{test[expert]['delta']:+.3f}" for expert in test if expert != worst)
     text = (f"{layer}: disabling expert {worst} raises the test loss most, by {test[worst]['delta']:+.3f} nats"
-            f"{_interval(test[worst]['ci'], 2)} (the others: "
+            f"{_interval(test[worst]['ci'])} (the others: "
             f"{others})")
     for key, word in (("topic_p_value", "topic"), ("class_p_value", "token class")):
         depends = [expert for expert, value in entry[key].items() if value is not None and value <= alpha]
@@ -213,7 +213,7 @@ def ablation_section(ablation: Mapping | None) -> list[str]:
         rows = []
         for expert, by_group in experts.items():
             cells = [("n/a" if by_group[group]["delta"] is None else
-                      f"{by_group[group]['delta']:+.3f}{_interval(by_group[group]['ci'], 2)}") for group in groups]
+                      f"{by_group[group]['delta']:+.3f}{_interval(by_group[group]['ci'])}") for group in groups]
             rows.append([expert, *cells, _number(entry["topic_p_value"].get(expert)),
                          _number(entry["class_p_value"].get(expert))])
         lines += [f"### {layer}", "", ablation_sentence(layer, entry), "",
