@@ -5,6 +5,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from config_utils.config import CONFIG_DIR
 from config_utils.errors import PipelineError
 from config_utils.io import current_manifest_hash, read_manifest
 
@@ -40,8 +41,6 @@ def sibling_config(args: argparse.Namespace, role: str) -> str:
     given = getattr(args, f"config_{role}", None)
     if given is not None:
         return given
-    from config_utils.config import CONFIG_DIR
-
     sibling = args.config_dataset.replace("dataset_params", f"{role}_params")
     return sibling if (CONFIG_DIR / sibling).is_file() or Path(sibling).is_file() else f"{role}_params.yaml"
 

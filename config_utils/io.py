@@ -98,8 +98,8 @@ def disk_full_message(final_dir: Path, written: int) -> str:
     free = shutil.disk_usage(final_dir.parent).free
     kept = f"; the previous {final_dir} is intact" if final_dir.exists() else ""
     return (f"no space left on the device holding {final_dir.parent}: the disk filled after {human_size(written)} of "
-            f"{final_dir.name} ({human_size(free)} free now) and needs at least {human_size(needed)}: free space there or "
-            f"choose another output folder, and run again{kept}")
+            f"{final_dir.name} ({human_size(free)} free now) and needs at least {human_size(needed)}: free space "
+            f"there or choose another output folder, and run again{kept}")
 
 
 @contextlib.contextmanager
@@ -117,9 +117,10 @@ def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
     try:
         yield tmp_dir
     except BaseException as error:
-        written = folder_size(tmp_dir) if is_disk_full(error) else 0
+        disk_full = is_disk_full(error)
+        written = folder_size(tmp_dir) if disk_full else 0  # measured before the temporary goes
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        if is_disk_full(error):
+        if disk_full:
             raise PipelineError(disk_full_message(final_dir, written)) from None
         raise
     old_dir = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}"

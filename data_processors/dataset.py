@@ -2,7 +2,8 @@
 
 Reads data_params.processed_dir (step 1), writes data_params.masked_dir: tokenizer/ (loadable with
 AutoTokenizer.from_pretrained), one Arrow dataset per split (train, valid, test) and per evaluation
-topic (topics/<file stem>, the manifest maps each label to it) with input_ids, attention_mask, labels (-100 where not masked), topic,
+topic (topics/<file stem>, the manifest maps each label to it) with input_ids, attention_mask, labels
+(-100 where not masked), topic,
 doc_id and unmasked_ids (for train.masking: dynamic), and manifest.json. Example:
     python data_processors/dataset.py --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml
 """
@@ -25,7 +26,7 @@ import numpy as np
 
 from config_utils import atomic_dir, load_step_configs, read_manifest, run_step, step_parser, write_json_atomic
 from config_utils.contracts import check_settings, dataset_settings, step1_command, step3_command
-from config_utils.io import check_output_folder, safe_file_stems
+from config_utils.io import check_output_folder
 from data_processors.masking import IGNORE_INDEX, document_rng, mask_tokens
 from data_processors.splitting import SPLITS
 from data_processors.tokenizer import load_tokenizer, train_wordpiece
@@ -120,8 +121,8 @@ def main() -> None:
     check_settings(dataset_settings(dataset_config, step=1), dataset_settings(step1_manifest["config"], step=1),
                    str(processed_dir), step1_command(args))
     files = {name: step1_manifest["files"][name] for name in SPLITS}
-    topic_folders = {topic: f"topics/{stem}" for topic, stem in
-                     safe_file_stems(list(step1_manifest["files"]["topics"]), "step 1's evaluation topics").items()}
+    # each topic's folder is named as step 1 named its file (a safe name, not the label)
+    topic_folders = {topic: f"topics/{Path(path).stem}" for topic, path in step1_manifest["files"]["topics"].items()}
     files.update({topic_folders[topic]: path for topic, path in step1_manifest["files"]["topics"].items()})
     datasets.disable_progress_bars()  # reading a few parquet files is instant; keep the bars for the map
     inputs = {name: datasets.Dataset.from_parquet(str(processed_dir / path)) for name, path in files.items()}

@@ -78,7 +78,8 @@ def load_files(patterns: list[str], text_field: str, topic_field: str):
 
 
 TEXT_TYPES = {"string", "large_string"}
-LABEL_TYPES = TEXT_TYPES | {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"}
+LABEL_TYPES = TEXT_TYPES | {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+                            "class label"}
 
 
 def _type_name(feature) -> str:

@@ -1,7 +1,8 @@
 """Step 1's core: drop empty and duplicate texts, hold out evaluation topics, fill the splits.
 
 Rows arrive in a seeded random order. Topic labels are stripped of surrounding whitespace (so
-'programming ' is the held-out 'programming'), and rows without text or without a topic are dropped. Each evaluation topic keeps its first `topic_len` documents;
+'programming ' is the held-out 'programming'), and rows without text or without a topic are dropped.
+Each evaluation topic keeps its first `topic_len` documents;
 every other document goes to the split (train, valid, test) furthest below its target, so a corpus
 smaller than asked for still yields splits in the requested proportions. With `train_topics` the
 splits are also balanced over those topics. Reading stops as soon as every bucket is full.

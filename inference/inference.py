@@ -30,18 +30,17 @@ import torch
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import check_run_data, read_step2_output, step3_command
 from config_utils.io import check_output_folder, read_manifest, safe_file_stems
-from inference.routing import collect_routing, write_routing_outputs
+from inference.routing import collect_routing, file_stem, first_documents, write_routing_outputs
 from process_exp_results.plots import (plot_pooled_expert_histogram, plot_routing_saturation,
                                        plot_topic_layer_histogram)
-from inference.routing import first_documents
 from process_exp_results.ablation import analyze_ablation, plot_ablation
 from process_exp_results.consistency import analyze_consistency
 from process_exp_results.report import (ablation_sentence, consistency_sentence, saturation_sentence, summary_sentences,
                                         write_report_md)
 from process_exp_results.routing_stats import analyze_routing, token_classes
 from train.checkpoints import MODEL_DIR, find_run, load_model
-from train.routing_snapshots import saturation
 from train.evaluation import evaluate_mlm, mlm_loader
+from train.routing_snapshots import saturation
 
 ABLATION_MAX_EXPERTS = 16  # E x L evaluations: beyond this the default is off
 METRIC_COLUMNS = ["group", "documents", "real_tokens", "masked_tokens", "mlm_loss", "accuracy", "perplexity",
@@ -201,7 +200,7 @@ def main() -> None:
             write_json_atomic(tmp_dir / "ablation.json", ablation)
             routing_files.append(Path("ablation.json"))
             for layer in layer_names:
-                plot_ablation(ablation, layer, tmp_dir / "figures" / f"ablation_{layer.replace(' ', '_')}.png")
+                plot_ablation(ablation, layer, tmp_dir / "figures" / f"ablation_{file_stem(layer)}.png")
         figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
         write_report_md(tmp_dir / "report.md", run_summary(run_dir, model.config, metric_rows), metric_rows, stats,
                         figures, [path for path in routing_files if path.suffix != ".png"], ablation)

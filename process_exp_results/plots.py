@@ -529,7 +529,8 @@ def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
                                    label=None if probe_drawn else "best linear router (probe)")
                     probe_drawn = True
             ax_nmi.errorbar(xi, value, yerr=[[max(value - low, 0.0)], [max(high - value, 0.0)]], fmt=marker,
-                            color=colour, markersize=7, capsize=4, elinewidth=1.4, zorder=4, label=label if xi == x[0] + offset else None)
+                            color=colour, markersize=7, capsize=4, elinewidth=1.4, zorder=4,
+                            label=label if xi == x[0] + offset else None)
             ax_nmi.annotate(f"{value:.3f}", (xi, value), xytext=(7, 0), textcoords="offset points", fontsize=7,
                             color=colour, va="center", zorder=5)
     if log_y:
@@ -604,7 +605,8 @@ def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
             bounds += [ci[0], ci[1]]
             # an interval need not contain its estimate (few resamples): draw the part that does
             ax.errorbar(xi, index, yerr=[[max(index - ci[0], 0.0)], [max(ci[1] - index, 0.0)]], fmt=marker,
-                        color=colour, markersize=8, capsize=5, elinewidth=1.6, zorder=3, label=factor.replace("_", " ") if xi == x[0] + offset
+                        color=colour, markersize=8, capsize=5, elinewidth=1.6, zorder=3,
+                        label=factor.replace("_", " ") if xi == x[0] + offset
                         else None)
             ax.annotate(f"{index:.2f}\n[{ci[0]:.2f}, {ci[1]:.2f}]", (xi, ci[1]), xytext=(0, 4),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7.5, color=colour)

@@ -178,7 +178,8 @@ def write_report_md(path: str | os.PathLike, run_info: Mapping, metric_rows: Seq
 
 
 def ablation_sentence(layer: str, entry: Mapping, alpha: float = 0.01) -> str:
-    """The layer's ablation in words: which expert matters most on the test split, and which depend on topic or class."""
+    """The layer's ablation in words: the expert that matters most on the test split, and which depend on topic or
+    token class."""
     test = {expert: by_group["test"] for expert, by_group in entry["experts"].items()
             if by_group.get("test", {}).get("delta") is not None}
     if not test:

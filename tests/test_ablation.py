@@ -242,6 +242,7 @@ def test_ablation_sentence_names_the_expert_that_matters_and_the_tests():
              "topic_p_value": {"0": 0.005, "1": 0.5}, "class_p_value": {"0": None, "1": 0.2}}
     sentence = ablation_sentence("block 0", entry)
     assert "disabling expert 1 raises the test loss most, by +0.200" in sentence
-    assert "depends on topic (p <= 0.01) for expert 0" in sentence and "for no expert does it depend on token class" in sentence
+    assert "depends on topic (p <= 0.01) for expert 0" in sentence
+    assert "for no expert does it depend on token class" in sentence
     table = "\n".join(ablation_section({"block 0": entry, "cost": {}}))
     assert "| 1 | +0.200 [0.100, 0.300] | n/a | 0.500 | 0.200 |" in table

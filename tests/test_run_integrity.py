@@ -162,7 +162,8 @@ def test_topic_labels_that_look_like_paths_or_carry_spaces(tmp_path):
     manifest = json.loads((processed / "manifest.json").read_text())
     assert manifest["dropped"]["no_topic"] == 200
     counts = manifest["counts"]
-    assert counts["train"] == pq.read_table(processed / "train.parquet").num_rows == 200 - counts["valid"] - counts["test"]
+    train_rows = pq.read_table(processed / "train.parquet").num_rows
+    assert counts["train"] == train_rows == 200 - counts["valid"] - counts["test"]
     # every label has one flat file; 'programming ' and ' programming' are 'programming', held out
     assert sorted(path.parent.name for path in (processed / "topics").rglob("*.parquet")) == ["topics"] * 3
     train_topics = set(pq.read_table(processed / "train.parquet")["topic"].to_pylist())
@@ -354,7 +355,8 @@ def test_pruning_removes_the_temporaries_of_a_killed_checkpoint_write(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     checkpoints = tmp_path / "run" / "checkpoints"
-    for name in (f".step-000004.tmp-{dead.pid}", f".step-000002.deleting-{dead.pid}", f".step-000006.tmp-{os.getpid()}"):
+    for name in (f".step-000004.tmp-{dead.pid}", f".step-000002.deleting-{dead.pid}",
+                 f".step-000006.tmp-{os.getpid()}"):
         (checkpoints / name).mkdir(parents=True)
     prune_checkpoints(tmp_path / "run", keep=3)
     assert sorted(path.name for path in checkpoints.iterdir()) == [f".step-000006.tmp-{os.getpid()}"]  # ours: alive

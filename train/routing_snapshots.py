@@ -65,6 +65,12 @@ def snapshot_steps(run_dir: Path) -> list[int]:
     return sorted(int(path.stem.split("-")[1]) for path in (run_dir / SNAPSHOT_DIR).glob("step-*.npy"))
 
 
+def last_snapshot(run_dir: Path) -> np.ndarray | None:
+    """The newest snapshot of a run (what a resumed run's next agreement compares with), None if there is none."""
+    steps = snapshot_steps(run_dir)
+    return np.load(snapshot_path(run_dir, steps[-1])) if steps else None
+
+
 def load_snapshots(run_dir: Path) -> tuple[list[int], list[np.ndarray]]:
     """(steps, snapshots) of a run, oldest first."""
     steps = snapshot_steps(run_dir)

@@ -36,7 +36,7 @@ from train.loop import (NonFiniteLoss, evaluate_sharded, gather_rng_states, make
 from train.run_folder import RunLock, finish_run_folder, start_run_folder
 from train.state import (StopRequest, checkpoint_folder, complete_checkpoints, load_checkpoint, prune_checkpoints,
                          resolve_resume, save_checkpoint)
-from train.routing_snapshots import (SNAPSHOT_DIR, load_snapshots, probe_batches, routing_snapshot, save_snapshot,
+from train.routing_snapshots import (SNAPSHOT_DIR, last_snapshot, probe_batches, routing_snapshot, save_snapshot,
                                      snapshot_path, snapshot_steps, top1_agreement)
 from train.tracking import (RoutingHealth, RoutingRecorder, package_versions, start_aim_run, track_expert_load,
                             track_step)
@@ -173,8 +173,7 @@ def main() -> None:
     # a resumed run continues from its checkpoint: snapshots of the steps after it belong to the abandoned stretch
     for later in (step for step in snapshot_steps(run_dir) if step > state["step"]):
         snapshot_path(run_dir, later).unlink()
-    earlier_snapshots = load_snapshots(run_dir)[1] if probe is not None else []
-    previous_snapshot = earlier_snapshots[-1] if earlier_snapshots else None
+    previous_snapshot = last_snapshot(run_dir) if probe is not None else None
     snapshot_seconds = 0.0
 
     def save_checkpoint_now(step: int) -> None:
