@@ -55,10 +55,10 @@ import threading
 import time
 
 from benchmarks.common import finish
+from config_utils.contracts import step_script
 
 REPO = Path(__file__).resolve().parents[1]
-STEP1 = REPO / "data_processors" / "load_dataset.py"
-STEP2 = REPO / "data_processors" / "dataset.py"
+STEP1, STEP2 = step_script(1), step_script(2)
 
 ROWS_PER_PROCESS = 2000  # data_processors/dataset.py: one map worker per this many rows of a split, at most
 LINEARITY_MAX_FACTOR = 1.5  # docs/s at the smallest size / docs/s at the largest size (step 2)

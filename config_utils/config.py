@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from config_utils.errors import PipelineError
+from config_utils.errors import PipelineError, first_line
 from config_utils.schema import REQUIRED, SCHEMAS, Field
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -150,8 +150,7 @@ def load_config(role: str, name: str, overrides: list[tuple[str, list[str], Any]
     try:
         raw = read_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        first_line = str(error).splitlines()[0]
-        raise PipelineError(f"{path}: not valid YAML ({first_line}); fix the file") from None
+        raise PipelineError(f"{path}: not valid YAML ({first_line(error, 1000)}); fix the file") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -9,6 +9,18 @@ from config_utils.config import CONFIG_DIR
 from config_utils.errors import PipelineError
 from config_utils.io import current_manifest_hash, read_manifest
 
+REPO = Path(__file__).resolve().parents[1]
+# the four steps: their scripts (relative to the repository), in the order they hand files on
+STEP_SCRIPTS = {1: "data_processors/load_dataset.py", 2: "data_processors/dataset.py", 3: "train/train.py",
+                4: "inference/inference.py"}
+STEP_MODULES = {step: script[:-3].replace("/", ".") for step, script in STEP_SCRIPTS.items()}
+
+
+def step_script(step: int) -> Path:
+    """The absolute path of step `step`'s script."""
+    return REPO / STEP_SCRIPTS[step]
+
+
 # where outputs go and how many processes make them: they do not change what is made
 NOT_CONTENT_KEYS = {"data_params.num_proc", "data_params.processed_dir", "data_params.masked_dir"}
 # dataset keys that only step 2 uses; step 1's output does not depend on them
@@ -46,23 +58,23 @@ def sibling_config(args: argparse.Namespace, role: str) -> str:
 
 
 def step1_command(args: argparse.Namespace) -> str:
-    return f"python data_processors/load_dataset.py --config-name {args.config_dataset}{_sets(args)}"
+    return f"python {STEP_SCRIPTS[1]} --config-name {args.config_dataset}{_sets(args)}"
 
 
 def step2_command(args: argparse.Namespace) -> str:
-    return (f"python data_processors/dataset.py --config-dataset {args.config_dataset} "
+    return (f"python {STEP_SCRIPTS[2]} --config-dataset {args.config_dataset} "
             f"--config-model {sibling_config(args, 'model')}{_sets(args)}")
 
 
 def step3_command(args: argparse.Namespace, tag: str | None = None) -> str:
     """Step 3 with this step's configs; `tag` None: the run's --tag if this step has one, else a new tag."""
     tag = tag or getattr(args, "tag", None) or "my-run"
-    return (f"python train/train.py --config-model {sibling_config(args, 'model')} --config-dataset "
+    return (f"python {STEP_SCRIPTS[3]} --config-model {sibling_config(args, 'model')} --config-dataset "
             f"{args.config_dataset} --config-train {sibling_config(args, 'train')}{_sets(args)} --tag {tag}")
 
 
 def step4_command(args: argparse.Namespace, tag: str) -> str:
-    return (f"python inference/inference.py --config-dataset {args.config_dataset} --config-model "
+    return (f"python {STEP_SCRIPTS[4]} --config-dataset {args.config_dataset} --config-model "
             f"{sibling_config(args, 'model')} --config-train {sibling_config(args, 'train')}{_sets(args)} --run {tag}")
 
 

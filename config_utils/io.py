@@ -130,13 +130,32 @@ def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
     shutil.rmtree(old_dir, ignore_errors=True)
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on failure removed.
+
+    The one atomic writer for single files (JSON, text, figures, arrays): readers see the old file or the
+    new one, never half of one. The temporary is `.NAME.tmp-PID` (ignored by git, swept by atomic_dir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp_path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp_path, path)
-    return path
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, DEFAULT_FILE_MODE)  # some writers (mkstemp, safetensors) make files 0600
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_file(path) as tmp_path:
+        tmp_path.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_manifest(folder: str | Path, run_first: str) -> tuple[dict, str]:

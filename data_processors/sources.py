@@ -9,7 +9,7 @@ import glob
 from pathlib import Path
 from typing import Iterator
 
-from config_utils import ConfigSection, PipelineError
+from config_utils import ConfigSection, PipelineError, first_line
 
 FILE_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 HUB_SHUFFLE_BUFFER = 10_000
@@ -60,7 +60,7 @@ def load_files(patterns: list[str], text_field: str, topic_field: str):
             cause = error
             while cause.__cause__ is not None or cause.__context__ is not None:
                 cause = cause.__cause__ or cause.__context__
-            reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            reason = first_line(cause, 1000)
             if isinstance(cause, UnicodeDecodeError):
                 reason = "not UTF-8 text"
             raise PipelineError(f"data file '{path}' could not be read ({reason}); "
@@ -138,7 +138,7 @@ def _iter_hub(load_params: ConfigSection, seed: int) -> Iterator[dict]:
     except StopIteration:
         raise PipelineError(f"hub dataset '{name}' is empty; check load_params.dataset_url") from None
     except Exception as error:  # offline, unknown name, auth: all leave us without data
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        reason = first_line(error, 200)
         raise PipelineError(f"cannot stream hub dataset '{name}' ({reason}); {DEMO_HINT}") from None
     missing = [field for field in (load_params.text_field, load_params.topic_field) if field not in first]
     if missing:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from config_utils import PipelineError
+from config_utils import PipelineError, first_line
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                   "mask_token": "[MASK]"}
@@ -25,7 +25,7 @@ def load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as error:  # offline, unknown name, broken folder: all mean "no tokenizer"
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise PipelineError(f"cannot load tokenizer '{name}' (data_params.tokenizer_name: {reason}); offline? "
                             f"use a local tokenizer folder or --set dataset.data_params.tokenizer_name=null "
                             f"to train a WordPiece tokenizer on the train split") from None

@@ -31,11 +31,9 @@ import yaml
 
 from config_utils import PipelineError, load_config, run_step, step_parser, write_json_atomic
 from config_utils.config import parse_override
-from config_utils.contracts import NOT_CONTENT_KEYS, STEP2_ONLY_KEYS, dataset_settings
+from config_utils.contracts import NOT_CONTENT_KEYS, STEP2_ONLY_KEYS, STEP_SCRIPTS, dataset_settings, step_script
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {1: REPO / "data_processors" / "load_dataset.py", 2: REPO / "data_processors" / "dataset.py",
-           3: REPO / "train" / "train.py", 4: REPO / "inference" / "inference.py"}
+SCRIPTS = {step: step_script(step) for step in STEP_SCRIPTS}
 MANIFEST = "sweep.json"
 # the sweep places these itself, per combination
 PLACED_KEYS = {"dataset.data_params.processed_dir", "dataset.data_params.masked_dir", "train.save_path"}

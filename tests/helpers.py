@@ -9,15 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from config_utils import contracts
+from config_utils.contracts import step_script
+
 REPO = Path(__file__).resolve().parents[1]
-STEP_SCRIPTS = {
-    1: REPO / "data_processors" / "load_dataset.py",
-    2: REPO / "data_processors" / "dataset.py",
-    3: REPO / "train" / "train.py",
-    4: REPO / "inference" / "inference.py",
-}
-STEP_MODULES = {1: "data_processors.load_dataset", 2: "data_processors.dataset", 3: "train.train",
-                4: "inference.inference"}
+STEP_SCRIPTS = {step: step_script(step) for step in contracts.STEP_SCRIPTS}
+STEP_MODULES = contracts.STEP_MODULES
 DEMO_CONFIGS = ["--config-dataset", "demo/dataset_params.yaml", "--config-model", "demo/model_params.yaml",
                 "--config-train", "demo/train_params.yaml"]
 

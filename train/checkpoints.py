@@ -5,7 +5,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from config_utils import PipelineError, atomic_dir, write_json_atomic
+from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
 from config_utils.io import use_default_file_modes
 from data_processors.tokenizer import drop_load_options
 from train.model_card import model_card
@@ -82,7 +82,7 @@ def load_model(folder: Path):
         model = AutoModelForMaskedLM.from_pretrained(str(folder))
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:  # safetensors, json and shape errors all mean "corrupt"
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise PipelineError(f"checkpoint {folder} is corrupt ({reason}); train the run again") from None
     return model, tokenizer
 

@@ -9,11 +9,12 @@ expert equals the final model's, and the mean top-k overlap / k.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from config_utils import atomic_file
 
 SNAPSHOT_DIR = "routing_snapshots"
 PROBE_SEQUENCES = 256
@@ -52,11 +53,8 @@ def snapshot_path(run_dir: Path, step: int) -> Path:
 def save_snapshot(run_dir: Path, step: int, snapshot: np.ndarray) -> Path:
     """Written under a temporary name and renamed: a killed run never leaves a truncated snapshot."""
     path = snapshot_path(run_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as handle:
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, snapshot)
-    os.replace(tmp, path)
     return path
 
 

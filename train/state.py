@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from config_utils import PipelineError, atomic_dir, write_json_atomic
+from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
 from config_utils.io import remove_stale_temporaries, use_default_file_modes
 from train.checkpoints import CHECKPOINT_DIR, save_tokenizer
 
@@ -114,7 +114,7 @@ def load_checkpoint(folder: Path, model, optimizer, train_config: dict, model_co
         optimizer_state = load_file(str(folder / OPTIMIZER_FILE))
         state["rng"] = load_file(str(folder / RNG_FILE))
     except Exception as error:  # missing file, truncated safetensors, broken JSON all mean "corrupt"
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise PipelineError(f"checkpoint {folder} is corrupt ({reason}); resume from an older one") from None
     trained_on = state.get("input_manifest_hash")  # absent in checkpoints written before it was recorded
     if trained_on is not None and trained_on != input_hash:
