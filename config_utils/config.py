@@ -115,7 +115,7 @@ def _check_value(field: Field, value: Any, where: str, key: str) -> Any:
         raise fail()
     if field.min is not None and (value < field.min or field.min_exclusive and value == field.min):
         raise fail()
-    if field.max is not None and value > field.max:
+    if field.max is not None and (value > field.max or field.max_exclusive and value == field.max):
         raise fail()
     return value
 

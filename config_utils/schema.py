@@ -1,11 +1,15 @@
 """The three config schemas (dataset, model, train): every key, its type, its default and its range.
 
 A key without a default is required. Keys added after the first release get defaults, so older
-config files keep working. The names follow DESIGN.md; users and scripts rely on them.
+config files keep working. The names follow DESIGN.md; users and scripts rely on them. The model section
+is built from models/config_fields.py, the table MoEEncoderConfig itself is made of and checks against.
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 REQUIRED = object()
@@ -21,6 +25,7 @@ class Field:
     choices: tuple | None = None
     help: str = ""
     min_exclusive: bool = False    # min itself is not allowed: (min, max]
+    max_exclusive: bool = False    # max itself is not allowed: [min, max)
     strip: bool = False            # list[str] of labels: compared without surrounding whitespace, as step 1 writes them
 
     def describe(self) -> str:
@@ -29,9 +34,9 @@ class Field:
                  "str": "a string", "list[str]": "a list of strings"}[self.kind]
         if self.choices:
             words = "one of " + ", ".join(map(str, self.choices))
-        opening = "(" if self.min_exclusive else "["
+        opening, closing = "(" if self.min_exclusive else "[", ")" if self.max_exclusive else "]"
         if self.min is not None and self.max is not None:
-            words += f" in {opening}{self.min}, {self.max}]"
+            words += f" in {opening}{self.min}, {self.max}{closing}"
         elif self.min is not None:
             words += f" {'>' if self.min_exclusive else '>='} {self.min}"
         if self.nullable:
@@ -60,7 +65,8 @@ DATASET_SCHEMA = {
     },
     "data_params": {
         "eval_topics": Field("list[str]", strip=True, help="topics held out of train/valid/test, evaluated one by one"),
-        "train_topics": Field("list[str]", default=[], strip=True, help="if set: train/valid/test balanced over these topics"),
+        "train_topics": Field("list[str]", default=[], strip=True,
+                              help="if set: train/valid/test balanced over these topics"),
         "mask_prob": Field("float", min=0.0, max=1.0, min_exclusive=True,
                            help="share of real tokens picked for MLM (0 would leave nothing to learn or score)"),
         "tokenizer_name": Field("str", nullable=True, help="hub name or local dir; null = train WordPiece"),
@@ -71,36 +77,31 @@ DATASET_SCHEMA = {
     },
 }
 
-MODEL_SCHEMA = {
-    "vocab_size": Field("int", nullable=True, min=1, help="null = the tokenizer's"),
-    "embedding_dim": Field("int", min=1, help="model width"),
-    "seq_len": Field("int", min=4, help="tokens per sequence, [CLS] and [SEP] included"),
-    "num_head": Field("int", min=1, help="attention heads"),
-    "n_encoder_blocks": Field("int", min=1, help="Transformer blocks"),
-    "n_experts": Field("int", min=1, help="experts per MoE layer (1 = dense)"),
-    "top_k_experts": Field("int", min=1, help="experts chosen per token"),
-    "moe_dim": Field("int", min=1, help="hidden size of each expert"),
-    "dropout": Field("float", min=0.0, max=1.0, help="dropout rate"),
-    "moe_every": Field("int", default=1, min=1, help="every n-th block is MoE, the rest dense"),
-    "router_type": Field("str", default="topk", choices=("topk", "expert_choice"),
-                         help="topk = each token picks k experts; expert_choice = each expert picks its tokens"),
-    "router_gate": Field("str", default="switch", choices=("switch", "mixtral"),
-                         help="gate weights: softmax over all experts, then top-k (switch) or over the k chosen "
-                              "logits (mixtral, k >= 2)"),
-    "normalize_top_k": Field("bool", default=True, help="switch gate: renormalize the k gate weights (k >= 2)"),
-    "router_jitter": Field("float", default=0.0, min=0.0, max=0.99,
-                           help="training only: router input times uniform noise in [1-eps, 1+eps]; 0 = off"),
-    "capacity_factor": Field("float", default=None, nullable=True, min=0.01,
-                             help="capacity = ceil(factor * tokens * k / E), overflow dropped; null = dropless "
-                                  "(expert_choice: 1.0)"),
-    "expert_type": Field("str", default="mlp", choices=("mlp", "swiglu"), help="GELU MLP or SwiGLU experts"),
-    "n_shared_experts": Field("int", default=0, min=0, help="always-on experts of size moe_dim (DeepSeekMoE)"),
-    "load_balance_coef": Field("float", default=0.01, min=0.0, help="weight of the Switch balancing loss"),
-    "router_z_loss_coef": Field("float", default=0.0, min=0.0, help="weight of the router z-loss"),
-}
+
+def _load_model_fields():
+    """models/config_fields.py, by path: importing it as models.config_fields would first run models/__init__.py,
+    which loads torch and the encoder (seconds), for steps that only read their configs."""
+    path = Path(__file__).resolve().parents[1] / "models" / "config_fields.py"
+    spec = importlib.util.spec_from_file_location("_model_config_fields", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building ModelField
+    spec.loader.exec_module(module)
+    return module
+
+
+def _model_schema(model_fields: dict) -> dict:
+    """The model_params.yaml schema: MoEEncoderConfig's fields, with its defaults and ranges."""
+    return {name: Field(field.kind, default=REQUIRED if field.required else field.default, nullable=field.nullable,
+                        min=field.min, max=field.max, choices=field.choices, help=field.help,
+                        min_exclusive=field.min_exclusive, max_exclusive=field.max_exclusive)
+            for name, field in model_fields.items()}
+
+
+MODEL_SCHEMA = _model_schema(_load_model_fields().MODEL_FIELDS)
 
 TRAIN_SCHEMA = {
-    "batch_size": Field("int", min=1, help="sequences per micro-batch, all processes together (each gets an equal share)"),
+    "batch_size": Field("int", min=1,
+                        help="sequences per micro-batch, all processes together (each gets an equal share)"),
     "n_epochs": Field("int", min=1, help="passes over the train split"),
     "max_steps": Field("int", default=None, nullable=True, min=1, help="if set, overrides n_epochs"),
     "learning_rate": Field("float", min=0.0, help="peak AdamW learning rate"),

@@ -7,7 +7,7 @@ import yaml
 from config_utils import PipelineError, load_config, resolve_config_path
 from config_utils.cli import load_step_configs, step_parser
 from config_utils.config import CONFIG_DIR, parse_override, validate
-from config_utils.schema import DATASET_SCHEMA, MODEL_SCHEMA, SCHEMAS
+from config_utils.schema import DATASET_SCHEMA, MODEL_SCHEMA, REQUIRED, SCHEMAS
 from helpers import STEP_SCRIPTS, check_ok, run_step
 
 DEMO = {"dataset": "demo/dataset_params.yaml", "model": "demo/model_params.yaml", "train": "demo/train_params.yaml"}
@@ -345,6 +345,57 @@ def test_model_schema_matches_model_config():
     for key in MODEL_SCHEMA:
         if key != "vocab_size":
             assert getattr(config, key) == load_config("model", DEMO["model"], [])[key]
+
+
+def test_model_schema_and_model_config_share_one_definition():
+    """Key for key, the YAML schema has the config class's type, default, range and choices: they cannot drift."""
+    import dataclasses
+
+    from models import MoEEncoderConfig
+    from models.config_fields import MODEL_FIELDS
+
+    class_fields = {field.name: field for field in dataclasses.fields(MoEEncoderConfig)}
+    assert list(MODEL_SCHEMA) == list(MODEL_FIELDS)
+    for key, spec in MODEL_SCHEMA.items():
+        model_field = MODEL_FIELDS[key]
+        assert class_fields[key].default == model_field.default, key
+        assert class_fields[key].type == model_field.annotation, key
+        assert spec.default == model_field.default or spec.default is REQUIRED and model_field.required, key
+        assert (spec.kind, spec.nullable, spec.min, spec.max, spec.min_exclusive, spec.max_exclusive, spec.choices) \
+            == (model_field.kind, model_field.nullable, model_field.min, model_field.max, model_field.min_exclusive,
+                model_field.max_exclusive, model_field.choices), key
+
+
+# router_jitter < 1 keeps the noise factor positive; any capacity_factor > 0 gives an expert one slot (rounded up)
+@pytest.mark.parametrize("key,value,allowed", [
+    ("router_jitter", 0.995, True), ("router_jitter", 1.0, False), ("router_jitter", -0.1, False),
+    ("capacity_factor", 0.005, True), ("capacity_factor", 0.0, False), ("capacity_factor", None, True),
+    ("dropout", 1.0, True), ("dropout", 1.5, False), ("seq_len", 3, False), ("n_shared_experts", -1, False),
+    ("router_type", "expert_choice", True), ("router_type", "switch", False),
+])
+def test_model_schema_and_model_config_accept_the_same_values(tmp_path, key, value, allowed):
+    """Both places say yes, or both say no (they disagreed on router_jitter 0.995 and capacity_factor 0.005)."""
+    from models import MoEEncoderConfig
+
+    raw = {**demo_raw("model"), key: value}
+    try:
+        settings = load_config("model", str(write_config(tmp_path, raw)), [])
+        loader_allowed = True
+    except PipelineError:
+        settings, loader_allowed = raw, False
+    try:
+        MoEEncoderConfig(**{**settings, "vocab_size": 100})
+        config_allowed = True
+    except ValueError:
+        config_allowed = False
+    assert loader_allowed == config_allowed == allowed
+
+
+def test_model_config_names_the_range_it_refuses():
+    from models import MoEEncoderConfig
+
+    with pytest.raises(ValueError, match=r"router_jitter must be in \[0.0, 1.0\)"):
+        MoEEncoderConfig(vocab_size=100, router_jitter=1.0)
 
 
 # ---- the scripts' --help ----------------------------------------------------------------------------
