@@ -38,7 +38,7 @@ from process_exp_results.consistency import analyze_consistency
 from process_exp_results.report import (ablation_sentence, consistency_sentence, saturation_sentence, summary_sentences,
                                         write_report_md)
 from process_exp_results.routing_stats import analyze_routing, token_classes
-from train.checkpoints import MODEL_DIR, find_run, load_model
+from train.final_model import MODEL_DIR, find_run, load_model
 from train.evaluation import evaluate_mlm, mlm_loader
 from train.routing_snapshots import saturation
 

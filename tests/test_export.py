@@ -52,7 +52,7 @@ def tiny_model(vocab_size: int, pad_token_id: int, **overrides):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer_folder):
     """(model in memory, its model/ folder written by save_model)."""
-    from train.checkpoints import save_model
+    from train.final_model import save_model
 
     tokenizer = loaded_tokenizer(tokenizer_folder)
     model = tiny_model(len(tokenizer), tokenizer.pad_token_id)
@@ -136,7 +136,7 @@ def test_inside_the_repository_the_export_loads_with_the_repository_code(exporte
     from transformers import AutoModelForMaskedLM, pipeline
 
     from models import MoEEncoderForMaskedLM
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     model, folder = exported
     monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("transformers asked whether to run the folder's code"))

@@ -109,7 +109,7 @@ def _collect(tmp_path: Path, max_docs):
     import torch
 
     from inference.routing import collect_routing
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     model, _ = load_model(tmp_path / "runs" / "tiny" / "model")
     masked = tmp_path / "masked"
@@ -201,7 +201,7 @@ def test_router_inputs_reproduce_the_routing_and_the_mlm_head_never_runs(tiny_ru
     import torch
 
     from process_exp_results.references import SelectionRule
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     model, _ = load_model(tiny_run[0] / "runs" / "tiny" / "model")
 
@@ -233,7 +233,7 @@ def test_expert_choice_references_use_the_models_own_rule(tiny_run):
 
     from models import MoEEncoderConfig, MoEEncoderForMaskedLM
     from process_exp_results.references import SelectionRule
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     trained, _ = load_model(tiny_run[0] / "runs" / "tiny" / "model")
     settings = {**trained.config.to_dict(), "router_type": "expert_choice", "capacity_factor": 1.0}

@@ -33,7 +33,7 @@ def test_every_evaluation_writes_a_snapshot_listed_in_the_manifest(run):
 def test_the_last_snapshot_is_the_final_models_routing(run):
     import datasets
 
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     tmp_path, _, run_dir = run
     model, _ = load_model(run_dir / "model")

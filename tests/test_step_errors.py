@@ -302,7 +302,7 @@ def saved_model(pipeline, tmp_path):
     from transformers import AutoTokenizer
 
     from models import MoEEncoderConfig, MoEEncoderForMaskedLM
-    from train.checkpoints import save_model
+    from train.final_model import save_model
 
     folder, _ = pipeline
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "masked" / "tokenizer"))
@@ -313,7 +313,7 @@ def saved_model(pipeline, tmp_path):
 
 
 def test_load_model_round_trip(saved_model):
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     model, tokenizer = load_model(saved_model)
     assert model.config.n_experts == 2 and len(tokenizer) == model.config.vocab_size
@@ -322,7 +322,7 @@ def test_load_model_round_trip(saved_model):
 
 
 def test_load_model_without_weights(saved_model):
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     (saved_model / "model.safetensors").unlink()
     with pytest.raises(PipelineError, match="model.safetensors is missing"):
@@ -330,7 +330,7 @@ def test_load_model_without_weights(saved_model):
 
 
 def test_load_model_truncated_weights(saved_model):
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     weights = saved_model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -341,7 +341,7 @@ def test_load_model_truncated_weights(saved_model):
 
 
 def test_load_model_corrupt_config(saved_model):
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     (saved_model / "config.json").write_text("{", encoding="utf-8")
     with pytest.raises(PipelineError, match="corrupt"):
@@ -349,7 +349,7 @@ def test_load_model_corrupt_config(saved_model):
 
 
 def test_find_run_without_finished_run(tmp_path):
-    from train.checkpoints import find_run
+    from train.final_model import find_run
 
     with pytest.raises(PipelineError, match="no finished training run"):
         find_run(str(tmp_path), None, "python train/train.py")

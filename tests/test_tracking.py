@@ -156,17 +156,17 @@ def test_run_records_vocab_size_versions_and_git_state(data, default_run):
 
 
 def test_git_state_reads_commit_and_dirty_flag(monkeypatch):
-    from train import checkpoints
+    from train import run_folder
 
-    state = checkpoints.git_state()
+    state = run_folder.git_state()
     assert re.fullmatch(r"[0-9a-f]{40}", state["commit"])
     assert state["dirty"] == bool(git("status", "--porcelain").strip())
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(checkpoints.subprocess, "run", no_git)
-    assert checkpoints.git_state() == {"commit": None, "dirty": None}
+    monkeypatch.setattr(run_folder.subprocess, "run", no_git)
+    assert run_folder.git_state() == {"commit": None, "dirty": None}
 
 
 def test_resumed_run_keeps_its_first_commit_and_records_the_resume(data, monkeypatch):

@@ -106,7 +106,7 @@ def test_resume_after_sigterm_ends_with_the_same_weights(data):
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data, monkeypatch):
     from models import MoEEncoderForMaskedLM
-    from train.checkpoints import load_model
+    from train.final_model import load_model
 
     tmp_path, options = data
     forward_with_nan_at_call_5 = forward_with_nan_loss_at(5)

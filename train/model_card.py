@@ -1,7 +1,7 @@
 """The model card: model/README.md in the Hugging Face format (YAML metadata, then markdown sections).
 
 `model_card` is a pure function of plain dicts (configs, step 2's manifest, the eval history, ...), so it can
-be tested without training; `train.checkpoints.save_model` writes its result beside the weights.
+be tested without training; `train.final_model.save_model` writes its result beside the weights.
 Every section says "not recorded" for what it was not given, instead of guessing.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One writer per run folder, and a fresh folder for every new run.
+"""A run folder's name, its one writer, a fresh folder for every new run, and the code that wrote it.
 
 A run folder train.save_path/<tag>/ belongs to one training process at a time: RunLock holds an
 exclusive POSIX lock on save_path/.<tag>.lock (the kernel drops it when the process dies, so a killed run
@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 from config_utils import PipelineError
 from config_utils.io import remove_stale_temporaries
-from train.checkpoints import CHECKPOINT_DIR, MODEL_DIR
+from train.final_model import MODEL_DIR
+from train.state import CHECKPOINT_DIR
+
+
+def run_dir_for(save_path: str, tag: str) -> Path:
+    if not re.fullmatch(r"[\w.-]+", tag):
+        raise PipelineError(f"--tag {tag!r}: use letters, digits, '.', '-' and '_' only (it names a folder)")
+    return Path(save_path) / tag
 
 
 class RunLock:
@@ -85,3 +94,15 @@ def finish_run_folder(run_dir: Path, aside: Path | None) -> None:
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     remove_stale_temporaries(run_dir.parent, run_dir.name)
+
+
+def git_state() -> dict:
+    """{"commit": HEAD, "dirty": whether `git status --porcelain` lists anything} of this code; None values
+    outside a git checkout (the commit alone does not say what ran when the tree had changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout
+    try:
+        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}

@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
 from config_utils.io import remove_stale_temporaries, use_default_file_modes
-from train.checkpoints import CHECKPOINT_DIR, save_tokenizer
+from train.final_model import save_tokenizer
 
+CHECKPOINT_DIR = "checkpoints"  # run_dir/checkpoints/step-NNNNNN/
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"

@@ -1,8 +1,7 @@
-"""Run folders: checkpoints and the final model in Hugging Face format (safetensors), written atomically."""
+"""A run's final model: model/ in Hugging Face format (safetensors, tokenizer, model card), written atomically;
+save_path/latest naming the last finished run; finding and loading a run's model for step 4."""
 from __future__ import annotations
 
-import re
-import subprocess
 from pathlib import Path
 
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
@@ -11,16 +10,7 @@ from data_processors.tokenizer import drop_load_options
 from train.model_card import model_card
 
 MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"  # save_path/latest names the last finished run, for step 4's default
-
-
-def run_dir_for(save_path: str, tag: str) -> Path:
-    if not re.fullmatch(r"[\w.-]+", tag):
-        raise PipelineError(f"--tag {tag!r}: use letters, digits, '.', '-' and '_' only (it names a folder)")
-    return Path(save_path) / tag
-
-
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # the encoder takes no token_type_ids
 
 
@@ -85,15 +75,3 @@ def load_model(folder: Path):
         reason = first_line(error)
         raise PipelineError(f"checkpoint {folder} is corrupt ({reason}); train the run again") from None
     return model, tokenizer
-
-
-def git_state() -> dict:
-    """{"commit": HEAD, "dirty": whether `git status --porcelain` lists anything} of this code; None values
-    outside a git checkout (the commit alone does not say what ran when the tree had changes)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout
-    try:
-        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
