@@ -21,7 +21,7 @@ natural extra question is about the pieces of one word. Per MoE layer, over the 
   at least one character, the rule of ``routing_stats.token_classes``), and ``word_piece_chance``, the squared load
   shares over those pairs' endpoints.
 * intervals: 95% document-bootstrap percentile intervals (``resampling.bootstrap_weights``; a rate is a ratio of
-  per-document sums, not a biased plug-in measure, so it is not re-centred); ``top1_excess_ci`` resamples
+  per-document sums, not a biased plug-in measure, so the plain percentiles serve); ``top1_excess_ci`` resamples
   ``top1_rate - chance`` with both recomputed per draw.
 * ``random_reference``: the same top-1 rate for random routers applied to the same hidden states (the router sample
   of ``process_exp_results.references``, the routers of ``layer_references``: same seed, same routers), on the

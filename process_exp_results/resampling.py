@@ -55,22 +55,22 @@ def bootstrap_weights(rng: np.random.Generator, n_docs: int) -> np.ndarray:
     return np.bincount(rng.integers(0, n_docs, size=n_docs), minlength=n_docs).astype(np.float64)
 
 
-def recentred_ci(samples, estimate: float | None, clip_at_zero: bool = True) -> list[float] | None:
-    """95% document-bootstrap interval: 2.5/97.5 percentiles of the bootstrap distribution, re-centred so
-    that its median sits on the point estimate; clipped at 0 for measures that are >= 0.
+def basic_ci(samples, estimate: float | None, clip_at_zero: bool = True) -> list[float] | None:
+    """95% basic bootstrap interval [2 estimate - q97.5, 2 estimate - q2.5] of the bootstrap draws' quantiles q;
+    the lower end clipped at 0 for measures that are >= 0 (``clip_at_zero``).
 
-    Plug-in information measures are biased upwards, and more so on a bootstrap sample (duplicated
-    documents mean fewer distinct observations), so the raw percentile interval of a sparse table can lie
-    entirely above the estimate it is meant to describe.  The re-centred interval keeps the bootstrap
-    spread and shape; the bias itself is what the permutation nulls (and ``null_mean``) are for.
+    For the plug-in information measures (NMI, JS, conditional MI): they are biased upwards, and a bootstrap draw
+    (duplicated documents, fewer distinct observations) inflates them about as much again, so the draws sit above
+    the estimate by about the estimator's bias. The basic interval reflects the draws about the estimate, which
+    subtracts that bias; the percentile interval would add it a second time (on small tables it can lie entirely
+    above the true value). Either can exclude the estimate itself.
     """
     samples = np.asarray(samples, dtype=np.float64)
     samples = samples[np.isfinite(samples)]
     if samples.size == 0 or estimate is None or not np.isfinite(estimate):
         return None
-    low, mid, high = np.percentile(samples, [2.5, 50.0, 97.5])
-    shift = float(estimate) - mid
-    low, high = float(low + shift), float(high + shift)
+    low, high = np.percentile(samples, [2.5, 97.5])
+    low, high = 2.0 * float(estimate) - float(high), 2.0 * float(estimate) - float(low)
     return [max(low, 0.0), max(high, 0.0)] if clip_at_zero else [low, high]
 
 

@@ -4,7 +4,7 @@ Per MoE layer, on the top choice (column 0 of ``experts``; rows with -1 ignored)
 split's documents; ``pool_held_out`` adds the held-out topics' documents, the earlier study's pooled design):
 
 * topic vs expert: NMI(topic; expert) = I / sqrt(H(topic) H(expert)) (bits), a document-level bootstrap interval
-  (``resampling.recentred_ci``) and a document-level permutation p-value (topic labels shuffled among documents,
+  (``resampling.basic_ci``) and a document-level permutation p-value (topic labels shuffled among documents,
   each document keeps its tokens and routing). Tokens of one document are not independent draws.
 * Jensen-Shannon divergence (bits) of each topic's expert distribution from the pooled one, with intervals.
 * token class vs expert (special, punctuation, digit, continuation "##" piece, function word, capitalized when the
@@ -40,7 +40,7 @@ import torch
 
 from process_exp_results.information import cmi, js_rows, nmi
 from process_exp_results.references import Factor, RouterSample, layer_references
-from process_exp_results.resampling import Cells, GroupShuffler, bootstrap_weights, p_value, recentred_ci, rng_for
+from process_exp_results.resampling import Cells, GroupShuffler, bootstrap_weights, p_value, basic_ci, rng_for
 
 __all__ = ["ALPHA", "FUNCTION_WORDS", "RoutingRecords", "analyze_routing", "is_specialized", "permutations_needed",
            "token_classes"]
@@ -405,7 +405,7 @@ def _layer_result(layer: LayerTables, observed: dict, draws: list[dict], topic_n
         cmi_value = float(observed["cmi"])
     else:
         p_cmi, null_mean, cmi_value = 1.0, 0.0, 0.0
-    excess_ci = recentred_ci(boot["cmi"], cmi_value, clip_at_zero=False)
+    excess_ci = basic_ci(boot["cmi"], cmi_value, clip_at_zero=False)
     excess_ci = None if excess_ci is None else [excess_ci[0] - null_mean, excess_ci[1] - null_mean]
     if excess_ci is not None and excess_ci[0] > 0 and p_cmi <= ALPHA:
         explained_by = "context beyond the token"
@@ -415,23 +415,23 @@ def _layer_result(layer: LayerTables, observed: dict, draws: list[dict], topic_n
         explained_by = "neither"
     return {
         "nmi": float(observed["nmi"]),
-        "nmi_ci": recentred_ci(boot["nmi"], observed["nmi"]),
+        "nmi_ci": basic_ci(boot["nmi"], observed["nmi"]),
         "p_value": p_topic,
         "js": {t: float(np.nan_to_num(observed["js"][i])) for i, t in enumerate(topics)},
-        "js_ci": {t: recentred_ci(js_boot[:, i], observed["js"][i]) for i, t in enumerate(topics)},
+        "js_ci": {t: basic_ci(js_boot[:, i], observed["js"][i]) for i, t in enumerate(topics)},
         "topic_expert_counts": tables["topic"].astype(np.int64).tolist(),
         "token_class": {
             "classes": list(class_names),
             "nmi": float(observed["class_nmi"]),
-            "nmi_ci": recentred_ci(boot["class_nmi"], observed["class_nmi"]),
+            "nmi_ci": basic_ci(boot["class_nmi"], observed["class_nmi"]),
             "p_value": p_value(observed["class_nmi"], class_null_values),
             "expert_counts": tables["class"].astype(np.int64).tolist(),
         },
         "token_id": {"nmi": float(observed["token_nmi"]),
-                     "nmi_ci": recentred_ci(boot["token_nmi"], observed["token_nmi"])},
+                     "nmi_ci": basic_ci(boot["token_nmi"], observed["token_nmi"])},
         "conditional_topic": {
             "cmi": cmi_value,
-            "cmi_ci": recentred_ci(boot["cmi"], cmi_value),
+            "cmi_ci": basic_ci(boot["cmi"], cmi_value),
             "p_value": p_cmi,
             "null_mean": null_mean,
             "cmi_excess": cmi_value - null_mean,
@@ -500,7 +500,7 @@ def _held_out_shift(records: RoutingRecords, held_out: np.ndarray, train_token_i
                     for chosen in null_sets[i]]
             entry = out[records.topic_names[t]]
             entry["js"][name] = float(np.nan_to_num(observed))
-            entry["js_ci"][name] = recentred_ci(draws, observed)
+            entry["js_ci"][name] = basic_ci(draws, observed)
             entry["js_null"][name] = float(np.nanmean(null)) if null else None
     if train_token_ids is not None:
         for t in held_topics:
