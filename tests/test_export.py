@@ -150,7 +150,7 @@ def test_inside_the_repository_the_export_loads_with_the_repository_code(exporte
 
 
 def saved_checkpoint(tmp_path: Path, tokenizer_folder: Path) -> Path:
-    from train.state import save_checkpoint
+    from train.checkpoints import save_checkpoint
 
     tokenizer = loaded_tokenizer(tokenizer_folder)
     model = tiny_model(len(tokenizer), tokenizer.pad_token_id).train()

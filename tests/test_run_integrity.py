@@ -350,7 +350,7 @@ def test_encode_reads_the_start_of_long_texts_and_gives_the_plain_result():
 
 
 def test_pruning_removes_the_temporaries_of_a_killed_checkpoint_write(tmp_path):
-    from train.state import prune_checkpoints
+    from train.checkpoints import prune_checkpoints
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -22,7 +22,7 @@ from pathlib import Path
 from config_utils import PipelineError
 from config_utils.io import remove_stale_temporaries
 from train.final_model import MODEL_DIR
-from train.state import CHECKPOINT_DIR
+from train.checkpoints import CHECKPOINT_DIR
 
 
 def run_dir_for(save_path: str, tag: str) -> Path:

@@ -29,13 +29,13 @@ from config_utils.contracts import read_step2_output, step2_command, step3_comma
 from config_utils.io import check_output_folder
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from models.router import LinearRouter
-from train.final_model import MODEL_DIR, mark_latest, save_model
+from train.checkpoints import (StopRequest, checkpoint_folder, complete_checkpoints, load_checkpoint,
+                               prune_checkpoints, resolve_resume, save_checkpoint)
 from train.data import TrainBatches
+from train.final_model import MODEL_DIR, mark_latest, save_model
 from train.loop import (NonFiniteLoss, evaluate_sharded, gather_rng_states, make_accelerator, optimizer_for,
                         restore_rng_states, train_step)
 from train.run_folder import RunLock, finish_run_folder, git_state, run_dir_for, start_run_folder
-from train.state import (StopRequest, checkpoint_folder, complete_checkpoints, load_checkpoint, prune_checkpoints,
-                         resolve_resume, save_checkpoint)
 from train.routing_snapshots import (SNAPSHOT_DIR, last_snapshot, probe_batches, routing_snapshot, save_snapshot,
                                      snapshot_path, snapshot_steps, top1_agreement)
 from train.tracking import (RoutingHealth, RoutingRecorder, package_versions, start_aim_run, track_expert_load,

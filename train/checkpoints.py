@@ -1,4 +1,4 @@
-"""Resumable training state: checkpoints holding model, optimizer, scheduler, RNG and data position;
+"""Checkpoints, to resume a run: model, optimizer, scheduler, RNG and data position, written atomically;
 finding the newest one, pruning old ones, and turning SIGINT/SIGTERM into "save, then stop".
 
 A checkpoint folder checkpoints/step-NNNNNN/ holds the model and tokenizer (save_pretrained,
