@@ -1,4 +1,5 @@
-"""MLM masking (BERT's rule): pick `mask_prob` of the real tokens; of those 80% -> [MASK],
+"""MLM masking (BERT's rule): pick `mask_prob` of the real tokens that are not special tokens ([CLS], [SEP],
+[PAD], and [UNK] too, as transformers' DataCollatorForLanguageModeling does); of those 80% -> [MASK],
 10% -> a random regular token, 10% unchanged. Labels hold the original id there and -100 elsewhere.
 
 Each document draws from its own generator seeded by (seed, doc_id), so the result does not depend
@@ -10,6 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 IGNORE_INDEX = -100
+
+
+def maskable_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, special_token_ids: np.ndarray) -> np.ndarray:
+    """[T] bool: the real tokens MLM may pick. Every special id is excluded, [UNK] included: real text gives
+    [UNK] tokens, and predicting "unknown" teaches nothing (the tokenizer's special-tokens mask misses it)."""
+    return (np.asarray(attention_mask) != 0) & ~np.isin(input_ids, special_token_ids)
 
 
 def mask_tokens(input_ids: np.ndarray, maskable: np.ndarray, rng: np.random.Generator, mask_prob: float,

@@ -19,8 +19,8 @@ from .encoder import (
     MoEMaskedLMOutput,
 )
 from .experts import DenseFFN, StackedExperts
-from .losses import load_balancing_loss, router_z_loss
-from .moe import MoELayer, MoELayerStats
+from .losses import BalancingSums, count_assignments, load_balancing_loss, router_z_loss, switch_balancing_loss
+from .moe import DenseBaselineLayer, ExpertChoiceLayer, MoELayer, MoELayerStats, RealTokens, TokenChoiceLayer
 from .router import ExpertChoiceOutput, ExpertChoiceRouter, RouterOutput, TopKRouter, expert_capacity
 
 # exist_ok: re-importing (pytest, notebooks, importlib.reload) must not raise "already used".
@@ -33,7 +33,10 @@ MoEEncoderModel.register_for_auto_class("AutoModel")
 MoEEncoderForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
 __all__ = [
+    "BalancingSums",
+    "DenseBaselineLayer",
     "DenseFFN",
+    "ExpertChoiceLayer",
     "ExpertChoiceOutput",
     "ExpertChoiceRouter",
     "MoEEncoderConfig",
@@ -44,10 +47,14 @@ __all__ = [
     "MoEMaskedLMOutput",
     "MoELayer",
     "MoELayerStats",
+    "RealTokens",
     "RouterOutput",
     "StackedExperts",
+    "TokenChoiceLayer",
     "TopKRouter",
+    "count_assignments",
     "expert_capacity",
     "load_balancing_loss",
     "router_z_loss",
+    "switch_balancing_loss",
 ]

@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from .configuration import MoEEncoderConfig
 from .experts import DenseFFN, StackedExperts
-from .moe import MoELayer, MoELayerStats
+from .moe import MoELayer, MoELayerStats, RealTokens
 
 
 class SelfAttention(nn.Module):
@@ -48,11 +48,11 @@ class EncoderBlock(nn.Module):
         self.ffn = MoELayer(config) if use_moe else DenseFFN(config.embedding_dim, config.moe_dim, config.expert_type)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, real_token_mask: torch.Tensor) -> tuple[torch.Tensor, MoELayerStats | None]:
-        x = x + self.resid_dropout(self.attn(self.ln1(x), real_token_mask))
+    def forward(self, x: torch.Tensor, real: RealTokens) -> tuple[torch.Tensor, MoELayerStats | None]:
+        x = x + self.resid_dropout(self.attn(self.ln1(x), real.mask))
         stats = None
         if self.use_moe:
-            ffn_out, stats = self.ffn(self.ln2(x), real_token_mask)
+            ffn_out, stats = self.ffn(self.ln2(x), real)
         else:
             ffn_out = self.ffn(self.ln2(x))
         return x + self.resid_dropout(ffn_out), stats
@@ -66,6 +66,7 @@ class MoEEncoderOutput(ModelOutput):
     expert_indices: tuple[torch.Tensor, ...] | None = None  # per MoE layer [B, T, k], -1 at padding
     router_probs: tuple[torch.Tensor, ...] | None = None  # per MoE layer [B, T, E], 0 at padding
     dropped_fraction: tuple[torch.Tensor, ...] | None = None  # per MoE layer, share of assignments dropped
+    layer_stats: tuple[MoELayerStats, ...] | None = None  # per MoE layer, everything above and what training needs
 
 
 @dataclass
@@ -78,6 +79,7 @@ class MoEMaskedLMOutput(ModelOutput):
     expert_indices: tuple[torch.Tensor, ...] | None = None
     router_probs: tuple[torch.Tensor, ...] | None = None
     dropped_fraction: tuple[torch.Tensor, ...] | None = None  # per MoE layer (0 when dropless)
+    layer_stats: tuple[MoELayerStats, ...] | None = None  # per MoE layer (models/moe.py MoELayerStats)
 
 
 class MoEEncoderPreTrainedModel(PreTrainedModel):
@@ -135,13 +137,13 @@ class MoEEncoderModel(MoEEncoderPreTrainedModel):
             raise ValueError(f"input has {seq_len} positions, the model was built for seq_len={self.config.seq_len}")
         if attention_mask is None:
             attention_mask = input_ids != self.config.pad_token_id
-        real_token_mask = attention_mask.bool()
+        real = RealTokens.of(attention_mask.bool())  # once for all MoE layers: its nonzero() is a host sync
 
         positions = torch.arange(seq_len, device=input_ids.device)
         x = self.embedding_dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
         layer_stats = []
         for block in self.blocks:
-            x, stats = block(x, real_token_mask)
+            x, stats = block(x, real)
             if stats is not None:
                 layer_stats.append(stats)
 
@@ -153,6 +155,7 @@ class MoEEncoderModel(MoEEncoderPreTrainedModel):
             expert_indices=tuple(s.expert_index for s in layer_stats),
             router_probs=tuple(s.router_probs for s in layer_stats),
             dropped_fraction=tuple(s.dropped_fraction for s in layer_stats),
+            layer_stats=tuple(layer_stats),
         )
 
 
@@ -239,5 +242,6 @@ class MoEEncoderForMaskedLM(MoEEncoderPreTrainedModel):
             expert_indices=encoded.expert_indices,
             router_probs=encoded.router_probs,
             dropped_fraction=encoded.dropped_fraction,
+            layer_stats=encoded.layer_stats,
         )
         return output if return_dict else output.to_tuple()

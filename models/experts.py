@@ -132,6 +132,8 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
 class StackedExperts(nn.Module):
     """E independent FFNs of one expert_type; expert e's weights live at index e of each stacked tensor."""
 
+    bias_names = ("b_in", "b_out")  # biases, though 2-D ([E, h], [E, d]): the optimizer does not decay them
+
     def __init__(self, n_experts: int, d_model: int, hidden_dim: int, expert_type: str = "mlp", init_std: float = 0.02):
         super().__init__()
         self.n_experts = n_experts

@@ -89,13 +89,16 @@ def test_router_supervision_is_the_routers_cross_entropy_and_trains_the_routers_
                                                    n_encoder_blocks=2, n_experts=4, top_k_experts=1, moe_dim=16,
                                                    dropout=0.0, pad_token_id=0))
     recorder = RoutingRecorder(model, 4, torch.device("cpu"))
+    router_logits = []  # what the routers computed in the forward, for the expected value
+    for layer in recorder.moe_layers:
+        layer.router.register_forward_hook(lambda module, inputs, output: router_logits.append(output.logits))
     ids, mask = torch.randint(1, 50, (3, 8)), torch.ones(3, 8, dtype=torch.bool)
     mask[2, 5:] = False
-    model(input_ids=ids, attention_mask=mask)
+    output = model(input_ids=ids, attention_mask=mask)
     target = torch.tensor([0, 3, 1])  # one target expert per sequence
-    total = router_supervision_sum(recorder, target, mask)
+    total = router_supervision_sum(recorder.moe_layers, output.layer_stats, target, mask)
     per_token = target[:, None].expand(3, 8)[mask]  # the routers see the real tokens in row-major order
-    expected = sum(F.cross_entropy(routed.logits, per_token, reduction="sum") for routed in recorder.router_outputs)
+    expected = sum(F.cross_entropy(logits, per_token, reduction="sum") for logits in router_logits)
     assert torch.allclose(total, expected)
     total.backward()
     assert all(layer.router.linear.weight.grad.abs().sum() > 0 for layer in recorder.moe_layers)

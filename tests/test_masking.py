@@ -207,3 +207,23 @@ def test_step2_rerun_with_another_seed_changes_the_masks(step2_output, tmp_path)
     check_ok(run_step(2, *step_config_args(2), *options, cwd=tmp_path))
     a, b = load_masked(first_dir / "masked", "train"), load_masked(tmp_path / "masked", "train")
     assert not (a["input_ids"].shape == b["input_ids"].shape and np.array_equal(a["labels"], b["labels"]))
+
+
+def test_step2_never_picks_unk_or_other_special_tokens():
+    """Real text gives [UNK] tokens; like transformers' DataCollatorForLanguageModeling, MLM never picks one
+    (the tokenizer's special-tokens mask marks [CLS], [SEP] and [PAD] only)."""
+    from data_processors.dataset import tokenize_and_mask
+    from data_processors.tokenizer import train_wordpiece
+
+    texts = ["the cat sat on the mat and the dog sat too"] * 50
+    tokenizer = train_wordpiece(lambda: iter([texts]), 100, len(texts))
+    unknown = ["€ ☃ ✈ 中 文 字 ♞ ♜ " * 4 + str(i) for i in range(40)]  # characters the vocabulary never saw
+    random_ids = np.array(sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids)))
+    batch = {"doc_id": list(range(40)), "topic": ["t"] * 40, "text": unknown}
+    out = tokenize_and_mask(batch, tokenizer, seq_len=32, seed=0, mask_prob=1.0, random_token_ids=random_ids)
+    ids = np.array(out["unmasked_ids"])
+    labels = np.array(out["labels"])
+    assert (ids == tokenizer.unk_token_id).sum() > 100  # the text really is mostly [UNK]
+    assert not np.isin(labels[labels != IGNORE_INDEX], tokenizer.all_special_ids).any()
+    regular = (np.array(out["attention_mask"]) == 1) & ~np.isin(ids, tokenizer.all_special_ids)
+    assert ((labels != IGNORE_INDEX) == regular).all()  # mask_prob 1: every regular token is picked

@@ -209,3 +209,57 @@ def test_bf16_on_the_cpu_runs_as_the_fp16_message_says(data):
                                *sets(**{"train.mixed_precision": "bf16", "train.max_steps": 2}), "--tag", "bf16",
                                cwd=tmp_path, timeout=180))
     assert "bf16 precision" in result.stdout and "on 1 x cpu" in result.stdout
+
+
+def one_train_step(config, seed: int = 0):
+    """One train.loop.train_step on a random batch with padding; returns (its StepResult, the MoE layers' stats)."""
+    import torch
+    from accelerate import Accelerator
+
+    from models import MoEEncoderForMaskedLM, MoELayer
+    from train.loop import optimizer_for, train_step
+    from train.tracking import RoutingRecorder
+
+    torch.manual_seed(seed)
+    model = MoEEncoderForMaskedLM(config)
+    stats = []  # what each MoE layer itself reported in the step's forward
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.register_forward_hook(lambda module, inputs, output: stats.append(output[1]))
+    optimizer = optimizer_for(model, 1e-3, 0.0, fused=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    input_ids = torch.randint(5, config.vocab_size, (4, config.seq_len))
+    attention_mask = torch.ones(4, config.seq_len, dtype=torch.bool)
+    attention_mask[1, 5:] = False
+    labels = torch.where((torch.rand(4, config.seq_len) < 0.3) & attention_mask, input_ids, -100)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    result = train_step(Accelerator(cpu=True), model, optimizer, scheduler, [batch],
+                        RoutingRecorder(model, config.n_experts, torch.device("cpu")), None, False, 1)
+    return result, stats
+
+
+def test_expert_choice_training_metrics_are_the_layers_own():
+    """An expert-choice token no expert picked is still a real token: the logged dropped_fraction is the layer's d
+    (it read d(1-d) when real tokens were counted as expert_index >= 0) and the z-loss is not scaled by (1-d)."""
+    from models import MoEEncoderConfig
+
+    config = MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=16, num_head=2, n_encoder_blocks=2,
+                              n_experts=4, top_k_experts=1, moe_dim=16, dropout=0.0, router_type="expert_choice",
+                              capacity_factor=0.5, router_z_loss_coef=0.1)
+    result, stats = one_train_step(config)
+    dropped = [float(layer.dropped_fraction) for layer in stats]
+    assert min(dropped) > 0.3  # capacity 0.5: at least half the tokens are picked by no expert
+    assert result.layer_metrics["dropped_fraction"] == pytest.approx(dropped, rel=1e-6)
+    assert result.layer_metrics["z_loss"] == pytest.approx([float(layer.z_loss.detach()) for layer in stats], rel=1e-6)
+
+
+def test_token_choice_training_metrics_are_the_layers_own():
+    from models import MoEEncoderConfig
+
+    config = MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=16, num_head=2, n_encoder_blocks=2,
+                              n_experts=4, top_k_experts=2, moe_dim=16, dropout=0.0, capacity_factor=0.6,
+                              router_z_loss_coef=0.1, load_balance_coef=0.01)
+    result, stats = one_train_step(config)
+    assert result.layer_metrics["dropped_fraction"] == pytest.approx([float(s.dropped_fraction) for s in stats])
+    assert result.layer_metrics["z_loss"] == pytest.approx([float(s.z_loss.detach()) for s in stats], rel=1e-6)
+    assert result.layer_metrics["aux_loss"] == pytest.approx([float(s.load_balance_loss.detach()) for s in stats], rel=1e-6)

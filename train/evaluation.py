@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from data_processors.masking import IGNORE_INDEX
+from models.losses import count_assignments
 
 MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]
 
@@ -23,17 +24,6 @@ def mlm_loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)  # same seed, same data order
     return torch.utils.data.DataLoader(dataset.with_format("numpy", columns=MODEL_COLUMNS), batch_size=batch_size,
                                        shuffle=shuffle, generator=generator, collate_fn=collate_mlm)
-
-
-def count_experts(expert_indices: tuple[torch.Tensor, ...], n_experts: int) -> torch.Tensor:
-    """[n_moe_layers, n_experts] counts of real tokens per chosen expert (padding is -1, skipped)."""
-    if not expert_indices:
-        return torch.zeros(0, n_experts, dtype=torch.long)
-    rows = []
-    for chosen in expert_indices:
-        chosen = chosen.reshape(-1)
-        rows.append(torch.bincount(chosen[chosen >= 0], minlength=n_experts))
-    return torch.stack(rows)
 
 
 @dataclass
@@ -87,7 +77,8 @@ def evaluate_mlm(model, loader, device: torch.device, max_batches: int | None = 
         masked += is_masked.sum()
         real += batch["attention_mask"].sum()
         label_counts += torch.bincount(targets, minlength=label_counts.numel())
-        expert_counts += count_experts(output.expert_indices, n_experts).to(device)
+        for row, expert_index in enumerate(output.expert_indices):  # each token's expert(s); -1 skipped
+            expert_counts[row] += count_assignments(expert_index, n_experts)
     model.train(was_training)
     n_masked = max(int(masked), 1)
     return EvalResult(mlm_loss=float(loss_sum) / n_masked, accuracy=int(correct) / n_masked,

@@ -13,6 +13,7 @@ the z-loss, a mean over every real token of the step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 
 from config_utils import PipelineError
 from data_processors.masking import IGNORE_INDEX
-from models.losses import count_assignments
+from models.losses import BalancingSums, switch_balancing_loss
 from train.evaluation import EvalResult, evaluate_mlm, mlm_loader
 from train.tracking import LAYER_SUMS, RoutingRecorder, routing_metric_names
 
@@ -44,17 +45,32 @@ def make_accelerator(train_config: dict) -> Accelerator:
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
+def no_decay_parameter(module: torch.nn.Module, name: str) -> bool:
+    """BERT's recipe: biases and LayerNorm weights are not decayed. A bias is any parameter its module names so:
+    nn.Linear's `bias`, and StackedExperts' per-expert biases b_in [E, h] / b_out [E, d], which are 2-D."""
+    return isinstance(module, torch.nn.LayerNorm) or name in getattr(module, "bias_names", ("bias",))
+
+
+def parameter_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """The trainable parameters (frozen ones left out), named, split into "decay" and "no_decay"; a tied weight once."""
+    groups, seen = {"decay": [], "no_decay": []}, set()
+    for module_name, module in model.named_modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if not parameter.requires_grad or id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            group = "no_decay" if no_decay_parameter(module, name) else "decay"
+            groups[group].append((f"{module_name}.{name}" if module_name else name, parameter))
+    return groups
+
+
 def optimizer_for(model: torch.nn.Module, learning_rate: float, weight_decay: float,
                   fused: bool) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (frozen ones are left out); biases and LayerNorm weights are not
-    decayed (BERT's recipe); fused kernels on CUDA."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, fused=fused or None)
+    """AdamW over the trainable parameters; biases and LayerNorm weights are not decayed; fused kernels on CUDA."""
+    groups = parameter_groups(model)
+    return torch.optim.AdamW([{"params": [p for _, p in groups["decay"]], "weight_decay": weight_decay},
+                              {"params": [p for _, p in groups["no_decay"]], "weight_decay": 0.0}],
+                             lr=learning_rate, fused=fused or None)
 
 
 @dataclass
@@ -65,40 +81,40 @@ class StepResult:
     stop_requested: bool                   # any process got SIGINT/SIGTERM
 
 
-def global_balancing_loss(accelerator: Accelerator, router_outputs: list, n_experts: int):
-    """Per MoE layer: (this process's differentiable share, the global value), over all processes' tokens."""
-    if not router_outputs:  # no MoE block
-        zero = torch.zeros(0, dtype=torch.float64, device=accelerator.device)
+def global_balancing_loss(accelerator: Accelerator, layer_stats, n_experts: int):
+    """Per MoE layer: (this process's differentiable share, the global value) of models.losses.switch_balancing_loss
+    over all processes' tokens: the layers' BalancingSums are summed over processes (one collective), and each
+    process differentiates only its own probability sums."""
+    sums = [stats.balancing for stats in layer_stats]
+    if not sums or any(layer is None for layer in sums):  # no MoE block, expert choice, or the dense baseline
+        zero = torch.zeros(len(sums), dtype=torch.float64, device=accelerator.device)
         return zero, zero
-    # expert choice (balanced by construction) or the dense baseline: no such loss
-    if any(routed is None or not hasattr(routed, "expert_index") for routed in router_outputs):
-        zero = torch.zeros(len(router_outputs), dtype=torch.float64, device=accelerator.device)
-        return zero, zero
-    probs = [routed.probs for routed in router_outputs]  # [N real tokens, E] each, with gradients
-    counts = torch.stack([count_assignments(routed.expert_index, n_experts) for routed in router_outputs]).double()
-    prob_sums = torch.stack([layer_probs.detach().sum(0) for layer_probs in probs]).double()
-    n_tokens = counts.new_tensor([probs[0].shape[0], router_outputs[0].expert_index.numel()])
-    totals = accelerator.reduce(torch.cat([counts.reshape(-1), prob_sums.reshape(-1), n_tokens]), "sum")
-    n_layers = len(probs)
-    global_counts, global_prob_sums = totals[:n_layers * n_experts], totals[n_layers * n_experts:-2]
-    n_tokens_all, n_assignments_all = totals[-2].clamp(min=1), totals[-1].clamp(min=1)
-    assignment_fraction = (global_counts / n_assignments_all).reshape(n_layers, n_experts)
-    share = torch.stack([n_experts * (assignment_fraction[row].to(layer_probs.dtype) * layer_probs.sum(0)).sum()
-                         / n_tokens_all.to(layer_probs.dtype) for row, layer_probs in enumerate(probs)])
-    value = n_experts * (assignment_fraction * global_prob_sums.reshape(n_layers, n_experts)).sum(1) / n_tokens_all
-    return share, value
+    local = BalancingSums(prob_sums=torch.stack([layer.prob_sums for layer in sums]),
+                          counts=torch.stack([layer.counts for layer in sums]),
+                          n_tokens=torch.stack([layer.n_tokens for layer in sums]),
+                          n_assignments=torch.stack([layer.n_assignments for layer in sums]))
+    n_layers = len(sums)
+    flat = torch.cat([local.counts.double().reshape(-1), local.prob_sums.detach().double().reshape(-1),
+                      local.n_tokens.double(), local.n_assignments.double()])
+    totals = accelerator.reduce(flat, "sum")
+    size = n_layers * n_experts
+    global_sums = BalancingSums(prob_sums=totals[size:2 * size].view(n_layers, n_experts),
+                                counts=totals[:size].view(n_layers, n_experts),
+                                n_tokens=totals[2 * size:2 * size + n_layers], n_assignments=totals[2 * size + n_layers:])
+    share = switch_balancing_loss(dataclasses.replace(global_sums, prob_sums=local.prob_sums), n_experts)
+    return share, switch_balancing_loss(global_sums, n_experts)
 
 
-def router_supervision_sum(recorder: RoutingRecorder, router_target: torch.Tensor, real_token_mask: torch.Tensor):
+def router_supervision_sum(moe_layers: list, layer_stats, router_target: torch.Tensor, real_token_mask: torch.Tensor):
     """train.router_supervision (a control): cross-entropy of every router's logits against each real token's target
     expert (its document's), summed over tokens and MoE layers. The router input is detached, so the term trains the
     router weights only (reaching the layers below, it made the hidden states cluster by topic, and random routers
     on them split the topics too: a representation that learned the topic, not a router)."""
     targets = router_target[:, None].expand(real_token_mask.shape)[real_token_mask]  # the routers' row order
     total = 0.0
-    for layer, router_input in zip(recorder.moe_layers, recorder.router_inputs):
+    for layer, stats in zip(moe_layers, layer_stats):
         weight = layer.router.linear.weight
-        logits = torch.nn.functional.linear(router_input.detach().to(torch.float32), weight.to(torch.float32))
+        logits = torch.nn.functional.linear(stats.router_input.detach().to(torch.float32), weight.to(torch.float32))
         total = total + torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     return total
 
@@ -137,10 +153,11 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             output = model(**batch, masked_logits_only=True)  # logits [n_masked, V]
             masked_here = is_masked.sum()
-            balancing_share, balancing = global_balancing_loss(accelerator, recorder.router_outputs, config.n_experts)
+            recorder.record(output.layer_stats)
+            balancing_share, balancing = global_balancing_loss(accelerator, output.layer_stats, config.n_experts)
             recorder.step_sums[:, 0] += balancing / world_size  # summed over processes below
-            supervision = (None if router_target is None else
-                           router_supervision_sum(recorder, router_target, batch["attention_mask"]))
+            supervision = (None if router_target is None else router_supervision_sum(
+                recorder.moe_layers, output.layer_stats, router_target, batch["attention_mask"]))
             loss = step_loss(output, balancing_share, masked_here, batch["attention_mask"].sum(), masked_total,
                              real_total, n_micro, world_size, config, supervision, supervision_coef)
             accelerator.backward(loss)
@@ -173,7 +190,6 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
     if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    recorder.release()  # the step's router tensors are done with; evaluation must not keep them alive
     per_layer = {"router_entropy": (layer_sums[:, 2] / real_total).tolist(), "aux_loss": aux_by_layer,
                  "z_loss": z_by_layer, "dropped_fraction": (layer_sums[:, 3] / real_total).tolist()}
     wanted = routing_metric_names(config)
@@ -196,11 +212,7 @@ def evaluate_sharded(accelerator: Accelerator, model, dataset, batch_size: int, 
     world_size = accelerator.num_processes
     shard = dataset.shard(world_size, accelerator.process_index, contiguous=True) if world_size > 1 else dataset
     loader = mlm_loader(shard, max(batch_size // world_size, 1))
-    recorder.enabled = False
-    try:
-        result = evaluate_mlm(accelerator.unwrap_model(model), loader, accelerator.device, max_batches)
-    finally:
-        recorder.enabled = True
+    result = evaluate_mlm(accelerator.unwrap_model(model), loader, accelerator.device, max_batches)
     if world_size == 1:
         return result
     sums = torch.tensor([result.mlm_loss * result.masked_tokens, result.accuracy * result.masked_tokens,

@@ -15,19 +15,18 @@ layer can drop, none for the dense baseline. Entropies are in bits, as in step 4
                   no context:     learning_rate, grad_norm, tokens_per_s
   every eval,     subset=valid:   mlm_loss, accuracy; + layer: routing_agreement (top-1 of the probe tokens vs
                                   the previous evaluation's, train/routing_snapshots.py)
-                  subset=train|valid + layer + expert: expert_load
+                  subset=train|valid + layer + expert: expert_load (token choice: share of the (token, expert)
+                                  assignments) or best_expert_share (expert choice; see expert_load_name)
 """
 from __future__ import annotations
 
 import platform
-from functools import partial
 from importlib import metadata
 
 import numpy as np
 import torch
 
-from models import MoELayer
-from train.evaluation import count_experts
+from models import MoELayer, count_assignments
 
 # per-layer sums kept by RoutingRecorder, one column each
 LAYER_SUMS = ("aux_loss_global", "z_loss_x_tokens", "entropy_bits_x_tokens", "dropped_x_tokens", "real_tokens")
@@ -38,9 +37,10 @@ RECORDED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "acceler
 
 
 class RoutingRecorder:
-    """Per-MoE-layer routing sums of the current step, filled by forward hooks, kept on the device.
+    """Per-MoE-layer routing sums of the current step, taken from the model output's layer stats, on the device.
 
-    Only counts and sums accumulate (bincount into a preallocated tensor): nothing grows with the run.
+    Only counts and sums accumulate (scatter-adds into preallocated tensors): nothing grows with the run, and
+    nothing waits on the host. train_step records every training micro-batch; evaluation records nothing.
     """
 
     def __init__(self, model: torch.nn.Module, n_experts: int, device: torch.device):
@@ -49,41 +49,21 @@ class RoutingRecorder:
         self.step_sums = torch.zeros(len(self.moe_layers), len(LAYER_SUMS), dtype=torch.float64, device=device)
         self.expert_counts = torch.zeros(len(self.moe_layers), n_experts, dtype=torch.long, device=device)
         self.step_counts = torch.zeros_like(self.expert_counts)  # this step's, for the training-health checks
-        self.enabled = True  # off during evaluation, which runs the same modules
-        self.router_outputs: list = [None] * len(self.moe_layers)  # this forward's, with gradients
-        self.router_inputs: list = [None] * len(self.moe_layers)  # this forward's [real tokens, d]
-        for row, layer in enumerate(self.moe_layers):
-            layer.register_forward_hook(partial(self._record, row))
-            if hasattr(layer, "router"):  # the dense baseline (n_experts: 1) has no router
-                layer.router.register_forward_hook(partial(self._keep_router_output, row))
-
-    def _keep_router_output(self, row: int, module, inputs, output) -> None:
-        if self.enabled:  # RouterOutput (token choice) or ExpertChoiceOutput
-            self.router_outputs[row], self.router_inputs[row] = output, inputs[0]
 
     @torch.no_grad()
-    def _record(self, row: int, module, inputs, output) -> None:
-        if not self.enabled:
-            return
-        stats = output[1]
-        chosen = stats.expert_index.reshape(-1, stats.expert_index.shape[-1])
-        real = (chosen[:, 0] >= 0).sum().double()
-        probs = stats.router_probs.double()
-        entropy = -(probs * probs.clamp_min(1e-30).log2()).sum()  # bits; padding rows are all 0 and add nothing
-        # None until the MoE layer reports it: the default layer is dropless (every token is routed)
-        dropped = getattr(stats, "dropped_fraction", None)
-        dropped = real.new_zeros(()) if dropped is None else dropped.detach().double()
-        # column 0 (balancing loss) is filled by the loop, over the global micro-batch
-        self.step_sums[row] += torch.stack([real.new_zeros(()),
-                                            stats.z_loss.detach().double() * real, entropy, dropped * real, real])
-        counts = count_experts((chosen,), self.n_experts)[0]
-        self.expert_counts[row] += counts
-        self.step_counts[row] += counts
-
-    def release(self) -> None:
-        """Drop the last forward's router outputs and inputs (and the graph they hold)."""
-        self.router_outputs = [None] * len(self.moe_layers)
-        self.router_inputs = [None] * len(self.moe_layers)
+    def record(self, layer_stats) -> None:
+        """Add one forward's MoELayerStats (one per MoE layer). Means are weighted by the layer's real tokens,
+        counted from the mask: an expert-choice token that no expert picked is real too."""
+        for row, stats in enumerate(layer_stats):
+            real = stats.real_tokens.double()
+            probs = stats.router_probs.double()
+            entropy = -(probs * probs.clamp_min(1e-30).log2()).sum()  # bits; padding rows are all 0 and add nothing
+            # column 0 (balancing loss) is filled by the loop, over the global micro-batch
+            self.step_sums[row] += torch.stack([real.new_zeros(()), stats.z_loss.detach().double() * real, entropy,
+                                                stats.dropped_fraction.detach().double() * real, real])
+            counts = count_assignments(stats.expert_index, self.n_experts)
+            self.expert_counts[row] += counts
+            self.step_counts[row] += counts
 
     def take_step_counts(self) -> torch.Tensor:
         counts = self.step_counts.clone()
@@ -195,12 +175,21 @@ def track_step(run, step: int, subset: str, metrics: dict[str, float], layer_met
             run.track(value, name=name, step=step, context={"subset": subset, "layer": layer_name(layer)})
 
 
-def track_expert_load(run, expert_counts: torch.Tensor, moe_layers: list[int], step: int, subset: str) -> None:
-    """Per-layer share of real tokens sent to each expert, as Aim contexts (subset, layer, expert)."""
+def expert_load_name(config) -> str:
+    """What the per-expert shares of the routing counts are, for this router: token choice counts the (token,
+    expert) assignments the router made, expert_load. Under expert choice every expert processes exactly its
+    capacity (a constant 1/E); what varies is each picked token's highest-gate expert, best_expert_share."""
+    return "best_expert_share" if config.router_type == "expert_choice" else "expert_load"
+
+
+def track_expert_load(run, expert_counts: torch.Tensor, moe_layers: list[int], step: int, subset: str,
+                      name: str = "expert_load") -> None:
+    """Per-layer shares of the routing counts per expert, as Aim contexts (subset, layer, expert); name from
+    expert_load_name(config)."""
     if run is None:
         return
     shares = expert_counts.float() / expert_counts.sum(dim=1, keepdim=True).clamp(min=1)
     for row, layer in enumerate(moe_layers):
         for expert, share in enumerate(shares[row].tolist()):
-            run.track(share, name="expert_load", step=step,
+            run.track(share, name=name, step=step,
                       context={"subset": subset, "layer": layer_name(layer), "expert": expert})
