@@ -10,21 +10,27 @@ several through torchrun / accelerate launch (batch_size is the global batch, sp
     torchrun --standalone --nproc_per_node=2 train/train.py ... --tag demo
 SIGINT/SIGTERM save a checkpoint after the current step and exit with 130/143.
 """
+from __future__ import annotations
+
 import sys
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
 
+import argparse
 import math
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import datasets
 import torch
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from config_utils import PipelineError, load_step_configs, run_step, step_parser, write_json_atomic
+from config_utils import ConfigSection, PipelineError, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import read_step2_output, step2_command, step3_command, step4_command
 from config_utils.io import check_output_folder
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
@@ -58,7 +64,7 @@ def freeze_routers(model: MoEEncoderForMaskedLM) -> None:
 
 
 def add_router_targets(train_set, n_experts: int):
-    """train.router_supervision=topic: each sequence's target expert, topic t (of the sorted train topics) -> t mod E."""
+    """train.router_supervision=topic: each sequence's target expert, topic t of the sorted train topics -> t mod E."""
     if n_experts < 2:
         raise PipelineError("train.router_supervision=topic needs routers: set model.n_experts to 2 or more")
     topics = sorted(set(train_set["topic"]))
@@ -67,7 +73,56 @@ def add_router_targets(train_set, n_experts: int):
             expert_of_topic)
 
 
+@dataclass
+class Run:
+    """What the phases of one training run share: set up fills it in phase by phase, the loop advances `state`,
+    finish writes the model and the manifest from it."""
+    # read_inputs: the configs and step 2's output
+    args: argparse.Namespace
+    model_config: ConfigSection
+    dataset_config: ConfigSection
+    train_config: ConfigSection
+    step2_manifest: dict
+    step2_hash: str
+    tokenizer: PreTrainedTokenizerBase
+    train_set: datasets.Dataset
+    valid_set: datasets.Dataset
+    expert_of_topic: dict | None  # train.router_supervision=topic: the train topics' target experts
+    supervision_coef: float
+    # claim_run_folder: the processes and the run folder they write
+    accelerator: Accelerator | None = None
+    tag: str = ""
+    run_dir: Path | None = None
+    run_lock: RunLock | None = None  # main process only
+    replaced_run: Path | None = None  # where --overwrite set the earlier run aside until this one finishes
+    resume_from: Path | None = None
+    # build_training and resume_or_start: what the steps change
+    model: torch.nn.Module | None = None  # prepared (DDP-wrapped with several processes)
+    unwrapped: MoEEncoderForMaskedLM | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    batches: TrainBatches | None = None
+    total_steps: int = 0
+    state: dict = field(default_factory=dict)  # what a checkpoint stores: step, data position, eval history, ...
+    # start_tracking: what watches the run
+    n_parameters: int = 0
+    aim_run: Any = None  # None on the processes that do not write to Aim
+    recorder: RoutingRecorder | None = None
+    moe_layers: list[int] = field(default_factory=list)
+    health: RoutingHealth | None = None  # token choice only: an expert-choice layer is balanced by construction
+    probe: list[dict] | None = None  # the validation batches whose routing is snapshotted at each evaluation
+    previous_snapshot: torch.Tensor | None = None
+    snapshot_seconds: float = 0.0
+    started: float = 0.0  # perf_counter at the first step of this start
+
+
 def main() -> None:
+    run = set_up(parse_args())
+    train(run)
+    finish(run)
+
+
+def parse_args() -> argparse.Namespace:
     parser = step_parser(__doc__, {"model": ("--config-model", "model_params.yaml"),
                                    "dataset": ("--config-dataset", "dataset_params.yaml"),
                                    "train": ("--config-train", "train_params.yaml")})
@@ -76,7 +131,22 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run with the same tag")
     parser.add_argument("--resume", metavar="latest|PATH", default=None,
                         help="continue the run --tag from its newest checkpoint, or from a checkpoint folder")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+# ---- set up: inputs, run folder, model, resume, tracking -----------------------------------------------------------
+
+def set_up(args: argparse.Namespace) -> Run:
+    run = read_inputs(args)
+    claim_run_folder(run)
+    build_training(run)
+    resume_or_start(run)
+    start_tracking(run)
+    return run
+
+
+def read_inputs(args: argparse.Namespace) -> Run:
+    """The configs and step 2's output, checked against each other; nothing is written yet."""
     configs = load_step_configs(args, ["model", "dataset", "train"])
     model_config, dataset_config, train_config = configs["model"], configs["dataset"], configs["train"]
     if args.resume and args.resume != "latest" and args.tag is None:
@@ -101,198 +171,269 @@ def main() -> None:
                                 "them fixed: set one of them off")
         train_set, expert_of_topic = add_router_targets(train_set, model_config.n_experts)
     supervision_coef = train_config.router_supervision_coef if expert_of_topic else 0.0
+    return Run(args, model_config, dataset_config, train_config, step2_manifest, step2_hash, tokenizer, train_set,
+               valid_set, expert_of_topic, supervision_coef)
 
-    accelerator = make_accelerator(train_config)
-    n_processes = accelerator.num_processes
+
+def claim_run_folder(run: Run) -> None:
+    """The processes, the run's tag and its folder, locked by the main process (started afresh unless resumed)."""
+    args, train_config = run.args, run.train_config
+    run.accelerator = make_accelerator(train_config)
+    n_processes = run.accelerator.num_processes
     if train_config.batch_size % n_processes:
         raise PipelineError(f"train.batch_size={train_config.batch_size} is the global batch and must split evenly "
                             f"over {n_processes} processes")
-    tag = broadcast_object_list([args.tag or time.strftime("run-%Y%m%d-%H%M%S")])[0]  # one name for all
-    run_dir = run_dir_for(check_output_folder(train_config.save_path, "train.save_path"), tag)
+    run.tag = broadcast_object_list([args.tag or time.strftime("run-%Y%m%d-%H%M%S")])[0]  # one name for all
+    run.run_dir = run_dir_for(check_output_folder(train_config.save_path, "train.save_path"), run.tag)
     check_output_folder(train_config.aim_repo, "train.aim_repo")
-    run_lock, replaced_run, problem = None, None, None
-    if accelerator.is_main_process:  # one process owns the folder; the others hear whether it could
+    problem = None
+    if run.accelerator.is_main_process:  # one process owns the folder; the others hear whether it could
         try:
-            run_lock = RunLock(train_config.save_path, tag)
-            replaced_run = start_run_folder(run_dir, args.overwrite, bool(args.resume), step3_command(args, tag))
+            run.run_lock = RunLock(train_config.save_path, run.tag)
+            run.replaced_run = start_run_folder(run.run_dir, args.overwrite, bool(args.resume),
+                                                step3_command(args, run.tag))
         except PipelineError as error:
             problem = str(error)
     problem = broadcast_object_list([problem])[0]
     if problem:
         raise PipelineError(problem)
-    resume_from = resolve_resume(args.resume, run_dir, step3_command(args, tag)) if args.resume else None
+    if args.resume:
+        run.resume_from = resolve_resume(args.resume, run.run_dir, step3_command(args, run.tag))
 
+
+def build_training(run: Run) -> None:
+    """Model, optimizer, data order and learning-rate schedule, prepared for the processes."""
+    train_config, accelerator = run.train_config, run.accelerator
     set_seed(train_config.random_seed)
-    model = build_model(model_config, step2_manifest["tokenizer"]["vocab_size"], tokenizer.pad_token_id)
+    model = build_model(run.model_config, run.step2_manifest["tokenizer"]["vocab_size"], run.tokenizer.pad_token_id)
     if train_config.freeze_router:
         freeze_routers(model)
     optimizer = optimizer_for(model, train_config.learning_rate, train_config.weight_decay,
                               fused=accelerator.device.type == "cuda")
-    batches = TrainBatches(train_set, train_config.batch_size, train_config.random_seed, accelerator.process_index,
-                           n_processes, train_config.masking, step2_manifest["tokenizer"],
-                           dataset_config.data_params.mask_prob)
-    total_steps = train_config.max_steps or train_config.n_epochs * math.ceil(
-        batches.per_epoch / train_config.gradient_accumulation_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(train_config.warmup_proportion * total_steps),
-                                                total_steps)
+    run.batches = TrainBatches(run.train_set, train_config.batch_size, train_config.random_seed,
+                               accelerator.process_index, accelerator.num_processes, train_config.masking,
+                               run.step2_manifest["tokenizer"], run.dataset_config.data_params.mask_prob)
+    run.total_steps = train_config.max_steps or train_config.n_epochs * math.ceil(
+        run.batches.per_epoch / train_config.gradient_accumulation_steps)
+    run.scheduler = get_linear_schedule_with_warmup(optimizer, int(train_config.warmup_proportion * run.total_steps),
+                                                    run.total_steps)
     # the scheduler is not prepared: accelerate would step it once per process per step
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    run.model, run.optimizer = accelerator.prepare(model, optimizer)
+    run.unwrapped = accelerator.unwrap_model(run.model)
+
+
+def resume_or_start(run: Run) -> None:
+    """A fresh state, or the checkpoint's: weights, optimizer, schedule, RNG and data position restored."""
     git = git_state()  # this start's code; checkpoints carry state["git"], so a resumed run keeps its first start's
-    state = {"tag": tag, "step": 0, "position": [0, 0], "eval_history": [], "aim_run_hash": None, "git": git,
-             "resume_git": []}
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, unwrapped, optimizer, train_config, model_config, step2_hash,
-                                step3_command(args, tag))
-        scheduler.load_state_dict(state.pop("scheduler"))
-        if not restore_rng_states(accelerator, state.pop("rng")):
-            print(f"note: {resume_from} was written by {state['n_processes']} processes, this run has {n_processes}: "
-                  f"the data order resumes exactly, dropout draws do not")
-        print(f"resuming {tag} from {resume_from} (step {state['step']} of {total_steps})")
+    run.state = {"tag": run.tag, "step": 0, "position": [0, 0], "eval_history": [], "aim_run_hash": None,
+                 "git": git, "resume_git": []}
+    if run.resume_from is None:
+        return
+    run.state = load_checkpoint(run.resume_from, run.unwrapped, run.optimizer, run.train_config, run.model_config,
+                                run.step2_hash, step3_command(run.args, run.tag))
+    run.scheduler.load_state_dict(run.state.pop("scheduler"))
+    if not restore_rng_states(run.accelerator, run.state.pop("rng")):
+        print(f"note: {run.resume_from} was written by {run.state['n_processes']} processes, this run has "
+              f"{run.accelerator.num_processes}: the data order resumes exactly, dropout draws do not")
+    print(f"resuming {run.tag} from {run.resume_from} (step {run.state['step']} of {run.total_steps})")
+    # checkpoints written before runs recorded their commit have none
+    run.state.setdefault("git", {"commit": None, "dirty": None})
+    run.state["resume_git"] = [*run.state.get("resume_git", []), {"step": run.state["step"], **git}]
 
-    n_parameters = sum(parameter.numel() for parameter in model.parameters())
-    if resume_from is not None:  # checkpoints written before runs recorded their commit have none
-        state.setdefault("git", {"commit": None, "dirty": None})
-        state["resume_git"] = [*state.get("resume_git", []), {"step": state["step"], **git}]
-    aim_run = start_aim_run(accelerator, tag, train_config.experiment_name, {
-        "dataset": dataset_config, "model": model_config, "train": train_config, "tag": tag,
-        "vocab_size": unwrapped.config.vocab_size,  # resolved from step 2's tokenizer (model.vocab_size may be null)
-        "n_parameters": n_parameters, "git_commit": state["git"]["commit"], "git_dirty": state["git"]["dirty"],
-        "resume_git": state["resume_git"], "versions": package_versions(), "n_processes": n_processes,
+
+def start_tracking(run: Run) -> None:
+    """The Aim run (continued on resume), the routing recorder and health, and the probe for routing snapshots."""
+    accelerator, config, state = run.accelerator, run.unwrapped.config, run.state
+    run.n_parameters = sum(parameter.numel() for parameter in run.model.parameters())
+    run.aim_run = start_aim_run(accelerator, run.tag, run.train_config.experiment_name, {
+        "dataset": run.dataset_config, "model": run.model_config, "train": run.train_config, "tag": run.tag,
+        "vocab_size": config.vocab_size,  # resolved from step 2's tokenizer (model.vocab_size may be null)
+        "n_parameters": run.n_parameters, "git_commit": state["git"]["commit"], "git_dirty": state["git"]["dirty"],
+        "resume_git": state["resume_git"], "versions": package_versions(), "n_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision}, state["aim_run_hash"])
-    state["aim_run_hash"] = aim_run.hash if aim_run is not None else None
-    recorder = RoutingRecorder(unwrapped, unwrapped.config.n_experts, accelerator.device)
-    moe_layers = unwrapped.config.moe_layer_indices
-    layer_names = [f"block {index}" for index in moe_layers]
-    routed = bool(moe_layers) and not unwrapped.config.is_dense_baseline
-    # token choice only: an expert-choice layer is balanced by construction
-    health = RoutingHealth(len(moe_layers), unwrapped.config.n_experts, layer_names) if (
-        routed and unwrapped.config.router_type == "topk") else None
-    snapshots_wanted = routed and train_config.routing_snapshots and accelerator.is_main_process
-    probe = probe_batches(valid_set, train_config.batch_size) if snapshots_wanted else None
+    state["aim_run_hash"] = run.aim_run.hash if run.aim_run is not None else None
+    run.recorder = RoutingRecorder(run.unwrapped, config.n_experts, accelerator.device)
+    run.moe_layers = config.moe_layer_indices
+    routed = bool(run.moe_layers) and not config.is_dense_baseline
+    if routed and config.router_type == "topk":
+        run.health = RoutingHealth(len(run.moe_layers), config.n_experts, [f"block {i}" for i in run.moe_layers])
+    if routed and run.train_config.routing_snapshots and accelerator.is_main_process:
+        run.probe = probe_batches(run.valid_set, run.train_config.batch_size)
     # a resumed run continues from its checkpoint: snapshots of the steps after it belong to the abandoned stretch
-    for later in (step for step in snapshot_steps(run_dir) if step > state["step"]):
-        snapshot_path(run_dir, later).unlink()
-    previous_snapshot = last_snapshot(run_dir) if probe is not None else None
-    snapshot_seconds = 0.0
+    for later in (step for step in snapshot_steps(run.run_dir) if step > state["step"]):
+        snapshot_path(run.run_dir, later).unlink()
+    run.previous_snapshot = last_snapshot(run.run_dir) if run.probe is not None else None
 
-    def save_checkpoint_now(step: int) -> None:
-        rng_states = gather_rng_states(accelerator)  # every process takes part; the main one writes
-        if accelerator.is_main_process:
-            save_checkpoint(checkpoint_folder(run_dir, step), unwrapped, tokenizer, optimizer, rng_states, {
-                **state, "input_manifest_hash": step2_hash,  # a resume on other data is refused
-                "scheduler": scheduler.state_dict(), "n_processes": n_processes, "total_steps": total_steps,
-                "config": {"model": model_config, "dataset": dataset_config, "train": train_config}})
-            prune_checkpoints(run_dir, train_config.keep_checkpoints)
-        accelerator.wait_for_everyone()
 
-    print(f"training {n_parameters:,} parameters for {total_steps} steps on {n_processes} x {accelerator.device} "
-          f"({len(train_set)} sequences, global batch {train_config.batch_size} x "
-          f"{train_config.gradient_accumulation_steps} accumulation, {accelerator.mixed_precision} precision); "
-          f"run folder {run_dir}")
-    progress = tqdm(initial=state["step"], total=total_steps, desc=f"step 3: training {tag}", unit="step",
+# ---- the loop -------------------------------------------------------------------------------------------------------
+
+def train(run: Run) -> None:
+    """Steps up to total_steps, evaluating and checkpointing on schedule; a signal saves and exits with 128+signal."""
+    config, accelerator = run.train_config, run.accelerator
+    print(f"training {run.n_parameters:,} parameters for {run.total_steps} steps on {accelerator.num_processes} x "
+          f"{accelerator.device} ({len(run.train_set)} sequences, global batch {config.batch_size} x "
+          f"{config.gradient_accumulation_steps} accumulation, {accelerator.mixed_precision} precision); "
+          f"run folder {run.run_dir}")
+    progress = tqdm(initial=run.state["step"], total=run.total_steps, desc=f"step 3: training {run.tag}", unit="step",
                     mininterval=1.0, disable=not accelerator.is_local_main_process)
-    model.train()
-    started, paused, tokens = time.perf_counter(), 0.0, 0
+    run.model.train()
+    run.started, paused, tokens = time.perf_counter(), 0.0, 0  # paused: evaluation and checkpoints, not training
     with progress, StopRequest() as stop:  # the bar closes before an error line is printed
-        steps = batches.steps(*state["position"], train_config.gradient_accumulation_steps)
-        while state["step"] < total_steps:
+        steps = run.batches.steps(*run.state["position"], config.gradient_accumulation_steps)
+        while run.state["step"] < run.total_steps:
             micro_batches, position = next(steps)
-            step = state["step"] + 1
-            try:
-                result = train_step(accelerator, model, optimizer, scheduler, micro_batches, recorder,
-                                    train_config.max_grad_norm, stop.requested, step, supervision_coef)
-            except NonFiniteLoss as error:
-                kept = complete_checkpoints(run_dir)
-                raise PipelineError(f"{error}; stopped before updating the weights. "
-                                    + (f"The last checkpoint {kept[-1]} is intact" if kept else "No checkpoint yet")
-                                    + "; lower train.learning_rate or train.max_grad_norm") from None
-            state["step"], state["position"] = step, list(position)
+            step = run.state["step"] + 1
+            result = take_step(run, micro_batches, stop.requested, step)
+            run.state["step"], run.state["position"] = step, list(position)
             tokens += result.real_tokens
-            step_counts = recorder.take_step_counts()
-            if health is not None:
-                counts = accelerator.reduce(step_counts, "sum") if n_processes > 1 else step_counts
-                for line in health.add_step(step, counts.cpu().numpy()):
-                    progress.write(line)
-            if step % train_config.log_steps == 0 or step == total_steps:
-                tokens_per_s = tokens / max(time.perf_counter() - started - paused, 1e-9)
-                layer_metrics = {**result.layer_metrics, **(health.take_window() if health is not None else {})}
-                track_step(aim_run, step, "train", {**result.metrics, "tokens_per_s": tokens_per_s}, layer_metrics,
-                           moe_layers)
+            record_step(run, step, result, progress, tokens, paused)
             progress.update(1)
             progress.set_postfix(loss=f"{result.metrics['loss']:.3f}", refresh=False)
             pause_started = time.perf_counter()
-            if step % train_config.eval_steps == 0 or step == total_steps:
-                track_expert_load(aim_run, accelerator.reduce(recorder.expert_counts, "sum"), moe_layers, step, "train")
-                recorder.expert_counts.zero_()
-                evaluation = evaluate_sharded(accelerator, model, valid_set, train_config.batch_size,
-                                              train_config.eval_batches, recorder)
-                metrics = {"eval_mlm_loss": evaluation.mlm_loss, "eval_accuracy": evaluation.accuracy}
-                # the same names as the training metrics, told apart by their context (eval_history keeps its keys)
-                track_step(aim_run, step, "valid", {"mlm_loss": evaluation.mlm_loss, "accuracy": evaluation.accuracy},
-                           {}, moe_layers)
-                track_expert_load(aim_run, evaluation.expert_counts, moe_layers, step, "valid")
-                state["valid_expert_counts"] = evaluation.expert_counts.tolist()  # the model card's routing summary
-                if probe is not None:
-                    snapshot_started = time.perf_counter()
-                    recorder.enabled = False  # the probe is not training data
-                    snapshot = routing_snapshot(unwrapped, probe, accelerator.device)
-                    recorder.enabled = True
-                    save_snapshot(run_dir, step, snapshot)
-                    if previous_snapshot is not None:
-                        track_step(aim_run, step, "valid", {},
-                                   {"routing_agreement": top1_agreement(previous_snapshot, snapshot).tolist()},
-                                   moe_layers)
-                    previous_snapshot = snapshot
-                    snapshot_seconds += time.perf_counter() - snapshot_started
-                state["eval_history"].append({"step": step, **metrics})
-                progress.write(f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, "
-                               f"accuracy {metrics['eval_accuracy']:.3f}")
-            if step % train_config.save_steps == 0 or step == total_steps or result.stop_requested:
-                save_checkpoint_now(step)
+            if step % config.eval_steps == 0 or step == run.total_steps:
+                evaluate(run, step, progress)
+            if step % config.save_steps == 0 or step == run.total_steps or result.stop_requested:
+                save_checkpoint_now(run, step)
             paused += time.perf_counter() - pause_started
-            if result.stop_requested and step < total_steps:
+            if result.stop_requested and step < run.total_steps:
                 progress.close()  # before the message: tqdm redraws on close
-                kept = f" (the run it replaces stays in {replaced_run} until this one finishes)" if replaced_run else ""
-                print(f"stopped by a signal after step {step}: checkpoint {checkpoint_folder(run_dir, step)}; "
-                      f"continue with `{step3_command(args, tag)} --resume latest`{kept}", file=sys.stderr)
-                raise SystemExit(128 + (stop.signal_number or 15))
+                exit_on_signal(run, step, stop.signal_number)
 
-    if accelerator.is_main_process:
-        save_model(unwrapped, tokenizer, run_dir / MODEL_DIR, state, card={
-            "tag": tag, "dataset": dataset_config, "train": train_config, "data": step2_manifest,
-            "eval_history": state["eval_history"], "valid_expert_counts": state.get("valid_expert_counts"),
-            "n_parameters": n_parameters, "total_steps": total_steps, "device": str(accelerator.device),
-            "n_processes": n_processes, "mixed_precision": accelerator.mixed_precision})
-        write_json_atomic(run_dir / "manifest.json", {
-            "step": "train", "tag": tag, "input_manifest_hash": step2_hash,
-            "git_commit": state["git"]["commit"], "git_dirty": state["git"]["dirty"],  # of the run's first start
-            "resume_git": state["resume_git"],  # [{step, commit, dirty}] of each resume
-            "versions": package_versions(), "vocab_size": unwrapped.config.vocab_size,
-            "config": {"model": model_config, "dataset": dataset_config, "train": train_config},
-            "n_parameters": n_parameters, "total_steps": total_steps, "device": str(accelerator.device),
-            "n_processes": n_processes, "mixed_precision": accelerator.mixed_precision,
-            "resumed_from": str(resume_from) if resume_from else None,
-            "seconds": round(time.perf_counter() - started, 2), "aim_run_hash": state["aim_run_hash"],
-            "final_eval": state["eval_history"][-1] if state["eval_history"] else None,
-            "eval_history": state["eval_history"],  # [{step, eval_mlm_loss, eval_accuracy}]: learning curves
-            "routing_snapshots": None if probe is None else {  # step 4 reads the run's saturation off them
-                "folder": SNAPSHOT_DIR, "probe_sequences": sum(len(batch["input_ids"]) for batch in probe),
-                "probe_tokens": int(previous_snapshot.shape[1]) if previous_snapshot is not None else 0,
-                "steps": snapshot_steps(run_dir), "seconds_this_start": round(snapshot_seconds, 2)},
-            "router_supervision": None if expert_of_topic is None else {
-                "factor": "topic", "coef": supervision_coef, "expert_of_topic": expert_of_topic},
-        })
-        mark_latest(train_config.save_path, tag)
-        finish_run_folder(run_dir, replaced_run)
-        run_lock.release()
+
+def take_step(run: Run, micro_batches: list[dict], stop_requested: bool, step: int):
+    """One optimizer step; a non-finite loss stops the run before it touches the weights."""
+    try:
+        return train_step(run.accelerator, run.model, run.optimizer, run.scheduler, micro_batches, run.recorder,
+                          run.train_config.max_grad_norm, stop_requested, step, run.supervision_coef)
+    except NonFiniteLoss as error:
+        kept = complete_checkpoints(run.run_dir)
+        raise PipelineError(f"{error}; stopped before updating the weights. "
+                            + (f"The last checkpoint {kept[-1]} is intact" if kept else "No checkpoint yet")
+                            + "; lower train.learning_rate or train.max_grad_norm") from None
+
+
+def record_step(run: Run, step: int, result, progress, tokens: int, paused: float) -> None:
+    """Routing health every step (its warnings go to the bar), train metrics to Aim every log_steps steps.
+
+    tokens: real tokens trained on since this start; paused: seconds spent evaluating and checkpointing since."""
+    step_counts = run.recorder.take_step_counts()
+    if run.health is not None:
+        counts = run.accelerator.reduce(step_counts, "sum") if run.accelerator.num_processes > 1 else step_counts
+        for line in run.health.add_step(step, counts.cpu().numpy()):
+            progress.write(line)
+    if step % run.train_config.log_steps == 0 or step == run.total_steps:
+        tokens_per_s = tokens / max(time.perf_counter() - run.started - paused, 1e-9)
+        layer_metrics = {**result.layer_metrics, **(run.health.take_window() if run.health is not None else {})}
+        track_step(run.aim_run, step, "train", {**result.metrics, "tokens_per_s": tokens_per_s}, layer_metrics,
+                   run.moe_layers)
+
+
+def evaluate(run: Run, step: int, progress) -> None:
+    """Expert load of the steps since the last evaluation, the validation metrics and a routing snapshot."""
+    recorder, moe_layers = run.recorder, run.moe_layers
+    track_expert_load(run.aim_run, run.accelerator.reduce(recorder.expert_counts, "sum"), moe_layers, step, "train")
+    recorder.expert_counts.zero_()
+    evaluation = evaluate_sharded(run.accelerator, run.model, run.valid_set, run.train_config.batch_size,
+                                  run.train_config.eval_batches, recorder)
+    metrics = {"eval_mlm_loss": evaluation.mlm_loss, "eval_accuracy": evaluation.accuracy}
+    # the same names as the training metrics, told apart by their context (eval_history keeps its keys)
+    track_step(run.aim_run, step, "valid", {"mlm_loss": evaluation.mlm_loss, "accuracy": evaluation.accuracy},
+               {}, moe_layers)
+    track_expert_load(run.aim_run, evaluation.expert_counts, moe_layers, step, "valid")
+    run.state["valid_expert_counts"] = evaluation.expert_counts.tolist()  # the model card's routing summary
+    if run.probe is not None:
+        take_routing_snapshot(run, step)
+    run.state["eval_history"].append({"step": step, **metrics})
+    progress.write(f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, "
+                   f"accuracy {metrics['eval_accuracy']:.3f}")
+
+
+def take_routing_snapshot(run: Run, step: int) -> None:
+    """Where the probe's tokens go now, saved for step 4; its agreement with the last snapshot goes to Aim."""
+    started = time.perf_counter()
+    run.recorder.enabled = False  # the probe is not training data
+    snapshot = routing_snapshot(run.unwrapped, run.probe, run.accelerator.device)
+    run.recorder.enabled = True
+    save_snapshot(run.run_dir, step, snapshot)
+    if run.previous_snapshot is not None:
+        track_step(run.aim_run, step, "valid", {},
+                   {"routing_agreement": top1_agreement(run.previous_snapshot, snapshot).tolist()}, run.moe_layers)
+    run.previous_snapshot = snapshot
+    run.snapshot_seconds += time.perf_counter() - started
+
+
+def save_checkpoint_now(run: Run, step: int) -> None:
+    rng_states = gather_rng_states(run.accelerator)  # every process takes part; the main one writes
+    if run.accelerator.is_main_process:
+        save_checkpoint(checkpoint_folder(run.run_dir, step), run.unwrapped, run.tokenizer, run.optimizer, rng_states, {
+            **run.state, "input_manifest_hash": run.step2_hash,  # a resume on other data is refused
+            "scheduler": run.scheduler.state_dict(), "n_processes": run.accelerator.num_processes,
+            "total_steps": run.total_steps, "config": configs_of(run)})
+        prune_checkpoints(run.run_dir, run.train_config.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+
+
+def exit_on_signal(run: Run, step: int, signal_number: int | None) -> None:
+    """After the checkpoint of a stopped step: how to continue, then exit with 128+signal."""
+    kept = f" (the run it replaces stays in {run.replaced_run} until this one finishes)" if run.replaced_run else ""
+    print(f"stopped by a signal after step {step}: checkpoint {checkpoint_folder(run.run_dir, step)}; "
+          f"continue with `{step3_command(run.args, run.tag)} --resume latest`{kept}", file=sys.stderr)
+    raise SystemExit(128 + (signal_number or 15))
+
+
+# ---- finish: the final model and the manifest ------------------------------------------------------------------------
+
+def finish(run: Run) -> None:
+    if run.accelerator.is_main_process:
+        save_model(run.unwrapped, run.tokenizer, run.run_dir / MODEL_DIR, run.state, card=model_card_facts(run))
+        write_json_atomic(run.run_dir / "manifest.json", manifest(run))
+        mark_latest(run.train_config.save_path, run.tag)
+        finish_run_folder(run.run_dir, run.replaced_run)
+        run.run_lock.release()
     # Drop DDP's reducer while the process group is still registered: were the reducer its last owner, gloo's
     # destructor would join its worker threads while holding the GIL they need, and the process would hang.
-    del model
-    accelerator.free_memory()
-    accelerator.end_training()
-    print(f"step 3 done: {state['eval_history'][-1] if state['eval_history'] else ''}")
-    print(f"wrote {run_dir / MODEL_DIR}/ (next: {step4_command(args, tag)})")
+    run.model = None
+    run.accelerator.free_memory()
+    run.accelerator.end_training()
+    eval_history = run.state["eval_history"]
+    print(f"step 3 done: {eval_history[-1] if eval_history else ''}")
+    print(f"wrote {run.run_dir / MODEL_DIR}/ (next: {step4_command(run.args, run.tag)})")
+
+
+def configs_of(run: Run) -> dict:
+    return {"model": run.model_config, "dataset": run.dataset_config, "train": run.train_config}
+
+
+def model_card_facts(run: Run) -> dict:
+    """What the model card reports beyond the model itself."""
+    accelerator = run.accelerator
+    return {"tag": run.tag, "dataset": run.dataset_config, "train": run.train_config, "data": run.step2_manifest,
+            "eval_history": run.state["eval_history"], "valid_expert_counts": run.state.get("valid_expert_counts"),
+            "n_parameters": run.n_parameters, "total_steps": run.total_steps, "device": str(accelerator.device),
+            "n_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
+
+
+def manifest(run: Run) -> dict:
+    state, accelerator, probe = run.state, run.accelerator, run.probe
+    return {
+        "step": "train", "tag": run.tag, "input_manifest_hash": run.step2_hash,
+        "git_commit": state["git"]["commit"], "git_dirty": state["git"]["dirty"],  # of the run's first start
+        "resume_git": state["resume_git"],  # [{step, commit, dirty}] of each resume
+        "versions": package_versions(), "vocab_size": run.unwrapped.config.vocab_size,
+        "config": configs_of(run),
+        "n_parameters": run.n_parameters, "total_steps": run.total_steps, "device": str(accelerator.device),
+        "n_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
+        "seconds": round(time.perf_counter() - run.started, 2), "aim_run_hash": state["aim_run_hash"],
+        "final_eval": state["eval_history"][-1] if state["eval_history"] else None,
+        "eval_history": state["eval_history"],  # [{step, eval_mlm_loss, eval_accuracy}]: learning curves
+        "routing_snapshots": None if probe is None else {  # step 4 reads the run's saturation off them
+            "folder": SNAPSHOT_DIR, "probe_sequences": sum(len(batch["input_ids"]) for batch in probe),
+            "probe_tokens": int(run.previous_snapshot.shape[1]) if run.previous_snapshot is not None else 0,
+            "steps": snapshot_steps(run.run_dir), "seconds_this_start": round(run.snapshot_seconds, 2)},
+        "router_supervision": None if run.expert_of_topic is None else {
+            "factor": "topic", "coef": run.supervision_coef, "expert_of_topic": run.expert_of_topic},
+    }
 
 
 if __name__ == "__main__":
