@@ -120,18 +120,45 @@ def main() -> None:
     step1_manifest, step1_hash = read_manifest(processed_dir, step1_command(args))
     check_settings(dataset_settings(dataset_config, step=1), dataset_settings(step1_manifest["config"], step=1),
                    str(processed_dir), step1_command(args))
-    files = {name: step1_manifest["files"][name] for name in SPLITS}
     # each topic's folder is named as step 1 named its file (a safe name, not the label)
     topic_folders = {topic: f"topics/{Path(path).stem}" for topic, path in step1_manifest["files"]["topics"].items()}
-    files.update({topic_folders[topic]: path for topic, path in step1_manifest["files"]["topics"].items()})
-    datasets.disable_progress_bars()  # reading a few parquet files is instant; keep the bars for the map
-    inputs = {name: datasets.Dataset.from_parquet(str(processed_dir / path)) for name, path in files.items()}
-    datasets.enable_progress_bars()
+    inputs = read_step1_files(processed_dir, step1_manifest["files"], topic_folders)
+    tokenizer = make_tokenizer(data_params, inputs["train"], seq_len)
 
+    masked_dir = check_output_folder(data_params.masked_dir, "dataset.data_params.masked_dir")
+    counts = {}
+    with atomic_dir(masked_dir) as tmp_dir:
+        tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
+        for name, dataset in inputs.items():
+            masked = mask_dataset(dataset, name, tokenizer, seq_len, dataset_config)
+            masked.save_to_disk(str(tmp_dir / name))
+            counts[name] = token_counts(masked)
+        write_json_atomic(tmp_dir / "manifest.json", {
+            **manifest(dataset_config, step1_hash, seq_len, tokenizer, topic_folders, counts),
+            "seconds": round(time.time() - started, 2)})
+
+    test = counts["test"]
+    print(f"step 2 done: vocab {len(tokenizer)}, seq_len {seq_len}; test: {test['documents']} documents, "
+          f"{test['masked_tokens'] / max(test['real_tokens'], 1):.1%} of {test['real_tokens']} real tokens masked")
+    print(f"wrote {masked_dir}/ (next: {step3_command(args)})")
+
+
+def read_step1_files(processed_dir: Path, files: dict, topic_folders: dict[str, str]) -> dict[str, datasets.Dataset]:
+    """Step 1's splits and topic files, keyed by the folder each is written to here (train, ..., topics/<stem>)."""
+    paths = {name: files[name] for name in SPLITS}
+    paths.update({topic_folders[topic]: path for topic, path in files["topics"].items()})
+    datasets.disable_progress_bars()  # reading a few parquet files is instant; keep the bars for the map
+    inputs = {name: datasets.Dataset.from_parquet(str(processed_dir / path)) for name, path in paths.items()}
+    datasets.enable_progress_bars()
+    return inputs
+
+
+def make_tokenizer(data_params: dict, train_texts: datasets.Dataset, seq_len: int):
+    """data_params.tokenizer_name loaded, or (null) a WordPiece tokenizer trained on the train split."""
     if data_params.tokenizer_name is None:
-        train_texts = inputs["train"]
         print(f"training a WordPiece tokenizer (vocab {data_params.tokenizer_vocab_size}) on "
               f"{len(train_texts)} train documents")
+
         def text_batches():
             for batch in train_texts.iter(batch_size=1000):
                 yield [first_words(text, TOKENIZER_WORDS_PER_DOCUMENT) for text in batch["text"]]
@@ -140,54 +167,51 @@ def main() -> None:
     else:
         tokenizer = load_tokenizer(data_params.tokenizer_name)
     tokenizer.model_max_length = seq_len
+    return tokenizer
+
+
+def mask_dataset(dataset: datasets.Dataset, name: str, tokenizer, seq_len: int,
+                 dataset_config: dict) -> datasets.Dataset:
+    """Tokenized and masked, in data_params.num_proc processes where the dataset is large enough to pay for them."""
     random_token_ids = np.array(sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids)))
+    num_proc = min(dataset_config.data_params.num_proc, len(dataset) // ROWS_PER_PROCESS)
+    # one process: map in this one (datasets 5 forks a pool worker and a manager even for num_proc=1)
+    num_proc = num_proc if num_proc > 1 else None
+    if num_proc:
+        # the forked workers share this process's objects copy-on-write: keep the garbage collector's
+        # full passes (in here and in them) from touching, hence copying, every page they live on
+        gc.freeze()
+    try:
+        return dataset.map(
+            tokenize_and_mask, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
+            features=FEATURES, desc=f"step 2: tokenizing and masking {name}",
+            fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "seed": dataset_config.seed,
+                       "mask_prob": dataset_config.data_params.mask_prob, "random_token_ids": random_token_ids})
+    finally:
+        gc.unfreeze()
 
-    masked_dir = check_output_folder(data_params.masked_dir, "dataset.data_params.masked_dir")
-    counts = {}
-    with atomic_dir(masked_dir) as tmp_dir:
-        tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
-        for name, dataset in inputs.items():
-            num_proc = min(data_params.num_proc, len(dataset) // ROWS_PER_PROCESS)
-            # one process: map in this one (datasets 5 forks a pool worker and a manager even for num_proc=1)
-            num_proc = num_proc if num_proc > 1 else None
-            if num_proc:
-                # the forked workers share this process's objects copy-on-write: keep the garbage collector's
-                # full passes (in here and in them) from touching, hence copying, every page they live on
-                gc.freeze()
-            try:
-                masked = dataset.map(
-                    tokenize_and_mask, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
-                    features=FEATURES, desc=f"step 2: tokenizing and masking {name}",
-                    fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "seed": dataset_config.seed,
-                               "mask_prob": data_params.mask_prob, "random_token_ids": random_token_ids})
-            finally:
-                gc.unfreeze()
-            masked.save_to_disk(str(tmp_dir / name))
-            counts[name] = token_counts(masked)
-        write_json_atomic(tmp_dir / "manifest.json", {
-            "step": "dataset",
-            "input_manifest_hash": step1_hash,
-            "config": dataset_config,
-            "dataset_settings": dataset_settings(dataset_config, step=2),
-            "seed": dataset_config.seed,
-            "seq_len": seq_len,
-            "mask_prob": data_params.mask_prob,
-            "columns": list(FEATURES),  # unmasked_ids: train.masking=dynamic re-masks from these
-            "tokenizer": {"name": data_params.tokenizer_name or "trained WordPiece", "vocab_size": len(tokenizer),
-                          "vocab_hash": vocab_hash(tokenizer),  # a hub tokenizer can change under the same name
-                          "pad_token_id": tokenizer.pad_token_id, "mask_token_id": tokenizer.mask_token_id,
-                          "special_token_ids": sorted(tokenizer.all_special_ids)},
-            "splits": list(SPLITS),
-            "topics": topic_folders,  # label -> folder
-            "counts": counts,
-            "seconds": round(time.time() - started, 2),
-        })
 
-    test = counts["test"]
-    print(f"step 2 done: vocab {len(tokenizer)}, seq_len {seq_len}; test: {test['documents']} documents, "
-          f"{test['masked_tokens'] / max(test['real_tokens'], 1):.1%} of {test['real_tokens']} real tokens masked")
-    print(f"wrote {masked_dir}/ (next: {step3_command(args)})")
-
+def manifest(dataset_config: dict, step1_hash: str, seq_len: int, tokenizer, topic_folders: dict[str, str],
+             counts: dict) -> dict:
+    """Step 2's manifest.json, all but the seconds it took."""
+    data_params = dataset_config.data_params
+    return {
+        "step": "dataset",
+        "input_manifest_hash": step1_hash,
+        "config": dataset_config,
+        "dataset_settings": dataset_settings(dataset_config, step=2),
+        "seed": dataset_config.seed,
+        "seq_len": seq_len,
+        "mask_prob": data_params.mask_prob,
+        "columns": list(FEATURES),  # unmasked_ids: train.masking=dynamic re-masks from these
+        "tokenizer": {"name": data_params.tokenizer_name or "trained WordPiece", "vocab_size": len(tokenizer),
+                      "vocab_hash": vocab_hash(tokenizer),  # a hub tokenizer can change under the same name
+                      "pad_token_id": tokenizer.pad_token_id, "mask_token_id": tokenizer.mask_token_id,
+                      "special_token_ids": sorted(tokenizer.all_special_ids)},
+        "splits": list(SPLITS),
+        "topics": topic_folders,  # label -> folder
+        "counts": counts,
+    }
 
 if __name__ == "__main__":
     run_step(main)
