@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from process_exp_results.formatting import format_number
 from process_exp_results.resampling import GroupShuffler, bootstrap_weights, p_value, percentile_ci, rng_for
 
 __all__ = [
@@ -430,15 +431,6 @@ def analyze_ablation(model, groups: Mapping, device, batch_size: int, tokenizer=
 # ----------------------------------------------------------------------------------------------------
 
 
-def _delta_text(value: float) -> str:
-    if not np.isfinite(value):
-        return "n/a"
-    magnitude = abs(value)
-    if magnitude == 0:
-        return "0"
-    return f"{value:+.2f}" if magnitude >= 0.01 else f"{value:+.1e}"
-
-
 def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
     """Heatmap for one layer ("block 0"): rows = groups (then the seen topics of the topic test, "test: <topic>"),
     columns = experts, cell = loss increase (nats per masked token) when that expert is disabled, written in
@@ -483,7 +475,7 @@ def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
             value = values[r, c]
             rgba = cmap(norm(value)) if np.isfinite(value) else (0.85, 0.85, 0.85, 1.0)
             dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-            ax.text(c, r, _delta_text(value), ha="center", va="center", fontsize=fontsize,
+            ax.text(c, r, format_number(value, 2, signed=True), ha="center", va="center", fontsize=fontsize,
                     color="white" if dark else "0.1")
     ax.set_xticks(np.arange(len(experts)))
     ax.set_xticklabels(experts, fontsize=9)

@@ -27,8 +27,9 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
-from config_utils import PipelineError, run_step
+from config_utils import PipelineError, run_step, write_text_atomic
 from config_utils.cli import HelpFormatter
+from process_exp_results.formatting import MISSING, format_number, format_p, with_interval
 from process_exp_results.plots import save_figure_atomic
 from process_exp_results.routing_stats import is_specialized
 
@@ -134,14 +135,25 @@ def table_rows(runs: list[dict]) -> tuple[list[str], list[dict], dict]:
     return columns, rows, {"grid_keys": grid_keys, "groups": groups, "layers": layers}
 
 
-def _number(value, digits: int = 3) -> str:
-    value = as_float(value)
-    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+def _number(row: dict, key: str, digits: int = 3) -> str:
+    return format_number(as_float(row.get(key)), digits)
 
 
-def _p(value) -> str:
-    value = as_float(value)
-    return "–" if math.isnan(value) else (f"{value:.3f}" if value >= 0.001 else f"{value:.0e}")
+def _with_ci(row: dict, layer: str, name: str, digits: int = 3) -> str:
+    interval = [as_float(row.get(f"{layer} {name}_ci_low")), as_float(row.get(f"{layer} {name}_ci_high"))]
+    return with_interval(as_float(row.get(f"{layer} {name}")), interval, digits)
+
+
+def _layer_cells(row: dict, layer: str) -> list[str]:
+    """The eight cells of one layer: topic NMI, p, random band, the two indices, CMI excess, p, explanation."""
+    if row.get(f"{layer} topic_nmi") is None:
+        return [MISSING] * 8
+    band = [as_float(row.get(f"{layer} topic_random_{end}")) for end in ("low", "high")]
+    return [_with_ci(row, layer, "topic_nmi"), format_p(as_float(row.get(f"{layer} topic_p"))),
+            with_interval(as_float(row.get(f"{layer} topic_random_mean")), band),
+            _with_ci(row, layer, "topic_index", 2), _with_ci(row, layer, "token_class_index", 2),
+            _with_ci(row, layer, "cmi_excess", 4), format_p(as_float(row.get(f"{layer} cmi_p"))),
+            str(row[f"{layer} explained_by"])]
 
 
 def markdown_table(rows: list[dict], families: dict) -> str:
@@ -156,22 +168,10 @@ def markdown_table(rows: list[dict], families: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["run"], *[str(row.get(key)) for key in grid_keys]]
-        cells += [f"{_number(row.get(f'{g} accuracy'))} ({_number(row.get(f'{g} baseline'))}) / "
-                  f"{_number(row.get(f'{g} mlm_loss'), 2)}" for g in groups]
+        cells += [f"{_number(row, f'{g} accuracy')} ({_number(row, f'{g} baseline')}) / "
+                  f"{_number(row, f'{g} mlm_loss', 2)}" for g in groups]
         for layer in layers:
-            if row.get(f"{layer} topic_nmi") is None:
-                cells += ["–"] * 8
-                continue
-
-            def with_ci(name: str, digits: int = 3) -> str:
-                return (f"{_number(row[f'{layer} {name}'], digits)} [{_number(row[f'{layer} {name}_ci_low'], digits)}, "
-                        f"{_number(row[f'{layer} {name}_ci_high'], digits)}]")
-
-            cells += [with_ci("topic_nmi"), _p(row[f"{layer} topic_p"]),
-                      f"{_number(row[f'{layer} topic_random_mean'])} [{_number(row[f'{layer} topic_random_low'])}, "
-                      f"{_number(row[f'{layer} topic_random_high'])}]", with_ci("topic_index", 2),
-                      with_ci("token_class_index", 2), with_ci("cmi_excess", 4), _p(row[f"{layer} cmi_p"]),
-                      str(row[f"{layer} explained_by"])]
+            cells += _layer_cells(row, layer)
         cells.append(row.get("note") or "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -246,7 +246,7 @@ def main() -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    (out_dir / "comparison.csv").write_text(buffer.getvalue(), encoding="utf-8")
+    write_text_atomic(out_dir / "comparison.csv", buffer.getvalue())
     markdown = markdown_table(rows, families)
     missing = [run["name"] for run in runs if run["stats"] is None]
     notes = ["acc = masked-token accuracy; baseline = always the group's most frequent masked token; "
@@ -256,7 +256,7 @@ def main() -> None:
              "CMI excess = I(expert; topic | token) minus its permutation null."]
     if missing:
         notes.append(f"{len(missing)} run(s) without routing_stats.json (metrics only): {', '.join(missing)}")
-    (out_dir / "comparison.md").write_text(markdown + "\n\n" + "\n".join(notes) + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / "comparison.md", markdown + "\n\n" + "\n".join(notes) + "\n")
     save_figure_atomic(comparison_figure(runs), out_dir / "comparison.png")
     print(markdown)
     print("\n".join(notes))

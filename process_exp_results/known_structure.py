@@ -30,11 +30,11 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: impor
 
 import argparse
 import json
-import math
 
-from config_utils import PipelineError, run_step, write_json_atomic
+from config_utils import PipelineError, run_step, write_json_atomic, write_text_atomic
 from config_utils.cli import SET_HELP, HelpFormatter
 from config_utils.config import parse_override
+from process_exp_results.formatting import MISSING, format_number, format_p, with_interval
 from process_exp_results.report import band_text
 from process_exp_results.routing_stats import ALPHA, is_specialized, permutations_needed  # step 4's rule, here too
 from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
@@ -91,7 +91,7 @@ def expectation(arm: str, layers: list[dict]) -> str:
         low = [layer["index_ci"][0] if layer["index_ci"] else float("-inf") for layer in layers]
         met = sum(value > SUPERVISED_LOWER_BOUND for value in low)
         return (f"{'as expected' if met == len(layers) else 'NOT as expected'} ({met} of {len(layers)} layer-seed "
-                f"pairs with an index lower bound above {SUPERVISED_LOWER_BOUND}; lowest {min(low):.2f})")
+                f"pairs with an index lower bound above {SUPERVISED_LOWER_BOUND}; lowest {format_number(min(low), 2)})")
     return f"reported ({pairs})"
 
 
@@ -148,33 +148,24 @@ def summarize(runs: list[dict], results_root: Path, n_perm: int) -> dict:
             "runs": rows, "verdicts": verdicts}
 
 
-def _f(value, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _p(value) -> str:
-    return "–" if value is None else (f"{value:.3f}" if value >= 0.001 else f"{value:.0e}")
-
-
-def _ci(values, digits: int = 3) -> str:
-    return "[–]" if not values else f"[{_f(values[0], digits)}, {_f(values[1], digits)}]"
-
-
 def markdown(summary: dict) -> str:
+    n_perm = (summary.get("settings") or {}).get("n_perm")
     lines = ["| arm | seed | layer | topic NMI [95% CI] | random routers, loads matched | best linear | index [95% CI] "
              "| p | CMI excess [95% CI] | specialized | test acc (baseline) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["runs"]:
-        accuracy = f"{_f(row['test_accuracy'])} ({_f(row['test_baseline'])})"
+        accuracy = f"{format_number(row['test_accuracy'])} ({format_number(row['test_baseline'])})"
         if not row["layers"]:
-            lines.append(f"| {row['arm']} | {row['seed']} | – | {row['status']}: no routing_stats.json | | | | | | | "
-                         f"{accuracy} |")
+            lines.append(f"| {row['arm']} | {row['seed']} | {MISSING} | {row['status']}: no routing_stats.json "
+                         f"| | | | | | | {accuracy} |")
         for layer in row["layers"]:
-            lines.append(f"| {row['arm']} | {row['seed']} | {layer['layer']} | {_f(layer['topic_nmi'])} "
-                         f"{_ci(layer['topic_nmi_ci'])} | {band_text(layer['random_load_matched'])} | {_f(layer['probe'])} "
-                         f"| {_f(layer['index'], 2)} {_ci(layer['index_ci'], 2)} | {_p(layer['topic_p'])} | "
-                         f"{_f(layer['cmi_excess'], 4)} {_ci(layer['cmi_excess_ci'], 4)} | "
-                         f"{SPECIALIZED_TEXT[layer['specialized']]} | {accuracy} |")
+            lines.append(f"| {row['arm']} | {row['seed']} | {layer['layer']} "
+                         f"| {with_interval(layer['topic_nmi'], layer['topic_nmi_ci'])} "
+                         f"| {band_text(layer['random_load_matched'])} | {format_number(layer['probe'])} "
+                         f"| {with_interval(layer['index'], layer['index_ci'], 2)} "
+                         f"| {format_p(layer['topic_p'], n_perm)} "
+                         f"| {with_interval(layer['cmi_excess'], layer['cmi_excess_ci'], 4)} "
+                         f"| {SPECIALIZED_TEXT[layer['specialized']]} | {accuracy} |")
     lines.append("")
     lines += [f"- {arm}: {verdict}" for arm, verdict in summary["verdicts"].items()]
     lines.append(f"\nCriterion: {summary['criterion']}.")
@@ -225,7 +216,7 @@ def main() -> None:
                            "n_perm": args.n_perm, "seeds": args.seeds}
     write_json_atomic(out_dir / "known_structure.json", summary)
     table = markdown(summary)
-    (out_dir / "known_structure.md").write_text(table + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / "known_structure.md", table + "\n")
     print(table)
     print(f"table: {out_dir / 'known_structure.md'} and {out_dir / 'known_structure.json'}")
     if any(row["status"] == "failed" for row in summary["runs"]):

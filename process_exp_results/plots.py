@@ -8,9 +8,9 @@ uniform share ``100 / n_experts``.
 
 Figures are built with the object-oriented API (``matplotlib.figure.Figure``
 rendered by the Agg canvas), so nothing is registered with ``pyplot``, no
-display is needed and no figure is left open.  Every file is written to a
-temporary file in the target directory and moved into place with
-``os.replace``, so readers never see a half-written PNG.
+display is needed and no figure is left open.  Every file is written through
+``config_utils.atomic_file`` (a temporary beside it, renamed into place), so
+readers never see a half-written PNG.
 
 The routing analysis adds a topic x expert heatmap per layer
 (``plot_topic_expert_heatmap``) and the per-layer NMI / conditional MI figure
@@ -20,7 +20,6 @@ The routing analysis adds a topic x expert heatmap per layer
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +28,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
+
+from config_utils import atomic_file
+from process_exp_results.formatting import MISSING, format_count, format_interval, format_number, p_text
 
 __all__ = [
     "DPI",
@@ -59,51 +61,14 @@ _COUNT_FONTSIZE = 7.0
 # --------------------------------------------------------------------------- #
 
 
-def format_count(n: float) -> str:
-    """Compact count label: 987, 1.2k, 34.5k, 123k, 1.2M, 3.4B."""
-    n = float(n)
-    if n < 0:
-        return "-" + format_count(-n)
-    if n < 1000:
-        return f"{n:.0f}"
-    for scale, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "B")):
-        v = n / scale
-        text = f"{v:.1f}" if v < 99.95 else f"{v:.0f}"
-        if float(text) < 1000 or suffix == "B":
-            if text.endswith(".0"):
-                text = text[:-2]
-            return text + suffix
-    raise AssertionError("unreachable")
-
-
 def save_figure_atomic(fig: Figure, path: str | os.PathLike, *, dpi: int = DPI) -> Path:
-    """Save ``fig`` as PNG to ``path`` atomically (temp file + ``os.replace``).
-
-    The temp file lives in the target directory (so the rename is atomic) and
-    is named ``.<name>.tmp-XXXX.png`` (ignored by git); it is removed if
-    saving fails.  Parent directories are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save ``fig`` as PNG to ``path`` atomically (``config_utils.atomic_file``: a temporary beside it, renamed
+    into place, removed if saving fails); parent directories are created."""
     if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent
-    )
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.15)
-        # mkstemp creates the file 0600; make the PNG world-readable like a
-        # normal savefig (a fixed mode avoids the thread-unsafe os.umask dance).
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    with atomic_file(path) as tmp_path:
+        fig.savefig(tmp_path, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+    return Path(path)
 
 
 def _as_count_matrix(name: str, arr) -> np.ndarray:
@@ -455,13 +420,6 @@ def _interval(entry: Mapping, value_key: str, ci_key: str) -> tuple[float, float
     return value, float(low), float(high)
 
 
-def _p_text(p: float | None, n_perm: int) -> str:
-    """A permutation p-value; at its floor 1/(n_perm+1) it is an upper bound."""
-    if p is None:
-        return "p n/a"
-    return f"p≤{p:.2g}" if n_perm and p <= 1.0 / (n_perm + 1) + 1e-12 else f"p={p:.2g}"
-
-
 FACTOR_SERIES = (("topic", "tab:red", "o"), ("token class", "tab:blue", "s"), ("token id", "tab:green", "^"))
 FACTOR_KEYS = {"topic": "topic", "token class": "token_class", "token id": "token_id"}
 
@@ -531,7 +489,7 @@ def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
             ax_nmi.errorbar(xi, value, yerr=[[max(value - low, 0.0)], [max(high - value, 0.0)]], fmt=marker,
                             color=colour, markersize=7, capsize=4, elinewidth=1.4, zorder=4,
                             label=label if xi == x[0] + offset else None)
-            ax_nmi.annotate(f"{value:.3f}", (xi, value), xytext=(7, 0), textcoords="offset points", fontsize=7,
+            ax_nmi.annotate(format_number(value), (xi, value), xytext=(7, 0), textcoords="offset points", fontsize=7,
                             color=colour, va="center", zorder=5)
     if log_y:
         from matplotlib.ticker import FuncFormatter, LogLocator
@@ -558,8 +516,8 @@ def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
                     markersize=7, capsize=4, elinewidth=1.4, zorder=3)
     for xi, layer, v in zip(x, layers, high):
         cond = layer["conditional_topic"]
-        ax_cmi.annotate(f"{cond['cmi_excess']:.3f}\n{_p_text(cond['p_value'], n_perm)}\n{cond['explained_by']}",
-                        (xi, v), xytext=(0, 5), textcoords="offset points", ha="center", va="bottom", fontsize=7.5,
+        text = f"{format_number(cond['cmi_excess'])}\n{p_text(cond['p_value'], n_perm)}\n{cond['explained_by']}"
+        ax_cmi.annotate(text, (xi, v), xytext=(0, 5), textcoords="offset points", ha="center", va="bottom", fontsize=7.5,
                         color="0.25")
     ax_cmi.set_xticks(x)
     ax_cmi.set_xticklabels(names, fontsize=9)
@@ -600,7 +558,7 @@ def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
             reference = layer["references"].get(factor) or {}
             index, ci = reference.get("index"), reference.get("index_ci")
             if index is None or ci is None:
-                ax.annotate("n/a", (xi, 0.0), ha="center", va="bottom", fontsize=8, color=colour)
+                ax.annotate(MISSING, (xi, 0.0), ha="center", va="bottom", fontsize=8, color=colour)
                 continue
             bounds += [ci[0], ci[1]]
             # an interval need not contain its estimate (few resamples): draw the part that does
@@ -608,7 +566,7 @@ def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
                         color=colour, markersize=8, capsize=5, elinewidth=1.6, zorder=3,
                         label=factor.replace("_", " ") if xi == x[0] + offset
                         else None)
-            ax.annotate(f"{index:.2f}\n[{ci[0]:.2f}, {ci[1]:.2f}]", (xi, ci[1]), xytext=(0, 4),
+            ax.annotate(f"{format_number(index, 2)}\n{format_interval(ci, 2)}", (xi, ci[1]), xytext=(0, 4),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7.5, color=colour)
     ax.axhline(0.0, color="0.35", linestyle="--", linewidth=1.1)
     ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.1)

@@ -13,6 +13,8 @@ from pathlib import Path
 import matplotlib
 from matplotlib.colors import to_hex, to_rgb
 
+from config_utils import write_text_atomic
+from process_exp_results.formatting import MISSING, format_number, format_p, p_text, with_interval
 from process_exp_results.routing_stats import ALPHA, is_specialized, permutations_needed
 
 __all__ = ["expert_colours", "stats_csv_rows", "summary_sentences", "write_report_md", "write_token_html"]
@@ -28,15 +30,6 @@ def expert_colours(n_experts: int) -> list[str]:
         rgb = to_rgb(cmap(expert % cmap.N)) if n_experts <= 20 else to_rgb(matplotlib.colormaps["hsv"](expert / n_experts))
         colours.append(to_hex([0.45 * c + 0.55 for c in rgb]))  # mix with white
     return colours
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 PAGE_STYLE = """
@@ -93,35 +86,7 @@ that continue a word (## pieces) are drawn attached to it. Hover a token for its
 </body>
 </html>
 """
-    return _write_text_atomic(Path(path), page)
-
-
-def _number(value, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
-    return str(value)
-
-
-def _p(value, n_perm: int) -> str:
-    """A permutation p-value; at its floor 1/(n_perm+1) it is an upper bound."""
-    if value is None:
-        return "n/a"
-    return f"≤{value:.2g}" if n_perm and value <= 1.0 / (n_perm + 1) + 1e-12 else f"{value:.2g}"
-
-
-def _p_equals(value, n_perm: int) -> str:
-    """'p=0.15', or 'p≤0.005' at the floor 1/(n_perm+1)."""
-    text = _p(value, n_perm)
-    return f"p{text}" if text.startswith("≤") else f"p={text}"
-
-
-def _interval(values, digits: int = 3) -> str:
-    if not values:
-        return ""
-    low, high = values
-    return f" [{_number(low, digits)}, {_number(high, digits)}]"
+    return write_text_atomic(path, page)
 
 
 def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
@@ -152,7 +117,7 @@ def write_report_md(path: str | os.PathLike, run_info: Mapping, metric_rows: Seq
     lines += [f"- {key}: {value}" for key, value in run_info.items() if key != "run"]
     lines += ["", "## Masked-language-model metrics", ""]
     lines += _markdown_table([title for _, title in METRIC_COLUMNS], [
-        [_number(row[key]) if isinstance(row[key], float) else row[key] for key, _ in METRIC_COLUMNS]
+        [format_number(row[key]) for key, _ in METRIC_COLUMNS]
         for row in metric_rows])
     lines += ["", "Baseline accuracy: always predicting the group's most frequent masked token.", ""]
 
@@ -174,7 +139,7 @@ def write_report_md(path: str | os.PathLike, run_info: Mapping, metric_rows: Seq
         lines += ["## Files", ""]
         lines += [f"- [{Path(name).as_posix()}]({Path(name).as_posix()})" for name in other_files]
         lines.append("")
-    return _write_text_atomic(Path(path), "\n".join(lines))
+    return write_text_atomic(path, "\n".join(lines))
 
 
 def ablation_sentence(layer: str, entry: Mapping, alpha: float = 0.01) -> str:
@@ -185,10 +150,10 @@ def ablation_sentence(layer: str, entry: Mapping, alpha: float = 0.01) -> str:
     if not test:
         return f"{layer}: expert ablation: no masked test tokens."
     worst = max(test, key=lambda expert: test[expert]["delta"])
-    others = ", ".join(f"{test[expert]['delta']:+.3f}" for expert in test if expert != worst)
-    text = (f"{layer}: disabling expert {worst} raises the test loss most, by {test[worst]['delta']:+.3f} nats"
-            f"{_interval(test[worst]['ci'])} (the others: "
-            f"{others})")
+    others = ", ".join(format_number(test[expert]["delta"], signed=True) for expert in test if expert != worst)
+    text = (f"{layer}: disabling expert {worst} raises the test loss most, by "
+            f"{with_interval(test[worst]['delta'], test[worst]['ci'], signed=True)} nats "
+            f"(the others: {others})")
     for key, word in (("topic_p_value", "topic"), ("class_p_value", "token class")):
         depends = [expert for expert, value in entry[key].items() if value is not None and value <= alpha]
         text += (f"; the increase depends on {word} (p <= {alpha}) for expert{'s' if len(depends) > 1 else ''} "
@@ -206,6 +171,7 @@ def ablation_section(ablation: Mapping | None) -> list[str]:
              "masked positions: the increase in nats per masked token with a 95% document-bootstrap interval. The "
              "topic p-value asks whether the increase differs between the seen topics (labels shuffled among "
              "documents), the class p-value whether it differs between token classes.", ""]
+    n_perm = (ablation.get("settings") or {}).get("n_permutations")
     for layer, entry in ablation.items():
         if not layer.startswith("block "):
             continue
@@ -213,10 +179,9 @@ def ablation_section(ablation: Mapping | None) -> list[str]:
         groups = list(next(iter(experts.values())))
         rows = []
         for expert, by_group in experts.items():
-            cells = [("n/a" if by_group[group]["delta"] is None else
-                      f"{by_group[group]['delta']:+.3f}{_interval(by_group[group]['ci'])}") for group in groups]
-            rows.append([expert, *cells, _number(entry["topic_p_value"].get(expert)),
-                         _number(entry["class_p_value"].get(expert))])
+            cells = [with_interval(by_group[group]["delta"], by_group[group]["ci"], signed=True) for group in groups]
+            rows.append([expert, *cells, format_p(entry["topic_p_value"].get(expert), n_perm),
+                         format_p(entry["class_p_value"].get(expert), n_perm)])
         lines += [f"### {layer}", "", ablation_sentence(layer, entry), "",
                   *_markdown_table(["expert", *groups, "topic p", "class p"], rows), ""]
     cost = ablation.get("cost") or {}
@@ -228,18 +193,19 @@ def ablation_section(ablation: Mapping | None) -> list[str]:
 
 def consistency_sentence(layer: str, values: Mapping) -> str:
     """Consecutive tokens sharing their top-1 expert, against chance and against random routers, in words."""
-    text = (f"{layer}: consecutive tokens share their top-1 expert at a rate of {values['top1_rate']:.2f}"
-            f"{_interval(values.get('top1_rate_ci'), 2)}, against {values['chance']:.2f} by chance from the loads "
-            f"and {values['within_document_chance']:.2f} if each document's experts were shuffled within it")
+    text = (f"{layer}: consecutive tokens share their top-1 expert at a rate of "
+            f"{with_interval(values['top1_rate'], values.get('top1_rate_ci'), 2)}, against "
+            f"{format_number(values['chance'], 2)} by chance from the loads and "
+            f"{format_number(values['within_document_chance'], 2)} if each document's experts were shuffled within it")
     reference = values.get("random_reference")
     if reference:
         band = reference["random_load_matched"]
-        text += (f"; random routers with its loads on the same hidden states give {band['mean']:.2f} "
-                 f"[{band['low']:.2f}, {band['high']:.2f}] (on the {reference['n_pairs']} sampled pairs, where the "
-                 f"trained router gives {reference['trained']:.2f})")
+        text += (f"; random routers with its loads on the same hidden states give "
+                 f"{with_interval(band['mean'], [band['low'], band['high']], 2)} (on the {reference['n_pairs']} "
+                 f"sampled pairs, where the trained router gives {format_number(reference['trained'], 2)})")
     if values.get("word_piece_rate") is not None:
-        text += (f"; the pieces of one word share it at {values['word_piece_rate']:.2f} (chance "
-                 f"{values['word_piece_chance']:.2f}, {values['n_word_piece_pairs']} pairs)")
+        text += (f"; the pieces of one word share it at {format_number(values['word_piece_rate'], 2)} (chance "
+                 f"{format_number(values['word_piece_chance'], 2)}, {values['n_word_piece_pairs']} pairs)")
     return text + "."
 
 
@@ -274,7 +240,7 @@ def saturation_section(saturation: Mapping | None) -> list[str]:
     lines += [f"- {saturation_sentence(layer, values)}" for layer, values in saturation.items()]
     steps = next(iter(saturation.values()))["steps"]
     lines += ["", *_markdown_table(["layer", *[f"step {step}" for step in steps]],
-                                   [[layer, *[f"{value:.2f}" for value in values["top1"]]]
+                                   [[layer, *[format_number(value, 2) for value in values["top1"]]]
                                     for layer, values in saturation.items()]), ""]
     return lines
 
@@ -286,7 +252,7 @@ SPECIFIC = {"topic": "topic-specific", "token_class": "specific to token class",
 
 def band_text(band: Mapping | None) -> str:
     """'mean [2.5%, 97.5%]' of a reference band."""
-    return "n/a" if band is None else f"{_number(band['mean'])} [{_number(band['low'])}, {_number(band['high'])}]"
+    return MISSING if band is None else with_interval(band["mean"], [band["low"], band["high"]])
 
 
 def _too_few_permutations(n_perm: int) -> bool:
@@ -310,7 +276,7 @@ def factor_verdict(reference: Mapping | None, p_value: float | None, factor: str
         if _too_few_permutations(n_perm):
             return (f"index clear of 0, but with {n_perm} permutations no p-value can reach {ALPHA}: rerun with "
                     f"--n-perm {permutations_needed(ALPHA)} or more to decide")
-        return f"index clear of 0 but the permutation test is not (p={p_value:.2g}): not called specialized"
+        return f"index clear of 0 but the permutation test is not ({p_text(p_value, n_perm)}): not called specialized"
     if ci[1] < 0:
         return f"less {specific} than a router that learned nothing"
     return f"no more {specific} than a router that learned nothing"
@@ -320,15 +286,15 @@ def _factor_clause(layer: Mapping, factor: str, n_perm: int) -> str:
     """'topic NMI 0.033 [0.030, 0.036]; random routers ... ; index ...: verdict'."""
     entry = layer if factor == "topic" else layer[factor]
     reference = (layer.get("references") or {}).get(factor)
-    text = f"{FACTOR_WORDS[factor]} NMI {_number(entry['nmi'])}{_interval(entry.get('nmi_ci'))}"
+    text = f"{FACTOR_WORDS[factor]} NMI {with_interval(entry['nmi'], entry.get('nmi_ci'))}"
     if reference is None:
         return f"{text}: {factor_verdict(None, entry.get('p_value'), factor, n_perm)}"
     text += (f"; random routers with its loads on the same hidden states "
              f"{band_text(reference['random_load_matched'])}")
     if reference.get("probe") is not None:
-        text += f", best linear router {_number(reference['probe'])}"
+        text += f", best linear router {format_number(reference['probe'])}"
     if reference.get("index") is not None:
-        text += f"; index {_number(reference['index'], 2)}{_interval(reference.get('index_ci'), 2)}"
+        text += f"; index {with_interval(reference['index'], reference.get('index_ci'), 2)}"
     return f"{text}: {factor_verdict(reference, entry.get('p_value'), factor, n_perm)}"
 
 
@@ -339,9 +305,10 @@ def summary_sentences(stats: Mapping) -> list[str]:
     for layer in stats["layers"]:
         parts = [_factor_clause(layer, "topic", n_perm), _factor_clause(layer, "token_class", n_perm)]
         ct = layer["conditional_topic"]
-        clause = (f"given the token, topic adds {_number(ct['cmi_excess'])} bits beyond its permutation null"
-                  f"{_interval(ct.get('cmi_excess_ci'))} (raw {_number(ct['cmi'])}, null {_number(ct['null_mean'])}, "
-                  f"{_p_equals(ct.get('p_value'), n_perm)})")
+        clause = (f"given the token, topic adds {with_interval(ct['cmi_excess'], ct.get('cmi_excess_ci'))} bits "
+                  f"beyond its permutation null (raw {format_number(ct['cmi'])}, "
+                  f"null {format_number(ct['null_mean'])}, "
+                  f"{p_text(ct.get('p_value'), n_perm)})")
         clause += f": {EXPLANATIONS[ct['explained_by']]}"
         random_cmi = (layer.get("references") or {}).get("conditional_topic")
         if random_cmi is not None and ct["explained_by"] == "context beyond the token":
@@ -357,8 +324,8 @@ def summary_sentences(stats: Mapping) -> list[str]:
         sentences.append(sentence)
     seen_share = stats.get("seen_unseen_piece_share")
     for topic, shift in (stats.get("held_out_shift") or {}).items():
-        mixes = " and ".join(f"{_number(value)}{_interval(shift['js_ci'].get(name))} bits in {name}"
-                             f" (seen documents among themselves {_number(shift['js_null'].get(name))})"
+        mixes = " and ".join(f"{with_interval(value, shift['js_ci'].get(name))} bits in {name}"
+                             f" (seen documents among themselves {format_number(shift['js_null'].get(name))})"
                              for name, value in shift["js"].items())
         sentence = (f"held-out topic {topic} (not in training, analysed apart): its expert mix differs from the seen "
                     f"documents' by JS {mixes}")
@@ -444,12 +411,12 @@ def _routing_section(stats: Mapping) -> list[str]:
                 if reference is None:
                     continue
                 p_value = layer["p_value"] if factor == "topic" else layer[factor].get("p_value")
-                rows.append([layer["layer"], FACTOR_WORDS[factor], _number(reference["trained"]),
+                rows.append([layer["layer"], FACTOR_WORDS[factor], format_number(reference["trained"]),
                              band_text(reference["random"]), band_text(reference["random_load_matched"]),
                              f"{reference['random_load_matched']['rank']} of {references['n_random_routers'] + 1}",
-                             _number(reference.get("probe")),
-                             f"{_number(reference.get('index'), 2)}{_interval(reference.get('index_ci'), 2)}",
-                             _p(p_value, n_perm) if p_value is not None else "",
+                             format_number(reference.get("probe")),
+                             f"{with_interval(reference.get('index'), reference.get('index_ci'), 2)}",
+                             format_p(p_value, n_perm) if p_value is not None else "",
                              factor_verdict(reference, p_value, factor, n_perm) if factor != "token_id" else ""])
         lines += _markdown_table(["layer", "factor", "trained NMI", "random [2.5, 97.5%]", "load-matched [2.5, 97.5%]",
                                   "rank", "best linear", "index [95% CI]", "p", "verdict"], rows)
@@ -459,9 +426,10 @@ def _routing_section(stats: Mapping) -> list[str]:
     for layer in stats["layers"]:
         ct = layer["conditional_topic"]
         random_cmi = (layer.get("references") or {}).get("conditional_topic")
-        rows.append([layer["layer"], _number(ct["cmi"]), _number(ct["null_mean"]),
-                     f"{_number(ct['cmi_excess'])}{_interval(ct.get('cmi_excess_ci'))}", _p(ct.get("p_value"), n_perm),
-                     band_text(random_cmi["random_load_matched"]) if random_cmi else "n/a", ct["explained_by"]])
+        rows.append([layer["layer"], format_number(ct["cmi"]), format_number(ct["null_mean"]),
+                     f"{with_interval(ct['cmi_excess'], ct.get('cmi_excess_ci'))}",
+                     format_p(ct.get("p_value"), n_perm),
+                     band_text(random_cmi["random_load_matched"]) if random_cmi else MISSING, ct["explained_by"]])
     lines += _markdown_table(["layer", "I(expert; topic \\| token) bits", "permutation null mean",
                               "excess [95% CI]", "p", "random routers (loads matched), raw", "explained by"], rows)
     lines += ["",
@@ -476,9 +444,9 @@ def _routing_section(stats: Mapping) -> list[str]:
         names = [layer["layer"] for layer in stats["layers"]]
         lines += ["### Held-out topics (not in training)", ""]
         rows = [[topic, shift["n_documents"], shift["n_tokens"],
-                 "n/a" if shift.get("unseen_piece_share") is None else f"{100 * shift['unseen_piece_share']:.1f}%",
-                 *[f"{_number(shift['js'][name])}{_interval(shift['js_ci'].get(name))} "
-                   f"(null {_number(shift['js_null'].get(name))})" for name in names]]
+                 MISSING if shift.get("unseen_piece_share") is None else f"{100 * shift['unseen_piece_share']:.1f}%",
+                 *[f"{with_interval(shift['js'][name], shift['js_ci'].get(name))} "
+                   f"(null {format_number(shift['js_null'].get(name))})" for name in names]]
                 for topic, shift in held_out.items()]
         lines += _markdown_table(["topic", "documents", "tokens", "tokens absent from training",
                                   *[f"JS from seen mix, {name}" for name in names]], rows)

@@ -245,4 +245,4 @@ def test_ablation_sentence_names_the_expert_that_matters_and_the_tests():
     assert "depends on topic (p <= 0.01) for expert 0" in sentence
     assert "for no expert does it depend on token class" in sentence
     table = "\n".join(ablation_section({"block 0": entry, "cost": {}}))
-    assert "| 1 | +0.200 [0.100, 0.300] | n/a | 0.500 | 0.200 |" in table
+    assert "| 1 | +0.200 [0.100, 0.300] | n/a | 0.5 | 0.2 |" in table  # p-values as p-values

@@ -18,6 +18,14 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 from process_exp_results.architecture import draw_architecture  # noqa: E402
+from process_exp_results.formatting import (  # noqa: E402
+    MISSING,
+    format_interval,
+    format_number,
+    format_p,
+    p_text,
+    with_interval,
+)
 from process_exp_results.plots import (  # noqa: E402
     format_count,
     plot_pooled_expert_histogram,
@@ -50,6 +58,17 @@ def test_format_count():
     assert format_count(123_456) == "123k"
     assert format_count(999_999) == "1M"
     assert format_count(1_234_567) == "1.2M"
+
+
+def test_one_number_and_p_value_format():
+    assert [format_number(v) for v in (None, float("nan"), 0.0, 0.0004, 0.0331, 12, np.int64(3))] == \
+        [MISSING, MISSING, "0.000", "0.0004", "0.033", "12", "3"]
+    assert format_number(0.0012, 2, signed=True) == "+0.0012" and format_number(-0.3, 2, signed=True) == "-0.30"
+    assert format_p(1 / 201, 200) == "≤0.005" and format_p(1 / 201) == "0.005" and format_p(0.153, 200) == "0.15"
+    assert p_text(1 / 201, 200) == "p≤0.005" and p_text(0.153, 200) == "p=0.15" and p_text(None) == "p n/a"
+    assert format_p(float("nan")) == MISSING == "n/a"
+    assert with_interval(0.03, [0.02, 0.04]) == "0.030 [0.020, 0.040]" and with_interval(0.03, None) == "0.030"
+    assert with_interval(None, [0.02, 0.04]) == "n/a [0.020, 0.040]" and format_interval(None) == MISSING
 
 
 def test_pooled_histogram_writes_wide_png(tmp_path):
