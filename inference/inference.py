@@ -22,6 +22,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: impor
 import argparse
 import csv
 import time
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
@@ -30,14 +31,15 @@ import torch
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import check_run_data, read_step2_output, step3_command
 from config_utils.io import check_output_folder, read_manifest, safe_file_stems
-from inference.routing import collect_routing, file_stem, first_documents, write_routing_outputs
+from inference.routing import collect_routing, first_documents
+from inference.routing_files import file_stem, write_routing_outputs
 from process_exp_results.plots import (plot_pooled_expert_histogram, plot_routing_saturation,
                                        plot_topic_layer_histogram)
 from process_exp_results.ablation import analyze_ablation, plot_ablation
 from process_exp_results.consistency import analyze_consistency
 from process_exp_results.report import (ablation_sentence, consistency_sentence, saturation_sentence, summary_sentences,
                                         write_report_md)
-from process_exp_results.routing_stats import analyze_routing, token_classes
+from process_exp_results.routing_stats import RoutingRecords, analyze_routing, token_classes
 from train.final_model import MODEL_DIR, find_run, load_model
 from train.evaluation import evaluate_mlm, mlm_loader
 from train.routing_snapshots import saturation
@@ -72,7 +74,7 @@ def run_summary(run_dir: Path, model_config, metric_rows: list[dict]) -> dict:
             "evaluated": ", ".join(f"{row['group']} ({row['documents']} documents)" for row in metric_rows)}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = step_parser(__doc__, {"dataset": ("--config-dataset", "dataset_params.yaml"),
                                    "model": ("--config-model", "model_params.yaml"),
                                    "train": ("--config-train", "train_params.yaml")})
@@ -108,35 +110,57 @@ def main() -> None:
     if args.n_random_routers < 1:
         raise PipelineError(f"--n-random-routers {args.n_random_routers}: need at least 1 (--max-router-inputs 0 "
                             f"skips the references)")
-    configs = load_step_configs(args, ["dataset", "model", "train"])
-    dataset_config, train_config = configs["dataset"], configs["train"]
-    out_root = check_output_folder(args.save_path, "--save_path")
-    run_dir = find_run(train_config.save_path, args.run, step3_command(args))
+    return args
+
+
+@dataclass
+class Run:
+    """A trained run and the step 2 data it was trained on."""
+    configs: dict
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    step2_manifest: dict
+    step2_hash: str
+
+    @property
+    def masked_dir(self) -> Path:
+        return Path(self.configs["dataset"].data_params.masked_dir)
+
+    def groups(self) -> dict[str, Path]:
+        """The test split, then each evaluation topic in the config's order (for the tables and figures)."""
+        groups = {"test": self.masked_dir / "test"}
+        for topic in self.configs["dataset"].data_params.eval_topics:
+            groups[topic] = self.masked_dir / self.step2_manifest["topics"][topic]
+        return groups
+
+    def layer_names(self) -> list[str]:
+        """The MoE layers; none for the dense baseline (one expert per layer: no choice to analyse)."""
+        if self.model.config.is_dense_baseline:
+            print(f"note: {self.run_dir.name} is the dense baseline (n_experts: 1): no routing to analyse; writing "
+                  f"its metrics only", file=sys.stderr)
+            return []
+        return [f"block {index}" for index in self.model.config.moe_layer_indices]
+
+
+def load_run(args: argparse.Namespace, configs: dict) -> Run:
+    """The run's model and tokenizer, checked against the step 2 output it was trained on."""
+    run_dir = find_run(configs["train"].save_path, args.run, step3_command(args))
     run_manifest, _ = read_manifest(run_dir, step3_command(args, run_dir.name) + " --overwrite")
     model, tokenizer = load_model(run_dir / MODEL_DIR)
     # the run's own model settings decide what data it can read, whatever model config is passed now
     run_model_config = {**configs["model"], "seq_len": model.config.seq_len, "vocab_size": model.config.vocab_size}
-    step2_manifest, step2_hash = read_step2_output(dataset_config, run_model_config, args)
+    step2_manifest, step2_hash = read_step2_output(configs["dataset"], run_model_config, args)
     check_run_data(run_manifest, run_dir, step2_hash, args)
+    return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash)
 
-    device = torch.device("cuda" if train_config.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model.to(device)
-    masked_dir = Path(dataset_config.data_params.masked_dir)
-    groups = {"test": masked_dir / "test"}
-    for topic in dataset_config.data_params.eval_topics:  # in the config's order, for the tables and figures
-        groups[topic] = masked_dir / step2_manifest["topics"][topic]
-    layer_names = [f"block {index}" for index in model.config.moe_layer_indices]
-    if model.config.is_dense_baseline:  # one expert per layer: every token takes it, there is no choice to analyse
-        print(f"note: {run_dir.name} is the dense baseline (n_experts: 1): no routing to analyse; writing its "
-              f"metrics only", file=sys.stderr)
-        layer_names = []
 
-    file_stems = safe_file_stems(list(groups), "the evaluated groups")  # topic labels are data, not paths
-    started = time.time()
+def evaluate_groups(model, group_datasets: dict, layer_names: list[str], device,
+                    batch_size: int) -> tuple[list[dict], list[dict], dict]:
+    """Per group the MLM metrics row, the expert_counts.csv rows and the [layer, expert] count array."""
     metric_rows, count_rows, expert_counts = [], [], {}
-    group_datasets = {group: datasets.load_from_disk(str(folder)) for group, folder in groups.items()}
     for group, dataset in group_datasets.items():
-        result = evaluate_mlm(model, mlm_loader(dataset, args.batch_size), device,
+        result = evaluate_mlm(model, mlm_loader(dataset, batch_size), device,
                               progress_desc=f"step 4: evaluating {group}")
         metric_rows.append({"group": group, "documents": len(dataset), **result.as_dict()})
         expert_counts[group] = result.expert_counts.numpy()
@@ -145,71 +169,80 @@ def main() -> None:
             for expert, count in enumerate(result.expert_counts[layer_row].tolist()):
                 count_rows.append({"group": group, "layer": layer_name, "expert": expert, "count": count,
                                    "share": count / layer_total})
+    return metric_rows, count_rows, expert_counts
 
-    stats = None
-    if layer_names and not args.no_routing_stats:  # a dense model (no MoE layer) has no routing to analyse
-        held_out = tuple(dataset_config.data_params.eval_topics)
-        records, router_sample = collect_routing(model, group_datasets, device, args.batch_size,
-                                                 args.max_docs_per_group, held_out, args.max_router_inputs,
-                                                 sample_held_out=args.pool_held_out)
-        class_of_id, class_names = token_classes(tokenizer)
-        id_to_token = tokenizer.convert_ids_to_tokens(list(range(model.config.vocab_size)))
-        print("step 4: routing statistics (bootstrap, permutations, references) ...", file=sys.stderr)
-        stats = analyze_routing(records, class_of_id, class_names, id_to_token, n_boot=args.n_boot,
-                                n_perm=args.n_perm, router_sample=router_sample,
-                                n_random_routers=args.n_random_routers,
-                                train_token_ids=training_token_ids(masked_dir / "train"),
-                                pool_held_out=args.pool_held_out)
-        print("step 4: local routing consistency ...", file=sys.stderr)
-        stats["consecutive"] = analyze_consistency(records, id_to_token, n_boot=args.n_boot,
-                                                   pool_held_out=args.pool_held_out, router_sample=router_sample,
-                                                   n_random_routers=args.n_random_routers)
-        stats["saturation"] = saturation(run_dir, layer_names)  # from the run's routing snapshots
-        stats["summary"] = summary_sentences(stats) + [
-            consistency_sentence(layer, values) for layer, values in stats["consecutive"].items()] + [
-            saturation_sentence(layer, values) for layer, values in (stats["saturation"] or {}).items()]
 
-    ablation = None
-    if args.ablation is None:
-        args.ablation = bool(layer_names) and model.config.n_experts <= ABLATION_MAX_EXPERTS
-    if args.ablation and layer_names:
-        print("step 4: expert ablation (each expert disabled in turn) ...", file=sys.stderr)
-        ablated_groups = {name: first_documents(dataset, args.max_docs_per_group)
-                          for name, dataset in group_datasets.items()}
-        ablation = analyze_ablation(model, ablated_groups, device, args.batch_size, tokenizer,
-                                    topic_groups=("test",), n_bootstrap=args.n_boot, n_permutations=args.n_perm)
+@dataclass
+class RoutingAnalysis:
+    stats: dict  # analyze_routing's result, with "consecutive", "saturation" and "summary" added
+    records: RoutingRecords
+    id_to_token: list[str]
 
-    ablation_lines = [ablation_sentence(layer, entry) for layer, entry in (ablation or {}).items()
-                      if layer.startswith("block ")]
-    out_dir = out_root / run_dir.name
-    figures, routing_files = [], []
-    with atomic_dir(out_dir) as tmp_dir:
-        write_csv(tmp_dir / "metrics.csv", METRIC_COLUMNS, metric_rows)
-        write_csv(tmp_dir / "expert_counts.csv", ["group", "layer", "expert", "count", "share"], count_rows)
-        if layer_names:  # a dense model (no MoE layer) has no routing to draw
-            plot_pooled_expert_histogram(expert_counts, tmp_dir / "figures" / "experts_all_layers.png",
-                                         title=f"Expert choice, all MoE layers pooled ({run_dir.name})")
-            for group, counts in expert_counts.items():
-                figure = tmp_dir / "figures" / f"experts_per_layer_{file_stems[group]}.png"
-                plot_topic_layer_histogram(group, counts, figure, layer_names=layer_names)
-        if stats is not None:
-            routing_files = write_routing_outputs(tmp_dir, stats, records, id_to_token)
-            if stats["saturation"]:
-                plot_routing_saturation(stats["saturation"], tmp_dir / "figures" / "routing_saturation.png")
-        if ablation is not None:
-            write_json_atomic(tmp_dir / "ablation.json", ablation)
-            routing_files.append(Path("ablation.json"))
-            for layer in layer_names:
-                plot_ablation(ablation, layer, tmp_dir / "figures" / f"ablation_{file_stem(layer)}.png")
-        figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
-        write_report_md(tmp_dir / "report.md", run_summary(run_dir, model.config, metric_rows), metric_rows, stats,
-                        figures, [path for path in routing_files if path.suffix != ".png"], ablation)
-        write_json_atomic(tmp_dir / "manifest.json", {
-            "step": "inference", "run": str(run_dir), "input_manifest_hash": step2_hash,
-            "config": {"dataset": dataset_config, "train": train_config}, "metrics": metric_rows,
-            "figures": [str(path) for path in figures], "routing_files": [str(path) for path in routing_files],
-            "routing_settings": stats["settings"] if stats else None, "seconds": round(time.time() - started, 2)})
 
+def analyze_run_routing(run: Run, group_datasets: dict, layer_names: list[str], device,
+                        args: argparse.Namespace) -> RoutingAnalysis:
+    """The routing records of every group, their statistics against references, local consistency, saturation over
+    training, and the plain-language summary."""
+    model, tokenizer = run.model, run.tokenizer
+    held_out = tuple(run.configs["dataset"].data_params.eval_topics)
+    records, router_sample = collect_routing(model, group_datasets, device, args.batch_size, args.max_docs_per_group,
+                                             held_out, args.max_router_inputs, sample_held_out=args.pool_held_out)
+    class_of_id, class_names = token_classes(tokenizer)
+    id_to_token = tokenizer.convert_ids_to_tokens(list(range(model.config.vocab_size)))
+    print("step 4: routing statistics (bootstrap, permutations, references) ...", file=sys.stderr)
+    stats = analyze_routing(records, class_of_id, class_names, id_to_token, n_boot=args.n_boot, n_perm=args.n_perm,
+                            router_sample=router_sample, n_random_routers=args.n_random_routers,
+                            train_token_ids=training_token_ids(run.masked_dir / "train"),
+                            pool_held_out=args.pool_held_out)
+    print("step 4: local routing consistency ...", file=sys.stderr)
+    stats["consecutive"] = analyze_consistency(records, id_to_token, n_boot=args.n_boot,
+                                               pool_held_out=args.pool_held_out, router_sample=router_sample,
+                                               n_random_routers=args.n_random_routers)
+    stats["saturation"] = saturation(run.run_dir, layer_names)  # from the run's routing snapshots
+    stats["summary"] = summary_sentences(stats) + [
+        consistency_sentence(layer, values) for layer, values in stats["consecutive"].items()] + [
+        saturation_sentence(layer, values) for layer, values in (stats["saturation"] or {}).items()]
+    return RoutingAnalysis(stats, records, id_to_token)
+
+
+def run_ablation(run: Run, group_datasets: dict, device, args: argparse.Namespace) -> dict:
+    print("step 4: expert ablation (each expert disabled in turn) ...", file=sys.stderr)
+    ablated_groups = {name: first_documents(dataset, args.max_docs_per_group)
+                      for name, dataset in group_datasets.items()}
+    return analyze_ablation(run.model, ablated_groups, device, args.batch_size, run.tokenizer,
+                            topic_groups=("test",), n_bootstrap=args.n_boot, n_permutations=args.n_perm)
+
+
+def write_figures(tmp_dir: Path, run_name: str, expert_counts: dict, layer_names: list[str],
+                  file_stems: dict[str, str]) -> None:
+    """The expert-choice histograms: all layers pooled, and per group one bar per layer."""
+    if not layer_names:  # a dense model (no MoE layer) has no routing to draw
+        return
+    plot_pooled_expert_histogram(expert_counts, tmp_dir / "figures" / "experts_all_layers.png",
+                                 title=f"Expert choice, all MoE layers pooled ({run_name})")
+    for group, counts in expert_counts.items():
+        figure = tmp_dir / "figures" / f"experts_per_layer_{file_stems[group]}.png"
+        plot_topic_layer_histogram(group, counts, figure, layer_names=layer_names)
+
+
+def write_analysis_files(tmp_dir: Path, routing: RoutingAnalysis | None, ablation: dict | None,
+                         layer_names: list[str]) -> list[Path]:
+    """The routing and ablation files and figures; returns the files written, relative to tmp_dir."""
+    written = []
+    if routing is not None:
+        written = write_routing_outputs(tmp_dir, routing.stats, routing.records, routing.id_to_token)
+        if routing.stats["saturation"]:
+            plot_routing_saturation(routing.stats["saturation"], tmp_dir / "figures" / "routing_saturation.png")
+    if ablation is not None:
+        write_json_atomic(tmp_dir / "ablation.json", ablation)
+        written.append(Path("ablation.json"))
+        for layer in layer_names:
+            plot_ablation(ablation, layer, tmp_dir / "figures" / f"ablation_{file_stem(layer)}.png")
+    return written
+
+
+def print_summary(out_dir: Path, metric_rows: list[dict], figures: list[Path], routing_files: list[Path],
+                  sentences: list[str]) -> None:
     print(f"{'group':<16}{'docs':>7}{'mlm loss':>10}{'accuracy':>10}{'baseline':>10}{'perplexity':>12}")
     for row in metric_rows:
         print(f"{row['group']:<16}{row['documents']:>7}{row['mlm_loss']:>10.4f}{row['accuracy']:>10.3f}"
@@ -222,8 +255,51 @@ def main() -> None:
         if path.suffix != ".png":
             print(f"routing: {out_dir / path}")
     print(f"report: {out_dir / 'report.md'}")
-    for sentence in [*(stats["summary"] if stats else []), *ablation_lines]:
+    for sentence in sentences:
         print(sentence)
+
+
+def main() -> None:
+    args = parse_args()
+    configs = load_step_configs(args, ["dataset", "model", "train"])
+    out_root = check_output_folder(args.save_path, "--save_path")
+    run = load_run(args, configs)
+    train_config = run.configs["train"]
+    device = torch.device("cuda" if train_config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    run.model.to(device)
+    groups = run.groups()
+    layer_names = run.layer_names()
+    file_stems = safe_file_stems(list(groups), "the evaluated groups")  # topic labels are data, not paths
+    started = time.time()
+    group_datasets = {group: datasets.load_from_disk(str(folder)) for group, folder in groups.items()}
+    metric_rows, count_rows, expert_counts = evaluate_groups(run.model, group_datasets, layer_names, device,
+                                                             args.batch_size)
+    routing = None
+    if layer_names and not args.no_routing_stats:  # a dense model (no MoE layer) has no routing to analyse
+        routing = analyze_run_routing(run, group_datasets, layer_names, device, args)
+    if args.ablation is None:
+        args.ablation = bool(layer_names) and run.model.config.n_experts <= ABLATION_MAX_EXPERTS
+    ablation = run_ablation(run, group_datasets, device, args) if args.ablation and layer_names else None
+
+    stats = routing.stats if routing else None
+    out_dir = out_root / run.run_dir.name
+    with atomic_dir(out_dir) as tmp_dir:
+        write_csv(tmp_dir / "metrics.csv", METRIC_COLUMNS, metric_rows)
+        write_csv(tmp_dir / "expert_counts.csv", ["group", "layer", "expert", "count", "share"], count_rows)
+        write_figures(tmp_dir, run.run_dir.name, expert_counts, layer_names, file_stems)
+        routing_files = write_analysis_files(tmp_dir, routing, ablation, layer_names)
+        figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
+        write_report_md(tmp_dir / "report.md", run_summary(run.run_dir, run.model.config, metric_rows), metric_rows,
+                        stats, figures, [path for path in routing_files if path.suffix != ".png"], ablation)
+        write_json_atomic(tmp_dir / "manifest.json", {
+            "step": "inference", "run": str(run.run_dir), "input_manifest_hash": run.step2_hash,
+            "config": {"dataset": run.configs["dataset"], "train": train_config}, "metrics": metric_rows,
+            "figures": [str(path) for path in figures], "routing_files": [str(path) for path in routing_files],
+            "routing_settings": stats["settings"] if stats else None, "seconds": round(time.time() - started, 2)})
+    ablation_lines = [ablation_sentence(layer, entry) for layer, entry in (ablation or {}).items()
+                      if layer.startswith("block ")]
+    print_summary(out_dir, metric_rows, figures, routing_files, [*(stats["summary"] if stats else []),
+                                                                   *ablation_lines])
 
 
 if __name__ == "__main__":

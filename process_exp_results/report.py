@@ -382,74 +382,89 @@ def stats_csv_rows(stats: Mapping) -> list[dict]:
 
 
 def _routing_section(stats: Mapping) -> list[str]:
+    n_perm = int(stats.get("settings", {}).get("n_perm", 0))
+    return [*_routing_intro(stats), *_references_table(stats, n_perm), *_conditional_table(stats, n_perm),
+            *_held_out_table(stats)]
+
+
+def _routing_intro(stats: Mapping) -> list[str]:
+    """What was analysed, and the plain-language summary."""
     settings = stats.get("settings", {})
-    n_perm = int(settings.get("n_perm", 0))
     groups = stats.get("groups") or {}
     design = ("the held-out topics pooled with the seen ones (--pool-held-out)" if groups.get("pooled")
               else "the test split's documents (topics seen in training); the held-out topics are analysed apart")
-    lines = ["## Routing analysis", "",
-             f"{stats['n_tokens']:,} real tokens from {stats['n_documents']:,} documents of {design}; topics: "
-             f"{', '.join(stats['topics'])}; {stats['n_experts']} experts, top-{stats['k']} routing. "
-             f"Intervals are 95% document-level bootstrap intervals ({settings.get('n_boot', '?')} resamples); "
-             f"p-values come from {settings.get('n_perm', '?')} permutations.", "",
-             "### In plain words", ""]
-    lines += [f"- {sentence}" for sentence in stats.get("summary", [])]
-    references = settings.get("references")
-    lines += ["", "### Against routers that learned nothing, and the best linear router", ""]
+    return ["## Routing analysis", "",
+            f"{stats['n_tokens']:,} real tokens from {stats['n_documents']:,} documents of {design}; topics: "
+            f"{', '.join(stats['topics'])}; {stats['n_experts']} experts, top-{stats['k']} routing. "
+            f"Intervals are 95% document-level bootstrap intervals ({settings.get('n_boot', '?')} resamples); "
+            f"p-values come from {settings.get('n_perm', '?')} permutations.", "",
+            "### In plain words", "", *[f"- {sentence}" for sentence in stats.get("summary", [])]]
+
+
+def _references_table(stats: Mapping, n_perm: int) -> list[str]:
+    """Per layer and factor the trained router against random routers and the best linear router."""
+    references = stats.get("settings", {}).get("references")
+    lines = ["", "### Against routers that learned nothing, and the best linear router", ""]
     if references is None:
-        lines += ["No references were computed (no router inputs were sampled).", ""]
-    else:
-        lines += [f"The same router inputs ({references['n_router_inputs']:,} of {references['n_candidate_tokens']:,} "
-                  f"tokens, at most {references['max_router_inputs']:,}) through {references['n_random_routers']} "
-                  "random routers (Gaussian rows with the trained rows' norms), the same routers with biases that "
-                  "match the trained router's expert loads, and a linear probe fitted on half of the documents and "
-                  "applied to the other half. Index: 0 = no more than a random router, 1 = as much as the probe.", ""]
-        rows = []
-        for layer in stats["layers"]:
-            for factor in ("topic", "token_class", "token_id"):
-                reference = (layer.get("references") or {}).get(factor)
-                if reference is None:
-                    continue
-                p_value = layer["p_value"] if factor == "topic" else layer[factor].get("p_value")
-                rows.append([layer["layer"], FACTOR_WORDS[factor], format_number(reference["trained"]),
-                             band_text(reference["random"]), band_text(reference["random_load_matched"]),
-                             f"{reference['random_load_matched']['rank']} of {references['n_random_routers'] + 1}",
-                             format_number(reference.get("probe")),
-                             f"{with_interval(reference.get('index'), reference.get('index_ci'), 2)}",
-                             format_p(p_value, n_perm) if p_value is not None else "",
-                             factor_verdict(reference, p_value, factor, n_perm) if factor != "token_id" else ""])
-        lines += _markdown_table(["layer", "factor", "trained NMI", "random [2.5, 97.5%]", "load-matched [2.5, 97.5%]",
-                                  "rank", "best linear", "index [95% CI]", "p", "verdict"], rows)
-        lines.append("")
-    lines += ["### Topic signal given the token", ""]
+        return lines + ["No references were computed (no router inputs were sampled).", ""]
+    lines += [f"The same router inputs ({references['n_router_inputs']:,} of {references['n_candidate_tokens']:,} "
+              f"tokens, at most {references['max_router_inputs']:,}) through {references['n_random_routers']} "
+              "random routers (Gaussian rows with the trained rows' norms), the same routers with biases that "
+              "match the trained router's expert loads, and a linear probe fitted on half of the documents and "
+              "applied to the other half. Index: 0 = no more than a random router, 1 = as much as the probe.", ""]
+    rows = []
+    for layer in stats["layers"]:
+        for factor in ("topic", "token_class", "token_id"):
+            reference = (layer.get("references") or {}).get(factor)
+            if reference is None:
+                continue
+            p_value = layer["p_value"] if factor == "topic" else layer[factor].get("p_value")
+            rows.append([layer["layer"], FACTOR_WORDS[factor], format_number(reference["trained"]),
+                         band_text(reference["random"]), band_text(reference["random_load_matched"]),
+                         f"{reference['random_load_matched']['rank']} of {references['n_random_routers'] + 1}",
+                         format_number(reference.get("probe")),
+                         with_interval(reference.get("index"), reference.get("index_ci"), 2),
+                         format_p(p_value, n_perm) if p_value is not None else "",
+                         factor_verdict(reference, p_value, factor, n_perm) if factor != "token_id" else ""])
+    lines += _markdown_table(["layer", "factor", "trained NMI", "random [2.5, 97.5%]", "load-matched [2.5, 97.5%]",
+                              "rank", "best linear", "index [95% CI]", "p", "verdict"], rows)
+    return lines + [""]
+
+
+def _conditional_table(stats: Mapping, n_perm: int) -> list[str]:
+    """Per layer I(expert; topic | token) against its permutation null and random routers, and how to read it."""
     rows = []
     for layer in stats["layers"]:
         ct = layer["conditional_topic"]
         random_cmi = (layer.get("references") or {}).get("conditional_topic")
         rows.append([layer["layer"], format_number(ct["cmi"]), format_number(ct["null_mean"]),
-                     f"{with_interval(ct['cmi_excess'], ct.get('cmi_excess_ci'))}",
-                     format_p(ct.get("p_value"), n_perm),
+                     with_interval(ct["cmi_excess"], ct.get("cmi_excess_ci")), format_p(ct.get("p_value"), n_perm),
                      band_text(random_cmi["random_load_matched"]) if random_cmi else MISSING, ct["explained_by"]])
-    lines += _markdown_table(["layer", "I(expert; topic \\| token) bits", "permutation null mean",
-                              "excess [95% CI]", "p", "random routers (loads matched), raw", "explained by"], rows)
-    lines += ["",
-              "How to read it: NMI is 0 when the expert says nothing about the factor and 1 when it determines it. "
-              "A topic signal can be pure vocabulary (topics use different words, and the router sees words): the "
-              "conditional mutual information I(expert; topic | token) measures what is left once the token is "
-              "known, and its excess over the permutation null is the part that is not estimator bias. A router "
-              "applied to contextual hidden states shows some of it without having learned anything: compare "
-              "with the random routers' raw value.", ""]
+    return ["### Topic signal given the token", "",
+            *_markdown_table(["layer", "I(expert; topic \\| token) bits", "permutation null mean",
+                              "excess [95% CI]", "p", "random routers (loads matched), raw", "explained by"], rows),
+            "",
+            "How to read it: NMI is 0 when the expert says nothing about the factor and 1 when it determines it. "
+            "A topic signal can be pure vocabulary (topics use different words, and the router sees words): the "
+            "conditional mutual information I(expert; topic | token) measures what is left once the token is "
+            "known, and its excess over the permutation null is the part that is not estimator bias. A router "
+            "applied to contextual hidden states shows some of it without having learned anything: compare "
+            "with the random routers' raw value.", ""]
+
+
+def _held_out_table(stats: Mapping) -> list[str]:
+    """Per held-out topic how far its expert mix is from the seen documents', per layer."""
     held_out = stats.get("held_out_shift") or {}
-    if held_out:
-        names = [layer["layer"] for layer in stats["layers"]]
-        lines += ["### Held-out topics (not in training)", ""]
-        rows = [[topic, shift["n_documents"], shift["n_tokens"],
-                 MISSING if shift.get("unseen_piece_share") is None else f"{100 * shift['unseen_piece_share']:.1f}%",
-                 *[f"{with_interval(shift['js'][name], shift['js_ci'].get(name))} "
-                   f"(null {format_number(shift['js_null'].get(name))})" for name in names]]
-                for topic, shift in held_out.items()]
-        lines += _markdown_table(["topic", "documents", "tokens", "tokens absent from training",
-                                  *[f"JS from seen mix, {name}" for name in names]], rows)
-        lines += ["", "Part of a held-out topic's difference is unfamiliar text (word pieces the model never saw "
-                      "in training), not topic.", ""]
-    return lines
+    if not held_out:
+        return []
+    names = [layer["layer"] for layer in stats["layers"]]
+    rows = [[topic, shift["n_documents"], shift["n_tokens"],
+             MISSING if shift.get("unseen_piece_share") is None else f"{100 * shift['unseen_piece_share']:.1f}%",
+             *[f"{with_interval(shift['js'][name], shift['js_ci'].get(name))} "
+               f"(null {format_number(shift['js_null'].get(name))})" for name in names]]
+            for topic, shift in held_out.items()]
+    return ["### Held-out topics (not in training)", "",
+            *_markdown_table(["topic", "documents", "tokens", "tokens absent from training",
+                              *[f"JS from seen mix, {name}" for name in names]], rows),
+            "", "Part of a held-out topic's difference is unfamiliar text (word pieces the model never saw "
+                "in training), not topic.", ""]

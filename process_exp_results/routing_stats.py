@@ -40,7 +40,7 @@ import torch
 
 from process_exp_results.information import cmi, js_rows, nmi
 from process_exp_results.references import Factor, RouterSample, layer_references
-from process_exp_results.resampling import Cells, GroupShuffler, bootstrap_weights, p_value, basic_ci, rng_for
+from process_exp_results.resampling import Cells, GroupShuffler, basic_ci, bootstrap_weights, p_value, rng_for
 
 __all__ = ["ALPHA", "FUNCTION_WORDS", "RoutingRecords", "analyze_routing", "is_specialized", "permutations_needed",
            "token_classes"]
@@ -318,6 +318,50 @@ def _check(records: RoutingRecords, experts: np.ndarray, token_class_of_id: np.n
         raise ValueError(f"expert index >= n_experts ({records.n_experts})")
 
 
+@dataclass
+class _SeenTables:
+    """The analysed rows (the seen topics, or all with pool_held_out) as documents and per-layer tables."""
+
+    rows: np.ndarray  # analysed rows of the records
+    seen: RoutingRecords  # those rows
+    doc: np.ndarray  # per row its document index
+    doc_topic: np.ndarray  # per document its (merged) topic index
+    topics: list[str]
+    topic: np.ndarray  # per row its (merged) topic index
+    token_class: np.ndarray  # per row its token class
+    layers: list[LayerTables]
+
+
+def _seen_tables(records: RoutingRecords, held_out: np.ndarray, token_class_of_id: np.ndarray, n_classes: int,
+                 min_token_count: int, min_topic_docs: int, pool_held_out: bool) -> _SeenTables:
+    rows = np.arange(len(held_out)) if pool_held_out else np.flatnonzero(~held_out)
+    seen = records.subset(rows)
+    doc, doc_topic_raw = _documents(seen.doc_id, seen.topic)
+    doc_topic, topics = _merge_topics(doc_topic_raw, list(records.topic_names), min_topic_docs)
+    topic, token_class = doc_topic[doc], token_class_of_id[seen.token_id]
+    layers = [LayerTables.build(name, seen.experts[:, li, 0], doc, topic, token_class, seen.token_id, len(topics),
+                                n_classes, records.n_experts, min_token_count)
+              for li, name in enumerate(records.layer_names)]
+    return _SeenTables(rows, seen, doc, doc_topic, topics, topic, token_class, layers)
+
+
+def _bootstrap_measures(layers: list[LayerTables], n_docs: int, n_boot: int, seed: int) -> list[list[dict]]:
+    """Per layer the measures of n_boot document-bootstrap draws; one draw of document multiplicities serves every
+    layer and measure."""
+    rng, draws = rng_for(seed, 1), [[] for _ in layers]
+    for _ in range(n_boot):
+        weights = bootstrap_weights(rng, n_docs)
+        for layer_draws, layer in zip(draws, layers):
+            layer_draws.append(layer.measures(weights))
+    return draws
+
+
+def _reference_settings(sample: RouterSample, n_random_routers: int) -> dict:
+    return {"n_random_routers": int(n_random_routers), "max_router_inputs": int(sample.max_tokens),
+            "n_router_inputs": int(len(sample.rows)), "n_candidate_tokens": int(sample.n_candidates),
+            "selection": sample.rule.router_type}
+
+
 def analyze_routing(records: RoutingRecords, token_class_of_id: np.ndarray, class_names: list[str],
                     id_to_token: list[str], n_boot: int = 200, n_perm: int = 200, seed: int = 0,
                     min_token_count: int = 20, min_topic_docs: int = 5, router_sample: RouterSample | None = None,
@@ -330,52 +374,40 @@ def analyze_routing(records: RoutingRecords, token_class_of_id: np.ndarray, clas
     pool_held_out: analyse the held-out topics together with the seen ones, as the earlier study did.
     """
     experts = np.asarray(records.experts, dtype=np.int64)
-    if experts.ndim == 2:
-        experts = experts[:, :, None]
-    records = replace(records, experts=experts)
+    records = replace(records, experts=experts[:, :, None] if experts.ndim == 2 else experts)
     token_class_of_id = np.asarray(token_class_of_id, dtype=np.int64)
-    _check(records, experts, token_class_of_id)
-    n_tokens, n_layers, k = experts.shape
-    E = int(records.n_experts)
+    _check(records, records.experts, token_class_of_id)
+    n_tokens, n_layers, k = records.experts.shape
     held_out = np.zeros(n_tokens, bool) if records.held_out is None else np.asarray(records.held_out, bool)
-    analysed_rows = np.arange(n_tokens) if pool_held_out else np.flatnonzero(~held_out)
-    seen = records.subset(analysed_rows)
-
-    doc, doc_topic_raw = _documents(seen.doc_id, seen.topic)
-    doc_topic, topics = _merge_topics(doc_topic_raw, list(records.topic_names), min_topic_docs)
-    topic, token_class = doc_topic[doc], token_class_of_id[seen.token_id]
-    K, C = len(topics), len(class_names)
-    layers = [LayerTables.build(name, seen.experts[:, li, 0], doc, topic, token_class, seen.token_id, K, C, E,
-                                min_token_count) for li, name in enumerate(records.layer_names)]
-    observed = [layer.measures() for layer in layers]
-    rng, draws = rng_for(seed, 1), [[] for _ in layers]
-    for _ in range(n_boot):  # one draw of document multiplicities serves every layer and measure
-        weights = bootstrap_weights(rng, len(doc_topic))
-        for layer_draws, layer in zip(draws, layers):
-            layer_draws.append(layer.measures(weights))
-    topic_nulls = topic_null(layers, doc_topic, n_perm, seed)
-    class_nulls, conditional_nulls, movable = within_document_nulls(layers, doc, doc_topic, token_class, n_perm, seed)
+    seen = _seen_tables(records, held_out, token_class_of_id, len(class_names), min_token_count, min_topic_docs,
+                        pool_held_out)
+    layers = seen.layers
+    draws = _bootstrap_measures(layers, len(seen.doc_topic), n_boot, seed)
+    topic_nulls = topic_null(layers, seen.doc_topic, n_perm, seed)
+    class_nulls, conditional_nulls, movable = within_document_nulls(layers, seen.doc, seen.doc_topic,
+                                                                    seen.token_class, n_perm, seed)
     references = ([None] * n_layers if router_sample is None else
-                  _references(router_sample, analysed_rows, doc, doc_topic, topic, token_class, seen.token_id, K, C,
-                              min_token_count, n_random_routers, n_boot, seed))
-
+                  _references(router_sample, seen.rows, seen.doc, seen.doc_topic, seen.topic, seen.token_class,
+                              seen.seen.token_id, len(seen.topics), len(class_names), min_token_count,
+                              n_random_routers, n_boot, seed))
     out_layers = []
     for li, layer in enumerate(layers):
-        result = _layer_result(layer, observed[li], draws[li], topic_nulls[li], class_nulls[li],
-                               conditional_nulls[li], topics, class_names, id_to_token)
+        result = _layer_result(layer, layer.measures(), draws[li], topic_nulls[li], class_nulls[li],
+                               conditional_nulls[li], seen.topics, class_names, id_to_token)
         result["conditional_topic"]["null_movable_share"] = movable[li]
         out_layers.append({"layer": layer.name, "layer_index": li, **result,
-                           "coactivation": _coactivation(seen.experts[:, li, :], E) if k >= 2 else None})
+                           "coactivation": _coactivation(seen.seen.experts[:, li, :], records.n_experts)
+                           if k >= 2 else None})
         if references[li] is not None:
             out_layers[-1]["references"] = references[li]
-    held_out_topics = sorted({records.topic_names[t] for t in np.unique(records.topic[held_out])})
     stats = {
-        "n_tokens": int(len(analysed_rows)),
-        "n_documents": int(len(doc_topic)),
-        "topics": topics,
+        "n_tokens": int(len(seen.rows)),
+        "n_documents": int(len(seen.doc_topic)),
+        "topics": seen.topics,
         "groups": {"seen": sorted({records.topic_names[t] for t in np.unique(records.topic[~held_out])}),
-                   "held_out": held_out_topics, "pooled": bool(pool_held_out)},
-        "n_experts": E,
+                   "held_out": sorted({records.topic_names[t] for t in np.unique(records.topic[held_out])}),
+                   "pooled": bool(pool_held_out)},
+        "n_experts": int(records.n_experts),
         "k": int(k),
         "settings": {"n_boot": int(n_boot), "n_perm": int(n_perm), "seed": int(seed),
                      "min_token_count": int(min_token_count)},
@@ -383,11 +415,7 @@ def analyze_routing(records: RoutingRecords, token_class_of_id: np.ndarray, clas
         "held_out_shift": _held_out_shift(records, held_out, train_token_ids, n_boot, seed),
     }
     if router_sample is not None:
-        stats["settings"]["references"] = {"n_random_routers": int(n_random_routers),
-                                           "max_router_inputs": int(router_sample.max_tokens),
-                                           "n_router_inputs": int(len(router_sample.rows)),
-                                           "n_candidate_tokens": int(router_sample.n_candidates),
-                                           "selection": router_sample.rule.router_type}
+        stats["settings"]["references"] = _reference_settings(router_sample, n_random_routers)
     if train_token_ids is not None:
         stats["seen_unseen_piece_share"] = _unseen_share(records.token_id[~held_out], train_token_ids)
     return stats

@@ -63,7 +63,7 @@ def test_token_pages_are_self_contained_with_one_span_per_token(tiny_run):
     _, out_dir, _ = tiny_run
     from transformers import AutoTokenizer
 
-    from inference.routing import sample_documents
+    from inference.routing_files import sample_documents
     from process_exp_results.report import write_token_html
 
     for layer in ("block_0", "block_1"):
