@@ -119,10 +119,10 @@ def load_checkpoint(folder: Path, model, optimizer, train_config: dict, model_co
         raise PipelineError(f"checkpoint {folder} is corrupt ({reason}); resume from an older one") from None
     trained_on = state.get("input_manifest_hash")  # absent in checkpoints written before it was recorded
     if trained_on is not None and trained_on != input_hash:
-        raise PipelineError(f"--resume {folder}: the run was trained on another step-2 output (input hash {trained_on}, "
-                            f"now {input_hash}: other data or tokenizer); resume with the dataset configs it was "
-                            f"trained with (its {STATE_FILE} lists them), or start it again on this data with "
-                            f"`{restart} --overwrite`")
+        raise PipelineError(f"--resume {folder}: the run was trained on another step-2 output (input hash "
+                            f"{trained_on}, now {input_hash}: other data or tokenizer); resume with the dataset "
+                            f"configs it was trained with (its {STATE_FILE} lists them), or start it again on this "
+                            f"data with `{restart} --overwrite`")
     for role, now in (("model", model_config), ("train", train_config)):
         for key, value in now.items():
             if key not in state["config"][role]:  # a key added to the schema since: it has its default
