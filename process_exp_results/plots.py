@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -111,6 +112,86 @@ def _series_colours(n: int, ordered: bool) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+@dataclass
+class _ShareLayout:
+    """Sizes of the grouped bar chart, in inches (bottom -> top: x labels, axes, legend, title)."""
+    fig_w: float
+    fig_h: float
+    bottom_in: float
+    axes_w_in: float
+    axes_h_in: float
+    legend_columns: int
+
+
+def _share_layout(n_series: int, n_experts: int, series_labels: Sequence[str]) -> _ShareLayout:
+    slot_in = max(_MIN_SLOT_IN, _BAR_IN * n_series + _GROUP_GAP_IN)
+    fig_w = min(_MAX_FIG_WIDTH_IN, max(_MIN_FIG_WIDTH_IN, slot_in * n_experts + _SIDE_MARGIN_IN))
+    # Legend above the axes, as many columns as fit the figure width.
+    entry_w_in = 0.75 + 0.075 * max(len(s) for s in series_labels)
+    ncol = int(max(1, min(n_series, (fig_w - 0.4) // entry_w_in)))
+    legend_rows = -(-n_series // ncol)
+    # Very wide figures (E=16, many groups) get a little taller axes so the
+    # aspect stays readable when the PNG is shown scaled down.
+    bottom_in = 0.75
+    axes_h_in = min(5.5, _AXES_HEIGHT_IN + 0.06 * max(0.0, fig_w - 12.0))
+    legend_in = 0.32 + 0.24 * legend_rows
+    title_in = 0.55
+    return _ShareLayout(fig_w, bottom_in + axes_h_in + legend_in + title_in, bottom_in, fig_w - _SIDE_MARGIN_IN,
+                        axes_h_in, ncol)
+
+
+def _draw_share_bars(ax, counts: np.ndarray, shares: np.ndarray, series_labels: Sequence[str], colours: list,
+                     layout: _ShareLayout) -> float:
+    """One bar per series in each expert slot, labelled with its raw count; returns the label font size."""
+    n_series, n_experts = counts.shape
+    x = np.arange(n_experts, dtype=float)
+    total_width = 0.82
+    bar_w = total_width / n_series
+    offsets = (np.arange(n_series) - (n_series - 1) / 2.0) * bar_w
+    # Count labels: font shrinks a little if bars get narrow (very wide E*S
+    # hits the width cap).
+    bar_pts = layout.axes_w_in * 72.0 / n_experts * bar_w
+    fontsize = float(np.clip(bar_pts * 0.75, 4.5, _COUNT_FONTSIZE))
+    for i in range(n_series):
+        bars = ax.bar(x + offsets[i], shares[i], width=bar_w * 0.92, color=colours[i], edgecolor="white",
+                      linewidth=0.4, label=series_labels[i], zorder=2)
+        ax.bar_label(
+            bars,
+            labels=[format_count(c) for c in counts[i]],
+            padding=2,
+            rotation=90,
+            fontsize=fontsize,
+            color="0.2",
+            # keep the dashed "uniform" line from striking through labels
+            bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.85),
+            zorder=5,
+        )
+    return fontsize
+
+
+def _draw_uniform_line(ax, uniform: float, top_share: float, fontsize: float, axes_h_in: float) -> None:
+    """The dashed uniform share, and head-room for the rotated count labels (the longest is ~6 chars)."""
+    label_pts = 6 * 0.62 * fontsize + 4
+    frac = min(0.5, label_pts / (axes_h_in * 72.0) + 0.03)
+    ax.set_ylim(0.0, max(top_share, uniform) / (1.0 - frac))
+    ax.axhline(uniform, color="0.25", linestyle="--", linewidth=1.1, zorder=4)
+    ax.text(1.005, uniform, f"uniform\n{uniform:.3g}%", transform=blended_transform_factory(ax.transAxes, ax.transData),
+            ha="left", va="center", fontsize=9, color="0.25")
+
+
+def _style_share_axes(ax, n_experts: int, ylabel: str) -> None:
+    ax.set_xticks(np.arange(n_experts, dtype=float))
+    ax.set_xticklabels([f"expert {e}" for e in range(n_experts)], fontsize=9)
+    ax.set_xlim(-0.5, n_experts - 0.5)
+    ax.set_xlabel("expert", fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.tick_params(axis="y", labelsize=9)
+    ax.yaxis.grid(True, color="0.88", linewidth=0.8, zorder=0)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
 def _grouped_share_figure(
     counts: np.ndarray,
     series_labels: Sequence[str],
@@ -127,106 +208,24 @@ def _grouped_share_figure(
     """
     n_series, n_experts = counts.shape
     shares = _shares_percent(counts)
-    uniform = 100.0 / n_experts
-
-    slot_in = max(_MIN_SLOT_IN, _BAR_IN * n_series + _GROUP_GAP_IN)
-    axes_w_in = slot_in * n_experts
-    fig_w = min(_MAX_FIG_WIDTH_IN, max(_MIN_FIG_WIDTH_IN, axes_w_in + _SIDE_MARGIN_IN))
-    axes_w_in = fig_w - _SIDE_MARGIN_IN
-
-    # Legend above the axes, as many columns as fit the figure width.
-    max_chars = max(len(s) for s in series_labels)
-    entry_w_in = 0.75 + 0.075 * max_chars
-    ncol = int(max(1, min(n_series, (fig_w - 0.4) // entry_w_in)))
-    legend_rows = -(-n_series // ncol)
-
-    # Vertical layout in inches (bottom -> top): x labels, axes, legend, title.
-    # Very wide figures (E=16, many groups) get a little taller axes so the
-    # aspect stays readable when the PNG is shown scaled down.
-    bottom_in = 0.75
-    axes_h_in = min(5.5, _AXES_HEIGHT_IN + 0.06 * max(0.0, fig_w - 12.0))
-    legend_in = 0.32 + 0.24 * legend_rows
-    title_in = 0.55
-    fig_h = bottom_in + axes_h_in + legend_in + title_in
-    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+    layout = _share_layout(n_series, n_experts, series_labels)
+    fig = Figure(figsize=(layout.fig_w, layout.fig_h), dpi=DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((1.25 / fig_w, bottom_in / fig_h, axes_w_in / fig_w, axes_h_in / fig_h))
-
-    x = np.arange(n_experts, dtype=float)
-    total_width = 0.82
-    bar_w = total_width / n_series
-    offsets = (np.arange(n_series) - (n_series - 1) / 2.0) * bar_w
-    colours = _series_colours(n_series, ordered_colours)
-
-    # Count labels: font shrinks a little if bars get narrow (very wide E*S
-    # hits the width cap).
-    ax_w_pts = axes_w_in * 72.0
-    bar_pts = ax_w_pts / n_experts * bar_w
-    fontsize = float(np.clip(bar_pts * 0.75, 4.5, _COUNT_FONTSIZE))
-
-    for i in range(n_series):
-        bars = ax.bar(
-            x + offsets[i],
-            shares[i],
-            width=bar_w * 0.92,
-            color=colours[i],
-            edgecolor="white",
-            linewidth=0.4,
-            label=series_labels[i],
-            zorder=2,
-        )
-        ax.bar_label(
-            bars,
-            labels=[format_count(c) for c in counts[i]],
-            padding=2,
-            rotation=90,
-            fontsize=fontsize,
-            color="0.2",
-            # keep the dashed "uniform" line from striking through labels
-            bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.85),
-            zorder=5,
-        )
-
-    # Head-room for the rotated count labels: the longest label is ~6 chars.
-    ax_h_pts = axes_h_in * 72.0
-    label_pts = 6 * 0.62 * fontsize + 4
-    top_share = max(float(shares.max()), uniform)
-    frac = min(0.5, label_pts / ax_h_pts + 0.03)
-    ax.set_ylim(0.0, top_share / (1.0 - frac))
-
-    ax.axhline(uniform, color="0.25", linestyle="--", linewidth=1.1, zorder=4)
-    ax.text(
-        1.005,
-        uniform,
-        f"uniform\n{uniform:.3g}%",
-        transform=blended_transform_factory(ax.transAxes, ax.transData),
-        ha="left",
-        va="center",
-        fontsize=9,
-        color="0.25",
-    )
-
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"expert {e}" for e in range(n_experts)], fontsize=9)
-    ax.set_xlim(-0.5, n_experts - 0.5)
-    ax.set_xlabel("expert", fontsize=11)
-    ax.set_ylabel(ylabel, fontsize=11)
-    ax.tick_params(axis="y", labelsize=9)
-    ax.yaxis.grid(True, color="0.88", linewidth=0.8, zorder=0)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-
+    ax = fig.add_axes((1.25 / layout.fig_w, layout.bottom_in / layout.fig_h, layout.axes_w_in / layout.fig_w,
+                       layout.axes_h_in / layout.fig_h))
+    fontsize = _draw_share_bars(ax, counts, shares, series_labels, _series_colours(n_series, ordered_colours), layout)
+    _draw_uniform_line(ax, 100.0 / n_experts, float(shares.max()), fontsize, layout.axes_h_in)
+    _style_share_axes(ax, n_experts, ylabel)
     ax.legend(
         loc="lower center",
-        bbox_to_anchor=(0.5, 1.0 + 0.08 / axes_h_in),
-        ncol=ncol,
+        bbox_to_anchor=(0.5, 1.0 + 0.08 / layout.axes_h_in),
+        ncol=layout.legend_columns,
         fontsize=9,
         title=legend_title,
         title_fontsize=9,
         frameon=False,
     )
-    fig.suptitle(title, fontsize=14, fontweight="bold", y=1.0 - 0.12 / fig_h, va="top")
+    fig.suptitle(title, fontsize=14, fontweight="bold", y=1.0 - 0.12 / layout.fig_h, va="top")
     return fig
 
 
@@ -357,28 +356,56 @@ def plot_topic_expert_heatmap(
         path: PNG to write (atomically).
         layer_name: e.g. ``"block 0"``, used in the title.
     """
-    from matplotlib.colors import TwoSlopeNorm
-
     mat = _as_count_matrix(f"topic x expert counts for {layer_name!r}", counts)
     n_topics, n_experts = mat.shape
     if len(topic_names) != n_topics:
         raise ValueError(f"{len(topic_names)} topic names for {n_topics} rows of counts")
     shares = _shares_percent(mat)
     uniform = 100.0 / n_experts
-    # Scale the "above" side to the data (at least twice uniform) so modest preferences stay visible.
-    vmax = min(100.0, max(2.0 * uniform, float(shares.max()) * 1.05))
-    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=vmax)
-    cmap = matplotlib.colormaps["RdBu_r"]
-
+    labels = [_topic_label(t, n) for t, n in zip(topic_names, mat.sum(axis=1))]
     cell_in = 0.62 if n_experts <= 12 else 0.48
-    label_in = 0.3 + 0.075 * max(len(_topic_label(t, n)) for t, n in zip(topic_names, mat.sum(axis=1)))
+    label_in = 0.3 + 0.075 * max(len(label) for label in labels)
     fig_w = max(_MIN_FIG_WIDTH_IN - 1.5, label_in + cell_in * n_experts + 1.6)
     fig_h = 1.5 + 0.42 * n_topics
     fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((label_in / fig_w, 0.75 / fig_h, cell_in * n_experts / fig_w, 0.42 * n_topics / fig_h))
+    norm, cmap = _share_norm(shares, uniform), matplotlib.colormaps["RdBu_r"]
     image = ax.imshow(shares, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    _write_cell_shares(ax, shares, cmap, norm)
+    ax.set_xticks(np.arange(n_experts))
+    ax.set_xticklabels([str(e) for e in range(n_experts)], fontsize=9)
+    ax.set_xlabel("expert", fontsize=10)
+    ax.set_yticks(np.arange(n_topics))
+    ax.set_yticklabels(labels, fontsize=9)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    cax = fig.add_axes(((label_in + cell_in * n_experts + 0.2) / fig_w, 0.75 / fig_h, 0.18 / fig_w,
+                        0.42 * n_topics / fig_h))
+    bar = fig.colorbar(image, cax=cax)
+    bar.set_ticks([0.0, uniform, norm.vmax], labels=["0", f"{uniform:.3g}", f"{norm.vmax:.0f}"])  # inside the range
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(f"% of topic's tokens\n(white = uniform {uniform:.3g}%)", fontsize=8.5)
+    fig.suptitle(f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
+                 fontsize=11.5, fontweight="bold", x=0.02, ha="left", y=1.0 - 0.12 / fig_h, va="top")
+    fig.text(0.02, 1.0 - 0.45 / fig_h, f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
+             fontsize=8.5, color="0.3", ha="left", va="top")
+    return save_figure_atomic(fig, path)
 
+
+def _share_norm(shares: np.ndarray, uniform: float):
+    """A diverging norm centred on the uniform share (white); the "above" side scaled to the data (at least twice
+    uniform) so modest preferences stay visible."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    vmax = min(100.0, max(2.0 * uniform, float(shares.max()) * 1.05))
+    return TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=vmax)
+
+
+def _write_cell_shares(ax, shares: np.ndarray, cmap, norm) -> None:
+    """Each cell's share in the cell, white on dark colours."""
+    n_topics, n_experts = shares.shape
     fontsize = 8.5 if n_experts <= 8 else 7.0
     for row in range(n_topics):
         for col in range(n_experts):
@@ -387,27 +414,6 @@ def plot_topic_expert_heatmap(
             dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
             ax.text(col, row, f"{value:.0f}" if value >= 99.5 else f"{value:.1f}", ha="center", va="center",
                     fontsize=fontsize, color="white" if dark else "0.1")
-
-    ax.set_xticks(np.arange(n_experts))
-    ax.set_xticklabels([str(e) for e in range(n_experts)], fontsize=9)
-    ax.set_xlabel("expert", fontsize=10)
-    ax.set_yticks(np.arange(n_topics))
-    ax.set_yticklabels([_topic_label(t, n) for t, n in zip(topic_names, mat.sum(axis=1))], fontsize=9)
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-
-    cax = fig.add_axes(((label_in + cell_in * n_experts + 0.2) / fig_w, 0.75 / fig_h, 0.18 / fig_w,
-                        0.42 * n_topics / fig_h))
-    bar = fig.colorbar(image, cax=cax)
-    bar.set_ticks([0.0, uniform, vmax], labels=["0", f"{uniform:.3g}", f"{vmax:.0f}"])  # ticks inside the range
-    bar.ax.tick_params(labelsize=8)
-    bar.set_label(f"% of topic's tokens\n(white = uniform {uniform:.3g}%)", fontsize=8.5)
-    fig.suptitle(f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
-                 fontsize=11.5, fontweight="bold", x=0.02, ha="left", y=1.0 - 0.12 / fig_h, va="top")
-    fig.text(0.02, 1.0 - 0.45 / fig_h, f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
-             fontsize=8.5, color="0.3", ha="left", va="top")
-    return save_figure_atomic(fig, path)
 
 
 def _topic_label(topic: str, n_tokens: float) -> str:
@@ -428,6 +434,99 @@ def _factor_entry(layer: Mapping, label: str) -> Mapping:
     return layer if label == "topic" else layer[FACTOR_KEYS[label]]
 
 
+def _nmi_scale(layers: Sequence[Mapping]) -> tuple[bool, float, np.ndarray]:
+    """Whether the NMI axis is logarithmic (the values span more than 20x), the floor that keeps an NMI of 0 on
+    it, and the positive values drawn (for the limits)."""
+    values = []
+    for layer in layers:
+        for label, _, _ in FACTOR_SERIES:
+            values += list(_interval(_factor_entry(layer, label), "nmi", "nmi_ci"))
+            reference = (layer.get("references") or {}).get(FACTOR_KEYS[label])
+            if reference:
+                band = reference["random_load_matched"]
+                values += [band["low"], band["high"]] + ([reference["probe"]] if reference.get("probe") else [])
+    values = np.array(values, dtype=float)
+    positive = values[values > 0]
+    log_y = positive.size > 0 and positive.max() / max(positive.min(), 1e-12) > 20
+    return log_y, (1e-4 if log_y else 0.0), positive
+
+
+def _draw_references(ax, xi: float, reference: Mapping, colour, floor: float, drawn: set[str]) -> None:
+    """The load-matched random routers' band (a grey bar, a line at the mean) and the probe's hollow star."""
+    band = reference["random_load_matched"]
+    ax.bar(xi, max(band["high"], floor) - max(band["low"], floor), bottom=max(band["low"], floor),
+           width=0.13, color="0.85", edgecolor="0.6", linewidth=0.6, zorder=1,
+           label=None if "band" in drawn else "random routers, loads matched (2.5-97.5%)")
+    ax.plot([xi - 0.065, xi + 0.065], [max(band["mean"], floor)] * 2, color="0.35", linewidth=1.2, zorder=2)
+    drawn.add("band")
+    if reference.get("probe") is not None:
+        ax.scatter(xi, max(reference["probe"], floor), marker="*", s=120, facecolor="white",
+                   edgecolor=colour, linewidths=1.2, zorder=3,
+                   label=None if "probe" in drawn else "best linear router (probe)")
+        drawn.add("probe")
+
+
+def _draw_nmi_series(ax, layers: Sequence[Mapping], x: np.ndarray, floor: float) -> None:
+    """Per factor and layer the trained router's NMI with its interval, in front of its references."""
+    offsets = np.linspace(-0.26, 0.26, len(FACTOR_SERIES))
+    drawn: set[str] = set()
+    for (label, colour, marker), offset in zip(FACTOR_SERIES, offsets):
+        for xi, layer in zip(x + offset, layers):
+            value, low, high = (max(v, floor) for v in _interval(_factor_entry(layer, label), "nmi", "nmi_ci"))
+            reference = (layer.get("references") or {}).get(FACTOR_KEYS[label])
+            if reference:
+                _draw_references(ax, xi, reference, colour, floor, drawn)
+            ax.errorbar(xi, value, yerr=[[max(value - low, 0.0)], [max(high - value, 0.0)]], fmt=marker,
+                        color=colour, markersize=7, capsize=4, elinewidth=1.4, zorder=4,
+                        label=label if xi == x[0] + offset else None)
+            ax.annotate(format_number(value), (xi, value), xytext=(7, 0), textcoords="offset points", fontsize=7,
+                        color=colour, va="center", zorder=5)
+
+
+def _style_nmi_axis(ax, names: Sequence[str], log_y: bool, positive: np.ndarray) -> None:
+    if log_y:
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_ylim(positive.min() / 1.6, min(positive.max() * 1.6, 1.6))  # every band and star inside
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set_xticks(np.arange(len(names), dtype=float))
+    ax.set_xticklabels(names, fontsize=9)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylabel("NMI with the top expert" + (" (log scale)" if log_y else ""), fontsize=10)
+    ax.set_title("What predicts the expert? Trained router (95% CI) vs references", fontsize=10.5)
+    ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
+    ax.yaxis.grid(True, color="0.9", which="major")
+
+
+def _draw_cmi_excess(ax, layers: Sequence[Mapping], names: Sequence[str], n_perm: int) -> None:
+    """Per layer the excess of I(expert; topic | token) over its null, with interval, p and verdict."""
+    x = np.arange(len(layers), dtype=float)
+    excess = [_interval(layer["conditional_topic"], "cmi_excess", "cmi_excess_ci") for layer in layers]
+    value, low, high = (np.array(c) for c in zip(*excess))
+    ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1, zorder=1)
+    ax.errorbar(x, value, yerr=np.vstack([value - low, high - value]).clip(min=0), fmt="D", color="tab:purple",
+                markersize=7, capsize=4, elinewidth=1.4, zorder=3)
+    for xi, layer, v in zip(x, layers, high):
+        cond = layer["conditional_topic"]
+        text = f"{format_number(cond['cmi_excess'])}\n{p_text(cond['p_value'], n_perm)}\n{cond['explained_by']}"
+        ax.annotate(text, (xi, v), xytext=(0, 5), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=7.5, color="0.25")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, fontsize=9)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
+    top, bottom = float(np.nanmax(np.r_[high, 0.0])), float(np.nanmin(np.r_[low, 0.0]))
+    span = max(top - bottom, 1e-3)
+    ax.set_ylim(bottom - 0.1 * span, top + 0.6 * span)
+    ax.set_ylabel("bits above the permutation null", fontsize=10)
+    ax.set_title("I(expert; topic | token): excess over its null", fontsize=10.5)
+    ax.yaxis.grid(True, color="0.9")
+
+
 def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
     """How much of the expert choice each factor explains, per MoE layer, against its references.
 
@@ -446,88 +545,13 @@ def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
     if not layers:
         raise ValueError("stats has no layers: nothing to plot")
     names = [layer["layer"] for layer in layers]
-    n_perm = int(stats.get("settings", {}).get("n_perm", 0))
-    values = []
-    for layer in layers:
-        for label, _, _ in FACTOR_SERIES:
-            values += list(_interval(_factor_entry(layer, label), "nmi", "nmi_ci"))
-            reference = (layer.get("references") or {}).get(FACTOR_KEYS[label])
-            if reference:
-                band = reference["random_load_matched"]
-                values += [band["low"], band["high"]] + ([reference["probe"]] if reference.get("probe") else [])
-    values = np.array(values, dtype=float)
-    positive = values[values > 0]
-    log_y = positive.size > 0 and positive.max() / max(positive.min(), 1e-12) > 20
-    floor = 1e-4 if log_y else 0.0  # an NMI of 0 cannot sit on a log axis
-
-    x = np.arange(len(layers), dtype=float)
-    fig_w = max(10.0, 5.0 + 1.5 * len(layers) * 2)
-    fig = Figure(figsize=(fig_w, 5.0), dpi=DPI)
+    log_y, floor, positive = _nmi_scale(layers)
+    fig = Figure(figsize=(max(10.0, 5.0 + 1.5 * len(layers) * 2), 5.0), dpi=DPI)
     FigureCanvasAgg(fig)
     ax_nmi, ax_cmi = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.8, 1.0], "wspace": 0.3})
-
-    offsets = np.linspace(-0.26, 0.26, len(FACTOR_SERIES))
-    band_drawn = probe_drawn = False
-    for (label, colour, marker), offset in zip(FACTOR_SERIES, offsets):
-        for xi, layer in zip(x + offset, layers):
-            entry = _factor_entry(layer, label)
-            value, low, high = (max(v, floor) for v in _interval(entry, "nmi", "nmi_ci"))
-            reference = (layer.get("references") or {}).get(FACTOR_KEYS[label])
-            if reference:
-                band = reference["random_load_matched"]
-                ax_nmi.bar(xi, max(band["high"], floor) - max(band["low"], floor), bottom=max(band["low"], floor),
-                           width=0.13, color="0.85", edgecolor="0.6", linewidth=0.6, zorder=1,
-                           label=None if band_drawn else "random routers, loads matched (2.5-97.5%)")
-                ax_nmi.plot([xi - 0.065, xi + 0.065], [max(band["mean"], floor)] * 2, color="0.35", linewidth=1.2,
-                            zorder=2)
-                band_drawn = True
-                if reference.get("probe") is not None:
-                    ax_nmi.scatter(xi, max(reference["probe"], floor), marker="*", s=120, facecolor="white",
-                                   edgecolor=colour, linewidths=1.2, zorder=3,
-                                   label=None if probe_drawn else "best linear router (probe)")
-                    probe_drawn = True
-            ax_nmi.errorbar(xi, value, yerr=[[max(value - low, 0.0)], [max(high - value, 0.0)]], fmt=marker,
-                            color=colour, markersize=7, capsize=4, elinewidth=1.4, zorder=4,
-                            label=label if xi == x[0] + offset else None)
-            ax_nmi.annotate(format_number(value), (xi, value), xytext=(7, 0), textcoords="offset points", fontsize=7,
-                            color=colour, va="center", zorder=5)
-    if log_y:
-        from matplotlib.ticker import FuncFormatter, LogLocator
-
-        ax_nmi.set_yscale("log")
-        ax_nmi.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax_nmi.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax_nmi.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-        ax_nmi.set_ylim(positive.min() / 1.6, min(positive.max() * 1.6, 1.6))  # every band and star inside
-    else:
-        ax_nmi.set_ylim(bottom=0)
-    ax_nmi.set_xticks(x)
-    ax_nmi.set_xticklabels(names, fontsize=9)
-    ax_nmi.set_xlim(-0.6, len(layers) - 0.4)
-    ax_nmi.set_ylabel("NMI with the top expert" + (" (log scale)" if log_y else ""), fontsize=10)
-    ax_nmi.set_title("What predicts the expert? Trained router (95% CI) vs references", fontsize=10.5)
-    ax_nmi.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
-    ax_nmi.yaxis.grid(True, color="0.9", which="major")
-
-    excess = [_interval(layer["conditional_topic"], "cmi_excess", "cmi_excess_ci") for layer in layers]
-    value, low, high = (np.array(c) for c in zip(*excess))
-    ax_cmi.axhline(0.0, color="0.5", linestyle="--", linewidth=1, zorder=1)
-    ax_cmi.errorbar(x, value, yerr=np.vstack([value - low, high - value]).clip(min=0), fmt="D", color="tab:purple",
-                    markersize=7, capsize=4, elinewidth=1.4, zorder=3)
-    for xi, layer, v in zip(x, layers, high):
-        cond = layer["conditional_topic"]
-        text = f"{format_number(cond['cmi_excess'])}\n{p_text(cond['p_value'], n_perm)}\n{cond['explained_by']}"
-        ax_cmi.annotate(text, (xi, v), xytext=(0, 5), textcoords="offset points", ha="center", va="bottom", fontsize=7.5,
-                        color="0.25")
-    ax_cmi.set_xticks(x)
-    ax_cmi.set_xticklabels(names, fontsize=9)
-    ax_cmi.set_xlim(-0.6, len(layers) - 0.4)
-    top, bottom = float(np.nanmax(np.r_[high, 0.0])), float(np.nanmin(np.r_[low, 0.0]))
-    span = max(top - bottom, 1e-3)
-    ax_cmi.set_ylim(bottom - 0.1 * span, top + 0.6 * span)
-    ax_cmi.set_ylabel("bits above the permutation null", fontsize=10)
-    ax_cmi.set_title("I(expert; topic | token): excess over its null", fontsize=10.5)
-    ax_cmi.yaxis.grid(True, color="0.9")
+    _draw_nmi_series(ax_nmi, layers, np.arange(len(layers), dtype=float), floor)
+    _style_nmi_axis(ax_nmi, names, log_y, positive)
+    _draw_cmi_excess(ax_cmi, layers, names, int(stats.get("settings", {}).get("n_perm", 0)))
     for ax in (ax_nmi, ax_cmi):
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
