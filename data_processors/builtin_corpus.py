@@ -52,7 +52,7 @@ API
 ``TOPIC_NAMES``, ``generate_documents(...)`` (iterator of
 ``{"text": str, "topic": str}``), ``builtin_dataset(...)``
 (``datasets.Dataset`` with columns ``text`` and ``topic``), plus
-``VOCABULARY`` and ``FUNCTION_WORDS`` for analyses and tests.
+``VOCABULARY`` and ``TEMPLATE_WORDS`` for analyses and tests.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ import numpy as np
 __all__ = [
     "TOPIC_NAMES",
     "VOCABULARY",
-    "FUNCTION_WORDS",
+    "TEMPLATE_WORDS",
     "ZIPF_EXPONENT",
     "MAX_SENTENCES",
     "generate_documents",
@@ -322,7 +322,7 @@ _WORD_RE = re.compile(r"[a-z]+")
 _A_AN_RE = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 
 
-def _function_words() -> frozenset[str]:
+def _template_words() -> frozenset[str]:
     words: set[str] = {"an"}  # produced by the a/an rule
     for slot_words, _ in _FUNCTION_SLOTS.values():
         for w in slot_words:
@@ -332,7 +332,9 @@ def _function_words() -> frozenset[str]:
     return frozenset(words)
 
 
-FUNCTION_WORDS: frozenset[str] = _function_words()
+# The words every topic shares: the templates' and the function slots'. Not the analysis' English function-word
+# list (process_exp_results/routing_stats.py FUNCTION_WORDS); this is the generator's own vocabulary.
+TEMPLATE_WORDS: frozenset[str] = _template_words()
 
 
 def content_words(topic: str) -> frozenset[str]:
@@ -352,7 +354,7 @@ def _check_vocabulary() -> None:
             for w in words:
                 if not w.isascii() or not w.isalpha() or not w.islower():
                     raise AssertionError(f"{topic}/{pos}: bad word {w!r}")
-                if w in FUNCTION_WORDS:
+                if w in TEMPLATE_WORDS:
                     raise AssertionError(f"{topic}/{pos}: {w!r} is a function word")
                 if w in seen:
                     raise AssertionError(f"{w!r} appears in both {seen[w]} and {topic}/{pos}")

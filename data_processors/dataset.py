@@ -27,7 +27,7 @@ import numpy as np
 from config_utils import atomic_dir, load_step_configs, read_manifest, run_step, step_parser, write_json_atomic
 from config_utils.contracts import check_settings, dataset_settings, step1_command, step3_command
 from config_utils.io import check_output_folder
-from data_processors.masking import IGNORE_INDEX, document_rng, mask_tokens
+from data_processors.masking import IGNORE_INDEX, document_rng, mask_tokens, maskable_tokens
 from data_processors.splitting import SPLITS
 from data_processors.tokenizer import load_tokenizer, train_wordpiece
 
@@ -62,8 +62,7 @@ def first_words(text: str, n_words: int) -> str:
 def encode(tokenizer, texts: list[str], seq_len: int) -> dict:
     """tokenizer(texts) cut to seq_len tokens, reading only the start of long texts."""
     def tokenize(some_texts):
-        return tokenizer(some_texts, truncation=True, padding="max_length", max_length=seq_len,
-                         return_special_tokens_mask=True)
+        return tokenizer(some_texts, truncation=True, padding="max_length", max_length=seq_len)
 
     starts = [first_words(text, seq_len) for text in texts]
     encoded = tokenize(starts)
@@ -82,9 +81,10 @@ def tokenize_and_mask(batch: dict, tokenizer, seq_len: int, seed: int, mask_prob
                       random_token_ids: np.ndarray) -> dict:
     encoded = encode(tokenizer, batch["text"], seq_len)
     masked_ids, labels, unmasked_ids = [], [], []
-    for doc_id, ids, special in zip(batch["doc_id"], encoded["input_ids"], encoded["special_tokens_mask"]):
+    special_token_ids = np.array(tokenizer.all_special_ids)
+    for doc_id, ids, attention in zip(batch["doc_id"], encoded["input_ids"], encoded["attention_mask"]):
         ids = encoded_ids = np.asarray(ids, dtype=np.int64)
-        maskable = np.asarray(special) == 0  # padding counts as special, so it is never masked
+        maskable = maskable_tokens(ids, attention, special_token_ids)
         ids, doc_labels = mask_tokens(ids, maskable, document_rng(seed, doc_id), mask_prob,
                                       tokenizer.mask_token_id, random_token_ids)
         unmasked_ids.append(encoded_ids)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_processors.builtin_corpus import (
-    FUNCTION_WORDS,
+    TEMPLATE_WORDS,
     TOPIC_NAMES,
     VOCABULARY,
     builtin_dataset,
@@ -19,7 +19,7 @@ _WORD = re.compile(r"[^a-z]+")
 
 
 def tokens(text):
-    return [w for w in _WORD.split(text.lower()) if w and w not in FUNCTION_WORDS]
+    return [w for w in _WORD.split(text.lower()) if w and w not in TEMPLATE_WORDS]
 
 
 def topic_counters(docs):
@@ -54,8 +54,8 @@ def test_topic_names_and_vocabulary():
         assert sizes == {"nouns": 60, "verbs": 20, "adjectives": 20}
         all_words.extend(content_words(topic))
     assert len(all_words) == len(set(all_words)) == 800
-    assert not set(all_words) & FUNCTION_WORDS
-    assert {"the", "a", "of", "to", "in", "and", "with", "is", "was", "it", "this"} <= FUNCTION_WORDS
+    assert not set(all_words) & TEMPLATE_WORDS
+    assert {"the", "a", "of", "to", "in", "and", "with", "is", "was", "it", "this"} <= TEMPLATE_WORDS
 
 
 def test_deterministic_and_seed_dependent():

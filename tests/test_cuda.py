@@ -70,3 +70,24 @@ def test_bf16_autocast_training_step_reaches_every_router():
     assert torch.isfinite(output.loss)
     router_grads = [p.grad for name, p in model.named_parameters() if "router" in name]
     assert router_grads and all(g is not None and g.abs().sum() > 0 for g in router_grads)
+
+
+def test_the_dropless_bf16_layer_never_waits_on_the_host():
+    """README "host syncs": a dropless token-choice layer in bf16, given the real tokens of a batch without
+    padding, runs forward and backward with no device-to-host synchronization (torch raises on one here)."""
+    from models import RealTokens
+
+    torch.manual_seed(0)
+    config = MoEEncoderConfig(vocab_size=40, embedding_dim=D_MODEL, num_head=4, moe_dim=HIDDEN,
+                              n_experts=N_EXPERTS, top_k_experts=2, dropout=0.0)
+    layer = MoELayer(config).cuda().bfloat16()
+    hidden = torch.randn(4, 64, D_MODEL, device="cuda").bfloat16().requires_grad_(True)
+    real = RealTokens.of(torch.ones(4, 64, dtype=torch.bool, device="cuda"))  # the one sync, before the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, stats = layer(hidden, real)
+        (out.float().sum() + stats.load_balance_loss + stats.z_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert hidden.grad is not None

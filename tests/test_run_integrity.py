@@ -323,8 +323,6 @@ REDDIT = REPO.parent / "shared" / "data" / "reddit_sample"
 
 
 def test_encode_reads_the_start_of_long_texts_and_gives_the_plain_result():
-    import time
-
     from data_processors.dataset import encode
     from data_processors.tokenizer import train_wordpiece
 
@@ -339,14 +337,19 @@ def test_encode_reads_the_start_of_long_texts_and_gives_the_plain_result():
     # words that give no token (control characters) and one word that never ends
     texts += ["\x00 \x01 " * 40 + "end of it", "x" * 5000, "word " * 100_000]
     for seq_len in (8, 32, 128):
-        plain = tokenizer(texts, truncation=True, padding="max_length", max_length=seq_len,
-                          return_special_tokens_mask=True)
+        plain = tokenizer(texts, truncation=True, padding="max_length", max_length=seq_len)
         fast = encode(tokenizer, texts, seq_len)
         for key in plain:
             assert fast[key] == plain[key], (seq_len, key)
-    started = time.perf_counter()
-    encode(tokenizer, ["word " * 10_000_000], 64)  # a 50 MB document
-    assert time.perf_counter() - started < 2.0
+    seen = []  # what the tokenizer is given for a 50 MB document: its start, not the whole (timing is a benchmark's)
+
+    class Recording:
+        def __call__(self, texts, **options):
+            seen.extend(len(text) for text in texts)
+            return tokenizer(texts, **options)
+
+    encode(Recording(), ["word " * 10_000_000], 64)
+    assert seen and max(seen) < 1000
 
 
 def test_pruning_removes_the_temporaries_of_a_killed_checkpoint_write(tmp_path):

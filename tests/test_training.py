@@ -193,20 +193,38 @@ def test_loop_loss_equals_the_models_loss_in_one_process():
 
     from models import MoEEncoderConfig, MoEEncoderForMaskedLM
     from train.loop import global_balancing_loss, step_loss
-    from train.tracking import RoutingRecorder
 
     torch.manual_seed(0)
     config = MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=12, num_head=2, n_encoder_blocks=2,
                               n_experts=4, top_k_experts=2, moe_dim=16, dropout=0.0, router_z_loss_coef=0.1)
     model = MoEEncoderForMaskedLM(config)
-    recorder = RoutingRecorder(model, 4, torch.device("cpu"))
     input_ids = torch.randint(5, 50, (3, 12))
     attention_mask = torch.ones(3, 12, dtype=torch.bool)
     attention_mask[1, 7:] = False
     labels = torch.where(torch.rand(3, 12) < 0.3, input_ids, -100)
     output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    share, value = global_balancing_loss(Accelerator(cpu=True), recorder.router_outputs, 4)
+    share, value = global_balancing_loss(Accelerator(cpu=True), output.layer_stats, 4)
     assert torch.allclose(value.sum().float(), output.aux_loss, atol=1e-6)
     loss = step_loss(output, share, (labels != -100).sum(), attention_mask.sum(), int((labels != -100).sum()),
                      int(attention_mask.sum()), n_micro=1, world_size=1, config=config)
     assert torch.allclose(loss.float(), output.loss, atol=1e-6)
+
+
+def test_biases_and_layer_norms_are_not_decayed_stacked_expert_biases_included():
+    """BERT's recipe: weight decay on weight matrices and embeddings only. The stacked experts' biases are 2-D
+    ([E, h], [E, d]), so a rule on ndim alone decayed them."""
+    from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+    from train.loop import optimizer_for
+
+    model = MoEEncoderForMaskedLM(MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=12, num_head=2,
+                                                   n_encoder_blocks=2, n_experts=4, top_k_experts=2, moe_dim=16))
+    optimizer = optimizer_for(model, learning_rate=1e-3, weight_decay=0.01, fused=False)
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    names = dict(model.named_parameters())
+    assert set(decay_of) == {id(p) for p in names.values()}  # every trainable parameter once
+    for name, parameter in names.items():
+        is_bias = name.endswith((".bias", ".b_in", ".b_out"))
+        in_norm = any(part in name for part in ("ln1.", "ln2.", "final_norm.", "lm_head.norm."))
+        expected = 0.0 if is_bias or in_norm else 0.01
+        assert decay_of[id(parameter)] == expected, (name, tuple(parameter.shape))
+    assert any(name.endswith(".b_in") and p.ndim == 2 for name, p in names.items())  # the case the rule missed

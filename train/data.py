@@ -13,7 +13,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from data_processors.masking import document_rng, mask_tokens
+from data_processors.masking import document_rng, mask_tokens, maskable_tokens
 from train.evaluation import MODEL_COLUMNS, collate_mlm
 
 
@@ -55,7 +55,7 @@ class DynamicMasking:
         remasked = []
         for row in rows:
             ids = row["unmasked_ids"].astype(np.int64)
-            maskable = (row["attention_mask"] != 0) & ~np.isin(ids, self.special_token_ids)
+            maskable = maskable_tokens(ids, row["attention_mask"], self.special_token_ids)  # step 2's rule
             masked_ids, labels = mask_tokens(ids, maskable, document_rng(self.seed, int(row["doc_id"]), self.epoch),
                                              self.mask_prob, self.mask_token_id, self.random_token_ids)
             remasked.append({"input_ids": masked_ids, "attention_mask": row["attention_mask"], "labels": labels})

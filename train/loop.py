@@ -140,12 +140,16 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
     config = accelerator.unwrap_model(model).config
     world_size, n_micro = accelerator.num_processes, len(micro_batches)
     counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
-                           sum(int(b["attention_mask"].sum()) for b in micro_batches)], device=accelerator.device)
-    masked_total, real_total = (max(int(n), 1) for n in accelerator.reduce(counts, "sum"))
+                           sum(int(b["attention_mask"].sum()) for b in micro_batches)])  # the batches are on the CPU
+    if world_size > 1:  # the collective runs on the device; one process needs no device round trip (a sync)
+        counts = accelerator.reduce(counts.to(accelerator.device), "sum")
+    masked_total, real_total = (max(int(n), 1) for n in counts)
     mlm_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     supervision_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
     for index, batch in enumerate(micro_batches):
+        # the masked labels are selected on the CPU: boolean indexing on the device waits for the host
+        masked_labels = batch["labels"][batch["labels"] != IGNORE_INDEX].to(accelerator.device, non_blocking=True)
         batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
         router_target = batch.pop("router_target", None)
         is_masked = batch["labels"] != IGNORE_INDEX
@@ -164,7 +168,7 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
         if supervision is not None:
             supervision_total += supervision.detach().double()
         mlm_sum += output.mlm_loss.detach().double() * masked_here
-        correct += (output.logits.detach().argmax(-1) == batch["labels"][is_masked]).sum()
+        correct += (output.logits.detach().argmax(-1) == masked_labels).sum()
 
     # one collective for every number logged and for the stop flag, so all processes agree on both
     local = torch.cat([torch.stack([mlm_sum, correct.double(), mlm_sum.new_tensor(float(stop_requested)),
@@ -206,8 +210,7 @@ class NonFiniteLoss(Exception):
         self.step, self.loss = step, loss
 
 
-def evaluate_sharded(accelerator: Accelerator, model, dataset, batch_size: int, max_batches: int | None,
-                     recorder: RoutingRecorder) -> EvalResult:
+def evaluate_sharded(accelerator: Accelerator, model, dataset, batch_size: int, max_batches: int | None) -> EvalResult:
     """Every process evaluates its contiguous share of `dataset`; the sums are combined."""
     world_size = accelerator.num_processes
     shard = dataset.shard(world_size, accelerator.process_index, contiguous=True) if world_size > 1 else dataset

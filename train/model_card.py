@@ -198,7 +198,10 @@ def _routing(card: dict) -> str:
         shares = [count / total for count in layer_counts]
         entropy = -sum(share * math.log2(share) for share in shares if share > 0)
         rows.append([f"block {block}", " / ".join(f"{share:.1%}" for share in shares), f"{entropy:.2f}"])
-    return (heading + f"Share of the validation split's real tokens sent to each expert at the last evaluation "
+    what = ("Share of the validation split's picked tokens whose highest-gate expert is each expert (expert choice: "
+            "every expert processes exactly its capacity)" if arch.get("router_type") == "expert_choice" else
+            "Share of the validation split's real tokens sent to each expert")
+    return (heading + f"{what} at the last evaluation "
             f"(a perfectly balanced layer gives {1 / n_experts:.1%} each; load entropy at most "
             f"{math.log2(n_experts):.2f} bits):\n\n"
             + _table(["MoE layer", "expert load shares (expert 0 / 1 / ...)", "load entropy (bits)"], rows)

@@ -44,8 +44,8 @@ from train.loop import (NonFiniteLoss, evaluate_sharded, gather_rng_states, make
 from train.run_folder import RunLock, finish_run_folder, git_state, run_dir_for, start_run_folder
 from train.routing_snapshots import (SNAPSHOT_DIR, last_snapshot, probe_batches, routing_snapshot, save_snapshot,
                                      snapshot_path, snapshot_steps, top1_agreement)
-from train.tracking import (RoutingHealth, RoutingRecorder, package_versions, start_aim_run, track_expert_load,
-                            track_step)
+from train.tracking import (RoutingHealth, RoutingRecorder, expert_load_name, package_versions, start_aim_run,
+                            track_expert_load, track_step)
 
 
 def build_model(model_config: dict, vocab_size: int, pad_token_id: int) -> MoEEncoderForMaskedLM:
@@ -331,15 +331,17 @@ def record_step(run: Run, step: int, result, progress, tokens: int, paused: floa
 def evaluate(run: Run, step: int, progress) -> None:
     """Expert load of the steps since the last evaluation, the validation metrics and a routing snapshot."""
     recorder, moe_layers = run.recorder, run.moe_layers
-    track_expert_load(run.aim_run, run.accelerator.reduce(recorder.expert_counts, "sum"), moe_layers, step, "train")
+    load_name = expert_load_name(run.unwrapped.config)  # expert choice: best_expert_share
+    track_expert_load(run.aim_run, run.accelerator.reduce(recorder.expert_counts, "sum"), moe_layers, step, "train",
+                      load_name)
     recorder.expert_counts.zero_()
     evaluation = evaluate_sharded(run.accelerator, run.model, run.valid_set, run.train_config.batch_size,
-                                  run.train_config.eval_batches, recorder)
+                                  run.train_config.eval_batches)
     metrics = {"eval_mlm_loss": evaluation.mlm_loss, "eval_accuracy": evaluation.accuracy}
     # the same names as the training metrics, told apart by their context (eval_history keeps its keys)
     track_step(run.aim_run, step, "valid", {"mlm_loss": evaluation.mlm_loss, "accuracy": evaluation.accuracy},
                {}, moe_layers)
-    track_expert_load(run.aim_run, evaluation.expert_counts, moe_layers, step, "valid")
+    track_expert_load(run.aim_run, evaluation.expert_counts, moe_layers, step, "valid", load_name)
     run.state["valid_expert_counts"] = evaluation.expert_counts.tolist()  # the model card's routing summary
     if run.probe is not None:
         take_routing_snapshot(run, step)
@@ -351,9 +353,7 @@ def evaluate(run: Run, step: int, progress) -> None:
 def take_routing_snapshot(run: Run, step: int) -> None:
     """Where the probe's tokens go now, saved for step 4; its agreement with the last snapshot goes to Aim."""
     started = time.perf_counter()
-    run.recorder.enabled = False  # the probe is not training data
-    snapshot = routing_snapshot(run.unwrapped, run.probe, run.accelerator.device)
-    run.recorder.enabled = True
+    snapshot = routing_snapshot(run.unwrapped, run.probe, run.accelerator.device)  # not recorded: not training data
     save_snapshot(run.run_dir, step, snapshot)
     if run.previous_snapshot is not None:
         track_step(run.aim_run, step, "valid", {},
