@@ -263,3 +263,17 @@ def test_token_choice_training_metrics_are_the_layers_own():
     assert result.layer_metrics["dropped_fraction"] == pytest.approx([float(s.dropped_fraction) for s in stats])
     assert result.layer_metrics["z_loss"] == pytest.approx([float(s.z_loss.detach()) for s in stats], rel=1e-6)
     assert result.layer_metrics["aux_loss"] == pytest.approx([float(s.load_balance_loss.detach()) for s in stats], rel=1e-6)
+
+
+def test_expert_choice_tracks_best_expert_share_not_an_expert_load(data):
+    """Under expert choice every expert processes exactly its capacity: a per-expert 'load' would be a flat 1/E.
+    What varies is each picked token's highest-gate expert, tracked under its own name."""
+    train(data, "ec", **{"model.router_type": "expert_choice"})
+    metrics = tracked(aim_run(data[0], "ec"))
+    assert not contexts_of(metrics, "expert_load")
+    shares = contexts_of(metrics, "best_expert_share")
+    assert {(c["subset"], c["layer"]) for c in shares} == {(s, layer) for s in ("train", "valid") for layer in LAYERS}
+    for layer in LAYERS:  # shares over experts sum to 1 at every evaluation
+        series = [metrics["best_expert_share", (("expert", e), ("layer", layer), ("subset", "valid"))]
+                  for e in range(N_EXPERTS)]
+        assert [sum(values) for values in zip(*series)] == pytest.approx([1.0] * len(series[0]))
