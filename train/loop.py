@@ -130,57 +130,67 @@ def step_loss(output, balancing_share, masked_here, real_here, masked_total, rea
     return world_size * loss
 
 
-def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batches: list[dict], recorder: RoutingRecorder,
-               max_grad_norm: float | None, stop_requested: bool, step: int,
-               supervision_coef: float = 0.0) -> StepResult:
-    """Forward/backward every micro-batch (gradients synchronized on the last), clip, optimizer step.
-
-    A micro-batch with a "router_target" (train.router_supervision) adds its routers' cross-entropy, times
-    supervision_coef."""
-    config = accelerator.unwrap_model(model).config
-    world_size, n_micro = accelerator.num_processes, len(micro_batches)
+def step_token_counts(accelerator: Accelerator, micro_batches: list[dict]) -> tuple[int, int]:
+    """(masked, real) tokens of the step over all processes: the weights of its means."""
     counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
                            sum(int(b["attention_mask"].sum()) for b in micro_batches)])  # the batches are on the CPU
-    if world_size > 1:  # the collective runs on the device; one process needs no device round trip (a sync)
+    if accelerator.num_processes > 1:  # the collective runs on the device; one process needs no round trip (a sync)
         counts = accelerator.reduce(counts.to(accelerator.device), "sum")
     masked_total, real_total = (max(int(n), 1) for n in counts)
-    mlm_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    supervision_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    return masked_total, real_total
+
+
+def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict], recorder: RoutingRecorder,
+                     token_totals: tuple[int, int], supervision_coef: float) -> torch.Tensor:
+    """Forward and backward every micro-batch, gradients synchronized on the last; returns this process's sums
+    [MLM loss x masked tokens, correct predictions, router supervision] (routing sums go to the recorder)."""
+    config = accelerator.unwrap_model(model).config
+    world_size, n_micro = accelerator.num_processes, len(micro_batches)
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for index, batch in enumerate(micro_batches):
         # the masked labels are selected on the CPU: boolean indexing on the device waits for the host
         masked_labels = batch["labels"][batch["labels"] != IGNORE_INDEX].to(accelerator.device, non_blocking=True)
         batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
         router_target = batch.pop("router_target", None)
-        is_masked = batch["labels"] != IGNORE_INDEX
-        last = index == n_micro - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        masked_here = (batch["labels"] != IGNORE_INDEX).sum()
+        with contextlib.nullcontext() if index == n_micro - 1 else accelerator.no_sync(model):
             output = model(**batch, masked_logits_only=True)  # logits [n_masked, V]
-            masked_here = is_masked.sum()
             recorder.record(output.layer_stats)
             balancing_share, balancing = global_balancing_loss(accelerator, output.layer_stats, config.n_experts)
             recorder.step_sums[:, 0] += balancing / world_size  # summed over processes below
             supervision = (None if router_target is None else router_supervision_sum(
                 recorder.moe_layers, output.layer_stats, router_target, batch["attention_mask"]))
-            loss = step_loss(output, balancing_share, masked_here, batch["attention_mask"].sum(), masked_total,
-                             real_total, n_micro, world_size, config, supervision, supervision_coef)
+            loss = step_loss(output, balancing_share, masked_here, batch["attention_mask"].sum(), *token_totals,
+                             n_micro, world_size, config, supervision, supervision_coef)
             accelerator.backward(loss)
+        sums[0] += output.mlm_loss.detach().double() * masked_here
+        sums[1] += (output.logits.detach().argmax(-1) == masked_labels).sum()
         if supervision is not None:
-            supervision_total += supervision.detach().double()
-        mlm_sum += output.mlm_loss.detach().double() * masked_here
-        correct += (output.logits.detach().argmax(-1) == masked_labels).sum()
+            sums[2] += supervision.detach().double()
+    return sums
 
+
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batches: list[dict], recorder: RoutingRecorder,
+               max_grad_norm: float | None, stop_requested: bool, step: int,
+               supervision_coef: float = 0.0) -> StepResult:
+    """Forward/backward every micro-batch, one collective for the logged numbers, clip, optimizer step.
+
+    A micro-batch with a "router_target" (train.router_supervision) adds its routers' cross-entropy, times
+    supervision_coef."""
+    config = accelerator.unwrap_model(model).config
+    masked_total, real_total = step_token_counts(accelerator, micro_batches)
+    sums = forward_backward(accelerator, model, micro_batches, recorder, (masked_total, real_total), supervision_coef)
     # one collective for every number logged and for the stop flag, so all processes agree on both
-    local = torch.cat([torch.stack([mlm_sum, correct.double(), mlm_sum.new_tensor(float(stop_requested)),
-                                    supervision_total]), recorder.take_step_sums().reshape(-1)])
+    local = torch.cat([sums, sums.new_tensor([float(stop_requested)]), recorder.take_step_sums().reshape(-1)])
     totals = accelerator.reduce(local, "sum").cpu()
     layer_sums = totals[4:].reshape(-1, len(LAYER_SUMS))
-    mlm_loss = float(totals[0]) / masked_total
-    aux_by_layer = (layer_sums[:, 0] / n_micro).tolist()
-    z_by_layer = (layer_sums[:, 1] / real_total).tolist()
-    loss = mlm_loss + config.load_balance_coef * sum(aux_by_layer) + config.router_z_loss_coef * sum(z_by_layer)
-    supervision_loss = float(totals[3]) / real_total
-    loss += supervision_coef * supervision_loss
+    per_layer = {"router_entropy": (layer_sums[:, 2] / real_total).tolist(),
+                 "aux_loss": (layer_sums[:, 0] / len(micro_batches)).tolist(),
+                 "z_loss": (layer_sums[:, 1] / real_total).tolist(),
+                 "dropped_fraction": (layer_sums[:, 3] / real_total).tolist()}
+    mlm_loss, supervision_loss = float(totals[0]) / masked_total, float(totals[2]) / real_total
+    loss = (mlm_loss + config.load_balance_coef * sum(per_layer["aux_loss"])
+            + config.router_z_loss_coef * sum(per_layer["z_loss"]) + supervision_coef * supervision_loss)
     if not math.isfinite(loss):
         raise NonFiniteLoss(step, loss)
 
@@ -194,14 +204,12 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
     if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    per_layer = {"router_entropy": (layer_sums[:, 2] / real_total).tolist(), "aux_loss": aux_by_layer,
-                 "z_loss": z_by_layer, "dropped_fraction": (layer_sums[:, 3] / real_total).tolist()}
     wanted = routing_metric_names(config)
     layer_metrics = {name: values for name, values in per_layer.items() if name in wanted}
     for name in ("aux_loss", "z_loss"):
         if name in layer_metrics:  # the sum over layers that the loss weights; its own name beside the series
             metrics[f"{name}_total"] = sum(layer_metrics[name])
-    return StepResult(metrics, layer_metrics, real_total, bool(totals[2] > 0))
+    return StepResult(metrics, layer_metrics, real_total, bool(totals[3] > 0))
 
 
 class NonFiniteLoss(Exception):
