@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 
-from benchmarks.common import finish
+from benchmarks.common import finish, make_parser
 from config_utils.contracts import step_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,16 +405,13 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
 
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/bench_data.py",
-        description="Throughput (documents/s) and peak memory of pipeline steps 1 and 2 on builtin corpora "
-                    "of several sizes, single process and with all cores.",
-        epilog="Defaults: sizes 10000 100000 1000000, num_proc 1 and all cores, 1 repeat. --quick: sizes 2000 "
-               "20000, tokenizer trained on 2000 documents.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = make_parser(
+        "python benchmarks/bench_data.py",
+        "Throughput (documents/s) and peak memory of pipeline steps 1 and 2 on builtin corpora of several sizes, "
+        "single process and with all cores.",
+        "Defaults: sizes 10000 100000 1000000, num_proc 1 and all cores, 1 repeat. --quick: sizes 2000 20000, "
+        "tokenizer trained on 2000 documents.")
     parser.add_argument("--quick", action="store_true", help="sizes 2000 20000 (a minute or two on 2 cores)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
                         help="builtin corpus sizes in documents (default 10000 100000 1000000)")

@@ -2,7 +2,7 @@
 # The GPU check, for one H200 (any CUDA GPU with bf16): under 5 minutes, then a short table.
 #   1. benchmarks/bench_moe.py in bf16 at d_model 768, d_expert 3072, 16384 tokens, E in {8, 64}, k in {1, 2}:
 #      ours vs dense vs transformers' Mixtral block (eager, grouped_mm, batched_mm) vs the study's loop layer
-#   2. benchmarks/bench_train.py on CUDA (bf16 weights are not used there: fp32 + the timed step, batch 128)
+#   2. benchmarks/bench_train.py on CUDA (fp32, batch 128): ours in train.py's step and the bare step, vs BERT
 #   3. the real pipeline at full scale: steps 1-3 with configs/{dataset,model,train}_params.yaml on the builtin
 #      corpus (the hub is not needed), 300 training steps in bf16 autocast (train.mixed_precision auto = bf16)
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]        (PYTHON=... to pick the interpreter; default python;
@@ -31,8 +31,9 @@ fi
 
 if [[ " $PARTS " == *" train "* ]]; then
 echo "== 2/3 training step, ours vs BertForMaskedLM, CUDA"
-# 150 s: each memory probe is a fresh child process that starts CUDA (~15 s each on the H200 seen)
-timeout 150 "$PY" benchmarks/bench_train.py --device cuda --batch-size 128 --repeats 20 --warmup 5 \
+# 240 s: 8 cases (ours in the train.py and the bare step), and each memory probe is a fresh child process that
+# starts CUDA (~15 s each on the H200 seen)
+timeout 240 "$PY" benchmarks/bench_train.py --device cuda --batch-size 128 --repeats 20 --warmup 5 \
     --json "$OUT/bench_train_gpu.json" > "$OUT/bench_train_gpu.log" 2>&1 \
     || echo "bench_train failed or timed out: see $OUT/bench_train_gpu.log"
 fi
@@ -77,7 +78,7 @@ if train:
     for c in train["cases"]:
         if c.get("ms_median"):
             print(f"  {c['impl']:<11} E={c['n_experts']} k={c['top_k']} head={c['mlm_head']:<6} "
-                  f"{c['ms_median']:8.2f} ms  {c['tokens_per_s']:>10.0f} tokens/s")
+                  f"step={c.get('step', 'bare'):<8} {c['ms_median']:8.2f} ms  {c['tokens_per_s']:>10.0f} tokens/s")
 manifest = out / "runs" / "gpu_check" / "manifest.json"
 if manifest.is_file():
     m = json.loads(manifest.read_text())

@@ -4,16 +4,18 @@ Builds the implementations exactly as bench_moe.py does (same router weights, sa
 profiles a few steps and prints each one's operators sorted by self device time (CPU time without a GPU).
   python benchmarks/profile_moe.py --device cuda --dtype bfloat16 --experts 8 --top-k 1 --impls ours hf_grouped_mm
 """
-
-import argparse
 import sys
 from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+
+import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_moe import IMPLS, build, case_inputs, step_ms  # noqa: E402
+from benchmarks.bench_moe import DTYPES, IMPLS, build, case_inputs, step_ms
+from benchmarks.common import check_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,15 +28,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--d-expert", type=int, default=3072)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
     parser.add_argument("--rows", type=int, default=20, help="operators shown per implementation (default 20)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_device(parser, args.device)
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     router_weight, hidden, mask = case_inputs(args.experts, args.tokens, args.seq_len, args.d_model, device, dtype)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
