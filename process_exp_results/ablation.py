@@ -38,6 +38,7 @@ resamples documents.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import zlib
@@ -150,6 +151,173 @@ def _full_token_losses(model, batch, is_masked, targets) -> torch.Tensor:
     return F.cross_entropy(output.logits.float(), targets, reduction="none")
 
 
+@dataclass
+class _TokenParts:
+    """One group's per-batch CPU tensors, in batch order, before they are joined into a GroupLosses."""
+
+    doc: list = field(default_factory=list)  # row of each masked token's document
+    id: list = field(default_factory=list)  # its true id
+    plain: list = field(default_factory=list)
+    ablated: list = field(default_factory=list)  # [layer][expert] -> per-batch tensors
+
+
+class _BlockInputs:
+    """The input (x, real_mask) of every ablated MoE block, kept by forward pre-hooks (the model's own forward).
+
+    Only the plain pass fills it (``capturing``): the suffix reruns call the same blocks. Without
+    ``enabled`` (reuse_below=False) no hook is registered.
+    """
+
+    def __init__(self, encoder, layers: Sequence[int], enabled: bool):
+        self.inputs: dict[int, tuple] = {}
+        self.capturing = False
+        self._hooks = []
+        if enabled:
+            for block_index in layers:
+                self._hooks.append(encoder.blocks[block_index].register_forward_pre_hook(
+                    functools.partial(self._keep, block_index)))
+
+    def _keep(self, block_index: int, module, args) -> None:
+        if self.capturing:
+            self.inputs[block_index] = (args[0], args[1])
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self.inputs.clear()
+        self.capturing = False
+
+
+@dataclass
+class _AblationRun:
+    """What every batch of one ablation_losses call shares, and the batch count and wall times for ``cost``."""
+
+    model: object
+    device: torch.device
+    layers: list[int]
+    n_experts: int
+    reuse_below: bool
+    block_inputs: _BlockInputs
+    n_batches: int = 0
+    plain_seconds: float = 0.0
+    ablation_seconds: float = 0.0
+
+
+def _ablated_layers(model, layers: Sequence[int] | None) -> list[int]:
+    """The block indices to ablate (default every MoE layer); fails early on a non-MoE block or the dense baseline."""
+    layers = list(model.config.moe_layer_indices if layers is None else layers)
+    for block_index in layers:
+        _router(model, block_index)
+    return layers
+
+
+def _plain_pass(run: _AblationRun, batch, is_masked, targets) -> torch.Tensor:
+    """The plain per-token losses (CPU); fills ``run.block_inputs`` on the way."""
+    run.block_inputs.inputs.clear()
+    run.block_inputs.capturing = True
+    losses = _full_token_losses(run.model, batch, is_masked, targets).cpu()
+    run.block_inputs.capturing = False
+    return losses
+
+
+def _ablated_passes(run: _AblationRun, batch, is_masked, targets) -> list[list[torch.Tensor]]:
+    """Per-token losses (CPU) with each expert of each layer disabled in turn: [layer][expert] -> [n_masked]."""
+    model = run.model
+    out = []
+    for block_index in run.layers:
+        per_expert = []
+        for expert in range(run.n_experts):
+            with disabled_experts(model, block_index, expert):
+                if run.reuse_below:
+                    x, real_mask = run.block_inputs.inputs[block_index]
+                    losses = _suffix_token_losses(model, x, real_mask, block_index, is_masked, targets)
+                else:
+                    losses = _full_token_losses(model, batch, is_masked, targets)
+            per_expert.append(losses.cpu())
+        out.append(per_expert)
+    return out
+
+
+def _group_token_parts(run: _AblationRun, dataset, name: str, batch_size: int, progress: bool) -> _TokenParts:
+    """Run one group batch by batch: each masked token's document, id and losses, plain and ablated."""
+    from tqdm.auto import tqdm
+
+    from train.evaluation import mlm_loader
+
+    parts = _TokenParts(ablated=[[[] for _ in range(run.n_experts)] for _ in run.layers])
+    row0 = 0
+    loader = mlm_loader(dataset, batch_size)
+    for batch in tqdm(loader, desc=f"ablation {name}", leave=False, disable=not progress):
+        batch = {key: value.to(run.device) for key, value in batch.items()}
+        labels = batch["labels"]
+        is_masked = labels != IGNORE_INDEX
+        targets = labels[is_masked]
+        rows = is_masked.nonzero()[:, 0]
+        started = time.perf_counter()
+        parts.plain.append(_plain_pass(run, batch, is_masked, targets))
+        run.plain_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        ablated = _ablated_passes(run, batch, is_masked, targets)
+        run.ablation_seconds += time.perf_counter() - started
+        for li, per_expert in enumerate(ablated):
+            for expert, losses in enumerate(per_expert):
+                parts.ablated[li][expert].append(losses)
+        parts.doc.append(rows.cpu() + row0)
+        parts.id.append(targets.cpu())
+        row0 += labels.shape[0]
+        run.n_batches += 1
+    return parts
+
+
+def _joined(parts, dtype) -> np.ndarray:
+    """Per-batch tensors as one array (empty for a group without batches)."""
+    return torch.cat(parts).numpy().astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def _document_sums(token_doc: np.ndarray, token_losses: np.ndarray, n_docs: int) -> np.ndarray:
+    """Per document, the float64 sum of its masked tokens' losses."""
+    return np.bincount(token_doc, weights=token_losses.astype(np.float64), minlength=n_docs)
+
+
+def _group_losses(dataset, parts: _TokenParts, n_layers: int, n_experts: int) -> GroupLosses:
+    """The token parts joined, and summed per document (the dataset's rows, in order)."""
+    n_docs = len(dataset)
+    columns = set(dataset.column_names)
+    doc_id = np.asarray(dataset["doc_id"]) if "doc_id" in columns else np.arange(n_docs)
+    topic = np.asarray([str(t) for t in dataset["topic"]] if "topic" in columns else [""] * n_docs)
+    t_doc, t_id, t_plain = _joined(parts.doc, np.int64), _joined(parts.id, np.int64), _joined(parts.plain, np.float32)
+    t_abl = np.zeros((n_layers, n_experts, t_doc.size), np.float32)
+    ablated_sum = np.zeros((n_layers, n_experts, n_docs))
+    for li in range(n_layers):
+        for expert in range(n_experts):
+            t_abl[li, expert] = _joined(parts.ablated[li][expert], np.float32)
+            ablated_sum[li, expert] = _document_sums(t_doc, t_abl[li, expert], n_docs)
+    return GroupLosses(doc_id=doc_id, topic=topic, count=np.bincount(t_doc, minlength=n_docs).astype(np.int64),
+                       plain_sum=_document_sums(t_doc, t_plain, n_docs), ablated_sum=ablated_sum, token_doc=t_doc,
+                       token_id=t_id, token_plain=t_plain, token_ablated=t_abl)
+
+
+def _ablation_cost(run: _AblationRun, n_blocks: int) -> dict:
+    """Block forwards of this run against the naive plain pass + E x n_layers full passes, and the wall times."""
+    layers, n_experts = run.layers, run.n_experts
+    suffix_blocks = sum(n_blocks - block_index for block_index in layers)
+    per_batch = n_blocks + n_experts * (suffix_blocks if run.reuse_below else len(layers) * n_blocks)
+    naive_per_batch = n_blocks + n_experts * len(layers) * n_blocks
+    return {
+        "reuse_below": bool(run.reuse_below),
+        "n_batches": run.n_batches,
+        "n_blocks": n_blocks,
+        "n_moe_layers": len(layers),
+        "n_experts": n_experts,
+        "block_forwards": per_batch * run.n_batches,
+        "naive_block_forwards": naive_per_batch * run.n_batches,  # plain pass + E x n_layers full passes
+        "block_forward_ratio": per_batch / naive_per_batch,
+        "plain_seconds": run.plain_seconds,
+        "ablation_seconds": run.ablation_seconds,
+        "seconds": run.plain_seconds + run.ablation_seconds,
+    }
+
+
 @torch.no_grad()
 def ablation_losses(model, groups: Mapping, device, batch_size: int, *, reuse_below: bool = True,
                     layers: Sequence[int] | None = None, progress: bool = False) -> AblationLosses:
@@ -161,113 +329,22 @@ def ablation_losses(model, groups: Mapping, device, batch_size: int, *, reuse_be
     reuse_below: cache each MoE block's input from the plain pass and rerun only the blocks from there
     (False: E full passes per layer, the reference).
     """
-    from tqdm.auto import tqdm
-
-    from train.evaluation import mlm_loader
-
-    device = torch.device(device)
     encoder = _encoder(model)
-    n_blocks = len(encoder.blocks)
-    layers = list(model.config.moe_layer_indices if layers is None else layers)
-    for block_index in layers:
-        _router(model, block_index)  # fails early on a non-MoE block or the dense baseline
+    layers = _ablated_layers(model, layers)
     n_experts = int(model.config.n_experts)
     was_training = model.training
     model.eval()
-
-    cached: dict[int, tuple] = {}
-    capturing = [False]  # only the plain pass fills the cache (the suffix reruns call the same blocks)
-    hooks = []
-    if reuse_below:
-        for block_index in layers:
-            def keep_input(module, args, block_index=block_index):
-                if capturing[0]:
-                    cached[block_index] = (args[0], args[1])
-            hooks.append(encoder.blocks[block_index].register_forward_pre_hook(keep_input))
-
+    run = _AblationRun(model, torch.device(device), layers, n_experts, reuse_below,
+                       _BlockInputs(encoder, layers, reuse_below))
     out: dict[str, GroupLosses] = {}
-    n_batches = 0
-    plain_seconds = ablation_seconds = 0.0
     try:
         for name, dataset in groups.items():
-            n_docs = len(dataset)
-            columns = set(dataset.column_names)
-            doc_id = np.asarray(dataset["doc_id"]) if "doc_id" in columns else np.arange(n_docs)
-            topic = np.asarray([str(t) for t in dataset["topic"]] if "topic" in columns else [""] * n_docs)
-            token_doc, token_id, token_plain = [], [], []
-            token_ablated = [[[] for _ in range(n_experts)] for _ in layers]
-            row0 = 0
-            loader = mlm_loader(dataset, batch_size)
-            for batch in tqdm(loader, desc=f"ablation {name}", leave=False, disable=not progress):
-                batch = {key: value.to(device) for key, value in batch.items()}
-                labels = batch["labels"]
-                is_masked = labels != IGNORE_INDEX
-                targets = labels[is_masked]
-                rows = is_masked.nonzero()[:, 0]
-                started = time.perf_counter()
-                cached.clear()
-                capturing[0] = True
-                token_plain.append(_full_token_losses(model, batch, is_masked, targets).cpu())
-                capturing[0] = False
-                plain_seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                for li, block_index in enumerate(layers):
-                    for expert in range(n_experts):
-                        with disabled_experts(model, block_index, expert):
-                            if reuse_below:
-                                x, real_mask = cached[block_index]
-                                losses = _suffix_token_losses(model, x, real_mask, block_index, is_masked, targets)
-                            else:
-                                losses = _full_token_losses(model, batch, is_masked, targets)
-                        token_ablated[li][expert].append(losses.cpu())
-                ablation_seconds += time.perf_counter() - started
-                token_doc.append(rows.cpu() + row0)
-                token_id.append(targets.cpu())
-                row0 += labels.shape[0]
-                n_batches += 1
-
-            def cat(parts, dtype):
-                return torch.cat(parts).numpy().astype(dtype) if parts else np.zeros(0, dtype)
-
-            t_doc, t_id, t_plain = cat(token_doc, np.int64), cat(token_id, np.int64), cat(token_plain, np.float32)
-            t_abl = np.zeros((len(layers), n_experts, t_doc.size), np.float32)
-            for li in range(len(layers)):
-                for expert in range(n_experts):
-                    t_abl[li, expert] = cat(token_ablated[li][expert], np.float32)
-            count = np.bincount(t_doc, minlength=n_docs).astype(np.int64)
-            plain_sum = np.bincount(t_doc, weights=t_plain.astype(np.float64), minlength=n_docs)
-            ablated_sum = np.zeros((len(layers), n_experts, n_docs))
-            for li in range(len(layers)):
-                for expert in range(n_experts):
-                    ablated_sum[li, expert] = np.bincount(t_doc, weights=t_abl[li, expert].astype(np.float64),
-                                                          minlength=n_docs)
-            out[name] = GroupLosses(doc_id=doc_id, topic=topic, count=count, plain_sum=plain_sum,
-                                    ablated_sum=ablated_sum, token_doc=t_doc, token_id=t_id, token_plain=t_plain,
-                                    token_ablated=t_abl)
+            parts = _group_token_parts(run, dataset, name, batch_size, progress)
+            out[name] = _group_losses(dataset, parts, len(layers), n_experts)
     finally:
-        for hook in hooks:
-            hook.remove()
-        cached.clear()
-        capturing[0] = False
+        run.block_inputs.close()
         model.train(was_training)
-
-    suffix_blocks = sum(n_blocks - block_index for block_index in layers)
-    per_batch = n_blocks + n_experts * (suffix_blocks if reuse_below else len(layers) * n_blocks)
-    naive_per_batch = n_blocks + n_experts * len(layers) * n_blocks
-    cost = {
-        "reuse_below": bool(reuse_below),
-        "n_batches": n_batches,
-        "n_blocks": n_blocks,
-        "n_moe_layers": len(layers),
-        "n_experts": n_experts,
-        "block_forwards": per_batch * n_batches,
-        "naive_block_forwards": naive_per_batch * n_batches,  # plain pass + E x n_layers full passes
-        "block_forward_ratio": per_batch / naive_per_batch,
-        "plain_seconds": plain_seconds,
-        "ablation_seconds": ablation_seconds,
-        "seconds": plain_seconds + ablation_seconds,
-    }
-    return AblationLosses(layers=layers, n_experts=n_experts, groups=out, cost=cost)
+    return AblationLosses(layers=layers, n_experts=n_experts, groups=out, cost=_ablation_cost(run, len(encoder.blocks)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,6 +389,123 @@ def _level_test(codes: np.ndarray, values: np.ndarray, n_levels: int, permuted_c
     return sums, p
 
 
+def _cells(layers: Sequence[int], n_experts: int):
+    """(block index, expert, k) for every ablated (layer, expert); k = layer position * n_experts + expert."""
+    for li, b in enumerate(layers):
+        for e in range(n_experts):
+            yield b, e, li * n_experts + e
+
+
+def _doc_differences(g: GroupLosses, k_all: int) -> np.ndarray:
+    """Ablated minus plain loss sum per (layer, expert) and document: [K, n_docs]."""
+    return (g.ablated_sum - g.plain_sum).reshape(k_all, -1)
+
+
+def _bootstrap_deltas(name: str, g: GroupLosses, k_all: int, n_bootstrap: int, seed: int):
+    """The group's per-token loss increase [K] and its document-bootstrap replicates [B, K].
+
+    The draws depend on (seed, group name) only, so every layer and expert of a group sees the same ones.
+    """
+    diff = _doc_differences(g, k_all)
+    n_tok = g.count.sum()
+    delta = diff.sum(axis=1) / n_tok if n_tok > 0 else np.full(diff.shape[0], np.nan)
+    rng = rng_for(seed, _BOOTSTRAP, zlib.crc32(name.encode()))
+    weights = np.stack([bootstrap_weights(rng, g.count.size) for _ in range(n_bootstrap)]) \
+        if g.count.size else np.zeros((n_bootstrap, 0))
+    boot = _ratio(weights @ diff.T, (weights @ g.count.astype(np.float64))[:, None])  # [B, K]
+    return delta, boot
+
+
+def _group_deltas(result: dict, losses: AblationLosses, n_bootstrap: int, seed: int) -> dict:
+    """Fills every group's delta and interval into ``result``; returns the plain losses per group."""
+    k_all = len(losses.layers) * losses.n_experts
+    plain = {}
+    for name, g in losses.groups.items():
+        delta, boot = _bootstrap_deltas(name, g, k_all, n_bootstrap, seed)
+        for b, e, k in _cells(losses.layers, losses.n_experts):
+            d = _finite(delta[k])
+            result[f"block {b}"]["experts"][str(e)][name] = {
+                "delta": d, "ci": percentile_ci(boot[:, k]) if d is not None else None}
+        n_tok = g.count.sum()
+        plain[name] = {"loss": _finite(g.plain_sum.sum() / n_tok) if n_tok > 0 else None,
+                       "masked_tokens": int(n_tok), "documents": int(g.count.size)}
+    return plain
+
+
+@dataclass
+class _LevelTest:
+    """One level test (topic or token class) for every (layer, expert)."""
+
+    names: Sequence  # the levels
+    sums: np.ndarray | None  # [levels, K+1]: loss differences per level, then the level's token count
+    p: np.ndarray  # [K], NaN where not tested
+
+    def deltas(self, k: int) -> dict:
+        """Level -> mean loss increase of (layer, expert) k, over the levels with tokens."""
+        if self.sums is None:
+            return {}
+        return {str(self.names[i]): _finite(self.sums[i, k] / self.sums[i, -1]) for i in range(len(self.names))
+                if self.sums[i, -1] > 0}
+
+
+def _topic_test(pooled: Sequence[GroupLosses], k_all: int, n_permutations: int, seed: int) -> _LevelTest:
+    """Between-topic variance of the deltas; the null shuffles topic labels among the pooled documents."""
+    topics = np.concatenate([g.topic for g in pooled]) if pooled else np.zeros(0, str)
+    topic_names, topic_codes = np.unique(topics, return_inverse=True)
+    doc_diff = np.concatenate([_doc_differences(g, k_all).T for g in pooled]) if pooled else np.zeros((0, k_all))
+    doc_count = np.concatenate([g.count for g in pooled]).astype(np.float64) if pooled else np.zeros(0)
+    test = _LevelTest(topic_names, None, np.full(k_all, np.nan))
+    if len(topic_names) >= 1 and doc_count.size:
+        rng = rng_for(seed, _TOPIC_PERM)
+        perms = (rng.permutation(topic_codes) for _ in range(n_permutations))
+        test.sums, p = _level_test(topic_codes, np.column_stack([doc_diff, doc_count]), len(topic_names), perms)
+        if len(topic_names) >= 2:
+            test.p = p
+    return test
+
+
+def _class_test(pooled: Sequence[GroupLosses], k_all: int, token_class, class_names, n_permutations: int,
+                seed: int) -> _LevelTest:
+    """Between-class variance of the deltas; the null shuffles class labels among masked tokens within documents."""
+    test = _LevelTest([], None, np.full(k_all, np.nan))
+    if token_class is None or not pooled:
+        return test
+    token_class = np.asarray(token_class)
+    test.names = list(class_names) if class_names is not None else [str(c) for c in range(token_class.max() + 1)]
+    docs, tok_diff, offset = [], [], 0
+    for g in pooled:
+        docs.append(g.token_doc + offset)
+        offset += g.count.size
+        tok_diff.append((g.token_ablated.astype(np.float64) - g.token_plain).reshape(k_all, -1).T)
+    docs = np.concatenate(docs)
+    tok_diff = np.concatenate(tok_diff)
+    tok_ids = np.concatenate([g.token_id for g in pooled])
+    codes = token_class[tok_ids] if tok_ids.size else np.zeros(0, np.int64)
+    if codes.size:
+        shuffler = GroupShuffler(docs)
+        rng = rng_for(seed, _CLASS_PERM)
+        perms = (shuffler.shuffle(codes, rng) for _ in range(n_permutations))
+        test.sums, p = _level_test(codes, np.column_stack([tok_diff, np.ones(codes.size)]), len(test.names), perms)
+        if np.count_nonzero(test.sums[:, -1]) >= 2:
+            test.p = p
+    return test
+
+
+def _fill_level_tests(result: dict, layers: Sequence[int], n_experts: int, topic: _LevelTest,
+                      token_class: _LevelTest) -> None:
+    """Per layer: the topic and class p-values and per-level deltas of every expert."""
+    for b in layers:
+        entry = result[f"block {b}"]
+        entry["topic_p_value"], entry["topic_deltas"] = {}, {}
+        entry["class_p_value"], entry["class_deltas"] = {}, {}
+    for b, e, k in _cells(layers, n_experts):
+        entry = result[f"block {b}"]
+        entry["topic_p_value"][str(e)] = _finite(topic.p[k])
+        entry["topic_deltas"][str(e)] = topic.deltas(k)
+        entry["class_p_value"][str(e)] = _finite(token_class.p[k])
+        entry["class_deltas"][str(e)] = token_class.deltas(k)
+
+
 def ablation_statistics(losses: AblationLosses, token_class: np.ndarray | None = None,
                         class_names: Sequence[str] | None = None, *, topic_groups: Sequence[str] = ("test",),
                         n_bootstrap: int = 1000, n_permutations: int = 1000, seed: int = 0) -> dict:
@@ -324,86 +518,13 @@ def ablation_statistics(losses: AblationLosses, token_class: np.ndarray | None =
     token_class: class index per token id (routing_stats.token_classes); None skips the class test.
     """
     layers, n_experts = losses.layers, losses.n_experts
-    n_l = len(layers)
+    k_all = len(layers) * n_experts
     result: dict = {f"block {b}": {"experts": {str(e): {} for e in range(n_experts)}} for b in layers}
-
-    # per group: delta and bootstrap interval (same draws for every layer and expert)
-    plain = {}
-    for name, g in losses.groups.items():
-        diff = (g.ablated_sum - g.plain_sum).reshape(n_l * n_experts, -1)  # [K, n_docs]
-        n_tok = g.count.sum()
-        delta = diff.sum(axis=1) / n_tok if n_tok > 0 else np.full(diff.shape[0], np.nan)
-        rng = rng_for(seed, _BOOTSTRAP, zlib.crc32(name.encode()))
-        weights = np.stack([bootstrap_weights(rng, g.count.size) for _ in range(n_bootstrap)]) \
-            if g.count.size else np.zeros((n_bootstrap, 0))
-        boot = _ratio(weights @ diff.T, (weights @ g.count.astype(np.float64))[:, None])  # [B, K]
-        for li, b in enumerate(layers):
-            for e in range(n_experts):
-                k = li * n_experts + e
-                d = _finite(delta[k])
-                result[f"block {b}"]["experts"][str(e)][name] = {
-                    "delta": d, "ci": percentile_ci(boot[:, k]) if d is not None else None}
-        plain[name] = {"loss": _finite(g.plain_sum.sum() / n_tok) if n_tok > 0 else None,
-                       "masked_tokens": int(n_tok), "documents": int(g.count.size)}
-
+    plain = _group_deltas(result, losses, n_bootstrap, seed)
     pooled = [losses.groups[n] for n in topic_groups if n in losses.groups]
-    k_all = n_l * n_experts
-
-    # topic: shuffle topic labels among documents
-    topics = np.concatenate([g.topic for g in pooled]) if pooled else np.zeros(0, str)
-    topic_names, topic_codes = np.unique(topics, return_inverse=True)
-    doc_diff = np.concatenate([(g.ablated_sum - g.plain_sum).reshape(k_all, -1).T for g in pooled]) \
-        if pooled else np.zeros((0, k_all))
-    doc_count = np.concatenate([g.count for g in pooled]).astype(np.float64) if pooled else np.zeros(0)
-    topic_p = np.full(k_all, np.nan)
-    topic_sums = None
-    if len(topic_names) >= 1 and doc_count.size:
-        rng = rng_for(seed, _TOPIC_PERM)
-        perms = (rng.permutation(topic_codes) for _ in range(n_permutations))
-        topic_sums, p = _level_test(topic_codes, np.column_stack([doc_diff, doc_count]), len(topic_names), perms)
-        if len(topic_names) >= 2:
-            topic_p = p
-
-    # token class: shuffle class labels among masked tokens within documents
-    class_p = np.full(k_all, np.nan)
-    class_sums = None
-    if token_class is not None and pooled:
-        token_class = np.asarray(token_class)
-        names = list(class_names) if class_names is not None else [str(c) for c in range(token_class.max() + 1)]
-        docs, tok_diff, offset = [], [], 0
-        for g in pooled:
-            docs.append(g.token_doc + offset)
-            offset += g.count.size
-            tok_diff.append((g.token_ablated.astype(np.float64) - g.token_plain).reshape(k_all, -1).T)
-        docs = np.concatenate(docs)
-        tok_diff = np.concatenate(tok_diff)
-        tok_ids = np.concatenate([g.token_id for g in pooled])
-        codes = token_class[tok_ids] if tok_ids.size else np.zeros(0, np.int64)
-        if codes.size:
-            shuffler = GroupShuffler(docs)
-            rng = rng_for(seed, _CLASS_PERM)
-            perms = (shuffler.shuffle(codes, rng) for _ in range(n_permutations))
-            class_sums, p = _level_test(codes, np.column_stack([tok_diff, np.ones(codes.size)]), len(names), perms)
-            if np.count_nonzero(class_sums[:, -1]) >= 2:
-                class_p = p
-
-    def level_deltas(sums, level_names, k):
-        if sums is None:
-            return {}
-        return {str(level_names[i]): _finite(sums[i, k] / sums[i, -1]) for i in range(len(level_names))
-                if sums[i, -1] > 0}
-
-    for li, b in enumerate(layers):
-        entry = result[f"block {b}"]
-        entry["topic_p_value"], entry["topic_deltas"] = {}, {}
-        entry["class_p_value"], entry["class_deltas"] = {}, {}
-        for e in range(n_experts):
-            k = li * n_experts + e
-            entry["topic_p_value"][str(e)] = _finite(topic_p[k])
-            entry["topic_deltas"][str(e)] = level_deltas(topic_sums, topic_names, k)
-            entry["class_p_value"][str(e)] = _finite(class_p[k])
-            entry["class_deltas"][str(e)] = level_deltas(class_sums, names, k) if class_sums is not None else {}
-
+    topic = _topic_test(pooled, k_all, n_permutations, seed)
+    by_class = _class_test(pooled, k_all, token_class, class_names, n_permutations, seed)
+    _fill_level_tests(result, layers, n_experts, topic, by_class)
     result["cost"] = dict(losses.cost)
     result["plain"] = plain
     result["settings"] = {"topic_groups": [n for n in topic_groups if n in losses.groups],
@@ -431,6 +552,83 @@ def analyze_ablation(model, groups: Mapping, device, batch_size: int, tokenizer=
 # ----------------------------------------------------------------------------------------------------
 
 
+def _ablation_table(entry: Mapping) -> tuple[list[str], list[str], np.ndarray]:
+    """Experts (columns), row labels (the groups, then "test: <topic>" with two or more topics) and the deltas."""
+    experts = sorted(entry["experts"], key=int)
+    groups = list(entry["experts"][experts[0]]) if experts else []
+    rows = [(g, [entry["experts"][e][g]["delta"] for e in experts]) for g in groups]
+    topic_deltas = entry.get("topic_deltas") or {}
+    topics = sorted({t for e in experts for t in topic_deltas.get(e, {})})
+    if len(topics) >= 2:
+        rows += [(f"test: {t}", [topic_deltas.get(e, {}).get(t) for e in experts]) for t in topics]
+    values = np.array([[np.nan if v is None else float(v) for v in r] for _, r in rows], dtype=float)
+    return experts, [r[0] for r in rows], values.reshape(len(rows), len(experts))
+
+
+def _symmetric_limit(values: np.ndarray) -> float:
+    """The largest |delta|; 1 when all are zero (or none is finite), so that vmin < vcenter < vmax."""
+    finite = values[np.isfinite(values)]
+    limit = float(np.abs(finite).max()) if finite.size else 0.0
+    return limit if limit > 0 else 1.0
+
+
+@dataclass
+class _HeatmapLayout:
+    """Sizes of the ablation heatmap, in inches: row labels, cells, then the colour bar."""
+
+    fig_w: float
+    fig_h: float
+    label_in: float
+    cell_in: float
+    n_rows: int
+    n_cols: int
+
+    def heatmap_rect(self) -> tuple[float, float, float, float]:
+        return (self.label_in / self.fig_w, 0.75 / self.fig_h, self.cell_in * self.n_cols / self.fig_w,
+                0.42 * self.n_rows / self.fig_h)
+
+    def colorbar_rect(self) -> tuple[float, float, float, float]:
+        return ((self.label_in + self.cell_in * self.n_cols + 0.2) / self.fig_w, 0.75 / self.fig_h, 0.18 / self.fig_w,
+                0.42 * self.n_rows / self.fig_h)
+
+
+def _heatmap_layout(row_labels: Sequence[str], n_experts: int) -> _HeatmapLayout:
+    n_rows, n_cols = max(len(row_labels), 1), max(n_experts, 1)
+    cell_in = 0.62 if n_cols <= 12 else 0.5
+    label_in = 0.3 + 0.075 * max([len(label) for label in row_labels] + [4])
+    fig_w = max(6.0, label_in + cell_in * n_cols + 1.8)
+    return _HeatmapLayout(fig_w, 1.5 + 0.42 * n_rows, label_in, cell_in, n_rows, n_cols)
+
+
+def _write_cell_values(ax, values: np.ndarray, cmap, norm, fontsize: float) -> None:
+    """Each delta in its cell, white on dark colours."""
+    for r in range(values.shape[0]):
+        for c in range(values.shape[1]):
+            value = values[r, c]
+            rgba = cmap(norm(value)) if np.isfinite(value) else (0.85, 0.85, 0.85, 1.0)
+            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+            ax.text(c, r, format_number(value, 2, signed=True), ha="center", va="center", fontsize=fontsize,
+                    color="white" if dark else "0.1")
+
+
+def _style_heatmap_axes(ax, experts: Sequence[str], row_labels: Sequence[str]) -> None:
+    ax.set_xticks(np.arange(len(experts)))
+    ax.set_xticklabels(experts, fontsize=9)
+    ax.set_xlabel("disabled expert", fontsize=10)
+    ax.set_yticks(np.arange(len(row_labels)))
+    ax.set_yticklabels(row_labels, fontsize=9)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+
+def _draw_colorbar(fig, image, rect, limit: float) -> None:
+    bar = fig.colorbar(image, cax=fig.add_axes(rect))
+    bar.set_ticks([-limit, 0.0, limit], labels=[f"{-limit:.2g}", "0", f"{limit:.2g}"])
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label("loss increase\n(nats / masked token)", fontsize=8.5)
+
+
 def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
     """Heatmap for one layer ("block 0"): rows = groups (then the seen topics of the topic test, "test: <topic>"),
     columns = experts, cell = loss increase (nats per masked token) when that expert is disabled, written in
@@ -443,53 +641,19 @@ def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
 
     from process_exp_results.plots import DPI, save_figure_atomic
 
-    entry = ablation[layer]
-    experts = sorted(entry["experts"], key=int)
-    groups = list(entry["experts"][experts[0]]) if experts else []
-    rows = [(g, [entry["experts"][e][g]["delta"] for e in experts]) for g in groups]
-    topic_deltas = entry.get("topic_deltas") or {}
-    topics = sorted({t for e in experts for t in topic_deltas.get(e, {})})
-    if len(topics) >= 2:
-        rows += [(f"test: {t}", [topic_deltas.get(e, {}).get(t) for e in experts]) for t in topics]
-    values = np.array([[np.nan if v is None else float(v) for v in r] for _, r in rows], dtype=float)
-    values = values.reshape(len(rows), len(experts))
-    finite = values[np.isfinite(values)]
-    limit = float(np.abs(finite).max()) if finite.size else 0.0
-    if not limit > 0:
-        limit = 1.0  # all zero (or nothing): any symmetric range keeps vmin < vcenter < vmax
+    experts, row_labels, values = _ablation_table(ablation[layer])
+    limit = _symmetric_limit(values)
     norm = TwoSlopeNorm(vmin=-limit, vcenter=0.0, vmax=limit)
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.85")
-
-    n_rows, n_cols = max(len(rows), 1), max(len(experts), 1)
-    cell_in = 0.62 if n_cols <= 12 else 0.5
-    label_in = 0.3 + 0.075 * max([len(r[0]) for r in rows] + [4])
-    fig_w = max(6.0, label_in + cell_in * n_cols + 1.8)
-    fig_h = 1.5 + 0.42 * n_rows
-    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+    layout = _heatmap_layout(row_labels, len(experts))
+    fig = Figure(figsize=(layout.fig_w, layout.fig_h), dpi=DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((label_in / fig_w, 0.75 / fig_h, cell_in * n_cols / fig_w, 0.42 * n_rows / fig_h))
+    ax = fig.add_axes(layout.heatmap_rect())
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    fontsize = 8.0 if n_cols <= 8 else 6.5
-    for r in range(len(rows)):
-        for c in range(len(experts)):
-            value = values[r, c]
-            rgba = cmap(norm(value)) if np.isfinite(value) else (0.85, 0.85, 0.85, 1.0)
-            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-            ax.text(c, r, format_number(value, 2, signed=True), ha="center", va="center", fontsize=fontsize,
-                    color="white" if dark else "0.1")
-    ax.set_xticks(np.arange(len(experts)))
-    ax.set_xticklabels(experts, fontsize=9)
-    ax.set_xlabel("disabled expert", fontsize=10)
-    ax.set_yticks(np.arange(len(rows)))
-    ax.set_yticklabels([r[0] for r in rows], fontsize=9)
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    cax = fig.add_axes(((label_in + cell_in * n_cols + 0.2) / fig_w, 0.75 / fig_h, 0.18 / fig_w, 0.42 * n_rows / fig_h))
-    bar = fig.colorbar(image, cax=cax)
-    bar.set_ticks([-limit, 0.0, limit], labels=[f"{-limit:.2g}", "0", f"{limit:.2g}"])
-    bar.ax.tick_params(labelsize=8)
-    bar.set_label("loss increase\n(nats / masked token)", fontsize=8.5)
+    _write_cell_values(ax, values, cmap, norm, 8.0 if layout.n_cols <= 8 else 6.5)
+    _style_heatmap_axes(ax, experts, row_labels)
+    _draw_colorbar(fig, image, layout.colorbar_rect(), limit)
+    fig_h = layout.fig_h
     fig.suptitle(f"Expert ablation, {layer}: MLM loss increase when one expert is disabled",
                  fontsize=11.5, fontweight="bold", x=0.02, ha="left", y=1.0 - 0.12 / fig_h, va="top")
     fig.text(0.02, 1.0 - 0.45 / fig_h, "red = loss rises without the expert, blue = it falls; white = no change",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -104,26 +105,49 @@ def _label(ax, x, y, text, *, fontsize=8.8, color="#4a5058", **kw):
     ax.text(x, y, text, fontsize=fontsize, color=color, zorder=5, **kw)
 
 
-def _encoder_stack(ax):
-    """Left column: the encoder, bottom to top. Returns the MoE FFN box extent."""
-    cx, w, h = 3.75, 4.5, 0.56
-    lane_res, lane_tie = 1.15, 0.38
-    x0 = cx - w / 2
+@dataclass(frozen=True)
+class _StackLayout:
+    """Positions of the encoder column (data units == inches): one centre line, two lanes to its left."""
 
-    y_in, y_emb = 0.55, 1.45
-    y_blk0, y_br1, y_ln1, y_attn, y_add1 = 2.05, 2.35, 2.85, 3.8, 4.75
-    y_br2, y_ln2, y_ffn, y_add2, y_blk1 = 5.2, 5.65, 6.6, 7.55, 8.3
-    y_lnf, y_head, y_out = 8.9, 9.8, 10.7
+    cx: float = 3.75
+    w: float = 4.5
+    h: float = 0.56
+    lane_res: float = 1.15  # residual connections
+    lane_tie: float = 0.38  # weight tying
+    add_r: float = 0.19  # radius of the "+" circles (_add's default)
+    y_in: float = 0.55
+    y_emb: float = 1.45
+    y_blk0: float = 2.05
+    y_br1: float = 2.35
+    y_ln1: float = 2.85
+    y_attn: float = 3.8
+    y_add1: float = 4.75
+    y_br2: float = 5.2
+    y_ln2: float = 5.65
+    y_ffn: float = 6.6
+    y_add2: float = 7.55
+    y_blk1: float = 8.3
+    y_lnf: float = 8.9
+    y_head: float = 9.8
+    y_out: float = 10.7
 
-    _box(ax, cx, y_in, w, 0.5, "input ids [B, T]  (+ key padding mask)", C_INPUT, ec="#888888")
-    _box(ax, cx, y_emb, w, h, "token embedding + position embedding", C_EMBED)
+    @property
+    def x0(self) -> float:
+        return self.cx - self.w / 2
 
-    # The repeated block.
+
+def _draw_stack_input(ax, s: _StackLayout) -> None:
+    _box(ax, s.cx, s.y_in, s.w, 0.5, "input ids [B, T]  (+ key padding mask)", C_INPUT, ec="#888888")
+    _box(ax, s.cx, s.y_emb, s.w, s.h, "token embedding + position embedding", C_EMBED)
+
+
+def _draw_block_frame(ax, s: _StackLayout) -> None:
+    """The dashed frame around the repeated block, with its title."""
     ax.add_patch(
         FancyBboxPatch(
-            (x0 - 0.68, y_blk0),
-            w + 1.03,
-            y_blk1 - y_blk0,
+            (s.x0 - 0.68, s.y_blk0),
+            s.w + 1.03,
+            s.y_blk1 - s.y_blk0,
             boxstyle="round,pad=0,rounding_size=0.2",
             facecolor="#f7f9fb",
             edgecolor="#8a939c",
@@ -132,48 +156,62 @@ def _encoder_stack(ax):
             zorder=0,
         )
     )
-    _label(ax, cx + 0.2, y_blk1 - 0.28, "N × pre-LN encoder block", fontsize=10.5,
+    _label(ax, s.cx + 0.2, s.y_blk1 - 0.28, "N × pre-LN encoder block", fontsize=10.5,
            color="#2b3138", fontweight="bold")
 
-    _box(ax, cx, y_ln1, w, 0.48, "LayerNorm", C_NORM)
+
+def _draw_block_layers(ax, s: _StackLayout):
+    """LayerNorm, attention, add, LayerNorm, FFN, add. Returns the FFN box extent."""
+    cx, w = s.cx, s.w
+    _box(ax, cx, s.y_ln1, w, 0.48, "LayerNorm", C_NORM)
     attn = "bidirectional multi-head self-attention\nSDPA · key padding mask · no causal mask"
-    _box(ax, cx, y_attn, w, 0.82, attn, C_ATTN)
-    _add(ax, cx, y_add1)
-    _box(ax, cx, y_ln2, w, 0.48, "LayerNorm", C_NORM)
+    _box(ax, cx, s.y_attn, w, 0.82, attn, C_ATTN)
+    _add(ax, cx, s.y_add1)
+    _box(ax, cx, s.y_ln2, w, 0.48, "LayerNorm", C_NORM)
     ffn = "MoE FFN  (every moe_every-th block)\ndense FFN otherwise"
-    ffn_box = _box(ax, cx, y_ffn, w, 0.82, ffn, C_MOE, bold=False)
-    _add(ax, cx, y_add2)
+    ffn_box = _box(ax, cx, s.y_ffn, w, 0.82, ffn, C_MOE, bold=False)
+    _add(ax, cx, s.y_add2)
+    return ffn_box
 
-    _box(ax, cx, y_lnf, w, 0.48, "final LayerNorm", C_NORM)
-    _box(ax, cx, y_head, w, h, "MLM head (weights tied to token embedding)", C_HEAD)
-    _box(ax, cx, y_out, w, h, "logits [B, T, V]  →  MLM loss (masked positions)", C_LOSS)
 
-    # Main stream arrows.
-    r = 0.19
-    _arrow(ax, (cx, y_in + 0.25), (cx, y_emb - h / 2))
-    _arrow(ax, (cx, y_emb + h / 2), (cx, y_ln1 - 0.24))
-    _arrow(ax, (cx, y_ln1 + 0.24), (cx, y_attn - 0.41))
-    _arrow(ax, (cx, y_attn + 0.41), (cx, y_add1 - r))
-    _arrow(ax, (cx, y_add1 + r), (cx, y_ln2 - 0.24))
-    _arrow(ax, (cx, y_ln2 + 0.24), (cx, y_ffn - 0.41))
-    _arrow(ax, (cx, y_ffn + 0.41), (cx, y_add2 - r))
-    _arrow(ax, (cx, y_add2 + r), (cx, y_lnf - 0.24))
-    _arrow(ax, (cx, y_lnf + 0.24), (cx, y_head - h / 2))
-    _arrow(ax, (cx, y_head + h / 2), (cx, y_out - h / 2))
+def _draw_stack_output(ax, s: _StackLayout) -> None:
+    _box(ax, s.cx, s.y_lnf, s.w, 0.48, "final LayerNorm", C_NORM)
+    _box(ax, s.cx, s.y_head, s.w, s.h, "MLM head (weights tied to token embedding)", C_HEAD)
+    _box(ax, s.cx, s.y_out, s.w, s.h, "logits [B, T, V]  →  MLM loss (masked positions)", C_LOSS)
 
-    # Residual connections (left lane).
-    for y_br, y_add in ((y_br1, y_add1), (y_br2, y_add2)):
-        ax.add_patch(Circle((cx, y_br), 0.045, color=RESID, zorder=4))
-        _arrow(ax, (cx, y_br), (lane_res, y_br), (lane_res, y_add), (cx - r, y_add),
+
+def _draw_main_stream(ax, s: _StackLayout) -> None:
+    """The arrows up the centre line, each from one box's top edge to the next one's bottom edge."""
+    cx, h, r = s.cx, s.h, s.add_r
+    _arrow(ax, (cx, s.y_in + 0.25), (cx, s.y_emb - h / 2))
+    _arrow(ax, (cx, s.y_emb + h / 2), (cx, s.y_ln1 - 0.24))
+    _arrow(ax, (cx, s.y_ln1 + 0.24), (cx, s.y_attn - 0.41))
+    _arrow(ax, (cx, s.y_attn + 0.41), (cx, s.y_add1 - r))
+    _arrow(ax, (cx, s.y_add1 + r), (cx, s.y_ln2 - 0.24))
+    _arrow(ax, (cx, s.y_ln2 + 0.24), (cx, s.y_ffn - 0.41))
+    _arrow(ax, (cx, s.y_ffn + 0.41), (cx, s.y_add2 - r))
+    _arrow(ax, (cx, s.y_add2 + r), (cx, s.y_lnf - 0.24))
+    _arrow(ax, (cx, s.y_lnf + 0.24), (cx, s.y_head - h / 2))
+    _arrow(ax, (cx, s.y_head + h / 2), (cx, s.y_out - h / 2))
+
+
+def _draw_residuals(ax, s: _StackLayout) -> None:
+    """Residual connections in the left lane, from each branch point to its "+"."""
+    for y_br, y_add in ((s.y_br1, s.y_add1), (s.y_br2, s.y_add2)):
+        ax.add_patch(Circle((s.cx, y_br), 0.045, color=RESID, zorder=4))
+        _arrow(ax, (s.cx, y_br), (s.lane_res, y_br), (s.lane_res, y_add), (s.cx - s.add_r, y_add),
                color=RESID, lw=1.3)
-    _label(ax, lane_res - 0.17, (y_br1 + y_add1) / 2, "residual", rotation=90, fontsize=8.5)
-    _label(ax, lane_res - 0.17, (y_br2 + y_add2) / 2, "residual", rotation=90, fontsize=8.5)
+    _label(ax, s.lane_res - 0.17, (s.y_br1 + s.y_add1) / 2, "residual", rotation=90, fontsize=8.5)
+    _label(ax, s.lane_res - 0.17, (s.y_br2 + s.y_add2) / 2, "residual", rotation=90, fontsize=8.5)
 
-    # Weight tying (far-left lane, dashed, both ways).
+
+def _draw_weight_tying(ax, s: _StackLayout) -> None:
+    """Weight tying between the head and the embedding (far-left lane, dashed, both ways)."""
+    x0 = s.x0
     ax.add_patch(
         FancyArrowPatch(
             path=MplPath(
-                [(x0, y_head), (lane_tie, y_head), (lane_tie, y_emb), (x0, y_emb)],
+                [(x0, s.y_head), (s.lane_tie, s.y_head), (s.lane_tie, s.y_emb), (x0, s.y_emb)],
                 [MplPath.MOVETO, MplPath.LINETO, MplPath.LINETO, MplPath.LINETO],
             ),
             arrowstyle="<|-|>",
@@ -184,14 +222,49 @@ def _encoder_stack(ax):
             zorder=1,
         )
     )
-    _label(ax, lane_tie - 0.16, (y_emb + y_head) / 2, "tied weights (same matrix)", rotation=90,
+    _label(ax, s.lane_tie - 0.16, (s.y_emb + s.y_head) / 2, "tied weights (same matrix)", rotation=90,
            fontsize=8.5, color="#3c5f95")
+
+
+def _encoder_stack(ax):
+    """Left column: the encoder, bottom to top. Returns the MoE FFN box extent."""
+    s = _StackLayout()
+    _draw_stack_input(ax, s)
+    _draw_block_frame(ax, s)
+    ffn_box = _draw_block_layers(ax, s)
+    _draw_stack_output(ax, s)
+    _draw_main_stream(ax, s)
+    _draw_residuals(ax, s)
+    _draw_weight_tying(ax, s)
     return ffn_box
 
 
-def _moe_zoom(ax, ffn_box):
-    """Right panel: one MoE FFN layer, bottom to top."""
-    px0, py0, px1, py1 = 7.0, 0.3, 16.75, 10.95
+@dataclass(frozen=True)
+class _ZoomLayout:
+    """Positions of the MoE FFN panel: the panel's corners, a token column and a router column."""
+
+    px0: float = 7.0
+    py0: float = 0.3
+    px1: float = 16.75
+    py1: float = 10.95
+    mx: float = 9.85  # main (token) column
+    mw: float = 3.9
+    rx: float = 14.6  # router column
+    rw: float = 3.7
+    h: float = 0.62
+    y_tok: float = 1.2
+    y_soft: float = 2.3
+    y_sort: float = 3.45
+    y_exp0: float = 4.3
+    y_exp1: float = 6.2
+    y_scale: float = 6.95
+    y_comb: float = 7.9
+    y_out: float = 8.85
+
+
+def _draw_zoom_panel(ax, z: _ZoomLayout, ffn_box) -> None:
+    """The panel, its title, and the dashed zoom lines from the stack's MoE FFN box to it."""
+    px0, py0, px1, py1 = z.px0, z.py0, z.px1, z.py1
     ax.add_patch(
         FancyBboxPatch(
             (px0, py0), px1 - px0, py1 - py0,
@@ -201,32 +274,31 @@ def _moe_zoom(ax, ffn_box):
     )
     ax.text((px0 + px1) / 2, py1 - 0.35, "inside an MoE FFN layer", ha="center", va="center",
             fontsize=12.5, fontweight="bold", color="#2b3138", zorder=5)
-
-    # Zoom lines from the MoE FFN box to the panel.
     fx0, fy0, fx1, fy1 = ffn_box
     for (ax0, ay0), (ax1, ay1) in (((fx1, fy1), (px0, py1 - 0.25)), ((fx1, fy0), (px0, py0 + 0.25))):
         _arrow(ax, (ax0, ay0), (ax1, ay1), color=ZOOM, lw=1.1, ls=(0, (4, 3)), head=False, zorder=0)
 
-    mx, mw = 9.85, 3.9  # main (token) column
-    rx, rw = 14.6, 3.7  # router column
-    h = 0.62
 
-    y_tok, y_sort, y_exp0, y_exp1 = 1.2, 3.45, 4.3, 6.2
-    y_scale, y_comb, y_out = 6.95, 7.9, 8.85
+def _draw_routing_boxes(ax, z: _ZoomLayout) -> dict:
+    """The token input, the router's three steps and the sort; returns their extents by name."""
+    return {
+        "tok": _box(ax, z.mx, z.y_tok, z.mw, 0.72, "tokens h [n_real, d]\n(padding excluded)", C_DATA),
+        "router": _box(ax, z.rx, z.y_tok, z.rw, z.h, "linear router  W_r : d → E", C_ROUTER),
+        "soft": _box(ax, z.rx, z.y_soft, z.rw, z.h, "softmax over ALL E experts → P", C_ROUTER),
+        "topk": _box(ax, z.rx, z.y_sort, z.rw, 0.86,
+                     "top-k: expert ids + gate weights\ngate = softmax prob\n(so top-1 gets a gradient)",
+                     C_ROUTER, fontsize=9.5),
+        "sort": _box(ax, z.mx, z.y_sort, z.mw, z.h, "sort tokens by expert id", C_DATA),
+    }
 
-    tok = _box(ax, mx, y_tok, mw, 0.72, "tokens h [n_real, d]\n(padding excluded)", C_DATA)
-    router = _box(ax, rx, y_tok, rw, h, "linear router  W_r : d → E", C_ROUTER)
-    soft = _box(ax, rx, 2.3, rw, h, "softmax over ALL E experts → P", C_ROUTER)
-    topk = _box(ax, rx, y_sort, rw, 0.86,
-                "top-k: expert ids + gate weights\ngate = softmax prob\n(so top-1 gets a gradient)",
-                C_ROUTER, fontsize=9.5)
-    sort = _box(ax, mx, y_sort, mw, h, "sort tokens by expert id", C_DATA)
 
-    # Experts: a container with E boxes (stacked weights).
+def _draw_experts(ax, z: _ZoomLayout) -> None:
+    """A container with E boxes (stacked weights)."""
+    mx = z.mx
     ex0, ex1 = mx - 2.15, mx + 2.15
     ax.add_patch(
         FancyBboxPatch(
-            (ex0, y_exp0), ex1 - ex0, y_exp1 - y_exp0,
+            (ex0, z.y_exp0), ex1 - ex0, z.y_exp1 - z.y_exp0,
             boxstyle="round,pad=0,rounding_size=0.15",
             facecolor="#eaf6ec", edgecolor="#5f9e6e", linewidth=1.2, zorder=1,
         )
@@ -243,30 +315,41 @@ def _moe_zoom(ax, ffn_box):
     _label(ax, mx, 5.78, "stacked weights [E, d, d_ff]:\none matmul per expert", fontsize=9,
            color="#2f5e3a")
 
-    scale = _box(ax, mx, y_scale, mw, h, "× gate weights", C_GATE)
-    comb = _box(ax, mx, y_comb, mw, h, "index_add combine (sum over k)", C_DATA)
-    out = _box(ax, mx, y_out, mw, 0.72, "output [n_real, d]\n→ scattered back to [B, T, d]", C_MOE)
 
-    # Token path.
+def _draw_combine_boxes(ax, z: _ZoomLayout, boxes: dict) -> None:
+    """Gate scaling, the combine and the output, added to ``boxes``."""
+    boxes["scale"] = _box(ax, z.mx, z.y_scale, z.mw, z.h, "× gate weights", C_GATE)
+    boxes["comb"] = _box(ax, z.mx, z.y_comb, z.mw, z.h, "index_add combine (sum over k)", C_DATA)
+    boxes["out"] = _box(ax, z.mx, z.y_out, z.mw, 0.72, "output [n_real, d]\n→ scattered back to [B, T, d]", C_MOE)
+
+
+def _draw_token_path(ax, z: _ZoomLayout, boxes: dict) -> None:
+    mx, tok, sort, scale, comb, out = z.mx, boxes["tok"], boxes["sort"], boxes["scale"], boxes["comb"], boxes["out"]
     _arrow(ax, (mx, tok[3]), (mx, sort[1]))
-    _arrow(ax, (mx, sort[3]), (mx, y_exp0))
-    _arrow(ax, (mx, y_exp1), (mx, scale[1]))
+    _arrow(ax, (mx, sort[3]), (mx, z.y_exp0))
+    _arrow(ax, (mx, z.y_exp1), (mx, scale[1]))
     _arrow(ax, (mx, scale[3]), (mx, comb[1]))
     _arrow(ax, (mx, comb[3]), (mx, out[1]))
 
-    # Router path.
-    _arrow(ax, (tok[2], y_tok), (router[0], y_tok))
+
+def _draw_router_path(ax, z: _ZoomLayout, boxes: dict) -> float:
+    """Tokens into the router, up its steps, ids to the sort, gate weights to the scaling; returns the gate lane x."""
+    rx, tok, router, soft, topk, sort = z.rx, boxes["tok"], boxes["router"], boxes["soft"], boxes["topk"], boxes["sort"]
+    _arrow(ax, (tok[2], z.y_tok), (router[0], z.y_tok))
     _arrow(ax, (rx, router[3]), (rx, soft[1]))
     _arrow(ax, (rx, soft[3]), (rx, topk[1]))
-    _arrow(ax, (topk[0], y_sort), (sort[2], y_sort))
-    _label(ax, (topk[0] + sort[2]) / 2, y_sort + 0.2, "ids", fontsize=8.5)
+    _arrow(ax, (topk[0], z.y_sort), (sort[2], z.y_sort))
+    _label(ax, (topk[0] + sort[2]) / 2, z.y_sort + 0.2, "ids", fontsize=8.5)
     gx = topk[0] + 0.55
-    _arrow(ax, (gx, topk[3]), (gx, y_scale), (scale[2], y_scale), color="#a07800", lw=1.4)
-    _label(ax, gx + 0.2, (topk[3] + y_scale) / 2, "gate weights", rotation=90, fontsize=8.5,
+    _arrow(ax, (gx, topk[3]), (gx, z.y_scale), (boxes["scale"][2], z.y_scale), color="#a07800", lw=1.4)
+    _label(ax, gx + 0.2, (topk[3] + z.y_scale) / 2, "gate weights", rotation=90, fontsize=8.5,
            color="#7a5c00")
+    return gx
 
-    # Auxiliary loss note.
-    note = _box(ax, rx, 8.85, rw, 1.05,
+
+def _draw_aux_loss_note(ax, z: _ZoomLayout, topk, gx: float) -> None:
+    """The auxiliary loss note above top-k, and what f_i and P_i are (between the gate lane and its arrow)."""
+    note = _box(ax, z.rx, 8.85, z.rw, 1.05,
                 "auxiliary loss (added to MLM loss)\n"
                 r"load-balancing  $E \cdot \Sigma_i\, f_i\, P_i$" "\n(+ optional z-loss)",
                 C_NOTE, ec="#d08a00", fontsize=9.5)
@@ -277,7 +360,18 @@ def _moe_zoom(ax, ffn_box):
            r"$P_i$ = mean router" "\n" r"softmax prob of expert $i$",
            fontsize=9, color="#8a5a00", linespacing=1.4)
 
-    _label(ax, (px0 + px1) / 2, py0 + 0.3,
+
+def _moe_zoom(ax, ffn_box):
+    """Right panel: one MoE FFN layer, bottom to top."""
+    z = _ZoomLayout()
+    _draw_zoom_panel(ax, z, ffn_box)
+    boxes = _draw_routing_boxes(ax, z)
+    _draw_experts(ax, z)
+    _draw_combine_boxes(ax, z, boxes)
+    _draw_token_path(ax, z, boxes)
+    gx = _draw_router_path(ax, z, boxes)
+    _draw_aux_loss_note(ax, z, boxes["topk"], gx)
+    _label(ax, (z.px0 + z.px1) / 2, z.py0 + 0.3,
            "n_real = non-padding tokens of the batch;  E experts, each token goes to k of them",
            fontsize=8.8)
 
