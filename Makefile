@@ -30,6 +30,8 @@ demo: $(VENV)/.installed
 	@echo "figures and metrics: $(DEMO_RESULTS)/demo/ (Aim runs: $(VENV)/bin/aim up)"
 
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
 	$(OFFLINE) $(PY) -m pytest -q
 
 figures: $(VENV)/.installed

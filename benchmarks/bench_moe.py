@@ -18,6 +18,7 @@ Examples:
     python benchmarks/bench_moe.py --device cuda --dtype bfloat16 --d-model 768 --d-expert 3072 \\
         --tokens 16384 --experts 8 64 --top-k 1 2 --json results/bench_moe_gpu.json
 """
+
 import sys
 from pathlib import Path
 
@@ -31,8 +32,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmarks.common import (alternate, check_device, finish, library_meta, make_parser, one_line, ratio_check,
-                               timed_ms)
+from benchmarks.common import (
+    alternate,
+    check_device,
+    finish,
+    library_meta,
+    make_parser,
+    one_line,
+    ratio_check,
+    timed_ms,
+)
 from benchmarks.reference_layers import INIT_STD, DenseFloor, HFMixtralMoE, SeedLoopMoE
 
 IMPLS = ("ours", "dense", "hf_eager", "hf_grouped_mm", "hf_batched_mm", "seed_loop")
@@ -55,9 +64,18 @@ def build_ours(d_model: int, d_expert: int, n_experts: int, top_k: int, expert_t
     """MoELayer with the requested expert type; returns (layer, expert type its experts really have, note)."""
     from models import MoEEncoderConfig, MoELayer
 
-    config = MoEEncoderConfig(vocab_size=100, embedding_dim=d_model, moe_dim=d_expert, n_experts=n_experts,
-                              top_k_experts=top_k, num_head=1, load_balance_coef=0.0, router_z_loss_coef=0.0,
-                              dropout=0.0, expert_type=expert_type)
+    config = MoEEncoderConfig(
+        vocab_size=100,
+        embedding_dim=d_model,
+        moe_dim=d_expert,
+        n_experts=n_experts,
+        top_k_experts=top_k,
+        num_head=1,
+        load_balance_coef=0.0,
+        router_z_loss_coef=0.0,
+        dropout=0.0,
+        expert_type=expert_type,
+    )
     layer = MoELayer(config)
     actual = layer.experts.expert_type  # read back: the table shows what ran, not what was asked
     note = "" if actual == expert_type else f"asked expert_type={expert_type!r}, the layer built {actual!r} experts"
@@ -91,8 +109,16 @@ def _module_and_router(name: str, d_model: int, d_expert: int, n_experts: int, t
     raise ValueError(f"unknown implementation {name!r}")
 
 
-def build(name: str, d_model: int, d_expert: int, n_experts: int, top_k: int, router_weight: torch.Tensor,
-          device: torch.device, dtype: torch.dtype) -> Built:
+def build(
+    name: str,
+    d_model: int,
+    d_expert: int,
+    n_experts: int,
+    top_k: int,
+    router_weight: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Built:
     """Build one implementation on device/dtype with the shared router weights; failures become `skipped`."""
     try:
         module, router, expert_type, note = _module_and_router(name, d_model, d_expert, n_experts, top_k)
@@ -123,15 +149,18 @@ def batched_mm_bytes(tokens: int, top_k: int, d_model: int, d_expert: int, dtype
     return 2 * tokens * top_k * 3 * d_model * d_expert * torch.finfo(dtype).bits // 8
 
 
-def memory_skip_reason(name: str, tokens: int, top_k: int, d_model: int, d_expert: int, dtype: torch.dtype,
-                       budget_bytes: int | None) -> str | None:
+def memory_skip_reason(
+    name: str, tokens: int, top_k: int, d_model: int, d_expert: int, dtype: torch.dtype, budget_bytes: int | None
+) -> str | None:
     if name != "hf_batched_mm" or budget_bytes is None:
         return None
     need = batched_mm_bytes(tokens, top_k, d_model, d_expert, dtype)
     if need <= budget_bytes:
         return None
-    return (f"needs ~{need / 2**30:.0f} GiB (a weight copy per token-expert pair, fwd + bwd), "
-            f"over the {budget_bytes / 2**30:.1f} GiB budget (--mem-budget-gib)")
+    return (
+        f"needs ~{need / 2**30:.0f} GiB (a weight copy per token-expert pair, fwd + bwd), "
+        f"over the {budget_bytes / 2**30:.1f} GiB budget (--mem-budget-gib)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,8 +186,9 @@ def step_ms(module: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> floa
     return timed_ms(lambda: forward_backward(module, hidden, mask), hidden.device)[0]
 
 
-def case_inputs(n_experts: int, tokens: int, seq_len: int, d_model: int, device: torch.device, dtype: torch.dtype,
-                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def case_inputs(
+    n_experts: int, tokens: int, seq_len: int, d_model: int, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The shared router weights [E, d], the input [tokens / seq_len, seq_len, d] (needs grad) and an all-real mask."""
     gen = torch.Generator().manual_seed(seed)
     router_weight = torch.randn(n_experts, d_model, generator=gen) * INIT_STD
@@ -176,8 +206,20 @@ def memory_budget(device: torch.device, mem_budget_gib: float | None) -> int | N
     return None if free is None else free // 2
 
 
-def build_and_warm(impls, n_experts: int, top_k: int, tokens: int, d_model: int, d_expert: int, hidden, mask,
-                   router_weight, warmup: int, dtype: torch.dtype, budget: int | None) -> list[Built]:
+def build_and_warm(
+    impls,
+    n_experts: int,
+    top_k: int,
+    tokens: int,
+    d_model: int,
+    d_expert: int,
+    hidden,
+    mask,
+    router_weight,
+    warmup: int,
+    dtype: torch.dtype,
+    budget: int | None,
+) -> list[Built]:
     """Every implementation built (or skipped with the reason) and run `warmup` times untimed."""
     built = []
     for name in impls:
@@ -195,9 +237,21 @@ def build_and_warm(impls, n_experts: int, top_k: int, tokens: int, d_model: int,
     return built
 
 
-def run_case(n_experts: int, top_k: int, tokens: int, seq_len: int, d_model: int, d_expert: int,
-             impls=IMPLS, repeats: int = 7, warmup: int = 2, device="cpu", dtype=torch.float32,
-             seed: int = 0, mem_budget_gib: float | None = None) -> list[dict]:
+def run_case(
+    n_experts: int,
+    top_k: int,
+    tokens: int,
+    seq_len: int,
+    d_model: int,
+    d_expert: int,
+    impls=IMPLS,
+    repeats: int = 7,
+    warmup: int = 2,
+    device="cpu",
+    dtype=torch.float32,
+    seed: int = 0,
+    mem_budget_gib: float | None = None,
+) -> list[dict]:
     """Time every implementation on one shape, alternating; one JSON case dict per implementation.
 
     mem_budget_gib: skip an implementation whose known memory need is above it (default: half the
@@ -208,16 +262,29 @@ def run_case(n_experts: int, top_k: int, tokens: int, seq_len: int, d_model: int
         raise ValueError(f"tokens ({tokens}) must be a multiple of seq_len ({seq_len})")
     router_weight, hidden, mask = case_inputs(n_experts, tokens, seq_len, d_model, device, dtype, seed)
     torch.manual_seed(seed)
-    built = build_and_warm(impls, n_experts, top_k, tokens, d_model, d_expert, hidden, mask, router_weight, warmup,
-                           dtype, memory_budget(device, mem_budget_gib))
+    built = build_and_warm(
+        impls,
+        n_experts,
+        top_k,
+        tokens,
+        d_model,
+        d_expert,
+        hidden,
+        mask,
+        router_weight,
+        warmup,
+        dtype,
+        memory_budget(device, mem_budget_gib),
+    )
     by_name = {b.name: b for b in built}
 
     def failed(name, error):
         by_name[name].skipped, by_name[name].module = f"fwd+bwd failed: {one_line(error)}", None
 
     steps = {b.name: (lambda m=b.module: forward_backward(m, hidden, mask)) for b in built if not b.skipped}
-    times, _ = alternate(steps, repeats, device, before=lambda name: clear_grads(by_name[name].module, hidden),
-                         on_error=failed)
+    times, _ = alternate(
+        steps, repeats, device, before=lambda name: clear_grads(by_name[name].module, hidden), on_error=failed
+    )
     cases = [case_record(b, times.get(b.name, []), n_experts, top_k, tokens, d_model, d_expert) for b in built]
     steps.clear()
     for b in built:  # free memory before the next case
@@ -227,11 +294,19 @@ def run_case(n_experts: int, top_k: int, tokens: int, seq_len: int, d_model: int
     return cases
 
 
-def case_record(b: Built, times: list[float], n_experts: int, top_k: int, tokens: int, d_model: int,
-                d_expert: int) -> dict:
-    case = {"impl": b.name, "n_experts": n_experts, "top_k": top_k, "tokens": tokens, "d_model": d_model,
-            "d_expert": d_expert, "expert_type": b.expert_type,
-            "ms_median": None if b.skipped or not times else statistics.median(times)}
+def case_record(
+    b: Built, times: list[float], n_experts: int, top_k: int, tokens: int, d_model: int, d_expert: int
+) -> dict:
+    case = {
+        "impl": b.name,
+        "n_experts": n_experts,
+        "top_k": top_k,
+        "tokens": tokens,
+        "d_model": d_model,
+        "d_expert": d_expert,
+        "expert_type": b.expert_type,
+        "ms_median": None if b.skipped or not times else statistics.median(times),
+    }
     if b.skipped:
         case["skipped"] = b.skipped
     else:
@@ -293,11 +368,23 @@ def speedup_check(cases: list[dict], name: str, others, limit: float) -> dict:
 
 def check_summary(cases: list[dict]) -> list[dict]:
     """The four targets, computed from the measured medians; status PASS, FAIL or n/a."""
-    checks = [ratio_check(f"ours top-{k}, E={CHECK_E} <= {limit} x dense", _ms(cases, "ours", CHECK_E, k),
-                          _ms(cases, "dense", CHECK_E, k), limit)
-              for k, limit in ((1, OURS_TOP1_MAX_VS_DENSE), (2, OURS_TOP2_MAX_VS_DENSE))]
-    checks.append(speedup_check(cases, f"ours >= {OURS_MIN_SPEEDUP_VS_HF} x faster than fastest hf_* (every E, k)",
-                                tuple(HF_IMPLS), OURS_MIN_SPEEDUP_VS_HF))
+    checks = [
+        ratio_check(
+            f"ours top-{k}, E={CHECK_E} <= {limit} x dense",
+            _ms(cases, "ours", CHECK_E, k),
+            _ms(cases, "dense", CHECK_E, k),
+            limit,
+        )
+        for k, limit in ((1, OURS_TOP1_MAX_VS_DENSE), (2, OURS_TOP2_MAX_VS_DENSE))
+    ]
+    checks.append(
+        speedup_check(
+            cases,
+            f"ours >= {OURS_MIN_SPEEDUP_VS_HF} x faster than fastest hf_* (every E, k)",
+            tuple(HF_IMPLS),
+            OURS_MIN_SPEEDUP_VS_HF,
+        )
+    )
     checks.append(speedup_check(cases, "ours faster than seed_loop (every E, k)", ("seed_loop",), 1.0 + 1e-9))
     not_swiglu = sorted({c["expert_type"] for c in cases if c["impl"] == "ours" and c["expert_type"] != "swiglu"})
     if not_swiglu:
@@ -306,8 +393,23 @@ def check_summary(cases: list[dict]) -> list[dict]:
     return checks
 
 
-def run_benchmark(experts, top_ks, tokens, seq_len, d_model, d_expert, impls=IMPLS, repeats=7, warmup=2,
-                  device="cpu", dtype="float32", threads=2, seed=0, mem_budget_gib=None, log=print) -> dict:
+def run_benchmark(
+    experts,
+    top_ks,
+    tokens,
+    seq_len,
+    d_model,
+    d_expert,
+    impls=IMPLS,
+    repeats=7,
+    warmup=2,
+    device="cpu",
+    dtype="float32",
+    threads=2,
+    seed=0,
+    mem_budget_gib=None,
+    log=print,
+) -> dict:
     """Every (E, k) case; returns the JSON payload {"cases": [...], "checks": [...], "meta": {...}}."""
     torch.set_num_threads(threads)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -317,13 +419,34 @@ def run_benchmark(experts, top_ks, tokens, seq_len, d_model, d_expert, impls=IMP
             if top_k > n_experts:
                 continue
             start = time.perf_counter()
-            cases += run_case(n_experts, top_k, tokens, seq_len, d_model, d_expert, impls, repeats, warmup,
-                              device, torch_dtype, seed, mem_budget_gib)
+            cases += run_case(
+                n_experts,
+                top_k,
+                tokens,
+                seq_len,
+                d_model,
+                d_expert,
+                impls,
+                repeats,
+                warmup,
+                device,
+                torch_dtype,
+                seed,
+                mem_budget_gib,
+            )
             if log:
                 log(f"  E={n_experts} k={top_k}: {time.perf_counter() - start:.1f} s")
-    meta = {"device": str(device), "dtype": str(torch_dtype).removeprefix("torch."), "threads": threads,
-            "repeats": repeats, "warmup": warmup, "seq_len": seq_len, "loss": "output.float().pow(2).mean()",
-            "timed": "forward + backward, grads cleared before", **library_meta(torch.device(device))}
+    meta = {
+        "device": str(device),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "threads": threads,
+        "repeats": repeats,
+        "warmup": warmup,
+        "seq_len": seq_len,
+        "loss": "output.float().pow(2).mean()",
+        "timed": "forward + backward, grads cleared before",
+        **library_meta(torch.device(device)),
+    }
     return {"cases": cases, "checks": check_summary(cases), "meta": meta}
 
 
@@ -335,32 +458,56 @@ def parse_args(argv=None) -> argparse.Namespace:
         "of the repeats.",
         "Defaults: d_model 256, d_expert 1024, 32x128 tokens, E in {4, 8, 16}, k in {1, 2}, 2 threads, 7 repeats. "
         "--quick: E=8, k in {1, 2}, 3 repeats (< 1 min on 2 cores). GPU run: --device cuda --dtype bfloat16 "
-        "--d-model 768 --d-expert 3072 --tokens 16384 --experts 8 64 --top-k 1 2")
+        "--d-model 768 --d-expert 3072 --tokens 16384 --experts 8 64 --top-k 1 2",
+    )
     parser.add_argument("--quick", action="store_true", help="a subset: E=8, k in {1, 2}, 3 repeats, 1 warm-up")
-    parser.add_argument("--experts", type=int, nargs="+", default=None, metavar="E",
-                        help="numbers of experts (default 4 8 16; --quick: 8)")
-    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], metavar="K",
-                        help="experts per token (default 1 2)")
-    parser.add_argument("--tokens", type=int, default=32 * 128,
-                        help="tokens per step; batch = tokens / seq-len (default 4096 = 32x128)")
-    parser.add_argument("--seq-len", type=int, default=128,
-                        help="sequence length; tokens must be a multiple (default 128)")
+    parser.add_argument(
+        "--experts",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="E",
+        help="numbers of experts (default 4 8 16; --quick: 8)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, nargs="+", default=[1, 2], metavar="K", help="experts per token (default 1 2)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=32 * 128, help="tokens per step; batch = tokens / seq-len (default 4096 = 32x128)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=128, help="sequence length; tokens must be a multiple (default 128)"
+    )
     parser.add_argument("--d-model", type=int, default=256, help="model width (default 256)")
-    parser.add_argument("--d-expert", type=int, default=1024,
-                        help="hidden width of each expert and of dense (default 1024)")
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, metavar="IMPL",
-                        help=f"implementations to run (default all): {' '.join(IMPLS)}")
+    parser.add_argument(
+        "--d-expert", type=int, default=1024, help="hidden width of each expert and of dense (default 1024)"
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=list(IMPLS),
+        choices=IMPLS,
+        metavar="IMPL",
+        help=f"implementations to run (default all): {' '.join(IMPLS)}",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 7; --quick: 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per impl (default 2; --quick: 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu or cuda (cuda:N); CUDA is synchronised around timing (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="parameter and input dtype (default float32)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (cuda:N); CUDA is synchronised around timing (default cpu)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="parameter and input dtype (default float32)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for inputs, router and expert weights (default 0)")
-    parser.add_argument("--mem-budget-gib", type=float, default=None, metavar="GIB",
-                        help="skip an implementation whose memory need is known to exceed this "
-                             "(hf_batched_mm copies weights per token); default: half the free memory")
+    parser.add_argument(
+        "--mem-budget-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="skip an implementation whose memory need is known to exceed this "
+        "(hf_batched_mm copies weights per token); default: half the free memory",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
     args = parser.parse_args(argv)
     if args.experts is None:
@@ -379,15 +526,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"MoE layer fwd+bwd: tokens {args.tokens} ({args.tokens // args.seq_len}x{args.seq_len}), "
-          f"d_model {args.d_model}, d_expert {args.d_expert}, {args.device} {args.dtype}, "
-          f"{args.threads} threads, {args.repeats} repeats, {args.warmup} warm-up")
+    print(
+        f"MoE layer fwd+bwd: tokens {args.tokens} ({args.tokens // args.seq_len}x{args.seq_len}), "
+        f"d_model {args.d_model}, d_expert {args.d_expert}, {args.device} {args.dtype}, "
+        f"{args.threads} threads, {args.repeats} repeats, {args.warmup} warm-up"
+    )
     start = time.perf_counter()
-    payload = run_benchmark(args.experts, args.top_k, args.tokens, args.seq_len, args.d_model, args.d_expert,
-                            args.impls, args.repeats, args.warmup, args.device, args.dtype, args.threads, args.seed,
-                            args.mem_budget_gib)
-    return finish(payload, format_table(payload["cases"]), "speedup = other ms / ours ms; worst case shown", start,
-                  args.json)
+    payload = run_benchmark(
+        args.experts,
+        args.top_k,
+        args.tokens,
+        args.seq_len,
+        args.d_model,
+        args.d_expert,
+        args.impls,
+        args.repeats,
+        args.warmup,
+        args.device,
+        args.dtype,
+        args.threads,
+        args.seed,
+        args.mem_budget_gib,
+    )
+    return finish(
+        payload, format_table(payload["cases"]), "speedup = other ms / ours ms; worst case shown", start, args.json
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ Examples:
     python benchmarks/bench_train.py --json results/bench_train_cpu.json
     python benchmarks/bench_train.py --device cuda --batch-size 128 --json results/bench_train_gpu.json
 """
+
 import sys
 from pathlib import Path
 
@@ -56,8 +57,7 @@ from functools import partial
 
 import torch
 
-from benchmarks.common import (alternate, check_device, finish, library_meta, make_parser, one_line, ratio_check,
-                               sync)
+from benchmarks.common import alternate, check_device, finish, library_meta, make_parser, one_line, ratio_check, sync
 
 IMPLS = ("ours_dense", "hf_bert", "ours_moe")
 STEPS = ("train.py", "bare")  # train.loop.train_step as train/train.py calls it; the bare four-call step
@@ -69,6 +69,7 @@ FIRST_REAL_ID = 5  # ids 0-4 play the special tokens ([PAD] = 0)
 DENSE_MAX_VS_BERT = 1.0  # ours_dense step time / hf_bert step time
 MOE_TOP1_MAX_VS_DENSE = 1.25  # ours_moe (E=8, k=1) step time / ours_dense step time
 CHECK_E = 8
+
 
 @dataclass
 class Shapes:
@@ -97,19 +98,34 @@ def build_model(impl: str, shapes: Shapes, n_experts: int = 1, top_k: int = 1) -
 
         if impl == "ours_dense":
             n_experts, top_k = 1, 1
-        config = MoEEncoderConfig(vocab_size=shapes.vocab_size, embedding_dim=shapes.embedding_dim,
-                                  seq_len=shapes.seq_len, num_head=shapes.num_head, n_encoder_blocks=shapes.n_layers,
-                                  n_experts=n_experts, top_k_experts=top_k, moe_dim=shapes.moe_dim,
-                                  dropout=shapes.dropout, expert_type="mlp")
+        config = MoEEncoderConfig(
+            vocab_size=shapes.vocab_size,
+            embedding_dim=shapes.embedding_dim,
+            seq_len=shapes.seq_len,
+            num_head=shapes.num_head,
+            n_encoder_blocks=shapes.n_layers,
+            n_experts=n_experts,
+            top_k_experts=top_k,
+            moe_dim=shapes.moe_dim,
+            dropout=shapes.dropout,
+            expert_type="mlp",
+        )
         return MoEEncoderForMaskedLM(config)
     if impl == "hf_bert":
         from transformers import BertConfig, BertForMaskedLM
 
-        config = BertConfig(vocab_size=shapes.vocab_size, hidden_size=shapes.embedding_dim,
-                            num_hidden_layers=shapes.n_layers, num_attention_heads=shapes.num_head,
-                            intermediate_size=shapes.moe_dim, max_position_embeddings=shapes.seq_len,
-                            hidden_act="gelu", hidden_dropout_prob=shapes.dropout,
-                            attention_probs_dropout_prob=shapes.dropout, pad_token_id=0)
+        config = BertConfig(
+            vocab_size=shapes.vocab_size,
+            hidden_size=shapes.embedding_dim,
+            num_hidden_layers=shapes.n_layers,
+            num_attention_heads=shapes.num_head,
+            intermediate_size=shapes.moe_dim,
+            max_position_embeddings=shapes.seq_len,
+            hidden_act="gelu",
+            hidden_dropout_prob=shapes.dropout,
+            attention_probs_dropout_prob=shapes.dropout,
+            pad_token_id=0,
+        )
         config._attn_implementation = "sdpa"
         model = BertForMaskedLM(config)
         if getattr(model.config, "_attn_implementation", None) != "sdpa":
@@ -134,8 +150,9 @@ def make_batch(shapes: Shapes, seed: int = 0, device="cpu") -> dict:
     masked[0, 1] = True  # at least one label
     labels = torch.where(masked, ids, torch.full_like(ids, -100))
     input_ids = torch.where(masked, torch.full_like(ids, MASK_ID), ids)
-    return {k: v.to(device) for k, v in {"input_ids": input_ids, "attention_mask": attention_mask,
-                                          "labels": labels}.items()}
+    return {
+        k: v.to(device) for k, v in {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}.items()
+    }
 
 
 def make_optimizer(model: torch.nn.Module, shapes: Shapes, device: torch.device):
@@ -157,15 +174,21 @@ def make_train_accelerator(device: torch.device):
     """The Accelerator train/train.py builds (train.loop.make_accelerator), float32, no compile, no tracker started."""
     from train.loop import make_accelerator
 
-    return make_accelerator({"mixed_precision": "no", "device": "cpu" if device.type == "cpu" else "auto",
-                             "aim_repo": tempfile.gettempdir(), "compile": False})
+    return make_accelerator(
+        {
+            "mixed_precision": "no",
+            "device": "cpu" if device.type == "cpu" else "auto",
+            "aim_repo": tempfile.gettempdir(),
+            "compile": False,
+        }
+    )
 
 
 def train_py_step(accelerator, model, optimizer, batch: dict, shapes: Shapes) -> Callable[[], float]:
     """One train/train.py step per call: train.loop.train_step with the pieces train.py builds around it."""
-    import train.loop  # looked up at each call, so a test can count the calls
     from transformers import get_linear_schedule_with_warmup
 
+    import train.loop  # looked up at each call, so a test can count the calls
     from train.tracking import RoutingRecorder
 
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, SCHEDULE_STEPS)
@@ -176,9 +199,18 @@ def train_py_step(accelerator, model, optimizer, batch: dict, shapes: Shapes) ->
     step_numbers = itertools.count(1)
 
     def step() -> float:
-        result = train.loop.train_step(accelerator, model, optimizer, scheduler, micro_batches, recorder,
-                                       shapes.max_grad_norm, stop_requested=False, step=next(step_numbers),
-                                       supervision_coef=0.0)
+        result = train.loop.train_step(
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            micro_batches,
+            recorder,
+            shapes.max_grad_norm,
+            stop_requested=False,
+            step=next(step_numbers),
+            supervision_coef=0.0,
+        )
         recorder.take_step_counts()  # train.py takes them after every step, for its training-health checks
         return result.metrics["loss"]
 
@@ -227,15 +259,24 @@ def probe(spec: dict) -> dict:
     shapes = Shapes(**spec["shapes"])
     case = tuple(spec["case"])
     batch = make_batch(shapes, spec["seed"], device)
+    import transformers.models.bert.modeling_bert  # noqa: F401
+
     import models  # noqa: F401 - imports before the baseline, not counted
     import train.loop  # noqa: F401
-    import transformers.models.bert.modeling_bert  # noqa: F401
 
     accelerator = make_train_accelerator(device) if case[4] == "train.py" else None
     # one step of a tiny model of the same kind first: one-time lazy allocations (kernels, thread pools,
     # allocator arenas; ~20 MiB on CPU) then fall before the baseline instead of into the measurement
-    tiny = Shapes(vocab_size=64, embedding_dim=2 * shapes.num_head, n_layers=1, num_head=shapes.num_head,
-                  moe_dim=8, seq_len=shapes.seq_len, batch_size=2, dropout=shapes.dropout)
+    tiny = Shapes(
+        vocab_size=64,
+        embedding_dim=2 * shapes.num_head,
+        n_layers=1,
+        num_head=shapes.num_head,
+        moe_dim=8,
+        seq_len=shapes.seq_len,
+        batch_size=2,
+        dropout=shapes.dropout,
+    )
     tiny_model, tiny_step = make_runner(case, tiny, make_batch(tiny, spec["seed"], device), device, accelerator)
     tiny_step()
     del tiny_model, tiny_step
@@ -258,17 +299,32 @@ def probe(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_mem_mb": (peak - base) / 2**20, "method": "cuda max_memory_allocated - allocated before build"}
     peak = _peak_rss_bytes()
-    return {"peak_mem_mb": max(peak - base, 0) / 2**20, "peak_rss_mb": peak / 2**20, "base_rss_mb": base / 2**20,
-            "method": "child peak RSS (VmHWM) - RSS before build"}
+    return {
+        "peak_mem_mb": max(peak - base, 0) / 2**20,
+        "peak_rss_mb": peak / 2**20,
+        "base_rss_mb": base / 2**20,
+        "method": "child peak RSS (VmHWM) - RSS before build",
+    }
 
 
-def run_probe(case: tuple, shapes: Shapes, device: str, threads: int, seed: int, steps: int,
-              timeout: float = 600) -> dict:
+def run_probe(
+    case: tuple, shapes: Shapes, device: str, threads: int, seed: int, steps: int, timeout: float = 600
+) -> dict:
     """probe() of one case (impl, n_experts, top_k, head, step) in a child process."""
-    spec = {"case": list(case), "shapes": shapes.__dict__, "device": device, "threads": threads, "seed": seed,
-            "steps": steps}
-    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_probe", json.dumps(spec)],
-                            capture_output=True, text=True, timeout=timeout)
+    spec = {
+        "case": list(case),
+        "shapes": shapes.__dict__,
+        "device": device,
+        "threads": threads,
+        "seed": seed,
+        "steps": steps,
+    }
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--_probe", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"memory probe exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -312,8 +368,7 @@ def time_cases(specs, shapes: Shapes, batch: dict, device: torch.device, repeats
     times, outputs = alternate(steps, repeats, device, on_error=failed)
     for spec in steps:
         losses[spec] += [float(loss) for loss in outputs[spec]]
-    params = {spec: sum(p.numel() for p in {id(p): p for p in models[spec].parameters()}.values())
-              for spec in models}
+    params = {spec: sum(p.numel() for p in {id(p): p for p in models[spec].parameters()}.values()) for spec in models}
     if accelerator is not None:
         accelerator.free_memory()  # it keeps the prepared models alive otherwise
     return times, losses, params, skipped
@@ -321,19 +376,34 @@ def time_cases(specs, shapes: Shapes, batch: dict, device: torch.device, repeats
 
 def case_record(spec: tuple, times: list[float], losses: list[float], n_params: int | None, tokens: int) -> dict:
     impl, n_experts, top_k, head, step = spec
-    case = {"impl": impl, "n_experts": n_experts, "top_k": top_k, "mlm_head": head, "step": step,
-            "steps_per_s": None, "tokens_per_s": None, "peak_mem_mb": None}
+    case = {
+        "impl": impl,
+        "n_experts": n_experts,
+        "top_k": top_k,
+        "mlm_head": head,
+        "step": step,
+        "steps_per_s": None,
+        "tokens_per_s": None,
+        "peak_mem_mb": None,
+    }
     if not times:
         return case
     ms = statistics.median(times)
-    case.update(steps_per_s=1e3 / ms, tokens_per_s=tokens * 1e3 / ms, ms_median=ms,
-                ms_all=[round(t, 3) for t in times], n_params=n_params,
-                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+    case.update(
+        steps_per_s=1e3 / ms,
+        tokens_per_s=tokens * 1e3 / ms,
+        ms_median=ms,
+        ms_all=[round(t, 3) for t in times],
+        n_params=n_params,
+        loss_first=round(losses[0], 4),
+        loss_last=round(losses[-1], 4),
+    )
     return case
 
 
-def add_memory(case: dict, spec: tuple, shapes: Shapes, device: str, threads: int, seed: int, probe_steps: int,
-               log=print) -> None:
+def add_memory(
+    case: dict, spec: tuple, shapes: Shapes, device: str, threads: int, seed: int, probe_steps: int, log=print
+) -> None:
     try:
         result = run_probe(spec, shapes, device, threads, seed, probe_steps)
         case["peak_mem_mb"] = round(result["peak_mem_mb"], 1)
@@ -345,9 +415,20 @@ def add_memory(case: dict, spec: tuple, shapes: Shapes, device: str, threads: in
         log(f"  memory probe {' '.join(map(str, spec))}: {case['peak_mem_mb']} MiB")
 
 
-def run_benchmark(shapes: Shapes, impls=IMPLS, experts=(8,), top_ks=(1, 2), repeats: int = 15, warmup: int = 3,
-                  device: str = "cpu", threads: int = 2, seed: int = 0, memory: bool = True, probe_steps: int = 3,
-                  log=print) -> dict:
+def run_benchmark(
+    shapes: Shapes,
+    impls=IMPLS,
+    experts=(8,),
+    top_ks=(1, 2),
+    repeats: int = 15,
+    warmup: int = 3,
+    device: str = "cpu",
+    threads: int = 2,
+    seed: int = 0,
+    memory: bool = True,
+    probe_steps: int = 3,
+    log=print,
+) -> dict:
     """Time every case, alternating; then probe memory per case in child processes. Returns the JSON payload."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -366,27 +447,48 @@ def run_benchmark(shapes: Shapes, impls=IMPLS, experts=(8,), top_ks=(1, 2), repe
         elif memory:
             add_memory(case, spec, shapes, device, threads, seed, probe_steps, log)
         cases.append(case)
-    return {"cases": cases, "checks": check_summary(cases), "meta": benchmark_meta(shapes, dev, threads, repeats,
-                                                                                   warmup, seed, tokens, memory,
-                                                                                   probe_steps)}
+    return {
+        "cases": cases,
+        "checks": check_summary(cases),
+        "meta": benchmark_meta(shapes, dev, threads, repeats, warmup, seed, tokens, memory, probe_steps),
+    }
 
 
-def benchmark_meta(shapes: Shapes, device: torch.device, threads: int, repeats: int, warmup: int, seed: int,
-                   tokens: int, memory: bool, probe_steps: int) -> dict:
+def benchmark_meta(
+    shapes: Shapes,
+    device: torch.device,
+    threads: int,
+    repeats: int,
+    warmup: int,
+    seed: int,
+    tokens: int,
+    memory: bool,
+    probe_steps: int,
+) -> dict:
     if not memory:
         peak_mem = "not measured (--no-memory)"
     elif device.type == "cuda":
         peak_mem = "CUDA: max_memory_allocated in a child, minus allocated before the build"
     else:
         peak_mem = f"CPU: child process peak RSS (VmHWM) minus RSS before the model was built, {probe_steps} steps"
-    return {"device": str(device), "threads": threads, "repeats": repeats, "warmup": warmup, "seed": seed,
-            "shapes": shapes.__dict__, "tokens_per_step": tokens,
-            "timed": {"train.py": "train.loop.train_step (accelerator, RoutingRecorder, linear schedule, clipping "
-                                  f"at {shapes.max_grad_norm}), as train/train.py calls it",
-                      "bare": "zero_grad(set_to_none) + forward with labels + loss.backward + optimizer.step"},
-            "optimizer": f"AdamW (train.loop.optimizer_for) lr {shapes.lr}, weight decay {shapes.weight_decay}",
-            "tokens_per_s": "real (non-padding) tokens per step / median step time", "peak_mem": peak_mem,
-            **library_meta(device)}
+    return {
+        "device": str(device),
+        "threads": threads,
+        "repeats": repeats,
+        "warmup": warmup,
+        "seed": seed,
+        "shapes": shapes.__dict__,
+        "tokens_per_step": tokens,
+        "timed": {
+            "train.py": "train.loop.train_step (accelerator, RoutingRecorder, linear schedule, clipping "
+            f"at {shapes.max_grad_norm}), as train/train.py calls it",
+            "bare": "zero_grad(set_to_none) + forward with labels + loss.backward + optimizer.step",
+        },
+        "optimizer": f"AdamW (train.loop.optimizer_for) lr {shapes.lr}, weight decay {shapes.weight_decay}",
+        "tokens_per_s": "real (non-padding) tokens per step / median step time",
+        "peak_mem": peak_mem,
+        **library_meta(device),
+    }
 
 
 def _ms(cases, impl, n_experts=1, top_k=1, head=None, step="bare"):
@@ -394,7 +496,12 @@ def _ms(cases, impl, n_experts=1, top_k=1, head=None, step="bare"):
     head = head or ("all" if impl == "hf_bert" else "masked")
     for c in cases:
         if (c["impl"], c["n_experts"], c["top_k"], c["mlm_head"], c.get("step", "bare")) == (
-                impl, n_experts, top_k, head, step):
+            impl,
+            n_experts,
+            top_k,
+            head,
+            step,
+        ):
             return c.get("ms_median")
     return None
 
@@ -404,17 +511,34 @@ def check_summary(cases: list[dict]) -> list[dict]:
     dense, dense_train = _ms(cases, "ours_dense"), _ms(cases, "ours_dense", step="train.py")
     moe_train = {k: _ms(cases, "ours_moe", CHECK_E, k, step="train.py") for k in (1, 2)}
     return [
-        ratio_check(f"ours_dense step time <= {DENSE_MAX_VS_BERT} x hf_bert (bare steps)", dense,
-                    _ms(cases, "hf_bert"), DENSE_MAX_VS_BERT),
-        ratio_check(f"ours_moe E={CHECK_E} top-1 step time <= {MOE_TOP1_MAX_VS_DENSE} x ours_dense (train.py steps)",
-                    moe_train[1], dense_train, MOE_TOP1_MAX_VS_DENSE),
-        ratio_check(f"ours_moe E={CHECK_E} top-2 / ours_dense (train.py steps, no target)", moe_train[2], dense_train,
-                    None),
-        ratio_check("ours_dense with the head at every position / hf_bert (no target)",
-                    _ms(cases, "ours_dense", head="all"), _ms(cases, "hf_bert"), None),
+        ratio_check(
+            f"ours_dense step time <= {DENSE_MAX_VS_BERT} x hf_bert (bare steps)",
+            dense,
+            _ms(cases, "hf_bert"),
+            DENSE_MAX_VS_BERT,
+        ),
+        ratio_check(
+            f"ours_moe E={CHECK_E} top-1 step time <= {MOE_TOP1_MAX_VS_DENSE} x ours_dense (train.py steps)",
+            moe_train[1],
+            dense_train,
+            MOE_TOP1_MAX_VS_DENSE,
+        ),
+        ratio_check(
+            f"ours_moe E={CHECK_E} top-2 / ours_dense (train.py steps, no target)", moe_train[2], dense_train, None
+        ),
+        ratio_check(
+            "ours_dense with the head at every position / hf_bert (no target)",
+            _ms(cases, "ours_dense", head="all"),
+            _ms(cases, "hf_bert"),
+            None,
+        ),
         ratio_check("ours_dense train.py step / bare step (no target)", dense_train, dense, None),
-        ratio_check(f"ours_moe E={CHECK_E} top-1 train.py step / bare step (no target)", moe_train[1],
-                    _ms(cases, "ours_moe", CHECK_E, 1), None),
+        ratio_check(
+            f"ours_moe E={CHECK_E} top-1 train.py step / bare step (no target)",
+            moe_train[1],
+            _ms(cases, "ours_moe", CHECK_E, 1),
+            None,
+        ),
     ]
 
 
@@ -425,8 +549,10 @@ def _ratio_cell(ms, reference, width: int) -> str:
 def format_table(cases: list[dict]) -> str:
     """One row per case; x dense against ours_dense in the same step, x bare against the same case's bare step."""
     bert = _ms(cases, "hf_bert")
-    header = (f"{'impl':<11} {'E':>3} {'k':>2} {'head':>6} {'step':>8} {'ms_median':>10} {'steps/s':>8} "
-              f"{'tokens/s':>9} {'x dense':>8} {'x bert':>7} {'x bare':>7} {'peak_MiB':>9} {'params':>10}  note")
+    header = (
+        f"{'impl':<11} {'E':>3} {'k':>2} {'head':>6} {'step':>8} {'ms_median':>10} {'steps/s':>8} "
+        f"{'tokens/s':>9} {'x dense':>8} {'x bert':>7} {'x bare':>7} {'peak_MiB':>9} {'params':>10}  note"
+    )
     lines = [header, "-" * len(header)]
     for c in cases:
         ms, step = c.get("ms_median"), c.get("step", "bare")
@@ -435,12 +561,18 @@ def format_table(cases: list[dict]) -> str:
         note = f"skipped: {c['skipped']}" if "skipped" in c else c.get("memory_error", "")
         lines.append(
             f"{c['impl']:<11} {c['n_experts']:>3} {c['top_k']:>2} {c['mlm_head']:>6} {step:>8} "
-            + (f"{ms:>10.1f} {c['steps_per_s']:>8.2f} {c['tokens_per_s']:>9.0f} " if ms
-               else f"{'-':>10} {'-':>8} {'-':>9} ")
-            + _ratio_cell(ms, dense, 8) + _ratio_cell(ms, bert, 7) + _ratio_cell(ms, bare, 7)
+            + (
+                f"{ms:>10.1f} {c['steps_per_s']:>8.2f} {c['tokens_per_s']:>9.0f} "
+                if ms
+                else f"{'-':>10} {'-':>8} {'-':>9} "
+            )
+            + _ratio_cell(ms, dense, 8)
+            + _ratio_cell(ms, bert, 7)
+            + _ratio_cell(ms, bare, 7)
             + (f"{c['peak_mem_mb']:>9.0f} " if c["peak_mem_mb"] is not None else f"{'-':>9} ")
             + (f"{c['n_params']:>10}" if c.get("n_params") else f"{'-':>10}")
-            + (f"  {note}" if note else ""))
+            + (f"  {note}" if note else "")
+        )
     return "\n".join(lines)
 
 
@@ -453,15 +585,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         "memory probed in a child per case.",
         "Defaults: the full-scale model (configs/model_params.yaml): vocab 8192, width 256, 3 blocks, 8 heads, "
         "FFN/expert 512, seq_len 64, batch 32, dropout 0.1 for both models, 2 threads, 15 repeats, 3 warm-up. "
-        "--quick: 5 repeats, 1 warm-up, 2 probe steps (< 2 min on 2 cores).")
+        "--quick: 5 repeats, 1 warm-up, 2 probe steps (< 2 min on 2 cores).",
+    )
     d = Shapes()
     parser.add_argument("--quick", action="store_true", help="5 repeats, 1 warm-up, 2 probe steps")
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, metavar="IMPL",
-                        help=f"implementations (default all): {' '.join(IMPLS)}")
-    parser.add_argument("--experts", type=int, nargs="+", default=[8], metavar="E",
-                        help="ours_moe experts (default 8)")
-    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], metavar="K",
-                        help="ours_moe top-k (default 1 2)")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=list(IMPLS),
+        choices=IMPLS,
+        metavar="IMPL",
+        help=f"implementations (default all): {' '.join(IMPLS)}",
+    )
+    parser.add_argument("--experts", type=int, nargs="+", default=[8], metavar="E", help="ours_moe experts (default 8)")
+    parser.add_argument(
+        "--top-k", type=int, nargs="+", default=[1, 2], metavar="K", help="ours_moe top-k (default 1 2)"
+    )
     parser.add_argument("--vocab-size", type=int, default=d.vocab_size)
     parser.add_argument("--d-model", type=int, default=d.embedding_dim, help="width (embedding_dim / hidden_size)")
     parser.add_argument("--layers", type=int, default=d.n_layers, help="encoder blocks")
@@ -470,12 +609,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--dropout", type=float, default=d.dropout, help="dropout of both models (default 0.1)")
-    parser.add_argument("--pad-frac", type=float, default=0.0,
-                        help="pad up to this share of each sequence's tail (default 0: no padding)")
+    parser.add_argument(
+        "--pad-frac",
+        type=float,
+        default=0.0,
+        help="pad up to this share of each sequence's tail (default 0: no padding)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15; --quick 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per impl (default 3; --quick 1)")
-    parser.add_argument("--probe-steps", type=int, default=None,
-                        help="steps in each memory probe (default 3; --quick 2)")
+    parser.add_argument(
+        "--probe-steps", type=int, default=None, help="steps in each memory probe (default 3; --quick 2)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -506,15 +650,36 @@ def main(argv=None) -> int:
     if args._probe:
         print(json.dumps(probe(json.loads(args._probe))))
         return 0
-    shapes = Shapes(vocab_size=args.vocab_size, embedding_dim=args.d_model, n_layers=args.layers, num_head=args.heads,
-                    moe_dim=args.d_ffn, seq_len=args.seq_len, batch_size=args.batch_size, dropout=args.dropout,
-                    pad_frac=args.pad_frac)
-    print(f"training step: batch {shapes.batch_size}x{shapes.seq_len}, vocab {shapes.vocab_size}, width "
-          f"{shapes.embedding_dim}, {shapes.n_layers} blocks, {shapes.num_head} heads, FFN {shapes.moe_dim}, dropout "
-          f"{shapes.dropout}, {args.device}, {args.threads} threads, {args.repeats} repeats, {args.warmup} warm-up")
+    shapes = Shapes(
+        vocab_size=args.vocab_size,
+        embedding_dim=args.d_model,
+        n_layers=args.layers,
+        num_head=args.heads,
+        moe_dim=args.d_ffn,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        dropout=args.dropout,
+        pad_frac=args.pad_frac,
+    )
+    print(
+        f"training step: batch {shapes.batch_size}x{shapes.seq_len}, vocab {shapes.vocab_size}, width "
+        f"{shapes.embedding_dim}, {shapes.n_layers} blocks, {shapes.num_head} heads, FFN {shapes.moe_dim}, dropout "
+        f"{shapes.dropout}, {args.device}, {args.threads} threads, {args.repeats} repeats, {args.warmup} warm-up"
+    )
     start = time.perf_counter()
-    payload = run_benchmark(shapes, args.impls, args.experts, args.top_k, args.repeats, args.warmup, args.device,
-                            args.threads, args.seed, not args.no_memory, args.probe_steps)
+    payload = run_benchmark(
+        shapes,
+        args.impls,
+        args.experts,
+        args.top_k,
+        args.repeats,
+        args.warmup,
+        args.device,
+        args.threads,
+        args.seed,
+        not args.no_memory,
+        args.probe_steps,
+    )
     return finish(payload, format_table(payload["cases"]), "ratios of median step times", start, args.json)
 
 

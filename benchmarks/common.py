@@ -1,5 +1,6 @@
 """What the benchmarks share: the command line's frame, timing in alternating rounds, ratio checks, and how they
 finish (table, checks, time, JSON)."""
+
 import argparse
 import time
 from collections.abc import Callable, Hashable
@@ -12,8 +13,9 @@ from config_utils.errors import first_line
 
 def make_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
     """Every benchmark's parser: `python benchmarks/NAME.py`, the epilog's defaults printed as written."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:
@@ -42,9 +44,13 @@ def timed_ms(step: Callable[[], object], device: torch.device) -> tuple[float, o
     return (time.perf_counter() - start) * 1e3, result
 
 
-def alternate(steps: dict[Hashable, Callable[[], object]], repeats: int, device: torch.device,
-              before: Callable[[Hashable], None] | None = None,
-              on_error: Callable[[Hashable, BaseException], None] | None = None) -> tuple[dict, dict]:
+def alternate(
+    steps: dict[Hashable, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    before: Callable[[Hashable], None] | None = None,
+    on_error: Callable[[Hashable, BaseException], None] | None = None,
+) -> tuple[dict, dict]:
     """Run every step once per round, the order rotating each round; (milliseconds, returned values) per key.
 
     Rotating puts every implementation in every slot, so slow drift of the machine falls on all alike.
@@ -77,8 +83,12 @@ def ratio_check(name: str, num: float | None, den: float | None, limit: float | 
         return {"check": name, "value": None, "status": "n/a", "detail": "not measured"}
     ratio = num / den
     status = "info" if limit is None else ("PASS" if ratio <= limit else "FAIL")
-    return {"check": name, "value": round(ratio, 3), "status": status,
-            "detail": detail or f"{num:.2f} ms / {den:.2f} ms"}
+    return {
+        "check": name,
+        "value": round(ratio, 3),
+        "status": status,
+        "detail": detail or f"{num:.2f} ms / {den:.2f} ms",
+    }
 
 
 def library_meta(device: torch.device) -> dict:

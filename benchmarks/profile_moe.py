@@ -4,6 +4,7 @@ Builds the implementations exactly as bench_moe.py does (same router weights, sa
 profiles a few steps and prints each one's operators sorted by self device time (CPU time without a GPU).
   python benchmarks/profile_moe.py --device cuda --dtype bfloat16 --experts 8 --top-k 1 --impls ours hf_grouped_mm
 """
+
 import sys
 from pathlib import Path
 
@@ -51,8 +52,10 @@ def main(argv=None) -> int:
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
                 step_ms(built.module, hidden, mask)
-        print(f"\n=== {name}: E={args.experts} k={args.top_k}, {args.tokens} tokens, {args.dtype}; "
-              f"warm-up step times (ms): {', '.join(f'{t:.2f}' for t in times)}; {args.steps} steps profiled")
+        print(
+            f"\n=== {name}: E={args.experts} k={args.top_k}, {args.tokens} tokens, {args.dtype}; "
+            f"warm-up step times (ms): {', '.join(f'{t:.2f}' for t in times)}; {args.steps} steps profiled"
+        )
         print(prof.key_averages().table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60))
     return 0
 

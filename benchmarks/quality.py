@@ -18,6 +18,7 @@ Writes to --out: <corpus>/ (a sweep folder per corpus), quality.json, quality.md
     python benchmarks/quality.py --quick               # 150 steps, builtin only: ~3 min
 A finished run is not redone (rerun to finish an interrupted experiment; --overwrite redoes all).
 """
+
 import sys
 from pathlib import Path
 
@@ -45,26 +46,51 @@ MODELS = {
 }
 # every topic in train/valid/test (none held out): quality is measured on the distribution trained on
 BUILTIN = {
-    "dataset.load_params.source": "builtin", "dataset.load_params.builtin.n_topics": 4,
-    "dataset.load_params.builtin.n_docs": 12000, "dataset.load_params.builtin.topic_overlap": 0.0,
-    "dataset.load_params.train_len": 9000, "dataset.load_params.valid_len": 500, "dataset.load_params.test_len": 500,
-    "dataset.data_params.eval_topics": [], "dataset.data_params.tokenizer_vocab_size": 2000,
+    "dataset.load_params.source": "builtin",
+    "dataset.load_params.builtin.n_topics": 4,
+    "dataset.load_params.builtin.n_docs": 12000,
+    "dataset.load_params.builtin.topic_overlap": 0.0,
+    "dataset.load_params.train_len": 9000,
+    "dataset.load_params.valid_len": 500,
+    "dataset.load_params.test_len": 500,
+    "dataset.data_params.eval_topics": [],
+    "dataset.data_params.tokenizer_vocab_size": 2000,
 }
 REDDIT = {
-    "dataset.load_params.source": "files", "dataset.load_params.text_field": "body",
-    "dataset.load_params.topic_field": "subreddit", "dataset.load_params.train_len": 2400,
-    "dataset.load_params.valid_len": 300, "dataset.load_params.test_len": 300,
-    "dataset.data_params.eval_topics": [], "dataset.data_params.tokenizer_vocab_size": 4000,
+    "dataset.load_params.source": "files",
+    "dataset.load_params.text_field": "body",
+    "dataset.load_params.topic_field": "subreddit",
+    "dataset.load_params.train_len": 2400,
+    "dataset.load_params.valid_len": 300,
+    "dataset.load_params.test_len": 300,
+    "dataset.data_params.eval_topics": [],
+    "dataset.data_params.tokenizer_vocab_size": 4000,
 }
 COMMON = {
-    "model.embedding_dim": 128, "model.num_head": 4, "model.n_encoder_blocks": 2, "model.seq_len": 64,
-    "model.expert_type": "mlp", "model.dropout": 0.1, "model.load_balance_coef": 0.01,
-    "train.batch_size": 32, "train.learning_rate": 1e-3, "train.warmup_proportion": 0.1, "train.device": "cpu",
-    "train.eval_batches": None, "train.log_steps": 10, "train.keep_checkpoints": 1,
+    "model.embedding_dim": 128,
+    "model.num_head": 4,
+    "model.n_encoder_blocks": 2,
+    "model.seq_len": 64,
+    "model.expert_type": "mlp",
+    "model.dropout": 0.1,
+    "model.load_balance_coef": 0.01,
+    "train.batch_size": 32,
+    "train.learning_rate": 1e-3,
+    "train.warmup_proportion": 0.1,
+    "train.device": "cpu",
+    "train.eval_batches": None,
+    "train.log_steps": 10,
+    "train.keep_checkpoints": 1,
 }
 # what defines the comparison; every other key (sizes, widths, rates) may be changed with --set, for every run alike
-EXPERIMENT_KEYS = set(MODELS["dense"]) | {"train.random_seed", "train.max_steps", "train.eval_steps", "train.save_steps",
-                                          "dataset.load_params.source", "dataset.load_params.data_files"}
+EXPERIMENT_KEYS = set(MODELS["dense"]) | {
+    "train.random_seed",
+    "train.max_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "dataset.load_params.source",
+    "dataset.load_params.data_files",
+}
 
 
 def corpus_settings(name: str, reddit_dir: Path) -> dict:
@@ -97,11 +123,15 @@ def load_run(run: dict) -> dict | None:
         with open(metrics_csv, encoding="utf-8") as f:
             rows = {row["group"]: row for row in csv.DictReader(f)}
         test = rows.get("test")
-    return {"history": history, "final": history[-1], "best": lowest_loss_point(history),
-            "n_parameters": manifest["n_parameters"],
-            "active_parameters": active_parameters(manifest["n_parameters"], manifest["config"]["model"]),
-            "seconds": manifest.get("seconds"),
-            "test_mlm_loss": float(test["mlm_loss"]) if test and test.get("mlm_loss") else None}
+    return {
+        "history": history,
+        "final": history[-1],
+        "best": lowest_loss_point(history),
+        "n_parameters": manifest["n_parameters"],
+        "active_parameters": active_parameters(manifest["n_parameters"], manifest["config"]["model"]),
+        "seconds": manifest.get("seconds"),
+        "test_mlm_loss": float(test["mlm_loss"]) if test and test.get("mlm_loss") else None,
+    }
 
 
 def lowest_loss_point(history: list[dict]) -> dict:
@@ -125,27 +155,43 @@ def summarize(runs: list[dict]) -> dict:
         for model, seeds in by_model.items():
             losses = [r["final"]["eval_mlm_loss"] for r in seeds]
             accuracies = [r["final"]["eval_accuracy"] for r in seeds]
-            row = {"corpus": corpus, "model": model, "seeds": [r["seed"] for r in seeds],
-                   "n_experts": MODELS[model]["model.n_experts"], "top_k": MODELS[model]["model.top_k_experts"],
-                   "expert_size": MODELS[model]["model.moe_dim"], "n_parameters": seeds[0]["n_parameters"],
-                   "active_parameters": seeds[0]["active_parameters"],
-                   "steps": seeds[0]["final"]["step"], "val_loss": losses, "val_accuracy": accuracies,
-                   "val_loss_mean": statistics.fmean(losses), "val_loss_range": max(losses) - min(losses),
-                   "val_accuracy_mean": statistics.fmean(accuracies),
-                   "val_accuracy_range": max(accuracies) - min(accuracies),
-                   "best_val_loss": [r["best"]["eval_mlm_loss"] for r in seeds],
-                   "best_step": [r["best"]["step"] for r in seeds],
-                   "test_loss": [r["test_mlm_loss"] for r in seeds],
-                   "seconds_mean": statistics.fmean(r["seconds"] or 0.0 for r in seeds)}
+            row = {
+                "corpus": corpus,
+                "model": model,
+                "seeds": [r["seed"] for r in seeds],
+                "n_experts": MODELS[model]["model.n_experts"],
+                "top_k": MODELS[model]["model.top_k_experts"],
+                "expert_size": MODELS[model]["model.moe_dim"],
+                "n_parameters": seeds[0]["n_parameters"],
+                "active_parameters": seeds[0]["active_parameters"],
+                "steps": seeds[0]["final"]["step"],
+                "val_loss": losses,
+                "val_accuracy": accuracies,
+                "val_loss_mean": statistics.fmean(losses),
+                "val_loss_range": max(losses) - min(losses),
+                "val_accuracy_mean": statistics.fmean(accuracies),
+                "val_accuracy_range": max(accuracies) - min(accuracies),
+                "best_val_loss": [r["best"]["eval_mlm_loss"] for r in seeds],
+                "best_step": [r["best"]["step"] for r in seeds],
+                "test_loss": [r["test_mlm_loss"] for r in seeds],
+                "seconds_mean": statistics.fmean(r["seconds"] or 0.0 for r in seeds),
+            }
             if dense_losses and model != "dense":
                 row["loss_vs_dense"] = row["val_loss_mean"] - statistics.fmean(dense_losses)
                 row["verdict"] = verdict(losses, dense_losses)
                 row["best_loss_vs_dense"] = statistics.fmean(row["best_val_loss"]) - statistics.fmean(dense_best)
                 row["best_verdict"] = verdict(row["best_val_loss"], dense_best)
             rows.append(row)
-    return {"rows": rows, "curves": {corpus: {model: [{"seed": r["seed"], "history": r["history"]} for r in seeds]
-                                              for model, seeds in by_model.items()}
-                                     for corpus, by_model in results.items()}}
+    return {
+        "rows": rows,
+        "curves": {
+            corpus: {
+                model: [{"seed": r["seed"], "history": r["history"]} for r in seeds]
+                for model, seeds in by_model.items()
+            }
+            for corpus, by_model in results.items()
+        },
+    }
 
 
 def verdict(moe_losses: list[float], dense_losses: list[float]) -> str:
@@ -157,21 +203,26 @@ def verdict(moe_losses: list[float], dense_losses: list[float]) -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| corpus | model | experts x k | expert size | params (active) | steps | val MLM loss, mean [seeds] "
-             "| val accuracy, mean [seeds] | loss - dense | verdict | lowest val loss, mean [seeds @ step] "
-             "| lowest - dense | verdict at the lowest |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| corpus | model | experts x k | expert size | params (active) | steps | val MLM loss, mean [seeds] "
+        "| val accuracy, mean [seeds] | loss - dense | verdict | lowest val loss, mean [seeds @ step] "
+        "| lowest - dense | verdict at the lowest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in summary["rows"]:
         seeds_loss = ", ".join(f"{x:.3f}" for x in row["val_loss"])
         seeds_acc = ", ".join(f"{x:.3f}" for x in row["val_accuracy"])
         seeds_best = ", ".join(f"{x:.3f} @ {step}" for x, step in zip(row["best_val_loss"], row["best_step"]))
         delta = f"{row['loss_vs_dense']:+.3f}" if "loss_vs_dense" in row else "-"
         best_delta = f"{row['best_loss_vs_dense']:+.3f}" if "best_loss_vs_dense" in row else "-"
-        lines.append(f"| {row['corpus']} | {row['model']} | {row['n_experts']} x {row['top_k']} | {row['expert_size']} "
-                     f"| {row['n_parameters'] / 1e6:.2f}M ({row['active_parameters'] / 1e6:.2f}M) | {row['steps']} "
-                     f"| {row['val_loss_mean']:.3f} [{seeds_loss}] | {row['val_accuracy_mean']:.3f} [{seeds_acc}] "
-                     f"| {delta} | {row.get('verdict', '-')} "
-                     f"| {statistics.fmean(row['best_val_loss']):.3f} [{seeds_best}] | {best_delta} "
-                     f"| {row.get('best_verdict', '-')} |")
+        lines.append(
+            f"| {row['corpus']} | {row['model']} | {row['n_experts']} x {row['top_k']} | {row['expert_size']} "
+            f"| {row['n_parameters'] / 1e6:.2f}M ({row['active_parameters'] / 1e6:.2f}M) | {row['steps']} "
+            f"| {row['val_loss_mean']:.3f} [{seeds_loss}] | {row['val_accuracy_mean']:.3f} [{seeds_acc}] "
+            f"| {delta} | {row.get('verdict', '-')} "
+            f"| {statistics.fmean(row['best_val_loss']):.3f} [{seeds_best}] | {best_delta} "
+            f"| {row.get('best_verdict', '-')} |"
+        )
     return "\n".join(lines)
 
 
@@ -188,20 +239,30 @@ def figure(summary: dict, path: Path) -> None:
     for ax, (corpus, by_model) in zip(axes[0], curves.items()):
         for model, seeds in by_model.items():
             steps = [point["step"] for point in seeds[0]["history"]]
-            values = [[point["eval_mlm_loss"] for point in seed["history"]] for seed in seeds
-                      if [point["step"] for point in seed["history"]] == steps]
+            values = [
+                [point["eval_mlm_loss"] for point in seed["history"]]
+                for seed in seeds
+                if [point["step"] for point in seed["history"]] == steps
+            ]
             by_step = list(zip(*values))
-            ax.plot(steps, [statistics.fmean(v) for v in by_step], color=colors.get(model), lw=2,
-                    label=f"{model} ({len(values)} seeds)")
-            ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=colors.get(model),
-                            alpha=0.2, lw=0)
+            ax.plot(
+                steps,
+                [statistics.fmean(v) for v in by_step],
+                color=colors.get(model),
+                lw=2,
+                label=f"{model} ({len(values)} seeds)",
+            )
+            ax.fill_between(
+                steps, [min(v) for v in by_step], [max(v) for v in by_step], color=colors.get(model), alpha=0.2, lw=0
+            )
         ax.set_title(f"{corpus}: validation MLM loss")
         ax.set_xlabel("training step")
         ax.set_ylabel("MLM loss (masked tokens)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Dense vs MoE, equal steps and active parameters\n(line: mean over seeds; band: min to max)",
-                 fontsize=10)
+    fig.suptitle(
+        "Dense vs MoE, equal steps and active parameters\n(line: mean over seeds; band: min to max)", fontsize=10
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{time.time_ns()}.png")
@@ -211,19 +272,33 @@ def figure(summary: dict, path: Path) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python benchmarks/quality.py", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/quality.py", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--out", default="process_exp_results/quality", metavar="DIR", help="the experiment's folder")
     parser.add_argument("--corpora", nargs="+", default=["builtin", "reddit"], choices=["builtin", "reddit"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="train.random_seed values (default 0 1)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 1000; --quick 150)")
-    parser.add_argument("--eval-steps", type=int, default=None, help="validation every N steps (default 100; --quick 50)")
-    parser.add_argument("--reddit-dir", default=str(REDDIT_DIR), metavar="DIR",
-                        help="folder of the Reddit sample CSVs (title, body, subreddit)")
+    parser.add_argument(
+        "--eval-steps", type=int, default=None, help="validation every N steps (default 100; --quick 50)"
+    )
+    parser.add_argument(
+        "--reddit-dir",
+        default=str(REDDIT_DIR),
+        metavar="DIR",
+        help="folder of the Reddit sample CSVs (title, body, subreddit)",
+    )
     parser.add_argument("--figure", default=None, metavar="PATH", help="also save the figure here (e.g. images/...)")
     parser.add_argument("--quick", action="store_true", help="150 steps on the builtin corpus only")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ROLE.KEY=VALUE",
-                        help=SET_HELP + " Applied after the experiment's own settings.")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="ROLE.KEY=VALUE",
+        help=SET_HELP + " Applied after the experiment's own settings.",
+    )
     parser.add_argument("--overwrite", action="store_true", help="redo finished runs")
     args = parser.parse_args()
     if args.quick:
@@ -257,25 +332,41 @@ def main() -> None:
         sweep_dir = out_dir / corpus
         sets = {**COMMON, **corpus_settings(corpus, reddit_dir), **schedule}
         runner = argparse.Namespace(
-            config_dataset="demo/dataset_params.yaml", config_model="demo/model_params.yaml",
-            config_train="demo/train_params.yaml", overwrite=args.overwrite,
-            overrides=[*(f"{key}={json.dumps(value)}" for key, value in sets.items()),
-                       f"train.aim_repo={out_dir}", *args.overrides],
-            step4_options=["--no-routing-stats"])
+            config_dataset="demo/dataset_params.yaml",
+            config_model="demo/model_params.yaml",
+            config_train="demo/train_params.yaml",
+            overwrite=args.overwrite,
+            overrides=[
+                *(f"{key}={json.dumps(value)}" for key, value in sets.items()),
+                f"train.aim_repo={out_dir}",
+                *args.overrides,
+            ],
+            step4_options=["--no-routing-stats"],
+        )
         assignments = [{**MODELS[model], "train.random_seed": seed} for model in args.models for seed in args.seeds]
         tags = [f"{model}__seed-{seed}" for model in args.models for seed in args.seeds]
         runs = plan_runs(runner, assignments, sweep_dir, tags)  # one data folder per corpus: no grid key touches it
         for run, (model, seed) in zip(runs, [(m, s) for m in args.models for s in args.seeds]):
             run["corpus"], run["model"], run["seed"] = corpus, model, seed
-        print(f"quality, {corpus}: {len(runs)} runs ({', '.join(args.models)} x seeds {args.seeds}, {args.steps} steps)"
-              f" in {sweep_dir}", flush=True)
+        print(
+            f"quality, {corpus}: {len(runs)} runs ({', '.join(args.models)} x seeds {args.seeds}, {args.steps} steps)"
+            f" in {sweep_dir}",
+            flush=True,
+        )
         failed += execute(runner, runs, sweep_dir, {"experiment": "quality", "corpus": corpus})
         all_runs += runs
 
     summary = summarize(all_runs)
-    summary["settings"] = {"models": {m: MODELS[m] for m in args.models}, "common": COMMON, "steps": args.steps,
-                           "eval_steps": args.eval_steps, "seeds": args.seeds, "corpora": corpora,
-                           "sets": list(args.overrides), "minutes": round((time.perf_counter() - started) / 60, 1)}
+    summary["settings"] = {
+        "models": {m: MODELS[m] for m in args.models},
+        "common": COMMON,
+        "steps": args.steps,
+        "eval_steps": args.eval_steps,
+        "seeds": args.seeds,
+        "corpora": corpora,
+        "sets": list(args.overrides),
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+    }
     write_json_atomic(out_dir / "quality.json", summary)
     table = markdown(summary)
     (out_dir / "quality.md").write_text(table + "\n", encoding="utf-8")
@@ -283,8 +374,10 @@ def main() -> None:
     if args.figure:
         figure(summary, Path(args.figure))
     print(table)
-    print(f"wrote {out_dir / 'quality.md'}, {out_dir / 'quality.json'}, {out_dir / 'quality_val_loss.png'}"
-          + (f" and {args.figure}" if args.figure else ""))
+    print(
+        f"wrote {out_dir / 'quality.md'}, {out_dir / 'quality.json'}, {out_dir / 'quality_val_loss.png'}"
+        + (f" and {args.figure}" if args.figure else "")
+    )
     if failed:
         sys.exit(1)
 

@@ -8,6 +8,7 @@
 All take (hidden [B, T, d], real_token_mask [B, T]) as MoELayer does. `copy_seed_into_ours` loads a SeedLoopMoE's
 weights into a MoELayer, so tests can check the fast path against the loop on the same function.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,8 +61,15 @@ class SeedLoopMoE(nn.Module):
     No sorting: every expert does its own boolean-mask search over all N*k assignments.
     """
 
-    def __init__(self, d_model: int, d_expert: int, n_experts: int, top_k: int, expert_type: str = "swiglu",
-                 normalize_top_k: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        d_expert: int,
+        n_experts: int,
+        top_k: int,
+        expert_type: str = "swiglu",
+        normalize_top_k: bool = True,
+    ):
         super().__init__()
         self.n_experts, self.top_k, self.normalize_top_k = n_experts, top_k, normalize_top_k
         self.expert_type = expert_type
@@ -94,9 +102,15 @@ class HFMixtralMoE(nn.Module):
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-        config = MixtralConfig(hidden_size=d_model, intermediate_size=d_expert, num_local_experts=n_experts,
-                               num_experts_per_tok=top_k, hidden_act="silu", router_jitter_noise=0.0,
-                               experts_implementation=experts_implementation)
+        config = MixtralConfig(
+            hidden_size=d_model,
+            intermediate_size=d_expert,
+            num_local_experts=n_experts,
+            num_experts_per_tok=top_k,
+            hidden_act="silu",
+            router_jitter_noise=0.0,
+            experts_implementation=experts_implementation,
+        )
         if config._experts_implementation != experts_implementation:
             raise RuntimeError(f"config kept experts_implementation={config._experts_implementation!r}")
         self.block = MixtralSparseMoeBlock(config)

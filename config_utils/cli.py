@@ -1,18 +1,21 @@
 """What every step script shares: the config options, `--set` overrides and the exit-2 error path."""
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from config_utils.config import ConfigSection, load_config, parse_override
 from config_utils.errors import PipelineError
 from config_utils.io import is_disk_full
 
-SET_HELP = ("override one config key, repeatable: ROLE.KEY=VALUE with ROLE dataset, model or train and "
-            "KEY the dotted path in that file, the value parsed as YAML "
-            "(e.g. --set dataset.load_params.source=files --set model.n_experts=8 --set train.max_steps=20). "
-            "Keys of all three configs are accepted, so one list can be passed to every step.")
+SET_HELP = (
+    "override one config key, repeatable: ROLE.KEY=VALUE with ROLE dataset, model or train and "
+    "KEY the dotted path in that file, the value parsed as YAML "
+    "(e.g. --set dataset.load_params.source=files --set model.n_experts=8 --set train.max_steps=20). "
+    "Keys of all three configs are accepted, so one list can be passed to every step."
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -23,10 +26,14 @@ def step_parser(description: str, config_flags: dict[str, tuple[str, str]]) -> a
     """config_flags: role -> (option name, default file), e.g. {"dataset": ("--config-name", "dataset_params.yaml")}."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     for role, (flag, default) in config_flags.items():
-        parser.add_argument(flag, dest=f"config_{role}", default=default, metavar="YAML",
-                            help=f"{role} config: a name in configs/ (e.g. demo/{default}) or a path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ROLE.KEY=VALUE",
-                        help=SET_HELP)
+        parser.add_argument(
+            flag,
+            dest=f"config_{role}",
+            default=default,
+            metavar="YAML",
+            help=f"{role} config: a name in configs/ (e.g. demo/{default}) or a path",
+        )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ROLE.KEY=VALUE", help=SET_HELP)
     return parser
 
 
@@ -47,8 +54,11 @@ def run_step(main: Callable[[], None]) -> None:
         if not is_disk_full(error):
             raise
         where = f" writing {error.filename}" if error.filename else ""
-        print(f"error: no space left on the device{where}; free space there (or choose other output folders) and "
-              f"run again: outputs written whole before this one are intact", file=sys.stderr)
+        print(
+            f"error: no space left on the device{where}; free space there (or choose other output folders) and "
+            f"run again: outputs written whole before this one are intact",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; nothing was written in place of earlier outputs", file=sys.stderr)

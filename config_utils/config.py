@@ -1,4 +1,5 @@
 """Load a YAML config, apply `--set ROLE.KEY=VALUE` overrides, validate against the schema."""
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,8 @@ class ConfigLoader(yaml.SafeLoader):
 
 
 ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def read_yaml(text: str):
@@ -46,8 +47,10 @@ def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    raise PipelineError(f"config file '{name}' not found in {CONFIG_DIR} or as a path; "
-                        f"pass a file name from configs/ (e.g. demo/dataset_params.yaml) or a path")
+    raise PipelineError(
+        f"config file '{name}' not found in {CONFIG_DIR} or as a path; "
+        f"pass a file name from configs/ (e.g. demo/dataset_params.yaml) or a path"
+    )
 
 
 def parse_override(text: str) -> tuple[str, list[str], Any]:
@@ -57,8 +60,9 @@ def parse_override(text: str) -> tuple[str, list[str], Any]:
     dotted, raw_value = text.split("=", 1)
     role, _, key = dotted.partition(".")
     if role not in SCHEMAS or not key:
-        raise PipelineError(f"--set {text}: ROLE must be one of {', '.join(SCHEMAS)} followed by .KEY, "
-                            f"e.g. --set train.max_steps=20")
+        raise PipelineError(
+            f"--set {text}: ROLE must be one of {', '.join(SCHEMAS)} followed by .KEY, e.g. --set train.max_steps=20"
+        )
     try:
         value = read_yaml(raw_value)
     except yaml.YAMLError:
@@ -75,8 +79,10 @@ def _schema_field(schema: dict, path: list[str], where: str) -> Field | dict:
             allowed = list(node) if isinstance(node, dict) else []
             close = difflib.get_close_matches(part, allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise PipelineError(f"{where}: unknown key '{'.'.join(path[:depth + 1])}'{hint}; "
-                                f"allowed here: {', '.join(allowed) or 'none'}")
+            raise PipelineError(
+                f"{where}: unknown key '{'.'.join(path[: depth + 1])}'{hint}; "
+                f"allowed here: {', '.join(allowed) or 'none'}"
+            )
         node = node[part]
     return node
 
@@ -125,8 +131,9 @@ def validate(schema: dict, raw: Any, where: str, prefix: str = "") -> ConfigSect
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise PipelineError(f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys, "
-                            f"got {type(raw).__name__}")
+        raise PipelineError(
+            f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys, got {type(raw).__name__}"
+        )
     for key in raw:
         _schema_field(schema, [key], where=where if not prefix else f"{where} in '{prefix.rstrip('.')}'")
     result = ConfigSection()
@@ -137,8 +144,7 @@ def validate(schema: dict, raw: Any, where: str, prefix: str = "") -> ConfigSect
         elif key in raw:
             result[key] = _check_value(spec, raw[key], where, dotted)
         elif spec.default is REQUIRED:
-            raise PipelineError(f"{where}: missing key '{dotted}' ({spec.help}); add it, "
-                                f"as {spec.describe()}")
+            raise PipelineError(f"{where}: missing key '{dotted}' ({spec.help}); add it, as {spec.describe()}")
         else:
             result[key] = copy.deepcopy(spec.default)
     return result

@@ -1,4 +1,5 @@
 """The contracts between steps: which settings an output depends on, and the command that remakes it."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,12 @@ from config_utils.io import current_manifest_hash, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # the four steps: their scripts (relative to the repository), in the order they hand files on
-STEP_SCRIPTS = {1: "data_processors/load_dataset.py", 2: "data_processors/dataset.py", 3: "train/train.py",
-                4: "inference/inference.py"}
+STEP_SCRIPTS = {
+    1: "data_processors/load_dataset.py",
+    2: "data_processors/dataset.py",
+    3: "train/train.py",
+    4: "inference/inference.py",
+}
 STEP_MODULES = {step: script[:-3].replace("/", ".") for step, script in STEP_SCRIPTS.items()}
 
 
@@ -62,28 +67,36 @@ def step1_command(args: argparse.Namespace) -> str:
 
 
 def step2_command(args: argparse.Namespace) -> str:
-    return (f"python {STEP_SCRIPTS[2]} --config-dataset {args.config_dataset} "
-            f"--config-model {sibling_config(args, 'model')}{_sets(args)}")
+    return (
+        f"python {STEP_SCRIPTS[2]} --config-dataset {args.config_dataset} "
+        f"--config-model {sibling_config(args, 'model')}{_sets(args)}"
+    )
 
 
 def step3_command(args: argparse.Namespace, tag: str | None = None) -> str:
     """Step 3 with this step's configs; `tag` None: the run's --tag if this step has one, else a new tag."""
     tag = tag or getattr(args, "tag", None) or "my-run"
-    return (f"python {STEP_SCRIPTS[3]} --config-model {sibling_config(args, 'model')} --config-dataset "
-            f"{args.config_dataset} --config-train {sibling_config(args, 'train')}{_sets(args)} --tag {tag}")
+    return (
+        f"python {STEP_SCRIPTS[3]} --config-model {sibling_config(args, 'model')} --config-dataset "
+        f"{args.config_dataset} --config-train {sibling_config(args, 'train')}{_sets(args)} --tag {tag}"
+    )
 
 
 def step4_command(args: argparse.Namespace, tag: str) -> str:
-    return (f"python {STEP_SCRIPTS[4]} --config-dataset {args.config_dataset} --config-model "
-            f"{sibling_config(args, 'model')} --config-train {sibling_config(args, 'train')}{_sets(args)} --run {tag}")
+    return (
+        f"python {STEP_SCRIPTS[4]} --config-dataset {args.config_dataset} --config-model "
+        f"{sibling_config(args, 'model')} --config-train {sibling_config(args, 'train')}{_sets(args)} --run {tag}"
+    )
 
 
 def check_settings(expected: dict, found: dict, what: str, run_first: str) -> None:
     """Stop when an input was made with settings that differ from the ones this step runs with."""
     for key, value in expected.items():
         if key not in found or found[key] != value:
-            raise PipelineError(f"{what} was made with {key}={found.get(key)!r} but the configs now say "
-                                f"{key}={value!r}: run `{run_first}` again (or pass the same --set options)")
+            raise PipelineError(
+                f"{what} was made with {key}={found.get(key)!r} but the configs now say "
+                f"{key}={value!r}: run `{run_first}` again (or pass the same --set options)"
+            )
 
 
 def read_step2_output(dataset_config: dict, model_config: dict, args: argparse.Namespace) -> tuple[dict, str]:
@@ -94,19 +107,26 @@ def read_step2_output(dataset_config: dict, model_config: dict, args: argparse.N
     processed_dir = Path(dataset_config["data_params"]["processed_dir"])
     step1_hash = current_manifest_hash(processed_dir)
     if step1_hash is not None and step1_hash != manifest.get("input_manifest_hash"):
-        raise PipelineError(f"{masked_dir} was made from an earlier step-1 output: {processed_dir} has been remade "
-                            f"since; run `{step2_command(args)}` again")
-    check_settings(dataset_settings(dataset_config, step=2), manifest["dataset_settings"], str(masked_dir),
-                   step2_command(args))
+        raise PipelineError(
+            f"{masked_dir} was made from an earlier step-1 output: {processed_dir} has been remade "
+            f"since; run `{step2_command(args)}` again"
+        )
+    check_settings(
+        dataset_settings(dataset_config, step=2), manifest["dataset_settings"], str(masked_dir), step2_command(args)
+    )
     if model_config["seq_len"] != manifest["seq_len"]:
-        raise PipelineError(f"model seq_len={model_config['seq_len']} but {masked_dir} holds sequences of "
-                            f"{manifest['seq_len']} tokens: run `{step2_command(args)}` again, or set "
-                            f"model.seq_len={manifest['seq_len']}")
+        raise PipelineError(
+            f"model seq_len={model_config['seq_len']} but {masked_dir} holds sequences of "
+            f"{manifest['seq_len']} tokens: run `{step2_command(args)}` again, or set "
+            f"model.seq_len={manifest['seq_len']}"
+        )
     vocab_size = manifest["tokenizer"]["vocab_size"]
     if model_config["vocab_size"] is not None and model_config["vocab_size"] != vocab_size:
-        raise PipelineError(f"model vocab_size={model_config['vocab_size']} but the tokenizer in {masked_dir} "
-                            f"has {vocab_size} tokens: set model.vocab_size to null (= the tokenizer's) or "
-                            f"{vocab_size}")
+        raise PipelineError(
+            f"model vocab_size={model_config['vocab_size']} but the tokenizer in {masked_dir} "
+            f"has {vocab_size} tokens: set model.vocab_size to null (= the tokenizer's) or "
+            f"{vocab_size}"
+        )
     return manifest, manifest_hash
 
 
@@ -114,7 +134,9 @@ def check_run_data(run_manifest: dict, run_dir: Path, step2_hash: str, args: arg
     """A run is evaluated only on the step-2 output it was trained on (same tokenizer, same splits)."""
     trained_on = run_manifest.get("input_manifest_hash")
     if trained_on != step2_hash:
-        raise PipelineError(f"run {run_dir} was trained on another step-2 output (input hash {trained_on}) than the "
-                            f"one in the configured masked_dir now (hash {step2_hash}): pass the dataset configs it "
-                            f"was trained with, or train it again on this data with "
-                            f"`{step3_command(args, run_dir.name)} --overwrite`")
+        raise PipelineError(
+            f"run {run_dir} was trained on another step-2 output (input hash {trained_on}) than the "
+            f"one in the configured masked_dir now (hash {step2_hash}): pass the dataset configs it "
+            f"was trained with, or train it again on this data with "
+            f"`{step3_command(args, run_dir.name)} --overwrite`"
+        )

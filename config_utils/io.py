@@ -1,4 +1,5 @@
 """Atomic outputs and the manifest.json that each step writes beside them."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from config_utils.errors import PipelineError
 
@@ -41,8 +43,9 @@ def check_output_folder(path: str | Path, key: str) -> Path:
     path = Path(path)
     for part in [path, *path.parents]:
         if part.exists() and not part.is_dir():
-            raise PipelineError(f"{key}={str(path)!r}: {part} is a file, not a folder; remove it or choose "
-                                f"another path for {key}")
+            raise PipelineError(
+                f"{key}={str(path)!r}: {part} is a file, not a folder; remove it or choose another path for {key}"
+            )
     return path
 
 
@@ -97,9 +100,11 @@ def disk_full_message(final_dir: Path, written: int) -> str:
     needed = max(written, previous)
     free = shutil.disk_usage(final_dir.parent).free
     kept = f"; the previous {final_dir} is intact" if final_dir.exists() else ""
-    return (f"no space left on the device holding {final_dir.parent}: the disk filled after {human_size(written)} of "
-            f"{final_dir.name} ({human_size(free)} free now) and needs at least {human_size(needed)}: free space "
-            f"there or choose another output folder, and run again{kept}")
+    return (
+        f"no space left on the device holding {final_dir.parent}: the disk filled after {human_size(written)} of "
+        f"{final_dir.name} ({human_size(free)} free now) and needs at least {human_size(needed)}: free space "
+        f"there or choose another output folder, and run again{kept}"
+    )
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Print the config reference (every key, type, default, meaning) as Markdown, for the README.
 
-    python -m config_utils.reference
+python -m config_utils.reference
 """
+
 from config_utils.schema import REQUIRED, SCHEMAS, Field
 
 FILES = {"dataset": "dataset_params.yaml", "model": "model_params.yaml", "train": "train_params.yaml"}
@@ -24,10 +25,15 @@ def _default(field: Field) -> str:
 def reference_markdown() -> str:
     lines = []
     for role, schema in SCHEMAS.items():
-        lines += [f"**`{FILES[role]}`** (`--set {role}.KEY=VALUE`)", "",
-                  "| key | allowed | default | meaning |", "|---|---|---|---|"]
-        lines += [f"| `{key}` | {field.describe()} | {_default(field)} | {field.help} |"
-                  for key, field in _rows(schema)]
+        lines += [
+            f"**`{FILES[role]}`** (`--set {role}.KEY=VALUE`)",
+            "",
+            "| key | allowed | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{key}` | {field.describe()} | {_default(field)} | {field.help} |" for key, field in _rows(schema)
+        ]
         lines.append("")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ A key without a default is required. Keys added after the first release get defa
 config files keep working. The names follow DESIGN.md; users and scripts rely on them. The model section
 is built from models/config_fields.py, the table MoEEncoderConfig itself is made of and checks against.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,21 +18,26 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Field:
-    kind: str                      # int | float | bool | str | list[str]
+    kind: str  # int | float | bool | str | list[str]
     default: Any = REQUIRED
     nullable: bool = False
     min: float | None = None
     max: float | None = None
     choices: tuple | None = None
     help: str = ""
-    min_exclusive: bool = False    # min itself is not allowed: (min, max]
-    max_exclusive: bool = False    # max itself is not allowed: [min, max)
-    strip: bool = False            # list[str] of labels: compared without surrounding whitespace, as step 1 writes them
+    min_exclusive: bool = False  # min itself is not allowed: (min, max]
+    max_exclusive: bool = False  # max itself is not allowed: [min, max)
+    strip: bool = False  # list[str] of labels: compared without surrounding whitespace, as step 1 writes them
 
     def describe(self) -> str:
         """What is allowed, in words, for error messages."""
-        words = {"int": "an integer", "float": "a number", "bool": "true or false",
-                 "str": "a string", "list[str]": "a list of strings"}[self.kind]
+        words = {
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+            "str": "a string",
+            "list[str]": "a list of strings",
+        }[self.kind]
         if self.choices:
             words = "one of " + ", ".join(map(str, self.choices))
         opening, closing = "(" if self.min_exclusive else "[", ")" if self.max_exclusive else "]"
@@ -58,17 +64,28 @@ DATASET_SCHEMA = {
         "topic_len": Field("int", min=1, help="documents kept per evaluation topic"),
         "builtin": {
             "n_topics": Field("int", default=4, min=1, max=8, help="topics of the builtin corpus"),
-            "topic_overlap": Field("float", default=0.0, min=0.0, max=1.0,
-                                   help="0 = disjoint topical words, 1 = labels carry no information"),
+            "topic_overlap": Field(
+                "float",
+                default=0.0,
+                min=0.0,
+                max=1.0,
+                help="0 = disjoint topical words, 1 = labels carry no information",
+            ),
             "n_docs": Field("int", default=20000, min=1, help="documents generated"),
         },
     },
     "data_params": {
         "eval_topics": Field("list[str]", strip=True, help="topics held out of train/valid/test, evaluated one by one"),
-        "train_topics": Field("list[str]", default=[], strip=True,
-                              help="if set: train/valid/test balanced over these topics"),
-        "mask_prob": Field("float", min=0.0, max=1.0, min_exclusive=True,
-                           help="share of real tokens picked for MLM (0 would leave nothing to learn or score)"),
+        "train_topics": Field(
+            "list[str]", default=[], strip=True, help="if set: train/valid/test balanced over these topics"
+        ),
+        "mask_prob": Field(
+            "float",
+            min=0.0,
+            max=1.0,
+            min_exclusive=True,
+            help="share of real tokens picked for MLM (0 would leave nothing to learn or score)",
+        ),
         "tokenizer_name": Field("str", nullable=True, help="hub name or local dir; null = train WordPiece"),
         "tokenizer_vocab_size": Field("int", default=8192, min=100, help="vocabulary when training one"),
         "processed_dir": Field("str", default="data/processed", help="step 1 output"),
@@ -91,17 +108,28 @@ def _load_model_fields():
 
 def _model_schema(model_fields: dict) -> dict:
     """The model_params.yaml schema: MoEEncoderConfig's fields, with its defaults and ranges."""
-    return {name: Field(field.kind, default=REQUIRED if field.required else field.default, nullable=field.nullable,
-                        min=field.min, max=field.max, choices=field.choices, help=field.help,
-                        min_exclusive=field.min_exclusive, max_exclusive=field.max_exclusive)
-            for name, field in model_fields.items()}
+    return {
+        name: Field(
+            field.kind,
+            default=REQUIRED if field.required else field.default,
+            nullable=field.nullable,
+            min=field.min,
+            max=field.max,
+            choices=field.choices,
+            help=field.help,
+            min_exclusive=field.min_exclusive,
+            max_exclusive=field.max_exclusive,
+        )
+        for name, field in model_fields.items()
+    }
 
 
 MODEL_SCHEMA = _model_schema(_load_model_fields().MODEL_FIELDS)
 
 TRAIN_SCHEMA = {
-    "batch_size": Field("int", min=1,
-                        help="sequences per micro-batch, all processes together (each gets an equal share)"),
+    "batch_size": Field(
+        "int", min=1, help="sequences per micro-batch, all processes together (each gets an equal share)"
+    ),
     "n_epochs": Field("int", min=1, help="passes over the train split"),
     "max_steps": Field("int", default=None, nullable=True, min=1, help="if set, overrides n_epochs"),
     "learning_rate": Field("float", min=0.0, help="peak AdamW learning rate"),
@@ -109,10 +137,18 @@ TRAIN_SCHEMA = {
     "warmup_proportion": Field("float", min=0.0, max=1.0, help="share of steps with linear warmup"),
     "gradient_accumulation_steps": Field("int", default=1, min=1, help="micro-batches per optimizer step"),
     "max_grad_norm": Field("float", default=1.0, nullable=True, min=0.0, help="gradient clipping; null = off"),
-    "masking": Field("str", default="static", choices=("static", "dynamic"),
-                     help="static = step 2's masks; dynamic = re-mask every epoch (RoBERTa)"),
-    "mixed_precision": Field("str", default="auto", choices=("auto", "no", "bf16", "fp16"),
-                             help="auto = bf16 on a CUDA device that supports it, else no"),
+    "masking": Field(
+        "str",
+        default="static",
+        choices=("static", "dynamic"),
+        help="static = step 2's masks; dynamic = re-mask every epoch (RoBERTa)",
+    ),
+    "mixed_precision": Field(
+        "str",
+        default="auto",
+        choices=("auto", "no", "bf16", "fp16"),
+        help="auto = bf16 on a CUDA device that supports it, else no",
+    ),
     "compile": Field("bool", default=False, help="torch.compile the model"),
     "eval_steps": Field("int", min=1, help="evaluate on valid every n steps"),
     "eval_batches": Field("int", default=None, nullable=True, min=1, help="cap on valid batches; null = all"),
@@ -122,15 +158,25 @@ TRAIN_SCHEMA = {
     "save_path": Field("str", help="runs are written to save_path/<tag>"),
     "experiment_name": Field("str", help="Aim experiment"),
     "random_seed": Field("int", min=0, help="seed for init, data order, dynamic masks and dropout"),
-    "freeze_router": Field("bool", default=False,
-                           help="keep every MoE router at its random initialisation (a control: routing not learned)"),
-    "router_supervision": Field("str", default=None, nullable=True, choices=("topic",),
-                                help="a control, off by default: topic = a cross-entropy term on every router that "
-                                     "sends the train split's topic t (sorted) to expert t mod n_experts"),
+    "freeze_router": Field(
+        "bool",
+        default=False,
+        help="keep every MoE router at its random initialisation (a control: routing not learned)",
+    ),
+    "router_supervision": Field(
+        "str",
+        default=None,
+        nullable=True,
+        choices=("topic",),
+        help="a control, off by default: topic = a cross-entropy term on every router that "
+        "sends the train split's topic t (sorted) to expert t mod n_experts",
+    ),
     "router_supervision_coef": Field("float", default=1.0, min=0.0, help="weight of that term"),
-    "routing_snapshots": Field("bool", default=True,
-                               help="record where a validation probe's tokens go at every evaluation (step 4's "
-                                    "router saturation)"),
+    "routing_snapshots": Field(
+        "bool",
+        default=True,
+        help="record where a validation probe's tokens go at every evaluation (step 4's router saturation)",
+    ),
     "device": Field("str", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if present"),
     "aim_repo": Field("str", default=".", help="folder holding the .aim repository"),
 }

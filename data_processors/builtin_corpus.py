@@ -60,8 +60,8 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -276,8 +276,26 @@ _FUNCTION_SLOTS: dict[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
     ),
     # prepositions
     "P": (
-        ("of", "in", "with", "for", "on", "to", "at", "from", "by", "about",
-         "after", "before", "during", "without", "near", "under", "into", "through"),
+        (
+            "of",
+            "in",
+            "with",
+            "for",
+            "on",
+            "to",
+            "at",
+            "from",
+            "by",
+            "about",
+            "after",
+            "before",
+            "during",
+            "without",
+            "near",
+            "under",
+            "into",
+            "through",
+        ),
         (18, 14, 12, 10, 8, 7, 6, 5, 4, 3, 3, 3, 2, 2, 2, 2, 2, 2),
     ),
     # modals / auxiliaries followed by a base-form verb
@@ -389,9 +407,7 @@ def _zipf_cdf(n: int) -> np.ndarray:
 
 _ZIPF_CDF = {pos: _zipf_cdf(size) for pos, size in _POS_SIZES.items()}
 # (topic, rank) -> word, one object array per part of speech
-_VOCAB_ARRAYS = {
-    pos: np.array([list(VOCABULARY[t][pos]) for t in TOPIC_NAMES], dtype=object) for pos in _POS
-}
+_VOCAB_ARRAYS = {pos: np.array([list(VOCABULARY[t][pos]) for t in TOPIC_NAMES], dtype=object) for pos in _POS}
 _FUNCTION_ARRAYS = {
     slot: (np.array(words, dtype=object), np.asarray(w, dtype=float) / sum(w))
     for slot, (words, w) in _FUNCTION_SLOTS.items()
@@ -409,8 +425,7 @@ def _validate(n_docs, n_topics, topic_overlap) -> float:
         raise ValueError(f"n_topics must be an integer, got {n_topics!r}")
     if not 1 <= n_topics <= len(TOPIC_NAMES):
         raise ValueError(
-            f"n_topics must be between 1 and {len(TOPIC_NAMES)} (the maximum number of "
-            f"built-in topics), got {n_topics}"
+            f"n_topics must be between 1 and {len(TOPIC_NAMES)} (the maximum number of built-in topics), got {n_topics}"
         )
     if isinstance(topic_overlap, bool) or not isinstance(topic_overlap, numbers.Real):
         raise ValueError(f"topic_overlap must be a float in [0, 1], got {topic_overlap!r}")
@@ -470,12 +485,7 @@ def _generate_chunk(rng: np.random.Generator, n: int, n_topics: int, overlap: fl
     return texts, topics
 
 
-def generate_documents(
-    n_docs: int,
-    n_topics: int = 4,
-    topic_overlap: float = 0.0,
-    seed: int = 0,
-) -> Iterator[dict]:
+def generate_documents(n_docs: int, n_topics: int = 4, topic_overlap: float = 0.0, seed: int = 0) -> Iterator[dict]:
     """Yield ``n_docs`` synthetic documents ``{"text": str, "topic": str}``.
 
     Topics are the first ``n_topics`` entries of :data:`TOPIC_NAMES`, assigned
@@ -502,12 +512,7 @@ def _iter_documents(n_docs: int, n_topics: int, overlap: float, seed) -> Iterato
         done += n
 
 
-def builtin_dataset(
-    n_docs: int,
-    n_topics: int = 4,
-    topic_overlap: float = 0.0,
-    seed: int = 0,
-):
+def builtin_dataset(n_docs: int, n_topics: int = 4, topic_overlap: float = 0.0, seed: int = 0):
     """The same documents as :func:`generate_documents`, as a ``datasets.Dataset``.
 
     Columns: ``text`` (str) and ``topic`` (str, a name from :data:`TOPIC_NAMES`).

@@ -7,6 +7,7 @@ topic (topics/<file stem>, the manifest maps each label to it) with input_ids, a
 doc_id and unmasked_ids (for train.masking: dynamic), and manifest.json. Example:
     python data_processors/dataset.py --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml
 """
+
 import sys
 from pathlib import Path
 
@@ -32,14 +33,16 @@ from data_processors.splitting import SPLITS
 from data_processors.tokenizer import load_tokenizer, train_wordpiece
 
 ROWS_PER_PROCESS = 2000  # below this, starting worker processes costs more than it saves
-FEATURES = datasets.Features({
-    "doc_id": datasets.Value("int64"),
-    "topic": datasets.Value("string"),
-    "input_ids": datasets.Sequence(datasets.Value("int32")),
-    "attention_mask": datasets.Sequence(datasets.Value("int8")),
-    "labels": datasets.Sequence(datasets.Value("int32")),
-    "unmasked_ids": datasets.Sequence(datasets.Value("int32")),  # always kept: any run may pick dynamic masking
-})
+FEATURES = datasets.Features(
+    {
+        "doc_id": datasets.Value("int64"),
+        "topic": datasets.Value("string"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "attention_mask": datasets.Sequence(datasets.Value("int8")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "unmasked_ids": datasets.Sequence(datasets.Value("int32")),  # always kept: any run may pick dynamic masking
+    }
+)
 
 
 # a vocabulary is learnt from many documents, not from one long one: the start of each is enough
@@ -55,20 +58,24 @@ def first_words(text: str, n_words: int) -> str:
     """
     for count, match in enumerate(WORD.finditer(text), start=1):
         if count == n_words:
-            return text[:match.end()]
+            return text[: match.end()]
     return text
 
 
 def encode(tokenizer, texts: list[str], seq_len: int) -> dict:
     """tokenizer(texts) cut to seq_len tokens, reading only the start of long texts."""
+
     def tokenize(some_texts):
         return tokenizer(some_texts, truncation=True, padding="max_length", max_length=seq_len)
 
     starts = [first_words(text, seq_len) for text in texts]
     encoded = tokenize(starts)
     # a cut text whose start did not fill the sequence (words that give no token): encode it whole
-    redo = [row for row, (start, text) in enumerate(zip(starts, texts))
-            if len(start) < len(text) and sum(encoded["attention_mask"][row]) < seq_len]
+    redo = [
+        row
+        for row, (start, text) in enumerate(zip(starts, texts))
+        if len(start) < len(text) and sum(encoded["attention_mask"][row]) < seq_len
+    ]
     if redo:
         whole = tokenize([texts[row] for row in redo])
         for key in encoded:
@@ -77,21 +84,29 @@ def encode(tokenizer, texts: list[str], seq_len: int) -> dict:
     return encoded
 
 
-def tokenize_and_mask(batch: dict, tokenizer, seq_len: int, seed: int, mask_prob: float,
-                      random_token_ids: np.ndarray) -> dict:
+def tokenize_and_mask(
+    batch: dict, tokenizer, seq_len: int, seed: int, mask_prob: float, random_token_ids: np.ndarray
+) -> dict:
     encoded = encode(tokenizer, batch["text"], seq_len)
     masked_ids, labels, unmasked_ids = [], [], []
     special_token_ids = np.array(tokenizer.all_special_ids)
     for doc_id, ids, attention in zip(batch["doc_id"], encoded["input_ids"], encoded["attention_mask"]):
         ids = encoded_ids = np.asarray(ids, dtype=np.int64)
         maskable = maskable_tokens(ids, attention, special_token_ids)
-        ids, doc_labels = mask_tokens(ids, maskable, document_rng(seed, doc_id), mask_prob,
-                                      tokenizer.mask_token_id, random_token_ids)
+        ids, doc_labels = mask_tokens(
+            ids, maskable, document_rng(seed, doc_id), mask_prob, tokenizer.mask_token_id, random_token_ids
+        )
         unmasked_ids.append(encoded_ids)
         masked_ids.append(ids)
         labels.append(doc_labels)
-    return {"doc_id": batch["doc_id"], "topic": batch["topic"], "input_ids": masked_ids,
-            "attention_mask": encoded["attention_mask"], "labels": labels, "unmasked_ids": unmasked_ids}
+    return {
+        "doc_id": batch["doc_id"],
+        "topic": batch["topic"],
+        "input_ids": masked_ids,
+        "attention_mask": encoded["attention_mask"],
+        "labels": labels,
+        "unmasked_ids": unmasked_ids,
+    }
 
 
 def vocab_hash(tokenizer) -> str:
@@ -108,8 +123,10 @@ def token_counts(dataset: datasets.Dataset) -> dict:
 
 
 def main() -> None:
-    parser = step_parser(__doc__, {"dataset": ("--config-dataset", "dataset_params.yaml"),
-                                   "model": ("--config-model", "model_params.yaml")})
+    parser = step_parser(
+        __doc__,
+        {"dataset": ("--config-dataset", "dataset_params.yaml"), "model": ("--config-model", "model_params.yaml")},
+    )
     args = parser.parse_args()
     configs = load_step_configs(args, ["dataset", "model"])
     dataset_config, seq_len = configs["dataset"], configs["model"].seq_len
@@ -118,8 +135,12 @@ def main() -> None:
 
     processed_dir = Path(data_params.processed_dir)
     step1_manifest, step1_hash = read_manifest(processed_dir, step1_command(args))
-    check_settings(dataset_settings(dataset_config, step=1), dataset_settings(step1_manifest["config"], step=1),
-                   str(processed_dir), step1_command(args))
+    check_settings(
+        dataset_settings(dataset_config, step=1),
+        dataset_settings(step1_manifest["config"], step=1),
+        str(processed_dir),
+        step1_command(args),
+    )
     # each topic's folder is named as step 1 named its file (a safe name, not the label)
     topic_folders = {topic: f"topics/{Path(path).stem}" for topic, path in step1_manifest["files"]["topics"].items()}
     inputs = read_step1_files(processed_dir, step1_manifest["files"], topic_folders)
@@ -133,13 +154,19 @@ def main() -> None:
             masked = mask_dataset(dataset, name, tokenizer, seq_len, dataset_config)
             masked.save_to_disk(str(tmp_dir / name))
             counts[name] = token_counts(masked)
-        write_json_atomic(tmp_dir / "manifest.json", {
-            **manifest(dataset_config, step1_hash, seq_len, tokenizer, topic_folders, counts),
-            "seconds": round(time.time() - started, 2)})
+        write_json_atomic(
+            tmp_dir / "manifest.json",
+            {
+                **manifest(dataset_config, step1_hash, seq_len, tokenizer, topic_folders, counts),
+                "seconds": round(time.time() - started, 2),
+            },
+        )
 
     test = counts["test"]
-    print(f"step 2 done: vocab {len(tokenizer)}, seq_len {seq_len}; test: {test['documents']} documents, "
-          f"{test['masked_tokens'] / max(test['real_tokens'], 1):.1%} of {test['real_tokens']} real tokens masked")
+    print(
+        f"step 2 done: vocab {len(tokenizer)}, seq_len {seq_len}; test: {test['documents']} documents, "
+        f"{test['masked_tokens'] / max(test['real_tokens'], 1):.1%} of {test['real_tokens']} real tokens masked"
+    )
     print(f"wrote {masked_dir}/ (next: {step3_command(args)})")
 
 
@@ -156,8 +183,10 @@ def read_step1_files(processed_dir: Path, files: dict, topic_folders: dict[str, 
 def make_tokenizer(data_params: dict, train_texts: datasets.Dataset, seq_len: int):
     """data_params.tokenizer_name loaded, or (null) a WordPiece tokenizer trained on the train split."""
     if data_params.tokenizer_name is None:
-        print(f"training a WordPiece tokenizer (vocab {data_params.tokenizer_vocab_size}) on "
-              f"{len(train_texts)} train documents")
+        print(
+            f"training a WordPiece tokenizer (vocab {data_params.tokenizer_vocab_size}) on "
+            f"{len(train_texts)} train documents"
+        )
 
         def text_batches():
             for batch in train_texts.iter(batch_size=1000):
@@ -170,8 +199,9 @@ def make_tokenizer(data_params: dict, train_texts: datasets.Dataset, seq_len: in
     return tokenizer
 
 
-def mask_dataset(dataset: datasets.Dataset, name: str, tokenizer, seq_len: int,
-                 dataset_config: dict) -> datasets.Dataset:
+def mask_dataset(
+    dataset: datasets.Dataset, name: str, tokenizer, seq_len: int, dataset_config: dict
+) -> datasets.Dataset:
     """Tokenized and masked, in data_params.num_proc processes where the dataset is large enough to pay for them."""
     random_token_ids = np.array(sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids)))
     num_proc = min(dataset_config.data_params.num_proc, len(dataset) // ROWS_PER_PROCESS)
@@ -183,16 +213,27 @@ def mask_dataset(dataset: datasets.Dataset, name: str, tokenizer, seq_len: int,
         gc.freeze()
     try:
         return dataset.map(
-            tokenize_and_mask, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
-            features=FEATURES, desc=f"step 2: tokenizing and masking {name}",
-            fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "seed": dataset_config.seed,
-                       "mask_prob": dataset_config.data_params.mask_prob, "random_token_ids": random_token_ids})
+            tokenize_and_mask,
+            batched=True,
+            num_proc=num_proc,
+            remove_columns=dataset.column_names,
+            features=FEATURES,
+            desc=f"step 2: tokenizing and masking {name}",
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "seq_len": seq_len,
+                "seed": dataset_config.seed,
+                "mask_prob": dataset_config.data_params.mask_prob,
+                "random_token_ids": random_token_ids,
+            },
+        )
     finally:
         gc.unfreeze()
 
 
-def manifest(dataset_config: dict, step1_hash: str, seq_len: int, tokenizer, topic_folders: dict[str, str],
-             counts: dict) -> dict:
+def manifest(
+    dataset_config: dict, step1_hash: str, seq_len: int, tokenizer, topic_folders: dict[str, str], counts: dict
+) -> dict:
     """Step 2's manifest.json, all but the seconds it took."""
     data_params = dataset_config.data_params
     return {
@@ -204,14 +245,19 @@ def manifest(dataset_config: dict, step1_hash: str, seq_len: int, tokenizer, top
         "seq_len": seq_len,
         "mask_prob": data_params.mask_prob,
         "columns": list(FEATURES),  # unmasked_ids: train.masking=dynamic re-masks from these
-        "tokenizer": {"name": data_params.tokenizer_name or "trained WordPiece", "vocab_size": len(tokenizer),
-                      "vocab_hash": vocab_hash(tokenizer),  # a hub tokenizer can change under the same name
-                      "pad_token_id": tokenizer.pad_token_id, "mask_token_id": tokenizer.mask_token_id,
-                      "special_token_ids": sorted(tokenizer.all_special_ids)},
+        "tokenizer": {
+            "name": data_params.tokenizer_name or "trained WordPiece",
+            "vocab_size": len(tokenizer),
+            "vocab_hash": vocab_hash(tokenizer),  # a hub tokenizer can change under the same name
+            "pad_token_id": tokenizer.pad_token_id,
+            "mask_token_id": tokenizer.mask_token_id,
+            "special_token_ids": sorted(tokenizer.all_special_ids),
+        },
         "splits": list(SPLITS),
         "topics": topic_folders,  # label -> folder
         "counts": counts,
     }
+
 
 if __name__ == "__main__":
     run_step(main)

@@ -9,6 +9,7 @@ duplicates does, about 100 bytes a document), and step 2 reads the files back a 
 Example:
     python data_processors/load_dataset.py --config-name demo/dataset_params.yaml
 """
+
 import sys
 from pathlib import Path
 
@@ -29,10 +30,16 @@ from data_processors.sources import open_source
 from data_processors.splitting import SPLITS, iter_with_progress, split_corpus
 
 ROWS_PER_GROUP = 10_000  # rows buffered per output file, and the row group size step 2 reads at once
-FEATURES = datasets.Features({"doc_id": datasets.Value("int64"), "text": datasets.Value("string"),
-                              "topic": datasets.Value("string")})
-DROP_REASONS = {"empty": "empty text", "no_topic": "no topic", "duplicate": "duplicate text",
-                "other_topic": "topic outside train_topics", "surplus": "beyond the split sizes"}
+FEATURES = datasets.Features(
+    {"doc_id": datasets.Value("int64"), "text": datasets.Value("string"), "topic": datasets.Value("string")}
+)
+DROP_REASONS = {
+    "empty": "empty text",
+    "no_topic": "no topic",
+    "duplicate": "duplicate text",
+    "other_topic": "topic outside train_topics",
+    "surplus": "beyond the split sizes",
+}
 SCHEMA = FEATURES.arrow_schema  # with the `huggingface` metadata, as Dataset.to_parquet writes it
 
 
@@ -88,8 +95,10 @@ def main() -> None:
     load_params, data_params = config.load_params, config.data_params
     overlap = set(data_params.eval_topics) & set(data_params.train_topics)
     if overlap:
-        raise PipelineError(f"dataset config: {sorted(overlap)} is in both data_params.eval_topics and "
-                            f"train_topics; an evaluation topic must be held out of training")
+        raise PipelineError(
+            f"dataset config: {sorted(overlap)} is in both data_params.eval_topics and "
+            f"train_topics; an evaluation topic must be held out of training"
+        )
 
     started = time.time()
     datasets.disable_progress_bars()  # many tiny reads and writes here; our own bar shows the progress
@@ -105,35 +114,52 @@ def main() -> None:
     with atomic_dir(out_dir) as tmp_dir:
         (tmp_dir / "topics").mkdir()
         with contextlib.ExitStack() as writers:
+
             def new_bucket(kind: str, name: str) -> ParquetRows:
                 path = tmp_dir / (files[name] if kind == "split" else topic_files[name])
                 return writers.enter_context(ParquetRows(path))
 
             result = split_corpus(
-                iter_with_progress(rows, expected, f"step 1: reading {load_params.source} corpus"), split_lens,
-                load_params.topic_len, data_params.eval_topics, data_params.train_topics, new_bucket)
+                iter_with_progress(rows, expected, f"step 1: reading {load_params.source} corpus"),
+                split_lens,
+                load_params.topic_len,
+                data_params.eval_topics,
+                data_params.train_topics,
+                new_bucket,
+            )
 
         for name in SPLITS:
             if len(result.splits[name]) < split_lens[name]:
-                print(f"warning: {name} has {len(result.splits[name])} documents, fewer than {name}_len="
-                      f"{split_lens[name]}: the corpus is smaller than asked", file=sys.stderr)
+                print(
+                    f"warning: {name} has {len(result.splits[name])} documents, fewer than {name}_len="
+                    f"{split_lens[name]}: the corpus is smaller than asked",
+                    file=sys.stderr,
+                )
         for topic, topic_rows in result.topics.items():
             if len(topic_rows) < load_params.topic_len:
-                print(f"warning: evaluation topic '{topic}' has {len(topic_rows)} documents, fewer than "
-                      f"topic_len={load_params.topic_len}", file=sys.stderr)
+                print(
+                    f"warning: evaluation topic '{topic}' has {len(topic_rows)} documents, fewer than "
+                    f"topic_len={load_params.topic_len}",
+                    file=sys.stderr,
+                )
 
-        write_json_atomic(tmp_dir / "manifest.json", {
-            "step": "load_dataset",
-            "config": config,
-            "seed": config.seed,
-            "files": {**files, "topics": topic_files},
-            "counts": {**{name: len(result.splits[name]) for name in SPLITS},
-                       "topics": {topic: len(topic_rows) for topic, topic_rows in result.topics.items()}},
-            "train_topic_counts": dict(result.splits["train"].topic_counts.most_common(50)),
-            "dropped": dict(result.dropped),
-            "content_hash": result.content.hexdigest(),  # changes when the corpus does, even at equal counts
-            "seconds": round(time.time() - started, 2),
-        })
+        write_json_atomic(
+            tmp_dir / "manifest.json",
+            {
+                "step": "load_dataset",
+                "config": config,
+                "seed": config.seed,
+                "files": {**files, "topics": topic_files},
+                "counts": {
+                    **{name: len(result.splits[name]) for name in SPLITS},
+                    "topics": {topic: len(topic_rows) for topic, topic_rows in result.topics.items()},
+                },
+                "train_topic_counts": dict(result.splits["train"].topic_counts.most_common(50)),
+                "dropped": dict(result.dropped),
+                "content_hash": result.content.hexdigest(),  # changes when the corpus does, even at equal counts
+                "seconds": round(time.time() - started, 2),
+            },
+        )
 
     counts = ", ".join(f"{name} {len(result.splits[name])}" for name in SPLITS)
     topics = ", ".join(f"{topic} {len(topic_rows)}" for topic, topic_rows in result.topics.items())

@@ -6,6 +6,7 @@ Each document draws from its own generator seeded by (seed, doc_id), so the resu
 on batch size or on how many processes run the map. Dynamic masking (train.masking: dynamic) re-masks
 the unmasked ids every epoch with a generator seeded by (seed, doc_id, epoch).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,14 @@ def maskable_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, special_t
     return (np.asarray(attention_mask) != 0) & ~np.isin(input_ids, special_token_ids)
 
 
-def mask_tokens(input_ids: np.ndarray, maskable: np.ndarray, rng: np.random.Generator, mask_prob: float,
-                mask_token_id: int, random_token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mask_tokens(
+    input_ids: np.ndarray,
+    maskable: np.ndarray,
+    rng: np.random.Generator,
+    mask_prob: float,
+    mask_token_id: int,
+    random_token_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """input_ids, maskable: [T]; returns (masked input ids, labels)."""
     picked = maskable & (rng.random(input_ids.shape) < mask_prob)
     action = rng.random(input_ids.shape)

@@ -3,24 +3,28 @@
 Each source yields rows {"text": str | None, "topic": str} in a seeded random order and says how
 many rows it expects (None when unknown), so the splitter does not care where rows came from.
 """
+
 from __future__ import annotations
 
 import glob
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from config_utils import ConfigSection, PipelineError, first_line
 
 FILE_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 HUB_SHUFFLE_BUFFER = 10_000
-DEMO_HINT = ("offline? run the demo (`--config-name demo/dataset_params.yaml`) or read local files with "
-             "`--set dataset.load_params.source=files --set dataset.load_params.data_files=[PATH.csv]`")
+DEMO_HINT = (
+    "offline? run the demo (`--config-name demo/dataset_params.yaml`) or read local files with "
+    "`--set dataset.load_params.source=files --set dataset.load_params.data_files=[PATH.csv]`"
+)
 
 
 def open_source(load_params: ConfigSection, seed: int) -> tuple[Iterator[dict], int | None]:
     """Return (rows, expected row count or None) for the configured source."""
     if load_params.source == "builtin":
         from data_processors.builtin_corpus import generate_documents
+
         builtin = load_params.builtin
         rows = generate_documents(builtin.n_docs, builtin.n_topics, builtin.topic_overlap, seed)
         return rows, builtin.n_docs
@@ -32,8 +36,10 @@ def open_source(load_params: ConfigSection, seed: int) -> tuple[Iterator[dict], 
 
 def expand_data_files(patterns: list[str]) -> list[Path]:
     if not patterns:
-        raise PipelineError("dataset config: load_params.data_files is empty; list .csv/.jsonl/.parquet "
-                            "paths or globs, e.g. --set dataset.load_params.data_files=[data/*.csv]")
+        raise PipelineError(
+            "dataset config: load_params.data_files is empty; list .csv/.jsonl/.parquet "
+            "paths or globs, e.g. --set dataset.load_params.data_files=[data/*.csv]"
+        )
     paths: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True))
@@ -42,8 +48,7 @@ def expand_data_files(patterns: list[str]) -> list[Path]:
         paths.extend(Path(match) for match in matches)
     for path in paths:
         if path.suffix.lower() not in FILE_BUILDERS:
-            raise PipelineError(f"data file '{path}' has an unsupported type; use "
-                                f"{', '.join(FILE_BUILDERS)}")
+            raise PipelineError(f"data file '{path}' has an unsupported type; use {', '.join(FILE_BUILDERS)}")
     return paths
 
 
@@ -54,8 +59,7 @@ def load_files(patterns: list[str], text_field: str, topic_field: str):
     parts = []
     for path in expand_data_files(patterns):
         try:
-            part = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path),
-                                         split="train")
+            part = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
         except Exception as error:  # datasets wraps parser errors in several types; all mean "unreadable"
             cause = error
             while cause.__cause__ is not None or cause.__context__ is not None:
@@ -63,23 +67,38 @@ def load_files(patterns: list[str], text_field: str, topic_field: str):
             reason = first_line(cause, 1000)
             if isinstance(cause, UnicodeDecodeError):
                 reason = "not UTF-8 text"
-            raise PipelineError(f"data file '{path}' could not be read ({reason}); "
-                                f"save it as UTF-8 {path.suffix.lower()[1:].upper()}") from None
+            raise PipelineError(
+                f"data file '{path}' could not be read ({reason}); save it as UTF-8 {path.suffix.lower()[1:].upper()}"
+            ) from None
         missing = [field for field in (text_field, topic_field) if field not in part.column_names]
         if missing:
-            raise PipelineError(f"data file '{path}' has no column {missing[0]!r} (columns: "
-                                f"{', '.join(part.column_names)}); set dataset.load_params.text_field / "
-                                f"topic_field")
+            raise PipelineError(
+                f"data file '{path}' has no column {missing[0]!r} (columns: "
+                f"{', '.join(part.column_names)}); set dataset.load_params.text_field / "
+                f"topic_field"
+            )
         check_column_types(part.features, path, text_field, topic_field)
-        parts.append(part.select_columns([text_field, topic_field])
-                     .cast(datasets.Features({text_field: datasets.Value("string"),
-                                              topic_field: datasets.Value("string")})))
+        parts.append(
+            part.select_columns([text_field, topic_field]).cast(
+                datasets.Features({text_field: datasets.Value("string"), topic_field: datasets.Value("string")})
+            )
+        )
     return datasets.concatenate_datasets(parts)
 
 
 TEXT_TYPES = {"string", "large_string"}
-LABEL_TYPES = TEXT_TYPES | {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
-                            "class label"}
+LABEL_TYPES = TEXT_TYPES | {
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+    "class label",
+}
 
 
 def _type_name(feature) -> str:
@@ -96,22 +115,30 @@ def check_column_types(features, path: Path, text_field: str, topic_field: str) 
     """Text must be text and a topic a plain label: casting a number or a list to a string would train on noise."""
     text_type, topic_type = _type_name(features[text_field]), _type_name(features[topic_field])
     if text_type not in TEXT_TYPES:
-        raise PipelineError(f"data file '{path}': text column {text_field!r} holds {text_type} values, not strings; "
-                            f"point dataset.load_params.text_field at a column of text")
+        raise PipelineError(
+            f"data file '{path}': text column {text_field!r} holds {text_type} values, not strings; "
+            f"point dataset.load_params.text_field at a column of text"
+        )
     if topic_type not in LABEL_TYPES:
-        raise PipelineError(f"data file '{path}': topic column {topic_field!r} holds {topic_type} values (objects or "
-                            f"lists), not labels; give every row one string or integer topic, or set "
-                            f"dataset.load_params.topic_field")
+        raise PipelineError(
+            f"data file '{path}': topic column {topic_field!r} holds {topic_type} values (objects or "
+            f"lists), not labels; give every row one string or integer topic, or set "
+            f"dataset.load_params.topic_field"
+        )
 
 
 def _checked_hub_row(row: dict, name: str, text_field: str, topic_field: str) -> dict:
     text, topic = row[text_field], row[topic_field]
     if text is not None and not isinstance(text, str):
-        raise PipelineError(f"hub dataset '{name}': text column {text_field!r} holds {type(text).__name__} values, "
-                            f"not strings; set dataset.load_params.text_field to a text column")
+        raise PipelineError(
+            f"hub dataset '{name}': text column {text_field!r} holds {type(text).__name__} values, "
+            f"not strings; set dataset.load_params.text_field to a text column"
+        )
     if topic is not None and not isinstance(topic, (str, int)):
-        raise PipelineError(f"hub dataset '{name}': topic column {topic_field!r} holds {type(topic).__name__} values, "
-                            f"not labels; set dataset.load_params.topic_field to a label column")
+        raise PipelineError(
+            f"hub dataset '{name}': topic column {topic_field!r} holds {type(topic).__name__} values, "
+            f"not labels; set dataset.load_params.topic_field to a label column"
+        )
     return {"text": text, "topic": topic}
 
 
@@ -142,7 +169,11 @@ def _iter_hub(load_params: ConfigSection, seed: int) -> Iterator[dict]:
         raise PipelineError(f"cannot stream hub dataset '{name}' ({reason}); {DEMO_HINT}") from None
     missing = [field for field in (load_params.text_field, load_params.topic_field) if field not in first]
     if missing:
-        raise PipelineError(f"hub dataset '{name}' has no column {missing[0]!r} (columns: {', '.join(first)}); "
-                            f"set dataset.load_params.text_field / topic_field")
-    return (_checked_hub_row(row, name, load_params.text_field, load_params.topic_field)
-            for row in itertools.chain([first], rows))
+        raise PipelineError(
+            f"hub dataset '{name}' has no column {missing[0]!r} (columns: {', '.join(first)}); "
+            f"set dataset.load_params.text_field / topic_field"
+        )
+    return (
+        _checked_hub_row(row, name, load_params.text_field, load_params.topic_field)
+        for row in itertools.chain([first], rows)
+    )

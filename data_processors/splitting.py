@@ -10,12 +10,14 @@ splits are also balanced over those topics. Reading stops as soon as every bucke
 A bucket is anything with append(row) and len(): a list by default, or (step 1) a writer that streams
 the rows to a file as they come, so the kept rows are never all held in memory.
 """
+
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 from config_utils import PipelineError
 
@@ -36,12 +38,12 @@ def list_bucket(kind: str, name: str) -> Bucket:
 
 @dataclass
 class SplitResult:
-    splits: dict[str, Bucket]                # train/valid/test rows {"doc_id", "text", "topic"}
-    topics: dict[str, Bucket]                # evaluation topic -> rows
-    dropped: Counter = field(default_factory=Counter)   # empty, duplicate, other_topic, surplus
+    splits: dict[str, Bucket]  # train/valid/test rows {"doc_id", "text", "topic"}
+    topics: dict[str, Bucket]  # evaluation topic -> rows
+    dropped: Counter = field(default_factory=Counter)  # empty, duplicate, other_topic, surplus
     topics_seen: Counter = field(default_factory=Counter)
     # the kept rows' texts and topics in order: with the config, it pins what step 1 wrote (later steps compare it)
-    content: "hashlib._Hash" = field(default_factory=lambda: hashlib.blake2b(digest_size=16))
+    content: hashlib._Hash = field(default_factory=lambda: hashlib.blake2b(digest_size=16))
 
 
 def normalize_label(label) -> str:
@@ -49,14 +51,21 @@ def normalize_label(label) -> str:
     return "" if label is None else str(label).strip()
 
 
-def split_corpus(rows: Iterable[dict], split_lens: dict[str, int], topic_len: int,
-                 eval_topics: list[str], train_topics: list[str],
-                 new_bucket: Callable[[str, str], Bucket] = list_bucket) -> SplitResult:
+def split_corpus(
+    rows: Iterable[dict],
+    split_lens: dict[str, int],
+    topic_len: int,
+    eval_topics: list[str],
+    train_topics: list[str],
+    new_bucket: Callable[[str, str], Bucket] = list_bucket,
+) -> SplitResult:
     """new_bucket("split", name) / new_bucket("topic", topic) makes each bucket (default: a list)."""
-    result = SplitResult(splits={name: new_bucket("split", name) for name in SPLITS},
-                         topics={topic: new_bucket("topic", topic) for topic in dict.fromkeys(eval_topics)})
+    result = SplitResult(
+        splits={name: new_bucket("split", name) for name in SPLITS},
+        topics={topic: new_bucket("topic", topic) for topic in dict.fromkeys(eval_topics)},
+    )
     quotas = _split_quotas(split_lens, train_topics)
-    filled: Counter = Counter()              # (split, topic or None) -> rows kept
+    filled: Counter = Counter()  # (split, topic or None) -> rows kept
     seen_hashes: set[bytes] = set()
     next_doc_id = 0
     for row in rows:
@@ -94,12 +103,12 @@ def _split_quotas(split_lens: dict[str, int], train_topics: list[str]) -> dict[t
     """Targets per (split, topic); topic None when the splits are not balanced over topics."""
     if not train_topics:
         return {(name, None): split_lens[name] for name in SPLITS}
-    return {(name, topic): max(1, split_lens[name] // len(train_topics))
-            for name in SPLITS for topic in train_topics}
+    return {(name, topic): max(1, split_lens[name] // len(train_topics)) for name in SPLITS for topic in train_topics}
 
 
-def _choose_bucket(topic: str, result: SplitResult, quotas: dict, filled: Counter, topic_len: int,
-                   train_topics: list[str]) -> list | None:
+def _choose_bucket(
+    topic: str, result: SplitResult, quotas: dict, filled: Counter, topic_len: int, train_topics: list[str]
+) -> list | None:
     if topic in result.topics:
         held_out = result.topics[topic]
         return held_out if len(held_out) < topic_len else None
@@ -114,21 +123,26 @@ def _choose_bucket(topic: str, result: SplitResult, quotas: dict, filled: Counte
 
 
 def _all_full(result: SplitResult, quotas: dict, filled: Counter, topic_len: int) -> bool:
-    return (all(filled[key] >= quota for key, quota in quotas.items())
-            and all(len(rows) >= topic_len for rows in result.topics.values()))
+    return all(filled[key] >= quota for key, quota in quotas.items()) and all(
+        len(rows) >= topic_len for rows in result.topics.values()
+    )
 
 
 def _check_result(result: SplitResult, eval_topics: list[str]) -> None:
     common = ", ".join(f"{name} ({count})" for name, count in result.topics_seen.most_common(8))
     # an empty corpus first: with no text at all every evaluation topic is missing too, and the cause is the text
     if len(result.splits["train"]) == 0:
-        raise PipelineError(f"the corpus is empty after filtering ({dict(result.dropped)} dropped; topics seen: "
-                            f"{common or 'none'}); check load_params.text_field, data_params.eval_topics "
-                            f"and train_topics")
+        raise PipelineError(
+            f"the corpus is empty after filtering ({dict(result.dropped)} dropped; topics seen: "
+            f"{common or 'none'}); check load_params.text_field, data_params.eval_topics "
+            f"and train_topics"
+        )
     for topic in eval_topics:
         if len(result.topics[topic]) == 0:
-            raise PipelineError(f"evaluation topic '{topic}' is not in the corpus (most common topics: "
-                                f"{common or 'none'}); fix data_params.eval_topics")
+            raise PipelineError(
+                f"evaluation topic '{topic}' is not in the corpus (most common topics: "
+                f"{common or 'none'}); fix data_params.eval_topics"
+            )
 
 
 def iter_with_progress(rows: Iterable[dict], total: int | None, description: str) -> Iterator[dict]:

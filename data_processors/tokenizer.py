@@ -1,16 +1,33 @@
 """Load a tokenizer by hub name or local folder, or train a WordPiece tokenizer on the train split."""
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from config_utils import PipelineError, first_line
 
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                  "mask_token": "[MASK]"}
+SPECIAL_TOKENS = {
+    "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
 # from_pretrained's options that transformers records in init_kwargs (is_local, local_files_only) and
 # save_pretrained would write into tokenizer_config.json; they say how one copy was loaded, not what it is.
-LOAD_OPTIONS = ("is_local", "local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
-                "subfolder", "trust_remote_code", "_commit_hash", "_from_auto")
+LOAD_OPTIONS = (
+    "is_local",
+    "local_files_only",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+    "_commit_hash",
+    "_from_auto",
+)
 
 
 def drop_load_options(tokenizer) -> None:
@@ -26,12 +43,16 @@ def load_tokenizer(name: str):
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as error:  # offline, unknown name, broken folder: all mean "no tokenizer"
         reason = first_line(error)
-        raise PipelineError(f"cannot load tokenizer '{name}' (data_params.tokenizer_name: {reason}); offline? "
-                            f"use a local tokenizer folder or --set dataset.data_params.tokenizer_name=null "
-                            f"to train a WordPiece tokenizer on the train split") from None
+        raise PipelineError(
+            f"cannot load tokenizer '{name}' (data_params.tokenizer_name: {reason}); offline? "
+            f"use a local tokenizer folder or --set dataset.data_params.tokenizer_name=null "
+            f"to train a WordPiece tokenizer on the train split"
+        ) from None
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
-        raise PipelineError(f"tokenizer '{name}' has no [MASK] or [PAD] token, so it cannot do MLM; "
-                            f"pick a BERT-style tokenizer or tokenizer_name: null")
+        raise PipelineError(
+            f"tokenizer '{name}' has no [MASK] or [PAD] token, so it cannot do MLM; "
+            f"pick a BERT-style tokenizer or tokenizer_name: null"
+        )
     drop_load_options(tokenizer)  # step 2 saves it: tokenizer/tokenizer_config.json stays free of them
     return tokenizer
 
@@ -66,6 +87,8 @@ def train_wordpiece(text_batches: Callable[[], Iterable[list[str]]], vocab_size:
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
-        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
+    )
     return BertTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)

@@ -14,6 +14,7 @@ With no options it uses the default configs. Example:
     python inference/inference.py --config-dataset demo/dataset_params.yaml --config-model demo/model_params.yaml \
         --config-train demo/train_params.yaml --save_path process_exp_results/results
 """
+
 import sys
 from pathlib import Path
 
@@ -33,20 +34,32 @@ from config_utils.contracts import check_run_data, read_step2_output, step3_comm
 from config_utils.io import check_output_folder, read_manifest, safe_file_stems
 from inference.routing import collect_routing, first_documents
 from inference.routing_files import file_stem, write_routing_outputs
-from process_exp_results.plots import (plot_pooled_expert_histogram, plot_routing_saturation,
-                                       plot_topic_layer_histogram)
 from process_exp_results.ablation import analyze_ablation, plot_ablation
 from process_exp_results.consistency import analyze_consistency
-from process_exp_results.report import (ablation_sentence, consistency_sentence, saturation_sentence, summary_sentences,
-                                        write_report_md)
+from process_exp_results.plots import plot_pooled_expert_histogram, plot_routing_saturation, plot_topic_layer_histogram
+from process_exp_results.report import (
+    ablation_sentence,
+    consistency_sentence,
+    saturation_sentence,
+    summary_sentences,
+    write_report_md,
+)
 from process_exp_results.routing_stats import RoutingRecords, analyze_routing, token_classes
-from train.final_model import MODEL_DIR, find_run, load_model
 from train.evaluation import evaluate_mlm, mlm_loader
+from train.final_model import MODEL_DIR, find_run, load_model
 from train.routing_snapshots import saturation
 
 ABLATION_MAX_EXPERTS = 16  # E x L evaluations: beyond this the default is off
-METRIC_COLUMNS = ["group", "documents", "real_tokens", "masked_tokens", "mlm_loss", "accuracy", "perplexity",
-                  "majority_accuracy"]
+METRIC_COLUMNS = [
+    "group",
+    "documents",
+    "real_tokens",
+    "masked_tokens",
+    "mlm_loss",
+    "accuracy",
+    "perplexity",
+    "majority_accuracy",
+]
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -67,55 +80,86 @@ def training_token_ids(train_dir: Path) -> np.ndarray:
 
 def run_summary(run_dir: Path, model_config, metric_rows: list[dict]) -> dict:
     """The facts at the top of report.md."""
-    return {"run": run_dir.name, "model folder": str(run_dir / MODEL_DIR),
-            "model": f"{model_config.n_encoder_blocks} blocks, MoE in blocks {model_config.moe_layer_indices}, "
-                     f"{model_config.n_experts} experts, top-{model_config.top_k_experts}, "
-                     f"embedding {model_config.embedding_dim}, seq_len {model_config.seq_len}",
-            "evaluated": ", ".join(f"{row['group']} ({row['documents']} documents)" for row in metric_rows)}
+    return {
+        "run": run_dir.name,
+        "model folder": str(run_dir / MODEL_DIR),
+        "model": f"{model_config.n_encoder_blocks} blocks, MoE in blocks {model_config.moe_layer_indices}, "
+        f"{model_config.n_experts} experts, top-{model_config.top_k_experts}, "
+        f"embedding {model_config.embedding_dim}, seq_len {model_config.seq_len}",
+        "evaluated": ", ".join(f"{row['group']} ({row['documents']} documents)" for row in metric_rows),
+    }
 
 
 def parse_args() -> argparse.Namespace:
-    parser = step_parser(__doc__, {"dataset": ("--config-dataset", "dataset_params.yaml"),
-                                   "model": ("--config-model", "model_params.yaml"),
-                                   "train": ("--config-train", "train_params.yaml")})
-    parser.add_argument("--save_path", default="process_exp_results/results",
-                        help="results go to SAVE_PATH/<run tag>/")
-    parser.add_argument("--run", default=None, help="run tag under train.save_path, or a run folder; "
-                                                    "if not given, the last finished run")
+    parser = step_parser(
+        __doc__,
+        {
+            "dataset": ("--config-dataset", "dataset_params.yaml"),
+            "model": ("--config-model", "model_params.yaml"),
+            "train": ("--config-train", "train_params.yaml"),
+        },
+    )
+    parser.add_argument("--save_path", default="process_exp_results/results", help="results go to SAVE_PATH/<run tag>/")
+    parser.add_argument(
+        "--run",
+        default=None,
+        help="run tag under train.save_path, or a run folder; if not given, the last finished run",
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per evaluation batch")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of documents per interval")
     parser.add_argument("--n-perm", type=int, default=200, help="permutations per p-value")
-    parser.add_argument("--max-docs-per-group", type=int, default=2000,
-                        help="documents per split/topic in the routing analysis")
-    parser.add_argument("--n-random-routers", type=int, default=50,
-                        help="random routers per layer for the references (a router that learned nothing)")
-    parser.add_argument("--max-router-inputs", type=int, default=200_000,
-                        help="router inputs kept per layer for the references (a seeded sample of tokens; 0 = no "
-                             "references)")
-    parser.add_argument("--pool-held-out", action="store_true",
-                        help="analyse the held-out topics together with the test split's (the earlier study's "
-                             "design; they are unfamiliar text, so topic and novelty mix)")
+    parser.add_argument(
+        "--max-docs-per-group", type=int, default=2000, help="documents per split/topic in the routing analysis"
+    )
+    parser.add_argument(
+        "--n-random-routers",
+        type=int,
+        default=50,
+        help="random routers per layer for the references (a router that learned nothing)",
+    )
+    parser.add_argument(
+        "--max-router-inputs",
+        type=int,
+        default=200_000,
+        help="router inputs kept per layer for the references (a seeded sample of tokens; 0 = no references)",
+    )
+    parser.add_argument(
+        "--pool-held-out",
+        action="store_true",
+        help="analyse the held-out topics together with the test split's (the earlier study's "
+        "design; they are unfamiliar text, so topic and novelty mix)",
+    )
     parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
-    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
-                        help="disable each expert of each MoE layer in turn and measure the MLM loss per group, with "
-                             "intervals and topic / token-class tests (ablation.json, figures/ablation_<layer>.png); "
-                             f"default: on for models with at most {ABLATION_MAX_EXPERTS} experts per layer")
+    parser.add_argument(
+        "--ablation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="disable each expert of each MoE layer in turn and measure the MLM loss per group, with "
+        "intervals and topic / token-class tests (ablation.json, figures/ablation_<layer>.png); "
+        f"default: on for models with at most {ABLATION_MAX_EXPERTS} experts per layer",
+    )
     args = parser.parse_args()
-    for option, value in (("--batch_size", args.batch_size), ("--max-docs-per-group", args.max_docs_per_group),
-                          ("--n-boot", args.n_boot), ("--n-perm", args.n_perm)):
+    for option, value in (
+        ("--batch_size", args.batch_size),
+        ("--max-docs-per-group", args.max_docs_per_group),
+        ("--n-boot", args.n_boot),
+        ("--n-perm", args.n_perm),
+    ):
         if value < 1:
             raise PipelineError(f"{option} {value}: must be a positive integer")
     if args.max_router_inputs < 0:
         raise PipelineError(f"--max-router-inputs {args.max_router_inputs}: must be >= 0 (0 = no references)")
     if args.n_random_routers < 1:
-        raise PipelineError(f"--n-random-routers {args.n_random_routers}: need at least 1 (--max-router-inputs 0 "
-                            f"skips the references)")
+        raise PipelineError(
+            f"--n-random-routers {args.n_random_routers}: need at least 1 (--max-router-inputs 0 skips the references)"
+        )
     return args
 
 
 @dataclass
 class Run:
     """A trained run and the step 2 data it was trained on."""
+
     configs: dict
     run_dir: Path
     model: torch.nn.Module
@@ -137,8 +181,11 @@ class Run:
     def layer_names(self) -> list[str]:
         """The MoE layers; none for the dense baseline (one expert per layer: no choice to analyse)."""
         if self.model.config.is_dense_baseline:
-            print(f"note: {self.run_dir.name} is the dense baseline (n_experts: 1): no routing to analyse; writing "
-                  f"its metrics only", file=sys.stderr)
+            print(
+                f"note: {self.run_dir.name} is the dense baseline (n_experts: 1): no routing to analyse; writing "
+                f"its metrics only",
+                file=sys.stderr,
+            )
             return []
         return [f"block {index}" for index in self.model.config.moe_layer_indices]
 
@@ -155,20 +202,29 @@ def load_run(args: argparse.Namespace, configs: dict) -> Run:
     return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash)
 
 
-def evaluate_groups(model, group_datasets: dict, layer_names: list[str], device,
-                    batch_size: int) -> tuple[list[dict], list[dict], dict]:
+def evaluate_groups(
+    model, group_datasets: dict, layer_names: list[str], device, batch_size: int
+) -> tuple[list[dict], list[dict], dict]:
     """Per group the MLM metrics row, the expert_counts.csv rows and the [layer, expert] count array."""
     metric_rows, count_rows, expert_counts = [], [], {}
     for group, dataset in group_datasets.items():
-        result = evaluate_mlm(model, mlm_loader(dataset, batch_size), device,
-                              progress_desc=f"step 4: evaluating {group}")
+        result = evaluate_mlm(
+            model, mlm_loader(dataset, batch_size), device, progress_desc=f"step 4: evaluating {group}"
+        )
         metric_rows.append({"group": group, "documents": len(dataset), **result.as_dict()})
         expert_counts[group] = result.expert_counts.numpy()
         for layer_row, layer_name in enumerate(layer_names):
             layer_total = max(int(result.expert_counts[layer_row].sum()), 1)
             for expert, count in enumerate(result.expert_counts[layer_row].tolist()):
-                count_rows.append({"group": group, "layer": layer_name, "expert": expert, "count": count,
-                                   "share": count / layer_total})
+                count_rows.append(
+                    {
+                        "group": group,
+                        "layer": layer_name,
+                        "expert": expert,
+                        "count": count,
+                        "share": count / layer_total,
+                    }
+                )
     return metric_rows, count_rows, expert_counts
 
 
@@ -179,54 +235,92 @@ class RoutingAnalysis:
     id_to_token: list[str]
 
 
-def analyze_run_routing(run: Run, group_datasets: dict, layer_names: list[str], device,
-                        args: argparse.Namespace) -> RoutingAnalysis:
+def analyze_run_routing(
+    run: Run, group_datasets: dict, layer_names: list[str], device, args: argparse.Namespace
+) -> RoutingAnalysis:
     """The routing records of every group, their statistics against references, local consistency, saturation over
     training, and the plain-language summary."""
     model, tokenizer = run.model, run.tokenizer
     held_out = tuple(run.configs["dataset"].data_params.eval_topics)
-    records, router_sample = collect_routing(model, group_datasets, device, args.batch_size, args.max_docs_per_group,
-                                             held_out, args.max_router_inputs, sample_held_out=args.pool_held_out)
+    records, router_sample = collect_routing(
+        model,
+        group_datasets,
+        device,
+        args.batch_size,
+        args.max_docs_per_group,
+        held_out,
+        args.max_router_inputs,
+        sample_held_out=args.pool_held_out,
+    )
     class_of_id, class_names = token_classes(tokenizer)
     id_to_token = tokenizer.convert_ids_to_tokens(list(range(model.config.vocab_size)))
     print("step 4: routing statistics (bootstrap, permutations, references) ...", file=sys.stderr)
-    stats = analyze_routing(records, class_of_id, class_names, id_to_token, n_boot=args.n_boot, n_perm=args.n_perm,
-                            router_sample=router_sample, n_random_routers=args.n_random_routers,
-                            train_token_ids=training_token_ids(run.masked_dir / "train"),
-                            pool_held_out=args.pool_held_out)
+    stats = analyze_routing(
+        records,
+        class_of_id,
+        class_names,
+        id_to_token,
+        n_boot=args.n_boot,
+        n_perm=args.n_perm,
+        router_sample=router_sample,
+        n_random_routers=args.n_random_routers,
+        train_token_ids=training_token_ids(run.masked_dir / "train"),
+        pool_held_out=args.pool_held_out,
+    )
     print("step 4: local routing consistency ...", file=sys.stderr)
-    stats["consecutive"] = analyze_consistency(records, id_to_token, n_boot=args.n_boot,
-                                               pool_held_out=args.pool_held_out, router_sample=router_sample,
-                                               n_random_routers=args.n_random_routers)
+    stats["consecutive"] = analyze_consistency(
+        records,
+        id_to_token,
+        n_boot=args.n_boot,
+        pool_held_out=args.pool_held_out,
+        router_sample=router_sample,
+        n_random_routers=args.n_random_routers,
+    )
     stats["saturation"] = saturation(run.run_dir, layer_names)  # from the run's routing snapshots
-    stats["summary"] = summary_sentences(stats) + [
-        consistency_sentence(layer, values) for layer, values in stats["consecutive"].items()] + [
-        saturation_sentence(layer, values) for layer, values in (stats["saturation"] or {}).items()]
+    stats["summary"] = (
+        summary_sentences(stats)
+        + [consistency_sentence(layer, values) for layer, values in stats["consecutive"].items()]
+        + [saturation_sentence(layer, values) for layer, values in (stats["saturation"] or {}).items()]
+    )
     return RoutingAnalysis(stats, records, id_to_token)
 
 
 def run_ablation(run: Run, group_datasets: dict, device, args: argparse.Namespace) -> dict:
     print("step 4: expert ablation (each expert disabled in turn) ...", file=sys.stderr)
-    ablated_groups = {name: first_documents(dataset, args.max_docs_per_group)
-                      for name, dataset in group_datasets.items()}
-    return analyze_ablation(run.model, ablated_groups, device, args.batch_size, run.tokenizer,
-                            topic_groups=("test",), n_bootstrap=args.n_boot, n_permutations=args.n_perm)
+    ablated_groups = {
+        name: first_documents(dataset, args.max_docs_per_group) for name, dataset in group_datasets.items()
+    }
+    return analyze_ablation(
+        run.model,
+        ablated_groups,
+        device,
+        args.batch_size,
+        run.tokenizer,
+        topic_groups=("test",),
+        n_bootstrap=args.n_boot,
+        n_permutations=args.n_perm,
+    )
 
 
-def write_figures(tmp_dir: Path, run_name: str, expert_counts: dict, layer_names: list[str],
-                  file_stems: dict[str, str]) -> None:
+def write_figures(
+    tmp_dir: Path, run_name: str, expert_counts: dict, layer_names: list[str], file_stems: dict[str, str]
+) -> None:
     """The expert-choice histograms: all layers pooled, and per group one bar per layer."""
     if not layer_names:  # a dense model (no MoE layer) has no routing to draw
         return
-    plot_pooled_expert_histogram(expert_counts, tmp_dir / "figures" / "experts_all_layers.png",
-                                 title=f"Expert choice, all MoE layers pooled ({run_name})")
+    plot_pooled_expert_histogram(
+        expert_counts,
+        tmp_dir / "figures" / "experts_all_layers.png",
+        title=f"Expert choice, all MoE layers pooled ({run_name})",
+    )
     for group, counts in expert_counts.items():
         figure = tmp_dir / "figures" / f"experts_per_layer_{file_stems[group]}.png"
         plot_topic_layer_histogram(group, counts, figure, layer_names=layer_names)
 
 
-def write_analysis_files(tmp_dir: Path, routing: RoutingAnalysis | None, ablation: dict | None,
-                         layer_names: list[str]) -> list[Path]:
+def write_analysis_files(
+    tmp_dir: Path, routing: RoutingAnalysis | None, ablation: dict | None, layer_names: list[str]
+) -> list[Path]:
     """The routing and ablation files and figures; returns the files written, relative to tmp_dir."""
     written = []
     if routing is not None:
@@ -241,12 +335,15 @@ def write_analysis_files(tmp_dir: Path, routing: RoutingAnalysis | None, ablatio
     return written
 
 
-def print_summary(out_dir: Path, metric_rows: list[dict], figures: list[Path], routing_files: list[Path],
-                  sentences: list[str]) -> None:
+def print_summary(
+    out_dir: Path, metric_rows: list[dict], figures: list[Path], routing_files: list[Path], sentences: list[str]
+) -> None:
     print(f"{'group':<16}{'docs':>7}{'mlm loss':>10}{'accuracy':>10}{'baseline':>10}{'perplexity':>12}")
     for row in metric_rows:
-        print(f"{row['group']:<16}{row['documents']:>7}{row['mlm_loss']:>10.4f}{row['accuracy']:>10.3f}"
-              f"{row['majority_accuracy']:>10.3f}{row['perplexity']:>12.2f}")
+        print(
+            f"{row['group']:<16}{row['documents']:>7}{row['mlm_loss']:>10.4f}{row['accuracy']:>10.3f}"
+            f"{row['majority_accuracy']:>10.3f}{row['perplexity']:>12.2f}"
+        )
     print("(baseline: accuracy of always predicting the group's most frequent masked token)")
     print(f"metrics: {out_dir / 'metrics.csv'}\nexpert counts: {out_dir / 'expert_counts.csv'}")
     for path in figures:
@@ -272,8 +369,9 @@ def main() -> None:
     file_stems = safe_file_stems(list(groups), "the evaluated groups")  # topic labels are data, not paths
     started = time.time()
     group_datasets = {group: datasets.load_from_disk(str(folder)) for group, folder in groups.items()}
-    metric_rows, count_rows, expert_counts = evaluate_groups(run.model, group_datasets, layer_names, device,
-                                                             args.batch_size)
+    metric_rows, count_rows, expert_counts = evaluate_groups(
+        run.model, group_datasets, layer_names, device, args.batch_size
+    )
     routing = None
     if layer_names and not args.no_routing_stats:  # a dense model (no MoE layer) has no routing to analyse
         routing = analyze_run_routing(run, group_datasets, layer_names, device, args)
@@ -289,17 +387,33 @@ def main() -> None:
         write_figures(tmp_dir, run.run_dir.name, expert_counts, layer_names, file_stems)
         routing_files = write_analysis_files(tmp_dir, routing, ablation, layer_names)
         figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
-        write_report_md(tmp_dir / "report.md", run_summary(run.run_dir, run.model.config, metric_rows), metric_rows,
-                        stats, figures, [path for path in routing_files if path.suffix != ".png"], ablation)
-        write_json_atomic(tmp_dir / "manifest.json", {
-            "step": "inference", "run": str(run.run_dir), "input_manifest_hash": run.step2_hash,
-            "config": {"dataset": run.configs["dataset"], "train": train_config}, "metrics": metric_rows,
-            "figures": [str(path) for path in figures], "routing_files": [str(path) for path in routing_files],
-            "routing_settings": stats["settings"] if stats else None, "seconds": round(time.time() - started, 2)})
-    ablation_lines = [ablation_sentence(layer, entry) for layer, entry in (ablation or {}).items()
-                      if layer.startswith("block ")]
-    print_summary(out_dir, metric_rows, figures, routing_files, [*(stats["summary"] if stats else []),
-                                                                   *ablation_lines])
+        write_report_md(
+            tmp_dir / "report.md",
+            run_summary(run.run_dir, run.model.config, metric_rows),
+            metric_rows,
+            stats,
+            figures,
+            [path for path in routing_files if path.suffix != ".png"],
+            ablation,
+        )
+        write_json_atomic(
+            tmp_dir / "manifest.json",
+            {
+                "step": "inference",
+                "run": str(run.run_dir),
+                "input_manifest_hash": run.step2_hash,
+                "config": {"dataset": run.configs["dataset"], "train": train_config},
+                "metrics": metric_rows,
+                "figures": [str(path) for path in figures],
+                "routing_files": [str(path) for path in routing_files],
+                "routing_settings": stats["settings"] if stats else None,
+                "seconds": round(time.time() - started, 2),
+            },
+        )
+    ablation_lines = [
+        ablation_sentence(layer, entry) for layer, entry in (ablation or {}).items() if layer.startswith("block ")
+    ]
+    print_summary(out_dir, metric_rows, figures, routing_files, [*(stats["summary"] if stats else []), *ablation_lines])
 
 
 if __name__ == "__main__":

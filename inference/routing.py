@@ -5,6 +5,7 @@ collect_routing runs the encoder over step 2's *unmasked* ids (the analysis asks
 the router inputs of a seeded sample of tokens (the references of process_exp_results.references).
 inference.routing_files turns the records and their statistics into files.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ def topic_names_of(groups: dict) -> list[str]:
     return names
 
 
-def _sample_positions(groups: dict, sampled: set[str], max_tokens: int, seed: int, batch_size: int,
-                      whole_passes: bool) -> tuple[np.ndarray, int]:
+def _sample_positions(
+    groups: dict, sampled: set[str], max_tokens: int, seed: int, batch_size: int, whole_passes: bool
+) -> tuple[np.ndarray, int]:
     """Sorted positions, among the real tokens of the `sampled` groups taken in order, of a seeded uniform sample
     of at most max_tokens; and the number of candidates. whole_passes (expert choice, whose experts compete for
     the tokens of one forward pass): whole forward passes of batch_size documents, drawn at random up to the cap."""
@@ -39,7 +41,7 @@ def _sample_positions(groups: dict, sampled: set[str], max_tokens: int, seed: in
     for name, dataset in groups.items():
         if name in sampled:
             per_doc = np.asarray(dataset.with_format("numpy", columns=["attention_mask"])[:]["attention_mask"]).sum(1)
-            pass_tokens += [int(per_doc[i:i + batch_size].sum()) for i in range(0, len(per_doc), batch_size)]
+            pass_tokens += [int(per_doc[i : i + batch_size].sum()) for i in range(0, len(per_doc), batch_size)]
     n_real = sum(pass_tokens)
     rng = np.random.default_rng([seed, 7])
     if not whole_passes:
@@ -62,6 +64,7 @@ class _RouterInputs:
     def _keep(self, index: int):
         def hook(module, inputs, output):
             self.current[index] = inputs[0].detach()
+
         return hook
 
     def remove(self) -> None:
@@ -85,8 +88,15 @@ class _Collected:
         self.positions = positions
         self.n_rows = self.n_sampled = self.n_batches = 0  # records; real tokens of the sampled groups; passes
 
-    def add_tokens(self, ids: torch.Tensor, real: torch.Tensor, experts: torch.Tensor, doc_ids: np.ndarray,
-                   topics: np.ndarray, held_out: bool) -> None:
+    def add_tokens(
+        self,
+        ids: torch.Tensor,
+        real: torch.Tensor,
+        experts: torch.Tensor,
+        doc_ids: np.ndarray,
+        topics: np.ndarray,
+        held_out: bool,
+    ) -> None:
         """One forward pass's real tokens (row-major: the order of the routers' rows)."""
         real_cpu = real.cpu().numpy()
         doc_rows, positions = np.nonzero(real_cpu)
@@ -115,26 +125,38 @@ class _Collected:
     def records(self, config, topic_names: list[str]) -> RoutingRecords:
         n_layers = len(config.moe_layer_indices)
         k = self.parts["experts"][0].shape[-1] if self.parts["experts"] else config.top_k_experts
-        empty = {"doc_id": np.zeros(0, np.int64), "topic": np.zeros(0, np.int64), "token_id": np.zeros(0, np.int64),
-                 "position": np.zeros(0, np.int32), "experts": np.zeros((0, n_layers, k), np.int64),
-                 "held_out": np.zeros(0, bool)}
+        empty = {
+            "doc_id": np.zeros(0, np.int64),
+            "topic": np.zeros(0, np.int64),
+            "token_id": np.zeros(0, np.int64),
+            "position": np.zeros(0, np.int32),
+            "experts": np.zeros((0, n_layers, k), np.int64),
+            "held_out": np.zeros(0, bool),
+        }
         columns = {key: np.concatenate(values) if values else empty[key] for key, values in self.parts.items()}
-        return RoutingRecords(**columns, topic_names=topic_names,
-                              layer_names=[f"block {index}" for index in config.moe_layer_indices],
-                              n_experts=config.n_experts)
+        return RoutingRecords(
+            **columns,
+            topic_names=topic_names,
+            layer_names=[f"block {index}" for index in config.moe_layer_indices],
+            n_experts=config.n_experts,
+        )
 
-    def router_sample(self, config, routers: list[torch.nn.Module], n_candidates: int,
-                      max_tokens: int) -> RouterSample:
+    def router_sample(self, config, routers: list[torch.nn.Module], n_candidates: int, max_tokens: int) -> RouterSample:
         def joined(parts: list[np.ndarray]) -> np.ndarray:
             return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
         return RouterSample(
-            rows=joined(self.rows), batch=joined(self.batch),
-            inputs=[np.concatenate(kept) if kept else np.zeros((0, config.embedding_dim), np.float32)
-                    for kept in self.inputs],
+            rows=joined(self.rows),
+            batch=joined(self.batch),
+            inputs=[
+                np.concatenate(kept) if kept else np.zeros((0, config.embedding_dim), np.float32)
+                for kept in self.inputs
+            ],
             weights=[router.linear.weight.detach().float().cpu().numpy() for router in routers],
             rule=SelectionRule(config.router_type, config.top_k_experts, config.capacity_factor),
-            n_candidates=n_candidates, max_tokens=max_tokens)
+            n_candidates=n_candidates,
+            max_tokens=max_tokens,
+        )
 
 
 def _routers(model) -> list[torch.nn.Module]:
@@ -149,9 +171,17 @@ def _expert_indices(output, n_layers: int, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_routing(model, groups: dict, device, batch_size: int = 64, max_docs_per_group: int | None = 2000,
-                    held_out_groups: tuple[str, ...] = (), max_router_inputs: int = 200_000,
-                    sample_held_out: bool = False, seed: int = 0) -> tuple[RoutingRecords, RouterSample | None]:
+def collect_routing(
+    model,
+    groups: dict,
+    device,
+    batch_size: int = 64,
+    max_docs_per_group: int | None = 2000,
+    held_out_groups: tuple[str, ...] = (),
+    max_router_inputs: int = 200_000,
+    sample_held_out: bool = False,
+    seed: int = 0,
+) -> tuple[RoutingRecords, RouterSample | None]:
     """Encoder forward passes (no MLM head: the analysis needs the routing only) over each group's `unmasked_ids`
     with attention_mask, in eval mode, no grad; one record per real token; topic = the document's own `topic`
     column value (so the test split contributes its several topics, and each held-out topic set its own).
@@ -166,9 +196,13 @@ def collect_routing(model, groups: dict, device, batch_size: int = 64, max_docs_
     routers = _routers(model)
     sampled = {name for name in groups if sample_held_out or name not in held_out_groups}
     keep_inputs = bool(routers) and max_router_inputs > 0
-    positions, n_candidates = (_sample_positions(groups, sampled, max_router_inputs, seed, batch_size,
-                                                 model.config.router_type == "expert_choice")
-                               if keep_inputs else (None, 0))
+    positions, n_candidates = (
+        _sample_positions(
+            groups, sampled, max_router_inputs, seed, batch_size, model.config.router_type == "expert_choice"
+        )
+        if keep_inputs
+        else (None, 0)
+    )
     collected = _Collected(len(routers), positions)
     hooks = _RouterInputs(routers) if keep_inputs else None
     was_training = model.training
@@ -182,8 +216,9 @@ def collect_routing(model, groups: dict, device, batch_size: int = 64, max_docs_
                 real = torch.as_tensor(batch["attention_mask"], device=device).bool()
                 output = model.encoder(input_ids=ids, attention_mask=real)
                 experts = _expert_indices(output, len(model.config.moe_layer_indices), ids)
-                collected.add_tokens(ids, real, experts, batch["doc_id"], topics[start:start + len(ids)],
-                                     name in held_out_groups)
+                collected.add_tokens(
+                    ids, real, experts, batch["doc_id"], topics[start : start + len(ids)], name in held_out_groups
+                )
                 n_real = int(real.sum())
                 if hooks is not None and name in sampled:
                     collected.add_router_inputs(hooks.current, n_real)

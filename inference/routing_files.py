@@ -2,6 +2,7 @@
 routing_stats.json / .csv, a topic x expert heatmap and a token page per MoE layer, the NMI and
 specialization-index figures.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,9 @@ from process_exp_results.routing_stats import RoutingRecords
 CSV_COLUMNS = ["layer", "measure", "value", "ci_low", "ci_high", "p_value"]
 
 
-def sample_documents(records: RoutingRecords, id_to_token: list[str], layer: int, per_topic: int = 2,
-                     seed: int = 0) -> list[dict]:
+def sample_documents(
+    records: RoutingRecords, id_to_token: list[str], layer: int, per_topic: int = 2, seed: int = 0
+) -> list[dict]:
     """A few documents per topic for the token page: {"label", "tokens", "experts"} with the layer's top choice."""
     rng = np.random.default_rng(seed)
     documents = []
@@ -29,9 +31,13 @@ def sample_documents(records: RoutingRecords, id_to_token: list[str], layer: int
         for doc_id in np.sort(rng.choice(doc_ids, size=min(per_topic, len(doc_ids)), replace=False)):
             rows = np.flatnonzero(records.doc_id == doc_id)
             rows = rows[np.argsort(records.position[rows], kind="stable")]
-            documents.append({"label": f"{topic_name} (document {int(doc_id)})",
-                              "tokens": [id_to_token[token] for token in records.token_id[rows]],
-                              "experts": records.experts[rows, layer, 0].tolist()})
+            documents.append(
+                {
+                    "label": f"{topic_name} (document {int(doc_id)})",
+                    "tokens": [id_to_token[token] for token in records.token_id[rows]],
+                    "experts": records.experts[rows, layer, 0].tolist(),
+                }
+            )
     return documents
 
 
@@ -56,12 +62,14 @@ def write_routing_outputs(out_dir: Path, stats: dict, records: RoutingRecords, i
     for layer in stats["layers"]:
         stem = file_stem(layer["layer"])
         figure = Path("figures") / f"topic_expert_heatmap_{stem}.png"
-        plot_topic_expert_heatmap(stats["topics"], np.asarray(layer["topic_expert_counts"]), out_dir / figure,
-                                  layer["layer"])
+        plot_topic_expert_heatmap(
+            stats["topics"], np.asarray(layer["topic_expert_counts"]), out_dir / figure, layer["layer"]
+        )
         page = Path(f"tokens_{stem}.html")
         layer_axis = records.layer_names.index(layer["layer"])  # the layer's column in records.experts
-        write_token_html(out_dir / page, sample_documents(records, id_to_token, layer_axis),
-                         layer["layer"], stats["n_experts"])
+        write_token_html(
+            out_dir / page, sample_documents(records, id_to_token, layer_axis), layer["layer"], stats["n_experts"]
+        )
         written += [figure, page]
     figure = Path("figures") / "nmi_per_layer.png"
     plot_nmi_per_layer(stats, out_dir / figure)

@@ -6,6 +6,7 @@ loader (config_utils/schema.py) builds the model_params.yaml schema from it, so 
 Standard library only: the file is copied into every exported model, and config loading reads it by path
 without importing torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, make_dataclass
@@ -13,15 +14,15 @@ from dataclasses import dataclass, make_dataclass
 
 @dataclass(frozen=True)
 class ModelField:
-    kind: str                      # int | float | bool | str
-    default: object                # MoEEncoderConfig's default
+    kind: str  # int | float | bool | str
+    default: object  # MoEEncoderConfig's default
     help: str
-    required: bool = False         # model_params.yaml must give it (the first release's keys); else the default
+    required: bool = False  # model_params.yaml must give it (the first release's keys); else the default
     nullable: bool = False
     min: float | None = None
     max: float | None = None
-    min_exclusive: bool = False    # min itself is not allowed
-    max_exclusive: bool = False    # max itself is not allowed
+    min_exclusive: bool = False  # min itself is not allowed
+    max_exclusive: bool = False  # max itself is not allowed
     choices: tuple | None = None
 
     @property
@@ -63,17 +64,37 @@ MODEL_FIELDS = {
     "moe_dim": ModelField("int", 512, "hidden size of each expert", required=True, min=1),
     "dropout": ModelField("float", 0.1, "dropout rate", required=True, min=0.0, max=1.0),
     "moe_every": ModelField("int", 1, "every n-th block is MoE, the rest dense", min=1),
-    "router_type": ModelField("str", "topk", "topk = each token picks k experts; expert_choice = each expert picks "
-                              "its tokens", choices=("topk", "expert_choice")),
-    "router_gate": ModelField("str", "switch", "gate weights: softmax over all experts, then top-k (switch) or over "
-                              "the k chosen logits (mixtral, k >= 2)", choices=("switch", "mixtral")),
+    "router_type": ModelField(
+        "str",
+        "topk",
+        "topk = each token picks k experts; expert_choice = each expert picks its tokens",
+        choices=("topk", "expert_choice"),
+    ),
+    "router_gate": ModelField(
+        "str",
+        "switch",
+        "gate weights: softmax over all experts, then top-k (switch) or over the k chosen logits (mixtral, k >= 2)",
+        choices=("switch", "mixtral"),
+    ),
     "normalize_top_k": ModelField("bool", True, "switch gate: renormalize the k gate weights (k >= 2)"),
     # below 1 the noise factor stays positive: it scales the router input, never flips or zeroes it
-    "router_jitter": ModelField("float", 0.0, "training only: router input times uniform noise in [1-eps, 1+eps]; "
-                                "0 = off", min=0.0, max=1.0, max_exclusive=True),
+    "router_jitter": ModelField(
+        "float",
+        0.0,
+        "training only: router input times uniform noise in [1-eps, 1+eps]; 0 = off",
+        min=0.0,
+        max=1.0,
+        max_exclusive=True,
+    ),
     # any positive factor gives each expert at least one slot (the capacity is rounded up)
-    "capacity_factor": ModelField("float", None, "capacity = ceil(factor * tokens * k / E), overflow dropped; "
-                                  "null = dropless (expert_choice: 1.0)", nullable=True, min=0.0, min_exclusive=True),
+    "capacity_factor": ModelField(
+        "float",
+        None,
+        "capacity = ceil(factor * tokens * k / E), overflow dropped; null = dropless (expert_choice: 1.0)",
+        nullable=True,
+        min=0.0,
+        min_exclusive=True,
+    ),
     "expert_type": ModelField("str", "mlp", "GELU MLP or SwiGLU experts", choices=("mlp", "swiglu")),
     "n_shared_experts": ModelField("int", 0, "always-on experts of size moe_dim (DeepSeekMoE)", min=0),
     "load_balance_coef": ModelField("float", 0.01, "weight of the Switch balancing loss", min=0.0),
@@ -81,6 +102,10 @@ MODEL_FIELDS = {
 }
 
 # The table as dataclass fields, for MoEEncoderConfig to inherit (transformers 5 configs are dataclasses).
-ModelFields = make_dataclass("ModelFields", [(name, field.annotation, field.default)
-                                             for name, field in MODEL_FIELDS.items()],
-                             kw_only=True, repr=False, eq=False)
+ModelFields = make_dataclass(
+    "ModelFields",
+    [(name, field.annotation, field.default) for name, field in MODEL_FIELDS.items()],
+    kw_only=True,
+    repr=False,
+    eq=False,
+)

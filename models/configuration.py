@@ -41,9 +41,7 @@ class MoEEncoderConfig(PretrainedConfig, ModelFields):
             if name != "vocab_size" and not field.accepts(getattr(self, name)):
                 raise ValueError(f"{name} must be {field.allowed()} ({field.help}), got {getattr(self, name)!r}")
         if self.embedding_dim % self.num_head != 0:
-            raise ValueError(
-                f"embedding_dim ({self.embedding_dim}) must be divisible by num_head ({self.num_head})"
-            )
+            raise ValueError(f"embedding_dim ({self.embedding_dim}) must be divisible by num_head ({self.num_head})")
         if self.top_k_experts > self.n_experts:
             raise ValueError(
                 f"top_k_experts must be between 1 and n_experts ({self.n_experts}), got {self.top_k_experts}"

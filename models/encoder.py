@@ -31,7 +31,9 @@ class SelfAttention(nn.Module):
         # An all-padding sequence would mask every key (NaN); let it attend everywhere instead.
         key_mask = real_token_mask | ~real_token_mask.any(dim=-1, keepdim=True)
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=key_mask[:, None, None, :],  # [B, 1, 1, T], True = attend; no causal mask
             dropout_p=self.dropout if self.training else 0.0,
         )
@@ -223,7 +225,10 @@ class MoEEncoderForMaskedLM(MoEEncoderPreTrainedModel):
         mlm_loss = loss = None
         if labels is not None:
             token_losses = F.cross_entropy(
-                logits.view(-1, logits.shape[-1]).to(encoded.aux_loss.dtype), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                logits.view(-1, logits.shape[-1]).to(encoded.aux_loss.dtype),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
             )
             # Mean over masked tokens; clamp so a batch with no masked token gives 0, not NaN.
             mlm_loss = token_losses / (labels != -100).sum().clamp(min=1)

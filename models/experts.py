@@ -90,7 +90,7 @@ class _ExpertLoop(torch.autograd.Function):
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         for e, (start, end) in enumerate(bounds):
             grad_out_e, x_e = grad_output[start:end], x[start:end]
-            tensors = saved[e * per_expert:(e + 1) * per_expert]
+            tensors = saved[e * per_expert : (e + 1) * per_expert]
             act = tensors[-1]
             grad_act = grad_out_e @ w_out[e].t()
             torch.mm(act.t(), grad_out_e, out=grad_w_out[e])

@@ -34,9 +34,12 @@ class BalancingSums:
     @classmethod
     def of(cls, router_probs: torch.Tensor, counts: torch.Tensor, n_assignments: int) -> "BalancingSums":
         device = router_probs.device
-        return cls(prob_sums=router_probs.sum(dim=0), counts=counts,
-                   n_tokens=torch.full((), router_probs.shape[0], dtype=torch.long, device=device),
-                   n_assignments=torch.full((), n_assignments, dtype=torch.long, device=device))
+        return cls(
+            prob_sums=router_probs.sum(dim=0),
+            counts=counts,
+            n_tokens=torch.full((), router_probs.shape[0], dtype=torch.long, device=device),
+            n_assignments=torch.full((), n_assignments, dtype=torch.long, device=device),
+        )
 
 
 def switch_balancing_loss(sums: BalancingSums, n_experts: int) -> torch.Tensor:

@@ -112,12 +112,14 @@ class MoELayer(nn.Module):
         self.router_type = config.router_type
         self.capacity_factor = config.capacity_factor
         d_model = config.embedding_dim
-        self.experts = StackedExperts(config.n_experts, d_model, config.moe_dim, config.expert_type,
-                                      init_std=config.initializer_range)
+        self.experts = StackedExperts(
+            config.n_experts, d_model, config.moe_dim, config.expert_type, init_std=config.initializer_range
+        )
         # n shared experts of size h act like one FFN of size n*h (DeepSeekMoE implements them so too).
         self.shared_experts = (
             DenseFFN(d_model, config.n_shared_experts * config.moe_dim, config.expert_type)
-            if config.n_shared_experts > 0 else None
+            if config.n_shared_experts > 0
+            else None
         )
 
     def forward(self, hidden: torch.Tensor, real: RealTokens | torch.Tensor) -> tuple[torch.Tensor, MoELayerStats]:
@@ -136,8 +138,11 @@ class MoELayer(nn.Module):
         stats = MoELayerStats(
             expert_index=_to_grid(routed.expert_index, real, fill=-1),
             router_probs=_to_grid(routed.probs.detach(), real, fill=0),
-            load_balance_loss=(routed.probs.new_zeros(()) if routed.balancing is None
-                               else switch_balancing_loss(routed.balancing, self.n_experts)),
+            load_balance_loss=(
+                routed.probs.new_zeros(())
+                if routed.balancing is None
+                else switch_balancing_loss(routed.balancing, self.n_experts)
+            ),
             z_loss=router_z_loss(routed.logits),
             dropped_fraction=routed.dropped_fraction,
             real_tokens=torch.full((), tokens.shape[0], dtype=torch.long, device=tokens.device),
@@ -155,8 +160,14 @@ class TokenChoiceLayer(MoELayer):
 
     def __init__(self, config: MoEEncoderConfig):
         super().__init__(config)
-        self.router = TopKRouter(config.embedding_dim, config.n_experts, config.top_k_experts, config.normalize_top_k,
-                                 gate=config.router_gate, jitter=config.router_jitter)
+        self.router = TopKRouter(
+            config.embedding_dim,
+            config.n_experts,
+            config.top_k_experts,
+            config.normalize_top_k,
+            gate=config.router_gate,
+            jitter=config.router_jitter,
+        )
 
     def route(self, tokens: torch.Tensor) -> _Routed:
         n_tokens, top_k, n_experts = tokens.shape[0], self.top_k, self.n_experts
@@ -184,7 +195,9 @@ class TokenChoiceLayer(MoELayer):
         per_assignment = _GatherRows.apply(expert_output, inverse, order, 1)  # back to assignment order
         return _Routed(
             combined=self._combine(per_assignment, routing.expert_weights.to(expert_output.dtype), n_tokens),
-            expert_index=routing.expert_index, probs=routing.probs, logits=routing.logits,
+            expert_index=routing.expert_index,
+            probs=routing.probs,
+            logits=routing.logits,
             dropped_fraction=routing.probs.new_full((), n_dropped / max(n_assignments, 1)),  # a fill: no copy
             balancing=BalancingSums.of(routing.probs, tokens_per_expert, n_assignments),
         )
@@ -204,7 +217,7 @@ class TokenChoiceLayer(MoELayer):
         per_assignment = per_assignment.view(self.top_k, n_tokens, per_assignment.shape[-1])
         combined = per_assignment[0] * gate_weights[:, :1]
         for rank in range(1, self.top_k):
-            combined = combined + per_assignment[rank] * gate_weights[:, rank:rank + 1]
+            combined = combined + per_assignment[rank] * gate_weights[:, rank : rank + 1]
         return combined
 
 
@@ -214,8 +227,9 @@ class ExpertChoiceLayer(MoELayer):
     def __init__(self, config: MoEEncoderConfig):
         super().__init__(config)
         capacity = 1.0 if config.capacity_factor is None else config.capacity_factor
-        self.router = ExpertChoiceRouter(config.embedding_dim, config.n_experts, config.top_k_experts, capacity,
-                                         jitter=config.router_jitter)
+        self.router = ExpertChoiceRouter(
+            config.embedding_dim, config.n_experts, config.top_k_experts, capacity, jitter=config.router_jitter
+        )
 
     def route(self, tokens: torch.Tensor) -> _Routed:
         n_tokens = tokens.shape[0]
@@ -231,8 +245,14 @@ class ExpertChoiceLayer(MoELayer):
         expert_index = best_picker(routing.probs.detach(), routing.token_index)[:, None]
         not_picked = (expert_index[:, 0] < 0).sum().to(routing.probs.dtype)
         # The Switch loss would be the constant 1 with zero gradient here, so there is none (balancing=None).
-        return _Routed(combined=combined, expert_index=expert_index, probs=routing.probs, logits=routing.logits,
-                       dropped_fraction=not_picked / max(n_tokens, 1), balancing=None)
+        return _Routed(
+            combined=combined,
+            expert_index=expert_index,
+            probs=routing.probs,
+            logits=routing.logits,
+            dropped_fraction=not_picked / max(n_tokens, 1),
+            balancing=None,
+        )
 
 
 class DenseBaselineLayer(MoELayer):
@@ -247,9 +267,14 @@ class DenseBaselineLayer(MoELayer):
         mask = real.mask if isinstance(real, RealTokens) else real
         output = self.dense(hidden)
         zero = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-        stats = MoELayerStats(expert_index=torch.where(mask, 0, -1)[..., None],
-                              router_probs=mask[..., None].to(zero.dtype), load_balance_loss=zero, z_loss=zero,
-                              dropped_fraction=zero, real_tokens=mask.sum())
+        stats = MoELayerStats(
+            expert_index=torch.where(mask, 0, -1)[..., None],
+            router_probs=mask[..., None].to(zero.dtype),
+            load_balance_loss=zero,
+            z_loss=zero,
+            dropped_fraction=zero,
+            real_tokens=mask.sum(),
+        )
         return output, stats
 
 

@@ -60,8 +60,15 @@ class TopKRouter(LinearRouter):
     is the constant 1). It equals "switch" with normalize_top_k in value and gradient.
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, normalize_top_k: bool = True,
-                 gate: str = "switch", jitter: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        normalize_top_k: bool = True,
+        gate: str = "switch",
+        jitter: float = 0.0,
+    ):
         super().__init__(d_model, n_experts, jitter)
         self.top_k = top_k
         self.normalize_top_k = normalize_top_k

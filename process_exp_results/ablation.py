@@ -35,6 +35,7 @@ Expert choice: an expert's picks depend on the whole batch (capacity per forward
 same in the plain and ablated runs, and a document's losses depend on its batch mates; the bootstrap still
 resamples documents.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -146,8 +147,12 @@ def _suffix_token_losses(model, x, real_mask, start: int, is_masked, targets) ->
 
 
 def _full_token_losses(model, batch, is_masked, targets) -> torch.Tensor:
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                   masked_logits_only=True)
+    output = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        masked_logits_only=True,
+    )
     return F.cross_entropy(output.logits.float(), targets, reduction="none")
 
 
@@ -174,8 +179,9 @@ class _BlockInputs:
         self._hooks = []
         if enabled:
             for block_index in layers:
-                self._hooks.append(encoder.blocks[block_index].register_forward_pre_hook(
-                    functools.partial(self._keep, block_index)))
+                self._hooks.append(
+                    encoder.blocks[block_index].register_forward_pre_hook(functools.partial(self._keep, block_index))
+                )
 
     def _keep(self, block_index: int, module, args) -> None:
         if self.capturing:
@@ -292,9 +298,17 @@ def _group_losses(dataset, parts: _TokenParts, n_layers: int, n_experts: int) ->
         for expert in range(n_experts):
             t_abl[li, expert] = _joined(parts.ablated[li][expert], np.float32)
             ablated_sum[li, expert] = _document_sums(t_doc, t_abl[li, expert], n_docs)
-    return GroupLosses(doc_id=doc_id, topic=topic, count=np.bincount(t_doc, minlength=n_docs).astype(np.int64),
-                       plain_sum=_document_sums(t_doc, t_plain, n_docs), ablated_sum=ablated_sum, token_doc=t_doc,
-                       token_id=t_id, token_plain=t_plain, token_ablated=t_abl)
+    return GroupLosses(
+        doc_id=doc_id,
+        topic=topic,
+        count=np.bincount(t_doc, minlength=n_docs).astype(np.int64),
+        plain_sum=_document_sums(t_doc, t_plain, n_docs),
+        ablated_sum=ablated_sum,
+        token_doc=t_doc,
+        token_id=t_id,
+        token_plain=t_plain,
+        token_ablated=t_abl,
+    )
 
 
 def _ablation_cost(run: _AblationRun, n_blocks: int) -> dict:
@@ -319,8 +333,16 @@ def _ablation_cost(run: _AblationRun, n_blocks: int) -> dict:
 
 
 @torch.no_grad()
-def ablation_losses(model, groups: Mapping, device, batch_size: int, *, reuse_below: bool = True,
-                    layers: Sequence[int] | None = None, progress: bool = False) -> AblationLosses:
+def ablation_losses(
+    model,
+    groups: Mapping,
+    device,
+    batch_size: int,
+    *,
+    reuse_below: bool = True,
+    layers: Sequence[int] | None = None,
+    progress: bool = False,
+) -> AblationLosses:
     """Per document of every group: masked-token loss sums, plain and with each expert of each MoE layer disabled.
 
     model: MoEEncoderForMaskedLM (put on ``device`` by the caller; run in eval mode, restored after).
@@ -334,8 +356,9 @@ def ablation_losses(model, groups: Mapping, device, batch_size: int, *, reuse_be
     n_experts = int(model.config.n_experts)
     was_training = model.training
     model.eval()
-    run = _AblationRun(model, torch.device(device), layers, n_experts, reuse_below,
-                       _BlockInputs(encoder, layers, reuse_below))
+    run = _AblationRun(
+        model, torch.device(device), layers, n_experts, reuse_below, _BlockInputs(encoder, layers, reuse_below)
+    )
     out: dict[str, GroupLosses] = {}
     try:
         for name, dataset in groups.items():
@@ -368,7 +391,7 @@ def _between_variance(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     overall = sums.sum(axis=-2) / np.maximum(total, 1)
     means = _ratio(sums, counts[..., None])
     dev = np.where(counts[..., None] > 0, means - overall[..., None, :], 0.0)
-    return (counts[..., None] * dev ** 2).sum(axis=-2) / np.maximum(total, 1)
+    return (counts[..., None] * dev**2).sum(axis=-2) / np.maximum(total, 1)
 
 
 def _level_test(codes: np.ndarray, values: np.ndarray, n_levels: int, permuted_codes) -> tuple[np.ndarray, np.ndarray]:
@@ -377,6 +400,7 @@ def _level_test(codes: np.ndarray, values: np.ndarray, n_levels: int, permuted_c
     codes [n], values [n, K] (loss differences; counts are 1 per token or the token count per document passed
     as the last column of values). permuted_codes: iterable of [n] code arrays.
     """
+
     def stat(c):
         onehot = np.zeros((c.size, n_levels))
         onehot[np.arange(c.size), c] = 1.0
@@ -410,8 +434,11 @@ def _bootstrap_deltas(name: str, g: GroupLosses, k_all: int, n_bootstrap: int, s
     n_tok = g.count.sum()
     delta = diff.sum(axis=1) / n_tok if n_tok > 0 else np.full(diff.shape[0], np.nan)
     rng = rng_for(seed, _BOOTSTRAP, zlib.crc32(name.encode()))
-    weights = np.stack([bootstrap_weights(rng, g.count.size) for _ in range(n_bootstrap)]) \
-        if g.count.size else np.zeros((n_bootstrap, 0))
+    weights = (
+        np.stack([bootstrap_weights(rng, g.count.size) for _ in range(n_bootstrap)])
+        if g.count.size
+        else np.zeros((n_bootstrap, 0))
+    )
     boot = _ratio(weights @ diff.T, (weights @ g.count.astype(np.float64))[:, None])  # [B, K]
     return delta, boot
 
@@ -425,10 +452,15 @@ def _group_deltas(result: dict, losses: AblationLosses, n_bootstrap: int, seed: 
         for b, e, k in _cells(losses.layers, losses.n_experts):
             d = _finite(delta[k])
             result[f"block {b}"]["experts"][str(e)][name] = {
-                "delta": d, "ci": percentile_ci(boot[:, k]) if d is not None else None}
+                "delta": d,
+                "ci": percentile_ci(boot[:, k]) if d is not None else None,
+            }
         n_tok = g.count.sum()
-        plain[name] = {"loss": _finite(g.plain_sum.sum() / n_tok) if n_tok > 0 else None,
-                       "masked_tokens": int(n_tok), "documents": int(g.count.size)}
+        plain[name] = {
+            "loss": _finite(g.plain_sum.sum() / n_tok) if n_tok > 0 else None,
+            "masked_tokens": int(n_tok),
+            "documents": int(g.count.size),
+        }
     return plain
 
 
@@ -444,8 +476,11 @@ class _LevelTest:
         """Level -> mean loss increase of (layer, expert) k, over the levels with tokens."""
         if self.sums is None:
             return {}
-        return {str(self.names[i]): _finite(self.sums[i, k] / self.sums[i, -1]) for i in range(len(self.names))
-                if self.sums[i, -1] > 0}
+        return {
+            str(self.names[i]): _finite(self.sums[i, k] / self.sums[i, -1])
+            for i in range(len(self.names))
+            if self.sums[i, -1] > 0
+        }
 
 
 def _topic_test(pooled: Sequence[GroupLosses], k_all: int, n_permutations: int, seed: int) -> _LevelTest:
@@ -464,8 +499,9 @@ def _topic_test(pooled: Sequence[GroupLosses], k_all: int, n_permutations: int, 
     return test
 
 
-def _class_test(pooled: Sequence[GroupLosses], k_all: int, token_class, class_names, n_permutations: int,
-                seed: int) -> _LevelTest:
+def _class_test(
+    pooled: Sequence[GroupLosses], k_all: int, token_class, class_names, n_permutations: int, seed: int
+) -> _LevelTest:
     """Between-class variance of the deltas; the null shuffles class labels among masked tokens within documents."""
     test = _LevelTest([], None, np.full(k_all, np.nan))
     if token_class is None or not pooled:
@@ -491,8 +527,9 @@ def _class_test(pooled: Sequence[GroupLosses], k_all: int, token_class, class_na
     return test
 
 
-def _fill_level_tests(result: dict, layers: Sequence[int], n_experts: int, topic: _LevelTest,
-                      token_class: _LevelTest) -> None:
+def _fill_level_tests(
+    result: dict, layers: Sequence[int], n_experts: int, topic: _LevelTest, token_class: _LevelTest
+) -> None:
     """Per layer: the topic and class p-values and per-level deltas of every expert."""
     for b in layers:
         entry = result[f"block {b}"]
@@ -506,9 +543,16 @@ def _fill_level_tests(result: dict, layers: Sequence[int], n_experts: int, topic
         entry["class_deltas"][str(e)] = token_class.deltas(k)
 
 
-def ablation_statistics(losses: AblationLosses, token_class: np.ndarray | None = None,
-                        class_names: Sequence[str] | None = None, *, topic_groups: Sequence[str] = ("test",),
-                        n_bootstrap: int = 1000, n_permutations: int = 1000, seed: int = 0) -> dict:
+def ablation_statistics(
+    losses: AblationLosses,
+    token_class: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
+    *,
+    topic_groups: Sequence[str] = ("test",),
+    n_bootstrap: int = 1000,
+    n_permutations: int = 1000,
+    seed: int = 0,
+) -> dict:
     """The JSON-ready ablation result (see the module doc for the statistics).
 
     ``{"block L": {"experts": {"e": {group: {"delta", "ci"}}}, "topic_p_value": {"e": p}, "topic_deltas":
@@ -527,15 +571,30 @@ def ablation_statistics(losses: AblationLosses, token_class: np.ndarray | None =
     _fill_level_tests(result, layers, n_experts, topic, by_class)
     result["cost"] = dict(losses.cost)
     result["plain"] = plain
-    result["settings"] = {"topic_groups": [n for n in topic_groups if n in losses.groups],
-                          "n_bootstrap": n_bootstrap, "n_permutations": n_permutations, "seed": seed,
-                          "statistic": "token-weighted between-level variance of the per-level loss increases"}
+    result["settings"] = {
+        "topic_groups": [n for n in topic_groups if n in losses.groups],
+        "n_bootstrap": n_bootstrap,
+        "n_permutations": n_permutations,
+        "seed": seed,
+        "statistic": "token-weighted between-level variance of the per-level loss increases",
+    }
     return result
 
 
-def analyze_ablation(model, groups: Mapping, device, batch_size: int, tokenizer=None, *,
-                     topic_groups: Sequence[str] = ("test",), n_bootstrap: int = 1000, n_permutations: int = 1000,
-                     seed: int = 0, reuse_below: bool = True, progress: bool = False) -> dict:
+def analyze_ablation(
+    model,
+    groups: Mapping,
+    device,
+    batch_size: int,
+    tokenizer=None,
+    *,
+    topic_groups: Sequence[str] = ("test",),
+    n_bootstrap: int = 1000,
+    n_permutations: int = 1000,
+    seed: int = 0,
+    reuse_below: bool = True,
+    progress: bool = False,
+) -> dict:
     """ablation_losses + ablation_statistics, with the token classes of ``tokenizer`` (None: no class test)."""
     losses = ablation_losses(model, groups, device, batch_size, reuse_below=reuse_below, progress=progress)
     token_class = class_names = None
@@ -543,8 +602,15 @@ def analyze_ablation(model, groups: Mapping, device, batch_size: int, tokenizer=
         from process_exp_results.routing_stats import token_classes
 
         token_class, class_names = token_classes(tokenizer)
-    return ablation_statistics(losses, token_class, class_names, topic_groups=topic_groups,
-                               n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed)
+    return ablation_statistics(
+        losses,
+        token_class,
+        class_names,
+        topic_groups=topic_groups,
+        n_bootstrap=n_bootstrap,
+        n_permutations=n_permutations,
+        seed=seed,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -584,12 +650,20 @@ class _HeatmapLayout:
     n_cols: int
 
     def heatmap_rect(self) -> tuple[float, float, float, float]:
-        return (self.label_in / self.fig_w, 0.75 / self.fig_h, self.cell_in * self.n_cols / self.fig_w,
-                0.42 * self.n_rows / self.fig_h)
+        return (
+            self.label_in / self.fig_w,
+            0.75 / self.fig_h,
+            self.cell_in * self.n_cols / self.fig_w,
+            0.42 * self.n_rows / self.fig_h,
+        )
 
     def colorbar_rect(self) -> tuple[float, float, float, float]:
-        return ((self.label_in + self.cell_in * self.n_cols + 0.2) / self.fig_w, 0.75 / self.fig_h, 0.18 / self.fig_w,
-                0.42 * self.n_rows / self.fig_h)
+        return (
+            (self.label_in + self.cell_in * self.n_cols + 0.2) / self.fig_w,
+            0.75 / self.fig_h,
+            0.18 / self.fig_w,
+            0.42 * self.n_rows / self.fig_h,
+        )
 
 
 def _heatmap_layout(row_labels: Sequence[str], n_experts: int) -> _HeatmapLayout:
@@ -607,8 +681,15 @@ def _write_cell_values(ax, values: np.ndarray, cmap, norm, fontsize: float) -> N
             value = values[r, c]
             rgba = cmap(norm(value)) if np.isfinite(value) else (0.85, 0.85, 0.85, 1.0)
             dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-            ax.text(c, r, format_number(value, 2, signed=True), ha="center", va="center", fontsize=fontsize,
-                    color="white" if dark else "0.1")
+            ax.text(
+                c,
+                r,
+                format_number(value, 2, signed=True),
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="white" if dark else "0.1",
+            )
 
 
 def _style_heatmap_axes(ax, experts: Sequence[str], row_labels: Sequence[str]) -> None:
@@ -654,8 +735,22 @@ def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
     _style_heatmap_axes(ax, experts, row_labels)
     _draw_colorbar(fig, image, layout.colorbar_rect(), limit)
     fig_h = layout.fig_h
-    fig.suptitle(f"Expert ablation, {layer}: MLM loss increase when one expert is disabled",
-                 fontsize=11.5, fontweight="bold", x=0.02, ha="left", y=1.0 - 0.12 / fig_h, va="top")
-    fig.text(0.02, 1.0 - 0.45 / fig_h, "red = loss rises without the expert, blue = it falls; white = no change",
-             fontsize=8.5, color="0.3", ha="left", va="top")
+    fig.suptitle(
+        f"Expert ablation, {layer}: MLM loss increase when one expert is disabled",
+        fontsize=11.5,
+        fontweight="bold",
+        x=0.02,
+        ha="left",
+        y=1.0 - 0.12 / fig_h,
+        va="top",
+    )
+    fig.text(
+        0.02,
+        1.0 - 0.45 / fig_h,
+        "red = loss rises without the expert, blue = it falls; white = no change",
+        fontsize=8.5,
+        color="0.3",
+        ha="left",
+        va="top",
+    )
     return save_figure_atomic(fig, path)

@@ -156,8 +156,9 @@ def _draw_block_frame(ax, s: _StackLayout) -> None:
             zorder=0,
         )
     )
-    _label(ax, s.cx + 0.2, s.y_blk1 - 0.28, "N × pre-LN encoder block", fontsize=10.5,
-           color="#2b3138", fontweight="bold")
+    _label(
+        ax, s.cx + 0.2, s.y_blk1 - 0.28, "N × pre-LN encoder block", fontsize=10.5, color="#2b3138", fontweight="bold"
+    )
 
 
 def _draw_block_layers(ax, s: _StackLayout):
@@ -199,8 +200,7 @@ def _draw_residuals(ax, s: _StackLayout) -> None:
     """Residual connections in the left lane, from each branch point to its "+"."""
     for y_br, y_add in ((s.y_br1, s.y_add1), (s.y_br2, s.y_add2)):
         ax.add_patch(Circle((s.cx, y_br), 0.045, color=RESID, zorder=4))
-        _arrow(ax, (s.cx, y_br), (s.lane_res, y_br), (s.lane_res, y_add), (s.cx - s.add_r, y_add),
-               color=RESID, lw=1.3)
+        _arrow(ax, (s.cx, y_br), (s.lane_res, y_br), (s.lane_res, y_add), (s.cx - s.add_r, y_add), color=RESID, lw=1.3)
     _label(ax, s.lane_res - 0.17, (s.y_br1 + s.y_add1) / 2, "residual", rotation=90, fontsize=8.5)
     _label(ax, s.lane_res - 0.17, (s.y_br2 + s.y_add2) / 2, "residual", rotation=90, fontsize=8.5)
 
@@ -222,8 +222,15 @@ def _draw_weight_tying(ax, s: _StackLayout) -> None:
             zorder=1,
         )
     )
-    _label(ax, s.lane_tie - 0.16, (s.y_emb + s.y_head) / 2, "tied weights (same matrix)", rotation=90,
-           fontsize=8.5, color="#3c5f95")
+    _label(
+        ax,
+        s.lane_tie - 0.16,
+        (s.y_emb + s.y_head) / 2,
+        "tied weights (same matrix)",
+        rotation=90,
+        fontsize=8.5,
+        color="#3c5f95",
+    )
 
 
 def _encoder_stack(ax):
@@ -267,13 +274,27 @@ def _draw_zoom_panel(ax, z: _ZoomLayout, ffn_box) -> None:
     px0, py0, px1, py1 = z.px0, z.py0, z.px1, z.py1
     ax.add_patch(
         FancyBboxPatch(
-            (px0, py0), px1 - px0, py1 - py0,
+            (px0, py0),
+            px1 - px0,
+            py1 - py0,
             boxstyle="round,pad=0,rounding_size=0.25",
-            facecolor="#fbfcfd", edgecolor=ZOOM, linewidth=1.4, zorder=0,
+            facecolor="#fbfcfd",
+            edgecolor=ZOOM,
+            linewidth=1.4,
+            zorder=0,
         )
     )
-    ax.text((px0 + px1) / 2, py1 - 0.35, "inside an MoE FFN layer", ha="center", va="center",
-            fontsize=12.5, fontweight="bold", color="#2b3138", zorder=5)
+    ax.text(
+        (px0 + px1) / 2,
+        py1 - 0.35,
+        "inside an MoE FFN layer",
+        ha="center",
+        va="center",
+        fontsize=12.5,
+        fontweight="bold",
+        color="#2b3138",
+        zorder=5,
+    )
     fx0, fy0, fx1, fy1 = ffn_box
     for (ax0, ay0), (ax1, ay1) in (((fx1, fy1), (px0, py1 - 0.25)), ((fx1, fy0), (px0, py0 + 0.25))):
         _arrow(ax, (ax0, ay0), (ax1, ay1), color=ZOOM, lw=1.1, ls=(0, (4, 3)), head=False, zorder=0)
@@ -285,9 +306,16 @@ def _draw_routing_boxes(ax, z: _ZoomLayout) -> dict:
         "tok": _box(ax, z.mx, z.y_tok, z.mw, 0.72, "tokens h [n_real, d]\n(padding excluded)", C_DATA),
         "router": _box(ax, z.rx, z.y_tok, z.rw, z.h, "linear router  W_r : d → E", C_ROUTER),
         "soft": _box(ax, z.rx, z.y_soft, z.rw, z.h, "softmax over ALL E experts → P", C_ROUTER),
-        "topk": _box(ax, z.rx, z.y_sort, z.rw, 0.86,
-                     "top-k: expert ids + gate weights\ngate = softmax prob\n(so top-1 gets a gradient)",
-                     C_ROUTER, fontsize=9.5),
+        "topk": _box(
+            ax,
+            z.rx,
+            z.y_sort,
+            z.rw,
+            0.86,
+            "top-k: expert ids + gate weights\ngate = softmax prob\n(so top-1 gets a gradient)",
+            C_ROUTER,
+            fontsize=9.5,
+        ),
         "sort": _box(ax, z.mx, z.y_sort, z.mw, z.h, "sort tokens by expert id", C_DATA),
     }
 
@@ -298,9 +326,14 @@ def _draw_experts(ax, z: _ZoomLayout) -> None:
     ex0, ex1 = mx - 2.15, mx + 2.15
     ax.add_patch(
         FancyBboxPatch(
-            (ex0, z.y_exp0), ex1 - ex0, z.y_exp1 - z.y_exp0,
+            (ex0, z.y_exp0),
+            ex1 - ex0,
+            z.y_exp1 - z.y_exp0,
             boxstyle="round,pad=0,rounding_size=0.15",
-            facecolor="#eaf6ec", edgecolor="#5f9e6e", linewidth=1.2, zorder=1,
+            facecolor="#eaf6ec",
+            edgecolor="#5f9e6e",
+            linewidth=1.2,
+            zorder=1,
         )
     )
     names = ["expert 1", "expert 2", "⋯", "expert E"]
@@ -312,8 +345,7 @@ def _draw_experts(ax, z: _ZoomLayout) -> None:
             ax.text(cx, 4.95, name, ha="center", va="center", fontsize=16, zorder=4)
         else:
             _box(ax, cx, 4.95, bw, 0.7, f"{name}\nFFN", C_MOE, fontsize=9)
-    _label(ax, mx, 5.78, "stacked weights [E, d, d_ff]:\none matmul per expert", fontsize=9,
-           color="#2f5e3a")
+    _label(ax, mx, 5.78, "stacked weights [E, d, d_ff]:\none matmul per expert", fontsize=9, color="#2f5e3a")
 
 
 def _draw_combine_boxes(ax, z: _ZoomLayout, boxes: dict) -> None:
@@ -342,23 +374,42 @@ def _draw_router_path(ax, z: _ZoomLayout, boxes: dict) -> float:
     _label(ax, (topk[0] + sort[2]) / 2, z.y_sort + 0.2, "ids", fontsize=8.5)
     gx = topk[0] + 0.55
     _arrow(ax, (gx, topk[3]), (gx, z.y_scale), (boxes["scale"][2], z.y_scale), color="#a07800", lw=1.4)
-    _label(ax, gx + 0.2, (topk[3] + z.y_scale) / 2, "gate weights", rotation=90, fontsize=8.5,
-           color="#7a5c00")
+    _label(ax, gx + 0.2, (topk[3] + z.y_scale) / 2, "gate weights", rotation=90, fontsize=8.5, color="#7a5c00")
     return gx
 
 
 def _draw_aux_loss_note(ax, z: _ZoomLayout, topk, gx: float) -> None:
     """The auxiliary loss note above top-k, and what f_i and P_i are (between the gate lane and its arrow)."""
-    note = _box(ax, z.rx, 8.85, z.rw, 1.05,
-                "auxiliary loss (added to MLM loss)\n"
-                r"load-balancing  $E \cdot \Sigma_i\, f_i\, P_i$" "\n(+ optional z-loss)",
-                C_NOTE, ec="#d08a00", fontsize=9.5)
+    note = _box(
+        ax,
+        z.rx,
+        8.85,
+        z.rw,
+        1.05,
+        "auxiliary loss (added to MLM loss)\n"
+        r"load-balancing  $E \cdot \Sigma_i\, f_i\, P_i$"
+        "\n(+ optional z-loss)",
+        C_NOTE,
+        ec="#d08a00",
+        fontsize=9.5,
+    )
     ax_x = topk[2] - 0.35
     _arrow(ax, (ax_x, topk[3]), (ax_x, note[1]), color="#d08a00", lw=1.3, ls=(0, (4, 3)))
-    _label(ax, (gx + ax_x) / 2 + 0.05, (topk[3] + note[1]) / 2,
-           r"$f_i$ = fraction of tokens" "\n" r"routed to expert $i$" "\n\n"
-           r"$P_i$ = mean router" "\n" r"softmax prob of expert $i$",
-           fontsize=9, color="#8a5a00", linespacing=1.4)
+    _label(
+        ax,
+        (gx + ax_x) / 2 + 0.05,
+        (topk[3] + note[1]) / 2,
+        r"$f_i$ = fraction of tokens"
+        "\n"
+        r"routed to expert $i$"
+        "\n\n"
+        r"$P_i$ = mean router"
+        "\n"
+        r"softmax prob of expert $i$",
+        fontsize=9,
+        color="#8a5a00",
+        linespacing=1.4,
+    )
 
 
 def _moe_zoom(ax, ffn_box):
@@ -371,9 +422,13 @@ def _moe_zoom(ax, ffn_box):
     _draw_token_path(ax, z, boxes)
     gx = _draw_router_path(ax, z, boxes)
     _draw_aux_loss_note(ax, z, boxes["topk"], gx)
-    _label(ax, (z.px0 + z.px1) / 2, z.py0 + 0.3,
-           "n_real = non-padding tokens of the batch;  E experts, each token goes to k of them",
-           fontsize=8.8)
+    _label(
+        ax,
+        (z.px0 + z.px1) / 2,
+        z.py0 + 0.3,
+        "n_real = non-padding tokens of the batch;  E experts, each token goes to k of them",
+        fontsize=8.8,
+    )
 
 
 def draw_architecture(path: str | Path = DEFAULT_OUT) -> Path:
@@ -387,8 +442,16 @@ def draw_architecture(path: str | Path = DEFAULT_OUT) -> Path:
     ax.axis("off")
     ax.add_patch(Rectangle((0, 0), FIG_W, FIG_H, facecolor="white", edgecolor="none", zorder=-5))
 
-    ax.text(FIG_W / 2, FIG_H - 0.5, "MoE encoder for masked language modelling", ha="center",
-            va="center", fontsize=18, fontweight="bold", color="#1f2328")
+    ax.text(
+        FIG_W / 2,
+        FIG_H - 0.5,
+        "MoE encoder for masked language modelling",
+        ha="center",
+        va="center",
+        fontsize=18,
+        fontweight="bold",
+        color="#1f2328",
+    )
     ffn_box = _encoder_stack(ax)
     _moe_zoom(ax, ffn_box)
     return save_figure_atomic(fig, path, dpi=DPI)
@@ -396,8 +459,9 @@ def draw_architecture(path: str | Path = DEFAULT_OUT) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="PNG to write (default: images/architecture.png in the repo)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="PNG to write (default: images/architecture.png in the repo)"
+    )
     args = parser.parse_args(argv)
     out = draw_architecture(args.out)
     print(out)

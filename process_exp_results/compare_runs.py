@@ -13,6 +13,7 @@ A run without routing_stats.json contributes its metrics only (the table says so
         --out process_exp_results/comparisons/demo_vs_big
     python process_exp_results/compare_runs.py process_exp_results/sweeps/seq_mask
 """
+
 import sys
 from pathlib import Path
 
@@ -45,16 +46,21 @@ def find_runs(paths: list[str]) -> list[dict]:
             sweep = json.loads((path / "sweep.json").read_text(encoding="utf-8"))
             for run in sweep["runs"]:
                 folder = path / "results" / run["tag"]
-                runs.append({"name": run["tag"], "folder": folder, "grid": run.get("grid", {}),
-                             "status": run.get("status")})
+                runs.append(
+                    {"name": run["tag"], "folder": folder, "grid": run.get("grid", {}), "status": run.get("status")}
+                )
         elif (path / "metrics.csv").is_file():
             runs.append({"name": path.name, "folder": path, "grid": {}, "status": None})
         elif path.is_dir() and any(path.glob("*/metrics.csv")):
-            runs += [{"name": sub.parent.name, "folder": sub.parent, "grid": {}, "status": None}
-                     for sub in sorted(path.glob("*/metrics.csv"))]
+            runs += [
+                {"name": sub.parent.name, "folder": sub.parent, "grid": {}, "status": None}
+                for sub in sorted(path.glob("*/metrics.csv"))
+            ]
         else:
-            raise PipelineError(f"{path}: neither a result folder (metrics.csv), a sweep folder (sweep.json) nor a "
-                                f"folder of result folders; run inference/inference.py or sweep.py first")
+            raise PipelineError(
+                f"{path}: neither a result folder (metrics.csv), a sweep folder (sweep.json) nor a "
+                f"folder of result folders; run inference/inference.py or sweep.py first"
+            )
     names = [run["name"] for run in runs]
     for run in runs:  # two folders with one name (results/a/x and results/b/x): use the parent too
         if names.count(run["name"]) > 1:
@@ -66,8 +72,12 @@ def load_run(run: dict) -> dict:
     """metrics (group -> row) and routing stats (or None); a missing metrics.csv marks the run as missing."""
     metrics_path, stats_path = run["folder"] / "metrics.csv", run["folder"] / "routing_stats.json"
     if not metrics_path.is_file():
-        return {**run, "metrics": {}, "stats": None,
-                "note": f"no results ({run['status']})" if run["status"] else "no metrics.csv"}
+        return {
+            **run,
+            "metrics": {},
+            "stats": None,
+            "note": f"no results ({run['status']})" if run["status"] else "no metrics.csv",
+        }
     with open(metrics_path, newline="", encoding="utf-8") as handle:
         metrics = {row["group"]: row for row in csv.DictReader(handle)}
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
@@ -81,11 +91,30 @@ def as_float(value) -> float:
         return math.nan
 
 
-LAYER_COLUMNS = ["topic_nmi", "topic_nmi_ci_low", "topic_nmi_ci_high", "topic_p", "topic_random_mean",
-                 "topic_random_low", "topic_random_high", "topic_probe", "topic_index", "topic_index_ci_low",
-                 "topic_index_ci_high", "topic_specialized", "token_class_nmi", "token_class_index",
-                 "token_class_index_ci_low", "token_class_index_ci_high", "cmi", "cmi_excess", "cmi_excess_ci_low",
-                 "cmi_excess_ci_high", "cmi_p", "explained_by"]
+LAYER_COLUMNS = [
+    "topic_nmi",
+    "topic_nmi_ci_low",
+    "topic_nmi_ci_high",
+    "topic_p",
+    "topic_random_mean",
+    "topic_random_low",
+    "topic_random_high",
+    "topic_probe",
+    "topic_index",
+    "topic_index_ci_low",
+    "topic_index_ci_high",
+    "topic_specialized",
+    "token_class_nmi",
+    "token_class_index",
+    "token_class_index_ci_low",
+    "token_class_index_ci_high",
+    "cmi",
+    "cmi_excess",
+    "cmi_excess_ci_low",
+    "cmi_excess_ci_high",
+    "cmi_p",
+    "explained_by",
+]
 
 
 def layer_values(layer: dict) -> dict:
@@ -95,17 +124,28 @@ def layer_values(layer: dict) -> dict:
     topic, token_class = references.get("topic") or {}, references.get("token_class") or {}
     band = topic.get("random_load_matched") or {}
     nan2 = [math.nan, math.nan]
-    values = {"topic_nmi": layer.get("nmi"), "topic_p": layer.get("p_value"), "topic_random_mean": band.get("mean"),
-              "topic_random_low": band.get("low"), "topic_random_high": band.get("high"),
-              "topic_probe": topic.get("probe"), "topic_index": topic.get("index"),
-              "topic_specialized": is_specialized(topic, layer.get("p_value")) if topic else None,
-              "token_class_nmi": (layer.get("token_class") or {}).get("nmi"),
-              "token_class_index": token_class.get("index"), "cmi": conditional.get("cmi"),
-              "cmi_excess": conditional.get("cmi_excess"), "cmi_p": conditional.get("p_value"),
-              "explained_by": conditional.get("explained_by")}
-    for name, interval in (("topic_nmi", layer.get("nmi_ci")), ("topic_index", topic.get("index_ci")),
-                           ("token_class_index", token_class.get("index_ci")),
-                           ("cmi_excess", conditional.get("cmi_excess_ci"))):
+    values = {
+        "topic_nmi": layer.get("nmi"),
+        "topic_p": layer.get("p_value"),
+        "topic_random_mean": band.get("mean"),
+        "topic_random_low": band.get("low"),
+        "topic_random_high": band.get("high"),
+        "topic_probe": topic.get("probe"),
+        "topic_index": topic.get("index"),
+        "topic_specialized": is_specialized(topic, layer.get("p_value")) if topic else None,
+        "token_class_nmi": (layer.get("token_class") or {}).get("nmi"),
+        "token_class_index": token_class.get("index"),
+        "cmi": conditional.get("cmi"),
+        "cmi_excess": conditional.get("cmi_excess"),
+        "cmi_p": conditional.get("p_value"),
+        "explained_by": conditional.get("explained_by"),
+    }
+    for name, interval in (
+        ("topic_nmi", layer.get("nmi_ci")),
+        ("topic_index", topic.get("index_ci")),
+        ("token_class_index", token_class.get("index_ci")),
+        ("cmi_excess", conditional.get("cmi_excess_ci")),
+    ):
         values[f"{name}_ci_low"], values[f"{name}_ci_high"] = interval or nan2
     return values
 
@@ -126,9 +166,13 @@ def table_rows(runs: list[dict]) -> tuple[list[str], list[dict], dict]:
     for run in runs:
         row = {"run": run["name"], **{key: run["grid"].get(key) for key in grid_keys}, "note": run["note"]}
         for group, metric in run["metrics"].items():
-            row.update({f"{group} mlm_loss": as_float(metric.get("mlm_loss")),
-                        f"{group} accuracy": as_float(metric.get("accuracy")),
-                        f"{group} baseline": as_float(metric.get("majority_accuracy"))})
+            row.update(
+                {
+                    f"{group} mlm_loss": as_float(metric.get("mlm_loss")),
+                    f"{group} accuracy": as_float(metric.get("accuracy")),
+                    f"{group} baseline": as_float(metric.get("majority_accuracy")),
+                }
+            )
         for layer in (run["stats"] or {}).get("layers", []):
             row.update({f"{layer['layer']} {name}": value for name, value in layer_values(layer).items()})
         rows.append(row)
@@ -149,11 +193,16 @@ def _layer_cells(row: dict, layer: str) -> list[str]:
     if row.get(f"{layer} topic_nmi") is None:
         return [MISSING] * 8
     band = [as_float(row.get(f"{layer} topic_random_{end}")) for end in ("low", "high")]
-    return [_with_ci(row, layer, "topic_nmi"), format_p(as_float(row.get(f"{layer} topic_p"))),
-            with_interval(as_float(row.get(f"{layer} topic_random_mean")), band),
-            _with_ci(row, layer, "topic_index", 2), _with_ci(row, layer, "token_class_index", 2),
-            _with_ci(row, layer, "cmi_excess", 4), format_p(as_float(row.get(f"{layer} cmi_p"))),
-            str(row[f"{layer} explained_by"])]
+    return [
+        _with_ci(row, layer, "topic_nmi"),
+        format_p(as_float(row.get(f"{layer} topic_p"))),
+        with_interval(as_float(row.get(f"{layer} topic_random_mean")), band),
+        _with_ci(row, layer, "topic_index", 2),
+        _with_ci(row, layer, "token_class_index", 2),
+        _with_ci(row, layer, "cmi_excess", 4),
+        format_p(as_float(row.get(f"{layer} cmi_p"))),
+        str(row[f"{layer} explained_by"]),
+    ]
 
 
 def markdown_table(rows: list[dict], families: dict) -> str:
@@ -162,14 +211,24 @@ def markdown_table(rows: list[dict], families: dict) -> str:
     header = ["run", *[key.rsplit(".", 1)[-1] for key in grid_keys]]
     header += [f"{group} acc (baseline) / loss" for group in groups]
     for layer in layers:
-        header += [f"{layer} topic NMI [CI]", "p", "random, loads matched", "topic index [CI]", "class index [CI]",
-                   "CMI excess [CI]", "p", "explained by"]
+        header += [
+            f"{layer} topic NMI [CI]",
+            "p",
+            "random, loads matched",
+            "topic index [CI]",
+            "class index [CI]",
+            "CMI excess [CI]",
+            "p",
+            "explained by",
+        ]
     header.append("note")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["run"], *[str(row.get(key)) for key in grid_keys]]
-        cells += [f"{_number(row, f'{g} accuracy')} ({_number(row, f'{g} baseline')}) / "
-                  f"{_number(row, f'{g} mlm_loss', 2)}" for g in groups]
+        cells += [
+            f"{_number(row, f'{g} accuracy')} ({_number(row, f'{g} baseline')}) / {_number(row, f'{g} mlm_loss', 2)}"
+            for g in groups
+        ]
         for layer in layers:
             cells += _layer_cells(row, layer)
         cells.append(row.get("note") or "")
@@ -200,12 +259,21 @@ def comparison_figure(runs: list[dict]) -> Figure:
                 high.append(values["topic_index_ci_high"] - values["topic_index"])
                 specialized.append(bool(values["topic_specialized"]))
         left.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor=colour, capsize=3)
-        left.scatter(xs, ys, color=[colour if flag else "white" for flag in specialized], edgecolors=colour,
-                     zorder=3, label=layer)  # hollow: not called specialized
+        left.scatter(
+            xs,
+            ys,
+            color=[colour if flag else "white" for flag in specialized],
+            edgecolors=colour,
+            zorder=3,
+            label=layer,
+        )  # hollow: not called specialized
     left.axhline(0.0, color="0.4", linewidth=0.9, linestyle="--")
     left.axhline(1.0, color="0.6", linewidth=0.8, linestyle=":")
-    left.set_title("Topic specialization index, 95% interval (0 = random router, 1 = best linear router)\n"
-                   "filled: topic-specialized (interval clear of 0 and p <= 0.01)", fontsize=10)
+    left.set_title(
+        "Topic specialization index, 95% interval (0 = random router, 1 = best linear router)\n"
+        "filled: topic-specialized (interval clear of 0 and p <= 0.01)",
+        fontsize=10,
+    )
     left.set_ylabel("specialization index")
     if layers:
         left.legend(fontsize=8, title="MoE layer", title_fontsize=8)
@@ -230,16 +298,25 @@ def comparison_figure(runs: list[dict]) -> Figure:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("results", nargs="+", metavar="RESULT_DIR",
-                        help="step 4 result folders (<save_path>/<tag>), folders of them, or sweep folders")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="where the table and figure go; default: <sweep>/comparison for one sweep folder, "
-                             "else process_exp_results/comparison")
+    parser.add_argument(
+        "results",
+        nargs="+",
+        metavar="RESULT_DIR",
+        help="step 4 result folders (<save_path>/<tag>), folders of them, or sweep folders",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where the table and figure go; default: <sweep>/comparison for one sweep folder, "
+        "else process_exp_results/comparison",
+    )
     args = parser.parse_args()
     runs = [load_run(run) for run in find_runs(args.results)]
     single_sweep = len(args.results) == 1 and (Path(args.results[0]) / "sweep.json").is_file()
-    out_dir = Path(args.out or (Path(args.results[0]) / "comparison" if single_sweep
-                                else "process_exp_results/comparison"))
+    out_dir = Path(
+        args.out or (Path(args.results[0]) / "comparison" if single_sweep else "process_exp_results/comparison")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     columns, rows, families = table_rows(runs)
     buffer = io.StringIO()
@@ -249,11 +326,13 @@ def main() -> None:
     write_text_atomic(out_dir / "comparison.csv", buffer.getvalue())
     markdown = markdown_table(rows, families)
     missing = [run["name"] for run in runs if run["stats"] is None]
-    notes = ["acc = masked-token accuracy; baseline = always the group's most frequent masked token; "
-             "NMI: top choice vs document topic, 95% document-bootstrap interval, p from a document-level "
-             "permutation; random: what random routers with the trained loads give on the same hidden states "
-             "(mean [2.5, 97.5%]); index: 0 = no more than such a router, 1 = as much as the best linear router; "
-             "CMI excess = I(expert; topic | token) minus its permutation null."]
+    notes = [
+        "acc = masked-token accuracy; baseline = always the group's most frequent masked token; "
+        "NMI: top choice vs document topic, 95% document-bootstrap interval, p from a document-level "
+        "permutation; random: what random routers with the trained loads give on the same hidden states "
+        "(mean [2.5, 97.5%]); index: 0 = no more than such a router, 1 = as much as the best linear router; "
+        "CMI excess = I(expert; topic | token) minus its permutation null."
+    ]
     if missing:
         notes.append(f"{len(missing)} run(s) without routing_stats.json (metrics only): {', '.join(missing)}")
     write_text_atomic(out_dir / "comparison.md", markdown + "\n\n" + "\n".join(notes) + "\n")

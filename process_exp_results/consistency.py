@@ -32,6 +32,7 @@ natural extra question is about the pieces of one word. Per MoE layer, over the 
 The held-out topics are left out unless ``pool_held_out``, as in ``routing_stats.analyze_routing``. Vectorized
 numpy; seeded: same inputs and seed, same output.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -43,8 +44,14 @@ from process_exp_results.references import Band, RouterSample, random_choices
 from process_exp_results.resampling import Cells, bootstrap_weights, percentile_ci, rng_for
 from process_exp_results.routing_stats import RoutingRecords
 
-__all__ = ["analyze_consistency", "consecutive_pairs", "consecutive_rate", "continuation_ids",
-           "random_router_reference", "reference_from_choices"]
+__all__ = [
+    "analyze_consistency",
+    "consecutive_pairs",
+    "consecutive_rate",
+    "continuation_ids",
+    "random_router_reference",
+    "reference_from_choices",
+]
 
 BOOTSTRAP_PURPOSE = 30  # rng_for(seed, 30): this module's bootstrap; routing_stats uses 1-5, references 20-22
 RANDOM_ROUTERS_PURPOSE = 20  # rng_for(seed, 20, layer): the very routers layer_references draws
@@ -64,8 +71,9 @@ def continuation_ids(id_to_token: list[str]) -> np.ndarray:
     return np.array([tok is not None and tok.startswith("##") and len(tok) > 2 for tok in id_to_token], dtype=bool)
 
 
-def consecutive_rate(choices: np.ndarray, doc_id: np.ndarray, position: np.ndarray,
-                     n_experts: int | None = None) -> np.ndarray | float:
+def consecutive_rate(
+    choices: np.ndarray, doc_id: np.ndarray, position: np.ndarray, n_experts: int | None = None
+) -> np.ndarray | float:
     """The share of consecutive pairs that share their top-1 expert, for one router ([n] choices -> float) or many
     ([R, n] -> [R]). A choice < 0 or >= n_experts (expert choice's "no expert", E in references.SelectionRule)
     takes its pairs out. For step 4: the top-1 choices of random routers for all tokens of some documents."""
@@ -87,8 +95,15 @@ def _load_chance(table: np.ndarray, n_endpoints: float, k: int = 1) -> float | N
     return float(np.sum((table / n_endpoints) ** 2) / k) if n_endpoints > 0 else None
 
 
-def _within_document_chance(doc: np.ndarray, holds: np.ndarray, routed: np.ndarray, pairs_per_doc: np.ndarray,
-                            n_docs: int, n_experts: int, k: int) -> float | None:
+def _within_document_chance(
+    doc: np.ndarray,
+    holds: np.ndarray,
+    routed: np.ndarray,
+    pairs_per_doc: np.ndarray,
+    n_docs: int,
+    n_experts: int,
+    k: int,
+) -> float | None:
     """Expected pair rate (overlap / k) when each document's routed tokens are shuffled among its routed positions.
 
     holds: [n, E] bool, the token's (top-1 or top-k) set holds the expert; routed: [n] bool."""
@@ -115,8 +130,16 @@ def _none_if_nan(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
-def _layer_consistency(experts: np.ndarray, doc: np.ndarray, first: np.ndarray, second: np.ndarray,
-                       continuation_pair: np.ndarray, n_docs: int, n_experts: int, boot: list[np.ndarray]) -> dict:
+def _layer_consistency(
+    experts: np.ndarray,
+    doc: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    continuation_pair: np.ndarray,
+    n_docs: int,
+    n_experts: int,
+    boot: list[np.ndarray],
+) -> dict:
     """One layer. experts: [n, k] (-1 = none); first/second: the consecutive pairs (rows); boot: weight draws."""
     E, k = n_experts, experts.shape[1]
     top1 = experts[:, 0]
@@ -148,7 +171,10 @@ def _layer_consistency(experts: np.ndarray, doc: np.ndarray, first: np.ndarray, 
         "within_document_chance": _within_document_chance(doc, top1_holds, routed, pairs_d, n_docs, E, 1),
         "top1_excess": _none_if_nan(rate - base) if base is not None else None,
         "top1_excess_ci": percentile_ci(excess_draws),
-        "topk_overlap": None, "topk_overlap_ci": None, "topk_chance": None, "topk_within_document_chance": None,
+        "topk_overlap": None,
+        "topk_overlap_ci": None,
+        "topk_chance": None,
+        "topk_within_document_chance": None,
         "word_piece_rate": _none_if_nan(piece_rate),
         "word_piece_rate_ci": percentile_ci([_ratio(piece_same_d, piece_d, w) for w in boot]),
         "word_piece_chance": chance(piece_endpoints),
@@ -164,11 +190,14 @@ def _layer_consistency(experts: np.ndarray, doc: np.ndarray, first: np.ndarray, 
         holds[np.repeat(np.arange(len(top1)), k), np.where(experts >= 0, experts, E).ravel()] = True
         holds = holds[:, :E]
         end_holds = np.r_[holds[a], holds[b]].sum(0).astype(np.float64)
-        out.update({"topk_overlap": _none_if_nan(_ratio(overlap_d, pairs_d)),
-                    "topk_overlap_ci": percentile_ci([_ratio(overlap_d, pairs_d, w) for w in boot]),
-                    "topk_chance": _load_chance(end_holds, 2.0 * len(a), k),
-                    "topk_within_document_chance": _within_document_chance(doc, holds, routed, pairs_d, n_docs, E,
-                                                                           k)})
+        out.update(
+            {
+                "topk_overlap": _none_if_nan(_ratio(overlap_d, pairs_d)),
+                "topk_overlap_ci": percentile_ci([_ratio(overlap_d, pairs_d, w) for w in boot]),
+                "topk_chance": _load_chance(end_holds, 2.0 * len(a), k),
+                "topk_within_document_chance": _within_document_chance(doc, holds, routed, pairs_d, n_docs, E, k),
+            }
+        )
     return out
 
 
@@ -179,9 +208,15 @@ def _analysed_rows(records: RoutingRecords, pool_held_out: bool) -> np.ndarray:
     return np.flatnonzero(~np.asarray(records.held_out, bool))
 
 
-def analyze_consistency(records: RoutingRecords, id_to_token: list[str], n_boot: int = 200, seed: int = 0,
-                        pool_held_out: bool = False, router_sample: RouterSample | None = None,
-                        n_random_routers: int = 50) -> dict[str, dict]:
+def analyze_consistency(
+    records: RoutingRecords,
+    id_to_token: list[str],
+    n_boot: int = 200,
+    seed: int = 0,
+    pool_held_out: bool = False,
+    router_sample: RouterSample | None = None,
+    n_random_routers: int = 50,
+) -> dict[str, dict]:
     """Per layer name ("block 0") the consistency measures of the module docstring, JSON-ready.
 
     router_sample: the sampled router inputs (None: ``random_reference`` is None); the random routers are
@@ -202,16 +237,25 @@ def analyze_consistency(records: RoutingRecords, id_to_token: list[str], n_boot:
     boot = [bootstrap_weights(rng, n_docs) for _ in range(n_boot)]  # one set of draws for every layer
     out = {}
     for li, name in enumerate(records.layer_names):
-        out[name] = _layer_consistency(experts[rows, li, :], doc, first, second, continuation_pair, n_docs,
-                                       int(records.n_experts), boot)
+        out[name] = _layer_consistency(
+            experts[rows, li, :], doc, first, second, continuation_pair, n_docs, int(records.n_experts), boot
+        )
         if router_sample is not None:
-            out[name]["random_reference"] = random_router_reference(records, router_sample, li, n_random_routers,
-                                                                    seed, pool_held_out)
+            out[name]["random_reference"] = random_router_reference(
+                records, router_sample, li, n_random_routers, seed, pool_held_out
+            )
     return out
 
 
-def reference_from_choices(records: RoutingRecords, rows: np.ndarray, trained: np.ndarray, plain: np.ndarray,
-                           matched: np.ndarray, n_experts: int, pool_held_out: bool = False) -> dict:
+def reference_from_choices(
+    records: RoutingRecords,
+    rows: np.ndarray,
+    trained: np.ndarray,
+    plain: np.ndarray,
+    matched: np.ndarray,
+    n_experts: int,
+    pool_held_out: bool = False,
+) -> dict:
     """The random-router reference from top-1 choices already computed on some rows of the records.
 
     rows: [n] record rows (e.g. RouterSample.rows); trained [n], plain [R, n], matched [R, n]: top experts of the
@@ -234,20 +278,30 @@ def reference_from_choices(records: RoutingRecords, rows: np.ndarray, trained: n
     rates = consecutive_rate(stacked, doc_id, position, n_experts)
     share = float(len(first) / len(all_first)) if len(all_first) else None
     if not np.isfinite(rates[0]):
-        return {"trained": None, "random": None, "random_load_matched": None, "n_pairs": 0,
-                "sampled_pair_share": share}
+        return {"trained": None, "random": None, "random_load_matched": None, "n_pairs": 0, "sampled_pair_share": share}
 
     def band(values: np.ndarray) -> dict | None:
         values = values[np.isfinite(values)]
         return asdict(Band.of(values, float(rates[0]))) if values.size else None
 
     n_plain = plain.shape[0]
-    return {"trained": float(rates[0]), "random": band(rates[1:1 + n_plain]),
-            "random_load_matched": band(rates[1 + n_plain:]), "n_pairs": n_pairs, "sampled_pair_share": share}
+    return {
+        "trained": float(rates[0]),
+        "random": band(rates[1 : 1 + n_plain]),
+        "random_load_matched": band(rates[1 + n_plain :]),
+        "n_pairs": n_pairs,
+        "sampled_pair_share": share,
+    }
 
 
-def random_router_reference(records: RoutingRecords, sample: RouterSample, layer: int, n_random: int = 50,
-                            seed: int = 0, pool_held_out: bool = False) -> dict:
+def random_router_reference(
+    records: RoutingRecords,
+    sample: RouterSample,
+    layer: int,
+    n_random: int = 50,
+    seed: int = 0,
+    pool_held_out: bool = False,
+) -> dict:
     """The consecutive top-1 rate of random routers (plain and load-matched) on the sampled router inputs of one
     layer, beside the trained router's on the same pairs: ``reference_from_choices`` of ``references.random_choices``
     with layer_references' generator, so these are the routers its NMI references use. Costs one more draw and load
@@ -257,7 +311,9 @@ def random_router_reference(records: RoutingRecords, sample: RouterSample, layer
     keep = analysed[sample.rows]  # as routing_stats._references: the load-matching target is over these tokens
     x = torch.from_numpy(np.ascontiguousarray(sample.inputs[layer][keep]))
     weight = sample.weights[layer]
-    trained, plain, matched, _ = random_choices(x, weight, sample.rule, sample.batch[keep], n_random,
-                                                rng_for(seed, RANDOM_ROUTERS_PURPOSE, layer))
-    return reference_from_choices(records, sample.rows[keep], trained.numpy(), plain.numpy(), matched.numpy(),
-                                  weight.shape[0], pool_held_out)
+    trained, plain, matched, _ = random_choices(
+        x, weight, sample.rule, sample.batch[keep], n_random, rng_for(seed, RANDOM_ROUTERS_PURPOSE, layer)
+    )
+    return reference_from_choices(
+        records, sample.rows[keep], trained.numpy(), plain.numpy(), matched.numpy(), weight.shape[0], pool_held_out
+    )

@@ -7,13 +7,22 @@ value, one compact count. Reports, tables, console lines and figure labels all u
   it is an upper bound, written "≤0.005"; in running text ``p_text`` gives "p=0.15" / "p≤0.005".
 - ``MISSING`` ("n/a") for None and NaN, everywhere.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
 
-__all__ = ["MISSING", "format_count", "format_interval", "format_number", "format_p", "is_missing", "p_text",
-           "with_interval"]
+__all__ = [
+    "MISSING",
+    "format_count",
+    "format_interval",
+    "format_number",
+    "format_p",
+    "is_missing",
+    "p_text",
+    "with_interval",
+]
 
 MISSING = "n/a"
 
@@ -39,7 +48,7 @@ def format_number(value, digits: int = 3, signed: bool = False) -> str:
     if isinstance(value, numbers.Integral):
         return f"{int(value):{sign}d}"
     value = float(value)
-    if value != 0 and abs(value) < 10.0 ** -digits:
+    if value != 0 and abs(value) < 10.0**-digits:
         return f"{value:{sign}.{digits}g}"
     return f"{value:{sign}.{digits}f}"
 

@@ -3,6 +3,7 @@
 Plug-in estimates (counts / total). The ``*_many`` forms take a stack of tables ([..., X, Y]) and return one value
 per table, so R random routers or B bootstrap draws cost one call.
 """
+
 from __future__ import annotations
 
 import math

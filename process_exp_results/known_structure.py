@@ -23,6 +23,7 @@ known_structure.md / known_structure.json. About 10 minutes on 2 CPU cores:
     python process_exp_results/known_structure.py --out process_exp_results/known_structure
 Extra --set options apply to every run (e.g. --set train.max_steps=400); --arms and --seeds pick a subset.
 """
+
 import sys
 from pathlib import Path
 
@@ -40,29 +41,57 @@ from process_exp_results.routing_stats import ALPHA, is_specialized, permutation
 from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
 
 ARMS = {
-    "overlap_0": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": False,
-                  "train.router_supervision": None},
-    "overlap_1": {"dataset.load_params.builtin.topic_overlap": 1.0, "train.freeze_router": False,
-                  "train.router_supervision": None},
-    "frozen": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": True,
-               "train.router_supervision": None},
-    "supervised": {"dataset.load_params.builtin.topic_overlap": 0.0, "train.freeze_router": False,
-                   "train.router_supervision": "topic"},
+    "overlap_0": {
+        "dataset.load_params.builtin.topic_overlap": 0.0,
+        "train.freeze_router": False,
+        "train.router_supervision": None,
+    },
+    "overlap_1": {
+        "dataset.load_params.builtin.topic_overlap": 1.0,
+        "train.freeze_router": False,
+        "train.router_supervision": None,
+    },
+    "frozen": {
+        "dataset.load_params.builtin.topic_overlap": 0.0,
+        "train.freeze_router": True,
+        "train.router_supervision": None,
+    },
+    "supervised": {
+        "dataset.load_params.builtin.topic_overlap": 0.0,
+        "train.freeze_router": False,
+        "train.router_supervision": "topic",
+    },
 }
 SPECIALIZED_TEXT = {True: "yes", False: "no", None: "undecided"}
 RANDOM_CLEARS = 0.04  # measured: a random router's index interval cleared 0 in 8 of 200 synthetic simulations
 SUPERVISED_LOWER_BOUND = 0.5  # the positive control's index interval must sit above this in every layer
 # tiny but meaningful: 4 topics (one held out, small), 2 MoE blocks of 4 experts, a few hundred steps
 SIZES = {
-    "dataset.load_params.builtin.n_topics": 4, "dataset.load_params.builtin.n_docs": 3000,
-    "dataset.load_params.train_len": 2000, "dataset.load_params.valid_len": 100,
-    "dataset.load_params.test_len": 300, "dataset.load_params.topic_len": 20,
-    "dataset.data_params.eval_topics": ["gaming"], "dataset.data_params.tokenizer_vocab_size": 800,
+    "dataset.load_params.builtin.n_topics": 4,
+    "dataset.load_params.builtin.n_docs": 3000,
+    "dataset.load_params.train_len": 2000,
+    "dataset.load_params.valid_len": 100,
+    "dataset.load_params.test_len": 300,
+    "dataset.load_params.topic_len": 20,
+    "dataset.data_params.eval_topics": ["gaming"],
+    "dataset.data_params.tokenizer_vocab_size": 800,
     "dataset.data_params.num_proc": 1,
-    "model.seq_len": 48, "model.embedding_dim": 64, "model.num_head": 2, "model.n_encoder_blocks": 2,
-    "model.n_experts": 4, "model.top_k_experts": 1, "model.moe_dim": 128, "model.dropout": 0.0,
-    "train.max_steps": 200, "train.batch_size": 32, "train.learning_rate": 3e-3, "train.eval_steps": 200,
-    "train.eval_batches": 2, "train.save_steps": 200, "train.keep_checkpoints": 1, "train.device": "cpu",
+    "model.seq_len": 48,
+    "model.embedding_dim": 64,
+    "model.num_head": 2,
+    "model.n_encoder_blocks": 2,
+    "model.n_experts": 4,
+    "model.top_k_experts": 1,
+    "model.moe_dim": 128,
+    "model.dropout": 0.0,
+    "train.max_steps": 200,
+    "train.batch_size": 32,
+    "train.learning_rate": 3e-3,
+    "train.eval_steps": 200,
+    "train.eval_batches": 2,
+    "train.save_steps": 200,
+    "train.keep_checkpoints": 1,
+    "train.device": "cpu",
 }
 
 
@@ -74,10 +103,9 @@ def layer_threshold(n_layers: int) -> float:
 
 def specialized(layer: dict, n_layers: int) -> bool:
     """Topic specialization in a layer: the topic index interval is clear of 0 and p <= ALPHA / n_layers."""
-    return is_specialized((layer.get("references") or {}).get("topic"), layer.get("p_value"),
-                          alpha=layer_threshold(n_layers))
-
-
+    return is_specialized(
+        (layer.get("references") or {}).get("topic"), layer.get("p_value"), alpha=layer_threshold(n_layers)
+    )
 
 
 def expectation(arm: str, layers: list[dict]) -> str:
@@ -90,8 +118,10 @@ def expectation(arm: str, layers: list[dict]) -> str:
     if arm == "supervised":
         low = [layer["index_ci"][0] if layer["index_ci"] else float("-inf") for layer in layers]
         met = sum(value > SUPERVISED_LOWER_BOUND for value in low)
-        return (f"{'as expected' if met == len(layers) else 'NOT as expected'} ({met} of {len(layers)} layer-seed "
-                f"pairs with an index lower bound above {SUPERVISED_LOWER_BOUND}; lowest {format_number(min(low), 2)})")
+        return (
+            f"{'as expected' if met == len(layers) else 'NOT as expected'} ({met} of {len(layers)} layer-seed "
+            f"pairs with an index lower bound above {SUPERVISED_LOWER_BOUND}; lowest {format_number(min(low), 2)})"
+        )
     return f"reported ({pairs})"
 
 
@@ -103,8 +133,16 @@ def summarize(runs: list[dict], results_root: Path, n_perm: int) -> dict:
     rows = []
     for run in runs:
         folder = results_root / run["tag"]
-        row = {"arm": run["arm"], "seed": run["seed"], "tag": run["tag"], "status": run["status"], "layers": [],
-               "test_accuracy": None, "test_baseline": None, "specialized": None}
+        row = {
+            "arm": run["arm"],
+            "seed": run["seed"],
+            "tag": run["tag"],
+            "status": run["status"],
+            "layers": [],
+            "test_accuracy": None,
+            "test_baseline": None,
+            "specialized": None,
+        }
         if (folder / "metrics.csv").is_file():
             with open(folder / "metrics.csv", newline="", encoding="utf-8") as handle:
                 test = {r["group"]: r for r in csv.DictReader(handle)}.get("test", {})
@@ -118,18 +156,30 @@ def summarize(runs: list[dict], results_root: Path, n_perm: int) -> dict:
             for layer in stats["layers"]:
                 conditional = layer.get("conditional_topic") or {}
                 reference = (layer.get("references") or {}).get("topic") or {}
-                row["layers"].append({
-                    "layer": layer["layer"], "topic_nmi": layer["nmi"], "topic_nmi_ci": layer["nmi_ci"],
-                    "topic_p": layer["p_value"], "random_load_matched": reference.get("random_load_matched"),
-                    "probe": reference.get("probe"), "index": reference.get("index"),
-                    "index_ci": reference.get("index_ci"), "cmi_excess": conditional.get("cmi_excess"),
-                    "cmi_excess_ci": conditional.get("cmi_excess_ci"), "cmi_p": conditional.get("p_value"),
-                    "explained_by": conditional.get("explained_by"), "specialized": specialized(layer, n_layers)})
+                row["layers"].append(
+                    {
+                        "layer": layer["layer"],
+                        "topic_nmi": layer["nmi"],
+                        "topic_nmi_ci": layer["nmi_ci"],
+                        "topic_p": layer["p_value"],
+                        "random_load_matched": reference.get("random_load_matched"),
+                        "probe": reference.get("probe"),
+                        "index": reference.get("index"),
+                        "index_ci": reference.get("index_ci"),
+                        "cmi_excess": conditional.get("cmi_excess"),
+                        "cmi_excess_ci": conditional.get("cmi_excess_ci"),
+                        "cmi_p": conditional.get("p_value"),
+                        "explained_by": conditional.get("explained_by"),
+                        "specialized": specialized(layer, n_layers),
+                    }
+                )
             if n_perm < permutations_needed(row["p_threshold"]):  # no layer can pass the permutation condition
                 for layer in row["layers"]:
                     layer["specialized"] = None
-                row["note"] = (f"--n-perm {n_perm} cannot give p <= {row['p_threshold']:g}, so no layer is called "
-                               f"specialized (use --n-perm {permutations_needed(row['p_threshold'])} or more)")
+                row["note"] = (
+                    f"--n-perm {n_perm} cannot give p <= {row['p_threshold']:g}, so no layer is called "
+                    f"specialized (use --n-perm {permutations_needed(row['p_threshold'])} or more)"
+                )
             row["specialized"] = any(layer["specialized"] for layer in row["layers"]) if not row.get("note") else None
         rows.append(row)
     verdicts = {}
@@ -137,35 +187,48 @@ def summarize(runs: list[dict], results_root: Path, n_perm: int) -> dict:
         arm_rows = [row for row in rows if row["arm"] == arm]
         notes = sorted({row["note"] for row in arm_rows if row.get("note")})
         # every layer needs its references: without them there is no index to judge
-        complete = all(row["layers"] and all(layer["random_load_matched"] for layer in row["layers"])
-                       for row in arm_rows)
-        verdicts[arm] = ("incomplete (runs failed, or step 4 computed no references: --max-router-inputs 0)"
-                         if not complete else expectation(arm, [layer for row in arm_rows for layer in row["layers"]])
-                         + (f"; {notes[0]}" if notes else ""))
-    return {"criterion": f"a layer is topic-specialized when its topic specialization index interval (documents and "
-                         f"random routers resampled) is clear of 0 and its permutation p <= {ALPHA} / (the run's "
-                         f"number of MoE layers)",
-            "runs": rows, "verdicts": verdicts}
+        complete = all(
+            row["layers"] and all(layer["random_load_matched"] for layer in row["layers"]) for row in arm_rows
+        )
+        verdicts[arm] = (
+            "incomplete (runs failed, or step 4 computed no references: --max-router-inputs 0)"
+            if not complete
+            else expectation(arm, [layer for row in arm_rows for layer in row["layers"]])
+            + (f"; {notes[0]}" if notes else "")
+        )
+    return {
+        "criterion": f"a layer is topic-specialized when its topic specialization index interval (documents and "
+        f"random routers resampled) is clear of 0 and its permutation p <= {ALPHA} / (the run's "
+        f"number of MoE layers)",
+        "runs": rows,
+        "verdicts": verdicts,
+    }
 
 
 def markdown(summary: dict) -> str:
     n_perm = (summary.get("settings") or {}).get("n_perm")
-    lines = ["| arm | seed | layer | topic NMI [95% CI] | random routers, loads matched | best linear | index [95% CI] "
-             "| p | CMI excess [95% CI] | specialized | test acc (baseline) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | seed | layer | topic NMI [95% CI] | random routers, loads matched | best linear | index [95% CI] "
+        "| p | CMI excess [95% CI] | specialized | test acc (baseline) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in summary["runs"]:
         accuracy = f"{format_number(row['test_accuracy'])} ({format_number(row['test_baseline'])})"
         if not row["layers"]:
-            lines.append(f"| {row['arm']} | {row['seed']} | {MISSING} | {row['status']}: no routing_stats.json "
-                         f"| | | | | | | {accuracy} |")
+            lines.append(
+                f"| {row['arm']} | {row['seed']} | {MISSING} | {row['status']}: no routing_stats.json "
+                f"| | | | | | | {accuracy} |"
+            )
         for layer in row["layers"]:
-            lines.append(f"| {row['arm']} | {row['seed']} | {layer['layer']} "
-                         f"| {with_interval(layer['topic_nmi'], layer['topic_nmi_ci'])} "
-                         f"| {band_text(layer['random_load_matched'])} | {format_number(layer['probe'])} "
-                         f"| {with_interval(layer['index'], layer['index_ci'], 2)} "
-                         f"| {format_p(layer['topic_p'], n_perm)} "
-                         f"| {with_interval(layer['cmi_excess'], layer['cmi_excess_ci'], 4)} "
-                         f"| {SPECIALIZED_TEXT[layer['specialized']]} | {accuracy} |")
+            lines.append(
+                f"| {row['arm']} | {row['seed']} | {layer['layer']} "
+                f"| {with_interval(layer['topic_nmi'], layer['topic_nmi_ci'])} "
+                f"| {band_text(layer['random_load_matched'])} | {format_number(layer['probe'])} "
+                f"| {with_interval(layer['index'], layer['index_ci'], 2)} "
+                f"| {format_p(layer['topic_p'], n_perm)} "
+                f"| {with_interval(layer['cmi_excess'], layer['cmi_excess_ci'], 4)} "
+                f"| {SPECIALIZED_TEXT[layer['specialized']]} | {accuracy} |"
+            )
     lines.append("")
     lines += [f"- {arm}: {verdict}" for arm, verdict in summary["verdicts"].items()]
     lines.append(f"\nCriterion: {summary['criterion']}.")
@@ -174,14 +237,24 @@ def markdown(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default="process_exp_results/known_structure", metavar="DIR",
-                        help="the experiment's folder (a sweep folder, plus the table)")
+    parser.add_argument(
+        "--out",
+        default="process_exp_results/known_structure",
+        metavar="DIR",
+        help="the experiment's folder (a sweep folder, plus the table)",
+    )
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (train.random_seed 0..N-1)")
     parser.add_argument("--n-boot", type=int, default=200, help="step 4: bootstrap resamples per interval")
     parser.add_argument("--n-perm", type=int, default=200, help="step 4: permutations per p-value")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ROLE.KEY=VALUE",
-                        help=SET_HELP + " Applied after the experiment's own sizes.")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="ROLE.KEY=VALUE",
+        help=SET_HELP + " Applied after the experiment's own sizes.",
+    )
     parser.add_argument("--overwrite", action="store_true", help="redo finished runs")
     args = parser.parse_args()
     arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
@@ -196,10 +269,14 @@ def main() -> None:
             raise PipelineError(f"--set {text}: the experiment sets this key itself")
     out_dir = Path(args.out)
     sizes = [f"{key}={json.dumps(value)}" for key, value in SIZES.items()]
-    runner = argparse.Namespace(config_dataset="demo/dataset_params.yaml", config_model="demo/model_params.yaml",
-                                config_train="demo/train_params.yaml", overrides=[*sizes, f"train.aim_repo={out_dir}", *args.overrides],
-                                overwrite=args.overwrite,
-                                step4_options=["--n-boot", str(args.n_boot), "--n-perm", str(args.n_perm)])
+    runner = argparse.Namespace(
+        config_dataset="demo/dataset_params.yaml",
+        config_model="demo/model_params.yaml",
+        config_train="demo/train_params.yaml",
+        overrides=[*sizes, f"train.aim_repo={out_dir}", *args.overrides],
+        overwrite=args.overwrite,
+        step4_options=["--n-boot", str(args.n_boot), "--n-perm", str(args.n_perm)],
+    )
     assignments, tags, labels = [], [], []
     for arm in arms:
         for seed in range(args.seeds):
@@ -212,8 +289,13 @@ def main() -> None:
     print(f"known structure: {len(runs)} runs ({', '.join(arms)} x {args.seeds} seeds) in {out_dir}")
     execute(runner, runs, out_dir, {"experiment": "known_structure", "arms": {arm: ARMS[arm] for arm in arms}})
     summary = summarize(runs, out_dir / "results", args.n_perm)
-    summary["settings"] = {"sizes": SIZES, "sets": list(args.overrides), "n_boot": args.n_boot,
-                           "n_perm": args.n_perm, "seeds": args.seeds}
+    summary["settings"] = {
+        "sizes": SIZES,
+        "sets": list(args.overrides),
+        "n_boot": args.n_boot,
+        "n_perm": args.n_perm,
+        "seeds": args.seeds,
+    }
     write_json_atomic(out_dir / "known_structure.json", summary)
     table = markdown(summary)
     write_text_atomic(out_dir / "known_structure.md", table + "\n")

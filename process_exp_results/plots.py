@@ -76,14 +76,10 @@ def _as_count_matrix(name: str, arr) -> np.ndarray:
     """Validate one [n_layers, n_experts] count array and return it as float."""
     a = np.asarray(arr)
     if a.ndim != 2:
-        raise ValueError(
-            f"{name}: expected a 2-D count array [n_layers, n_experts], "
-            f"got shape {a.shape}"
-        )
+        raise ValueError(f"{name}: expected a 2-D count array [n_layers, n_experts], got shape {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"{name}: count array is empty (shape {a.shape})")
-    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
-            or a.dtype == bool):
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating) or a.dtype == bool):
         raise ValueError(f"{name}: counts must be numeric, got dtype {a.dtype}")
     a = a.astype(np.float64)
     if not np.all(np.isfinite(a)):
@@ -115,6 +111,7 @@ def _series_colours(n: int, ordered: bool) -> list:
 @dataclass
 class _ShareLayout:
     """Sizes of the grouped bar chart, in inches (bottom -> top: x labels, axes, legend, title)."""
+
     fig_w: float
     fig_h: float
     bottom_in: float
@@ -136,12 +133,14 @@ def _share_layout(n_series: int, n_experts: int, series_labels: Sequence[str]) -
     axes_h_in = min(5.5, _AXES_HEIGHT_IN + 0.06 * max(0.0, fig_w - 12.0))
     legend_in = 0.32 + 0.24 * legend_rows
     title_in = 0.55
-    return _ShareLayout(fig_w, bottom_in + axes_h_in + legend_in + title_in, bottom_in, fig_w - _SIDE_MARGIN_IN,
-                        axes_h_in, ncol)
+    return _ShareLayout(
+        fig_w, bottom_in + axes_h_in + legend_in + title_in, bottom_in, fig_w - _SIDE_MARGIN_IN, axes_h_in, ncol
+    )
 
 
-def _draw_share_bars(ax, counts: np.ndarray, shares: np.ndarray, series_labels: Sequence[str], colours: list,
-                     layout: _ShareLayout) -> float:
+def _draw_share_bars(
+    ax, counts: np.ndarray, shares: np.ndarray, series_labels: Sequence[str], colours: list, layout: _ShareLayout
+) -> float:
     """One bar per series in each expert slot, labelled with its raw count; returns the label font size."""
     n_series, n_experts = counts.shape
     x = np.arange(n_experts, dtype=float)
@@ -153,8 +152,16 @@ def _draw_share_bars(ax, counts: np.ndarray, shares: np.ndarray, series_labels: 
     bar_pts = layout.axes_w_in * 72.0 / n_experts * bar_w
     fontsize = float(np.clip(bar_pts * 0.75, 4.5, _COUNT_FONTSIZE))
     for i in range(n_series):
-        bars = ax.bar(x + offsets[i], shares[i], width=bar_w * 0.92, color=colours[i], edgecolor="white",
-                      linewidth=0.4, label=series_labels[i], zorder=2)
+        bars = ax.bar(
+            x + offsets[i],
+            shares[i],
+            width=bar_w * 0.92,
+            color=colours[i],
+            edgecolor="white",
+            linewidth=0.4,
+            label=series_labels[i],
+            zorder=2,
+        )
         ax.bar_label(
             bars,
             labels=[format_count(c) for c in counts[i]],
@@ -175,8 +182,16 @@ def _draw_uniform_line(ax, uniform: float, top_share: float, fontsize: float, ax
     frac = min(0.5, label_pts / (axes_h_in * 72.0) + 0.03)
     ax.set_ylim(0.0, max(top_share, uniform) / (1.0 - frac))
     ax.axhline(uniform, color="0.25", linestyle="--", linewidth=1.1, zorder=4)
-    ax.text(1.005, uniform, f"uniform\n{uniform:.3g}%", transform=blended_transform_factory(ax.transAxes, ax.transData),
-            ha="left", va="center", fontsize=9, color="0.25")
+    ax.text(
+        1.005,
+        uniform,
+        f"uniform\n{uniform:.3g}%",
+        transform=blended_transform_factory(ax.transAxes, ax.transData),
+        ha="left",
+        va="center",
+        fontsize=9,
+        color="0.25",
+    )
 
 
 def _style_share_axes(ax, n_experts: int, ylabel: str) -> None:
@@ -211,8 +226,14 @@ def _grouped_share_figure(
     layout = _share_layout(n_series, n_experts, series_labels)
     fig = Figure(figsize=(layout.fig_w, layout.fig_h), dpi=DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((1.25 / layout.fig_w, layout.bottom_in / layout.fig_h, layout.axes_w_in / layout.fig_w,
-                       layout.axes_h_in / layout.fig_h))
+    ax = fig.add_axes(
+        (
+            1.25 / layout.fig_w,
+            layout.bottom_in / layout.fig_h,
+            layout.axes_w_in / layout.fig_w,
+            layout.axes_h_in / layout.fig_h,
+        )
+    )
     fontsize = _draw_share_bars(ax, counts, shares, series_labels, _series_colours(n_series, ordered_colours), layout)
     _draw_uniform_line(ax, 100.0 / n_experts, float(shares.max()), fontsize, layout.axes_h_in)
     _style_share_axes(ax, n_experts, ylabel)
@@ -235,9 +256,7 @@ def _grouped_share_figure(
 
 
 def plot_pooled_expert_histogram(
-    expert_counts: Mapping[str, np.ndarray],
-    path: str | os.PathLike,
-    title: str | None = None,
+    expert_counts: Mapping[str, np.ndarray], path: str | os.PathLike, title: str | None = None
 ) -> Path:
     """Expert choice per group, all MoE layers pooled.
 
@@ -262,8 +281,7 @@ def plot_pooled_expert_histogram(
     if len(set(shapes.values())) != 1:
         detail = ", ".join(f"{g}={s}" for g, s in shapes.items())
         raise ValueError(
-            "all groups in expert_counts must have the same shape "
-            f"[n_moe_layers, n_experts]; got {detail}"
+            f"all groups in expert_counts must have the same shape [n_moe_layers, n_experts]; got {detail}"
         )
     n_layers, n_experts = next(iter(shapes.values()))
     groups = list(mats)
@@ -284,10 +302,7 @@ def plot_pooled_expert_histogram(
 
 
 def plot_topic_layer_histogram(
-    group: str,
-    counts: np.ndarray,
-    path: str | os.PathLike,
-    layer_names: Sequence[str] | None = None,
+    group: str, counts: np.ndarray, path: str | os.PathLike, layer_names: Sequence[str] | None = None
 ) -> Path:
     """Expert choice per layer for one group (topic / split).
 
@@ -312,8 +327,7 @@ def plot_topic_layer_histogram(
         names = [str(n) for n in layer_names]
         if len(names) != n_layers:
             raise ValueError(
-                f"layer_names has {len(names)} entries but counts has {n_layers} layers "
-                f"(shape {mat.shape})"
+                f"layer_names has {len(names)} entries but counts has {n_layers} layers (shape {mat.shape})"
             )
     totals = mat.sum(axis=1)
     if np.all(totals == totals[0]):
@@ -337,12 +351,7 @@ def plot_topic_layer_histogram(
 # --------------------------------------------------------------------------- #
 
 
-def plot_topic_expert_heatmap(
-    topic_names: Sequence[str],
-    counts,
-    path: str | os.PathLike,
-    layer_name: str,
-) -> Path:
+def plot_topic_expert_heatmap(topic_names: Sequence[str], counts, path: str | os.PathLike, layer_name: str) -> Path:
     """Which experts each topic's tokens go to, in one MoE layer.
 
     Rows are topics, columns experts; a cell is the share (%) of the topic's
@@ -381,16 +390,31 @@ def plot_topic_expert_heatmap(
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
-    cax = fig.add_axes(((label_in + cell_in * n_experts + 0.2) / fig_w, 0.75 / fig_h, 0.18 / fig_w,
-                        0.42 * n_topics / fig_h))
+    cax = fig.add_axes(
+        ((label_in + cell_in * n_experts + 0.2) / fig_w, 0.75 / fig_h, 0.18 / fig_w, 0.42 * n_topics / fig_h)
+    )
     bar = fig.colorbar(image, cax=cax)
     bar.set_ticks([0.0, uniform, norm.vmax], labels=["0", f"{uniform:.3g}", f"{norm.vmax:.0f}"])  # inside the range
     bar.ax.tick_params(labelsize=8)
     bar.set_label(f"% of topic's tokens\n(white = uniform {uniform:.3g}%)", fontsize=8.5)
-    fig.suptitle(f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
-                 fontsize=11.5, fontweight="bold", x=0.02, ha="left", y=1.0 - 0.12 / fig_h, va="top")
-    fig.text(0.02, 1.0 - 0.45 / fig_h, f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
-             fontsize=8.5, color="0.3", ha="left", va="top")
+    fig.suptitle(
+        f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
+        fontsize=11.5,
+        fontweight="bold",
+        x=0.02,
+        ha="left",
+        y=1.0 - 0.12 / fig_h,
+        va="top",
+    )
+    fig.text(
+        0.02,
+        1.0 - 0.45 / fig_h,
+        f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
+        fontsize=8.5,
+        color="0.3",
+        ha="left",
+        va="top",
+    )
     return save_figure_atomic(fig, path)
 
 
@@ -412,8 +436,15 @@ def _write_cell_shares(ax, shares: np.ndarray, cmap, norm) -> None:
             value = shares[row, col]
             rgba = cmap(norm(value))
             dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-            ax.text(col, row, f"{value:.0f}" if value >= 99.5 else f"{value:.1f}", ha="center", va="center",
-                    fontsize=fontsize, color="white" if dark else "0.1")
+            ax.text(
+                col,
+                row,
+                f"{value:.0f}" if value >= 99.5 else f"{value:.1f}",
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="white" if dark else "0.1",
+            )
 
 
 def _topic_label(topic: str, n_tokens: float) -> str:
@@ -454,15 +485,31 @@ def _nmi_scale(layers: Sequence[Mapping]) -> tuple[bool, float, np.ndarray]:
 def _draw_references(ax, xi: float, reference: Mapping, colour, floor: float, drawn: set[str]) -> None:
     """The load-matched random routers' band (a grey bar, a line at the mean) and the probe's hollow star."""
     band = reference["random_load_matched"]
-    ax.bar(xi, max(band["high"], floor) - max(band["low"], floor), bottom=max(band["low"], floor),
-           width=0.13, color="0.85", edgecolor="0.6", linewidth=0.6, zorder=1,
-           label=None if "band" in drawn else "random routers, loads matched (2.5-97.5%)")
+    ax.bar(
+        xi,
+        max(band["high"], floor) - max(band["low"], floor),
+        bottom=max(band["low"], floor),
+        width=0.13,
+        color="0.85",
+        edgecolor="0.6",
+        linewidth=0.6,
+        zorder=1,
+        label=None if "band" in drawn else "random routers, loads matched (2.5-97.5%)",
+    )
     ax.plot([xi - 0.065, xi + 0.065], [max(band["mean"], floor)] * 2, color="0.35", linewidth=1.2, zorder=2)
     drawn.add("band")
     if reference.get("probe") is not None:
-        ax.scatter(xi, max(reference["probe"], floor), marker="*", s=120, facecolor="white",
-                   edgecolor=colour, linewidths=1.2, zorder=3,
-                   label=None if "probe" in drawn else "best linear router (probe)")
+        ax.scatter(
+            xi,
+            max(reference["probe"], floor),
+            marker="*",
+            s=120,
+            facecolor="white",
+            edgecolor=colour,
+            linewidths=1.2,
+            zorder=3,
+            label=None if "probe" in drawn else "best linear router (probe)",
+        )
         drawn.add("probe")
 
 
@@ -476,11 +523,28 @@ def _draw_nmi_series(ax, layers: Sequence[Mapping], x: np.ndarray, floor: float)
             reference = (layer.get("references") or {}).get(FACTOR_KEYS[label])
             if reference:
                 _draw_references(ax, xi, reference, colour, floor, drawn)
-            ax.errorbar(xi, value, yerr=[[max(value - low, 0.0)], [max(high - value, 0.0)]], fmt=marker,
-                        color=colour, markersize=7, capsize=4, elinewidth=1.4, zorder=4,
-                        label=label if xi == x[0] + offset else None)
-            ax.annotate(format_number(value), (xi, value), xytext=(7, 0), textcoords="offset points", fontsize=7,
-                        color=colour, va="center", zorder=5)
+            ax.errorbar(
+                xi,
+                value,
+                yerr=[[max(value - low, 0.0)], [max(high - value, 0.0)]],
+                fmt=marker,
+                color=colour,
+                markersize=7,
+                capsize=4,
+                elinewidth=1.4,
+                zorder=4,
+                label=label if xi == x[0] + offset else None,
+            )
+            ax.annotate(
+                format_number(value),
+                (xi, value),
+                xytext=(7, 0),
+                textcoords="offset points",
+                fontsize=7,
+                color=colour,
+                va="center",
+                zorder=5,
+            )
 
 
 def _style_nmi_axis(ax, names: Sequence[str], log_y: bool, positive: np.ndarray) -> None:
@@ -509,13 +573,30 @@ def _draw_cmi_excess(ax, layers: Sequence[Mapping], names: Sequence[str], n_perm
     excess = [_interval(layer["conditional_topic"], "cmi_excess", "cmi_excess_ci") for layer in layers]
     value, low, high = (np.array(c) for c in zip(*excess))
     ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1, zorder=1)
-    ax.errorbar(x, value, yerr=np.vstack([value - low, high - value]).clip(min=0), fmt="D", color="tab:purple",
-                markersize=7, capsize=4, elinewidth=1.4, zorder=3)
+    ax.errorbar(
+        x,
+        value,
+        yerr=np.vstack([value - low, high - value]).clip(min=0),
+        fmt="D",
+        color="tab:purple",
+        markersize=7,
+        capsize=4,
+        elinewidth=1.4,
+        zorder=3,
+    )
     for xi, layer, v in zip(x, layers, high):
         cond = layer["conditional_topic"]
         text = f"{format_number(cond['cmi_excess'])}\n{p_text(cond['p_value'], n_perm)}\n{cond['explained_by']}"
-        ax.annotate(text, (xi, v), xytext=(0, 5), textcoords="offset points", ha="center", va="bottom",
-                    fontsize=7.5, color="0.25")
+        ax.annotate(
+            text,
+            (xi, v),
+            xytext=(0, 5),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=7.5,
+            color="0.25",
+        )
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=9)
     ax.set_xlim(-0.6, len(layers) - 0.4)
@@ -555,8 +636,12 @@ def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
     for ax in (ax_nmi, ax_cmi):
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
-    fig.suptitle(f"Routing vs topic, token class and token ({stats.get('n_tokens', 0):,} tokens, "
-                 f"{stats.get('n_documents', 0):,} documents)", fontsize=12, fontweight="bold")
+    fig.suptitle(
+        f"Routing vs topic, token class and token ({stats.get('n_tokens', 0):,} tokens, "
+        f"{stats.get('n_documents', 0):,} documents)",
+        fontsize=12,
+        fontweight="bold",
+    )
     fig.subplots_adjust(bottom=0.2)
     return save_figure_atomic(fig, path)
 
@@ -586,17 +671,34 @@ def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
                 continue
             bounds += [ci[0], ci[1]]
             # an interval need not contain its estimate (few resamples): draw the part that does
-            ax.errorbar(xi, index, yerr=[[max(index - ci[0], 0.0)], [max(ci[1] - index, 0.0)]], fmt=marker,
-                        color=colour, markersize=8, capsize=5, elinewidth=1.6, zorder=3,
-                        label=factor.replace("_", " ") if xi == x[0] + offset
-                        else None)
-            ax.annotate(f"{format_number(index, 2)}\n{format_interval(ci, 2)}", (xi, ci[1]), xytext=(0, 4),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=7.5, color=colour)
+            ax.errorbar(
+                xi,
+                index,
+                yerr=[[max(index - ci[0], 0.0)], [max(ci[1] - index, 0.0)]],
+                fmt=marker,
+                color=colour,
+                markersize=8,
+                capsize=5,
+                elinewidth=1.6,
+                zorder=3,
+                label=factor.replace("_", " ") if xi == x[0] + offset else None,
+            )
+            ax.annotate(
+                f"{format_number(index, 2)}\n{format_interval(ci, 2)}",
+                (xi, ci[1]),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7.5,
+                color=colour,
+            )
     ax.axhline(0.0, color="0.35", linestyle="--", linewidth=1.1)
     ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.1)
     transform = blended_transform_factory(ax.transAxes, ax.transData)
-    ax.text(1.02, 0.0, "0: random router\n(learned nothing)", transform=transform, va="center", fontsize=8.5,
-            color="0.3")
+    ax.text(
+        1.02, 0.0, "0: random router\n(learned nothing)", transform=transform, va="center", fontsize=8.5, color="0.3"
+    )
     ax.text(1.02, 1.0, "1: best linear\nrouter (probe)", transform=transform, va="center", fontsize=8.5, color="0.3")
     span = max(bounds) - min(bounds)
     ax.set_ylim(min(bounds) - 0.05 * span, max(bounds) + 0.2 * span)
@@ -608,8 +710,13 @@ def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
     ax.yaxis.grid(True, color="0.92")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    fig.suptitle("What did the router learn? (95% CI over documents and random routers)", fontsize=11.5,
-                 fontweight="bold", x=0.02, ha="left")
+    fig.suptitle(
+        "What did the router learn? (95% CI over documents and random routers)",
+        fontsize=11.5,
+        fontweight="bold",
+        x=0.02,
+        ha="left",
+    )
     return save_figure_atomic(fig, path)
 
 
@@ -636,8 +743,15 @@ def plot_routing_saturation(saturation: Mapping, path: str | os.PathLike) -> Pat
         if values["settled_at"] is not None:
             ax.axvline(values["settled_at"], color=colour, linestyle=":", linewidth=1.0)
     ax.axhline(0.9, color="0.35", linestyle="--", linewidth=1.0)
-    ax.text(1.0, 0.9, " 0.9", transform=blended_transform_factory(ax.transAxes, ax.transData), va="center",
-            fontsize=8, color="0.35")
+    ax.text(
+        1.0,
+        0.9,
+        " 0.9",
+        transform=blended_transform_factory(ax.transAxes, ax.transData),
+        va="center",
+        fontsize=8,
+        color="0.35",
+    )
     ax.set_ylim(0.0, 1.02)
     ax.set_xlabel("training step")
     ax.set_ylabel("agreement with the final model")

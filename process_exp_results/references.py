@@ -21,6 +21,7 @@ routers' raw conditional MI I(expert; topic | token) set beside the trained rout
 probe is within the load-matched band: the hidden states then hold no more of the factor than random routers
 pick up. Seeded.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -33,12 +34,13 @@ from process_exp_results.information import cmi_many, nmi_many
 from process_exp_results.resampling import Cells, bootstrap_weights, percentile_ci, rng_for
 
 LOAD_TOLERANCE = 0.005  # load matching stops when every expert is within half a percentage point
-LOGIT_BUDGET = 2 ** 24  # router logits held at once (floats): bounds memory for wide models and many routers
+LOGIT_BUDGET = 2**24  # router logits held at once (floats): bounds memory for wide models and many routers
 
 
 @dataclass(frozen=True)
 class SelectionRule:
     """How a layer turns router logits into each token's top expert."""
+
     router_type: str  # topk | expert_choice
     top_k: int = 1
     capacity_factor: float | None = None  # expert choice only (None = 1.0)
@@ -76,8 +78,9 @@ def expert_loads(choice: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts[:, :n_experts] / counts[:, :n_experts].sum(1, keepdim=True).clamp(min=1)
 
 
-def fit_load_biases(logits: torch.Tensor, rule: SelectionRule, batch: np.ndarray, target: torch.Tensor,
-                    max_iterations: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_load_biases(
+    logits: torch.Tensor, rule: SelectionRule, batch: np.ndarray, target: torch.Tensor, max_iterations: int = 200
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert biases [R, E] that bring each router's loads to `target` [E]; and the largest error per router.
 
     A multiplicative update on the log loads, with a step that shrinks for a router whose error stops falling;
@@ -107,8 +110,14 @@ def _logits(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return logits.transpose(0, 1).contiguous()
 
 
-def random_choices(x: torch.Tensor, trained_weight: np.ndarray, rule: SelectionRule, batch: np.ndarray,
-                   n_routers: int, rng: np.random.Generator):
+def random_choices(
+    x: torch.Tensor,
+    trained_weight: np.ndarray,
+    rule: SelectionRule,
+    batch: np.ndarray,
+    n_routers: int,
+    rng: np.random.Generator,
+):
     """Top experts of the trained router [n], of R random routers [R, n], of the same routers load-matched [R, n],
     and the largest load error of any load-matched router."""
     n_tokens, n_experts = x.shape[0], trained_weight.shape[0]
@@ -118,7 +127,7 @@ def random_choices(x: torch.Tensor, trained_weight: np.ndarray, rule: SelectionR
     plain, matched, worst = [], [], 0.0
     chunk = max(1, LOGIT_BUDGET // max(n_tokens * n_experts, 1))
     for start in range(0, n_routers, chunk):
-        logits = _logits(x, weights[start:start + chunk])
+        logits = _logits(x, weights[start : start + chunk])
         plain.append(rule.top_choice(logits, batch))
         biases, error = fit_load_biases(logits, rule, batch, target)
         matched.append(rule.top_choice(logits + biases[:, None, :], batch))
@@ -128,25 +137,31 @@ def random_choices(x: torch.Tensor, trained_weight: np.ndarray, rule: SelectionR
 
 # ------------------------------------------------------------------------------------------------ the probe
 
+
 def document_folds(doc_strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """[D] 0/1: two halves of the documents, each stratum (e.g. topic) split evenly between them (dealt in turn,
     stratum after stratum, so odd strata do not all tip the same half)."""
-    order = np.concatenate([rng.permutation(np.flatnonzero(doc_strata == stratum))
-                            for stratum in np.unique(doc_strata)]) if len(doc_strata) else np.zeros(0, np.int64)
+    order = (
+        np.concatenate([rng.permutation(np.flatnonzero(doc_strata == stratum)) for stratum in np.unique(doc_strata)])
+        if len(doc_strata)
+        else np.zeros(0, np.int64)
+    )
     folds = np.zeros(len(doc_strata), dtype=np.int64)
     folds[order[1::2]] = 1
     return folds
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-4,
-                 max_iterations: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-4, max_iterations: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression (class-balanced, L2 on the weights) by L-BFGS; returns weight, bias."""
     counts = torch.bincount(y, minlength=n_classes).to(x.dtype)
     class_weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
     weight = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
     bias = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iterations, history_size=20,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], max_iter=max_iterations, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -171,8 +186,11 @@ def merge_classes(joint: np.ndarray, n_groups: int) -> np.ndarray:
         return float((nz * np.log(nz)).sum() - (total * np.log(total) if total > 0 else 0.0))
 
     while len(columns) > n_groups:
-        loss, a, b = min((share(columns[i]) + share(columns[j]) - share(columns[i] + columns[j]), i, j)
-                         for i in range(len(columns)) for j in range(i + 1, len(columns)))
+        loss, a, b = min(
+            (share(columns[i]) + share(columns[j]) - share(columns[i] + columns[j]), i, j)
+            for i in range(len(columns))
+            for j in range(i + 1, len(columns))
+        )
         columns[a], members[a] = columns[a] + columns[b], members[a] + members[b]
         del columns[b], members[b]
     group = np.empty(joint.shape[1], dtype=np.int64)
@@ -181,8 +199,9 @@ def merge_classes(joint: np.ndarray, n_groups: int) -> np.ndarray:
     return group
 
 
-def probe_choices(x: torch.Tensor, labels: np.ndarray, n_levels: int, doc: np.ndarray, folds: np.ndarray,
-                  n_experts: int) -> np.ndarray:
+def probe_choices(
+    x: torch.Tensor, labels: np.ndarray, n_levels: int, doc: np.ndarray, folds: np.ndarray, n_experts: int
+) -> np.ndarray:
     """[n] the expert the cross-fitted probe sends each token to: the factor's level it predicts for the token from
     the probe fitted on the other half of the documents, mapped to an expert (with n_levels > n_experts, merged by
     that probe's own confusions on its fitting half)."""
@@ -209,16 +228,18 @@ def probe_choices(x: torch.Tensor, labels: np.ndarray, n_levels: int, doc: np.nd
 
 # ------------------------------------------------------------------------------------------------ assembly
 
+
 @dataclass
 class Band:
     """What R routers give: their mean, 2.5/97.5 percentiles, and the trained router's rank (1 = above all)."""
+
     mean: float
     low: float
     high: float
     rank: int
 
     @classmethod
-    def of(cls, values: np.ndarray, trained: float) -> "Band":
+    def of(cls, values: np.ndarray, trained: float) -> Band:
         low, high = np.percentile(values, [2.5, 97.5])
         return cls(float(values.mean()), float(low), float(high), 1 + int(np.sum(values > trained)))
 
@@ -239,6 +260,7 @@ class FactorReference:
 @dataclass
 class Factor:
     """One thing the expert may depend on, per sampled token: its level, and whether a probe is fitted for it."""
+
     name: str
     labels: np.ndarray  # [n] level of each token, 0..n_levels-1
     n_levels: int
@@ -260,33 +282,47 @@ def _nmi_of_tables(tables: np.ndarray, n_routers: int, n_levels: int, n_experts:
 def _nmi_per_router(choices: torch.Tensor, labels: np.ndarray, n_levels: int, n_experts: int) -> np.ndarray:
     """[M, n] top experts (E = none, left out) -> [M] NMI with the labels."""
     n_routers = choices.shape[0]
-    tables = np.bincount(_stacked_cells(choices, labels, n_levels, n_experts).ravel(),
-                         minlength=n_routers * n_levels * (n_experts + 1))
+    tables = np.bincount(
+        _stacked_cells(choices, labels, n_levels, n_experts).ravel(), minlength=n_routers * n_levels * (n_experts + 1)
+    )
     return _nmi_of_tables(tables, n_routers, n_levels, n_experts)
 
 
-def factor_reference(factor: Factor, trained: torch.Tensor, plain: torch.Tensor, matched: torch.Tensor,
-                     probe: np.ndarray | None, doc: np.ndarray, n_docs: int, n_experts: int, n_boot: int,
-                     rng: np.random.Generator) -> FactorReference:
+def factor_reference(
+    factor: Factor,
+    trained: torch.Tensor,
+    plain: torch.Tensor,
+    matched: torch.Tensor,
+    probe: np.ndarray | None,
+    doc: np.ndarray,
+    n_docs: int,
+    n_experts: int,
+    n_boot: int,
+    rng: np.random.Generator,
+) -> FactorReference:
     trained_nmi = float(_nmi_per_router(trained[None], factor.labels, factor.n_levels, n_experts)[0])
     matched_nmi = _nmi_per_router(matched, factor.labels, factor.n_levels, n_experts)
-    reference = FactorReference(trained_nmi, Band.of(_nmi_per_router(plain, factor.labels, factor.n_levels,
-                                                                     n_experts), trained_nmi),
-                                Band.of(matched_nmi, trained_nmi))
+    reference = FactorReference(
+        trained_nmi,
+        Band.of(_nmi_per_router(plain, factor.labels, factor.n_levels, n_experts), trained_nmi),
+        Band.of(matched_nmi, trained_nmi),
+    )
     if probe is None:
         return reference
-    reference.probe = float(_nmi_per_router(torch.as_tensor(probe)[None], factor.labels, factor.n_levels,
-                                            n_experts)[0])
+    reference.probe = float(_nmi_per_router(torch.as_tensor(probe)[None], factor.labels, factor.n_levels, n_experts)[0])
     if reference.probe <= reference.random_load_matched.high:  # the probe is within what random routers reach:
         return reference  # the hidden states hold no more of the factor than they pick up, and the index has no scale
-    reference.index = ((trained_nmi - reference.random_load_matched.mean)
-                       / (reference.probe - reference.random_load_matched.mean))
+    reference.index = (trained_nmi - reference.random_load_matched.mean) / (
+        reference.probe - reference.random_load_matched.mean
+    )
     # one document bootstrap over [trained, R load-matched, probe]; per draw, one load-matched router as the null
     rows = torch.cat([trained[None], matched, torch.as_tensor(probe)[None]])
     n_rows = rows.shape[0]
-    cells = Cells(np.broadcast_to(doc, rows.shape).ravel(),
-                  _stacked_cells(rows, factor.labels, factor.n_levels, n_experts).ravel(),
-                  n_rows * factor.n_levels * (n_experts + 1))
+    cells = Cells(
+        np.broadcast_to(doc, rows.shape).ravel(),
+        _stacked_cells(rows, factor.labels, factor.n_levels, n_experts).ravel(),
+        n_rows * factor.n_levels * (n_experts + 1),
+    )
     draws = []
     for _ in range(n_boot):
         values = _nmi_of_tables(cells.table(bootstrap_weights(rng, n_docs)), n_rows, factor.n_levels, n_experts)
@@ -297,8 +333,16 @@ def factor_reference(factor: Factor, trained: torch.Tensor, plain: torch.Tensor,
     return reference
 
 
-def conditional_reference(trained: torch.Tensor, plain: torch.Tensor, matched: torch.Tensor, token: np.ndarray,
-                          n_tokens: int, topic: np.ndarray, n_topics: int, n_experts: int) -> dict:
+def conditional_reference(
+    trained: torch.Tensor,
+    plain: torch.Tensor,
+    matched: torch.Tensor,
+    token: np.ndarray,
+    n_tokens: int,
+    topic: np.ndarray,
+    n_topics: int,
+    n_experts: int,
+) -> dict:
     """Raw I(expert; topic | token) of the trained router and of the R random routers on the same tokens (frequent
     tokens only: token -1 is left out), so the conditional MI is read against routers that learned nothing too."""
     keep = token >= 0
@@ -306,19 +350,36 @@ def conditional_reference(trained: torch.Tensor, plain: torch.Tensor, matched: t
 
     def values(choices: torch.Tensor) -> np.ndarray:
         n_rows = choices.shape[0]
-        index = (np.arange(n_rows)[:, None] * width
-                 + ((token[keep] * n_topics + topic[keep]) * (n_experts + 1))[None, :] + choices[:, keep].numpy())
+        index = (
+            np.arange(n_rows)[:, None] * width
+            + ((token[keep] * n_topics + topic[keep]) * (n_experts + 1))[None, :]
+            + choices[:, keep].numpy()
+        )
         tables = np.bincount(index.ravel(), minlength=n_rows * width)
         return cmi_many(tables.reshape(n_rows, n_tokens, n_topics, n_experts + 1)[..., :n_experts])
 
     trained_cmi = float(values(trained[None])[0])
-    return {"trained": trained_cmi, "random": asdict(Band.of(values(plain), trained_cmi)),
-            "random_load_matched": asdict(Band.of(values(matched), trained_cmi))}
+    return {
+        "trained": trained_cmi,
+        "random": asdict(Band.of(values(plain), trained_cmi)),
+        "random_load_matched": asdict(Band.of(values(matched), trained_cmi)),
+    }
 
 
-def layer_references(x: torch.Tensor, trained_weight: np.ndarray, rule: SelectionRule, batch: np.ndarray,
-                     doc: np.ndarray, doc_topic: np.ndarray, factors: list[Factor], conditional: dict | None,
-                     n_random: int, n_boot: int, seed: int, layer: int) -> dict:
+def layer_references(
+    x: torch.Tensor,
+    trained_weight: np.ndarray,
+    rule: SelectionRule,
+    batch: np.ndarray,
+    doc: np.ndarray,
+    doc_topic: np.ndarray,
+    factors: list[Factor],
+    conditional: dict | None,
+    n_random: int,
+    n_boot: int,
+    seed: int,
+    layer: int,
+) -> dict:
     """Every reference of one MoE layer, as JSON: {factor name: FactorReference, "conditional_topic": ...,
     "load_match_max_error": the largest gap of any load-matched router's expert load from the trained one's}.
 
@@ -326,15 +387,29 @@ def layer_references(x: torch.Tensor, trained_weight: np.ndarray, rule: Selectio
     halves are balanced over it); conditional: {"token", "n_tokens", "topic", "n_topics"} for the conditional MI.
     """
     n_experts = trained_weight.shape[0]
-    trained, plain, matched, load_error = random_choices(x, trained_weight, rule, batch, n_random,
-                                                         rng_for(seed, 20, layer))
+    trained, plain, matched, load_error = random_choices(
+        x, trained_weight, rule, batch, n_random, rng_for(seed, 20, layer)
+    )
     folds = document_folds(doc_topic, rng_for(seed, 21, layer))
     out = {}
     for number, factor in enumerate(factors):
-        probe = (probe_choices(x, factor.labels, factor.n_levels, doc, folds, n_experts)
-                 if factor.probe and factor.n_levels > 1 else None)
-        out[factor.name] = factor_reference(factor, trained, plain, matched, probe, doc, len(doc_topic), n_experts,
-                                            n_boot, rng_for(seed, 22, layer, number)).to_json()
+        probe = (
+            probe_choices(x, factor.labels, factor.n_levels, doc, folds, n_experts)
+            if factor.probe and factor.n_levels > 1
+            else None
+        )
+        out[factor.name] = factor_reference(
+            factor,
+            trained,
+            plain,
+            matched,
+            probe,
+            doc,
+            len(doc_topic),
+            n_experts,
+            n_boot,
+            rng_for(seed, 22, layer, number),
+        ).to_json()
     if conditional is not None:
         out["conditional_topic"] = conditional_reference(trained, plain, matched, n_experts=n_experts, **conditional)
     out["load_match_max_error"] = load_error
@@ -344,6 +419,7 @@ def layer_references(x: torch.Tensor, trained_weight: np.ndarray, rule: Selectio
 @dataclass
 class RouterSample:
     """What step 4 keeps of the router inputs for the references: a seeded sample of the analysed tokens."""
+
     rows: np.ndarray  # [n] sorted rows of the routing records whose inputs were kept
     batch: np.ndarray  # [n] the forward pass each was routed in (expert choice competes within one)
     inputs: list[np.ndarray]  # per MoE layer [n, d] float32: the router's input

@@ -4,6 +4,7 @@ Tokens of one document are not independent draws, so every resampling unit here 
 occurrences within one document). A bootstrap draw reweights precomputed per-document cells by the documents'
 multiplicities; a within-group permutation sorts by (group, random key). Seeded: same seed, same draws.
 """
+
 from __future__ import annotations
 
 import numpy as np

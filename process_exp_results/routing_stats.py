@@ -42,8 +42,15 @@ from process_exp_results.information import cmi, js_rows, nmi
 from process_exp_results.references import Factor, RouterSample, layer_references
 from process_exp_results.resampling import Cells, GroupShuffler, basic_ci, bootstrap_weights, p_value, rng_for
 
-__all__ = ["ALPHA", "FUNCTION_WORDS", "RoutingRecords", "analyze_routing", "is_specialized", "permutations_needed",
-           "token_classes"]
+__all__ = [
+    "ALPHA",
+    "FUNCTION_WORDS",
+    "RoutingRecords",
+    "analyze_routing",
+    "is_specialized",
+    "permutations_needed",
+    "token_classes",
+]
 
 ALPHA = 0.01  # significance level for the plain-language verdicts and "explained_by"
 
@@ -59,8 +66,10 @@ def is_specialized(reference: dict | None, p_value: float | None, alpha: float =
     ci = (reference or {}).get("index_ci")
     return ci is not None and ci[0] > 0 and p_value is not None and p_value <= alpha
 
+
 # Frequent English function words (articles, pronouns, prepositions, conjunctions, auxiliaries).
-FUNCTION_WORDS = frozenset("""
+FUNCTION_WORDS = frozenset(
+    """
 a an the this that these those
 i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
 who whom whose which what
@@ -70,10 +79,10 @@ and or but nor so yet if because while although though whether
 is am are was were be been being have has had having do does did doing
 will would shall should can could may might must
 not no there here then also just only very too
-""".split())
+""".split()
+)
 
-CLASS_ORDER = ("special", "punctuation", "digit", "continuation", "function word", "capitalized",
-               "word-initial")
+CLASS_ORDER = ("special", "punctuation", "digit", "continuation", "function word", "capitalized", "word-initial")
 
 
 @dataclass
@@ -90,10 +99,19 @@ class RoutingRecords:
     n_experts: int
     held_out: np.ndarray | None = None  # [n] bool: the document's topic was held out of training (None: none was)
 
-    def subset(self, rows: np.ndarray) -> "RoutingRecords":
+    def subset(self, rows: np.ndarray) -> RoutingRecords:
         held_out = None if self.held_out is None else self.held_out[rows]
-        return RoutingRecords(self.doc_id[rows], self.topic[rows], self.topic_names, self.token_id[rows],
-                              self.position[rows], self.experts[rows], self.layer_names, self.n_experts, held_out)
+        return RoutingRecords(
+            self.doc_id[rows],
+            self.topic[rows],
+            self.topic_names,
+            self.token_id[rows],
+            self.position[rows],
+            self.experts[rows],
+            self.layer_names,
+            self.n_experts,
+            held_out,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,8 +135,9 @@ def token_classes(tokenizer) -> tuple[np.ndarray, list[str]]:
     n = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = {int(i) for i in tokenizer.all_special_ids}
-    keeps_case = any(tok is not None and i not in special and any(ch.isupper() for ch in tok)
-                     for i, tok in enumerate(tokens))
+    keeps_case = any(
+        tok is not None and i not in special and any(ch.isupper() for ch in tok) for i, tok in enumerate(tokens)
+    )
     names = [c for c in CLASS_ORDER if keeps_case or c != "capitalized"]
     index = {c: i for i, c in enumerate(names)}
     out = np.empty(n, dtype=np.int64)
@@ -176,19 +195,38 @@ class LayerTables:
     shape: tuple[int, int, int, int]  # topics K, classes C, frequent tokens F, experts E
 
     @classmethod
-    def build(cls, name: str, experts: np.ndarray, doc: np.ndarray, topic: np.ndarray, token_class: np.ndarray,
-              token_id: np.ndarray, n_topics: int, n_classes: int, n_experts: int, min_count: int) -> "LayerTables":
+    def build(
+        cls,
+        name: str,
+        experts: np.ndarray,
+        doc: np.ndarray,
+        topic: np.ndarray,
+        token_class: np.ndarray,
+        token_id: np.ndarray,
+        n_topics: int,
+        n_classes: int,
+        n_experts: int,
+        min_count: int,
+    ) -> LayerTables:
         rows = np.flatnonzero(experts >= 0)
         e, d, t = experts[rows], doc[rows], topic[rows]
         f, frequent_ids, frequent_counts = frequent_token_index(token_id[rows], min_count)
         F = len(frequent_ids)
         frequent = f < F
         K, C, E = n_topics, n_classes, n_experts
-        return cls(name, rows, e, f, frequent_ids, frequent_counts,
-                   Cells(d, t * E + e, K * E), Cells(d, token_class[rows] * E + e, C * E),
-                   Cells(d, f * E + e, (F + 1) * E),
-                   Cells(d[frequent], (f[frequent] * K + t[frequent]) * E + e[frequent], F * K * E),
-                   (K, C, F, E))
+        return cls(
+            name,
+            rows,
+            e,
+            f,
+            frequent_ids,
+            frequent_counts,
+            Cells(d, t * E + e, K * E),
+            Cells(d, token_class[rows] * E + e, C * E),
+            Cells(d, f * E + e, (F + 1) * E),
+            Cells(d[frequent], (f[frequent] * K + t[frequent]) * E + e[frequent], F * K * E),
+            (K, C, F, E),
+        )
 
     @property
     def n_frequent(self) -> int:
@@ -197,16 +235,22 @@ class LayerTables:
     def tables(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The four tables, for the plain data (weights None) or one bootstrap draw of documents."""
         K, C, F, E = self.shape
-        return {"topic": self.topic_cells.table(weights).reshape(K, E),
-                "class": self.class_cells.table(weights).reshape(C, E),
-                "token": self.token_cells.table(weights).reshape(F + 1, E),
-                "conditional": self.conditional_cells.table(weights).reshape(F, K, E)}
+        return {
+            "topic": self.topic_cells.table(weights).reshape(K, E),
+            "class": self.class_cells.table(weights).reshape(C, E),
+            "token": self.token_cells.table(weights).reshape(F + 1, E),
+            "conditional": self.conditional_cells.table(weights).reshape(F, K, E),
+        }
 
     def measures(self, weights: np.ndarray | None = None) -> dict:
         tables = self.tables(weights)
-        return {"nmi": nmi(tables["topic"]), "js": js_rows(tables["topic"]), "class_nmi": nmi(tables["class"]),
-                "token_nmi": nmi(tables["token"]),
-                "cmi": cmi(tables["conditional"]) if self.n_frequent else np.nan}
+        return {
+            "nmi": nmi(tables["topic"]),
+            "js": js_rows(tables["topic"]),
+            "class_nmi": nmi(tables["class"]),
+            "token_nmi": nmi(tables["token"]),
+            "cmi": cmi(tables["conditional"]) if self.n_frequent else np.nan,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,8 +270,9 @@ def topic_null(layers: list[LayerTables], doc_topic: np.ndarray, n_perm: int, se
     return nulls
 
 
-def within_document_nulls(layers: list[LayerTables], doc: np.ndarray, doc_topic: np.ndarray, token_class: np.ndarray,
-                          n_perm: int, seed: int) -> tuple[list[list[float]], list[list[float]], list[float | None]]:
+def within_document_nulls(
+    layers: list[LayerTables], doc: np.ndarray, doc_topic: np.ndarray, token_class: np.ndarray, n_perm: int, seed: int
+) -> tuple[list[list[float]], list[list[float]], list[float | None]]:
     """Per layer: token-class NMI with classes permuted within documents, the conditional MI with topics permuted
     among the occurrences of each frequent token (a token's occurrences in one document move together), and the
     share of those occurrences that the shuffle can move to another topic (the rest keep theirs: a conservative
@@ -249,8 +294,9 @@ def within_document_nulls(layers: list[LayerTables], doc: np.ndarray, doc_topic:
             permuted = shuffler.shuffle(classes, rng)
             for number in members:
                 _, C, _, E = layers[number].shape
-                class_nulls[number].append(nmi(np.bincount(permuted * E + layers[number].expert,
-                                                           minlength=C * E).reshape(C, E)))
+                class_nulls[number].append(
+                    nmi(np.bincount(permuted * E + layers[number].expert, minlength=C * E).reshape(C, E))
+                )
         K, _, F, E = first.shape
         if F == 0:
             continue
@@ -332,16 +378,35 @@ class _SeenTables:
     layers: list[LayerTables]
 
 
-def _seen_tables(records: RoutingRecords, held_out: np.ndarray, token_class_of_id: np.ndarray, n_classes: int,
-                 min_token_count: int, min_topic_docs: int, pool_held_out: bool) -> _SeenTables:
+def _seen_tables(
+    records: RoutingRecords,
+    held_out: np.ndarray,
+    token_class_of_id: np.ndarray,
+    n_classes: int,
+    min_token_count: int,
+    min_topic_docs: int,
+    pool_held_out: bool,
+) -> _SeenTables:
     rows = np.arange(len(held_out)) if pool_held_out else np.flatnonzero(~held_out)
     seen = records.subset(rows)
     doc, doc_topic_raw = _documents(seen.doc_id, seen.topic)
     doc_topic, topics = _merge_topics(doc_topic_raw, list(records.topic_names), min_topic_docs)
     topic, token_class = doc_topic[doc], token_class_of_id[seen.token_id]
-    layers = [LayerTables.build(name, seen.experts[:, li, 0], doc, topic, token_class, seen.token_id, len(topics),
-                                n_classes, records.n_experts, min_token_count)
-              for li, name in enumerate(records.layer_names)]
+    layers = [
+        LayerTables.build(
+            name,
+            seen.experts[:, li, 0],
+            doc,
+            topic,
+            token_class,
+            seen.token_id,
+            len(topics),
+            n_classes,
+            records.n_experts,
+            min_token_count,
+        )
+        for li, name in enumerate(records.layer_names)
+    ]
     return _SeenTables(rows, seen, doc, doc_topic, topics, topic, token_class, layers)
 
 
@@ -357,16 +422,30 @@ def _bootstrap_measures(layers: list[LayerTables], n_docs: int, n_boot: int, see
 
 
 def _reference_settings(sample: RouterSample, n_random_routers: int) -> dict:
-    return {"n_random_routers": int(n_random_routers), "max_router_inputs": int(sample.max_tokens),
-            "n_router_inputs": int(len(sample.rows)), "n_candidate_tokens": int(sample.n_candidates),
-            "selection": sample.rule.router_type}
+    return {
+        "n_random_routers": int(n_random_routers),
+        "max_router_inputs": int(sample.max_tokens),
+        "n_router_inputs": int(len(sample.rows)),
+        "n_candidate_tokens": int(sample.n_candidates),
+        "selection": sample.rule.router_type,
+    }
 
 
-def analyze_routing(records: RoutingRecords, token_class_of_id: np.ndarray, class_names: list[str],
-                    id_to_token: list[str], n_boot: int = 200, n_perm: int = 200, seed: int = 0,
-                    min_token_count: int = 20, min_topic_docs: int = 5, router_sample: RouterSample | None = None,
-                    n_random_routers: int = 50, train_token_ids: np.ndarray | None = None,
-                    pool_held_out: bool = False) -> dict:
+def analyze_routing(
+    records: RoutingRecords,
+    token_class_of_id: np.ndarray,
+    class_names: list[str],
+    id_to_token: list[str],
+    n_boot: int = 200,
+    n_perm: int = 200,
+    seed: int = 0,
+    min_token_count: int = 20,
+    min_topic_docs: int = 5,
+    router_sample: RouterSample | None = None,
+    n_random_routers: int = 50,
+    train_token_ids: np.ndarray | None = None,
+    pool_held_out: bool = False,
+) -> dict:
     """Routing statistics per layer as a JSON-ready dict (the layout is the README's "Routing analysis").
 
     router_sample: the sampled router inputs for the references (None: no references);
@@ -379,38 +458,75 @@ def analyze_routing(records: RoutingRecords, token_class_of_id: np.ndarray, clas
     _check(records, records.experts, token_class_of_id)
     n_tokens, n_layers, k = records.experts.shape
     held_out = np.zeros(n_tokens, bool) if records.held_out is None else np.asarray(records.held_out, bool)
-    seen = _seen_tables(records, held_out, token_class_of_id, len(class_names), min_token_count, min_topic_docs,
-                        pool_held_out)
+    seen = _seen_tables(
+        records, held_out, token_class_of_id, len(class_names), min_token_count, min_topic_docs, pool_held_out
+    )
     layers = seen.layers
     draws = _bootstrap_measures(layers, len(seen.doc_topic), n_boot, seed)
     topic_nulls = topic_null(layers, seen.doc_topic, n_perm, seed)
-    class_nulls, conditional_nulls, movable = within_document_nulls(layers, seen.doc, seen.doc_topic,
-                                                                    seen.token_class, n_perm, seed)
-    references = ([None] * n_layers if router_sample is None else
-                  _references(router_sample, seen.rows, seen.doc, seen.doc_topic, seen.topic, seen.token_class,
-                              seen.seen.token_id, len(seen.topics), len(class_names), min_token_count,
-                              n_random_routers, n_boot, seed))
+    class_nulls, conditional_nulls, movable = within_document_nulls(
+        layers, seen.doc, seen.doc_topic, seen.token_class, n_perm, seed
+    )
+    references = (
+        [None] * n_layers
+        if router_sample is None
+        else _references(
+            router_sample,
+            seen.rows,
+            seen.doc,
+            seen.doc_topic,
+            seen.topic,
+            seen.token_class,
+            seen.seen.token_id,
+            len(seen.topics),
+            len(class_names),
+            min_token_count,
+            n_random_routers,
+            n_boot,
+            seed,
+        )
+    )
     out_layers = []
     for li, layer in enumerate(layers):
-        result = _layer_result(layer, layer.measures(), draws[li], topic_nulls[li], class_nulls[li],
-                               conditional_nulls[li], seen.topics, class_names, id_to_token)
+        result = _layer_result(
+            layer,
+            layer.measures(),
+            draws[li],
+            topic_nulls[li],
+            class_nulls[li],
+            conditional_nulls[li],
+            seen.topics,
+            class_names,
+            id_to_token,
+        )
         result["conditional_topic"]["null_movable_share"] = movable[li]
-        out_layers.append({"layer": layer.name, "layer_index": li, **result,
-                           "coactivation": _coactivation(seen.seen.experts[:, li, :], records.n_experts)
-                           if k >= 2 else None})
+        out_layers.append(
+            {
+                "layer": layer.name,
+                "layer_index": li,
+                **result,
+                "coactivation": _coactivation(seen.seen.experts[:, li, :], records.n_experts) if k >= 2 else None,
+            }
+        )
         if references[li] is not None:
             out_layers[-1]["references"] = references[li]
     stats = {
         "n_tokens": int(len(seen.rows)),
         "n_documents": int(len(seen.doc_topic)),
         "topics": seen.topics,
-        "groups": {"seen": sorted({records.topic_names[t] for t in np.unique(records.topic[~held_out])}),
-                   "held_out": sorted({records.topic_names[t] for t in np.unique(records.topic[held_out])}),
-                   "pooled": bool(pool_held_out)},
+        "groups": {
+            "seen": sorted({records.topic_names[t] for t in np.unique(records.topic[~held_out])}),
+            "held_out": sorted({records.topic_names[t] for t in np.unique(records.topic[held_out])}),
+            "pooled": bool(pool_held_out),
+        },
         "n_experts": int(records.n_experts),
         "k": int(k),
-        "settings": {"n_boot": int(n_boot), "n_perm": int(n_perm), "seed": int(seed),
-                     "min_token_count": int(min_token_count)},
+        "settings": {
+            "n_boot": int(n_boot),
+            "n_perm": int(n_perm),
+            "seed": int(seed),
+            "min_token_count": int(min_token_count),
+        },
         "layers": out_layers,
         "held_out_shift": _held_out_shift(records, held_out, train_token_ids, n_boot, seed),
     }
@@ -421,8 +537,17 @@ def analyze_routing(records: RoutingRecords, token_class_of_id: np.ndarray, clas
     return stats
 
 
-def _layer_result(layer: LayerTables, observed: dict, draws: list[dict], topic_null_values, class_null_values,
-                  conditional_null_values, topics: list[str], class_names: list[str], id_to_token: list[str]) -> dict:
+def _layer_result(
+    layer: LayerTables,
+    observed: dict,
+    draws: list[dict],
+    topic_null_values,
+    class_null_values,
+    conditional_null_values,
+    topics: list[str],
+    class_names: list[str],
+    id_to_token: list[str],
+) -> dict:
     boot = {key: [draw[key] for draw in draws] for key in observed}
     js_boot = np.array(boot["js"]).reshape(-1, len(topics))
     p_topic = p_value(observed["nmi"], topic_null_values)
@@ -455,8 +580,7 @@ def _layer_result(layer: LayerTables, observed: dict, draws: list[dict], topic_n
             "p_value": p_value(observed["class_nmi"], class_null_values),
             "expert_counts": tables["class"].astype(np.int64).tolist(),
         },
-        "token_id": {"nmi": float(observed["token_nmi"]),
-                     "nmi_ci": basic_ci(boot["token_nmi"], observed["token_nmi"])},
+        "token_id": {"nmi": float(observed["token_nmi"]), "nmi_ci": basic_ci(boot["token_nmi"], observed["token_nmi"])},
         "conditional_topic": {
             "cmi": cmi_value,
             "cmi_ci": basic_ci(boot["cmi"], cmi_value),
@@ -470,9 +594,21 @@ def _layer_result(layer: LayerTables, observed: dict, draws: list[dict], topic_n
     }
 
 
-def _references(sample: RouterSample, analysed_rows: np.ndarray, doc: np.ndarray, doc_topic: np.ndarray,
-                topic: np.ndarray, token_class: np.ndarray, token_id: np.ndarray, n_topics: int, n_classes: int,
-                min_token_count: int, n_random: int, n_boot: int, seed: int) -> list[dict]:
+def _references(
+    sample: RouterSample,
+    analysed_rows: np.ndarray,
+    doc: np.ndarray,
+    doc_topic: np.ndarray,
+    topic: np.ndarray,
+    token_class: np.ndarray,
+    token_id: np.ndarray,
+    n_topics: int,
+    n_classes: int,
+    min_token_count: int,
+    n_random: int,
+    n_boot: int,
+    seed: int,
+) -> list[dict]:
     """layer_references for every layer, on the sampled tokens that are among the analysed rows."""
     position = np.minimum(np.searchsorted(analysed_rows, sample.rows), max(len(analysed_rows) - 1, 0))
     keep = analysed_rows[position] == sample.rows if len(analysed_rows) else np.zeros(len(sample.rows), bool)
@@ -480,22 +616,45 @@ def _references(sample: RouterSample, analysed_rows: np.ndarray, doc: np.ndarray
     token_index, frequent_ids, _ = frequent_token_index(token_id, min_token_count)
     F = len(frequent_ids)
     f = token_index[rows]
-    factors = [Factor("topic", topic[rows], n_topics), Factor("token_class", token_class[rows], n_classes),
-               Factor("token_id", f, F + 1, probe=False)]
-    conditional = ({"token": np.where(f < F, f, -1), "n_tokens": F, "topic": topic[rows], "n_topics": n_topics}
-                   if F else None)
-    return [layer_references(torch.from_numpy(np.ascontiguousarray(inputs[keep])), weight, sample.rule,
-                             sample.batch[keep], doc[rows], doc_topic, factors, conditional, n_random, n_boot, seed,
-                             li)
-            for li, (inputs, weight) in enumerate(zip(sample.inputs, sample.weights))]
+    factors = [
+        Factor("topic", topic[rows], n_topics),
+        Factor("token_class", token_class[rows], n_classes),
+        Factor("token_id", f, F + 1, probe=False),
+    ]
+    conditional = (
+        {"token": np.where(f < F, f, -1), "n_tokens": F, "topic": topic[rows], "n_topics": n_topics} if F else None
+    )
+    return [
+        layer_references(
+            torch.from_numpy(np.ascontiguousarray(inputs[keep])),
+            weight,
+            sample.rule,
+            sample.batch[keep],
+            doc[rows],
+            doc_topic,
+            factors,
+            conditional,
+            n_random,
+            n_boot,
+            seed,
+            li,
+        )
+        for li, (inputs, weight) in enumerate(zip(sample.inputs, sample.weights))
+    ]
 
 
 def _unseen_share(token_id: np.ndarray, train_token_ids: np.ndarray) -> float:
     return float(np.mean(~np.isin(token_id, train_token_ids))) if len(token_id) else 0.0
 
 
-def _held_out_shift(records: RoutingRecords, held_out: np.ndarray, train_token_ids: np.ndarray | None,
-                    n_boot: int, seed: int, n_null: int = 50) -> dict:
+def _held_out_shift(
+    records: RoutingRecords,
+    held_out: np.ndarray,
+    train_token_ids: np.ndarray | None,
+    n_boot: int,
+    seed: int,
+    n_null: int = 50,
+) -> dict:
     """Per held-out topic and layer: the JS divergence of its expert mix from the seen documents' mix, with an
     interval (each group's documents resampled on their own) and ``js_null``, the mean JS between a random set of
     as many seen documents and the other seen documents (plug-in JS of a small group is biased upward); and the
@@ -510,11 +669,20 @@ def _held_out_shift(records: RoutingRecords, held_out: np.ndarray, train_token_i
     seen_docs = members[0]
     rng = rng_for(seed, 5)
     boot = [[bootstrap_weights(rng, len(docs)) for docs in members] for _ in range(n_boot)]
-    null_sets = [[rng.permutation(len(seen_docs))[:min(len(docs), len(seen_docs) // 2)] for _ in range(n_null)]
-                 for docs in members[1:]]
-    out = {records.topic_names[t]: {"js": {}, "js_ci": {}, "js_null": {}, "n_documents": int(len(members[1 + i])),
-                                    "n_tokens": int(np.sum(records.topic[held_out] == t))}
-           for i, t in enumerate(held_topics)}
+    null_sets = [
+        [rng.permutation(len(seen_docs))[: min(len(docs), len(seen_docs) // 2)] for _ in range(n_null)]
+        for docs in members[1:]
+    ]
+    out = {
+        records.topic_names[t]: {
+            "js": {},
+            "js_ci": {},
+            "js_null": {},
+            "n_documents": int(len(members[1 + i])),
+            "n_tokens": int(np.sum(records.topic[held_out] == t)),
+        }
+        for i, t in enumerate(held_topics)
+    }
     for li, name in enumerate(records.layer_names):
         e = records.experts[:, li, 0]
         routed = e >= 0
@@ -524,8 +692,10 @@ def _held_out_shift(records: RoutingRecords, held_out: np.ndarray, train_token_i
             topic_table = doc_table[members[1 + i]]
             observed = js_rows(topic_table.sum(0)[None], reference=seen_table.sum(0))[0]
             draws = [js_rows((w[1 + i] @ topic_table)[None], reference=w[0] @ seen_table)[0] for w in boot]
-            null = [js_rows(seen_table[chosen].sum(0)[None], reference=seen_table.sum(0) - seen_table[chosen].sum(0))[0]
-                    for chosen in null_sets[i]]
+            null = [
+                js_rows(seen_table[chosen].sum(0)[None], reference=seen_table.sum(0) - seen_table[chosen].sum(0))[0]
+                for chosen in null_sets[i]
+            ]
             entry = out[records.topic_names[t]]
             entry["js"][name] = float(np.nan_to_num(observed))
             entry["js_ci"][name] = basic_ci(draws, observed)
@@ -533,7 +703,8 @@ def _held_out_shift(records: RoutingRecords, held_out: np.ndarray, train_token_i
     if train_token_ids is not None:
         for t in held_topics:
             out[records.topic_names[t]]["unseen_piece_share"] = _unseen_share(
-                records.token_id[held_out & (records.topic == t)], train_token_ids)
+                records.token_id[held_out & (records.topic == t)], train_token_ids
+            )
     return out
 
 

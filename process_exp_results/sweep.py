@@ -13,6 +13,7 @@ run), runs/<tag>/ (step 3), results/<tag>/ (step 4: metrics.csv, routing_stats.j
     python process_exp_results/compare_runs.py process_exp_results/sweeps/seq_mask
 A run whose results/<tag>/metrics.csv exists is skipped (rerun a sweep to finish it); --overwrite redoes all.
 """
+
 import sys
 from pathlib import Path
 
@@ -78,17 +79,20 @@ def combinations(grid: dict[str, list]) -> list[dict]:
 
 def data_tag(assignment: dict, names: dict[str, str], step: int) -> str:
     """Names the data folder of step 1 or 2 by the grid keys that step's output depends on."""
+
     def matters(key: str) -> bool:
         role, _, inner = key.partition(".")
         if role == "dataset":
             return inner not in NOT_CONTENT_KEYS and (step == 2 or inner not in STEP2_ONLY_KEYS)
         return step == 2 and key == "model.seq_len"
+
     relevant = {key: value for key, value in assignment.items() if matters(key)}
     return make_tag(relevant, names) if relevant else "shared"
 
 
-def plan_runs(args: argparse.Namespace, assignments: list[dict], sweep_dir: Path,
-              tags: list[str] | None = None) -> list[dict]:
+def plan_runs(
+    args: argparse.Namespace, assignments: list[dict], sweep_dir: Path, tags: list[str] | None = None
+) -> list[dict]:
     """One entry per assignment ({ROLE.KEY: value}): its overrides, tag and folders; every config validated now.
     args: config_dataset, config_model, config_train and overrides (the --set texts common to all runs)."""
     names = short_names(list(dict.fromkeys(key for assignment in assignments for key in assignment)))
@@ -97,19 +101,35 @@ def plan_runs(args: argparse.Namespace, assignments: list[dict], sweep_dir: Path
         tag = tags[number] if tags else make_tag(assignment, names)
         processed = sweep_dir / "data" / "processed" / data_tag(assignment, names, 1)
         masked = sweep_dir / "data" / "masked" / data_tag(assignment, names, 2)
-        overrides = (list(args.overrides) + [f"{key}={format_value(value)}" for key, value in assignment.items()]
-                     + [f"dataset.data_params.processed_dir={processed}", f"dataset.data_params.masked_dir={masked}",
-                        f"train.save_path={sweep_dir / 'runs'}"])
+        overrides = (
+            list(args.overrides)
+            + [f"{key}={format_value(value)}" for key, value in assignment.items()]
+            + [
+                f"dataset.data_params.processed_dir={processed}",
+                f"dataset.data_params.masked_dir={masked}",
+                f"train.save_path={sweep_dir / 'runs'}",
+            ]
+        )
         parsed = [parse_override(text) for text in overrides]
-        configs = {role: load_config(role, getattr(args, f"config_{role}"), parsed)
-                   for role in ("dataset", "model", "train")}  # a bad combination stops the sweep before it starts
-        runs.append({"tag": tag, "grid": assignment, "overrides": overrides,
-                     "processed_dir": str(processed), "masked_dir": str(masked),
-                     "run_dir": str(sweep_dir / "runs" / tag), "results_dir": str(sweep_dir / "results" / tag),
-                     "data_settings": {1: dataset_settings(configs["dataset"], 1),
-                                       2: {**dataset_settings(configs["dataset"], 2),
-                                           "model.seq_len": configs["model"]["seq_len"]}},
-                     "status": "planned"})
+        configs = {
+            role: load_config(role, getattr(args, f"config_{role}"), parsed) for role in ("dataset", "model", "train")
+        }  # a bad combination stops the sweep before it starts
+        runs.append(
+            {
+                "tag": tag,
+                "grid": assignment,
+                "overrides": overrides,
+                "processed_dir": str(processed),
+                "masked_dir": str(masked),
+                "run_dir": str(sweep_dir / "runs" / tag),
+                "results_dir": str(sweep_dir / "results" / tag),
+                "data_settings": {
+                    1: dataset_settings(configs["dataset"], 1),
+                    2: {**dataset_settings(configs["dataset"], 2), "model.seq_len": configs["model"]["seq_len"]},
+                },
+                "status": "planned",
+            }
+        )
     tags = [run["tag"] for run in runs]
     if len(set(tags)) != len(tags):
         raise PipelineError("two grid combinations got the same tag; give the grid values distinct spellings")
@@ -122,18 +142,27 @@ def plan_runs(args: argparse.Namespace, assignments: list[dict], sweep_dir: Path
 
 
 def step_command(step: int, args: argparse.Namespace, run: dict, sweep_dir: Path) -> list[str]:
-    configs = {1: ["--config-name", args.config_dataset],
-               2: ["--config-dataset", args.config_dataset, "--config-model", args.config_model]}.get(
-        step, ["--config-dataset", args.config_dataset, "--config-model", args.config_model,
-               "--config-train", args.config_train])
+    configs = {
+        1: ["--config-name", args.config_dataset],
+        2: ["--config-dataset", args.config_dataset, "--config-model", args.config_model],
+    }.get(
+        step,
+        [
+            "--config-dataset",
+            args.config_dataset,
+            "--config-model",
+            args.config_model,
+            "--config-train",
+            args.config_train,
+        ],
+    )
     command = [sys.executable, str(SCRIPTS[step]), *configs]
     for text in run["overrides"]:
         command += ["--set", text]
     if step == 3:
         command += ["--tag", run["tag"], "--overwrite"]  # a half-finished run of this tag is redone
     if step == 4:
-        command += ["--run", run["tag"], "--save_path", str(sweep_dir / "results"),
-                    *getattr(args, "step4_options", [])]
+        command += ["--run", run["tag"], "--save_path", str(sweep_dir / "results"), *getattr(args, "step4_options", [])]
     return command
 
 
@@ -148,8 +177,11 @@ def run_logged(command: list[str], log_path: Path) -> tuple[bool, str]:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code == 0:
         return True, ""
-    lines = [line.strip() for line in re.split(r"[\r\n]", log_path.read_text(encoding="utf-8", errors="replace"))
-             if line.strip()]
+    lines = [
+        line.strip()
+        for line in re.split(r"[\r\n]", log_path.read_text(encoding="utf-8", errors="replace"))
+        if line.strip()
+    ]
     errors = [line for line in lines if line.startswith("error:")]
     return False, f"exit {code}: " + (errors[-1] if errors else (lines[-1] if lines else "no output"))
 
@@ -158,8 +190,11 @@ def data_is_current(step: int, folder: str, settings: dict) -> bool:
     """A data folder left by an earlier invocation can be reused when it was made with these settings."""
     try:
         manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
-        found = (dataset_settings(manifest["config"], 1) if step == 1
-                 else {**manifest["dataset_settings"], "model.seq_len": manifest["seq_len"]})
+        found = (
+            dataset_settings(manifest["config"], 1)
+            if step == 1
+            else {**manifest["dataset_settings"], "model.seq_len": manifest["seq_len"]}
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return found == json.loads(json.dumps(settings))
@@ -169,13 +204,23 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
     """Run steps 1-4 for every planned run, going on past failures; write sweep.json; return the failed runs.
     args also needs `overwrite`; extra: more manifest keys (e.g. the grid)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"sweep": sweep_dir.name, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "configs": {"dataset": args.config_dataset, "model": args.config_model, "train": args.config_train},
-                **extra, "sets": list(args.overrides), "runs": runs}
+    manifest = {
+        "sweep": sweep_dir.name,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "configs": {"dataset": args.config_dataset, "model": args.config_model, "train": args.config_train},
+        **extra,
+        "sets": list(args.overrides),
+        "runs": runs,
+    }
 
     def save() -> None:
-        write_json_atomic(sweep_dir / MANIFEST, {**manifest, "runs": [
-            {key: value for key, value in run.items() if key != "data_settings"} for run in runs]})
+        write_json_atomic(
+            sweep_dir / MANIFEST,
+            {
+                **manifest,
+                "runs": [{key: value for key, value in run.items() if key != "data_settings"} for run in runs],
+            },
+        )
 
     data_status: dict[str, str] = {}  # data folder -> "" (made) or why it failed
     for number, run in enumerate(runs, 1):
@@ -189,12 +234,20 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
         run["status"], run["error"] = "ok", None
         for step in (1, 2, 3, 4):
             folder = {1: run["processed_dir"], 2: run["masked_dir"]}.get(step)
-            log = sweep_dir / "logs" / (f"{Path(folder).parent.name}-{Path(folder).name}.step{step}.log" if folder
-                                        else f"{run['tag']}.step{step}.log")
+            log = (
+                sweep_dir
+                / "logs"
+                / (
+                    f"{Path(folder).parent.name}-{Path(folder).name}.step{step}.log"
+                    if folder
+                    else f"{run['tag']}.step{step}.log"
+                )
+            )
             if folder is not None and folder in data_status:  # made (or failed) for an earlier run
                 ok, error = not data_status[folder], data_status[folder]
-            elif folder is not None and not args.overwrite and data_is_current(step, folder,
-                                                                               run["data_settings"][step]):
+            elif (
+                folder is not None and not args.overwrite and data_is_current(step, folder, run["data_settings"][step])
+            ):
                 ok, error = True, ""  # made by an earlier invocation of this sweep, with the same settings
             else:
                 print(f"  step {step} ...", flush=True)
@@ -220,13 +273,27 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
 
 
 def main() -> None:
-    parser = step_parser(__doc__, {"dataset": ("--config-dataset", "dataset_params.yaml"),
-                                   "model": ("--config-model", "model_params.yaml"),
-                                   "train": ("--config-train", "train_params.yaml")})
-    parser.add_argument("--grid", action="append", default=[], metavar="ROLE.KEY=[V1,V2,...]",
-                        help="a key and its values, repeatable: every combination is one run")
-    parser.add_argument("--results", default=None, metavar="DIR",
-                        help="the sweep folder; default process_exp_results/sweeps/<timestamp>")
+    parser = step_parser(
+        __doc__,
+        {
+            "dataset": ("--config-dataset", "dataset_params.yaml"),
+            "model": ("--config-model", "model_params.yaml"),
+            "train": ("--config-train", "train_params.yaml"),
+        },
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="ROLE.KEY=[V1,V2,...]",
+        help="a key and its values, repeatable: every combination is one run",
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        metavar="DIR",
+        help="the sweep folder; default process_exp_results/sweeps/<timestamp>",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--overwrite", action="store_true", help="redo finished runs and their data")
     args = parser.parse_args()
@@ -237,9 +304,11 @@ def main() -> None:
     grid = dict(parse_grid(text) for text in args.grid)
     sweep_dir = Path(args.results or f"process_exp_results/sweeps/{time.strftime('sweep-%Y%m%d-%H%M%S')}")
     runs = plan_runs(args, combinations(grid), sweep_dir)
-    print(f"sweep {sweep_dir}: {len(runs)} run(s), "
-          f"{len({run['processed_dir'] for run in runs})} step-1 and {len({run['masked_dir'] for run in runs})} "
-          f"step-2 dataset(s)")
+    print(
+        f"sweep {sweep_dir}: {len(runs)} run(s), "
+        f"{len({run['processed_dir'] for run in runs})} step-1 and {len({run['masked_dir'] for run in runs})} "
+        f"step-2 dataset(s)"
+    )
 
     if args.dry_run:
         done: set[str] = set()

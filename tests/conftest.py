@@ -1,4 +1,5 @@
 """Tests run offline: the hub must fail at once instead of retrying for 20 seconds."""
+
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -1,4 +1,5 @@
 """Shared test helpers: run a step script as a user would, tiny configs, and checks on its outputs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,14 @@ from config_utils.contracts import step_script
 REPO = Path(__file__).resolve().parents[1]
 STEP_SCRIPTS = {step: step_script(step) for step in contracts.STEP_SCRIPTS}
 STEP_MODULES = contracts.STEP_MODULES
-DEMO_CONFIGS = ["--config-dataset", "demo/dataset_params.yaml", "--config-model", "demo/model_params.yaml",
-                "--config-train", "demo/train_params.yaml"]
+DEMO_CONFIGS = [
+    "--config-dataset",
+    "demo/dataset_params.yaml",
+    "--config-model",
+    "demo/model_params.yaml",
+    "--config-train",
+    "demo/train_params.yaml",
+]
 
 
 def step_config_args(step: int) -> list[str]:
@@ -77,8 +84,14 @@ def run_step(step: int, *args: str, cwd: Path | None = None, timeout: float = 12
     """Run a step script as `python SCRIPT ARGS` from `cwd` (not the repo root: scripts must run from anywhere)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)  # the scripts must find the project themselves
-    return subprocess.run([sys.executable, str(STEP_SCRIPTS[step]), *args], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(STEP_SCRIPTS[step]), *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_step_in_process(step: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -135,8 +148,11 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file under folder -> (size, mtime_ns), to check a failed step changed nothing."""
     if not folder.exists():
         return {}
-    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def leftover_temporaries(folder: Path) -> list[Path]:

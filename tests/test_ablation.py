@@ -1,4 +1,5 @@
 """Expert ablation (process_exp_results/ablation.py): disabling an expert, the cached fast path, the statistics."""
+
 import copy
 import json
 
@@ -8,12 +9,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
-from process_exp_results.ablation import (
-    ablation_losses,
-    ablation_statistics,
-    disabled_experts,
-    plot_ablation,
-)
+from process_exp_results.ablation import ablation_losses, ablation_statistics, disabled_experts, plot_ablation
 from train.evaluation import evaluate_mlm, mlm_loader
 
 VOCAB = 40
@@ -22,8 +18,18 @@ CPU = torch.device("cpu")
 
 
 def tiny_model(seed: int = 0, **overrides) -> MoEEncoderForMaskedLM:
-    params = dict(vocab_size=VOCAB, embedding_dim=16, seq_len=16, num_head=2, n_encoder_blocks=3, n_experts=4,
-                  top_k_experts=1, moe_dim=16, dropout=0.0, pad_token_id=PAD)
+    params = dict(
+        vocab_size=VOCAB,
+        embedding_dim=16,
+        seq_len=16,
+        num_head=2,
+        n_encoder_blocks=3,
+        n_experts=4,
+        top_k_experts=1,
+        moe_dim=16,
+        dropout=0.0,
+        pad_token_id=PAD,
+    )
     params.update(overrides)
     torch.manual_seed(seed)
     return MoEEncoderForMaskedLM(MoEEncoderConfig(**params)).eval()
@@ -42,9 +48,15 @@ def random_group(n_docs: int, seed: int, topics=("a", "b"), low: int = 1, high: 
         chosen = rng.random(n) < 0.3
         chosen[rng.integers(0, n)] = True
         labels[row, :n][chosen] = ids[row, :n][chosen]
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist(),
-                              "topic": [topics[row % len(topics)] for row in range(n_docs)],
-                              "doc_id": list(range(seed * 1000, seed * 1000 + n_docs))})
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": mask.tolist(),
+            "labels": labels.tolist(),
+            "topic": [topics[row % len(topics)] for row in range(n_docs)],
+            "doc_id": list(range(seed * 1000, seed * 1000 + n_docs)),
+        }
+    )
 
 
 def constant_feature(model, block: int) -> None:
@@ -173,8 +185,14 @@ def test_expert_that_carries_a_topic_raises_only_that_topics_loss():
     assert layer["topic_p_value"]["2"] is not None and layer["topic_p_value"]["2"] > 0.5  # no effect at all
 
 
-@pytest.mark.parametrize("overrides", [dict(top_k_experts=1), dict(top_k_experts=2, moe_every=2, n_encoder_blocks=4),
-                                       dict(router_type="expert_choice", capacity_factor=1.0)])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(top_k_experts=1),
+        dict(top_k_experts=2, moe_every=2, n_encoder_blocks=4),
+        dict(router_type="expert_choice", capacity_factor=1.0),
+    ],
+)
 def test_cached_path_equals_full_forward(overrides):
     model = tiny_model(seed=3, **overrides)
     groups = {"test": random_group(11, seed=6), "held": random_group(5, seed=7, topics=("h",))}
@@ -194,8 +212,11 @@ def test_cached_path_equals_full_forward(overrides):
     layers = model.config.moe_layer_indices
     batches = fast.cost["n_batches"]
     assert fast.cost["block_forwards"] == batches * (n_blocks + n_exp * sum(n_blocks - b for b in layers))
-    assert slow.cost["block_forwards"] == fast.cost["naive_block_forwards"] == batches * (
-        n_blocks + n_exp * len(layers) * n_blocks)
+    assert (
+        slow.cost["block_forwards"]
+        == fast.cost["naive_block_forwards"]
+        == batches * (n_blocks + n_exp * len(layers) * n_blocks)
+    )
 
 
 def test_same_seed_same_result_and_json_shape(tmp_path):
@@ -229,17 +250,28 @@ def test_same_seed_same_result_and_json_shape(tmp_path):
 
 @pytest.mark.parametrize("value", [0.0, 0.3, -0.2, None])
 def test_plot_ablation_with_constant_or_one_sided_values(tmp_path, value):
-    ablation = {"block 0": {"experts": {str(e): {"test": {"delta": value if e else 0.0, "ci": None},
-                                                  "topic": {"delta": value, "ci": None}} for e in range(3)}}}
+    ablation = {
+        "block 0": {
+            "experts": {
+                str(e): {"test": {"delta": value if e else 0.0, "ci": None}, "topic": {"delta": value, "ci": None}}
+                for e in range(3)
+            }
+        }
+    }
     assert plot_ablation(ablation, "block 0", tmp_path / "a.png").exists()
 
 
 def test_ablation_sentence_names_the_expert_that_matters_and_the_tests():
     from process_exp_results.report import ablation_section, ablation_sentence
 
-    entry = {"experts": {"0": {"test": {"delta": 0.01, "ci": [0.0, 0.02]}, "a": {"delta": 0.3, "ci": [0.2, 0.4]}},
-                         "1": {"test": {"delta": 0.2, "ci": [0.1, 0.3]}, "a": {"delta": None, "ci": None}}},
-             "topic_p_value": {"0": 0.005, "1": 0.5}, "class_p_value": {"0": None, "1": 0.2}}
+    entry = {
+        "experts": {
+            "0": {"test": {"delta": 0.01, "ci": [0.0, 0.02]}, "a": {"delta": 0.3, "ci": [0.2, 0.4]}},
+            "1": {"test": {"delta": 0.2, "ci": [0.1, 0.3]}, "a": {"delta": None, "ci": None}},
+        },
+        "topic_p_value": {"0": 0.005, "1": 0.5},
+        "class_p_value": {"0": None, "1": 0.2},
+    }
     sentence = ablation_sentence("block 0", entry)
     assert "disabling expert 1 raises the test loss most, by +0.200" in sentence
     assert "depends on topic (p <= 0.01) for expert 0" in sentence

@@ -1,4 +1,5 @@
 """benchmarks/bench_moe.py on tiny shapes: JSON schema, skip reasons, and `ours` == the seed loop layer."""
+
 import importlib
 import json
 import sys
@@ -25,8 +26,9 @@ def bench():
 def payload(bench, tmp_path_factory):
     threads = torch.get_num_threads()
     try:
-        result = bench.run_benchmark([N_EXPERTS], [1, 2], TOKENS, SEQ_LEN, D_MODEL, D_EXPERT, repeats=1, warmup=1,
-                                     threads=2, log=None)
+        result = bench.run_benchmark(
+            [N_EXPERTS], [1, 2], TOKENS, SEQ_LEN, D_MODEL, D_EXPERT, repeats=1, warmup=1, threads=2, log=None
+        )
     finally:
         torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("bench") / "out" / "bench.json"
@@ -70,8 +72,18 @@ def test_table_and_checks_come_from_the_data(bench, payload):
 
 
 def test_batched_mm_is_skipped_over_the_memory_budget(bench):
-    cases = bench.run_case(N_EXPERTS, 1, TOKENS, SEQ_LEN, D_MODEL, D_EXPERT, impls=("dense", "hf_batched_mm"),
-                           repeats=1, warmup=0, mem_budget_gib=1e-6)
+    cases = bench.run_case(
+        N_EXPERTS,
+        1,
+        TOKENS,
+        SEQ_LEN,
+        D_MODEL,
+        D_EXPERT,
+        impls=("dense", "hf_batched_mm"),
+        repeats=1,
+        warmup=0,
+        mem_budget_gib=1e-6,
+    )
     skipped = {c["impl"]: c.get("skipped") for c in cases}
     assert skipped["dense"] is None and "budget" in skipped["hf_batched_mm"]
 
@@ -79,10 +91,31 @@ def test_batched_mm_is_skipped_over_the_memory_budget(bench):
 def test_cli_quick_arguments(bench):
     args = bench.parse_args(["--quick"])
     assert (args.experts, args.top_k, args.repeats, args.tokens) == ([8], [1, 2], 3, 4096)
-    args = bench.parse_args(["--experts", "8", "64", "--top-k", "1", "2", "--d-model", "768", "--d-expert", "3072",
-                             "--tokens", "16384", "--dtype", "bfloat16"])
-    assert (args.experts, args.d_model, args.d_expert, args.tokens, args.dtype) == ([8, 64], 768, 3072, 16384,
-                                                                                   "bfloat16")
+    args = bench.parse_args(
+        [
+            "--experts",
+            "8",
+            "64",
+            "--top-k",
+            "1",
+            "2",
+            "--d-model",
+            "768",
+            "--d-expert",
+            "3072",
+            "--tokens",
+            "16384",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
+    assert (args.experts, args.d_model, args.d_expert, args.tokens, args.dtype) == (
+        [8, 64],
+        768,
+        3072,
+        16384,
+        "bfloat16",
+    )
     with pytest.raises(SystemExit):
         bench.parse_args(["--tokens", "100", "--seq-len", "128"])
 
@@ -145,10 +178,19 @@ def test_reference_layers_are_shared(bench):
     """One definition of each reference: bench_moe and profile_moe use benchmarks.reference_layers'."""
     from benchmarks import reference_layers
 
-    built = bench.build("seed_loop", D_MODEL, D_EXPERT, N_EXPERTS, 1, torch.zeros(N_EXPERTS, D_MODEL),
-                        torch.device("cpu"), torch.float32)
+    built = bench.build(
+        "seed_loop",
+        D_MODEL,
+        D_EXPERT,
+        N_EXPERTS,
+        1,
+        torch.zeros(N_EXPERTS, D_MODEL),
+        torch.device("cpu"),
+        torch.float32,
+    )
     assert type(built.module) is reference_layers.SeedLoopMoE
-    dense = bench.build("dense", D_MODEL, D_EXPERT, N_EXPERTS, 1, torch.zeros(N_EXPERTS, D_MODEL),
-                        torch.device("cpu"), torch.float32)
+    dense = bench.build(
+        "dense", D_MODEL, D_EXPERT, N_EXPERTS, 1, torch.zeros(N_EXPERTS, D_MODEL), torch.device("cpu"), torch.float32
+    )
     assert type(dense.module) is reference_layers.DenseFloor
     assert not hasattr(bench, "DenseFFN")  # the model's DenseFFN is not shadowed by a benchmark class

@@ -1,5 +1,6 @@
 """Smoke tests of benchmarks/bench_train.py on tiny shapes: JSON schema, checks, CLI, and that every
 implementation actually trains (the loss falls over 20 steps on a fixed batch)."""
+
 import json
 import subprocess
 import sys
@@ -27,14 +28,20 @@ def tiny_shapes(**extra) -> bench_train.Shapes:
 
 
 def test_run_benchmark_schema_without_memory():
-    payload = bench_train.run_benchmark(tiny_shapes(pad_frac=0.25), repeats=1, warmup=0, threads=1,
-                                         memory=False, log=None)
+    payload = bench_train.run_benchmark(
+        tiny_shapes(pad_frac=0.25), repeats=1, warmup=0, threads=1, memory=False, log=None
+    )
     cases = payload["cases"]
     assert [(c["impl"], c["n_experts"], c["top_k"], c["mlm_head"], c["step"]) for c in cases] == [
-        ("ours_dense", 1, 1, "masked", "train.py"), ("ours_dense", 1, 1, "masked", "bare"),
-        ("ours_dense", 1, 1, "all", "bare"), ("hf_bert", 1, 1, "all", "bare"),
-        ("ours_moe", 8, 1, "masked", "train.py"), ("ours_moe", 8, 1, "masked", "bare"),
-        ("ours_moe", 8, 2, "masked", "train.py"), ("ours_moe", 8, 2, "masked", "bare")]
+        ("ours_dense", 1, 1, "masked", "train.py"),
+        ("ours_dense", 1, 1, "masked", "bare"),
+        ("ours_dense", 1, 1, "all", "bare"),
+        ("hf_bert", 1, 1, "all", "bare"),
+        ("ours_moe", 8, 1, "masked", "train.py"),
+        ("ours_moe", 8, 1, "masked", "bare"),
+        ("ours_moe", 8, 2, "masked", "train.py"),
+        ("ours_moe", 8, 2, "masked", "bare"),
+    ]
     for c in cases:
         assert "skipped" not in c, c
         assert set(c) >= {"impl", "n_experts", "top_k", "steps_per_s", "tokens_per_s", "peak_mem_mb"}
@@ -56,14 +63,24 @@ def test_same_shapes_and_sdpa():
     assert ours.config.n_experts == 1 and ours.config.expert_type == "mlp"
     assert bert.config._attn_implementation == "sdpa" and bert.config.hidden_act == "gelu"
     assert (bert.config.hidden_size, bert.config.num_hidden_layers, bert.config.intermediate_size) == (
-        ours.config.embedding_dim, ours.config.n_encoder_blocks, ours.config.moe_dim)
+        ours.config.embedding_dim,
+        ours.config.n_encoder_blocks,
+        ours.config.moe_dim,
+    )
     # parameter counts differ only by BERT's token-type embeddings (2 x d) and layout details
     n = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())  # noqa: E731
     assert abs(n(ours) - n(bert)) <= 4 * TINY["embedding_dim"]
 
 
-@pytest.mark.parametrize("impl,n_experts,top_k,head", [("ours_dense", 1, 1, "masked"), ("ours_dense", 1, 1, "all"),
-                                                       ("hf_bert", 1, 1, "all"), ("ours_moe", 8, 1, "masked")])
+@pytest.mark.parametrize(
+    "impl,n_experts,top_k,head",
+    [
+        ("ours_dense", 1, 1, "masked"),
+        ("ours_dense", 1, 1, "all"),
+        ("hf_bert", 1, 1, "all"),
+        ("ours_moe", 8, 1, "masked"),
+    ],
+)
 def test_loss_falls_on_a_fixed_batch(impl, n_experts, top_k, head):
     shapes = tiny_shapes(dropout=0.0, lr=3e-3)
     torch.manual_seed(0)
@@ -78,9 +95,14 @@ def test_checks_from_numbers():
     def row(impl, n_experts, top_k, head, step, ms):
         return {"impl": impl, "n_experts": n_experts, "top_k": top_k, "mlm_head": head, "step": step, "ms_median": ms}
 
-    cases = [row("ours_dense", 1, 1, "masked", "train.py", 11.0), row("ours_dense", 1, 1, "masked", "bare", 10.0),
-             row("ours_dense", 1, 1, "all", "bare", 20.0), row("hf_bert", 1, 1, "all", "bare", 9.0),
-             row("ours_moe", 8, 1, "masked", "train.py", 14.3), row("ours_moe", 8, 1, "masked", "bare", 12.0)]
+    cases = [
+        row("ours_dense", 1, 1, "masked", "train.py", 11.0),
+        row("ours_dense", 1, 1, "masked", "bare", 10.0),
+        row("ours_dense", 1, 1, "all", "bare", 20.0),
+        row("hf_bert", 1, 1, "all", "bare", 9.0),
+        row("ours_moe", 8, 1, "masked", "train.py", 14.3),
+        row("ours_moe", 8, 1, "masked", "bare", 12.0),
+    ]
     checks = bench_train.check_summary(cases)
     assert [c["status"] for c in checks] == ["FAIL", "FAIL", "n/a", "info", "info", "info"]
     assert checks[0]["value"] == pytest.approx(10 / 9, abs=1e-3)  # bare vs bare: BERT has no train.py step
@@ -88,8 +110,9 @@ def test_checks_from_numbers():
     assert checks[3]["value"] == pytest.approx(20 / 9, abs=1e-3)
     assert checks[4]["value"] == pytest.approx(11 / 10, abs=1e-3)
     assert checks[5]["value"] == pytest.approx(14.3 / 12, abs=1e-3)
-    table = bench_train.format_table([{**c, "steps_per_s": 1e3 / c["ms_median"], "tokens_per_s": 1.0,
-                                       "peak_mem_mb": None} for c in cases])
+    table = bench_train.format_table(
+        [{**c, "steps_per_s": 1e3 / c["ms_median"], "tokens_per_s": 1.0, "peak_mem_mb": None} for c in cases]
+    )
     assert "1.10" in table.splitlines()[2]  # the train.py row's "x bare": 11 / 10
 
 
@@ -107,8 +130,17 @@ def test_train_py_rows_call_train_loop_train_step(monkeypatch):
         return result
 
     monkeypatch.setattr(train.loop, "train_step", counting)
-    payload = bench_train.run_benchmark(tiny_shapes(), impls=("ours_dense", "ours_moe"), experts=(4,), top_ks=(1,),
-                                         repeats=2, warmup=1, threads=1, memory=False, log=None)
+    payload = bench_train.run_benchmark(
+        tiny_shapes(),
+        impls=("ours_dense", "ours_moe"),
+        experts=(4,),
+        top_ks=(1,),
+        repeats=2,
+        warmup=1,
+        threads=1,
+        memory=False,
+        log=None,
+    )
     assert [c["step"] for c in payload["cases"]] == ["train.py", "bare", "bare", "train.py", "bare"]
     assert all("skipped" not in c for c in payload["cases"]), payload["cases"]
     assert len(calls) == 2 * (1 + 2)  # two train.py rows, one warm-up and two timed steps each
@@ -119,8 +151,17 @@ def test_train_py_rows_call_train_loop_train_step(monkeypatch):
 
 def test_train_py_step_and_bare_step_start_from_the_same_loss():
     """Same weights, same batch, no dropout: the first train.py step's loss equals the bare step's."""
-    payload = bench_train.run_benchmark(tiny_shapes(dropout=0.0), impls=("ours_dense", "ours_moe"), experts=(4,),
-                                         top_ks=(2,), repeats=1, warmup=1, threads=1, memory=False, log=None)
+    payload = bench_train.run_benchmark(
+        tiny_shapes(dropout=0.0),
+        impls=("ours_dense", "ours_moe"),
+        experts=(4,),
+        top_ks=(2,),
+        repeats=1,
+        warmup=1,
+        threads=1,
+        memory=False,
+        log=None,
+    )
     first = {(c["impl"], c["step"]): c["loss_first"] for c in payload["cases"] if c["mlm_head"] == "masked"}
     for impl in ("ours_dense", "ours_moe"):
         assert first[(impl, "train.py")] == pytest.approx(first[(impl, "bare")], abs=2e-4), first
@@ -128,17 +169,50 @@ def test_train_py_step_and_bare_step_start_from_the_same_loss():
 
 def test_cli_with_memory_probe_writes_json(tmp_path):
     out = tmp_path / "r" / "train.json"
-    args = ["--vocab-size", "120", "--d-model", "16", "--heads", "2", "--layers", "1", "--d-ffn", "24",
-            "--seq-len", "12", "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--probe-steps", "1",
-            "--impls", "ours_dense", "--threads", "1", "--json", str(out)]
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), *args], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    args = [
+        "--vocab-size",
+        "120",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--layers",
+        "1",
+        "--d-ffn",
+        "24",
+        "--seq-len",
+        "12",
+        "--batch-size",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--probe-steps",
+        "1",
+        "--impls",
+        "ours_dense",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "checks" in result.stdout
     payload = json.loads(out.read_text())
     case = payload["cases"][0]
     assert [(c["impl"], c["mlm_head"], c["step"]) for c in payload["cases"]] == [
-        ("ours_dense", "masked", "train.py"), ("ours_dense", "masked", "bare"), ("ours_dense", "all", "bare")]
+        ("ours_dense", "masked", "train.py"),
+        ("ours_dense", "masked", "bare"),
+        ("ours_dense", "all", "bare"),
+    ]
     assert case["impl"] == "ours_dense" and case["steps_per_s"] > 0 and case["tokens_per_s"] > 0
     assert case["peak_mem_mb"] is not None and case["peak_mem_mb"] >= 0
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left nothing behind
@@ -147,8 +221,9 @@ def test_cli_with_memory_probe_writes_json(tmp_path):
 def test_memory_probe_does_not_inherit_the_parents_peak():
     """Linux carries ru_maxrss over fork + exec: a big parent must not inflate the child's number."""
     ballast = torch.ones(300 * 2**20 // 4)  # 300 MiB resident in this (the parent) process
-    result = bench_train.run_probe(("ours_dense", 1, 1, "masked", "train.py"), tiny_shapes(), "cpu", threads=1, seed=0,
-                                   steps=1)
+    result = bench_train.run_probe(
+        ("ours_dense", 1, 1, "masked", "train.py"), tiny_shapes(), "cpu", threads=1, seed=0, steps=1
+    )
     assert 0 <= result["peak_mem_mb"] < 150, result
     assert result["peak_rss_mb"] < result["base_rss_mb"] + 150, result
     del ballast

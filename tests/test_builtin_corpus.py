@@ -45,9 +45,7 @@ def js_divergence_bits(c1, c2):
 
 
 def test_topic_names_and_vocabulary():
-    assert TOPIC_NAMES == (
-        "programming", "gaming", "cooking", "sports", "music", "science", "travel", "finance",
-    )
+    assert TOPIC_NAMES == ("programming", "gaming", "cooking", "sports", "music", "science", "travel", "finance")
     all_words = []
     for topic in TOPIC_NAMES:
         sizes = {pos: len(words) for pos, words in VOCABULARY[topic].items()}
@@ -94,14 +92,14 @@ def test_overlap_zero_topics_use_disjoint_own_words():
     for topic, counter in counters.items():
         assert set(counter) <= content_words(topic)
     for i, t1 in enumerate(TOPIC_NAMES):
-        for t2 in TOPIC_NAMES[i + 1:]:
+        for t2 in TOPIC_NAMES[i + 1 :]:
             assert not set(counters[t1]) & set(counters[t2])
 
 
 def test_overlap_controls_divergence():
     def mean_js(overlap):
         c = topic_counters(generate_documents(2000, n_topics=4, topic_overlap=overlap, seed=11))
-        pairs = [(a, b) for i, a in enumerate(TOPIC_NAMES[:4]) for b in TOPIC_NAMES[i + 1:4]]
+        pairs = [(a, b) for i, a in enumerate(TOPIC_NAMES[:4]) for b in TOPIC_NAMES[i + 1 : 4]]
         return float(np.mean([js_divergence_bits(c[a], c[b]) for a, b in pairs]))
 
     js0, js_half, js1 = mean_js(0.0), mean_js(0.5), mean_js(1.0)

@@ -1,4 +1,5 @@
 """Config loading (config_utils): schema defaults, validation messages, `--set` parsing, config lookup."""
+
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def load_error(tmp_path: Path, role: str, raw: dict, overrides=()) -> str:
 
 # ---- defaults and required keys ------------------------------------------------------------------
 
+
 def test_defaults_are_filled(tmp_path):
     raw = demo_raw("model")
     for key in ("moe_every", "normalize_top_k", "load_balance_coef", "router_z_loss_coef"):
@@ -61,8 +63,15 @@ def test_mutable_defaults_are_not_shared():
     assert validate(DATASET_SCHEMA, raw, "second").load_params.data_files == []
 
 
-@pytest.mark.parametrize("role,key_path", [("model", ["seq_len"]), ("dataset", ["load_params", "source"]),
-                                           ("dataset", ["data_params", "mask_prob"]), ("train", ["save_path"])])
+@pytest.mark.parametrize(
+    "role,key_path",
+    [
+        ("model", ["seq_len"]),
+        ("dataset", ["load_params", "source"]),
+        ("dataset", ["data_params", "mask_prob"]),
+        ("train", ["save_path"]),
+    ],
+)
 def test_missing_required_key_names_file_and_key(tmp_path, role, key_path):
     raw = demo_raw(role)
     node = raw
@@ -74,6 +83,7 @@ def test_missing_required_key_names_file_and_key(tmp_path, role, key_path):
 
 
 # ---- unknown keys, types, ranges, choices, null ----------------------------------------------------
+
 
 def test_unknown_key_suggests_the_close_one(tmp_path):
     raw = demo_raw("model")
@@ -133,16 +143,19 @@ def test_list_key_accepts_one_string_and_rejects_numbers(tmp_path):
     assert "'data_params.eval_topics'" in load_error(tmp_path, "dataset", raw)
 
 
-@pytest.mark.parametrize("role,key_path,value,allowed", [
-    ("dataset", ["data_params", "mask_prob"], 1.5, "(0.0, 1.0]"),
-    ("dataset", ["data_params", "mask_prob"], -0.1, "(0.0, 1.0]"),
-    ("dataset", ["data_params", "mask_prob"], 0.0, "(0.0, 1.0]"),
-    ("model", ["n_experts"], 0, ">= 1"),
-    ("model", ["seq_len"], 3, ">= 4"),
-    ("dataset", ["load_params", "builtin", "n_topics"], 9, "[1, 8]"),
-    ("dataset", ["load_params", "builtin", "topic_overlap"], 1.01, "[0.0, 1.0]"),
-    ("train", ["warmup_proportion"], 2.0, "[0.0, 1.0]"),
-])
+@pytest.mark.parametrize(
+    "role,key_path,value,allowed",
+    [
+        ("dataset", ["data_params", "mask_prob"], 1.5, "(0.0, 1.0]"),
+        ("dataset", ["data_params", "mask_prob"], -0.1, "(0.0, 1.0]"),
+        ("dataset", ["data_params", "mask_prob"], 0.0, "(0.0, 1.0]"),
+        ("model", ["n_experts"], 0, ">= 1"),
+        ("model", ["seq_len"], 3, ">= 4"),
+        ("dataset", ["load_params", "builtin", "n_topics"], 9, "[1, 8]"),
+        ("dataset", ["load_params", "builtin", "topic_overlap"], 1.01, "[0.0, 1.0]"),
+        ("train", ["warmup_proportion"], 2.0, "[0.0, 1.0]"),
+    ],
+)
 def test_out_of_range_names_key_and_range(tmp_path, role, key_path, value, allowed):
     raw = demo_raw(role)
     node = raw
@@ -174,8 +187,12 @@ def test_choices(tmp_path):
 def test_a_bare_no_means_the_choice_no(tmp_path):
     """YAML 1.1 reads `mixed_precision: no` as false; where "no" is a choice it is taken as that choice."""
     path = tmp_path / "train.yaml"
-    path.write_text((CONFIG_DIR / DEMO["train"]).read_text(encoding="utf-8").replace(
-        "mixed_precision: auto", "mixed_precision: no"), encoding="utf-8")
+    path.write_text(
+        (CONFIG_DIR / DEMO["train"])
+        .read_text(encoding="utf-8")
+        .replace("mixed_precision: auto", "mixed_precision: no"),
+        encoding="utf-8",
+    )
     assert load_config("train", str(path), []).mixed_precision == "no"
     assert load_config("train", DEMO["train"], [parse_override("train.mixed_precision=no")]).mixed_precision == "no"
     raw = demo_raw("train")
@@ -215,6 +232,7 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
 
 # ---- --set overrides -----------------------------------------------------------------------------
 
+
 def test_parse_override_values_are_yaml():
     assert parse_override("model.n_experts=8") == ("model", ["n_experts"], 8)
     assert parse_override("model.dropout=0.5") == ("model", ["dropout"], 0.5)
@@ -223,20 +241,29 @@ def test_parse_override_values_are_yaml():
     assert parse_override("train.device=cpu") == ("train", ["device"], "cpu")
     assert parse_override("train.save_path=a=b") == ("train", ["save_path"], "a=b")  # split at the first '='
     assert parse_override("dataset.data_params.eval_topics=[a, b]") == (
-        "dataset", ["data_params", "eval_topics"], ["a", "b"])
+        "dataset",
+        ["data_params", "eval_topics"],
+        ["a", "b"],
+    )
     assert parse_override("dataset.load_params.builtin.n_docs=5") == (
-        "dataset", ["load_params", "builtin", "n_docs"], 5)
+        "dataset",
+        ["load_params", "builtin", "n_docs"],
+        5,
+    )
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("model.n_experts", "expected ROLE.KEY=VALUE"),
-    ("optim.lr=1", "ROLE must be one of dataset, model, train"),
-    ("model=3", "ROLE must be one of"),
-    ("model.n_expert=4", "did you mean 'n_experts'?"),
-    ("dataset.load_params.builtin.n_doc=5", "unknown key 'load_params.builtin.n_doc'"),
-    ("dataset.load_params.source.x=1", "unknown key 'load_params.source.x'"),
-    ("model.seq_len=[1", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("model.n_experts", "expected ROLE.KEY=VALUE"),
+        ("optim.lr=1", "ROLE must be one of dataset, model, train"),
+        ("model=3", "ROLE must be one of"),
+        ("model.n_expert=4", "did you mean 'n_experts'?"),
+        ("dataset.load_params.builtin.n_doc=5", "unknown key 'load_params.builtin.n_doc'"),
+        ("dataset.load_params.source.x=1", "unknown key 'load_params.source.x'"),
+        ("model.seq_len=[1", "not valid YAML"),
+    ],
+)
 def test_parse_override_errors(text, expected):
     with pytest.raises(PipelineError) as caught:
         parse_override(text)
@@ -244,8 +271,14 @@ def test_parse_override_errors(text, expected):
 
 
 def test_overrides_apply_to_their_role_and_are_validated():
-    overrides = [parse_override(text) for text in (
-        "dataset.load_params.builtin.n_docs=5", "dataset.data_params.eval_topics=[cooking]", "model.n_experts=8")]
+    overrides = [
+        parse_override(text)
+        for text in (
+            "dataset.load_params.builtin.n_docs=5",
+            "dataset.data_params.eval_topics=[cooking]",
+            "model.n_experts=8",
+        )
+    ]
     dataset = load_config("dataset", DEMO["dataset"], overrides)
     assert dataset.load_params.builtin.n_docs == 5
     assert dataset.load_params.builtin.n_topics == 4  # the rest of the nested section is kept
@@ -268,8 +301,9 @@ def test_override_fills_a_section_the_file_lacks(tmp_path):
 
 def test_a_key_unknown_to_all_schemas_is_rejected_even_for_roles_the_step_does_not_read():
     parser = step_parser("step 1", {"dataset": ("--config-name", "dataset_params.yaml")})
-    ok = parser.parse_args(["--config-name", DEMO["dataset"], "--set", "train.max_steps=3",
-                            "--set", "model.n_experts=2"])
+    ok = parser.parse_args(
+        ["--config-name", DEMO["dataset"], "--set", "train.max_steps=3", "--set", "model.n_experts=2"]
+    )
     assert load_step_configs(ok, ["dataset"])["dataset"].seed == 11  # other roles' known keys pass through
     bad = parser.parse_args(["--config-name", DEMO["dataset"], "--set", "train.max_step=3"])
     with pytest.raises(PipelineError, match="did you mean 'max_steps'"):
@@ -284,6 +318,7 @@ def test_every_schema_key_is_reachable_by_set():
 
 
 # ---- config lookup --------------------------------------------------------------------------------
+
 
 def test_resolve_config_path_prefers_configs_dir(tmp_path, monkeypatch):
     assert resolve_config_path("demo/model_params.yaml") == CONFIG_DIR / "demo" / "model_params.yaml"
@@ -306,8 +341,14 @@ SHIPPED = sorted(str(path.relative_to(CONFIG_DIR)) for path in CONFIG_DIR.rglob(
 
 
 def test_configs_are_shipped():
-    assert {"dataset_params.yaml", "model_params.yaml", "train_params.yaml", "demo/dataset_params.yaml",
-            "demo/model_params.yaml", "demo/train_params.yaml"} <= set(SHIPPED)
+    assert {
+        "dataset_params.yaml",
+        "model_params.yaml",
+        "train_params.yaml",
+        "demo/dataset_params.yaml",
+        "demo/model_params.yaml",
+        "demo/train_params.yaml",
+    } <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -361,18 +402,35 @@ def test_model_schema_and_model_config_share_one_definition():
         assert class_fields[key].default == model_field.default, key
         assert class_fields[key].type == model_field.annotation, key
         assert spec.default == model_field.default or spec.default is REQUIRED and model_field.required, key
-        assert (spec.kind, spec.nullable, spec.min, spec.max, spec.min_exclusive, spec.max_exclusive, spec.choices) \
-            == (model_field.kind, model_field.nullable, model_field.min, model_field.max, model_field.min_exclusive,
-                model_field.max_exclusive, model_field.choices), key
+        assert (spec.kind, spec.nullable, spec.min, spec.max, spec.min_exclusive, spec.max_exclusive, spec.choices) == (
+            model_field.kind,
+            model_field.nullable,
+            model_field.min,
+            model_field.max,
+            model_field.min_exclusive,
+            model_field.max_exclusive,
+            model_field.choices,
+        ), key
 
 
 # router_jitter < 1 keeps the noise factor positive; any capacity_factor > 0 gives an expert one slot (rounded up)
-@pytest.mark.parametrize("key,value,allowed", [
-    ("router_jitter", 0.995, True), ("router_jitter", 1.0, False), ("router_jitter", -0.1, False),
-    ("capacity_factor", 0.005, True), ("capacity_factor", 0.0, False), ("capacity_factor", None, True),
-    ("dropout", 1.0, True), ("dropout", 1.5, False), ("seq_len", 3, False), ("n_shared_experts", -1, False),
-    ("router_type", "expert_choice", True), ("router_type", "switch", False),
-])
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("router_jitter", 0.995, True),
+        ("router_jitter", 1.0, False),
+        ("router_jitter", -0.1, False),
+        ("capacity_factor", 0.005, True),
+        ("capacity_factor", 0.0, False),
+        ("capacity_factor", None, True),
+        ("dropout", 1.0, True),
+        ("dropout", 1.5, False),
+        ("seq_len", 3, False),
+        ("n_shared_experts", -1, False),
+        ("router_type", "expert_choice", True),
+        ("router_type", "switch", False),
+    ],
+)
 def test_model_schema_and_model_config_accept_the_same_values(tmp_path, key, value, allowed):
     """Both places say yes, or both say no (they disagreed on router_jitter 0.995 and capacity_factor 0.005)."""
     from models import MoEEncoderConfig
@@ -399,6 +457,7 @@ def test_model_config_names_the_range_it_refuses():
 
 
 # ---- the scripts' --help ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("step", [1, 2, 3, 4])
 def test_step_help(step, tmp_path):

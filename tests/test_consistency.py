@@ -1,11 +1,17 @@
 """Local routing consistency (process_exp_results.consistency) on synthetic routing records with known answers."""
+
 import json
 
 import numpy as np
 import pytest
 
-from process_exp_results.consistency import (analyze_consistency, consecutive_pairs, consecutive_rate,
-                                             continuation_ids, random_router_reference)
+from process_exp_results.consistency import (
+    analyze_consistency,
+    consecutive_pairs,
+    consecutive_rate,
+    continuation_ids,
+    random_router_reference,
+)
 from process_exp_results.references import RouterSample, SelectionRule
 from process_exp_results.resampling import GroupShuffler
 from process_exp_results.routing_stats import RoutingRecords
@@ -21,9 +27,17 @@ def make_records(doc_lengths, experts, n_experts, tokens=None, held_out=None):
     experts = experts[:, None, None] if experts.ndim == 1 else experts[:, None, :]
     tokens = np.zeros(len(doc), np.int64) if tokens is None else np.asarray(tokens)
     position = np.concatenate([np.arange(n) for n in doc_lengths]).astype(np.int32)
-    return RoutingRecords(doc_id=doc * 5 + 2, topic=np.zeros(len(doc), np.int64), topic_names=["t"], token_id=tokens,
-                          position=position, experts=experts, layer_names=["block 0"], n_experts=n_experts,
-                          held_out=held_out)
+    return RoutingRecords(
+        doc_id=doc * 5 + 2,
+        topic=np.zeros(len(doc), np.int64),
+        topic_names=["t"],
+        token_id=tokens,
+        position=position,
+        experts=experts,
+        layer_names=["block 0"],
+        n_experts=n_experts,
+        held_out=held_out,
+    )
 
 
 def layer(records, **kwargs):
@@ -62,7 +76,7 @@ def test_chance_matches_shuffled_order_simulation():
     # beyond multinomial noise (0 in expectation here); its sd over 40 such worlds was 0.0021 (n ~ 3,000 tokens,
     # 60 documents; largest 0.0064), so 0.008 (4 sd) plus the Monte Carlo error
     assert abs(rates.mean() - result["chance"]) < mc + 0.008
-    assert abs(result["chance"] - np.sum(loads ** 2)) < 0.02
+    assert abs(result["chance"] - np.sum(loads**2)) < 0.02
     mc_k = 4 * overlaps.std() / np.sqrt(len(overlaps))
     assert abs(overlaps.mean() - result["topk_within_document_chance"]) < mc_k
     assert abs(overlaps.mean() - result["topk_chance"]) < mc_k + 0.008
@@ -107,7 +121,7 @@ def test_pairs_never_cross_documents():
     # inside each document the experts alternate; the last token of each document and the first of the next share
     # expert 0: counted across the boundary, the rate would be above 0
     lengths = [5, 5, 5]
-    experts = np.array([0, 1, 0, 1, 0,  0, 1, 0, 1, 0,  0, 1, 0, 1, 0])
+    experts = np.array([0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1, 0, 1, 0])
     records = make_records(lengths, experts, 2)
     result = layer(records)
     assert result["top1_rate"] == 0.0 and result["n_pairs"] == 12
@@ -204,8 +218,15 @@ def _states_world(seed, n_docs=30, doc_len=40, d=16, n_experts=4):
 def test_random_reference_on_the_same_hidden_states():
     records, x, weight = _states_world(3)
     rows = np.arange(len(x))
-    sample = RouterSample(rows=rows, batch=np.zeros(len(rows), np.int64), inputs=[x], weights=[weight],
-                          rule=SelectionRule("topk"), n_candidates=len(rows), max_tokens=len(rows))
+    sample = RouterSample(
+        rows=rows,
+        batch=np.zeros(len(rows), np.int64),
+        inputs=[x],
+        weights=[weight],
+        rule=SelectionRule("topk"),
+        n_candidates=len(rows),
+        max_tokens=len(rows),
+    )
     result = analyze_consistency(records, VOCAB, n_boot=20, router_sample=sample, n_random_routers=20)["block 0"]
     reference = result["random_reference"]
     # every token sampled: the trained router's rate on the sampled pairs is the layer's rate
@@ -230,8 +251,15 @@ def test_layer_without_pairs_reports_none():
 def test_random_reference_on_a_sparse_sample_uses_only_sampled_pairs():
     records, x, weight = _states_world(4)
     rows = np.sort(np.random.default_rng(0).choice(len(x), size=len(x) // 2, replace=False))
-    sample = RouterSample(rows=rows, batch=np.zeros(len(rows), np.int64), inputs=[x[rows]], weights=[weight],
-                          rule=SelectionRule("topk"), n_candidates=len(x), max_tokens=len(rows))
+    sample = RouterSample(
+        rows=rows,
+        batch=np.zeros(len(rows), np.int64),
+        inputs=[x[rows]],
+        weights=[weight],
+        rule=SelectionRule("topk"),
+        n_candidates=len(x),
+        max_tokens=len(rows),
+    )
     reference = random_router_reference(records, sample, 0, n_random=10, seed=0)
     first, second = consecutive_pairs(records.doc_id, records.position)
     both = np.isin(first, rows) & np.isin(second, rows)

@@ -31,8 +31,16 @@ def run_layer(layer: MoELayer, hidden: torch.Tensor, mask: torch.Tensor, upstrea
 @pytest.mark.parametrize("expert_type", ["mlp", "swiglu"])
 def test_bf16_grouped_mm_matches_the_loop_and_a_float64_reference(expert_type, top_k):
     torch.manual_seed(0)
-    config = MoEEncoderConfig(vocab_size=40, embedding_dim=D_MODEL, num_head=4, moe_dim=HIDDEN,
-                              n_experts=N_EXPERTS, top_k_experts=top_k, expert_type=expert_type, dropout=0.0)
+    config = MoEEncoderConfig(
+        vocab_size=40,
+        embedding_dim=D_MODEL,
+        num_head=4,
+        moe_dim=HIDDEN,
+        n_experts=N_EXPERTS,
+        top_k_experts=top_k,
+        expert_type=expert_type,
+        dropout=0.0,
+    )
     gpu_layer = MoELayer(config).cuda().bfloat16()
     assert gpu_layer.experts.use_grouped_mm is None and grouped_mm_works(torch.device("cuda"), torch.bfloat16)
     reference_layer = copy.deepcopy(gpu_layer).cpu().double()  # the same bf16-rounded weights, in float64
@@ -57,8 +65,17 @@ def test_bf16_grouped_mm_matches_the_loop_and_a_float64_reference(expert_type, t
 def test_bf16_autocast_training_step_reaches_every_router():
     """One MLM step under CUDA bf16 autocast with the masked-only head: finite loss, every router gets a gradient."""
     torch.manual_seed(0)
-    config = MoEEncoderConfig(vocab_size=100, embedding_dim=D_MODEL, seq_len=32, num_head=4, moe_dim=HIDDEN,
-                              n_encoder_blocks=2, n_experts=N_EXPERTS, top_k_experts=2, dropout=0.0)
+    config = MoEEncoderConfig(
+        vocab_size=100,
+        embedding_dim=D_MODEL,
+        seq_len=32,
+        num_head=4,
+        moe_dim=HIDDEN,
+        n_encoder_blocks=2,
+        n_experts=N_EXPERTS,
+        top_k_experts=2,
+        dropout=0.0,
+    )
     model = MoEEncoderForMaskedLM(config).cuda()
     input_ids = torch.randint(5, 100, (8, 32), device="cuda")
     labels = torch.full_like(input_ids, -100)
@@ -78,8 +95,15 @@ def test_the_dropless_bf16_layer_never_waits_on_the_host():
     from models import RealTokens
 
     torch.manual_seed(0)
-    config = MoEEncoderConfig(vocab_size=40, embedding_dim=D_MODEL, num_head=4, moe_dim=HIDDEN,
-                              n_experts=N_EXPERTS, top_k_experts=2, dropout=0.0)
+    config = MoEEncoderConfig(
+        vocab_size=40,
+        embedding_dim=D_MODEL,
+        num_head=4,
+        moe_dim=HIDDEN,
+        n_experts=N_EXPERTS,
+        top_k_experts=2,
+        dropout=0.0,
+    )
     layer = MoELayer(config).cuda().bfloat16()
     hidden = torch.randn(4, 64, D_MODEL, device="cuda").bfloat16().requires_grad_(True)
     real = RealTokens.of(torch.ones(4, 64, dtype=torch.bool, device="cuda"))  # the one sync, before the check

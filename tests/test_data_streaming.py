@@ -1,16 +1,16 @@
 """Step 1 streams its kept rows to Parquet (bounded memory) with the same rows, order and counts as lists."""
+
 import json
 from collections import Counter
 
 import datasets
 import pyarrow.parquet as pq
-import pytest
 
-from helpers import check_ok, run_step_in_process, step_config_args, tiny_sets  # noqa: I001
 from data_processors import load_dataset  # its import points sys.path[0] at the repo: import helpers first
 from data_processors.builtin_corpus import generate_documents
 from data_processors.load_dataset import SCHEMA, ParquetRows
 from data_processors.splitting import SPLITS, split_corpus
+from helpers import check_ok, run_step_in_process, step_config_args, tiny_sets  # noqa: I001
 
 LENS = {"train": 300, "valid": 40, "test": 40}
 
@@ -62,8 +62,9 @@ def test_step1_writes_bounded_row_groups_with_the_rows_split_corpus_keeps(tmp_pa
     manifest = json.loads((processed / "manifest.json").read_text(encoding="utf-8"))
 
     # the same split, kept in lists (tiny_sets: 600 documents; the demo's seed 11, 4 topics, evaluation topics)
-    expected = split_corpus(generate_documents(600, 4, 0.0, 11), {"train": 300, "valid": 40, "test": 40}, 40,
-                            ["programming", "gaming"], [])
+    expected = split_corpus(
+        generate_documents(600, 4, 0.0, 11), {"train": 300, "valid": 40, "test": 40}, 40, ["programming", "gaming"], []
+    )
     for name in SPLITS:
         path = processed / manifest["files"][name]
         metadata = pq.ParquetFile(path).metadata
@@ -76,7 +77,8 @@ def test_step1_writes_bounded_row_groups_with_the_rows_split_corpus_keeps(tmp_pa
     for topic, rows in expected.topics.items():
         assert pq.read_table(processed / manifest["files"]["topics"][topic]).to_pylist() == rows
         assert manifest["counts"]["topics"][topic] == len(rows)
-    assert manifest["train_topic_counts"] == dict(Counter(row["topic"] for row in expected.splits["train"])
-                                                  .most_common(50))
+    assert manifest["train_topic_counts"] == dict(
+        Counter(row["topic"] for row in expected.splits["train"]).most_common(50)
+    )
     assert manifest["dropped"] == dict(expected.dropped)
     assert [path.name for path in tmp_path.iterdir() if ".tmp" in path.name] == []

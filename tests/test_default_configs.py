@@ -4,6 +4,7 @@ pipeline `python inference/inference.py` works with no options at all.
 The shipped defaults stream from the hub, which tests cannot reach; here the default file names point at
 a folder whose files are the demo configs made tiny, and the four steps run with no options.
 """
+
 import csv
 
 import yaml
@@ -12,9 +13,10 @@ import config_utils.config
 from helpers import REPO, check_ok, run_step_in_process
 
 SHRINK = {
-    "dataset_params.yaml": {"load_params": {"builtin": {"n_docs": 600}, "train_len": 300, "valid_len": 40,
-                                            "test_len": 40, "topic_len": 40},
-                            "data_params": {"tokenizer_vocab_size": 300}},
+    "dataset_params.yaml": {
+        "load_params": {"builtin": {"n_docs": 600}, "train_len": 300, "valid_len": 40, "test_len": 40, "topic_len": 40},
+        "data_params": {"tokenizer_vocab_size": 300},
+    },
     "model_params.yaml": {"seq_len": 32, "embedding_dim": 16, "num_head": 2, "n_encoder_blocks": 1, "moe_dim": 16},
     "train_params.yaml": {"max_steps": 4, "batch_size": 8, "eval_steps": 2, "save_steps": 4, "device": "cpu"},
 }

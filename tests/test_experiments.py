@@ -1,4 +1,5 @@
 """Experiments: a frozen-router control, grid sweeps, comparing runs, and the check against known structure."""
+
 import csv
 import json
 import os
@@ -7,8 +8,17 @@ import sys
 
 import datasets
 
-from helpers import (DEMO_CONFIGS, REPO, check_ok, error_line, prepare_tiny_data, run_step, run_step_in_process,
-                     step_config_args, tiny_sets)
+from helpers import (
+    DEMO_CONFIGS,
+    REPO,
+    check_ok,
+    error_line,
+    prepare_tiny_data,
+    run_step,
+    run_step_in_process,
+    step_config_args,
+    tiny_sets,
+)
 
 SWEEP = REPO / "process_exp_results" / "sweep.py"
 COMPARE = REPO / "process_exp_results" / "compare_runs.py"
@@ -19,8 +29,14 @@ def run_script(script, *args, cwd=None, timeout=300) -> subprocess.CompletedProc
     """Run an experiment script as a user would: from another folder, without PYTHONPATH, offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)
-    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --------------------------------------------------------------------------- freeze_router
@@ -35,8 +51,10 @@ def test_freeze_router_keeps_the_routers_at_their_initialisation(tmp_path):
     from config_utils.config import load_config, parse_override
     from train.train import build_model
 
-    options = tiny_sets(tmp_path, **{"train.freeze_router": "true", "train.max_steps": 3, "train.save_steps": 3,
-                                     "model.n_encoder_blocks": 2})
+    options = tiny_sets(
+        tmp_path,
+        **{"train.freeze_router": "true", "train.max_steps": 3, "train.save_steps": 3, "model.n_encoder_blocks": 2},
+    )
     check_ok(run_step(1, *step_config_args(1), *options, cwd=tmp_path))
     check_ok(run_step(2, *step_config_args(2), *options, cwd=tmp_path))
     check_ok(run_step_in_process(3, *DEMO_CONFIGS, *options, "--tag", "frozen", cwd=tmp_path))
@@ -54,8 +72,11 @@ def test_freeze_router_keeps_the_routers_at_their_initialisation(tmp_path):
     assert len(routers) == 2
     for name in routers:
         assert torch.equal(trained[name], initial[name]), f"{name} was trained"
-    for name in ("encoder.blocks.0.ffn.experts.w_in", "encoder.blocks.1.attn.qkv.weight",
-                 "encoder.token_embedding.weight"):
+    for name in (
+        "encoder.blocks.0.ffn.experts.w_in",
+        "encoder.blocks.1.attn.qkv.weight",
+        "encoder.token_embedding.weight",
+    ):
         assert not torch.equal(trained[name], initial[name]), f"{name} was not trained"
 
 
@@ -64,9 +85,19 @@ def test_freeze_router_leaves_routers_out_of_the_optimizer():
     from train.loop import optimizer_for
     from train.train import freeze_routers
 
-    model = MoEEncoderForMaskedLM(MoEEncoderConfig(vocab_size=50, embedding_dim=8, seq_len=8, num_head=2,
-                                                   n_encoder_blocks=2, n_experts=4, top_k_experts=1, moe_dim=8,
-                                                   dropout=0.0))
+    model = MoEEncoderForMaskedLM(
+        MoEEncoderConfig(
+            vocab_size=50,
+            embedding_dim=8,
+            seq_len=8,
+            num_head=2,
+            n_encoder_blocks=2,
+            n_experts=4,
+            top_k_experts=1,
+            moe_dim=8,
+            dropout=0.0,
+        )
+    )
     freeze_routers(model)
     optimized = {id(p) for group in optimizer_for(model, 1e-3, 0.01, fused=False).param_groups for p in group["params"]}
     for name, parameter in model.named_parameters():
@@ -85,9 +116,20 @@ def test_router_supervision_is_the_routers_cross_entropy_and_trains_the_routers_
     from train.tracking import RoutingRecorder
 
     torch.manual_seed(0)
-    model = MoEEncoderForMaskedLM(MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=8, num_head=2,
-                                                   n_encoder_blocks=2, n_experts=4, top_k_experts=1, moe_dim=16,
-                                                   dropout=0.0, pad_token_id=0))
+    model = MoEEncoderForMaskedLM(
+        MoEEncoderConfig(
+            vocab_size=50,
+            embedding_dim=16,
+            seq_len=8,
+            num_head=2,
+            n_encoder_blocks=2,
+            n_experts=4,
+            top_k_experts=1,
+            moe_dim=16,
+            dropout=0.0,
+            pad_token_id=0,
+        )
+    )
     recorder = RoutingRecorder(model, 4, torch.device("cpu"))
     router_logits = []  # what the routers computed in the forward, for the expected value
     for layer in recorder.moe_layers:
@@ -107,31 +149,54 @@ def test_router_supervision_is_the_routers_cross_entropy_and_trains_the_routers_
 
 
 def test_router_supervision_in_training_maps_each_train_topic_to_an_expert(tmp_path):
-    options = prepare_tiny_data(tmp_path, **{"train.router_supervision": "topic", "train.max_steps": 3,
-                                             "train.save_steps": 3, "model.n_experts": 2})
+    options = prepare_tiny_data(
+        tmp_path,
+        **{"train.router_supervision": "topic", "train.max_steps": 3, "train.save_steps": 3, "model.n_experts": 2},
+    )
     check_ok(run_step_in_process(3, *DEMO_CONFIGS, *options, "--tag", "supervised", cwd=tmp_path))
     manifest = json.loads((tmp_path / "runs" / "supervised" / "manifest.json").read_text())
     train_topics = sorted(set(datasets.load_from_disk(str(tmp_path / "masked" / "train"))["topic"]))
-    assert manifest["router_supervision"] == {"factor": "topic", "coef": 1.0, "expert_of_topic": {
-        topic: index % 2 for index, topic in enumerate(train_topics)}}
-    dense = run_step_in_process(3, *DEMO_CONFIGS, *options, "--set", "model.n_experts=1", "--tag", "dense",
-                                cwd=tmp_path)
-    assert error_line(dense) == ("error: train.router_supervision=topic needs routers: set model.n_experts to 2 or "
-                                 "more")
+    assert manifest["router_supervision"] == {
+        "factor": "topic",
+        "coef": 1.0,
+        "expert_of_topic": {topic: index % 2 for index, topic in enumerate(train_topics)},
+    }
+    dense = run_step_in_process(
+        3, *DEMO_CONFIGS, *options, "--set", "model.n_experts=1", "--tag", "dense", cwd=tmp_path
+    )
+    assert error_line(dense) == (
+        "error: train.router_supervision=topic needs routers: set model.n_experts to 2 or more"
+    )
 
 
 # --------------------------------------------------------------------------- sweep
 
 
 def test_sweep_dry_run_prints_each_step_once_per_distinct_input(tmp_path):
-    result = check_ok(run_script(SWEEP, *DEMO_CONFIGS, "--grid", "model.seq_len=[32,48]",
-                                 "--grid", "dataset.data_params.mask_prob=[0.1,0.2]",
-                                 "--grid", "train.learning_rate=[0.001,0.003]", "--set", "train.max_steps=5",
-                                 "--results", tmp_path / "sweep", "--dry-run", cwd=tmp_path))
+    result = check_ok(
+        run_script(
+            SWEEP,
+            *DEMO_CONFIGS,
+            "--grid",
+            "model.seq_len=[32,48]",
+            "--grid",
+            "dataset.data_params.mask_prob=[0.1,0.2]",
+            "--grid",
+            "train.learning_rate=[0.001,0.003]",
+            "--set",
+            "train.max_steps=5",
+            "--results",
+            tmp_path / "sweep",
+            "--dry-run",
+            cwd=tmp_path,
+        )
+    )
     lines = result.stdout.splitlines()
     commands = [line for line in lines if line.startswith(sys.executable)]
-    count = {step: sum(script in line for line in commands)
-             for step, script in {1: "/load_dataset.py ", 2: "/dataset.py ", 3: "/train.py ", 4: "/inference.py "}.items()}
+    count = {
+        step: sum(script in line for line in commands)
+        for step, script in {1: "/load_dataset.py ", 2: "/dataset.py ", 3: "/train.py ", 4: "/inference.py "}.items()
+    }
     # step 1 depends on none of these keys, step 2 on seq_len and mask_prob, steps 3-4 on all three
     assert count == {1: 1, 2: 4, 3: 8, 4: 8}, result.stdout
     assert "# seq_len-32__mask_prob-0.1__learning_rate-0.001" in lines
@@ -141,9 +206,12 @@ def test_sweep_dry_run_prints_each_step_once_per_distinct_input(tmp_path):
 
 
 def test_sweep_rejects_a_bad_grid_before_running_anything(tmp_path):
-    for grid, message in (("model.seq_lenn=[32]", "unknown key"), ("model.seq_len=[32,2]", "must be an integer"),
-                          ("model.seq_len=32", "non-empty YAML list"),
-                          ("train.save_path=[a,b]", "sets train.save_path itself")):
+    for grid, message in (
+        ("model.seq_lenn=[32]", "unknown key"),
+        ("model.seq_len=[32,2]", "must be an integer"),
+        ("model.seq_len=32", "non-empty YAML list"),
+        ("train.save_path=[a,b]", "sets train.save_path itself"),
+    ):
         result = run_script(SWEEP, *DEMO_CONFIGS, "--grid", grid, "--results", tmp_path / "sweep", cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, (grid, result.stderr)
         assert "Traceback" not in result.stderr
@@ -154,11 +222,23 @@ def test_sweep_runs_the_grid_goes_on_past_a_failure_and_compare_reads_it(tmp_pat
     """num_head=3 does not divide embedding_dim=16: that run fails in step 3, the other finishes; steps 1-2 run
     once for both (num_head does not change the data)."""
     sweep = tmp_path / "sweep"
-    options = [text for text in tiny_sets(tmp_path)[1::2]
-               if not text.startswith(("dataset.data_params.processed_dir", "dataset.data_params.masked_dir",
-                                       "train.save_path"))]
-    result = run_script(SWEEP, *DEMO_CONFIGS, "--grid", "model.num_head=[3,2]",
-                        *[arg for text in options for arg in ("--set", text)], "--results", sweep, cwd=tmp_path)
+    options = [
+        text
+        for text in tiny_sets(tmp_path)[1::2]
+        if not text.startswith(
+            ("dataset.data_params.processed_dir", "dataset.data_params.masked_dir", "train.save_path")
+        )
+    ]
+    result = run_script(
+        SWEEP,
+        *DEMO_CONFIGS,
+        "--grid",
+        "model.num_head=[3,2]",
+        *[arg for text in options for arg in ("--set", text)],
+        "--results",
+        sweep,
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED at step 3" in result.stderr and "1 of 2 run(s) failed" in result.stderr
     manifest = json.loads((sweep / "sweep.json").read_text())
@@ -170,10 +250,20 @@ def test_sweep_runs_the_grid_goes_on_past_a_failure_and_compare_reads_it(tmp_pat
     assert manifest["grid"] == {"model.num_head": [3, 2]}
     logs = sorted(path.name for path in (sweep / "logs").iterdir())
     assert [name for name in logs if name.endswith((".step1.log", ".step2.log"))] == [
-        "masked-shared.step2.log", "processed-shared.step1.log"]
+        "masked-shared.step2.log",
+        "processed-shared.step1.log",
+    ]
 
-    again = run_script(SWEEP, *DEMO_CONFIGS, "--grid", "model.num_head=[2]",
-                       *[arg for text in options for arg in ("--set", text)], "--results", sweep, cwd=tmp_path)
+    again = run_script(
+        SWEEP,
+        *DEMO_CONFIGS,
+        "--grid",
+        "model.num_head=[2]",
+        *[arg for text in options for arg in ("--set", text)],
+        "--results",
+        sweep,
+        cwd=tmp_path,
+    )
     assert again.returncode == 0 and "done earlier" in again.stdout, again.stdout + again.stderr
 
     compare = check_ok(run_script(COMPARE, sweep, cwd=tmp_path, timeout=120))
@@ -189,33 +279,79 @@ def test_sweep_runs_the_grid_goes_on_past_a_failure_and_compare_reads_it(tmp_pat
 
 def fake_stats(nmi: float, p: float, cmi_p: float, explained: str) -> dict:
     """routing_stats.json in the shape of the issue 5 contract (two layers, two experts)."""
+
     def layer(index):
-        return {"layer": f"block {index}", "layer_index": index, "nmi": nmi, "nmi_ci": [nmi * 0.8, nmi * 1.2],
-                "p_value": p, "js": {"cooking": 0.01}, "js_ci": {"cooking": [0.0, 0.02]},
-                "topic_expert_counts": [[5, 5], [5, 5]],
-                "token_class": {"classes": ["special", "word-initial"], "nmi": 0.2, "nmi_ci": [0.1, 0.3],
-                                "p_value": 0.005, "expert_counts": [[1, 2], [3, 4]]},
-                "token_id": {"nmi": 0.5, "nmi_ci": [0.4, 0.6]},
-                "conditional_topic": {"cmi": 0.002, "cmi_ci": [0.001, 0.003], "p_value": cmi_p, "null_mean": 0.001,
-                                      "cmi_excess": 0.001, "cmi_excess_ci": [0.0, 0.002], "explained_by": explained},
-                "vocabulary": {"lift_top": {}, "consistency": 0.8, "most_consistent": []}, "coactivation": None,
-                "references": {factor: {"trained": nmi, "random": band, "random_load_matched": band, "probe": 0.5,
-                                        "index": specialization, "index_ci": [specialization - 0.1,
-                                                                              specialization + 0.1]}
-                               for factor in ("topic", "token_class")}}
+        return {
+            "layer": f"block {index}",
+            "layer_index": index,
+            "nmi": nmi,
+            "nmi_ci": [nmi * 0.8, nmi * 1.2],
+            "p_value": p,
+            "js": {"cooking": 0.01},
+            "js_ci": {"cooking": [0.0, 0.02]},
+            "topic_expert_counts": [[5, 5], [5, 5]],
+            "token_class": {
+                "classes": ["special", "word-initial"],
+                "nmi": 0.2,
+                "nmi_ci": [0.1, 0.3],
+                "p_value": 0.005,
+                "expert_counts": [[1, 2], [3, 4]],
+            },
+            "token_id": {"nmi": 0.5, "nmi_ci": [0.4, 0.6]},
+            "conditional_topic": {
+                "cmi": 0.002,
+                "cmi_ci": [0.001, 0.003],
+                "p_value": cmi_p,
+                "null_mean": 0.001,
+                "cmi_excess": 0.001,
+                "cmi_excess_ci": [0.0, 0.002],
+                "explained_by": explained,
+            },
+            "vocabulary": {"lift_top": {}, "consistency": 0.8, "most_consistent": []},
+            "coactivation": None,
+            "references": {
+                factor: {
+                    "trained": nmi,
+                    "random": band,
+                    "random_load_matched": band,
+                    "probe": 0.5,
+                    "index": specialization,
+                    "index_ci": [specialization - 0.1, specialization + 0.1],
+                }
+                for factor in ("topic", "token_class")
+            },
+        }
+
     band = {"mean": 0.01, "low": 0.0, "high": 0.02, "rank": 1}
     specialization = (nmi - 0.01) / (0.5 - 0.01)
-    return {"n_tokens": 100, "n_documents": 10, "topics": ["cooking", "sports"], "n_experts": 2, "k": 1,
-            "settings": {"n_boot": 200, "n_perm": 200, "seed": 0, "min_token_count": 20},
-            "layers": [layer(0), layer(1)], "summary": ["..."]}
+    return {
+        "n_tokens": 100,
+        "n_documents": 10,
+        "topics": ["cooking", "sports"],
+        "n_experts": 2,
+        "k": 1,
+        "settings": {"n_boot": 200, "n_perm": 200, "seed": 0, "min_token_count": 20},
+        "layers": [layer(0), layer(1)],
+        "summary": ["..."],
+    }
 
 
 def fake_result(folder, accuracy: float, stats: dict | None) -> None:
     folder.mkdir(parents=True)
     with open(folder / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["group", "documents", "real_tokens", "masked_tokens", "mlm_loss", "accuracy", "perplexity",
-                         "majority_accuracy"])
+        writer.writerow(
+            [
+                "group",
+                "documents",
+                "real_tokens",
+                "masked_tokens",
+                "mlm_loss",
+                "accuracy",
+                "perplexity",
+                "majority_accuracy",
+            ]
+        )
         writer.writerow(["test", 10, 500, 75, 4.5, accuracy, 90.0, 0.09])
         writer.writerow(["gaming", 10, 500, 75, 6.5, 0.05, 600.0, 0.04])
     if stats is not None:
@@ -226,8 +362,17 @@ def test_compare_runs_tables_and_figure_with_and_without_routing_stats(tmp_path)
     fake_result(tmp_path / "results" / "topical", 0.16, fake_stats(0.12, 0.005, 0.004, "context beyond the token"))
     fake_result(tmp_path / "results" / "shuffled", 0.12, fake_stats(0.001, 0.4, 0.5, "neither"))
     fake_result(tmp_path / "other" / "old_run", 0.10, None)
-    result = check_ok(run_script(COMPARE, tmp_path / "results", tmp_path / "other" / "old_run",
-                                 "--out", tmp_path / "cmp", cwd=tmp_path, timeout=120))
+    result = check_ok(
+        run_script(
+            COMPARE,
+            tmp_path / "results",
+            tmp_path / "other" / "old_run",
+            "--out",
+            tmp_path / "cmp",
+            cwd=tmp_path,
+            timeout=120,
+        )
+    )
     rows = {row["run"]: row for row in csv.DictReader(open(tmp_path / "cmp" / "comparison.csv"))}
     assert list(rows) == ["shuffled", "topical", "old_run"]
     topical = rows["topical"]
@@ -236,7 +381,9 @@ def test_compare_runs_tables_and_figure_with_and_without_routing_stats(tmp_path)
     assert topical["block 0 explained_by"] == "context beyond the token"
     assert float(topical["test accuracy"]) == 0.16 and float(topical["gaming baseline"]) == 0.04
     assert float(topical["block 0 token_class_nmi"]) == 0.2 and float(topical["block 0 cmi_p"]) == 0.004
-    assert float(topical["block 0 topic_index"]) == (0.12 - 0.01) / 0.49 and topical["block 0 topic_specialized"] == "True"
+    assert (
+        float(topical["block 0 topic_index"]) == (0.12 - 0.01) / 0.49 and topical["block 0 topic_specialized"] == "True"
+    )
     assert rows["shuffled"]["block 0 topic_specialized"] == "False" and float(topical["block 0 cmi_excess"]) == 0.001
     assert rows["old_run"]["block 0 topic_nmi"] == "" and "no routing_stats.json" in rows["old_run"]["note"]
     assert "| 0.120 [0.096, 0.144] | 0.005 |" in result.stdout
@@ -278,8 +425,10 @@ def test_known_structure_verdicts_from_results_and_too_few_permutations(tmp_path
     fake_result(tmp_path / "supervised__seed-0", 0.16, fake_stats(0.45, 1 / 201, 0.004, "context beyond the token"))
     fake_result(tmp_path / "overlap_1__seed-0", 0.12, fake_stats(0.001, 1 / 101, 0.5, "neither"))
     fake_result(tmp_path / "frozen__seed-0", 0.12, fake_stats(0.06, 1 / 201, 0.5, "neither"))
-    runs = [{"arm": arm, "seed": 0, "tag": f"{arm}__seed-0", "status": "ok"}
-            for arm in ("supervised", "overlap_1", "frozen")]
+    runs = [
+        {"arm": arm, "seed": 0, "tag": f"{arm}__seed-0", "status": "ok"}
+        for arm in ("supervised", "overlap_1", "frozen")
+    ]
     verdicts = summarize(runs, tmp_path, n_perm=200)["verdicts"]
     # supervised: index (0.45 - 0.01) / 0.49 = 0.90, interval [0.80, 1.00]; overlap_1: index interval [-0.1, 0.1];
     # frozen: index 0.10, interval [0.002, 0.2] clears 0: a router that learned nothing would not
@@ -302,8 +451,23 @@ def test_known_structure_supervised_routers_are_found_and_shuffled_topics_are_no
     """The criterion, on a reduced run (1 seed, 150 steps): routers trained to send each topic to its own expert
     are topic-specialized in some layer (index interval clear of 0, p <= 0.01 / 2); with topic labels that carry no
     information (overlap 1) no layer's index interval clears 0."""
-    result = run_script(KNOWN, "--out", tmp_path / "known", "--seeds", 1, "--arms", "supervised,overlap_1",
-                        "--n-boot", 100, "--n-perm", 200, "--set", "train.max_steps=150", cwd=tmp_path, timeout=600)
+    result = run_script(
+        KNOWN,
+        "--out",
+        tmp_path / "known",
+        "--seeds",
+        1,
+        "--arms",
+        "supervised,overlap_1",
+        "--n-boot",
+        100,
+        "--n-perm",
+        200,
+        "--set",
+        "train.max_steps=150",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "known" / "known_structure.json").read_text())
     by_arm = {row["arm"]: row for row in summary["runs"]}

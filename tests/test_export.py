@@ -1,5 +1,6 @@
 """The exported model/ folder is usable by others: it loads where this repository is not importable
 (trust_remote_code), carries a model card, is readable by other users and saves no load-time options."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,12 @@ import yaml
 
 from helpers import DEMO_CONFIGS, REPO, check_ok, prepare_tiny_data, run_step_in_process
 
-SENTENCES = ["the cat sat on the mat .", "a dog ran in the park .", "the bird sang a song in the tree .",
-             "the cat and the dog played in the park ."]
+SENTENCES = [
+    "the cat sat on the mat .",
+    "a dog ran in the park .",
+    "the bird sang a song in the tree .",
+    "the cat and the dog played in the park .",
+]
 LOAD_TIME_KEYS = ("is_local", "local_files_only")  # what AutoTokenizer.from_pretrained(folder) records
 
 
@@ -44,8 +49,17 @@ def tiny_model(vocab_size: int, pad_token_id: int, **overrides):
     from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 
     torch.manual_seed(0)
-    params = dict(vocab_size=vocab_size, embedding_dim=16, seq_len=32, num_head=2, n_encoder_blocks=2, n_experts=4,
-                  top_k_experts=2, moe_dim=16, pad_token_id=pad_token_id)
+    params = dict(
+        vocab_size=vocab_size,
+        embedding_dim=16,
+        seq_len=32,
+        num_head=2,
+        n_encoder_blocks=2,
+        n_experts=4,
+        top_k_experts=2,
+        moe_dim=16,
+        pad_token_id=pad_token_id,
+    )
     return MoEEncoderForMaskedLM(MoEEncoderConfig(**{**params, **overrides})).eval()
 
 
@@ -92,10 +106,22 @@ with open("result.json", "w") as out:  # a file, not stdout: transformers' promp
 def run_clean(folder: Path, cwd: Path) -> dict:
     """CLEAN_SCRIPT in a fresh `python -I` (no PYTHONPATH, no cwd or script dir on sys.path) run from cwd."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               HF_MODULES_CACHE=str(cwd / "hf_modules"))  # where transformers copies the remote code; not ~/.cache
-    result = subprocess.run([sys.executable, "-I", "-c", CLEAN_SCRIPT, str(folder), str(REPO), json.dumps(SENTENCES)],
-                            cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        HF_MODULES_CACHE=str(cwd / "hf_modules"),
+    )  # where transformers copies the remote code; not ~/.cache
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", CLEAN_SCRIPT, str(folder), str(REPO), json.dumps(SENTENCES)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return json.loads((cwd / "result.json").read_text(encoding="utf-8"))
 
@@ -123,8 +149,10 @@ def test_export_loads_where_the_repository_is_not_importable(exported, tmp_path)
 def test_export_carries_every_module_the_model_needs(exported):
     _, folder = exported
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    assert config["auto_map"] == {"AutoConfig": "configuration.MoEEncoderConfig",
-                                  "AutoModelForMaskedLM": "encoder.MoEEncoderForMaskedLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration.MoEEncoderConfig",
+        "AutoModelForMaskedLM": "encoder.MoEEncoderForMaskedLM",
+    }
     # every module of the package but __init__ is part of the model (config, encoder, moe, router, experts, losses)
     needed = {path.name for path in (REPO / "models").glob("*.py")} - {"__init__.py"}
     assert needed <= {path.name for path in folder.glob("*.py")}
@@ -158,8 +186,14 @@ def saved_checkpoint(tmp_path: Path, tokenizer_folder: Path) -> Path:
     ids = torch.randint(5, len(tokenizer), (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()  # so the optimizer file holds tensors
-    return save_checkpoint(tmp_path / "checkpoints" / "step-000001", model, tokenizer, optimizer,
-                           {"torch_cpu": torch.get_rng_state()[None]}, {"step": 1})
+    return save_checkpoint(
+        tmp_path / "checkpoints" / "step-000001",
+        model,
+        tokenizer,
+        optimizer,
+        {"torch_cpu": torch.get_rng_state()[None]},
+        {"step": 1},
+    )
 
 
 def test_saved_files_are_readable_by_others(exported, tokenizer_folder, tmp_path):
@@ -168,8 +202,10 @@ def test_saved_files_are_readable_by_others(exported, tokenizer_folder, tmp_path
     plain_mode = probe.stat().st_mode & 0o777
     _, model_folder = exported
     checkpoint = saved_checkpoint(tmp_path, tokenizer_folder)
-    for folder, weights in ((model_folder, ["model.safetensors"]),
-                            (checkpoint, ["model.safetensors", "optimizer.safetensors", "rng.safetensors"])):
+    for folder, weights in (
+        (model_folder, ["model.safetensors"]),
+        (checkpoint, ["model.safetensors", "optimizer.safetensors", "rng.safetensors"]),
+    ):
         modes = {path.name: oct(path.stat().st_mode & 0o777) for path in folder.iterdir() if path.is_file()}
         assert set(weights) <= set(modes)
         assert set(modes.values()) == {oct(plain_mode)}, modes  # safetensors alone writes 0600
@@ -190,6 +226,7 @@ def test_no_load_time_options_in_tokenizer_config(exported, tokenizer_folder, tm
 
 # ---- the model card -------------------------------------------------------------------------------------
 
+
 def card_parts(text: str) -> tuple[dict, str]:
     """(YAML metadata, markdown body) of a Hugging Face model card."""
     assert text.startswith("---\n")
@@ -198,26 +235,68 @@ def card_parts(text: str) -> tuple[dict, str]:
 
 
 def full_card(**overrides) -> dict:
-    architecture = dict(vocab_size=945, embedding_dim=128, seq_len=64, num_head=4, n_encoder_blocks=2, n_experts=4,
-                        top_k_experts=1, moe_dim=256, moe_every=1, router_type="topk", router_gate="switch",
-                        capacity_factor=None, expert_type="mlp", n_shared_experts=0, load_balance_coef=0.01,
-                        router_z_loss_coef=0.0, dropout=0.1)
+    architecture = dict(
+        vocab_size=945,
+        embedding_dim=128,
+        seq_len=64,
+        num_head=4,
+        n_encoder_blocks=2,
+        n_experts=4,
+        top_k_experts=1,
+        moe_dim=256,
+        moe_every=1,
+        router_type="topk",
+        router_gate="switch",
+        capacity_factor=None,
+        expert_type="mlp",
+        n_shared_experts=0,
+        load_balance_coef=0.01,
+        router_z_loss_coef=0.0,
+        dropout=0.1,
+    )
     card = {
-        "architecture": architecture, "tag": "demo", "mask_token": "[MASK]",
-        "dataset": {"seed": 11,
-                    "load_params": {"source": "hub", "dataset_url": "sentence-transformers/reddit-title-body",
-                                    "text_field": "body", "topic_field": "subreddit"},
-                    "data_params": {"eval_topics": ["programming", "gaming"], "mask_prob": 0.15}},
-        "train": {"batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "weight_decay": 0.01,
-                  "warmup_proportion": 0.1, "max_grad_norm": 1.0, "masking": "static", "random_seed": 7},
-        "data": {"counts": {"train": {"documents": 4000, "real_tokens": 136989, "masked_tokens": 19523},
-                            "topics/gaming": {"documents": 500, "real_tokens": 26665, "masked_tokens": 3813}},
-                 "topics": {"gaming": "topics/gaming"}, "seq_len": 64,
-                 "tokenizer": {"name": "trained WordPiece", "vocab_size": 945}},
-        "eval_history": [{"step": 100, "eval_mlm_loss": 4.65, "eval_accuracy": 0.09},
-                         {"step": 400, "eval_mlm_loss": 4.1776, "eval_accuracy": 0.1533}],
+        "architecture": architecture,
+        "tag": "demo",
+        "mask_token": "[MASK]",
+        "dataset": {
+            "seed": 11,
+            "load_params": {
+                "source": "hub",
+                "dataset_url": "sentence-transformers/reddit-title-body",
+                "text_field": "body",
+                "topic_field": "subreddit",
+            },
+            "data_params": {"eval_topics": ["programming", "gaming"], "mask_prob": 0.15},
+        },
+        "train": {
+            "batch_size": 32,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-3,
+            "weight_decay": 0.01,
+            "warmup_proportion": 0.1,
+            "max_grad_norm": 1.0,
+            "masking": "static",
+            "random_seed": 7,
+        },
+        "data": {
+            "counts": {
+                "train": {"documents": 4000, "real_tokens": 136989, "masked_tokens": 19523},
+                "topics/gaming": {"documents": 500, "real_tokens": 26665, "masked_tokens": 3813},
+            },
+            "topics": {"gaming": "topics/gaming"},
+            "seq_len": 64,
+            "tokenizer": {"name": "trained WordPiece", "vocab_size": 945},
+        },
+        "eval_history": [
+            {"step": 100, "eval_mlm_loss": 4.65, "eval_accuracy": 0.09},
+            {"step": 400, "eval_mlm_loss": 4.1776, "eval_accuracy": 0.1533},
+        ],
         "valid_expert_counts": [[30, 10, 0, 60], [25, 25, 25, 25]],
-        "n_parameters": 1234567, "total_steps": 400, "device": "cuda:0", "n_processes": 1, "mixed_precision": "bf16",
+        "n_parameters": 1234567,
+        "total_steps": 400,
+        "device": "cuda:0",
+        "n_processes": 1,
+        "mixed_precision": "bf16",
     }
     card.update(overrides)
     return card
@@ -230,8 +309,14 @@ def test_model_card_has_the_hub_metadata_and_every_section():
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "fill-mask"
     assert {"mixture-of-experts", "masked-lm"} <= set(metadata["tags"])
     assert metadata["datasets"] == ["sentence-transformers/reddit-title-body"]
-    for heading in ("## Architecture and config", "## Training data", "## Training", "## Evaluation",
-                    "## Routing summary", "## How to load"):
+    for heading in (
+        "## Architecture and config",
+        "## Training data",
+        "## Training",
+        "## Evaluation",
+        "## Routing summary",
+        "## How to load",
+    ):
         assert f"\n{heading}\n" in body, heading
     assert "| parameters | 1,234,567 |" in body and "| MoE layers | block 0, block 1 |" in body
     assert "token choice, top-1 with the switch gate, dropless" in body
@@ -243,14 +328,13 @@ def test_model_card_has_the_hub_metadata_and_every_section():
     assert "| block 1 | 25.0% / 25.0% / 25.0% / 25.0% | 2.00 |" in body
     assert "# MoE encoder, run `demo`" in body
     assert "report.md" in body and "random routers" in body
-    assert 'trust_remote_code=True' in body and 'pipeline("fill-mask"' in body
+    assert "trust_remote_code=True" in body and 'pipeline("fill-mask"' in body
 
 
 def test_model_card_with_little_known_says_so():
     from train.model_card import model_card
 
-    card = full_card(dataset=None, train=None, data=None, eval_history=[], valid_expert_counts=None,
-                     n_parameters=None)
+    card = full_card(dataset=None, train=None, data=None, eval_history=[], valid_expert_counts=None, n_parameters=None)
     card["architecture"] = {**card["architecture"], "n_experts": 1, "top_k_experts": 1}  # the dense baseline
     metadata, body = card_parts(model_card(card))
     assert "datasets" not in metadata

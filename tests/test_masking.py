@@ -1,4 +1,5 @@
 """MLM masking: BERT's 80/10/10 rule on the numbers, and step 2's output tensors end to end."""
+
 import json
 import subprocess
 import sys
@@ -165,10 +166,21 @@ def test_step2_is_deterministic_across_runs_and_processes(step2_output, tmp_path
     second_masked = tmp_path / "masked2"
     saved_path = list(sys.path)
     monkeypatch.setattr(step2, "ROWS_PER_PROCESS", 10)  # so that even 32 rows are split over 2 processes
-    monkeypatch.setattr(sys, "argv", ["dataset.py", *step_config_args(2), *options,
-                                      "--set", f"dataset.data_params.masked_dir={second_masked}",
-                                      "--set", f"dataset.data_params.tokenizer_name={first_dir / 'masked' / 'tokenizer'}",
-                                      "--set", "dataset.data_params.num_proc=2"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "dataset.py",
+            *step_config_args(2),
+            *options,
+            "--set",
+            f"dataset.data_params.masked_dir={second_masked}",
+            "--set",
+            f"dataset.data_params.tokenizer_name={first_dir / 'masked' / 'tokenizer'}",
+            "--set",
+            "dataset.data_params.num_proc=2",
+        ],
+    )
     try:
         step2.main()
     finally:
@@ -190,11 +202,21 @@ def test_trained_tokenizer_is_reproducible(step2_output):
     Fresh processes matter: the trainer's hash maps are seeded per process (huggingface/tokenizers#1794).
     """
     tmp_path, _ = step2_output
-    script = ("import sys, json, datasets; from data_processors.tokenizer import train_wordpiece; "
-              "texts = list(datasets.Dataset.from_parquet(sys.argv[1])['text']); "
-              "print(json.dumps(sorted(train_wordpiece(lambda: [texts], 300, len(texts)).get_vocab().items())))")
-    vocabularies = [subprocess.run([sys.executable, "-c", script, str(tmp_path / "processed" / "train.parquet")],
-                                   capture_output=True, text=True, check=True, cwd=REPO).stdout for _ in range(3)]
+    script = (
+        "import sys, json, datasets; from data_processors.tokenizer import train_wordpiece; "
+        "texts = list(datasets.Dataset.from_parquet(sys.argv[1])['text']); "
+        "print(json.dumps(sorted(train_wordpiece(lambda: [texts], 300, len(texts)).get_vocab().items())))"
+    )
+    vocabularies = [
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "processed" / "train.parquet")],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        ).stdout
+        for _ in range(3)
+    ]
     assert vocabularies[0] == vocabularies[1] == vocabularies[2]
     assert len(json.loads(vocabularies[0])) > 100
 

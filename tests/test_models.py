@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from helpers import relative_error
@@ -22,8 +21,16 @@ PAD = 0
 
 def small_config(**overrides) -> MoEEncoderConfig:
     params = dict(
-        vocab_size=VOCAB, embedding_dim=32, seq_len=32, num_head=4, n_encoder_blocks=2,
-        n_experts=4, top_k_experts=1, moe_dim=48, dropout=0.1, pad_token_id=PAD,
+        vocab_size=VOCAB,
+        embedding_dim=32,
+        seq_len=32,
+        num_head=4,
+        n_encoder_blocks=2,
+        n_experts=4,
+        top_k_experts=1,
+        moe_dim=48,
+        dropout=0.1,
+        pad_token_id=PAD,
     )
     params.update(overrides)
     return MoEEncoderConfig(**params)
@@ -46,7 +53,9 @@ def test_padding_does_not_change_real_positions(top_k):
     real = random_ids(len(lengths), 16)
 
     def padded(total_len: int, pad_content_seed: int):
-        ids = torch.randint(1, VOCAB, (len(lengths), total_len), generator=torch.Generator().manual_seed(pad_content_seed))
+        ids = torch.randint(
+            1, VOCAB, (len(lengths), total_len), generator=torch.Generator().manual_seed(pad_content_seed)
+        )
         mask = torch.zeros(len(lengths), total_len, dtype=torch.bool)
         for row, n in enumerate(lengths):
             ids[row, :n] = real[row, :n]
@@ -231,8 +240,7 @@ def test_masked_logits_only_matches_full_head_in_float64(n_experts):
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [dict(top_k_experts=5, n_experts=4), dict(top_k_experts=0), dict(embedding_dim=30, num_head=4)],
+    "overrides", [dict(top_k_experts=5, n_experts=4), dict(top_k_experts=0), dict(embedding_dim=30, num_head=4)]
 )
 def test_invalid_config_raises(overrides):
     with pytest.raises(ValueError):

@@ -20,8 +20,15 @@ D_MODEL, HIDDEN, N_EXPERTS = 16, 24, 4
 
 
 def layer_config(**overrides) -> MoEEncoderConfig:
-    params = dict(vocab_size=40, embedding_dim=D_MODEL, num_head=4, moe_dim=HIDDEN, n_experts=N_EXPERTS,
-                  top_k_experts=1, dropout=0.0)
+    params = dict(
+        vocab_size=40,
+        embedding_dim=D_MODEL,
+        num_head=4,
+        moe_dim=HIDDEN,
+        n_experts=N_EXPERTS,
+        top_k_experts=1,
+        dropout=0.0,
+    )
     params.update(overrides)
     return MoEEncoderConfig(**params)
 
@@ -46,6 +53,7 @@ def padded_batch(seed: int = 1, total_len: int = 7):
 
 
 # ---- the naive reference ---------------------------------------------------------------------------
+
 
 def expert_forward(layer: MoELayer, e: int, x: torch.Tensor) -> torch.Tensor:
     experts = layer.experts
@@ -117,9 +125,9 @@ def naive_moe(layer: MoELayer, config: MoEEncoderConfig, hidden: torch.Tensor, m
 
 # ---- every combination against the reference ---------------------------------------------------------
 
-COMBINATIONS = list(itertools.product(
-    ["topk", "expert_choice"], ["switch", "mixtral"], [1, 2], ["mlp", "swiglu"], [None, 0.5], [0, 1]
-))
+COMBINATIONS = list(
+    itertools.product(["topk", "expert_choice"], ["switch", "mixtral"], [1, 2], ["mlp", "swiglu"], [None, 0.5], [0, 1])
+)
 
 
 def combination_id(combo) -> str:
@@ -129,8 +137,14 @@ def combination_id(combo) -> str:
 
 def combination_config(combo) -> MoEEncoderConfig:
     router_type, gate, k, expert_type, capacity, shared = combo
-    return layer_config(router_type=router_type, router_gate=gate, top_k_experts=k, expert_type=expert_type,
-                        capacity_factor=capacity, n_shared_experts=shared)
+    return layer_config(
+        router_type=router_type,
+        router_gate=gate,
+        top_k_experts=k,
+        expert_type=expert_type,
+        capacity_factor=capacity,
+        n_shared_experts=shared,
+    )
 
 
 def is_valid(combo) -> bool:
@@ -205,6 +219,7 @@ def test_padding_changes_nothing(combo):
 
 
 # ---- capacity, expert choice, balancing ---------------------------------------------------------------
+
 
 def routed_to(layer: MoELayer, preferred: list[int]) -> None:
     """Make the router send every token to the experts in `preferred` order (huge fixed logits)."""
@@ -314,6 +329,7 @@ def test_all_padding_batch(router_type):
 
 # ---- experts: dense baseline, grouped_mm path ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("expert_type", ["mlp", "swiglu"])
 def test_dense_baseline_is_exactly_a_plain_ffn(expert_type):
     layer = float64_layer(layer_config(n_experts=1, expert_type=expert_type))
@@ -352,12 +368,25 @@ def test_grouped_mm_path_matches_the_loop(expert_type):
 
 # ---- the options through the whole model ---------------------------------------------------------------
 
+
 def test_model_with_every_option_trains_and_reloads(tmp_path):
     torch.manual_seed(0)
     config = MoEEncoderConfig(
-        vocab_size=40, embedding_dim=32, seq_len=16, num_head=4, n_encoder_blocks=4, n_experts=4, top_k_experts=2,
-        moe_dim=24, moe_every=2, router_type="expert_choice", expert_type="swiglu", n_shared_experts=1,
-        capacity_factor=0.75, router_jitter=0.1, pad_token_id=0,
+        vocab_size=40,
+        embedding_dim=32,
+        seq_len=16,
+        num_head=4,
+        n_encoder_blocks=4,
+        n_experts=4,
+        top_k_experts=2,
+        moe_dim=24,
+        moe_every=2,
+        router_type="expert_choice",
+        expert_type="swiglu",
+        n_shared_experts=1,
+        capacity_factor=0.75,
+        router_jitter=0.1,
+        pad_token_id=0,
     )
     model = MoEEncoderForMaskedLM(config)
     assert model.moe_layer_indices == [1, 3]
@@ -417,10 +446,19 @@ def test_low_precision_routes_in_float32(router_type):
 
 def test_dense_baseline_model_reports_one_expert():
     torch.manual_seed(0)
-    model = MoEEncoderForMaskedLM(MoEEncoderConfig(
-        vocab_size=40, embedding_dim=32, seq_len=16, num_head=4, n_encoder_blocks=2, n_experts=1, moe_dim=24,
-        expert_type="swiglu", pad_token_id=0,
-    )).eval()
+    model = MoEEncoderForMaskedLM(
+        MoEEncoderConfig(
+            vocab_size=40,
+            embedding_dim=32,
+            seq_len=16,
+            num_head=4,
+            n_encoder_blocks=2,
+            n_experts=1,
+            moe_dim=24,
+            expert_type="swiglu",
+            pad_token_id=0,
+        )
+    ).eval()
     assert not any("router" in name for name, _ in model.named_parameters())
     ids = torch.randint(1, 40, (2, 10))
     ids[1, 6:] = 0

@@ -1,4 +1,5 @@
 """All four steps end to end on a tiny builtin corpus, as a user runs them (subprocesses)."""
+
 import csv
 import json
 from pathlib import Path
@@ -10,16 +11,29 @@ from helpers import DEMO_CONFIGS, check_ok, run_step, sets
 
 def small_overrides(tmp_path: Path) -> list[str]:
     """Bigger than helpers.tiny_sets: two MoE blocks and enough steps for the routing to be real."""
-    return sets(**{
-        "dataset.load_params.builtin.n_docs": 1500, "dataset.load_params.train_len": 600,
-        "dataset.load_params.valid_len": 64, "dataset.load_params.test_len": 128,
-        "dataset.load_params.topic_len": 96, "dataset.data_params.tokenizer_vocab_size": 400,
-        "dataset.data_params.processed_dir": tmp_path / "processed",
-        "dataset.data_params.masked_dir": tmp_path / "masked",
-        "model.embedding_dim": 64, "model.num_head": 2, "model.moe_dim": 128, "model.seq_len": 48,
-        "train.max_steps": 60, "train.eval_steps": 30, "train.save_steps": 40, "train.batch_size": 16,
-        "train.learning_rate": 3e-3, "train.save_path": tmp_path / "runs", "train.aim_repo": tmp_path,
-    })
+    return sets(
+        **{
+            "dataset.load_params.builtin.n_docs": 1500,
+            "dataset.load_params.train_len": 600,
+            "dataset.load_params.valid_len": 64,
+            "dataset.load_params.test_len": 128,
+            "dataset.load_params.topic_len": 96,
+            "dataset.data_params.tokenizer_vocab_size": 400,
+            "dataset.data_params.processed_dir": tmp_path / "processed",
+            "dataset.data_params.masked_dir": tmp_path / "masked",
+            "model.embedding_dim": 64,
+            "model.num_head": 2,
+            "model.moe_dim": 128,
+            "model.seq_len": 48,
+            "train.max_steps": 60,
+            "train.eval_steps": 30,
+            "train.save_steps": 40,
+            "train.batch_size": 16,
+            "train.learning_rate": 3e-3,
+            "train.save_path": tmp_path / "runs",
+            "train.aim_repo": tmp_path,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +74,27 @@ def test_step4_writes_metrics_counts_and_figures(pipeline):
             routed = sum(int(c["count"]) for c in counts if c["group"] == group and c["layer"] == layer)
             assert routed == int(row["real_tokens"])
     figures = sorted(path.name for path in (out_dir / "figures").glob("*.png"))
-    assert figures == ["ablation_block_0.png", "ablation_block_1.png", "experts_all_layers.png",
-                       "experts_per_layer_gaming.png",
-                       "experts_per_layer_programming.png", "experts_per_layer_test.png", "nmi_per_layer.png",
-                       "routing_saturation.png", "specialization_index.png", "topic_expert_heatmap_block_0.png",
-                       "topic_expert_heatmap_block_1.png"]
+    assert figures == [
+        "ablation_block_0.png",
+        "ablation_block_1.png",
+        "experts_all_layers.png",
+        "experts_per_layer_gaming.png",
+        "experts_per_layer_programming.png",
+        "experts_per_layer_test.png",
+        "nmi_per_layer.png",
+        "routing_saturation.png",
+        "specialization_index.png",
+        "topic_expert_heatmap_block_0.png",
+        "topic_expert_heatmap_block_1.png",
+    ]
     assert "figure:" in stdout and "metrics:" in stdout
 
 
 def test_run_is_a_hugging_face_model_with_safetensors(pipeline):
     tmp_path, _ = pipeline
-    import models  # noqa: F401  registers the Auto classes
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    import models  # noqa: F401  registers the Auto classes
 
     model_dir = tmp_path / "runs" / "tiny" / "model"
     assert (model_dir / "model.safetensors").is_file()
@@ -91,8 +114,14 @@ def test_training_is_tracked_in_aim(pipeline):
     runs = [run for run in repo.iter_runs() if "tiny" in run.tags]
     assert len(runs) == 1
     tracked = {(metric.name, metric.context.to_dict().get("subset")) for metric in runs[0].metrics()}
-    assert {("loss", "train"), ("mlm_loss", "train"), ("aux_loss_total", "train"), ("mlm_loss", "valid"),
-            ("accuracy", "valid"), ("expert_load", "valid")} <= tracked
+    assert {
+        ("loss", "train"),
+        ("mlm_loss", "train"),
+        ("aux_loss_total", "train"),
+        ("mlm_loss", "valid"),
+        ("accuracy", "valid"),
+        ("expert_load", "valid"),
+    } <= tracked
     assert runs[0]["hparams"]["model"]["n_experts"] == 4
 
 
@@ -101,8 +130,11 @@ def test_same_seed_same_weights_on_cpu(pipeline):
     tmp_path, _ = pipeline
     from safetensors.torch import load_file
 
-    check_ok(run_step(3, *DEMO_CONFIGS, *small_overrides(tmp_path), "--set", "train.device=cpu", "--tag", "again",
-                      timeout=300))
+    check_ok(
+        run_step(
+            3, *DEMO_CONFIGS, *small_overrides(tmp_path), "--set", "train.device=cpu", "--tag", "again", timeout=300
+        )
+    )
     first = load_file(tmp_path / "runs" / "tiny" / "model" / "model.safetensors")
     second = load_file(tmp_path / "runs" / "again" / "model" / "model.safetensors")
     assert first.keys() == second.keys()

@@ -61,8 +61,15 @@ def test_format_count():
 
 
 def test_one_number_and_p_value_format():
-    assert [format_number(v) for v in (None, float("nan"), 0.0, 0.0004, 0.0331, 12, np.int64(3))] == \
-        [MISSING, MISSING, "0.000", "0.0004", "0.033", "12", "3"]
+    assert [format_number(v) for v in (None, float("nan"), 0.0, 0.0004, 0.0331, 12, np.int64(3))] == [
+        MISSING,
+        MISSING,
+        "0.000",
+        "0.0004",
+        "0.033",
+        "12",
+        "3",
+    ]
     assert format_number(0.0012, 2, signed=True) == "+0.0012" and format_number(-0.3, 2, signed=True) == "-0.30"
     assert format_p(1 / 201, 200) == "≤0.005" and format_p(1 / 201) == "0.005" and format_p(0.153, 200) == "0.15"
     assert p_text(1 / 201, 200) == "p≤0.005" and p_text(0.153, 200) == "p=0.15" and p_text(None) == "p n/a"
@@ -96,9 +103,7 @@ def test_pooled_histogram_e16_six_groups(tmp_path):
     img = _read_png(out)
     assert img.shape[1] > img.shape[0]
     # Figure width scales with E * groups: wider than the 3-group / 8-expert case.
-    small = plot_pooled_expert_histogram(
-        {n: counts[n][:, :8] for n in names[:3]}, tmp_path / "small.png"
-    )
+    small = plot_pooled_expert_histogram({n: counts[n][:, :8] for n in names[:3]}, tmp_path / "small.png")
     assert img.shape[1] > plt.imread(small).shape[1]
     assert len(plt.get_fignums()) == n_figs
     _only(tmp_path / "sub", "pooled16.png")
@@ -109,9 +114,7 @@ def test_pooled_histogram_overwrites_and_handles_zero_group(tmp_path):
     rng = np.random.default_rng(2)
     path = tmp_path / "p.png"
     path.write_bytes(b"old")
-    plot_pooled_expert_histogram(
-        {"a": _counts(rng, 2, 4, 100), "empty": np.zeros((2, 4), dtype=int)}, path
-    )
+    plot_pooled_expert_histogram({"a": _counts(rng, 2, 4, 100), "empty": np.zeros((2, 4), dtype=int)}, path)
     _read_png(path)
     _only(tmp_path, "p.png")
 
@@ -145,7 +148,9 @@ def test_topic_layer_histogram(tmp_path):
     rng = np.random.default_rng(4)
     n_figs = len(plt.get_fignums())
     out = plot_topic_layer_histogram(
-        "programming", _counts(rng, 4, 8, 5_000), tmp_path / "layers.png",
+        "programming",
+        _counts(rng, 4, 8, 5_000),
+        tmp_path / "layers.png",
         layer_names=["block 1", "block 3", "block 5", "block 7"],
     )
     img = _read_png(out)
@@ -159,8 +164,7 @@ def test_topic_layer_histogram(tmp_path):
 
 def test_topic_layer_histogram_bad_input(tmp_path):
     with pytest.raises(ValueError, match="layer_names has 2 entries but counts has 3 layers"):
-        plot_topic_layer_histogram("g", np.ones((3, 4), dtype=int), tmp_path / "x.png",
-                                   layer_names=["a", "b"])
+        plot_topic_layer_histogram("g", np.ones((3, 4), dtype=int), tmp_path / "x.png", layer_names=["a", "b"])
     with pytest.raises(ValueError, match="2-D"):
         plot_topic_layer_histogram("g", np.ones(4, dtype=int), tmp_path / "x.png")
     _only(tmp_path)
@@ -192,7 +196,11 @@ def test_architecture_script_runs_from_repo_root(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run(
         [sys.executable, "process_exp_results/architecture.py", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     _read_png(out)

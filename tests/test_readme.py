@@ -1,4 +1,5 @@
 """The README stays true: its config reference is the schema's, and its quick start is two commands."""
+
 from pathlib import Path
 
 from config_utils.reference import reference_markdown
@@ -8,7 +9,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding=
 
 def test_config_reference_matches_the_schema():
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-    documented = README[README.index(start) + len(start):README.index(end)].strip()
+    documented = README[README.index(start) + len(start) : README.index(end)].strip()
     assert documented == reference_markdown().strip(), "run: python -m config_utils.reference and paste it"
 
 

@@ -1,4 +1,5 @@
 """Step 1 (and 2) on real text: the Reddit sample in ../shared/data, read through the `files` source."""
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -12,24 +13,25 @@ SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "reddit_sampl
 EVAL_TOPICS = ["programming", "gaming"]
 LENS = {"train_len": 300, "valid_len": 60, "test_len": 60, "topic_len": 150}
 
-pytestmark = pytest.mark.skipif(not SAMPLE.is_dir() or not list(SAMPLE.glob("*.csv")),
-                                reason=f"{SAMPLE} is absent")
+pytestmark = pytest.mark.skipif(not SAMPLE.is_dir() or not list(SAMPLE.glob("*.csv")), reason=f"{SAMPLE} is absent")
 
 
 def reddit_sets(tmp_path: Path) -> list[str]:
-    return sets(**{
-        "dataset.load_params.source": "files",
-        "dataset.load_params.data_files": f"[{SAMPLE}/*.csv]",
-        "dataset.load_params.text_field": "body",
-        "dataset.load_params.topic_field": "subreddit",
-        **{f"dataset.load_params.{key}": value for key, value in LENS.items()},
-        "dataset.data_params.eval_topics": "[programming, gaming]",
-        "dataset.data_params.tokenizer_vocab_size": 1000,
-        "dataset.data_params.processed_dir": tmp_path / "processed",
-        "dataset.data_params.masked_dir": tmp_path / "masked",
-        "dataset.data_params.num_proc": 1,
-        "model.seq_len": 48,
-    })
+    return sets(
+        **{
+            "dataset.load_params.source": "files",
+            "dataset.load_params.data_files": f"[{SAMPLE}/*.csv]",
+            "dataset.load_params.text_field": "body",
+            "dataset.load_params.topic_field": "subreddit",
+            **{f"dataset.load_params.{key}": value for key, value in LENS.items()},
+            "dataset.data_params.eval_topics": "[programming, gaming]",
+            "dataset.data_params.tokenizer_vocab_size": 1000,
+            "dataset.data_params.processed_dir": tmp_path / "processed",
+            "dataset.data_params.masked_dir": tmp_path / "masked",
+            "dataset.data_params.num_proc": 1,
+            "model.seq_len": 48,
+        }
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """References for routing claims on synthetic router inputs with known truth: a router aligned with a topic
 direction, a router that learned nothing, load matching, the probe, the conditional-MI excess, the held-out block."""
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +35,20 @@ def topic_states(seed, n_docs=40, doc_len=20, d=16, n_topics=4, strength=1.0):
 
 def references(x, weight, doc, doc_topic, topic, seed=0, n_boot=100, rule=TOPK, batch=None):
     batch = np.zeros(len(doc), dtype=np.int64) if batch is None else batch
-    return layer_references(x, weight, rule, batch, doc, doc_topic, [Factor("topic", topic, int(topic.max()) + 1)],
-                            None, n_random=50, n_boot=n_boot, seed=seed, layer=0)
+    return layer_references(
+        x,
+        weight,
+        rule,
+        batch,
+        doc,
+        doc_topic,
+        [Factor("topic", topic, int(topic.max()) + 1)],
+        None,
+        n_random=50,
+        n_boot=n_boot,
+        seed=seed,
+        layer=0,
+    )
 
 
 def test_a_router_aligned_with_the_topic_direction_has_index_near_1():
@@ -63,7 +76,7 @@ def test_a_random_router_is_no_more_specialized_than_random_routers():
 def test_load_matching_reaches_the_target_loads():
     x, *_ = topic_states(2, n_docs=60)
     rng = np.random.default_rng(0)
-    logits = (x @ torch.tensor(random_router_weights(rng.standard_normal((4, 16)), 8, rng)).reshape(32, 16).T)
+    logits = x @ torch.tensor(random_router_weights(rng.standard_normal((4, 16)), 8, rng)).reshape(32, 16).T
     logits = logits.view(-1, 8, 4).transpose(0, 1)
     target = torch.tensor([0.55, 0.25, 0.15, 0.05], dtype=torch.float64)
     before = expert_loads(TOPK.top_choice(logits, np.zeros(x.shape[0], dtype=np.int64)), 4)
@@ -135,28 +148,51 @@ def test_references_are_deterministic_for_a_seed():
 def records_with_states(seed, topic_strength=1.0, n_docs=40, doc_len=20, held_out_docs=0, vocab=30):
     """Routing records whose router inputs carry a topic direction, routed by a random router (k=1, 4 experts);
     held_out_docs more documents of a fifth topic, marked held out, with tokens from a vocabulary of their own."""
-    x, doc, doc_topic, topic, _ = topic_states(seed, n_docs=n_docs + held_out_docs, doc_len=doc_len,
-                                               strength=topic_strength, n_topics=5)
+    x, doc, doc_topic, topic, _ = topic_states(
+        seed, n_docs=n_docs + held_out_docs, doc_len=doc_len, strength=topic_strength, n_topics=5
+    )
     rng = np.random.default_rng(seed)
     topic = np.where(doc < n_docs, doc_topic[doc] % 4, 4)
     held_out = doc >= n_docs
     token_id = np.where(held_out, vocab + rng.integers(0, 10, len(doc)), rng.integers(0, vocab, len(doc)))
     weight = rng.standard_normal((4, 16)).astype(np.float32)
     experts = (x.numpy() @ weight.T).argmax(1)[:, None, None]
-    records = RoutingRecords(doc_id=doc, topic=topic, topic_names=["a", "b", "c", "d", "new"], token_id=token_id,
-                             position=np.tile(np.arange(doc_len), len(np.unique(doc))).astype(np.int32),
-                             experts=experts, layer_names=["block 0"], n_experts=4, held_out=held_out)
+    records = RoutingRecords(
+        doc_id=doc,
+        topic=topic,
+        topic_names=["a", "b", "c", "d", "new"],
+        token_id=token_id,
+        position=np.tile(np.arange(doc_len), len(np.unique(doc))).astype(np.int32),
+        experts=experts,
+        layer_names=["block 0"],
+        n_experts=4,
+        held_out=held_out,
+    )
     seen_rows = np.flatnonzero(~held_out)
-    sample = RouterSample(rows=seen_rows, batch=np.zeros(len(seen_rows), dtype=np.int64),
-                          inputs=[x.numpy()[seen_rows]], weights=[weight], rule=TOPK, n_candidates=len(seen_rows),
-                          max_tokens=len(seen_rows))
+    sample = RouterSample(
+        rows=seen_rows,
+        batch=np.zeros(len(seen_rows), dtype=np.int64),
+        inputs=[x.numpy()[seen_rows]],
+        weights=[weight],
+        rule=TOPK,
+        n_candidates=len(seen_rows),
+        max_tokens=len(seen_rows),
+    )
     return records, sample, vocab + 10
 
 
 def test_analysis_reads_every_factor_against_its_references():
     records, sample, vocab = records_with_states(5)
-    stats = analyze_routing(records, np.arange(vocab) % 3, ["x", "y", "z"], [f"t{i}" for i in range(vocab)],
-                            n_boot=50, n_perm=50, router_sample=sample, n_random_routers=20)
+    stats = analyze_routing(
+        records,
+        np.arange(vocab) % 3,
+        ["x", "y", "z"],
+        [f"t{i}" for i in range(vocab)],
+        n_boot=50,
+        n_perm=50,
+        router_sample=sample,
+        n_random_routers=20,
+    )
     references = stats["layers"][0]["references"]
     assert set(references) == {"topic", "token_class", "token_id", "conditional_topic", "load_match_max_error"}
     # the trained router on the sample is the records' own routing: the same NMI as the analysis reports
@@ -178,12 +214,19 @@ def test_conditional_mi_excess_averages_zero_without_a_topic_effect():
         favourite = np.array([rng.permutation(30) for _ in range(4)])
         zipf = 1.0 / np.arange(1, 31) ** 1.2
         tokens = favourite[topic, rng.choice(30, size=len(doc), p=zipf / zipf.sum())]
-        records = RoutingRecords(doc_id=doc, topic=topic, topic_names=list("abcd"), token_id=tokens,
-                                 position=np.tile(np.arange(doc_len), n_docs).astype(np.int32),
-                                 experts=rng.integers(0, 4, len(doc))[:, None, None], layer_names=["block 0"],
-                                 n_experts=4)
-        stats = analyze_routing(records, np.zeros(30, dtype=np.int64), ["w"], [str(i) for i in range(30)],
-                                n_boot=20, n_perm=100, seed=seed)
+        records = RoutingRecords(
+            doc_id=doc,
+            topic=topic,
+            topic_names=list("abcd"),
+            token_id=tokens,
+            position=np.tile(np.arange(doc_len), n_docs).astype(np.int32),
+            experts=rng.integers(0, 4, len(doc))[:, None, None],
+            layer_names=["block 0"],
+            n_experts=4,
+        )
+        stats = analyze_routing(
+            records, np.zeros(30, dtype=np.int64), ["w"], [str(i) for i in range(30)], n_boot=20, n_perm=100, seed=seed
+        )
         excesses.append(stats["layers"][0]["conditional_topic"]["cmi_excess"])
     excesses = np.array(excesses)
     assert abs(excesses.mean()) <= 2 * excesses.std(ddof=1) / np.sqrt(len(excesses))

@@ -1,4 +1,5 @@
 """Step 4's routing analysis on a tiny run: statistics files, figures, token pages, report, and the raw records."""
+
 import csv
 import json
 import re
@@ -9,8 +10,21 @@ import pytest
 
 from helpers import DEMO_CONFIGS, check_ok, run_step, run_step_in_process, step_config_args, tiny_sets
 
-SPEC_LAYER_KEYS = {"layer", "layer_index", "nmi", "nmi_ci", "p_value", "js", "js_ci", "topic_expert_counts",
-                   "token_class", "token_id", "conditional_topic", "vocabulary", "coactivation"}
+SPEC_LAYER_KEYS = {
+    "layer",
+    "layer_index",
+    "nmi",
+    "nmi_ci",
+    "p_value",
+    "js",
+    "js_ci",
+    "topic_expert_counts",
+    "token_class",
+    "token_id",
+    "conditional_topic",
+    "vocabulary",
+    "coactivation",
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -22,8 +36,20 @@ def tiny_run(tmp_path_factory):
     check_ok(run_step(1, *step_config_args(1), *options, cwd=tmp_path))
     check_ok(run_step(2, *step_config_args(2), *options, cwd=tmp_path))
     check_ok(run_step(3, *DEMO_CONFIGS, *options, "--tag", "tiny", cwd=tmp_path))
-    inference = check_ok(run_step_in_process(4, *DEMO_CONFIGS, *options, "--save_path", tmp_path / "results",
-                                             "--n-boot", "20", "--n-perm", "20", cwd=tmp_path))
+    inference = check_ok(
+        run_step_in_process(
+            4,
+            *DEMO_CONFIGS,
+            *options,
+            "--save_path",
+            tmp_path / "results",
+            "--n-boot",
+            "20",
+            "--n-perm",
+            "20",
+            cwd=tmp_path,
+        )
+    )
     return tmp_path, tmp_path / "results" / "tiny", inference.stdout
 
 
@@ -49,8 +75,12 @@ def test_figures_are_readable_pngs(tiny_run):
     _, out_dir, _ = tiny_run
     import matplotlib.image
 
-    names = {"nmi_per_layer.png", "specialization_index.png", "topic_expert_heatmap_block_0.png",
-             "topic_expert_heatmap_block_1.png"}
+    names = {
+        "nmi_per_layer.png",
+        "specialization_index.png",
+        "topic_expert_heatmap_block_0.png",
+        "topic_expert_heatmap_block_1.png",
+    }
     assert names <= {path.name for path in (out_dir / "figures").glob("*.png")}
     for name in names:
         path = out_dir / "figures" / name
@@ -117,8 +147,14 @@ def _collect(tmp_path: Path, max_docs):
     manifest = json.loads((masked / "manifest.json").read_text())
     for topic, folder in manifest["topics"].items():
         groups[topic] = datasets.load_from_disk(str(masked / folder))
-    records, _ = collect_routing(model, groups, torch.device("cpu"), batch_size=16, max_docs_per_group=max_docs,
-                                 held_out_groups=tuple(manifest["topics"]))
+    records, _ = collect_routing(
+        model,
+        groups,
+        torch.device("cpu"),
+        batch_size=16,
+        max_docs_per_group=max_docs,
+        held_out_groups=tuple(manifest["topics"]),
+    )
     return records, model, groups
 
 
@@ -133,7 +169,9 @@ def test_collect_routing_matches_the_model_token_by_token(tiny_run):
     assert records.experts.shape == (real_tokens, 2, model.config.top_k_experts)
     assert records.layer_names == ["block 0", "block 1"]
     # topic = the document's own label
-    topic_of_doc = {doc: topic for dataset in evaluated.values() for doc, topic in zip(dataset["doc_id"], dataset["topic"])}
+    topic_of_doc = {
+        doc: topic for dataset in evaluated.values() for doc, topic in zip(dataset["doc_id"], dataset["topic"])
+    }
     assert all(records.topic_names[t] == topic_of_doc[int(d)] for d, t in zip(records.doc_id, records.topic))
 
     # plain reference: the first test documents, one forward pass, walked token by token
@@ -175,7 +213,11 @@ def test_references_in_step4_outputs(tiny_run):
             assert {"trained", "random", "random_load_matched", "probe", "index", "index_ci"} <= set(reference)
             assert set(reference["random"]) == {"mean", "low", "high", "rank"}
     measures = {row["measure"] for row in csv.DictReader(open(out_dir / "routing_stats.csv", encoding="utf-8"))}
-    assert {"specialization_index:topic", "reference:topic:random_load_matched", "conditional_topic_mi_excess"} <= measures
+    assert {
+        "specialization_index:topic",
+        "reference:topic:random_load_matched",
+        "conditional_topic_mi_excess",
+    } <= measures
     report = (out_dir / "report.md").read_text(encoding="utf-8")
     assert "learned nothing" in report and "Held-out topics" in report
 
@@ -191,8 +233,15 @@ def _sample(tiny_run, model, max_router_inputs, seed=0, batch_size=16):
     groups = {"test": datasets.load_from_disk(str(masked / "test"))}
     for topic, folder in manifest["topics"].items():
         groups[topic] = datasets.load_from_disk(str(masked / folder))
-    return collect_routing(model, groups, torch.device("cpu"), batch_size=batch_size,
-                           held_out_groups=tuple(manifest["topics"]), max_router_inputs=max_router_inputs, seed=seed)
+    return collect_routing(
+        model,
+        groups,
+        torch.device("cpu"),
+        batch_size=batch_size,
+        held_out_groups=tuple(manifest["topics"]),
+        max_router_inputs=max_router_inputs,
+        seed=seed,
+    )
 
 
 def test_router_inputs_reproduce_the_routing_and_the_mlm_head_never_runs(tiny_run):
@@ -255,11 +304,21 @@ def test_expert_choice_references_use_the_models_own_rule(tiny_run):
 def test_token_pages_draw_word_pieces_against_the_piece_before(tmp_path):
     from process_exp_results.report import write_token_html
 
-    documents = [{"label": "doc", "tokens": ["[CLS]", "un", "##believ", "##able", "cats", "[SEP]"],
-                  "experts": [0, 1, 1, 0, 1, 0]}]
+    documents = [
+        {
+            "label": "doc",
+            "tokens": ["[CLS]", "un", "##believ", "##able", "cats", "[SEP]"],
+            "experts": [0, 1, 1, 0, 1, 0],
+        }
+    ]
     page = write_token_html(tmp_path / "page.html", documents, "block 0", 2).read_text(encoding="utf-8")
     doc = re.search(r'<div class="doc">(.*?)</div>', page, re.S).group(1)
     spans = re.findall(r'( ?)<span( class="cont")?[^>]*>([^<]*)</span>', doc)
     assert [(space, continuation != "", text) for space, continuation, text in spans] == [
-        ("", False, "[CLS]"), (" ", False, "un"), ("", True, "believ"), ("", True, "able"), (" ", False, "cats"),
-        (" ", False, "[SEP]")]
+        ("", False, "[CLS]"),
+        (" ", False, "un"),
+        ("", True, "believ"),
+        ("", True, "able"),
+        (" ", False, "cats"),
+        (" ", False, "[SEP]"),
+    ]

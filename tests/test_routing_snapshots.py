@@ -1,20 +1,36 @@
 """Routing over training (issue 12, items 2 and 4): probe snapshots, agreement, saturation, and training health."""
+
 import json
 
 import numpy as np
 import pytest
 
 from helpers import check_ok, prepare_tiny_data, run_step_in_process, sets, step_config_args
-from train.routing_snapshots import (load_snapshots, probe_batches, routing_snapshot, saturation, settled_at,
-                                     top1_agreement, topk_overlap)
+from train.routing_snapshots import (
+    load_snapshots,
+    probe_batches,
+    routing_snapshot,
+    saturation,
+    settled_at,
+    top1_agreement,
+    topk_overlap,
+)
 from train.tracking import RoutingHealth
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("snapshots")
-    options = prepare_tiny_data(tmp_path, **{"model.n_encoder_blocks": 2, "model.top_k_experts": 2,
-                                             "train.max_steps": 6, "train.eval_steps": 2, "train.save_steps": 3})
+    options = prepare_tiny_data(
+        tmp_path,
+        **{
+            "model.n_encoder_blocks": 2,
+            "model.top_k_experts": 2,
+            "train.max_steps": 6,
+            "train.eval_steps": 2,
+            "train.save_steps": 3,
+        },
+    )
     check_ok(run_step_in_process(3, *step_config_args(3), *options, "--tag", "snap", cwd=tmp_path))
     return tmp_path, options, tmp_path / "runs" / "snap"
 
@@ -58,8 +74,9 @@ def test_routing_agreement_is_tracked_per_layer(run):
 
     tmp_path, _, _ = run
     (aim_run,) = [found for found in Repo(str(tmp_path)).iter_runs() if "snap" in found.tags]
-    contexts = sorted(metric.context.to_dict()["layer"] for metric in aim_run.metrics()
-                      if metric.name == "routing_agreement")
+    contexts = sorted(
+        metric.context.to_dict()["layer"] for metric in aim_run.metrics() if metric.name == "routing_agreement"
+    )
     assert contexts == ["block 0", "block 1"]  # from the second evaluation on
     names = {metric.name for metric in aim_run.metrics()}
     assert {"max_load_over_ideal", "dead_experts"} <= names
@@ -74,11 +91,14 @@ def test_overlap_counts_shared_experts_in_any_order():
     assert topk_overlap(no_expert, no_expert).tolist() == [0.0]
 
 
-@pytest.mark.parametrize("agreement,expected", [
-    ([0.5, 0.95, 0.97, 1.0], 20),      # settled from the second snapshot on
-    ([0.95, 0.5, 0.92, 1.0], 30),      # a dip resets it
-    ([0.5, 0.6, 0.8, 1.0], None),      # the final snapshot agrees with itself and proves nothing
-])
+@pytest.mark.parametrize(
+    "agreement,expected",
+    [
+        ([0.5, 0.95, 0.97, 1.0], 20),  # settled from the second snapshot on
+        ([0.95, 0.5, 0.92, 1.0], 30),  # a dip resets it
+        ([0.5, 0.6, 0.8, 1.0], None),  # the final snapshot agrees with itself and proves nothing
+    ],
+)
 def test_settled_at(agreement, expected):
     assert settled_at([10, 20, 30, 40], agreement) == expected
 
@@ -105,8 +125,17 @@ def test_a_collapse_warns_after_100_steps_and_at_most_every_100():
 
 def test_snapshots_can_be_switched_off(run):
     tmp_path, options, _ = run
-    check_ok(run_step_in_process(3, *step_config_args(3), *options, *sets(**{"train.routing_snapshots": "false"}),
-                                 "--tag", "nosnap", cwd=tmp_path))
+    check_ok(
+        run_step_in_process(
+            3,
+            *step_config_args(3),
+            *options,
+            *sets(**{"train.routing_snapshots": "false"}),
+            "--tag",
+            "nosnap",
+            cwd=tmp_path,
+        )
+    )
     run_dir = tmp_path / "runs" / "nosnap"
     assert json.loads((run_dir / "manifest.json").read_text())["routing_snapshots"] is None
     assert not (run_dir / "routing_snapshots").exists() and saturation(run_dir, ["block 0"]) is None

@@ -1,4 +1,5 @@
 """Routing statistics on data with PLANTED structure: each test could fail if the statistics were wrong."""
+
 import json
 
 import numpy as np
@@ -25,9 +26,16 @@ def make_records(doc_lengths, doc_topics, tokens, experts, n_experts, topic_name
     n_layers = experts.shape[1]
     names = topic_names or [f"topic{i}" for i in range(int(np.max(doc_topics)) + 1)]
     position = np.concatenate([np.arange(n) for n in doc_lengths]).astype(np.int32)
-    return RoutingRecords(doc_id=doc * 7 + 3, topic=topic, topic_names=names, token_id=np.asarray(tokens),
-                          position=position, experts=experts, layer_names=[f"block {i}" for i in range(n_layers)],
-                          n_experts=n_experts)
+    return RoutingRecords(
+        doc_id=doc * 7 + 3,
+        topic=topic,
+        topic_names=names,
+        token_id=np.asarray(tokens),
+        position=position,
+        experts=experts,
+        layer_names=[f"block {i}" for i in range(n_layers)],
+        n_experts=n_experts,
+    )
 
 
 def analyze(records, vocab_size, class_of_id=None, class_names=None, **kwargs):
@@ -48,6 +56,7 @@ def topic_world(seed, n_docs=40, n_topics=4, doc_len=60, vocab=30, n_experts=4):
 
 # ---------------------------------------------------------------------------------------------- (a)-(d)
 
+
 def test_expert_follows_topic_is_detected():
     rng, lengths, doc_topics, topic, n = topic_world(1)
     tokens = rng.integers(0, 30, n)  # the same tokens in every topic
@@ -66,8 +75,9 @@ def test_independent_experts_have_sane_false_positive_rate():
     for seed in range(12):
         rng, lengths, doc_topics, topic, n = topic_world(100 + seed)
         experts = rng.integers(0, 4, n)
-        layer = analyze(make_records(lengths, doc_topics, rng.integers(0, 30, n), experts, 4), 30,
-                        seed=seed, n_boot=30)["layers"][0]
+        layer = analyze(
+            make_records(lengths, doc_topics, rng.integers(0, 30, n), experts, 4), 30, seed=seed, n_boot=30
+        )["layers"][0]
         false_positives += layer["p_value"] <= 0.01
         ci_near_zero += layer["nmi_ci"][0] < 0.01
     assert false_positives <= 2  # expected 0.12 of 12; P(>= 3) < 0.001
@@ -106,6 +116,7 @@ def test_topic_signal_beyond_token_identity():
 
 # ---------------------------------------------------------------------------------------------- (e) classes
 
+
 def test_conditional_null_matches_the_plug_in_bias_when_topic_adds_nothing():
     """Experts random given the token, and topics that favour different shared tokens (so a token's
     per-document runs differ in size by topic): the observed CMI is pure plug-in bias, and the permutation
@@ -119,7 +130,8 @@ def test_conditional_null_matches_the_plug_in_bias_when_topic_adds_nothing():
         tokens = ranks[topic, rng.choice(30, size=n, p=zipf / zipf.sum())]
         experts = rng.integers(0, 4, n)
         conditional = analyze(make_records(lengths, doc_topics, tokens, experts, 4), 30)["layers"][0][
-            "conditional_topic"]
+            "conditional_topic"
+        ]
         assert 0.5 * conditional["cmi"] < conditional["null_mean"] < 2 * conditional["cmi"]
         significant += conditional["p_value"] <= 0.01
     assert significant <= 1
@@ -147,8 +159,9 @@ def test_token_class_without_signal_is_not_significant():
     # experts depend on the document (not on the class): within-document permutation must not be fooled
     doc = np.repeat(np.arange(len(lengths)), lengths)
     experts = np.where(rng.random(n) < 0.8, rng.integers(0, 4, len(lengths))[doc], rng.integers(0, 4, n))
-    tc = analyze(make_records(lengths, doc_topics, tokens, experts, 4), 40, class_of_id,
-                 ["a", "b", "c", "d"])["layers"][0]["token_class"]
+    tc = analyze(make_records(lengths, doc_topics, tokens, experts, 4), 40, class_of_id, ["a", "b", "c", "d"])[
+        "layers"
+    ][0]["token_class"]
     assert tc["p_value"] > 0.01
 
 
@@ -166,11 +179,23 @@ class FakeTokenizer:
 def test_token_classes_cased_and_uncased():
     vocab = ["[PAD]", "[CLS]", ".", "##,", "42", "##7", "##ing", "the", "The", "Paris", "paris", "2nd", "\u2014"]
     cls, names = token_classes(FakeTokenizer(vocab, [0, 1]))
-    assert names == ["special", "punctuation", "digit", "continuation", "function word", "capitalized",
-                     "word-initial"]
+    assert names == ["special", "punctuation", "digit", "continuation", "function word", "capitalized", "word-initial"]
     got = [names[c] for c in cls]
-    assert got == ["special", "special", "punctuation", "punctuation", "digit", "digit", "continuation",
-                   "function word", "function word", "capitalized", "word-initial", "word-initial", "punctuation"]
+    assert got == [
+        "special",
+        "special",
+        "punctuation",
+        "punctuation",
+        "digit",
+        "digit",
+        "continuation",
+        "function word",
+        "function word",
+        "capitalized",
+        "word-initial",
+        "word-initial",
+        "punctuation",
+    ]
     lower = [v for v in vocab if v not in ("The", "Paris")]
     cls, names = token_classes(FakeTokenizer(lower, [0, 1]))
     assert "capitalized" not in names and len(cls) == len(lower)
@@ -192,6 +217,7 @@ def test_token_classes_on_project_tokenizer():
 
 
 # ---------------------------------------------------------------------------------------------- (f) vocabulary
+
 
 def test_lift_picks_planted_token_and_consistency():
     rng, lengths, doc_topics, topic, n = topic_world(6)
@@ -225,6 +251,7 @@ def test_rare_tokens_are_not_in_vocabulary_tables():
 
 # ---------------------------------------------------------------------------------------------- (g) co-activation
 
+
 def test_coactivation_exact_counts():
     experts = np.array([[0, 1], [1, 0], [2, -1], [0, 2], [-1, -1]])[:, None, :]
     records = make_records([5], [0], np.zeros(5, dtype=np.int64), experts, 3)
@@ -236,6 +263,7 @@ def test_coactivation_exact_counts():
 
 
 # ---------------------------------------------------------------------------------------------- (h) document level
+
 
 def test_document_level_dependence_does_not_fool_the_topic_test():
     """All tokens of a document share one expert, drawn per document independently of the topic; few documents.
@@ -266,8 +294,21 @@ def test_document_level_dependence_does_not_fool_the_topic_test():
 # ---------------------------------------------------------------------------------------------- (i) shape
 
 TOP_KEYS = {"n_tokens", "n_documents", "topics", "groups", "n_experts", "k", "settings", "layers", "held_out_shift"}
-LAYER_KEYS = {"layer", "layer_index", "nmi", "nmi_ci", "p_value", "js", "js_ci", "topic_expert_counts",
-              "token_class", "token_id", "conditional_topic", "vocabulary", "coactivation"}
+LAYER_KEYS = {
+    "layer",
+    "layer_index",
+    "nmi",
+    "nmi_ci",
+    "p_value",
+    "js",
+    "js_ci",
+    "topic_expert_counts",
+    "token_class",
+    "token_id",
+    "conditional_topic",
+    "vocabulary",
+    "coactivation",
+}
 
 
 def test_output_is_json_with_the_spec_keys():
@@ -291,8 +332,16 @@ def test_output_is_json_with_the_spec_keys():
         assert set(layer) == LAYER_KEYS and layer["layer_index"] == i and layer["layer"] == f"block {i}"
         assert set(layer["token_class"]) == {"classes", "nmi", "nmi_ci", "p_value", "expert_counts"}
         assert set(layer["token_id"]) == {"nmi", "nmi_ci"}
-        assert set(layer["conditional_topic"]) == {"cmi", "cmi_ci", "p_value", "null_mean", "cmi_excess",
-                                                   "cmi_excess_ci", "explained_by", "null_movable_share"}
+        assert set(layer["conditional_topic"]) == {
+            "cmi",
+            "cmi_ci",
+            "p_value",
+            "null_mean",
+            "cmi_excess",
+            "cmi_excess_ci",
+            "explained_by",
+            "null_movable_share",
+        }
         assert 0 < layer["conditional_topic"]["null_movable_share"] <= 1
         conditional = layer["conditional_topic"]
         assert conditional["cmi_excess"] == pytest.approx(conditional["cmi"] - conditional["null_mean"])
@@ -307,16 +356,31 @@ def test_output_is_json_with_the_spec_keys():
     rows = stats_csv_rows(stats)
     assert all(set(r) == {"layer", "measure", "value", "ci_low", "ci_high", "p_value"} for r in rows)
     measures = [r["measure"] for r in rows if r["layer"] == "block 0"]
-    assert measures == ["topic_nmi", "token_class_nmi", "token_id_nmi", "conditional_topic_mi",
-                        "conditional_topic_mi_excess", "js:a", "js:b", "js:c", "js:d"]
+    assert measures == [
+        "topic_nmi",
+        "token_class_nmi",
+        "token_id_nmi",
+        "conditional_topic_mi",
+        "conditional_topic_mi_excess",
+        "js:a",
+        "js:b",
+        "js:c",
+        "js:d",
+    ]
     assert rows[0]["value"] == stats["layers"][0]["nmi"] and rows[0]["p_value"] == stats["layers"][0]["p_value"]
 
 
 def test_small_topics_are_merged_into_other():
     lengths = [20] * 14
     doc_topics = [0] * 6 + [1] * 6 + [2, 3]
-    records = make_records(lengths, doc_topics, np.zeros(280, dtype=np.int64), np.zeros(280, dtype=np.int64), 2,
-                           topic_names=["x", "y", "rare1", "rare2"])
+    records = make_records(
+        lengths,
+        doc_topics,
+        np.zeros(280, dtype=np.int64),
+        np.zeros(280, dtype=np.int64),
+        2,
+        topic_names=["x", "y", "rare1", "rare2"],
+    )
     stats = analyze(records, 1)
     assert stats["topics"] == ["x", "y", "other (merged: rare1, rare2)"]
     assert [sum(r) for r in stats["layers"][0]["topic_expert_counts"]] == [120, 120, 40]
@@ -332,6 +396,7 @@ def test_documents_with_mixed_topics_are_rejected():
 
 # ---------------------------------------------------------------------------------------------- (j) CI, determinism
 
+
 def test_intervals_are_basic_intervals_and_results_are_deterministic():
     rng, lengths, doc_topics, topic, n = topic_world(8)
     tokens = topic * 5 + rng.integers(0, 15, n)
@@ -340,9 +405,12 @@ def test_intervals_are_basic_intervals_and_results_are_deterministic():
     class_of_id = np.arange(40) % 3
     stats = analyze(records, 40, class_of_id, ["a", "b", "c"], seed=5)
     for layer in stats["layers"]:
-        pairs = [(layer["nmi"], layer["nmi_ci"]), (layer["token_class"]["nmi"], layer["token_class"]["nmi_ci"]),
-                 (layer["token_id"]["nmi"], layer["token_id"]["nmi_ci"]),
-                 (layer["conditional_topic"]["cmi"], layer["conditional_topic"]["cmi_ci"])]
+        pairs = [
+            (layer["nmi"], layer["nmi_ci"]),
+            (layer["token_class"]["nmi"], layer["token_class"]["nmi_ci"]),
+            (layer["token_id"]["nmi"], layer["token_id"]["nmi_ci"]),
+            (layer["conditional_topic"]["cmi"], layer["conditional_topic"]["cmi_ci"]),
+        ]
         pairs += [(layer["js"][t], layer["js_ci"][t]) for t in stats["topics"]]
         for value, (low, high) in pairs:
             # basic intervals reflect the draws about the estimate: near it, though they may exclude it
@@ -371,8 +439,9 @@ def test_topic_nmi_interval_covers_the_true_value():
     for sim in range(200):
         experts = (rng.random(len(topic))[:, None] > p.cumsum(1)[topic]).sum(1)
         records = make_records(np.full(n_docs, L), doc_topics, np.zeros(len(topic), np.int64), experts, E)
-        low, high = analyze(records, 1, n_boot=100, n_perm=0, seed=sim, min_token_count=10**9,
-                            min_topic_docs=1)["layers"][0]["nmi_ci"]
+        low, high = analyze(records, 1, n_boot=100, n_perm=0, seed=sim, min_token_count=10**9, min_topic_docs=1)[
+            "layers"
+        ][0]["nmi_ci"]
         covered += low <= truth <= high
     assert covered >= 180, f"coverage {covered / 200:.3f}"
 

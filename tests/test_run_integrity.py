@@ -2,6 +2,7 @@
 
 Each test here reproduces a case that once lost or corrupted results silently (or ended in a traceback).
 """
+
 import json
 import os
 import re
@@ -17,8 +18,16 @@ import pytest
 from safetensors.numpy import load_file
 
 from config_utils.io import safe_file_stem, safe_file_stems
-from helpers import (REPO, check_ok, error_line, leftover_temporaries, run_step, run_step_in_process, sets,
-                     step_config_args, tiny_sets, without)
+from helpers import (
+    REPO,
+    check_ok,
+    error_line,
+    leftover_temporaries,
+    run_step_in_process,
+    sets,
+    step_config_args,
+    tiny_sets,
+)
 
 
 def steps_1_2(tmp_path: Path, options: list[str]) -> None:
@@ -58,6 +67,7 @@ def data(tmp_path_factory):
 
 # ---- 1. --overwrite and restarting a tag ------------------------------------------------------------------
 
+
 def test_overwrite_starts_from_an_empty_run_folder(data):
     tmp_path, options = data
     runs = tmp_path / "runs"
@@ -91,11 +101,13 @@ def test_a_tag_with_checkpoints_is_refused_and_the_hints_work_verbatim(data):
 
 def test_overwrite_and_resume_together_are_refused(data):
     tmp_path, options = data
-    assert "pass one of them" in error_line(train(tmp_path, options, "--tag", "both", "--overwrite",
-                                                  "--resume", "latest"))
+    assert "pass one of them" in error_line(
+        train(tmp_path, options, "--tag", "both", "--overwrite", "--resume", "latest")
+    )
 
 
 # ---- 2-4. each step checks the whole chain of its inputs -------------------------------------------------
+
 
 def test_step4_and_resume_refuse_a_run_trained_on_other_step2_data(tmp_path):
     options = tiny_sets(tmp_path)
@@ -104,8 +116,11 @@ def test_step4_and_resume_refuse_a_run_trained_on_other_step2_data(tmp_path):
     # the same configs but another corpus seed: other documents, another tokenizer, same sizes
     other = [*options, *sets(**{"dataset.seed": 12})]
     steps_1_2(tmp_path, other)
-    line = error_line(run_step_in_process(4, *step_config_args(4), *other, "--run", "a",
-                                          "--save_path", tmp_path / "results", cwd=tmp_path))
+    line = error_line(
+        run_step_in_process(
+            4, *step_config_args(4), *other, "--run", "a", "--save_path", tmp_path / "results", cwd=tmp_path
+        )
+    )
     assert "trained on another step-2 output" in line and "--overwrite" in line
     assert not (tmp_path / "results" / "a").exists()
     line = error_line(train(tmp_path, other, "--tag", "a", "--resume", "latest"))
@@ -128,6 +143,7 @@ def test_step3_refuses_step2_output_made_before_step1_was_rerun_on_changed_data(
 
 # ---- 5, 6, 8: topic labels are data, not paths ------------------------------------------------------------
 
+
 def write_csv(path: Path, rows: list[tuple]) -> None:
     import csv
 
@@ -138,13 +154,21 @@ def write_csv(path: Path, rows: list[tuple]) -> None:
 
 
 def csv_sets(tmp_path: Path, corpus: Path, eval_topics: str, **extra) -> list[str]:
-    return tiny_sets(tmp_path, **{"dataset.load_params.source": "files",
-                                  "dataset.load_params.data_files": f"[{corpus}]",
-                                  "dataset.load_params.text_field": "body",
-                                  "dataset.load_params.topic_field": "subreddit",
-                                  "dataset.load_params.train_len": 60, "dataset.load_params.valid_len": 10,
-                                  "dataset.load_params.test_len": 10, "dataset.load_params.topic_len": 30,
-                                  "dataset.data_params.eval_topics": eval_topics, **extra})
+    return tiny_sets(
+        tmp_path,
+        **{
+            "dataset.load_params.source": "files",
+            "dataset.load_params.data_files": f"[{corpus}]",
+            "dataset.load_params.text_field": "body",
+            "dataset.load_params.topic_field": "subreddit",
+            "dataset.load_params.train_len": 60,
+            "dataset.load_params.valid_len": 10,
+            "dataset.load_params.test_len": 10,
+            "dataset.load_params.topic_len": 30,
+            "dataset.data_params.eval_topics": eval_topics,
+            **extra,
+        },
+    )
 
 
 def test_topic_labels_that_look_like_paths_or_carry_spaces(tmp_path):
@@ -153,8 +177,12 @@ def test_topic_labels_that_look_like_paths_or_carry_spaces(tmp_path):
     rows = [(f"document {i} on {topics[i % 8]} with words {i} {i * 3} {i * 11}", topics[i % 8]) for i in range(800)]
     write_csv(corpus, rows)
     # train_len above the corpus: every row is read, so every row without a topic is counted
-    options = csv_sets(tmp_path, corpus, eval_topics="['../train', 'Sci/Tech', 'programming']",
-                       **{"dataset.load_params.train_len": 1000})
+    options = csv_sets(
+        tmp_path,
+        corpus,
+        eval_topics="['../train', 'Sci/Tech', 'programming']",
+        **{"dataset.load_params.train_len": 1000},
+    )
     result = run_step_in_process(1, *step_config_args(1), *options, cwd=tmp_path)
     check_ok(result)
     assert "no topic 200" in result.stdout  # the empty and the missing label: 100 rows each
@@ -168,16 +196,32 @@ def test_topic_labels_that_look_like_paths_or_carry_spaces(tmp_path):
     assert sorted(path.parent.name for path in (processed / "topics").rglob("*.parquet")) == ["topics"] * 3
     train_topics = set(pq.read_table(processed / "train.parquet")["topic"].to_pylist())
     assert train_topics == {"world", "sports"}
-    assert set(pq.read_table(processed / manifest["files"]["topics"]["programming"])["topic"].to_pylist()) == \
-        {"programming"}
+    assert set(pq.read_table(processed / manifest["files"]["topics"]["programming"])["topic"].to_pylist()) == {
+        "programming"
+    }
     check_ok(run_step_in_process(2, *step_config_args(2), *options, cwd=tmp_path))
     masked = json.loads((tmp_path / "masked" / "manifest.json").read_text())
     assert masked["counts"]["train"]["documents"] == counts["train"]
-    assert all("/" not in folder[len("topics/"):] for folder in masked["topics"].values())
+    assert all("/" not in folder[len("topics/") :] for folder in masked["topics"].values())
     check_ok(train(tmp_path, options, "--tag", "labels"))
-    check_ok(run_step_in_process(4, *step_config_args(4), *options, "--run", "labels", "--n-boot", 5,
-                                 "--n-perm", 5, "--n-random-routers", 2, "--save_path", tmp_path / "results",
-                                 cwd=tmp_path))
+    check_ok(
+        run_step_in_process(
+            4,
+            *step_config_args(4),
+            *options,
+            "--run",
+            "labels",
+            "--n-boot",
+            5,
+            "--n-perm",
+            5,
+            "--n-random-routers",
+            2,
+            "--save_path",
+            tmp_path / "results",
+            cwd=tmp_path,
+        )
+    )
     figures = {path.name for path in (tmp_path / "results" / "labels" / "figures").iterdir()}
     for topic in ("../train", "Sci/Tech", "programming"):
         assert f"experts_per_layer_{safe_file_stem(topic)}.png" in figures
@@ -193,12 +237,23 @@ def test_safe_file_stems_are_flat_and_unique():
 
 # ---- 7. one writer per run folder --------------------------------------------------------------------------
 
+
 def test_a_second_writer_of_a_tag_is_refused_with_the_holders_pid(data):
     tmp_path, options = data
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from train.run_folder import RunLock; "
-        "lock = RunLock(sys.argv[2], 'locked'); print('locked', flush=True); time.sleep(60)"),
-        str(REPO), str(tmp_path / "runs")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; sys.path.insert(0, sys.argv[1]); from train.run_folder import RunLock; "
+                "lock = RunLock(sys.argv[2], 'locked'); print('locked', flush=True); time.sleep(60)"
+            ),
+            str(REPO),
+            str(tmp_path / "runs"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         line = error_line(train(tmp_path, options, "--tag", "locked"))
@@ -212,12 +267,16 @@ def test_a_second_writer_of_a_tag_is_refused_with_the_holders_pid(data):
 
 # ---- tracebacks and misleading output -------------------------------------------------------------------
 
+
 def test_dense_baseline_is_evaluated_without_routing(tmp_path):
     options = tiny_sets(tmp_path, **{"model.n_experts": 1, "model.top_k_experts": 1})
     steps_1_2(tmp_path, options)
     check_ok(train(tmp_path, options, "--tag", "dense"))
-    result = check_ok(run_step_in_process(4, *step_config_args(4), *options, "--run", "dense",
-                                          "--save_path", tmp_path / "results", cwd=tmp_path))
+    result = check_ok(
+        run_step_in_process(
+            4, *step_config_args(4), *options, "--run", "dense", "--save_path", tmp_path / "results", cwd=tmp_path
+        )
+    )
     assert "no routing to analyse" in result.stderr
     metrics = (tmp_path / "results" / "dense" / "metrics.csv").read_text().splitlines()
     assert metrics[0].startswith("group,") and len(metrics) == 1 + 3  # test + two held-out topics
@@ -230,14 +289,27 @@ def test_step4_rejects_non_positive_sizes(data, option, value):
     assert option in line and "positive" in line
 
 
-@pytest.mark.parametrize("key", ["dataset.data_params.processed_dir", "dataset.data_params.masked_dir",
-                                 "train.save_path", "train.aim_repo", "--save_path"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "dataset.data_params.processed_dir",
+        "dataset.data_params.masked_dir",
+        "train.save_path",
+        "train.aim_repo",
+        "--save_path",
+    ],
+)
 def test_an_output_path_that_is_a_file(data, tmp_path, key):
     folder, options = data
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder\n", encoding="utf-8")
-    step = {"dataset.data_params.processed_dir": 1, "dataset.data_params.masked_dir": 2, "train.save_path": 3,
-            "train.aim_repo": 3, "--save_path": 4}[key]
+    step = {
+        "dataset.data_params.processed_dir": 1,
+        "dataset.data_params.masked_dir": 2,
+        "train.save_path": 3,
+        "train.aim_repo": 3,
+        "--save_path": 4,
+    }[key]
     extra = ["--save_path", a_file] if key == "--save_path" else sets(**{key: a_file})
     if step == 3:
         extra += ["--tag", "file"]
@@ -247,8 +319,11 @@ def test_an_output_path_that_is_a_file(data, tmp_path, key):
 
 
 def test_mask_prob_zero_is_refused(tmp_path):
-    line = error_line(run_step_in_process(1, *step_config_args(1), *tiny_sets(tmp_path),
-                                          *sets(**{"dataset.data_params.mask_prob": 0}), cwd=tmp_path))
+    line = error_line(
+        run_step_in_process(
+            1, *step_config_args(1), *tiny_sets(tmp_path), *sets(**{"dataset.data_params.mask_prob": 0}), cwd=tmp_path
+        )
+    )
     assert "mask_prob" in line and "(0.0, 1.0]" in line
 
 
@@ -257,8 +332,11 @@ def test_learning_rate_in_e_notation_is_a_number(tmp_path):
 
     config = load_config("train", "demo/train_params.yaml", [parse_override("train.learning_rate=1e-3")])
     assert config.learning_rate == 0.001
-    line = error_line(run_step_in_process(1, *step_config_args(1), *tiny_sets(tmp_path),
-                                          "--set", "dataset.data_params.mask_prob='1e-1'", cwd=tmp_path))
+    line = error_line(
+        run_step_in_process(
+            1, *step_config_args(1), *tiny_sets(tmp_path), "--set", "dataset.data_params.mask_prob='1e-1'", cwd=tmp_path
+        )
+    )
     assert "'1e-1'" in line  # quoted, it is still a string
 
 
@@ -269,8 +347,11 @@ def test_columns_that_are_not_text_or_labels(tmp_path, kind):
         pq.write_table(pa.table({"body": [["a", "b"], ["c"]], "subreddit": ["x", "y"]}), path)
     else:
         path = tmp_path / "posts.jsonl"
-        rows = ([{"body": 5, "subreddit": "a"}, {"body": 7, "subreddit": "b"}] if kind == "int_text" else
-                [{"body": "hello", "subreddit": "a"}, {"body": "there", "subreddit": {"name": "b"}}])
+        rows = (
+            [{"body": 5, "subreddit": "a"}, {"body": 7, "subreddit": "b"}]
+            if kind == "int_text"
+            else [{"body": "hello", "subreddit": "a"}, {"body": "there", "subreddit": {"name": "b"}}]
+        )
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     options = csv_sets(tmp_path, path, eval_topics="[a]")
     line = error_line(run_step_in_process(1, *step_config_args(1), *options, cwd=tmp_path))
@@ -286,8 +367,15 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(data, tmp_path):
     stale = tmp_path / f".processed.tmp-{dead.pid}"
     stale.mkdir()
     (stale / "train.parquet").write_bytes(b"half")
-    check_ok(run_step_in_process(1, *step_config_args(1), *options,
-                                 *sets(**{"dataset.data_params.processed_dir": tmp_path / "processed"}), cwd=folder))
+    check_ok(
+        run_step_in_process(
+            1,
+            *step_config_args(1),
+            *options,
+            *sets(**{"dataset.data_params.processed_dir": tmp_path / "processed"}),
+            cwd=folder,
+        )
+    )
     assert not stale.exists()
     assert (tmp_path / "processed" / "manifest.json").is_file()
 
@@ -306,8 +394,9 @@ def test_disk_full_is_one_line_and_keeps_the_previous_output(data, tmp_path):
             target = small / key.rsplit(".", 1)[1]
             target.mkdir()
             (target / "previous.txt").write_text("earlier output\n", encoding="utf-8")
-            line = error_line(run_step_in_process(step, *step_config_args(step), *options,
-                                                  *sets(**{key: target}), cwd=folder))
+            line = error_line(
+                run_step_in_process(step, *step_config_args(step), *options, *sets(**{key: target}), cwd=folder)
+            )
             assert "no space left" in line and str(small) in line and "needs at least" in line
             assert (target / "previous.txt").read_text(encoding="utf-8") == "earlier output\n"
             assert leftover_temporaries(small) == []
@@ -358,8 +447,11 @@ def test_pruning_removes_the_temporaries_of_a_killed_checkpoint_write(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     checkpoints = tmp_path / "run" / "checkpoints"
-    for name in (f".step-000004.tmp-{dead.pid}", f".step-000002.deleting-{dead.pid}",
-                 f".step-000006.tmp-{os.getpid()}"):
+    for name in (
+        f".step-000004.tmp-{dead.pid}",
+        f".step-000002.deleting-{dead.pid}",
+        f".step-000006.tmp-{os.getpid()}",
+    ):
         (checkpoints / name).mkdir(parents=True)
     prune_checkpoints(tmp_path / "run", keep=3)
     assert sorted(path.name for path in checkpoints.iterdir()) == [f".step-000006.tmp-{os.getpid()}"]  # ours: alive

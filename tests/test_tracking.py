@@ -1,6 +1,7 @@
 """What step 3 records: Aim metric names and contexts (one name per quantity, subset/layer contexts, totals under
 their own name, router metrics only where they say something, entropy in bits), the run's metadata (vocab size,
 package versions, git commit and dirty flag, kept across a resume), and fp16 on the CPU refused."""
+
 import json
 import math
 import re
@@ -9,8 +10,17 @@ import sys
 
 import pytest
 
-from helpers import (REPO, check_ok, error_line, forward_with_nan_loss_at, prepare_tiny_data, run_step,
-                     run_step_in_process, sets, step_config_args)
+from helpers import (
+    REPO,
+    check_ok,
+    error_line,
+    forward_with_nan_loss_at,
+    prepare_tiny_data,
+    run_step,
+    run_step_in_process,
+    sets,
+    step_config_args,
+)
 
 N_EXPERTS = 4  # the demo model's
 LAYERS = ("block 0", "block 1")
@@ -19,9 +29,16 @@ LAYERS = ("block 0", "block 1")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("tracking")
-    return tmp_path, prepare_tiny_data(tmp_path, **{"model.n_encoder_blocks": 2, "model.dropout": 0.0,
-                                                    "train.max_steps": 6, "train.eval_steps": 3,
-                                                    "train.save_steps": 2})
+    return tmp_path, prepare_tiny_data(
+        tmp_path,
+        **{
+            "model.n_encoder_blocks": 2,
+            "model.dropout": 0.0,
+            "train.max_steps": 6,
+            "train.eval_steps": 3,
+            "train.save_steps": 2,
+        },
+    )
 
 
 def train(data, tag: str, **overrides) -> None:
@@ -51,8 +68,11 @@ def in_step_order(metric) -> list[float]:
 
 def tracked(run) -> dict[tuple[str, tuple], list[float]]:
     """(name, sorted context items) -> values by step, without Aim's own system metrics."""
-    return {(metric.name, tuple(sorted(metric.context.to_dict().items()))): in_step_order(metric)
-            for metric in run.metrics() if not metric.name.startswith("__system__")}
+    return {
+        (metric.name, tuple(sorted(metric.context.to_dict().items()))): in_step_order(metric)
+        for metric in run.metrics()
+        if not metric.name.startswith("__system__")
+    }
 
 
 def contexts_of(metrics: dict, name: str) -> list[dict]:
@@ -65,7 +85,9 @@ def test_train_and_eval_share_names_told_apart_by_subset(data, default_run):
     assert not [name for name in names if name.startswith("eval_")]
     for name in ("mlm_loss", "accuracy"):
         assert sorted(context["subset"] for context in contexts_of(metrics, name)) == ["train", "valid"], name
-    assert len(metrics["mlm_loss", (("subset", "train"),)]) == 6 and len(metrics["mlm_loss", (("subset", "valid"),)]) == 2
+    assert (
+        len(metrics["mlm_loss", (("subset", "train"),)]) == 6 and len(metrics["mlm_loss", (("subset", "valid"),)]) == 2
+    )
     assert contexts_of(metrics, "loss") == [{"subset": "train"}]
     for name in ("learning_rate", "grad_norm", "tokens_per_s"):  # the optimizer's, not a subset's
         assert contexts_of(metrics, name) == [{}], name
@@ -92,14 +114,17 @@ def test_per_layer_series_and_totals_have_their_own_names(data, default_run):
 
 def test_router_entropy_is_in_bits(data, default_run):
     metrics = tracked(aim_run(data[0], "default"))
-    entropy = [value for layer in LAYERS for value in metrics["router_entropy", (("layer", layer), ("subset", "train"))]]
+    entropy = [
+        value for layer in LAYERS for value in metrics["router_entropy", (("layer", layer), ("subset", "train"))]
+    ]
     assert all(0.0 < value <= math.log2(N_EXPERTS) + 1e-6 for value in entropy)
     assert max(entropy) > math.log(N_EXPERTS)  # a near-uniform router after 6 steps: above the bound in nats
 
 
 def test_router_metrics_follow_their_coefficients(data):
-    train(data, "zloss", **{"model.load_balance_coef": 0.0, "model.router_z_loss_coef": 0.1,
-                            "model.capacity_factor": 0.5})
+    train(
+        data, "zloss", **{"model.load_balance_coef": 0.0, "model.router_z_loss_coef": 0.1, "model.capacity_factor": 0.5}
+    )
     metrics = tracked(aim_run(data[0], "zloss"))
     names = {name for name, _ in metrics}
     assert {"z_loss", "z_loss_total", "dropped_fraction", "router_entropy"} <= names
@@ -113,8 +138,7 @@ def test_which_router_metrics_each_model_gets():
     from train.tracking import routing_metric_names
 
     def names(**settings):
-        return routing_metric_names(MoEEncoderConfig(vocab_size=50, embedding_dim=8, num_head=2, moe_dim=8,
-                                                     **settings))
+        return routing_metric_names(MoEEncoderConfig(vocab_size=50, embedding_dim=8, num_head=2, moe_dim=8, **settings))
 
     assert names(load_balance_coef=0.01) == {"router_entropy", "aux_loss"}
     assert names(load_balance_coef=0.0, router_z_loss_coef=0.1) == {"router_entropy", "z_loss"}
@@ -149,8 +173,15 @@ def test_run_records_vocab_size_versions_and_git_state(data, default_run):
         assert record["vocab_size"] == vocab_size
         assert record["versions"]["torch"] == torch.__version__
         assert record["versions"]["transformers"] == transformers.__version__
-        assert set(record["versions"]) == {"python", "torch", "transformers", "datasets", "tokenizers",
-                                           "accelerate", "aim"}
+        assert set(record["versions"]) == {
+            "python",
+            "torch",
+            "transformers",
+            "datasets",
+            "tokenizers",
+            "accelerate",
+            "aim",
+        }
         assert record["git_commit"] == git("rev-parse", "HEAD").strip()
         assert isinstance(record["git_dirty"], bool) and record["resume_git"] == []
 
@@ -184,8 +215,11 @@ def test_resumed_run_keeps_its_first_commit_and_records_the_resume(data, monkeyp
         error_line(run_step_in_process(3, *step_config_args(3), *options, "--tag", "resumed", cwd=tmp_path))
     with monkeypatch.context() as patch:
         patch.setattr(step3, "git_state", lambda: {"commit": "2" * 40, "dirty": True})
-        check_ok(run_step_in_process(3, *step_config_args(3), *options, "--tag", "resumed", "--resume", "latest",
-                                     cwd=tmp_path))
+        check_ok(
+            run_step_in_process(
+                3, *step_config_args(3), *options, "--tag", "resumed", "--resume", "latest", cwd=tmp_path
+            )
+        )
     manifest = json.loads((tmp_path / "runs" / "resumed" / "manifest.json").read_text())
     hparams = aim_run(tmp_path, "resumed")["hparams"]
     for record in (manifest, hparams):
@@ -195,8 +229,9 @@ def test_resumed_run_keeps_its_first_commit_and_records_the_resume(data, monkeyp
 
 def test_fp16_on_the_cpu_is_refused_with_what_to_use(data):
     tmp_path, options = data
-    result = run_step_in_process(3, *step_config_args(3), *options, *sets(**{"train.mixed_precision": "fp16"}),
-                                 "--tag", "fp16", cwd=tmp_path)
+    result = run_step_in_process(
+        3, *step_config_args(3), *options, *sets(**{"train.mixed_precision": "fp16"}), "--tag", "fp16", cwd=tmp_path
+    )
     line = error_line(result)
     assert "fp16" in line and "mixed_precision: no" in line and "bf16" in line
     assert not (tmp_path / "runs" / "fp16").exists()
@@ -205,9 +240,18 @@ def test_fp16_on_the_cpu_is_refused_with_what_to_use(data):
 def test_bf16_on_the_cpu_runs_as_the_fp16_message_says(data):
     """In a subprocess: accelerate's precision is process-wide, and the other runs here use none."""
     tmp_path, options = data
-    result = check_ok(run_step(3, *step_config_args(3), *options,
-                               *sets(**{"train.mixed_precision": "bf16", "train.max_steps": 2}), "--tag", "bf16",
-                               cwd=tmp_path, timeout=180))
+    result = check_ok(
+        run_step(
+            3,
+            *step_config_args(3),
+            *options,
+            *sets(**{"train.mixed_precision": "bf16", "train.max_steps": 2}),
+            "--tag",
+            "bf16",
+            cwd=tmp_path,
+            timeout=180,
+        )
+    )
     assert "bf16 precision" in result.stdout and "on 1 x cpu" in result.stdout
 
 
@@ -233,8 +277,17 @@ def one_train_step(config, seed: int = 0):
     attention_mask[1, 5:] = False
     labels = torch.where((torch.rand(4, config.seq_len) < 0.3) & attention_mask, input_ids, -100)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    result = train_step(Accelerator(cpu=True), model, optimizer, scheduler, [batch],
-                        RoutingRecorder(model, config.n_experts, torch.device("cpu")), None, False, 1)
+    result = train_step(
+        Accelerator(cpu=True),
+        model,
+        optimizer,
+        scheduler,
+        [batch],
+        RoutingRecorder(model, config.n_experts, torch.device("cpu")),
+        None,
+        False,
+        1,
+    )
     return result, stats
 
 
@@ -243,9 +296,20 @@ def test_expert_choice_training_metrics_are_the_layers_own():
     (it read d(1-d) when real tokens were counted as expert_index >= 0) and the z-loss is not scaled by (1-d)."""
     from models import MoEEncoderConfig
 
-    config = MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=16, num_head=2, n_encoder_blocks=2,
-                              n_experts=4, top_k_experts=1, moe_dim=16, dropout=0.0, router_type="expert_choice",
-                              capacity_factor=0.5, router_z_loss_coef=0.1)
+    config = MoEEncoderConfig(
+        vocab_size=50,
+        embedding_dim=16,
+        seq_len=16,
+        num_head=2,
+        n_encoder_blocks=2,
+        n_experts=4,
+        top_k_experts=1,
+        moe_dim=16,
+        dropout=0.0,
+        router_type="expert_choice",
+        capacity_factor=0.5,
+        router_z_loss_coef=0.1,
+    )
     result, stats = one_train_step(config)
     dropped = [float(layer.dropped_fraction) for layer in stats]
     assert min(dropped) > 0.3  # capacity 0.5: at least half the tokens are picked by no expert
@@ -256,13 +320,26 @@ def test_expert_choice_training_metrics_are_the_layers_own():
 def test_token_choice_training_metrics_are_the_layers_own():
     from models import MoEEncoderConfig
 
-    config = MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=16, num_head=2, n_encoder_blocks=2,
-                              n_experts=4, top_k_experts=2, moe_dim=16, dropout=0.0, capacity_factor=0.6,
-                              router_z_loss_coef=0.1, load_balance_coef=0.01)
+    config = MoEEncoderConfig(
+        vocab_size=50,
+        embedding_dim=16,
+        seq_len=16,
+        num_head=2,
+        n_encoder_blocks=2,
+        n_experts=4,
+        top_k_experts=2,
+        moe_dim=16,
+        dropout=0.0,
+        capacity_factor=0.6,
+        router_z_loss_coef=0.1,
+        load_balance_coef=0.01,
+    )
     result, stats = one_train_step(config)
     assert result.layer_metrics["dropped_fraction"] == pytest.approx([float(s.dropped_fraction) for s in stats])
     assert result.layer_metrics["z_loss"] == pytest.approx([float(s.z_loss.detach()) for s in stats], rel=1e-6)
-    assert result.layer_metrics["aux_loss"] == pytest.approx([float(s.load_balance_loss.detach()) for s in stats], rel=1e-6)
+    assert result.layer_metrics["aux_loss"] == pytest.approx(
+        [float(s.load_balance_loss.detach()) for s in stats], rel=1e-6
+    )
 
 
 def test_expert_choice_tracks_best_expert_share_not_an_expert_load(data):
@@ -274,6 +351,8 @@ def test_expert_choice_tracks_best_expert_share_not_an_expert_load(data):
     shares = contexts_of(metrics, "best_expert_share")
     assert {(c["subset"], c["layer"]) for c in shares} == {(s, layer) for s in ("train", "valid") for layer in LAYERS}
     for layer in LAYERS:  # shares over experts sum to 1 at every evaluation
-        series = [metrics["best_expert_share", (("expert", e), ("layer", layer), ("subset", "valid"))]
-                  for e in range(N_EXPERTS)]
+        series = [
+            metrics["best_expert_share", (("expert", e), ("layer", layer), ("subset", "valid"))]
+            for e in range(N_EXPERTS)
+        ]
         assert [sum(values) for values in zip(*series)] == pytest.approx([1.0] * len(series[0]))

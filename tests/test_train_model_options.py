@@ -1,5 +1,6 @@
 """Step 3 trains every kind of MoE layer the model offers: expert choice, capacity dropping with SwiGLU
 top-2, and the dense baseline (n_experts: 1), and records what the layer reports."""
+
 import pytest
 
 from helpers import check_ok, prepare_tiny_data, run_step_in_process, step_config_args
@@ -27,6 +28,10 @@ def test_training_runs_and_saves_the_model(data, variant):
         from aim import Repo
 
         run = next(run for run in Repo(str(tmp_path)).iter_runs() if variant in run.tags)
-        dropped = [value for metric in run.metrics() if metric.name == "dropped_fraction"
-                   for value in metric.values.values_list()]
+        dropped = [
+            value
+            for metric in run.metrics()
+            if metric.name == "dropped_fraction"
+            for value in metric.values.values_list()
+        ]
         assert dropped and min(dropped) > 0.0

@@ -1,5 +1,6 @@
 """Step 3 at scale: 2 processes = 1 process, resume = no interruption, NaN stops cleanly, Aim metrics,
 the fill-mask pipeline, dynamic masking, and the loss the loop builds equals the model's own."""
+
 import os
 import signal
 import subprocess
@@ -10,8 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (STEP_SCRIPTS, check_ok, error_line, forward_with_nan_loss_at, prepare_tiny_data,
-                     run_step_in_process, sets, step_config_args)
+from helpers import (
+    STEP_SCRIPTS,
+    check_ok,
+    error_line,
+    forward_with_nan_loss_at,
+    prepare_tiny_data,
+    run_step_in_process,
+    sets,
+    step_config_args,
+)
 
 STEPS = 6
 TRAIN = {"subset": "train"}
@@ -21,9 +30,16 @@ TRAIN = {"subset": "train"}
 def data(tmp_path_factory):
     """Steps 1-2 on a tiny corpus; options for a tiny 2-MoE-layer model without dropout."""
     tmp_path = tmp_path_factory.mktemp("training")
-    return tmp_path, prepare_tiny_data(tmp_path, **{"model.n_encoder_blocks": 2, "model.dropout": 0.0,
-                                                    "train.max_steps": STEPS, "train.eval_steps": 3,
-                                                    "train.save_steps": 2})
+    return tmp_path, prepare_tiny_data(
+        tmp_path,
+        **{
+            "model.n_encoder_blocks": 2,
+            "model.dropout": 0.0,
+            "train.max_steps": STEPS,
+            "train.eval_steps": 3,
+            "train.save_steps": 2,
+        },
+    )
 
 
 def env_one_thread() -> dict:
@@ -35,8 +51,16 @@ def env_one_thread() -> dict:
 @pytest.fixture(scope="module")
 def single_run(data):
     tmp_path, options = data
-    check_ok(subprocess.run([sys.executable, str(STEP_SCRIPTS[3]), *step_config_args(3), *options, "--tag", "one"],
-                            cwd=tmp_path, env=env_one_thread(), capture_output=True, text=True, timeout=180))
+    check_ok(
+        subprocess.run(
+            [sys.executable, str(STEP_SCRIPTS[3]), *step_config_args(3), *options, "--tag", "one"],
+            cwd=tmp_path,
+            env=env_one_thread(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    )
     return tmp_path / "runs" / "one"
 
 
@@ -59,9 +83,25 @@ def metric_values(run, name, context=None) -> list[float]:
 
 def test_two_processes_give_the_single_process_loss_curve(data, single_run):
     tmp_path, options = data
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(STEP_SCRIPTS[3]), *step_config_args(3), *options, "--tag", "two"],
-                            cwd=tmp_path, env=env_one_thread(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(STEP_SCRIPTS[3]),
+            *step_config_args(3),
+            *options,
+            "--tag",
+            "two",
+        ],
+        cwd=tmp_path,
+        env=env_one_thread(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     check_ok(result)
     assert "on 2 x cpu" in result.stdout
     one = metric_values(aim_run(tmp_path, "one"), "loss", TRAIN)
@@ -74,14 +114,30 @@ def test_resume_after_sigterm_ends_with_the_same_weights(data):
     from safetensors.torch import load_file
 
     tmp_path, options = data
-    options = [*options, *sets(**{"model.dropout": 0.1, "train.max_steps": 150, "train.save_steps": 20,
-                                  "train.eval_steps": 50, "train.keep_checkpoints": 2})]
+    options = [
+        *options,
+        *sets(
+            **{
+                "model.dropout": 0.1,
+                "train.max_steps": 150,
+                "train.save_steps": 20,
+                "train.eval_steps": 50,
+                "train.keep_checkpoints": 2,
+            }
+        ),
+    ]
     command = [sys.executable, str(STEP_SCRIPTS[3]), *step_config_args(3), *options]
     run = dict(cwd=tmp_path, env=env_one_thread(), capture_output=True, text=True, timeout=180)
     check_ok(subprocess.run([*command, "--tag", "whole"], **run))
 
-    interrupted = subprocess.Popen([*command, "--tag", "cut"], cwd=tmp_path, env=env_one_thread(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    interrupted = subprocess.Popen(
+        [*command, "--tag", "cut"],
+        cwd=tmp_path,
+        env=env_one_thread(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     checkpoints = tmp_path / "runs" / "cut" / "checkpoints"
     deadline = time.time() + 120
     while not (checkpoints / "step-000020").is_dir() and interrupted.poll() is None and time.time() < deadline:
@@ -155,8 +211,9 @@ def test_fill_mask_pipeline_loads_the_run(single_run):
 
 
 def test_dynamic_masking_remasks_each_epoch_with_the_same_rule(data):
-    import datasets
     import json
+
+    import datasets
 
     from data_processors.masking import IGNORE_INDEX
     from train.data import TrainBatches
@@ -170,8 +227,16 @@ def test_dynamic_masking_remasks_each_epoch_with_the_same_rule(data):
     kept = static["labels"] == IGNORE_INDEX
     assert (static["input_ids"][kept] == unmasked[kept]).all()  # step 2 stores the ids before masking
 
-    batches = TrainBatches(train_set, 8, seed=3, rank=0, world_size=1, masking="dynamic",
-                           tokenizer_info=manifest["tokenizer"], mask_prob=0.15)
+    batches = TrainBatches(
+        train_set,
+        8,
+        seed=3,
+        rank=0,
+        world_size=1,
+        masking="dynamic",
+        tokenizer_info=manifest["tokenizer"],
+        mask_prob=0.15,
+    )
     epoch0 = [micro for micro, _ in zip(batches.steps(0, 0, 1), range(30))]
     again = [micro for micro, _ in zip(batches.steps(0, 0, 1), range(30))]
     epoch1 = [micro for micro, _ in zip(batches.steps(1, 0, 1), range(30))]
@@ -195,8 +260,18 @@ def test_loop_loss_equals_the_models_loss_in_one_process():
     from train.loop import global_balancing_loss, step_loss
 
     torch.manual_seed(0)
-    config = MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=12, num_head=2, n_encoder_blocks=2,
-                              n_experts=4, top_k_experts=2, moe_dim=16, dropout=0.0, router_z_loss_coef=0.1)
+    config = MoEEncoderConfig(
+        vocab_size=50,
+        embedding_dim=16,
+        seq_len=12,
+        num_head=2,
+        n_encoder_blocks=2,
+        n_experts=4,
+        top_k_experts=2,
+        moe_dim=16,
+        dropout=0.0,
+        router_z_loss_coef=0.1,
+    )
     model = MoEEncoderForMaskedLM(config)
     input_ids = torch.randint(5, 50, (3, 12))
     attention_mask = torch.ones(3, 12, dtype=torch.bool)
@@ -205,8 +280,17 @@ def test_loop_loss_equals_the_models_loss_in_one_process():
     output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     share, value = global_balancing_loss(Accelerator(cpu=True), output.layer_stats, 4)
     assert torch.allclose(value.sum().float(), output.aux_loss, atol=1e-6)
-    loss = step_loss(output, share, (labels != -100).sum(), attention_mask.sum(), int((labels != -100).sum()),
-                     int(attention_mask.sum()), n_micro=1, world_size=1, config=config)
+    loss = step_loss(
+        output,
+        share,
+        (labels != -100).sum(),
+        attention_mask.sum(),
+        int((labels != -100).sum()),
+        int(attention_mask.sum()),
+        n_micro=1,
+        world_size=1,
+        config=config,
+    )
     assert torch.allclose(loss.float(), output.loss, atol=1e-6)
 
 
@@ -216,8 +300,18 @@ def test_biases_and_layer_norms_are_not_decayed_stacked_expert_biases_included()
     from models import MoEEncoderConfig, MoEEncoderForMaskedLM
     from train.loop import optimizer_for
 
-    model = MoEEncoderForMaskedLM(MoEEncoderConfig(vocab_size=50, embedding_dim=16, seq_len=12, num_head=2,
-                                                   n_encoder_blocks=2, n_experts=4, top_k_experts=2, moe_dim=16))
+    model = MoEEncoderForMaskedLM(
+        MoEEncoderConfig(
+            vocab_size=50,
+            embedding_dim=16,
+            seq_len=12,
+            num_head=2,
+            n_encoder_blocks=2,
+            n_experts=4,
+            top_k_experts=2,
+            moe_dim=16,
+        )
+    )
     optimizer = optimizer_for(model, learning_rate=1e-3, weight_decay=0.01, fused=False)
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     names = dict(model.named_parameters())

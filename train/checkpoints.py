@@ -6,6 +6,7 @@ safetensors), optimizer.safetensors (the optimizer's tensors), rng.safetensors (
 RNG states) and trainer_state.json (step, data position, scheduler, optimizer hyperparameters, eval
 history, Aim run hash). No pickle anywhere. It is written to a temporary folder and renamed.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,19 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 # train keys that do not change what a resumed run computes
-RESUMABLE_CHANGES = {"eval_steps", "eval_batches", "log_steps", "save_steps", "keep_checkpoints", "save_path",
-                     "experiment_name", "device", "aim_repo", "compile", "routing_snapshots"}
+RESUMABLE_CHANGES = {
+    "eval_steps",
+    "eval_batches",
+    "log_steps",
+    "save_steps",
+    "keep_checkpoints",
+    "save_path",
+    "experiment_name",
+    "device",
+    "aim_repo",
+    "compile",
+    "routing_snapshots",
+}
 
 
 def checkpoint_folder(run_dir: Path, step: int) -> Path:
@@ -60,13 +72,15 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     for key, value in [*tensors.items(), *saved["scalars"].items()]:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
-              for group in saved["param_groups"]]
+    groups = [
+        {**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in saved["param_groups"]
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(folder: Path, model, tokenizer, optimizer, rng_states: dict[str, torch.Tensor],
-                    state: dict) -> Path:
+def save_checkpoint(
+    folder: Path, model, tokenizer, optimizer, rng_states: dict[str, torch.Tensor], state: dict
+) -> Path:
     """All or nothing: a crash mid-write leaves the previous checkpoints as they were."""
     tensors, optimizer_json = optimizer_tensors(optimizer)
     with atomic_dir(folder) as tmp_dir:
@@ -93,18 +107,23 @@ def resolve_resume(resume: str, run_dir: Path, run_first: str) -> Path:
     if resume == "latest":
         found = complete_checkpoints(run_dir)
         if not found:
-            raise PipelineError(f"--resume latest: no checkpoint in {run_dir / CHECKPOINT_DIR}; start the run "
-                                f"without --resume (`{run_first}`)")
+            raise PipelineError(
+                f"--resume latest: no checkpoint in {run_dir / CHECKPOINT_DIR}; start the run "
+                f"without --resume (`{run_first}`)"
+            )
         return found[-1]
     folder = Path(resume)
     if not (folder / STATE_FILE).is_file():
-        raise PipelineError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); pass latest or a "
-                            f"path like {run_dir / CHECKPOINT_DIR}/step-000200")
+        raise PipelineError(
+            f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); pass latest or a "
+            f"path like {run_dir / CHECKPOINT_DIR}/step-000200"
+        )
     return folder
 
 
-def load_checkpoint(folder: Path, model, optimizer, train_config: dict, model_config: dict, input_hash: str,
-                    restart: str) -> dict:
+def load_checkpoint(
+    folder: Path, model, optimizer, train_config: dict, model_config: dict, input_hash: str, restart: str
+) -> dict:
     """Restore weights and optimizer in place; return the saved state (step, position, scheduler, ...).
 
     input_hash: the step-2 manifest hash this run reads now; a checkpoint made on other data is refused
@@ -119,23 +138,29 @@ def load_checkpoint(folder: Path, model, optimizer, train_config: dict, model_co
         raise PipelineError(f"checkpoint {folder} is corrupt ({reason}); resume from an older one") from None
     trained_on = state.get("input_manifest_hash")  # absent in checkpoints written before it was recorded
     if trained_on is not None and trained_on != input_hash:
-        raise PipelineError(f"--resume {folder}: the run was trained on another step-2 output (input hash "
-                            f"{trained_on}, now {input_hash}: other data or tokenizer); resume with the dataset "
-                            f"configs it was trained with (its {STATE_FILE} lists them), or start it again on this "
-                            f"data with `{restart} --overwrite`")
+        raise PipelineError(
+            f"--resume {folder}: the run was trained on another step-2 output (input hash "
+            f"{trained_on}, now {input_hash}: other data or tokenizer); resume with the dataset "
+            f"configs it was trained with (its {STATE_FILE} lists them), or start it again on this "
+            f"data with `{restart} --overwrite`"
+        )
     for role, now in (("model", model_config), ("train", train_config)):
         for key, value in now.items():
             if key not in state["config"][role]:  # a key added to the schema since: it has its default
                 continue
             saved = state["config"][role][key]
             if saved != value and not (role == "train" and key in RESUMABLE_CHANGES):
-                raise PipelineError(f"--resume {folder}: the run was trained with {role}.{key}={saved!r} but "
-                                    f"the configs now say {value!r}; pass --set {role}.{key}={saved}")
+                raise PipelineError(
+                    f"--resume {folder}: the run was trained with {role}.{key}={saved!r} but "
+                    f"the configs now say {value!r}; pass --set {role}.{key}={saved}"
+                )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])  # written once, re-tied on load
     if unexpected or set(missing) - tied:
-        raise PipelineError(f"checkpoint {folder} does not fit the model (missing {sorted(set(missing) - tied)[:3]},"
-                            f" unexpected {sorted(unexpected)[:3]}); resume with the configs it was made with")
+        raise PipelineError(
+            f"checkpoint {folder} does not fit the model (missing {sorted(set(missing) - tied)[:3]},"
+            f" unexpected {sorted(unexpected)[:3]}); resume with the configs it was made with"
+        )
     restore_optimizer(optimizer, optimizer_state, state.pop("optimizer"))
     return state
 
@@ -150,7 +175,7 @@ class StopRequest:
         self.signal_number: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for number in (signal.SIGINT, signal.SIGTERM):
             self._previous[number] = signal.signal(number, self._handle)
         return self

@@ -1,5 +1,6 @@
 """A run's final model: model/ in Hugging Face format (safetensors, tokenizer, model card), written atomically;
 save_path/latest naming the last finished run; finding and loading a run's model for step 4."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,20 +51,23 @@ def find_run(save_path: str, run: str | None, run_first: str) -> Path:
     if run is None:
         latest = Path(save_path) / LATEST_FILE
         if not latest.is_file():
-            raise PipelineError(f"no finished training run in {save_path}/: run `{run_first}` first, "
-                                f"or pass --run PATH")
+            raise PipelineError(
+                f"no finished training run in {save_path}/: run `{run_first}` first, or pass --run PATH"
+            )
         run = latest.read_text(encoding="utf-8").strip()
     run_dir = Path(run) if Path(run).is_dir() else Path(save_path) / run
     if not (run_dir / MODEL_DIR).is_dir():
-        raise PipelineError(f"run '{run}' has no finished model ({run_dir / MODEL_DIR} missing): "
-                            f"run `{run_first}` first")
+        raise PipelineError(
+            f"run '{run}' has no finished model ({run_dir / MODEL_DIR} missing): run `{run_first}` first"
+        )
     return run_dir
 
 
 def load_model(folder: Path):
     """Load a saved model; a missing or corrupt checkpoint becomes a one-line error."""
-    import models  # noqa: F401  registers the encoder with the Auto classes
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    import models  # noqa: F401  registers the encoder with the Auto classes
 
     weights = folder / "model.safetensors"
     if not weights.is_file():

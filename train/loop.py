@@ -10,6 +10,7 @@ differentiating its own tokens' share of P_i. DDP averages gradients over proces
 process scales its share by N. The router-supervision control (train.router_supervision) is, like
 the z-loss, a mean over every real token of the step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,14 +36,20 @@ def make_accelerator(train_config: dict) -> Accelerator:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     mps = train_config["device"] != "cpu" and torch.backends.mps.is_available()
     if precision == "fp16" and not (cuda or mps):  # accelerate would train in float32 and still report fp16
-        raise PipelineError("train.mixed_precision=fp16 needs a GPU, and this run is on the CPU, where it would "
-                            "silently train in float32: use mixed_precision: no (or auto), or bf16, which runs "
-                            "on the CPU under bfloat16 autocast")
-    return Accelerator(cpu=train_config["device"] == "cpu", mixed_precision=precision, log_with="aim",
-                       project_dir=train_config["aim_repo"],
-                       dynamo_backend="inductor" if train_config["compile"] else "no",
-                       # the broadcast is for buffers (BatchNorm); this model has none, and it costs a collective
-                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        raise PipelineError(
+            "train.mixed_precision=fp16 needs a GPU, and this run is on the CPU, where it would "
+            "silently train in float32: use mixed_precision: no (or auto), or bf16, which runs "
+            "on the CPU under bfloat16 autocast"
+        )
+    return Accelerator(
+        cpu=train_config["device"] == "cpu",
+        mixed_precision=precision,
+        log_with="aim",
+        project_dir=train_config["aim_repo"],
+        dynamo_backend="inductor" if train_config["compile"] else "no",
+        # the broadcast is for buffers (BatchNorm); this model has none, and it costs a collective
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
 
 
 def no_decay_parameter(module: torch.nn.Module, name: str) -> bool:
@@ -64,21 +71,25 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.
     return groups
 
 
-def optimizer_for(model: torch.nn.Module, learning_rate: float, weight_decay: float,
-                  fused: bool) -> torch.optim.AdamW:
+def optimizer_for(model: torch.nn.Module, learning_rate: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; biases and LayerNorm weights are not decayed; fused kernels on CUDA."""
     groups = parameter_groups(model)
-    return torch.optim.AdamW([{"params": [p for _, p in groups["decay"]], "weight_decay": weight_decay},
-                              {"params": [p for _, p in groups["no_decay"]], "weight_decay": 0.0}],
-                             lr=learning_rate, fused=fused or None)
+    return torch.optim.AdamW(
+        [
+            {"params": [p for _, p in groups["decay"]], "weight_decay": weight_decay},
+            {"params": [p for _, p in groups["no_decay"]], "weight_decay": 0.0},
+        ],
+        lr=learning_rate,
+        fused=fused or None,
+    )
 
 
 @dataclass
 class StepResult:
-    metrics: dict[str, float]              # loss, mlm_loss, accuracy, learning_rate, aux_loss_total, ...
+    metrics: dict[str, float]  # loss, mlm_loss, accuracy, learning_rate, aux_loss_total, ...
     layer_metrics: dict[str, list[float]]  # per MoE layer, those of tracking.routing_metric_names
-    real_tokens: int                       # all processes
-    stop_requested: bool                   # any process got SIGINT/SIGTERM
+    real_tokens: int  # all processes
+    stop_requested: bool  # any process got SIGINT/SIGTERM
 
 
 def global_balancing_loss(accelerator: Accelerator, layer_stats, n_experts: int):
@@ -89,18 +100,29 @@ def global_balancing_loss(accelerator: Accelerator, layer_stats, n_experts: int)
     if not sums or any(layer is None for layer in sums):  # no MoE block, expert choice, or the dense baseline
         zero = torch.zeros(len(sums), dtype=torch.float64, device=accelerator.device)
         return zero, zero
-    local = BalancingSums(prob_sums=torch.stack([layer.prob_sums for layer in sums]),
-                          counts=torch.stack([layer.counts for layer in sums]),
-                          n_tokens=torch.stack([layer.n_tokens for layer in sums]),
-                          n_assignments=torch.stack([layer.n_assignments for layer in sums]))
+    local = BalancingSums(
+        prob_sums=torch.stack([layer.prob_sums for layer in sums]),
+        counts=torch.stack([layer.counts for layer in sums]),
+        n_tokens=torch.stack([layer.n_tokens for layer in sums]),
+        n_assignments=torch.stack([layer.n_assignments for layer in sums]),
+    )
     n_layers = len(sums)
-    flat = torch.cat([local.counts.double().reshape(-1), local.prob_sums.detach().double().reshape(-1),
-                      local.n_tokens.double(), local.n_assignments.double()])
+    flat = torch.cat(
+        [
+            local.counts.double().reshape(-1),
+            local.prob_sums.detach().double().reshape(-1),
+            local.n_tokens.double(),
+            local.n_assignments.double(),
+        ]
+    )
     totals = accelerator.reduce(flat, "sum")
     size = n_layers * n_experts
-    global_sums = BalancingSums(prob_sums=totals[size:2 * size].view(n_layers, n_experts),
-                                counts=totals[:size].view(n_layers, n_experts),
-                                n_tokens=totals[2 * size:2 * size + n_layers], n_assignments=totals[2 * size + n_layers:])
+    global_sums = BalancingSums(
+        prob_sums=totals[size : 2 * size].view(n_layers, n_experts),
+        counts=totals[:size].view(n_layers, n_experts),
+        n_tokens=totals[2 * size : 2 * size + n_layers],
+        n_assignments=totals[2 * size + n_layers :],
+    )
     share = switch_balancing_loss(dataclasses.replace(global_sums, prob_sums=local.prob_sums), n_experts)
     return share, switch_balancing_loss(global_sums, n_experts)
 
@@ -119,12 +141,25 @@ def router_supervision_sum(moe_layers: list, layer_stats, router_target: torch.T
     return total
 
 
-def step_loss(output, balancing_share, masked_here, real_here, masked_total, real_total, n_micro: int,
-              world_size: int, config, supervision_sum=None, supervision_coef: float = 0.0):
+def step_loss(
+    output,
+    balancing_share,
+    masked_here,
+    real_here,
+    masked_total,
+    real_total,
+    n_micro: int,
+    world_size: int,
+    config,
+    supervision_sum=None,
+    supervision_coef: float = 0.0,
+):
     """This process's share of the step's loss, times the process count (DDP averages the gradients)."""
-    loss = (masked_here / masked_total * output.mlm_loss
-            + config.load_balance_coef * balancing_share.sum() / n_micro
-            + config.router_z_loss_coef * real_here / real_total * output.z_loss)
+    loss = (
+        masked_here / masked_total * output.mlm_loss
+        + config.load_balance_coef * balancing_share.sum() / n_micro
+        + config.router_z_loss_coef * real_here / real_total * output.z_loss
+    )
     if supervision_sum is not None:  # a mean over every real token of the step, like the z-loss
         loss = loss + supervision_coef * supervision_sum / real_total
     return world_size * loss
@@ -132,16 +167,26 @@ def step_loss(output, balancing_share, masked_here, real_here, masked_total, rea
 
 def step_token_counts(accelerator: Accelerator, micro_batches: list[dict]) -> tuple[int, int]:
     """(masked, real) tokens of the step over all processes: the weights of its means."""
-    counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
-                           sum(int(b["attention_mask"].sum()) for b in micro_batches)])  # the batches are on the CPU
+    counts = torch.tensor(
+        [
+            sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
+            sum(int(b["attention_mask"].sum()) for b in micro_batches),
+        ]
+    )  # the batches are on the CPU
     if accelerator.num_processes > 1:  # the collective runs on the device; one process needs no round trip (a sync)
         counts = accelerator.reduce(counts.to(accelerator.device), "sum")
     masked_total, real_total = (max(int(n), 1) for n in counts)
     return masked_total, real_total
 
 
-def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict], recorder: RoutingRecorder,
-                     token_totals: tuple[int, int], supervision_coef: float) -> torch.Tensor:
+def forward_backward(
+    accelerator: Accelerator,
+    model,
+    micro_batches: list[dict],
+    recorder: RoutingRecorder,
+    token_totals: tuple[int, int],
+    supervision_coef: float,
+) -> torch.Tensor:
     """Forward and backward every micro-batch, gradients synchronized on the last; returns this process's sums
     [MLM loss x masked tokens, correct predictions, router supervision] (routing sums go to the recorder)."""
     config = accelerator.unwrap_model(model).config
@@ -158,10 +203,25 @@ def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict],
             recorder.record(output.layer_stats)
             balancing_share, balancing = global_balancing_loss(accelerator, output.layer_stats, config.n_experts)
             recorder.step_sums[:, 0] += balancing / world_size  # summed over processes below
-            supervision = (None if router_target is None else router_supervision_sum(
-                recorder.moe_layers, output.layer_stats, router_target, batch["attention_mask"]))
-            loss = step_loss(output, balancing_share, masked_here, batch["attention_mask"].sum(), *token_totals,
-                             n_micro, world_size, config, supervision, supervision_coef)
+            supervision = (
+                None
+                if router_target is None
+                else router_supervision_sum(
+                    recorder.moe_layers, output.layer_stats, router_target, batch["attention_mask"]
+                )
+            )
+            loss = step_loss(
+                output,
+                balancing_share,
+                masked_here,
+                batch["attention_mask"].sum(),
+                *token_totals,
+                n_micro,
+                world_size,
+                config,
+                supervision,
+                supervision_coef,
+            )
             accelerator.backward(loss)
         sums[0] += output.mlm_loss.detach().double() * masked_here
         sums[1] += (output.logits.detach().argmax(-1) == masked_labels).sum()
@@ -170,9 +230,18 @@ def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict],
     return sums
 
 
-def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batches: list[dict], recorder: RoutingRecorder,
-               max_grad_norm: float | None, stop_requested: bool, step: int,
-               supervision_coef: float = 0.0) -> StepResult:
+def train_step(
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    scheduler,
+    micro_batches: list[dict],
+    recorder: RoutingRecorder,
+    max_grad_norm: float | None,
+    stop_requested: bool,
+    step: int,
+    supervision_coef: float = 0.0,
+) -> StepResult:
     """Forward/backward every micro-batch, one collective for the logged numbers, clip, optimizer step.
 
     A micro-batch with a "router_target" (train.router_supervision) adds its routers' cross-entropy, times
@@ -184,18 +253,28 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
     local = torch.cat([sums, sums.new_tensor([float(stop_requested)]), recorder.take_step_sums().reshape(-1)])
     totals = accelerator.reduce(local, "sum").cpu()
     layer_sums = totals[4:].reshape(-1, len(LAYER_SUMS))
-    per_layer = {"router_entropy": (layer_sums[:, 2] / real_total).tolist(),
-                 "aux_loss": (layer_sums[:, 0] / len(micro_batches)).tolist(),
-                 "z_loss": (layer_sums[:, 1] / real_total).tolist(),
-                 "dropped_fraction": (layer_sums[:, 3] / real_total).tolist()}
+    per_layer = {
+        "router_entropy": (layer_sums[:, 2] / real_total).tolist(),
+        "aux_loss": (layer_sums[:, 0] / len(micro_batches)).tolist(),
+        "z_loss": (layer_sums[:, 1] / real_total).tolist(),
+        "dropped_fraction": (layer_sums[:, 3] / real_total).tolist(),
+    }
     mlm_loss, supervision_loss = float(totals[0]) / masked_total, float(totals[2]) / real_total
-    loss = (mlm_loss + config.load_balance_coef * sum(per_layer["aux_loss"])
-            + config.router_z_loss_coef * sum(per_layer["z_loss"]) + supervision_coef * supervision_loss)
+    loss = (
+        mlm_loss
+        + config.load_balance_coef * sum(per_layer["aux_loss"])
+        + config.router_z_loss_coef * sum(per_layer["z_loss"])
+        + supervision_coef * supervision_loss
+    )
     if not math.isfinite(loss):
         raise NonFiniteLoss(step, loss)
 
-    metrics = {"loss": loss, "mlm_loss": mlm_loss, "accuracy": float(totals[1]) / masked_total,
-               "learning_rate": optimizer.param_groups[0]["lr"]}
+    metrics = {
+        "loss": loss,
+        "mlm_loss": mlm_loss,
+        "accuracy": float(totals[1]) / masked_total,
+        "learning_rate": optimizer.param_groups[0]["lr"],
+    }
     if supervision_coef:
         metrics["router_supervision_loss"] = supervision_loss  # summed over MoE layers, mean over real tokens
     if max_grad_norm is not None:
@@ -226,12 +305,26 @@ def evaluate_sharded(accelerator: Accelerator, model, dataset, batch_size: int, 
     result = evaluate_mlm(accelerator.unwrap_model(model), loader, accelerator.device, max_batches)
     if world_size == 1:
         return result
-    sums = torch.tensor([result.mlm_loss * result.masked_tokens, result.accuracy * result.masked_tokens,
-                         result.masked_tokens, result.real_tokens], dtype=torch.float64, device=accelerator.device)
+    sums = torch.tensor(
+        [
+            result.mlm_loss * result.masked_tokens,
+            result.accuracy * result.masked_tokens,
+            result.masked_tokens,
+            result.real_tokens,
+        ],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
     loss_sum, correct, masked, real = accelerator.reduce(sums, "sum").tolist()
     counts = accelerator.reduce(result.expert_counts.to(accelerator.device), "sum").cpu()
-    return EvalResult(mlm_loss=loss_sum / max(masked, 1), accuracy=correct / max(masked, 1), masked_tokens=int(masked),
-                      real_tokens=int(real), expert_counts=counts, majority_accuracy=float("nan"))
+    return EvalResult(
+        mlm_loss=loss_sum / max(masked, 1),
+        accuracy=correct / max(masked, 1),
+        masked_tokens=int(masked),
+        real_tokens=int(real),
+        expert_counts=counts,
+        majority_accuracy=float("nan"),
+    )
 
 
 def gather_rng_states(accelerator: Accelerator) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ The last snapshot is the final model's, so step 4 reads the run's saturation (OL
 saturation") off these files alone: per snapshot and layer, the share of probe tokens whose top-1
 expert equals the final model's, and the mean top-k overlap / k.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,10 @@ def probe_batches(valid_set, batch_size: int) -> list[dict[str, torch.Tensor]]:
     probe = valid_set.select(range(min(PROBE_SEQUENCES, len(valid_set))))
     ids_column = "unmasked_ids" if "unmasked_ids" in probe.column_names else "input_ids"
     probe = probe.with_format("torch", columns=[ids_column, "attention_mask"])
-    return [{"input_ids": batch[ids_column].long(), "attention_mask": batch["attention_mask"].bool()}
-            for batch in probe.iter(batch_size=batch_size)]
+    return [
+        {"input_ids": batch[ids_column].long(), "attention_mask": batch["attention_mask"].bool()}
+        for batch in probe.iter(batch_size=batch_size)
+    ]
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ given; then it is moved aside to save_path/.<tag>.old-<PID>, kept intact until t
 its model, and deleted only then. Checkpoints of an earlier run can therefore never be pruned into, resumed
 from, or mistaken for the new run's.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from config_utils import PipelineError
 from config_utils.io import remove_stale_temporaries
-from train.final_model import MODEL_DIR
 from train.checkpoints import CHECKPOINT_DIR
+from train.final_model import MODEL_DIR
 
 
 def run_dir_for(save_path: str, tag: str) -> Path:
@@ -44,8 +45,10 @@ class RunLock:
             self._handle.seek(0)
             holder = self._handle.read().strip() or "unknown"
             self._handle.close()
-            raise PipelineError(f"run {Path(save_path) / tag} is being written by another training process (PID "
-                                f"{holder}): wait for it to finish, stop it, or pick another --tag") from None
+            raise PipelineError(
+                f"run {Path(save_path) / tag} is being written by another training process (PID "
+                f"{holder}): wait for it to finish, stop it, or pick another --tag"
+            ) from None
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(f"{os.getpid()}\n")
@@ -79,9 +82,11 @@ def start_run_folder(run_dir: Path, overwrite: bool, resume: bool, command: str)
         run_dir.mkdir(parents=True, exist_ok=True)
         return None
     if not overwrite:
-        raise PipelineError(f"run {run_dir} already holds {describe_run(run_dir)}: continue it with "
-                            f"`{command} --resume latest`, replace it with `{command} --overwrite`, or pick another "
-                            f"--tag")
+        raise PipelineError(
+            f"run {run_dir} already holds {describe_run(run_dir)}: continue it with "
+            f"`{command} --resume latest`, replace it with `{command} --overwrite`, or pick another "
+            f"--tag"
+        )
     aside = run_dir.parent / f".{run_dir.name}.old-{os.getpid()}"
     shutil.rmtree(aside, ignore_errors=True)
     os.replace(run_dir, aside)  # atomic: the old run stays whole, just out of the way, until this one finishes
@@ -99,9 +104,12 @@ def finish_run_folder(run_dir: Path, aside: Path | None) -> None:
 def git_state() -> dict:
     """{"commit": HEAD, "dirty": whether `git status --porcelain` lists anything} of this code; None values
     outside a git checkout (the commit alone does not say what ran when the tree had changes)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent, timeout=10
+        ).stdout
+
     try:
         return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
     except (OSError, subprocess.SubprocessError):

@@ -18,6 +18,7 @@ layer can drop, none for the dense baseline. Entropies are in bits, as in step 4
                   subset=train|valid + layer + expert: expert_load (token choice: share of the (token, expert)
                                   assignments) or best_expert_share (expert choice; see expert_load_name)
 """
+
 from __future__ import annotations
 
 import platform
@@ -59,8 +60,15 @@ class RoutingRecorder:
             probs = stats.router_probs.double()
             entropy = -(probs * probs.clamp_min(1e-30).log2()).sum()  # bits; padding rows are all 0 and add nothing
             # column 0 (balancing loss) is filled by the loop, over the global micro-batch
-            self.step_sums[row] += torch.stack([real.new_zeros(()), stats.z_loss.detach().double() * real, entropy,
-                                                stats.dropped_fraction.detach().double() * real, real])
+            self.step_sums[row] += torch.stack(
+                [
+                    real.new_zeros(()),
+                    stats.z_loss.detach().double() * real,
+                    entropy,
+                    stats.dropped_fraction.detach().double() * real,
+                    real,
+                ]
+            )
             counts = count_assignments(stats.expert_index, self.n_experts)
             self.expert_counts[row] += counts
             self.step_counts[row] += counts
@@ -99,7 +107,9 @@ def routing_metric_names(config) -> set[str]:
     if config.is_dense_baseline:  # no router at all
         return set()
     names = {"router_entropy"}
-    if config.load_balance_coef > 0 and config.router_type != "expert_choice":  # expert choice: balanced by construction
+    if (
+        config.load_balance_coef > 0 and config.router_type != "expert_choice"
+    ):  # expert choice: balanced by construction
         names.add("aux_loss")
     if config.router_z_loss_coef > 0:
         names.add("z_loss")
@@ -130,20 +140,25 @@ class RoutingHealth:
         top_share = counts.max(axis=1) / np.maximum(counts.sum(axis=1), 1)
         self.streak = np.where(top_share > self.COLLAPSE_SHARE, self.streak + 1, 0)
         warnings = []
-        for row in np.flatnonzero((self.streak >= self.COLLAPSE_STEPS)
-                                  & (step - self.last_warning >= self.COLLAPSE_STEPS)):
+        for row in np.flatnonzero(
+            (self.streak >= self.COLLAPSE_STEPS) & (step - self.last_warning >= self.COLLAPSE_STEPS)
+        ):
             self.last_warning[row] = step
-            warnings.append(f"warning: step {step}: {self.layer_names[row]} has collapsed: expert "
-                            f"{int(counts[row].argmax())} took more than half of its tokens for {int(self.streak[row])} "
-                            f"steps in a row; raise model.load_balance_coef or lower train.learning_rate")
+            warnings.append(
+                f"warning: step {step}: {self.layer_names[row]} has collapsed: expert "
+                f"{int(counts[row].argmax())} took more than half of its tokens for {int(self.streak[row])} "
+                f"steps in a row; raise model.load_balance_coef or lower train.learning_rate"
+            )
         return warnings
 
     def take_window(self) -> dict[str, list[float]]:
         """The window's per-layer metrics, then a new window."""
         shares = self.window / np.maximum(self.window.sum(axis=1, keepdims=True), 1)
         ideal = 1.0 / self.n_experts
-        metrics = {"max_load_over_ideal": (shares.max(axis=1) / ideal).tolist(),
-                   "dead_experts": (shares < self.DEAD_SHARE * ideal).sum(axis=1).astype(float).tolist()}
+        metrics = {
+            "max_load_over_ideal": (shares.max(axis=1) / ideal).tolist(),
+            "dead_experts": (shares < self.DEAD_SHARE * ideal).sum(axis=1).astype(float).tolist(),
+        }
         self.window[:] = 0
         return metrics
 
@@ -159,8 +174,9 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def track_step(run, step: int, subset: str, metrics: dict[str, float], layer_metrics: dict[str, list[float]],
-               moe_layers: list[int]) -> None:
+def track_step(
+    run, step: int, subset: str, metrics: dict[str, float], layer_metrics: dict[str, list[float]], moe_layers: list[int]
+) -> None:
     """Metrics measured on `subset` (train or valid) get context {"subset": subset}, per-layer ones also
     {"layer": "block N"}; OPTIMIZER_METRICS get none."""
     if run is None:
@@ -182,8 +198,9 @@ def expert_load_name(config) -> str:
     return "best_expert_share" if config.router_type == "expert_choice" else "expert_load"
 
 
-def track_expert_load(run, expert_counts: torch.Tensor, moe_layers: list[int], step: int, subset: str,
-                      name: str = "expert_load") -> None:
+def track_expert_load(
+    run, expert_counts: torch.Tensor, moe_layers: list[int], step: int, subset: str, name: str = "expert_load"
+) -> None:
     """Per-layer shares of the routing counts per expert, as Aim contexts (subset, layer, expert); name from
     expert_load_name(config)."""
     if run is None:
@@ -191,5 +208,6 @@ def track_expert_load(run, expert_counts: torch.Tensor, moe_layers: list[int], s
     shares = expert_counts.float() / expert_counts.sum(dim=1, keepdim=True).clamp(min=1)
     for row, layer in enumerate(moe_layers):
         for expert, share in enumerate(shares[row].tolist()):
-            run.track(share, name=name, step=step,
-                      context={"subset": subset, "layer": layer_name(layer), "expert": expert})
+            run.track(
+                share, name=name, step=step, context={"subset": subset, "layer": layer_name(layer), "expert": expert}
+            )

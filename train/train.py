@@ -10,6 +10,7 @@ several through torchrun / accelerate launch (batch_size is the global batch, sp
     torchrun --standalone --nproc_per_node=2 train/train.py ... --tag demo
 SIGINT/SIGTERM save a checkpoint after the current step and exit with 130/143.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,17 +36,46 @@ from config_utils.contracts import read_step2_output, step2_command, step3_comma
 from config_utils.io import check_output_folder
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from models.router import LinearRouter
-from train.checkpoints import (StopRequest, checkpoint_folder, complete_checkpoints, load_checkpoint,
-                               prune_checkpoints, resolve_resume, save_checkpoint)
+from train.checkpoints import (
+    StopRequest,
+    checkpoint_folder,
+    complete_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
 from train.data import TrainBatches
 from train.final_model import MODEL_DIR, mark_latest, save_model
-from train.loop import (NonFiniteLoss, evaluate_sharded, gather_rng_states, make_accelerator, optimizer_for,
-                        restore_rng_states, train_step)
+from train.loop import (
+    NonFiniteLoss,
+    evaluate_sharded,
+    gather_rng_states,
+    make_accelerator,
+    optimizer_for,
+    restore_rng_states,
+    train_step,
+)
+from train.routing_snapshots import (
+    SNAPSHOT_DIR,
+    last_snapshot,
+    probe_batches,
+    routing_snapshot,
+    save_snapshot,
+    snapshot_path,
+    snapshot_steps,
+    top1_agreement,
+)
 from train.run_folder import RunLock, finish_run_folder, git_state, run_dir_for, start_run_folder
-from train.routing_snapshots import (SNAPSHOT_DIR, last_snapshot, probe_batches, routing_snapshot, save_snapshot,
-                                     snapshot_path, snapshot_steps, top1_agreement)
-from train.tracking import (RoutingHealth, RoutingRecorder, expert_load_name, package_versions, start_aim_run,
-                            track_expert_load, track_step)
+from train.tracking import (
+    RoutingHealth,
+    RoutingRecorder,
+    expert_load_name,
+    package_versions,
+    start_aim_run,
+    track_expert_load,
+    track_step,
+)
 
 
 def build_model(model_config: dict, vocab_size: int, pad_token_id: int) -> MoEEncoderForMaskedLM:
@@ -69,14 +99,17 @@ def add_router_targets(train_set, n_experts: int):
         raise PipelineError("train.router_supervision=topic needs routers: set model.n_experts to 2 or more")
     topics = sorted(set(train_set["topic"]))
     expert_of_topic = {topic: index % n_experts for index, topic in enumerate(topics)}
-    return (train_set.add_column("router_target", [expert_of_topic[topic] for topic in train_set["topic"]]),
-            expert_of_topic)
+    return (
+        train_set.add_column("router_target", [expert_of_topic[topic] for topic in train_set["topic"]]),
+        expert_of_topic,
+    )
 
 
 @dataclass
 class Run:
     """What the phases of one training run share: set up fills it in phase by phase, the loop advances `state`,
     finish writes the model and the manifest from it."""
+
     # read_inputs: the configs and step 2's output
     args: argparse.Namespace
     model_config: ConfigSection
@@ -123,18 +156,29 @@ def main() -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = step_parser(__doc__, {"model": ("--config-model", "model_params.yaml"),
-                                   "dataset": ("--config-dataset", "dataset_params.yaml"),
-                                   "train": ("--config-train", "train_params.yaml")})
-    parser.add_argument("--tag", default=None,
-                        help="names the run (its folder save_path/<tag> and its Aim tag); default: a timestamp")
+    parser = step_parser(
+        __doc__,
+        {
+            "model": ("--config-model", "model_params.yaml"),
+            "dataset": ("--config-dataset", "dataset_params.yaml"),
+            "train": ("--config-train", "train_params.yaml"),
+        },
+    )
+    parser.add_argument(
+        "--tag", default=None, help="names the run (its folder save_path/<tag> and its Aim tag); default: a timestamp"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run with the same tag")
-    parser.add_argument("--resume", metavar="latest|PATH", default=None,
-                        help="continue the run --tag from its newest checkpoint, or from a checkpoint folder")
+    parser.add_argument(
+        "--resume",
+        metavar="latest|PATH",
+        default=None,
+        help="continue the run --tag from its newest checkpoint, or from a checkpoint folder",
+    )
     return parser.parse_args()
 
 
 # ---- set up: inputs, run folder, model, resume, tracking -----------------------------------------------------------
+
 
 def set_up(args: argparse.Namespace) -> Run:
     run = read_inputs(args)
@@ -161,18 +205,33 @@ def read_inputs(args: argparse.Namespace) -> Run:
     train_set = datasets.load_from_disk(str(masked_dir / "train"))
     valid_set = datasets.load_from_disk(str(masked_dir / "valid"))
     if train_config.masking == "dynamic" and "unmasked_ids" not in train_set.column_names:
-        raise PipelineError(f"train.masking=dynamic needs the unmasked ids, which {masked_dir} lacks (made by an "
-                            f"older step 2): run `{step2_command(args)}` again")
+        raise PipelineError(
+            f"train.masking=dynamic needs the unmasked ids, which {masked_dir} lacks (made by an "
+            f"older step 2): run `{step2_command(args)}` again"
+        )
 
     expert_of_topic = None
     if train_config.router_supervision == "topic":
         if train_config.freeze_router:
-            raise PipelineError("train.router_supervision=topic trains the routers, train.freeze_router=true keeps "
-                                "them fixed: set one of them off")
+            raise PipelineError(
+                "train.router_supervision=topic trains the routers, train.freeze_router=true keeps "
+                "them fixed: set one of them off"
+            )
         train_set, expert_of_topic = add_router_targets(train_set, model_config.n_experts)
     supervision_coef = train_config.router_supervision_coef if expert_of_topic else 0.0
-    return Run(args, model_config, dataset_config, train_config, step2_manifest, step2_hash, tokenizer, train_set,
-               valid_set, expert_of_topic, supervision_coef)
+    return Run(
+        args,
+        model_config,
+        dataset_config,
+        train_config,
+        step2_manifest,
+        step2_hash,
+        tokenizer,
+        train_set,
+        valid_set,
+        expert_of_topic,
+        supervision_coef,
+    )
 
 
 def claim_run_folder(run: Run) -> None:
@@ -181,8 +240,10 @@ def claim_run_folder(run: Run) -> None:
     run.accelerator = make_accelerator(train_config)
     n_processes = run.accelerator.num_processes
     if train_config.batch_size % n_processes:
-        raise PipelineError(f"train.batch_size={train_config.batch_size} is the global batch and must split evenly "
-                            f"over {n_processes} processes")
+        raise PipelineError(
+            f"train.batch_size={train_config.batch_size} is the global batch and must split evenly "
+            f"over {n_processes} processes"
+        )
     run.tag = broadcast_object_list([args.tag or time.strftime("run-%Y%m%d-%H%M%S")])[0]  # one name for all
     run.run_dir = run_dir_for(check_output_folder(train_config.save_path, "train.save_path"), run.tag)
     check_output_folder(train_config.aim_repo, "train.aim_repo")
@@ -190,8 +251,9 @@ def claim_run_folder(run: Run) -> None:
     if run.accelerator.is_main_process:  # one process owns the folder; the others hear whether it could
         try:
             run.run_lock = RunLock(train_config.save_path, run.tag)
-            run.replaced_run = start_run_folder(run.run_dir, args.overwrite, bool(args.resume),
-                                                step3_command(args, run.tag))
+            run.replaced_run = start_run_folder(
+                run.run_dir, args.overwrite, bool(args.resume), step3_command(args, run.tag)
+            )
         except PipelineError as error:
             problem = str(error)
     problem = broadcast_object_list([problem])[0]
@@ -208,15 +270,25 @@ def build_training(run: Run) -> None:
     model = build_model(run.model_config, run.step2_manifest["tokenizer"]["vocab_size"], run.tokenizer.pad_token_id)
     if train_config.freeze_router:
         freeze_routers(model)
-    optimizer = optimizer_for(model, train_config.learning_rate, train_config.weight_decay,
-                              fused=accelerator.device.type == "cuda")
-    run.batches = TrainBatches(run.train_set, train_config.batch_size, train_config.random_seed,
-                               accelerator.process_index, accelerator.num_processes, train_config.masking,
-                               run.step2_manifest["tokenizer"], run.dataset_config.data_params.mask_prob)
+    optimizer = optimizer_for(
+        model, train_config.learning_rate, train_config.weight_decay, fused=accelerator.device.type == "cuda"
+    )
+    run.batches = TrainBatches(
+        run.train_set,
+        train_config.batch_size,
+        train_config.random_seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        train_config.masking,
+        run.step2_manifest["tokenizer"],
+        run.dataset_config.data_params.mask_prob,
+    )
     run.total_steps = train_config.max_steps or train_config.n_epochs * math.ceil(
-        run.batches.per_epoch / train_config.gradient_accumulation_steps)
-    run.scheduler = get_linear_schedule_with_warmup(optimizer, int(train_config.warmup_proportion * run.total_steps),
-                                                    run.total_steps)
+        run.batches.per_epoch / train_config.gradient_accumulation_steps
+    )
+    run.scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(train_config.warmup_proportion * run.total_steps), run.total_steps
+    )
     # the scheduler is not prepared: accelerate would step it once per process per step
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     run.unwrapped = accelerator.unwrap_model(run.model)
@@ -225,16 +297,32 @@ def build_training(run: Run) -> None:
 def resume_or_start(run: Run) -> None:
     """A fresh state, or the checkpoint's: weights, optimizer, schedule, RNG and data position restored."""
     git = git_state()  # this start's code; checkpoints carry state["git"], so a resumed run keeps its first start's
-    run.state = {"tag": run.tag, "step": 0, "position": [0, 0], "eval_history": [], "aim_run_hash": None,
-                 "git": git, "resume_git": []}
+    run.state = {
+        "tag": run.tag,
+        "step": 0,
+        "position": [0, 0],
+        "eval_history": [],
+        "aim_run_hash": None,
+        "git": git,
+        "resume_git": [],
+    }
     if run.resume_from is None:
         return
-    run.state = load_checkpoint(run.resume_from, run.unwrapped, run.optimizer, run.train_config, run.model_config,
-                                run.step2_hash, step3_command(run.args, run.tag))
+    run.state = load_checkpoint(
+        run.resume_from,
+        run.unwrapped,
+        run.optimizer,
+        run.train_config,
+        run.model_config,
+        run.step2_hash,
+        step3_command(run.args, run.tag),
+    )
     run.scheduler.load_state_dict(run.state.pop("scheduler"))
     if not restore_rng_states(run.accelerator, run.state.pop("rng")):
-        print(f"note: {run.resume_from} was written by {run.state['n_processes']} processes, this run has "
-              f"{run.accelerator.num_processes}: the data order resumes exactly, dropout draws do not")
+        print(
+            f"note: {run.resume_from} was written by {run.state['n_processes']} processes, this run has "
+            f"{run.accelerator.num_processes}: the data order resumes exactly, dropout draws do not"
+        )
     print(f"resuming {run.tag} from {run.resume_from} (step {run.state['step']} of {run.total_steps})")
     # checkpoints written before runs recorded their commit have none
     run.state.setdefault("git", {"commit": None, "dirty": None})
@@ -245,12 +333,26 @@ def start_tracking(run: Run) -> None:
     """The Aim run (continued on resume), the routing recorder and health, and the probe for routing snapshots."""
     accelerator, config, state = run.accelerator, run.unwrapped.config, run.state
     run.n_parameters = sum(parameter.numel() for parameter in run.model.parameters())
-    run.aim_run = start_aim_run(accelerator, run.tag, run.train_config.experiment_name, {
-        "dataset": run.dataset_config, "model": run.model_config, "train": run.train_config, "tag": run.tag,
-        "vocab_size": config.vocab_size,  # resolved from step 2's tokenizer (model.vocab_size may be null)
-        "n_parameters": run.n_parameters, "git_commit": state["git"]["commit"], "git_dirty": state["git"]["dirty"],
-        "resume_git": state["resume_git"], "versions": package_versions(), "n_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision}, state["aim_run_hash"])
+    run.aim_run = start_aim_run(
+        accelerator,
+        run.tag,
+        run.train_config.experiment_name,
+        {
+            "dataset": run.dataset_config,
+            "model": run.model_config,
+            "train": run.train_config,
+            "tag": run.tag,
+            "vocab_size": config.vocab_size,  # resolved from step 2's tokenizer (model.vocab_size may be null)
+            "n_parameters": run.n_parameters,
+            "git_commit": state["git"]["commit"],
+            "git_dirty": state["git"]["dirty"],
+            "resume_git": state["resume_git"],
+            "versions": package_versions(),
+            "n_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+        },
+        state["aim_run_hash"],
+    )
     state["aim_run_hash"] = run.aim_run.hash if run.aim_run is not None else None
     run.recorder = RoutingRecorder(run.unwrapped, config.n_experts, accelerator.device)
     run.moe_layers = config.moe_layer_indices
@@ -267,15 +369,24 @@ def start_tracking(run: Run) -> None:
 
 # ---- the loop -------------------------------------------------------------------------------------------------------
 
+
 def train(run: Run) -> None:
     """Steps up to total_steps, evaluating and checkpointing on schedule; a signal saves and exits with 128+signal."""
     config, accelerator = run.train_config, run.accelerator
-    print(f"training {run.n_parameters:,} parameters for {run.total_steps} steps on {accelerator.num_processes} x "
-          f"{accelerator.device} ({len(run.train_set)} sequences, global batch {config.batch_size} x "
-          f"{config.gradient_accumulation_steps} accumulation, {accelerator.mixed_precision} precision); "
-          f"run folder {run.run_dir}")
-    progress = tqdm(initial=run.state["step"], total=run.total_steps, desc=f"step 3: training {run.tag}", unit="step",
-                    mininterval=1.0, disable=not accelerator.is_local_main_process)
+    print(
+        f"training {run.n_parameters:,} parameters for {run.total_steps} steps on {accelerator.num_processes} x "
+        f"{accelerator.device} ({len(run.train_set)} sequences, global batch {config.batch_size} x "
+        f"{config.gradient_accumulation_steps} accumulation, {accelerator.mixed_precision} precision); "
+        f"run folder {run.run_dir}"
+    )
+    progress = tqdm(
+        initial=run.state["step"],
+        total=run.total_steps,
+        desc=f"step 3: training {run.tag}",
+        unit="step",
+        mininterval=1.0,
+        disable=not accelerator.is_local_main_process,
+    )
     run.model.train()
     run.started, paused, tokens = time.perf_counter(), 0.0, 0  # paused: evaluation and checkpoints, not training
     with progress, StopRequest() as stop:  # the bar closes before an error line is printed
@@ -303,13 +414,25 @@ def train(run: Run) -> None:
 def take_step(run: Run, micro_batches: list[dict], stop_requested: bool, step: int):
     """One optimizer step; a non-finite loss stops the run before it touches the weights."""
     try:
-        return train_step(run.accelerator, run.model, run.optimizer, run.scheduler, micro_batches, run.recorder,
-                          run.train_config.max_grad_norm, stop_requested, step, run.supervision_coef)
+        return train_step(
+            run.accelerator,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            micro_batches,
+            run.recorder,
+            run.train_config.max_grad_norm,
+            stop_requested,
+            step,
+            run.supervision_coef,
+        )
     except NonFiniteLoss as error:
         kept = complete_checkpoints(run.run_dir)
-        raise PipelineError(f"{error}; stopped before updating the weights. "
-                            + (f"The last checkpoint {kept[-1]} is intact" if kept else "No checkpoint yet")
-                            + "; lower train.learning_rate or train.max_grad_norm") from None
+        raise PipelineError(
+            f"{error}; stopped before updating the weights. "
+            + (f"The last checkpoint {kept[-1]} is intact" if kept else "No checkpoint yet")
+            + "; lower train.learning_rate or train.max_grad_norm"
+        ) from None
 
 
 def record_step(run: Run, step: int, result, progress, tokens: int, paused: float) -> None:
@@ -324,30 +447,35 @@ def record_step(run: Run, step: int, result, progress, tokens: int, paused: floa
     if step % run.train_config.log_steps == 0 or step == run.total_steps:
         tokens_per_s = tokens / max(time.perf_counter() - run.started - paused, 1e-9)
         layer_metrics = {**result.layer_metrics, **(run.health.take_window() if run.health is not None else {})}
-        track_step(run.aim_run, step, "train", {**result.metrics, "tokens_per_s": tokens_per_s}, layer_metrics,
-                   run.moe_layers)
+        track_step(
+            run.aim_run, step, "train", {**result.metrics, "tokens_per_s": tokens_per_s}, layer_metrics, run.moe_layers
+        )
 
 
 def evaluate(run: Run, step: int, progress) -> None:
     """Expert load of the steps since the last evaluation, the validation metrics and a routing snapshot."""
     recorder, moe_layers = run.recorder, run.moe_layers
     load_name = expert_load_name(run.unwrapped.config)  # expert choice: best_expert_share
-    track_expert_load(run.aim_run, run.accelerator.reduce(recorder.expert_counts, "sum"), moe_layers, step, "train",
-                      load_name)
+    track_expert_load(
+        run.aim_run, run.accelerator.reduce(recorder.expert_counts, "sum"), moe_layers, step, "train", load_name
+    )
     recorder.expert_counts.zero_()
-    evaluation = evaluate_sharded(run.accelerator, run.model, run.valid_set, run.train_config.batch_size,
-                                  run.train_config.eval_batches)
+    evaluation = evaluate_sharded(
+        run.accelerator, run.model, run.valid_set, run.train_config.batch_size, run.train_config.eval_batches
+    )
     metrics = {"eval_mlm_loss": evaluation.mlm_loss, "eval_accuracy": evaluation.accuracy}
     # the same names as the training metrics, told apart by their context (eval_history keeps its keys)
-    track_step(run.aim_run, step, "valid", {"mlm_loss": evaluation.mlm_loss, "accuracy": evaluation.accuracy},
-               {}, moe_layers)
+    track_step(
+        run.aim_run, step, "valid", {"mlm_loss": evaluation.mlm_loss, "accuracy": evaluation.accuracy}, {}, moe_layers
+    )
     track_expert_load(run.aim_run, evaluation.expert_counts, moe_layers, step, "valid", load_name)
     run.state["valid_expert_counts"] = evaluation.expert_counts.tolist()  # the model card's routing summary
     if run.probe is not None:
         take_routing_snapshot(run, step)
     run.state["eval_history"].append({"step": step, **metrics})
-    progress.write(f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, "
-                   f"accuracy {metrics['eval_accuracy']:.3f}")
+    progress.write(
+        f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, accuracy {metrics['eval_accuracy']:.3f}"
+    )
 
 
 def take_routing_snapshot(run: Run, step: int) -> None:
@@ -356,8 +484,14 @@ def take_routing_snapshot(run: Run, step: int) -> None:
     snapshot = routing_snapshot(run.unwrapped, run.probe, run.accelerator.device)  # not recorded: not training data
     save_snapshot(run.run_dir, step, snapshot)
     if run.previous_snapshot is not None:
-        track_step(run.aim_run, step, "valid", {},
-                   {"routing_agreement": top1_agreement(run.previous_snapshot, snapshot).tolist()}, run.moe_layers)
+        track_step(
+            run.aim_run,
+            step,
+            "valid",
+            {},
+            {"routing_agreement": top1_agreement(run.previous_snapshot, snapshot).tolist()},
+            run.moe_layers,
+        )
     run.previous_snapshot = snapshot
     run.snapshot_seconds += time.perf_counter() - started
 
@@ -365,10 +499,21 @@ def take_routing_snapshot(run: Run, step: int) -> None:
 def save_checkpoint_now(run: Run, step: int) -> None:
     rng_states = gather_rng_states(run.accelerator)  # every process takes part; the main one writes
     if run.accelerator.is_main_process:
-        save_checkpoint(checkpoint_folder(run.run_dir, step), run.unwrapped, run.tokenizer, run.optimizer, rng_states, {
-            **run.state, "input_manifest_hash": run.step2_hash,  # a resume on other data is refused
-            "scheduler": run.scheduler.state_dict(), "n_processes": run.accelerator.num_processes,
-            "total_steps": run.total_steps, "config": configs_of(run)})
+        save_checkpoint(
+            checkpoint_folder(run.run_dir, step),
+            run.unwrapped,
+            run.tokenizer,
+            run.optimizer,
+            rng_states,
+            {
+                **run.state,
+                "input_manifest_hash": run.step2_hash,  # a resume on other data is refused
+                "scheduler": run.scheduler.state_dict(),
+                "n_processes": run.accelerator.num_processes,
+                "total_steps": run.total_steps,
+                "config": configs_of(run),
+            },
+        )
         prune_checkpoints(run.run_dir, run.train_config.keep_checkpoints)
     run.accelerator.wait_for_everyone()
 
@@ -376,12 +521,16 @@ def save_checkpoint_now(run: Run, step: int) -> None:
 def exit_on_signal(run: Run, step: int, signal_number: int | None) -> None:
     """After the checkpoint of a stopped step: how to continue, then exit with 128+signal."""
     kept = f" (the run it replaces stays in {run.replaced_run} until this one finishes)" if run.replaced_run else ""
-    print(f"stopped by a signal after step {step}: checkpoint {checkpoint_folder(run.run_dir, step)}; "
-          f"continue with `{step3_command(run.args, run.tag)} --resume latest`{kept}", file=sys.stderr)
+    print(
+        f"stopped by a signal after step {step}: checkpoint {checkpoint_folder(run.run_dir, step)}; "
+        f"continue with `{step3_command(run.args, run.tag)} --resume latest`{kept}",
+        file=sys.stderr,
+    )
     raise SystemExit(128 + (signal_number or 15))
 
 
 # ---- finish: the final model and the manifest ------------------------------------------------------------------------
+
 
 def finish(run: Run) -> None:
     if run.accelerator.is_main_process:
@@ -407,32 +556,55 @@ def configs_of(run: Run) -> dict:
 def model_card_facts(run: Run) -> dict:
     """What the model card reports beyond the model itself."""
     accelerator = run.accelerator
-    return {"tag": run.tag, "dataset": run.dataset_config, "train": run.train_config, "data": run.step2_manifest,
-            "eval_history": run.state["eval_history"], "valid_expert_counts": run.state.get("valid_expert_counts"),
-            "n_parameters": run.n_parameters, "total_steps": run.total_steps, "device": str(accelerator.device),
-            "n_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
+    return {
+        "tag": run.tag,
+        "dataset": run.dataset_config,
+        "train": run.train_config,
+        "data": run.step2_manifest,
+        "eval_history": run.state["eval_history"],
+        "valid_expert_counts": run.state.get("valid_expert_counts"),
+        "n_parameters": run.n_parameters,
+        "total_steps": run.total_steps,
+        "device": str(accelerator.device),
+        "n_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+    }
 
 
 def manifest(run: Run) -> dict:
     state, accelerator, probe = run.state, run.accelerator, run.probe
     return {
-        "step": "train", "tag": run.tag, "input_manifest_hash": run.step2_hash,
-        "git_commit": state["git"]["commit"], "git_dirty": state["git"]["dirty"],  # of the run's first start
+        "step": "train",
+        "tag": run.tag,
+        "input_manifest_hash": run.step2_hash,
+        "git_commit": state["git"]["commit"],
+        "git_dirty": state["git"]["dirty"],  # of the run's first start
         "resume_git": state["resume_git"],  # [{step, commit, dirty}] of each resume
-        "versions": package_versions(), "vocab_size": run.unwrapped.config.vocab_size,
+        "versions": package_versions(),
+        "vocab_size": run.unwrapped.config.vocab_size,
         "config": configs_of(run),
-        "n_parameters": run.n_parameters, "total_steps": run.total_steps, "device": str(accelerator.device),
-        "n_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "n_parameters": run.n_parameters,
+        "total_steps": run.total_steps,
+        "device": str(accelerator.device),
+        "n_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
-        "seconds": round(time.perf_counter() - run.started, 2), "aim_run_hash": state["aim_run_hash"],
+        "seconds": round(time.perf_counter() - run.started, 2),
+        "aim_run_hash": state["aim_run_hash"],
         "final_eval": state["eval_history"][-1] if state["eval_history"] else None,
         "eval_history": state["eval_history"],  # [{step, eval_mlm_loss, eval_accuracy}]: learning curves
-        "routing_snapshots": None if probe is None else {  # step 4 reads the run's saturation off them
-            "folder": SNAPSHOT_DIR, "probe_sequences": sum(len(batch["input_ids"]) for batch in probe),
+        "routing_snapshots": None
+        if probe is None
+        else {  # step 4 reads the run's saturation off them
+            "folder": SNAPSHOT_DIR,
+            "probe_sequences": sum(len(batch["input_ids"]) for batch in probe),
             "probe_tokens": int(run.previous_snapshot.shape[1]) if run.previous_snapshot is not None else 0,
-            "steps": snapshot_steps(run.run_dir), "seconds_this_start": round(run.snapshot_seconds, 2)},
-        "router_supervision": None if run.expert_of_topic is None else {
-            "factor": "topic", "coef": run.supervision_coef, "expert_of_topic": run.expert_of_topic},
+            "steps": snapshot_steps(run.run_dir),
+            "seconds_this_start": round(run.snapshot_seconds, 2),
+        },
+        "router_supervision": None
+        if run.expert_of_topic is None
+        else {"factor": "topic", "coef": run.supervision_coef, "expert_of_topic": run.expert_of_topic},
     }
 
 
