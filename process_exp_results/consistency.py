@@ -35,7 +35,7 @@ numpy; seeded: same inputs and seed, same output.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -130,6 +130,129 @@ def _none_if_nan(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
+@dataclass
+class _Pairs:
+    """One layer's consecutive pairs whose two tokens both have an expert."""
+
+    first: np.ndarray  # row of each pair's first token
+    second: np.ndarray  # row of its second token
+    doc: np.ndarray  # the pair's document
+    word_piece: np.ndarray  # bool: the second token is a WordPiece continuation
+    same: np.ndarray  # bool: the two tokens share their top-1 expert
+    per_doc: np.ndarray  # [n_docs] pairs per document
+
+
+def _routed_pairs(
+    top1: np.ndarray,
+    routed: np.ndarray,
+    doc: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    continuation_pair: np.ndarray,
+    n_docs: int,
+) -> _Pairs:
+    keep = routed[first] & routed[second]
+    a, b, pair_doc = first[keep], second[keep], doc[first[keep]]
+    per_doc = _doc_sums(pair_doc, np.ones(len(a)), n_docs)
+    return _Pairs(a, b, pair_doc, continuation_pair[keep], top1[a] == top1[b], per_doc)
+
+
+def _endpoint_cells(pairs: _Pairs, top1: np.ndarray, n_experts: int, only: np.ndarray | None = None) -> Cells:
+    """Per-document top-1 expert cells of the pairs' endpoints, each pair contributing both its tokens; only: a
+    mask of the pairs to take (None: all)."""
+    end_doc, end_expert = np.r_[pairs.doc, pairs.doc], np.r_[top1[pairs.first], top1[pairs.second]]
+    if only is not None:
+        end_only = np.r_[only, only]
+        end_doc, end_expert = end_doc[end_only], end_expert[end_only]
+    return Cells(end_doc, end_expert, n_experts)
+
+
+def _endpoint_chance(cells: Cells, weights: np.ndarray | None = None) -> float | None:
+    """The load chance of the endpoints, plain (weights None) or for one bootstrap draw of documents."""
+    table = cells.table(weights)
+    return _load_chance(table, table.sum())
+
+
+def _top1_holds(top1: np.ndarray, routed: np.ndarray, n_experts: int) -> np.ndarray:
+    """[n, E] bool: the token's top-1 expert is e."""
+    holds = np.zeros((len(top1), n_experts), dtype=bool)
+    holds[np.flatnonzero(routed), top1[routed]] = True
+    return holds
+
+
+def _topk_holds(experts: np.ndarray, n_experts: int) -> np.ndarray:
+    """[n, E] bool: the token's top-k set holds e (a -1 slot holds none)."""
+    n, k = experts.shape
+    holds = np.zeros((n, n_experts + 1), dtype=bool)  # column E collects the -1 slots, then dropped
+    holds[np.repeat(np.arange(n), k), np.where(experts >= 0, experts, n_experts).ravel()] = True
+    return holds[:, :n_experts]
+
+
+def _top1_consistency(
+    top1: np.ndarray,
+    routed: np.ndarray,
+    doc: np.ndarray,
+    pairs: _Pairs,
+    n_docs: int,
+    n_experts: int,
+    boot: list[np.ndarray],
+) -> dict:
+    """The top-1 rate, its load and within-document chances, and its excess over the load chance, with intervals."""
+    same_d = _doc_sums(pairs.doc, pairs.same, n_docs)
+    endpoints = _endpoint_cells(pairs, top1, n_experts)
+    rate, base = _ratio(same_d, pairs.per_doc), _endpoint_chance(endpoints)
+    rate_draws = [_ratio(same_d, pairs.per_doc, w) for w in boot]
+    excess_draws = [r - (_endpoint_chance(endpoints, w) or np.nan) for r, w in zip(rate_draws, boot)]
+    holds = _top1_holds(top1, routed, n_experts)
+    return {
+        "top1_rate": _none_if_nan(rate),
+        "top1_rate_ci": percentile_ci(rate_draws),
+        "chance": base,
+        "within_document_chance": _within_document_chance(doc, holds, routed, pairs.per_doc, n_docs, n_experts, 1),
+        "top1_excess": _none_if_nan(rate - base) if base is not None else None,
+        "top1_excess_ci": percentile_ci(excess_draws),
+    }
+
+
+def _topk_consistency(
+    experts: np.ndarray,
+    routed: np.ndarray,
+    doc: np.ndarray,
+    pairs: _Pairs,
+    n_docs: int,
+    n_experts: int,
+    boot: list[np.ndarray],
+) -> dict:
+    """The top-k overlap / k with its interval, load chance and within-document chance; all None for k = 1."""
+    k = experts.shape[1]
+    if k < 2:
+        return {"topk_overlap": None, "topk_overlap_ci": None, "topk_chance": None, "topk_within_document_chance": None}
+    ea, eb = experts[pairs.first], experts[pairs.second]  # [m, k]; the k experts of one token are distinct
+    overlap = ((ea[:, :, None] == eb[:, None, :]) & (ea[:, :, None] >= 0)).sum((1, 2)) / k
+    overlap_d = _doc_sums(pairs.doc, overlap, n_docs)
+    holds = _topk_holds(experts, n_experts)
+    end_holds = np.r_[holds[pairs.first], holds[pairs.second]].sum(0).astype(np.float64)
+    return {
+        "topk_overlap": _none_if_nan(_ratio(overlap_d, pairs.per_doc)),
+        "topk_overlap_ci": percentile_ci([_ratio(overlap_d, pairs.per_doc, w) for w in boot]),
+        "topk_chance": _load_chance(end_holds, 2.0 * len(pairs.first), k),
+        "topk_within_document_chance": _within_document_chance(doc, holds, routed, pairs.per_doc, n_docs, n_experts, k),
+    }
+
+
+def _word_piece_consistency(
+    top1: np.ndarray, pairs: _Pairs, n_docs: int, n_experts: int, boot: list[np.ndarray]
+) -> dict:
+    """The top-1 rate over the pairs whose second token continues a word, its interval and its load chance."""
+    piece = pairs.word_piece
+    piece_d, piece_same_d = _doc_sums(pairs.doc, piece, n_docs), _doc_sums(pairs.doc, pairs.same & piece, n_docs)
+    return {
+        "word_piece_rate": _none_if_nan(_ratio(piece_same_d, piece_d)),
+        "word_piece_rate_ci": percentile_ci([_ratio(piece_same_d, piece_d, w) for w in boot]),
+        "word_piece_chance": _endpoint_chance(_endpoint_cells(pairs, top1, n_experts, only=piece)),
+    }
+
+
 def _layer_consistency(
     experts: np.ndarray,
     doc: np.ndarray,
@@ -141,64 +264,17 @@ def _layer_consistency(
     boot: list[np.ndarray],
 ) -> dict:
     """One layer. experts: [n, k] (-1 = none); first/second: the consecutive pairs (rows); boot: weight draws."""
-    E, k = n_experts, experts.shape[1]
     top1 = experts[:, 0]
     routed = top1 >= 0
-    keep = routed[first] & routed[second]
-    a, b, pair_doc, piece = first[keep], second[keep], doc[first[keep]], continuation_pair[keep]
-    same = top1[a] == top1[b]
-    pairs_d, same_d = _doc_sums(pair_doc, np.ones(len(a)), n_docs), _doc_sums(pair_doc, same, n_docs)
-    piece_d, piece_same_d = _doc_sums(pair_doc, piece, n_docs), _doc_sums(pair_doc, same & piece, n_docs)
-    # the pairs' endpoints, each pair contributing both its tokens
-    end_doc, end_expert, end_piece = np.r_[pair_doc, pair_doc], np.r_[top1[a], top1[b]], np.r_[piece, piece]
-    endpoints = Cells(end_doc, end_expert, E)
-    piece_endpoints = Cells(end_doc[end_piece], end_expert[end_piece], E)
-
-    def chance(cells: Cells, weights: np.ndarray | None = None) -> float | None:
-        table = cells.table(weights)
-        return _load_chance(table, table.sum())
-
-    top1_holds = np.zeros((len(top1), E), dtype=bool)
-    top1_holds[np.flatnonzero(routed), top1[routed]] = True
-    rate, base = _ratio(same_d, pairs_d), chance(endpoints)
-    rate_draws = [_ratio(same_d, pairs_d, w) for w in boot]
-    excess_draws = [r - (chance(endpoints, w) or np.nan) for r, w in zip(rate_draws, boot)]
-    piece_rate = _ratio(piece_same_d, piece_d)
-    out = {
-        "top1_rate": _none_if_nan(rate),
-        "top1_rate_ci": percentile_ci(rate_draws),
-        "chance": base,
-        "within_document_chance": _within_document_chance(doc, top1_holds, routed, pairs_d, n_docs, E, 1),
-        "top1_excess": _none_if_nan(rate - base) if base is not None else None,
-        "top1_excess_ci": percentile_ci(excess_draws),
-        "topk_overlap": None,
-        "topk_overlap_ci": None,
-        "topk_chance": None,
-        "topk_within_document_chance": None,
-        "word_piece_rate": _none_if_nan(piece_rate),
-        "word_piece_rate_ci": percentile_ci([_ratio(piece_same_d, piece_d, w) for w in boot]),
-        "word_piece_chance": chance(piece_endpoints),
-        "n_pairs": int(len(a)),
-        "n_word_piece_pairs": int(piece.sum()),
+    pairs = _routed_pairs(top1, routed, doc, first, second, continuation_pair, n_docs)
+    return {
+        **_top1_consistency(top1, routed, doc, pairs, n_docs, n_experts, boot),
+        **_topk_consistency(experts, routed, doc, pairs, n_docs, n_experts, boot),
+        **_word_piece_consistency(top1, pairs, n_docs, n_experts, boot),
+        "n_pairs": int(len(pairs.first)),
+        "n_word_piece_pairs": int(pairs.word_piece.sum()),
         "random_reference": None,
     }
-    if k >= 2:
-        ea, eb = experts[a], experts[b]  # [m, k]; the k experts of one token are distinct, -1 = unused slot
-        overlap = ((ea[:, :, None] == eb[:, None, :]) & (ea[:, :, None] >= 0)).sum((1, 2)) / k
-        overlap_d = _doc_sums(pair_doc, overlap, n_docs)
-        holds = np.zeros((len(top1), E + 1), dtype=bool)  # column E collects the -1 slots, then dropped
-        holds[np.repeat(np.arange(len(top1)), k), np.where(experts >= 0, experts, E).ravel()] = True
-        holds = holds[:, :E]
-        end_holds = np.r_[holds[a], holds[b]].sum(0).astype(np.float64)
-        out.update(
-            {
-                "topk_overlap": _none_if_nan(_ratio(overlap_d, pairs_d)),
-                "topk_overlap_ci": percentile_ci([_ratio(overlap_d, pairs_d, w) for w in boot]),
-                "topk_chance": _load_chance(end_holds, 2.0 * len(a), k),
-                "topk_within_document_chance": _within_document_chance(doc, holds, routed, pairs_d, n_docs, E, k),
-            }
-        )
-    return out
 
 
 def _analysed_rows(records: RoutingRecords, pool_held_out: bool) -> np.ndarray:

@@ -351,6 +351,83 @@ def plot_topic_layer_histogram(
 # --------------------------------------------------------------------------- #
 
 
+@dataclass
+class _HeatmapLayout:
+    """Sizes of the topic x expert heatmap, in inches (left -> right: row labels, cells, colour bar)."""
+
+    fig_w: float
+    fig_h: float
+    label_in: float
+    cell_in: float
+    n_topics: int
+    n_experts: int
+
+    def cells_rect(self) -> tuple[float, float, float, float]:
+        return (
+            self.label_in / self.fig_w,
+            0.75 / self.fig_h,
+            self.cell_in * self.n_experts / self.fig_w,
+            0.42 * self.n_topics / self.fig_h,
+        )
+
+    def colour_bar_rect(self) -> tuple[float, float, float, float]:
+        return (
+            (self.label_in + self.cell_in * self.n_experts + 0.2) / self.fig_w,
+            0.75 / self.fig_h,
+            0.18 / self.fig_w,
+            0.42 * self.n_topics / self.fig_h,
+        )
+
+
+def _heatmap_layout(labels: Sequence[str], n_topics: int, n_experts: int) -> _HeatmapLayout:
+    cell_in = 0.62 if n_experts <= 12 else 0.48
+    label_in = 0.3 + 0.075 * max(len(label) for label in labels)
+    fig_w = max(_MIN_FIG_WIDTH_IN - 1.5, label_in + cell_in * n_experts + 1.6)
+    fig_h = 1.5 + 0.42 * n_topics
+    return _HeatmapLayout(fig_w, fig_h, label_in, cell_in, n_topics, n_experts)
+
+
+def _style_heatmap_axes(ax, labels: Sequence[str], n_experts: int) -> None:
+    """Experts along x, the topic labels along y, no ticks or frame."""
+    ax.set_xticks(np.arange(n_experts))
+    ax.set_xticklabels([str(e) for e in range(n_experts)], fontsize=9)
+    ax.set_xlabel("expert", fontsize=10)
+    ax.set_yticks(np.arange(len(labels)))
+    ax.set_yticklabels(labels, fontsize=9)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+
+def _share_colour_bar(fig: Figure, image, cax, norm, uniform: float) -> None:
+    """The colour bar, ticked at 0, the uniform share and its top."""
+    bar = fig.colorbar(image, cax=cax)
+    bar.set_ticks([0.0, uniform, norm.vmax], labels=["0", f"{uniform:.3g}", f"{norm.vmax:.0f}"])  # inside the range
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(f"% of topic's tokens\n(white = uniform {uniform:.3g}%)", fontsize=8.5)
+
+
+def _heatmap_titles(fig: Figure, layer_name: str, uniform: float, fig_h: float) -> None:
+    fig.suptitle(
+        f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
+        fontsize=11.5,
+        fontweight="bold",
+        x=0.02,
+        ha="left",
+        y=1.0 - 0.12 / fig_h,
+        va="top",
+    )
+    fig.text(
+        0.02,
+        1.0 - 0.45 / fig_h,
+        f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
+        fontsize=8.5,
+        color="0.3",
+        ha="left",
+        va="top",
+    )
+
+
 def plot_topic_expert_heatmap(topic_names: Sequence[str], counts, path: str | os.PathLike, layer_name: str) -> Path:
     """Which experts each topic's tokens go to, in one MoE layer.
 
@@ -372,49 +449,16 @@ def plot_topic_expert_heatmap(topic_names: Sequence[str], counts, path: str | os
     shares = _shares_percent(mat)
     uniform = 100.0 / n_experts
     labels = [_topic_label(t, n) for t, n in zip(topic_names, mat.sum(axis=1))]
-    cell_in = 0.62 if n_experts <= 12 else 0.48
-    label_in = 0.3 + 0.075 * max(len(label) for label in labels)
-    fig_w = max(_MIN_FIG_WIDTH_IN - 1.5, label_in + cell_in * n_experts + 1.6)
-    fig_h = 1.5 + 0.42 * n_topics
-    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+    layout = _heatmap_layout(labels, n_topics, n_experts)
+    fig = Figure(figsize=(layout.fig_w, layout.fig_h), dpi=DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((label_in / fig_w, 0.75 / fig_h, cell_in * n_experts / fig_w, 0.42 * n_topics / fig_h))
+    ax = fig.add_axes(layout.cells_rect())
     norm, cmap = _share_norm(shares, uniform), matplotlib.colormaps["RdBu_r"]
     image = ax.imshow(shares, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     _write_cell_shares(ax, shares, cmap, norm)
-    ax.set_xticks(np.arange(n_experts))
-    ax.set_xticklabels([str(e) for e in range(n_experts)], fontsize=9)
-    ax.set_xlabel("expert", fontsize=10)
-    ax.set_yticks(np.arange(n_topics))
-    ax.set_yticklabels(labels, fontsize=9)
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    cax = fig.add_axes(
-        ((label_in + cell_in * n_experts + 0.2) / fig_w, 0.75 / fig_h, 0.18 / fig_w, 0.42 * n_topics / fig_h)
-    )
-    bar = fig.colorbar(image, cax=cax)
-    bar.set_ticks([0.0, uniform, norm.vmax], labels=["0", f"{uniform:.3g}", f"{norm.vmax:.0f}"])  # inside the range
-    bar.ax.tick_params(labelsize=8)
-    bar.set_label(f"% of topic's tokens\n(white = uniform {uniform:.3g}%)", fontsize=8.5)
-    fig.suptitle(
-        f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
-        fontsize=11.5,
-        fontweight="bold",
-        x=0.02,
-        ha="left",
-        y=1.0 - 0.12 / fig_h,
-        va="top",
-    )
-    fig.text(
-        0.02,
-        1.0 - 0.45 / fig_h,
-        f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
-        fontsize=8.5,
-        color="0.3",
-        ha="left",
-        va="top",
-    )
+    _style_heatmap_axes(ax, labels, n_experts)
+    _share_colour_bar(fig, image, fig.add_axes(layout.colour_bar_rect()), norm, uniform)
+    _heatmap_titles(fig, layer_name, uniform, layout.fig_h)
     return save_figure_atomic(fig, path)
 
 
@@ -646,6 +690,77 @@ def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
     return save_figure_atomic(fig, path)
 
 
+_INDEX_SERIES = (("topic", "tab:red", "o"), ("token_class", "tab:blue", "s"))
+
+
+def _draw_index_point(ax, xi: float, index: float, ci: Sequence[float], colour, marker: str, label) -> None:
+    """One index with its interval, and both written above the interval."""
+    # an interval need not contain its estimate (few resamples): draw the part that does
+    ax.errorbar(
+        xi,
+        index,
+        yerr=[[max(index - ci[0], 0.0)], [max(ci[1] - index, 0.0)]],
+        fmt=marker,
+        color=colour,
+        markersize=8,
+        capsize=5,
+        elinewidth=1.6,
+        zorder=3,
+        label=label,
+    )
+    ax.annotate(
+        f"{format_number(index, 2)}\n{format_interval(ci, 2)}",
+        (xi, ci[1]),
+        xytext=(0, 4),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=7.5,
+        color=colour,
+    )
+
+
+def _draw_index_series(ax, layers: Sequence[Mapping], x: np.ndarray) -> list[float]:
+    """Per factor and layer the index with its interval, n/a where it is missing; returns the y values drawn
+    (with -0.15 and 1.15, so the 0 and 1 lines stay in view)."""
+    bounds = [-0.15, 1.15]
+    for (factor, colour, marker), offset in zip(_INDEX_SERIES, (-0.12, 0.12)):
+        for xi, layer in zip(x + offset, layers):
+            reference = layer["references"].get(factor) or {}
+            index, ci = reference.get("index"), reference.get("index_ci")
+            if index is None or ci is None:
+                ax.annotate(MISSING, (xi, 0.0), ha="center", va="bottom", fontsize=8, color=colour)
+                continue
+            bounds += [ci[0], ci[1]]
+            label = factor.replace("_", " ") if xi == x[0] + offset else None
+            _draw_index_point(ax, xi, index, ci, colour, marker, label)
+    return bounds
+
+
+def _draw_index_anchors(ax) -> None:
+    """The lines at 0 (a random router) and 1 (the best linear router), named right of the axes."""
+    ax.axhline(0.0, color="0.35", linestyle="--", linewidth=1.1)
+    ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.1)
+    transform = blended_transform_factory(ax.transAxes, ax.transData)
+    ax.text(
+        1.02, 0.0, "0: random router\n(learned nothing)", transform=transform, va="center", fontsize=8.5, color="0.3"
+    )
+    ax.text(1.02, 1.0, "1: best linear\nrouter (probe)", transform=transform, va="center", fontsize=8.5, color="0.3")
+
+
+def _style_index_axis(ax, names: Sequence[str], bounds: Sequence[float]) -> None:
+    span = max(bounds) - min(bounds)
+    ax.set_ylim(min(bounds) - 0.05 * span, max(bounds) + 0.2 * span)
+    ax.set_xticks(np.arange(len(names), dtype=float))
+    ax.set_xticklabels(names, fontsize=9)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylabel("specialization index", fontsize=10)
+    ax.legend(fontsize=8.5, frameon=False, loc="upper left", ncol=2)
+    ax.yaxis.grid(True, color="0.92")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
 def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
     """The specialization index per MoE layer and factor, with 95% intervals: 0 = no more than a router that
     learned nothing (random routers with the trained loads, on the same hidden states), 1 = as much as the best
@@ -656,60 +771,12 @@ def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
     if not layers:
         raise ValueError("stats has no references: nothing to plot (step 4 ran without router inputs)")
     names = [layer["layer"] for layer in layers]
-    series = [("topic", "tab:red", "o"), ("token_class", "tab:blue", "s")]
-    x = np.arange(len(layers), dtype=float)
     fig = Figure(figsize=(max(7.5, 3.0 + 1.6 * len(layers)), 4.6), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.1, 0.17, 0.62, 0.7))
-    bounds = [-0.15, 1.15]
-    for (factor, colour, marker), offset in zip(series, (-0.12, 0.12)):
-        for xi, layer in zip(x + offset, layers):
-            reference = layer["references"].get(factor) or {}
-            index, ci = reference.get("index"), reference.get("index_ci")
-            if index is None or ci is None:
-                ax.annotate(MISSING, (xi, 0.0), ha="center", va="bottom", fontsize=8, color=colour)
-                continue
-            bounds += [ci[0], ci[1]]
-            # an interval need not contain its estimate (few resamples): draw the part that does
-            ax.errorbar(
-                xi,
-                index,
-                yerr=[[max(index - ci[0], 0.0)], [max(ci[1] - index, 0.0)]],
-                fmt=marker,
-                color=colour,
-                markersize=8,
-                capsize=5,
-                elinewidth=1.6,
-                zorder=3,
-                label=factor.replace("_", " ") if xi == x[0] + offset else None,
-            )
-            ax.annotate(
-                f"{format_number(index, 2)}\n{format_interval(ci, 2)}",
-                (xi, ci[1]),
-                xytext=(0, 4),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize=7.5,
-                color=colour,
-            )
-    ax.axhline(0.0, color="0.35", linestyle="--", linewidth=1.1)
-    ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.1)
-    transform = blended_transform_factory(ax.transAxes, ax.transData)
-    ax.text(
-        1.02, 0.0, "0: random router\n(learned nothing)", transform=transform, va="center", fontsize=8.5, color="0.3"
-    )
-    ax.text(1.02, 1.0, "1: best linear\nrouter (probe)", transform=transform, va="center", fontsize=8.5, color="0.3")
-    span = max(bounds) - min(bounds)
-    ax.set_ylim(min(bounds) - 0.05 * span, max(bounds) + 0.2 * span)
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, fontsize=9)
-    ax.set_xlim(-0.6, len(layers) - 0.4)
-    ax.set_ylabel("specialization index", fontsize=10)
-    ax.legend(fontsize=8.5, frameon=False, loc="upper left", ncol=2)
-    ax.yaxis.grid(True, color="0.92")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    bounds = _draw_index_series(ax, layers, np.arange(len(layers), dtype=float))
+    _draw_index_anchors(ax)
+    _style_index_axis(ax, names, bounds)
     fig.suptitle(
         "What did the router learn? (95% CI over documents and random routers)",
         fontsize=11.5,

@@ -431,6 +431,127 @@ def _reference_settings(sample: RouterSample, n_random_routers: int) -> dict:
     }
 
 
+def _prepared_records(
+    records: RoutingRecords, token_class_of_id: np.ndarray
+) -> tuple[RoutingRecords, np.ndarray, np.ndarray]:
+    """The records with experts as [n, layers, k] int64, the class table as int64, both checked, and the held-out
+    mask per row (all False when no topic was held out)."""
+    experts = np.asarray(records.experts, dtype=np.int64)
+    records = replace(records, experts=experts[:, :, None] if experts.ndim == 2 else experts)
+    token_class_of_id = np.asarray(token_class_of_id, dtype=np.int64)
+    _check(records, records.experts, token_class_of_id)
+    n_tokens = records.experts.shape[0]
+    held_out = np.zeros(n_tokens, bool) if records.held_out is None else np.asarray(records.held_out, bool)
+    return records, token_class_of_id, held_out
+
+
+@dataclass
+class _Resampled:
+    """Per layer the document-bootstrap draws of its measures and its permutation nulls."""
+
+    draws: list[list[dict]]
+    topic_nulls: list[list[float]]
+    class_nulls: list[list[float]]
+    conditional_nulls: list[list[float]]
+    movable: list[float | None]  # the share of the conditional null's occurrences that can change topic
+
+
+def _resample(seen: _SeenTables, n_boot: int, n_perm: int, seed: int) -> _Resampled:
+    layers = seen.layers
+    draws = _bootstrap_measures(layers, len(seen.doc_topic), n_boot, seed)
+    topic_nulls = topic_null(layers, seen.doc_topic, n_perm, seed)
+    class_nulls, conditional_nulls, movable = within_document_nulls(
+        layers, seen.doc, seen.doc_topic, seen.token_class, n_perm, seed
+    )
+    return _Resampled(draws, topic_nulls, class_nulls, conditional_nulls, movable)
+
+
+def _seen_references(
+    seen: _SeenTables,
+    router_sample: RouterSample | None,
+    n_classes: int,
+    min_token_count: int,
+    n_random_routers: int,
+    n_boot: int,
+    seed: int,
+) -> list[dict | None]:
+    """Per layer the references on the sampled router inputs of the analysed rows (None without a sample)."""
+    if router_sample is None:
+        return [None] * len(seen.layers)
+    return _references(
+        router_sample,
+        seen.rows,
+        seen.doc,
+        seen.doc_topic,
+        seen.topic,
+        seen.token_class,
+        seen.seen.token_id,
+        len(seen.topics),
+        n_classes,
+        min_token_count,
+        n_random_routers,
+        n_boot,
+        seed,
+    )
+
+
+def _layer_entry(
+    seen: _SeenTables,
+    li: int,
+    resampled: _Resampled,
+    reference: dict | None,
+    n_experts: int,
+    k: int,
+    class_names: list[str],
+    id_to_token: list[str],
+) -> dict:
+    """One layer's block of the output: its measures, co-activation (k >= 2) and references (when drawn)."""
+    layer = seen.layers[li]
+    result = _layer_result(
+        layer,
+        layer.measures(),
+        resampled.draws[li],
+        resampled.topic_nulls[li],
+        resampled.class_nulls[li],
+        resampled.conditional_nulls[li],
+        seen.topics,
+        class_names,
+        id_to_token,
+    )
+    result["conditional_topic"]["null_movable_share"] = resampled.movable[li]
+    entry = {
+        "layer": layer.name,
+        "layer_index": li,
+        **result,
+        "coactivation": _coactivation(seen.seen.experts[:, li, :], n_experts) if k >= 2 else None,
+    }
+    if reference is not None:
+        entry["references"] = reference
+    return entry
+
+
+def _topic_groups(records: RoutingRecords, held_out: np.ndarray, pool_held_out: bool) -> dict:
+    return {
+        "seen": sorted({records.topic_names[t] for t in np.unique(records.topic[~held_out])}),
+        "held_out": sorted({records.topic_names[t] for t in np.unique(records.topic[held_out])}),
+        "pooled": bool(pool_held_out),
+    }
+
+
+def _settings(
+    n_boot: int, n_perm: int, seed: int, min_token_count: int, router_sample: RouterSample | None, n_random_routers: int
+) -> dict:
+    settings = {
+        "n_boot": int(n_boot),
+        "n_perm": int(n_perm),
+        "seed": int(seed),
+        "min_token_count": int(min_token_count),
+    }
+    if router_sample is not None:
+        settings["references"] = _reference_settings(router_sample, n_random_routers)
+    return settings
+
+
 def analyze_routing(
     records: RoutingRecords,
     token_class_of_id: np.ndarray,
@@ -452,86 +573,30 @@ def analyze_routing(
     train_token_ids: the token ids that occur in the training split (for the held-out topics' unfamiliar pieces);
     pool_held_out: analyse the held-out topics together with the seen ones, as the earlier study did.
     """
-    experts = np.asarray(records.experts, dtype=np.int64)
-    records = replace(records, experts=experts[:, :, None] if experts.ndim == 2 else experts)
-    token_class_of_id = np.asarray(token_class_of_id, dtype=np.int64)
-    _check(records, records.experts, token_class_of_id)
-    n_tokens, n_layers, k = records.experts.shape
-    held_out = np.zeros(n_tokens, bool) if records.held_out is None else np.asarray(records.held_out, bool)
+    records, token_class_of_id, held_out = _prepared_records(records, token_class_of_id)
+    k = records.experts.shape[2]
     seen = _seen_tables(
         records, held_out, token_class_of_id, len(class_names), min_token_count, min_topic_docs, pool_held_out
     )
-    layers = seen.layers
-    draws = _bootstrap_measures(layers, len(seen.doc_topic), n_boot, seed)
-    topic_nulls = topic_null(layers, seen.doc_topic, n_perm, seed)
-    class_nulls, conditional_nulls, movable = within_document_nulls(
-        layers, seen.doc, seen.doc_topic, seen.token_class, n_perm, seed
+    resampled = _resample(seen, n_boot, n_perm, seed)
+    references = _seen_references(
+        seen, router_sample, len(class_names), min_token_count, n_random_routers, n_boot, seed
     )
-    references = (
-        [None] * n_layers
-        if router_sample is None
-        else _references(
-            router_sample,
-            seen.rows,
-            seen.doc,
-            seen.doc_topic,
-            seen.topic,
-            seen.token_class,
-            seen.seen.token_id,
-            len(seen.topics),
-            len(class_names),
-            min_token_count,
-            n_random_routers,
-            n_boot,
-            seed,
-        )
-    )
-    out_layers = []
-    for li, layer in enumerate(layers):
-        result = _layer_result(
-            layer,
-            layer.measures(),
-            draws[li],
-            topic_nulls[li],
-            class_nulls[li],
-            conditional_nulls[li],
-            seen.topics,
-            class_names,
-            id_to_token,
-        )
-        result["conditional_topic"]["null_movable_share"] = movable[li]
-        out_layers.append(
-            {
-                "layer": layer.name,
-                "layer_index": li,
-                **result,
-                "coactivation": _coactivation(seen.seen.experts[:, li, :], records.n_experts) if k >= 2 else None,
-            }
-        )
-        if references[li] is not None:
-            out_layers[-1]["references"] = references[li]
+    layers = [
+        _layer_entry(seen, li, resampled, references[li], records.n_experts, k, class_names, id_to_token)
+        for li in range(len(seen.layers))
+    ]
     stats = {
         "n_tokens": int(len(seen.rows)),
         "n_documents": int(len(seen.doc_topic)),
         "topics": seen.topics,
-        "groups": {
-            "seen": sorted({records.topic_names[t] for t in np.unique(records.topic[~held_out])}),
-            "held_out": sorted({records.topic_names[t] for t in np.unique(records.topic[held_out])}),
-            "pooled": bool(pool_held_out),
-        },
+        "groups": _topic_groups(records, held_out, pool_held_out),
         "n_experts": int(records.n_experts),
         "k": int(k),
-        "settings": {
-            "n_boot": int(n_boot),
-            "n_perm": int(n_perm),
-            "seed": int(seed),
-            "min_token_count": int(min_token_count),
-        },
-        "layers": out_layers,
+        "settings": _settings(n_boot, n_perm, seed, min_token_count, router_sample, n_random_routers),
+        "layers": layers,
         "held_out_shift": _held_out_shift(records, held_out, train_token_ids, n_boot, seed),
     }
-    if router_sample is not None:
-        stats["settings"]["references"] = _reference_settings(router_sample, n_random_routers)
     if train_token_ids is not None:
         stats["seen_unseen_piece_share"] = _unseen_share(records.token_id[~held_out], train_token_ids)
     return stats
