@@ -18,19 +18,8 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 from process_exp_results.architecture import draw_architecture  # noqa: E402
-from process_exp_results.formatting import (  # noqa: E402
-    MISSING,
-    format_interval,
-    format_number,
-    format_p,
-    p_text,
-    with_interval,
-)
-from process_exp_results.plots import (  # noqa: E402
-    format_count,
-    plot_pooled_expert_histogram,
-    plot_topic_layer_histogram,
-)
+from process_exp_results.formatting import MISSING, format_interval, format_number, format_p, p_text, with_interval  # noqa: E402
+from process_exp_results.plots import format_count, plot_pooled_expert_histogram, plot_topic_layer_histogram  # noqa: E402
 
 
 def _counts(rng, n_layers, n_experts, n_tokens):
