@@ -88,17 +88,90 @@ class ParquetRows:
         self.close()
 
 
-def main() -> None:
-    parser = step_parser(__doc__, {"dataset": ("--config-name", "dataset_params.yaml")})
-    args = parser.parse_args()
-    config = load_step_configs(args, ["dataset"])["dataset"]
-    load_params, data_params = config.load_params, config.data_params
+def check_held_out(data_params) -> None:
+    """An evaluation topic must not also be a training topic."""
     overlap = set(data_params.eval_topics) & set(data_params.train_topics)
     if overlap:
         raise PipelineError(
             f"dataset config: {sorted(overlap)} is in both data_params.eval_topics and "
             f"train_topics; an evaluation topic must be held out of training"
         )
+
+
+def stream_splits(tmp_dir: Path, rows, expected, config, files: dict, topic_files: dict, split_lens: dict):
+    """Split the corpus into the splits and evaluation topics, each row written to its Parquet file as it is kept;
+    every file is closed (last rows and footer written) on return. Returns split_corpus's result."""
+    load_params, data_params = config.load_params, config.data_params
+    (tmp_dir / "topics").mkdir()
+    with contextlib.ExitStack() as writers:
+
+        def new_bucket(kind: str, name: str) -> ParquetRows:
+            path = tmp_dir / (files[name] if kind == "split" else topic_files[name])
+            return writers.enter_context(ParquetRows(path))
+
+        return split_corpus(
+            iter_with_progress(rows, expected, f"step 1: reading {load_params.source} corpus"),
+            split_lens,
+            load_params.topic_len,
+            data_params.eval_topics,
+            data_params.train_topics,
+            new_bucket,
+        )
+
+
+def warn_short(result, split_lens: dict, topic_len: int) -> None:
+    """A warning on stderr for each split and evaluation topic with fewer documents than asked."""
+    for name in SPLITS:
+        if len(result.splits[name]) < split_lens[name]:
+            print(
+                f"warning: {name} has {len(result.splits[name])} documents, fewer than {name}_len="
+                f"{split_lens[name]}: the corpus is smaller than asked",
+                file=sys.stderr,
+            )
+    for topic, topic_rows in result.topics.items():
+        if len(topic_rows) < topic_len:
+            print(
+                f"warning: evaluation topic '{topic}' has {len(topic_rows)} documents, fewer than "
+                f"topic_len={topic_len}",
+                file=sys.stderr,
+            )
+
+
+def write_manifest(path: Path, config, result, files: dict, topic_files: dict, started: float) -> None:
+    write_json_atomic(
+        path,
+        {
+            "step": "load_dataset",
+            "config": config,
+            "seed": config.seed,
+            "files": {**files, "topics": topic_files},
+            "counts": {
+                **{name: len(result.splits[name]) for name in SPLITS},
+                "topics": {topic: len(topic_rows) for topic, topic_rows in result.topics.items()},
+            },
+            "train_topic_counts": dict(result.splits["train"].topic_counts.most_common(50)),
+            "dropped": dict(result.dropped),
+            "content_hash": result.content.hexdigest(),  # changes when the corpus does, even at equal counts
+            "seconds": round(time.time() - started, 2),
+        },
+    )
+
+
+def print_done(result, out_dir: Path, args) -> None:
+    """The one-line summary (documents per split and topic, drops by reason) and the next step's command."""
+    counts = ", ".join(f"{name} {len(result.splits[name])}" for name in SPLITS)
+    topics = ", ".join(f"{topic} {len(topic_rows)}" for topic, topic_rows in result.topics.items())
+    dropped = ", ".join(f"{DROP_REASONS.get(reason, reason)} {count}" for reason, count in result.dropped.items())
+    print(f"step 1 done: {counts}; evaluation topics: {topics}; dropped: {dropped or 'none'}")
+    print(f"wrote {out_dir}/ (next: {step2_command(args)})")
+
+
+def main() -> None:
+    parser = step_parser(__doc__, {"dataset": ("--config-name", "dataset_params.yaml")})
+    args = parser.parse_args()
+    config = load_step_configs(args, ["dataset"])["dataset"]
+    load_params, data_params = config.load_params, config.data_params
+    check_held_out(data_params)
 
     started = time.time()
     datasets.disable_progress_bars()  # many tiny reads and writes here; our own bar shows the progress
@@ -112,60 +185,10 @@ def main() -> None:
     out_dir = check_output_folder(data_params.processed_dir, "dataset.data_params.processed_dir")
     # the rows stream into the temporary folder as they are kept; an error (or Ctrl-C) removes it whole
     with atomic_dir(out_dir) as tmp_dir:
-        (tmp_dir / "topics").mkdir()
-        with contextlib.ExitStack() as writers:
-
-            def new_bucket(kind: str, name: str) -> ParquetRows:
-                path = tmp_dir / (files[name] if kind == "split" else topic_files[name])
-                return writers.enter_context(ParquetRows(path))
-
-            result = split_corpus(
-                iter_with_progress(rows, expected, f"step 1: reading {load_params.source} corpus"),
-                split_lens,
-                load_params.topic_len,
-                data_params.eval_topics,
-                data_params.train_topics,
-                new_bucket,
-            )
-
-        for name in SPLITS:
-            if len(result.splits[name]) < split_lens[name]:
-                print(
-                    f"warning: {name} has {len(result.splits[name])} documents, fewer than {name}_len="
-                    f"{split_lens[name]}: the corpus is smaller than asked",
-                    file=sys.stderr,
-                )
-        for topic, topic_rows in result.topics.items():
-            if len(topic_rows) < load_params.topic_len:
-                print(
-                    f"warning: evaluation topic '{topic}' has {len(topic_rows)} documents, fewer than "
-                    f"topic_len={load_params.topic_len}",
-                    file=sys.stderr,
-                )
-
-        write_json_atomic(
-            tmp_dir / "manifest.json",
-            {
-                "step": "load_dataset",
-                "config": config,
-                "seed": config.seed,
-                "files": {**files, "topics": topic_files},
-                "counts": {
-                    **{name: len(result.splits[name]) for name in SPLITS},
-                    "topics": {topic: len(topic_rows) for topic, topic_rows in result.topics.items()},
-                },
-                "train_topic_counts": dict(result.splits["train"].topic_counts.most_common(50)),
-                "dropped": dict(result.dropped),
-                "content_hash": result.content.hexdigest(),  # changes when the corpus does, even at equal counts
-                "seconds": round(time.time() - started, 2),
-            },
-        )
-
-    counts = ", ".join(f"{name} {len(result.splits[name])}" for name in SPLITS)
-    topics = ", ".join(f"{topic} {len(topic_rows)}" for topic, topic_rows in result.topics.items())
-    dropped = ", ".join(f"{DROP_REASONS.get(reason, reason)} {count}" for reason, count in result.dropped.items())
-    print(f"step 1 done: {counts}; evaluation topics: {topics}; dropped: {dropped or 'none'}")
-    print(f"wrote {out_dir}/ (next: {step2_command(args)})")
+        result = stream_splits(tmp_dir, rows, expected, config, files, topic_files, split_lens)
+        warn_short(result, split_lens, load_params.topic_len)
+        write_manifest(tmp_dir / "manifest.json", config, result, files, topic_files, started)
+    print_done(result, out_dir, args)
 
 
 if __name__ == "__main__":

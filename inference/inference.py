@@ -90,15 +90,8 @@ def run_summary(run_dir: Path, model_config, metric_rows: list[dict]) -> dict:
     }
 
 
-def parse_args() -> argparse.Namespace:
-    parser = step_parser(
-        __doc__,
-        {
-            "dataset": ("--config-dataset", "dataset_params.yaml"),
-            "model": ("--config-model", "model_params.yaml"),
-            "train": ("--config-train", "train_params.yaml"),
-        },
-    )
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Which run to evaluate, where its results go, and the evaluation batch size."""
     parser.add_argument("--save_path", default="process_exp_results/results", help="results go to SAVE_PATH/<run tag>/")
     parser.add_argument(
         "--run",
@@ -106,6 +99,10 @@ def parse_args() -> argparse.Namespace:
         help="run tag under train.save_path, or a run folder; if not given, the last finished run",
     )
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per evaluation batch")
+
+
+def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
+    """The routing analysis (intervals, p-values, references, held-out topics) and the expert ablation."""
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of documents per interval")
     parser.add_argument("--n-perm", type=int, default=200, help="permutations per p-value")
     parser.add_argument(
@@ -138,7 +135,10 @@ def parse_args() -> argparse.Namespace:
         "intervals and topic / token-class tests (ablation.json, figures/ablation_<layer>.png); "
         f"default: on for models with at most {ABLATION_MAX_EXPERTS} experts per layer",
     )
-    args = parser.parse_args()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Counts that must be positive, and a router-input budget that must not be negative."""
     for option, value in (
         ("--batch_size", args.batch_size),
         ("--max-docs-per-group", args.max_docs_per_group),
@@ -153,6 +153,21 @@ def parse_args() -> argparse.Namespace:
         raise PipelineError(
             f"--n-random-routers {args.n_random_routers}: need at least 1 (--max-router-inputs 0 skips the references)"
         )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = step_parser(
+        __doc__,
+        {
+            "dataset": ("--config-dataset", "dataset_params.yaml"),
+            "model": ("--config-model", "model_params.yaml"),
+            "train": ("--config-train", "train_params.yaml"),
+        },
+    )
+    _add_run_options(parser)
+    _add_analysis_options(parser)
+    args = parser.parse_args()
+    _check_args(args)
     return args
 
 

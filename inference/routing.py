@@ -170,6 +170,32 @@ def _expert_indices(output, n_layers: int, ids: torch.Tensor) -> torch.Tensor:
     return torch.full((*ids.shape, 0, 1), -1, dtype=torch.long, device=ids.device)
 
 
+def _route_group(
+    model,
+    dataset,
+    topics: np.ndarray,
+    device,
+    batch_size: int,
+    held_out: bool,
+    hooks: _RouterInputs | None,
+    collected: _Collected,
+) -> None:
+    """One group's encoder passes, batch_size documents each, into `collected`: every real token's record, and
+    with hooks (a sampled group) the router inputs of its sampled tokens. topics: each document's topic index."""
+    start = 0
+    for batch in dataset.with_format("numpy", columns=ROUTING_COLUMNS).iter(batch_size=batch_size):
+        ids = torch.as_tensor(batch["unmasked_ids"], dtype=torch.long, device=device)
+        real = torch.as_tensor(batch["attention_mask"], device=device).bool()
+        output = model.encoder(input_ids=ids, attention_mask=real)
+        experts = _expert_indices(output, len(model.config.moe_layer_indices), ids)
+        collected.add_tokens(ids, real, experts, batch["doc_id"], topics[start : start + len(ids)], held_out)
+        n_real = int(real.sum())
+        if hooks is not None:
+            collected.add_router_inputs(hooks.current, n_real)
+        collected.end_pass(n_real)
+        start += len(ids)
+
+
 @torch.no_grad()
 def collect_routing(
     model,
@@ -210,20 +236,8 @@ def collect_routing(
     try:
         for name, dataset in groups.items():
             topics = np.array([topic_index[topic] for topic in dataset["topic"]], dtype=np.int64)
-            start = 0
-            for batch in dataset.with_format("numpy", columns=ROUTING_COLUMNS).iter(batch_size=batch_size):
-                ids = torch.as_tensor(batch["unmasked_ids"], dtype=torch.long, device=device)
-                real = torch.as_tensor(batch["attention_mask"], device=device).bool()
-                output = model.encoder(input_ids=ids, attention_mask=real)
-                experts = _expert_indices(output, len(model.config.moe_layer_indices), ids)
-                collected.add_tokens(
-                    ids, real, experts, batch["doc_id"], topics[start : start + len(ids)], name in held_out_groups
-                )
-                n_real = int(real.sum())
-                if hooks is not None and name in sampled:
-                    collected.add_router_inputs(hooks.current, n_real)
-                collected.end_pass(n_real)
-                start += len(ids)
+            inputs = hooks if name in sampled else None
+            _route_group(model, dataset, topics, device, batch_size, name in held_out_groups, inputs, collected)
     finally:
         if hooks is not None:
             hooks.remove()

@@ -125,77 +125,91 @@ def expectation(arm: str, layers: list[dict]) -> str:
     return f"reported ({pairs})"
 
 
+def _test_accuracy(folder: Path) -> tuple[float | None, float | None]:
+    """The test split's accuracy and majority baseline from metrics.csv (None, None without a test row)."""
+    import csv
+
+    with open(folder / "metrics.csv", newline="", encoding="utf-8") as handle:
+        test = {r["group"]: r for r in csv.DictReader(handle)}.get("test", {})
+    return (float(test["accuracy"]) if test else None, float(test["majority_accuracy"]) if test else None)
+
+
+def _layer_row(layer: dict, n_layers: int) -> dict:
+    """One layer of routing_stats.json, as the table shows it."""
+    conditional = layer.get("conditional_topic") or {}
+    reference = (layer.get("references") or {}).get("topic") or {}
+    return {
+        "layer": layer["layer"],
+        "topic_nmi": layer["nmi"],
+        "topic_nmi_ci": layer["nmi_ci"],
+        "topic_p": layer["p_value"],
+        "random_load_matched": reference.get("random_load_matched"),
+        "probe": reference.get("probe"),
+        "index": reference.get("index"),
+        "index_ci": reference.get("index_ci"),
+        "cmi_excess": conditional.get("cmi_excess"),
+        "cmi_excess_ci": conditional.get("cmi_excess_ci"),
+        "cmi_p": conditional.get("p_value"),
+        "explained_by": conditional.get("explained_by"),
+        "specialized": specialized(layer, n_layers),
+    }
+
+
+def _add_routing_stats(row: dict, stats: dict, n_perm: int) -> None:
+    """The run's layers, its p threshold and whether it is specialized; with too few permutations to reach the
+    threshold no layer is called specialized either way, and the row says so in its note."""
+    row["topics"] = stats.get("topics")
+    n_layers = len(stats["layers"])
+    row["p_threshold"] = layer_threshold(n_layers)
+    row["layers"].extend(_layer_row(layer, n_layers) for layer in stats["layers"])
+    if n_perm < permutations_needed(row["p_threshold"]):  # no layer can pass the permutation condition
+        for layer in row["layers"]:
+            layer["specialized"] = None
+        row["note"] = (
+            f"--n-perm {n_perm} cannot give p <= {row['p_threshold']:g}, so no layer is called "
+            f"specialized (use --n-perm {permutations_needed(row['p_threshold'])} or more)"
+        )
+    row["specialized"] = any(layer["specialized"] for layer in row["layers"]) if not row.get("note") else None
+
+
+def _run_row(run: dict, results_root: Path, n_perm: int) -> dict:
+    """One run's row: its identity and status, then what its metrics.csv and routing_stats.json hold."""
+    folder = results_root / run["tag"]
+    row = {
+        "arm": run["arm"],
+        "seed": run["seed"],
+        "tag": run["tag"],
+        "status": run["status"],
+        "layers": [],
+        "test_accuracy": None,
+        "test_baseline": None,
+        "specialized": None,
+    }
+    if (folder / "metrics.csv").is_file():
+        row["test_accuracy"], row["test_baseline"] = _test_accuracy(folder)
+    if (folder / "routing_stats.json").is_file():
+        _add_routing_stats(row, json.loads((folder / "routing_stats.json").read_text(encoding="utf-8")), n_perm)
+    return row
+
+
+def _arm_verdict(arm: str, arm_rows: list[dict]) -> str:
+    """The arm's verdict, or "incomplete" where a run has no layers or a layer no references to judge."""
+    notes = sorted({row["note"] for row in arm_rows if row.get("note")})
+    # every layer needs its references: without them there is no index to judge
+    complete = all(row["layers"] and all(layer["random_load_matched"] for layer in row["layers"]) for row in arm_rows)
+    if not complete:
+        return "incomplete (runs failed, or step 4 computed no references: --max-router-inputs 0)"
+    return expectation(arm, [layer for row in arm_rows for layer in row["layers"]]) + (f"; {notes[0]}" if notes else "")
+
+
 def summarize(runs: list[dict], results_root: Path, n_perm: int) -> dict:
     """Per run: the numbers of routing_stats.json and metrics.csv; per arm: whether the expectation held
     (undecided where n_perm permutations cannot give a p-value as small as the threshold)."""
-    import csv
-
-    rows = []
-    for run in runs:
-        folder = results_root / run["tag"]
-        row = {
-            "arm": run["arm"],
-            "seed": run["seed"],
-            "tag": run["tag"],
-            "status": run["status"],
-            "layers": [],
-            "test_accuracy": None,
-            "test_baseline": None,
-            "specialized": None,
-        }
-        if (folder / "metrics.csv").is_file():
-            with open(folder / "metrics.csv", newline="", encoding="utf-8") as handle:
-                test = {r["group"]: r for r in csv.DictReader(handle)}.get("test", {})
-            row["test_accuracy"] = float(test["accuracy"]) if test else None
-            row["test_baseline"] = float(test["majority_accuracy"]) if test else None
-        if (folder / "routing_stats.json").is_file():
-            stats = json.loads((folder / "routing_stats.json").read_text(encoding="utf-8"))
-            row["topics"] = stats.get("topics")
-            n_layers = len(stats["layers"])
-            row["p_threshold"] = layer_threshold(n_layers)
-            for layer in stats["layers"]:
-                conditional = layer.get("conditional_topic") or {}
-                reference = (layer.get("references") or {}).get("topic") or {}
-                row["layers"].append(
-                    {
-                        "layer": layer["layer"],
-                        "topic_nmi": layer["nmi"],
-                        "topic_nmi_ci": layer["nmi_ci"],
-                        "topic_p": layer["p_value"],
-                        "random_load_matched": reference.get("random_load_matched"),
-                        "probe": reference.get("probe"),
-                        "index": reference.get("index"),
-                        "index_ci": reference.get("index_ci"),
-                        "cmi_excess": conditional.get("cmi_excess"),
-                        "cmi_excess_ci": conditional.get("cmi_excess_ci"),
-                        "cmi_p": conditional.get("p_value"),
-                        "explained_by": conditional.get("explained_by"),
-                        "specialized": specialized(layer, n_layers),
-                    }
-                )
-            if n_perm < permutations_needed(row["p_threshold"]):  # no layer can pass the permutation condition
-                for layer in row["layers"]:
-                    layer["specialized"] = None
-                row["note"] = (
-                    f"--n-perm {n_perm} cannot give p <= {row['p_threshold']:g}, so no layer is called "
-                    f"specialized (use --n-perm {permutations_needed(row['p_threshold'])} or more)"
-                )
-            row["specialized"] = any(layer["specialized"] for layer in row["layers"]) if not row.get("note") else None
-        rows.append(row)
-    verdicts = {}
-    for arm in dict.fromkeys(row["arm"] for row in rows):
-        arm_rows = [row for row in rows if row["arm"] == arm]
-        notes = sorted({row["note"] for row in arm_rows if row.get("note")})
-        # every layer needs its references: without them there is no index to judge
-        complete = all(
-            row["layers"] and all(layer["random_load_matched"] for layer in row["layers"]) for row in arm_rows
-        )
-        verdicts[arm] = (
-            "incomplete (runs failed, or step 4 computed no references: --max-router-inputs 0)"
-            if not complete
-            else expectation(arm, [layer for row in arm_rows for layer in row["layers"]])
-            + (f"; {notes[0]}" if notes else "")
-        )
+    rows = [_run_row(run, results_root, n_perm) for run in runs]
+    verdicts = {
+        arm: _arm_verdict(arm, [row for row in rows if row["arm"] == arm])
+        for arm in dict.fromkeys(row["arm"] for row in rows)
+    }
     return {
         "criterion": f"a layer is topic-specialized when its topic specialization index interval (documents and "
         f"random routers resampled) is clear of 0 and its permutation p <= {ALPHA} / (the run's "
@@ -235,7 +249,7 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--out",
@@ -256,7 +270,11 @@ def main() -> None:
         help=SET_HELP + " Applied after the experiment's own sizes.",
     )
     parser.add_argument("--overwrite", action="store_true", help="redo finished runs")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def chosen_arms(args: argparse.Namespace) -> list[str]:
+    """The --arms list, once --arms, --seeds and the --set keys are checked (the experiment sets some itself)."""
     arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown or not arms:
@@ -267,9 +285,13 @@ def main() -> None:
         key = parse_override(text)
         if ".".join([key[0], *key[1]]) in PLACED_KEYS | set(next(iter(ARMS.values()))) | {"train.random_seed"}:
             raise PipelineError(f"--set {text}: the experiment sets this key itself")
-    out_dir = Path(args.out)
+    return arms
+
+
+def sweep_runner(args: argparse.Namespace, out_dir: Path) -> argparse.Namespace:
+    """What sweep.py's plan_runs and execute need: the demo configs, the experiment's sizes, then the --set texts."""
     sizes = [f"{key}={json.dumps(value)}" for key, value in SIZES.items()]
-    runner = argparse.Namespace(
+    return argparse.Namespace(
         config_dataset="demo/dataset_params.yaml",
         config_model="demo/model_params.yaml",
         config_train="demo/train_params.yaml",
@@ -277,15 +299,37 @@ def main() -> None:
         overwrite=args.overwrite,
         step4_options=["--n-boot", str(args.n_boot), "--n-perm", str(args.n_perm)],
     )
+
+
+def plan_arm_runs(runner: argparse.Namespace, arms: list[str], seeds: int, out_dir: Path) -> list[dict]:
+    """One run per arm and seed, tagged <arm>__seed-<seed>, each labelled with its arm and seed."""
     assignments, tags, labels = [], [], []
     for arm in arms:
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             assignments.append({**ARMS[arm], "train.random_seed": seed})
             tags.append(f"{arm}__seed-{seed}")
             labels.append((arm, seed))
     runs = plan_runs(runner, assignments, out_dir, tags)
     for run, (arm, seed) in zip(runs, labels):  # data folders: one per overlap (seed, freezing: step 3 only)
         run["arm"], run["seed"] = arm, seed
+    return runs
+
+
+def write_summary(summary: dict, out_dir: Path) -> None:
+    """known_structure.json and known_structure.md; the table is printed too."""
+    write_json_atomic(out_dir / "known_structure.json", summary)
+    table = markdown(summary)
+    write_text_atomic(out_dir / "known_structure.md", table + "\n")
+    print(table)
+    print(f"table: {out_dir / 'known_structure.md'} and {out_dir / 'known_structure.json'}")
+
+
+def main() -> None:
+    args = parse_args()
+    arms = chosen_arms(args)
+    out_dir = Path(args.out)
+    runner = sweep_runner(args, out_dir)
+    runs = plan_arm_runs(runner, arms, args.seeds, out_dir)
     print(f"known structure: {len(runs)} runs ({', '.join(arms)} x {args.seeds} seeds) in {out_dir}")
     execute(runner, runs, out_dir, {"experiment": "known_structure", "arms": {arm: ARMS[arm] for arm in arms}})
     summary = summarize(runs, out_dir / "results", args.n_perm)
@@ -296,11 +340,7 @@ def main() -> None:
         "n_perm": args.n_perm,
         "seeds": args.seeds,
     }
-    write_json_atomic(out_dir / "known_structure.json", summary)
-    table = markdown(summary)
-    write_text_atomic(out_dir / "known_structure.md", table + "\n")
-    print(table)
-    print(f"table: {out_dir / 'known_structure.md'} and {out_dir / 'known_structure.json'}")
+    write_summary(summary, out_dir)
     if any(row["status"] == "failed" for row in summary["runs"]):
         sys.exit(1)
 

@@ -200,6 +200,54 @@ def data_is_current(step: int, folder: str, settings: dict) -> bool:
     return found == json.loads(json.dumps(settings))
 
 
+def save_manifest(sweep_dir: Path, manifest: dict, runs: list[dict]) -> None:
+    """sweep.json as it stands: the manifest with each run's current state (less its data settings)."""
+    write_json_atomic(
+        sweep_dir / MANIFEST,
+        {**manifest, "runs": [{key: value for key, value in run.items() if key != "data_settings"} for run in runs]},
+    )
+
+
+def step_log(sweep_dir: Path, run: dict, step: int, folder: str | None) -> Path:
+    """A step's log: named after its data folder for steps 1 and 2 (shared by runs), after the run otherwise."""
+    name = f"{Path(folder).parent.name}-{Path(folder).name}" if folder else run["tag"]
+    return sweep_dir / "logs" / f"{name}.step{step}.log"
+
+
+def run_steps(args: argparse.Namespace, run: dict, sweep_dir: Path, data_status: dict[str, str]) -> None:
+    """Steps 1-4 of one run, up to the first failure (recorded in run). A data folder made or failed for an
+    earlier run, or left current by an earlier invocation, is not made again; data_status records each outcome."""
+    run["status"], run["error"] = "ok", None
+    for step in (1, 2, 3, 4):
+        folder = {1: run["processed_dir"], 2: run["masked_dir"]}.get(step)
+        log = step_log(sweep_dir, run, step, folder)
+        if folder is not None and folder in data_status:  # made (or failed) for an earlier run
+            ok, error = not data_status[folder], data_status[folder]
+        elif folder is not None and not args.overwrite and data_is_current(step, folder, run["data_settings"][step]):
+            ok, error = True, ""  # made by an earlier invocation of this sweep, with the same settings
+        else:
+            print(f"  step {step} ...", flush=True)
+            ok, error = run_logged(step_command(step, args, run, sweep_dir), log)
+        if folder is not None:
+            data_status[folder] = error
+        if not ok:
+            run["status"], run["failed_step"], run["error"], run["log"] = "failed", step, error, str(log)
+            print(f"  FAILED at step {step}: {error} (log: {log})", file=sys.stderr)
+            break
+
+
+def print_outcome(runs: list[dict], sweep_dir: Path) -> list[dict]:
+    """The table of runs (results folder, or the error of a failed run) and the manifest's path; returns the failed."""
+    failed = [run for run in runs if run["status"] == "failed"]
+    print(f"\n{'run':<40}{'status':<14}results")
+    for run in runs:
+        print(f"{run['tag']:<40}{run['status']:<14}{run['results_dir'] if run['status'] != 'failed' else run['error']}")
+    print(f"manifest: {sweep_dir / MANIFEST}")
+    if failed:
+        print(f"{len(failed)} of {len(runs)} run(s) failed", file=sys.stderr)
+    return failed
+
+
 def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: dict) -> list[dict]:
     """Run steps 1-4 for every planned run, going on past failures; write sweep.json; return the failed runs.
     args also needs `overwrite`; extra: more manifest keys (e.g. the grid)."""
@@ -212,16 +260,6 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
         "sets": list(args.overrides),
         "runs": runs,
     }
-
-    def save() -> None:
-        write_json_atomic(
-            sweep_dir / MANIFEST,
-            {
-                **manifest,
-                "runs": [{key: value for key, value in run.items() if key != "data_settings"} for run in runs],
-            },
-        )
-
     data_status: dict[str, str] = {}  # data folder -> "" (made) or why it failed
     for number, run in enumerate(runs, 1):
         started = time.perf_counter()
@@ -231,45 +269,11 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
             print(f"[{number}/{len(runs)}] {run['tag']}: done earlier ({results})")
             continue
         print(f"[{number}/{len(runs)}] {run['tag']}", flush=True)
-        run["status"], run["error"] = "ok", None
-        for step in (1, 2, 3, 4):
-            folder = {1: run["processed_dir"], 2: run["masked_dir"]}.get(step)
-            log = (
-                sweep_dir
-                / "logs"
-                / (
-                    f"{Path(folder).parent.name}-{Path(folder).name}.step{step}.log"
-                    if folder
-                    else f"{run['tag']}.step{step}.log"
-                )
-            )
-            if folder is not None and folder in data_status:  # made (or failed) for an earlier run
-                ok, error = not data_status[folder], data_status[folder]
-            elif (
-                folder is not None and not args.overwrite and data_is_current(step, folder, run["data_settings"][step])
-            ):
-                ok, error = True, ""  # made by an earlier invocation of this sweep, with the same settings
-            else:
-                print(f"  step {step} ...", flush=True)
-                ok, error = run_logged(step_command(step, args, run, sweep_dir), log)
-            if folder is not None:
-                data_status[folder] = error
-            if not ok:
-                run["status"], run["failed_step"], run["error"], run["log"] = "failed", step, error, str(log)
-                print(f"  FAILED at step {step}: {error} (log: {log})", file=sys.stderr)
-                break
+        run_steps(args, run, sweep_dir, data_status)
         run["seconds"] = round(time.perf_counter() - started, 1)
-        save()
-    save()
-
-    failed = [run for run in runs if run["status"] == "failed"]
-    print(f"\n{'run':<40}{'status':<14}results")
-    for run in runs:
-        print(f"{run['tag']:<40}{run['status']:<14}{run['results_dir'] if run['status'] != 'failed' else run['error']}")
-    print(f"manifest: {sweep_dir / MANIFEST}")
-    if failed:
-        print(f"{len(failed)} of {len(runs)} run(s) failed", file=sys.stderr)
-    return failed
+        save_manifest(sweep_dir, manifest, runs)
+    save_manifest(sweep_dir, manifest, runs)
+    return print_outcome(runs, sweep_dir)
 
 
 def main() -> None:
