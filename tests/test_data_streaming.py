@@ -6,11 +6,14 @@ from collections import Counter
 import datasets
 import pyarrow.parquet as pq
 
+# isort: off
+from helpers import check_ok, run_step_in_process, step_config_args, tiny_sets
 from data_processors import load_dataset  # its import points sys.path[0] at the repo: import helpers first
+
+# isort: on
 from data_processors.builtin_corpus import generate_documents
 from data_processors.load_dataset import SCHEMA, ParquetRows
 from data_processors.splitting import SPLITS, split_corpus
-from helpers import check_ok, run_step_in_process, step_config_args, tiny_sets  # noqa: I001
 
 LENS = {"train": 300, "valid": 40, "test": 40}
 
