@@ -638,40 +638,14 @@ def _symmetric_limit(values: np.ndarray) -> float:
     return limit if limit > 0 else 1.0
 
 
-@dataclass
-class _HeatmapLayout:
-    """Sizes of the ablation heatmap, in inches: row labels, cells, then the colour bar."""
-
-    fig_w: float
-    fig_h: float
-    label_in: float
-    cell_in: float
-    n_rows: int
-    n_cols: int
-
-    def heatmap_rect(self) -> tuple[float, float, float, float]:
-        return (
-            self.label_in / self.fig_w,
-            0.75 / self.fig_h,
-            self.cell_in * self.n_cols / self.fig_w,
-            0.42 * self.n_rows / self.fig_h,
-        )
-
-    def colorbar_rect(self) -> tuple[float, float, float, float]:
-        return (
-            (self.label_in + self.cell_in * self.n_cols + 0.2) / self.fig_w,
-            0.75 / self.fig_h,
-            0.18 / self.fig_w,
-            0.42 * self.n_rows / self.fig_h,
-        )
-
-
-def _heatmap_layout(row_labels: Sequence[str], n_experts: int) -> _HeatmapLayout:
+def _heatmap_layout(row_labels: Sequence[str], n_experts: int):
     n_rows, n_cols = max(len(row_labels), 1), max(n_experts, 1)
     cell_in = 0.62 if n_cols <= 12 else 0.5
     label_in = 0.3 + 0.075 * max([len(label) for label in row_labels] + [4])
     fig_w = max(6.0, label_in + cell_in * n_cols + 1.8)
-    return _HeatmapLayout(fig_w, 1.5 + 0.42 * n_rows, label_in, cell_in, n_rows, n_cols)
+    from process_exp_results.plots import HeatmapLayout  # matplotlib only where a figure is drawn
+
+    return HeatmapLayout(fig_w, 1.5 + 0.42 * n_rows, label_in, cell_in, n_rows, n_cols)
 
 
 def _write_cell_values(ax, values: np.ndarray, cmap, norm, fontsize: float) -> None:
@@ -729,11 +703,11 @@ def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
     layout = _heatmap_layout(row_labels, len(experts))
     fig = Figure(figsize=(layout.fig_w, layout.fig_h), dpi=DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes(layout.heatmap_rect())
+    ax = fig.add_axes(layout.cells_rect())
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     _write_cell_values(ax, values, cmap, norm, 8.0 if layout.n_cols <= 8 else 6.5)
     _style_heatmap_axes(ax, experts, row_labels)
-    _draw_colorbar(fig, image, layout.colorbar_rect(), limit)
+    _draw_colorbar(fig, image, layout.colour_bar_rect(), limit)
     fig_h = layout.fig_h
     fig.suptitle(
         f"Expert ablation, {layer}: MLM loss increase when one expert is disabled",

@@ -352,39 +352,40 @@ def plot_topic_layer_histogram(
 
 
 @dataclass
-class _HeatmapLayout:
-    """Sizes of the topic x expert heatmap, in inches (left -> right: row labels, cells, colour bar)."""
+class HeatmapLayout:
+    """Sizes of a heatmap figure, in inches (left -> right: row labels, cells, colour bar); the topic x expert
+    heatmap's and the ablation's."""
 
     fig_w: float
     fig_h: float
     label_in: float
     cell_in: float
-    n_topics: int
-    n_experts: int
+    n_rows: int
+    n_cols: int
 
     def cells_rect(self) -> tuple[float, float, float, float]:
         return (
             self.label_in / self.fig_w,
             0.75 / self.fig_h,
-            self.cell_in * self.n_experts / self.fig_w,
-            0.42 * self.n_topics / self.fig_h,
+            self.cell_in * self.n_cols / self.fig_w,
+            0.42 * self.n_rows / self.fig_h,
         )
 
     def colour_bar_rect(self) -> tuple[float, float, float, float]:
         return (
-            (self.label_in + self.cell_in * self.n_experts + 0.2) / self.fig_w,
+            (self.label_in + self.cell_in * self.n_cols + 0.2) / self.fig_w,
             0.75 / self.fig_h,
             0.18 / self.fig_w,
-            0.42 * self.n_topics / self.fig_h,
+            0.42 * self.n_rows / self.fig_h,
         )
 
 
-def _heatmap_layout(labels: Sequence[str], n_topics: int, n_experts: int) -> _HeatmapLayout:
+def _heatmap_layout(labels: Sequence[str], n_topics: int, n_experts: int) -> HeatmapLayout:
     cell_in = 0.62 if n_experts <= 12 else 0.48
     label_in = 0.3 + 0.075 * max(len(label) for label in labels)
     fig_w = max(_MIN_FIG_WIDTH_IN - 1.5, label_in + cell_in * n_experts + 1.6)
     fig_h = 1.5 + 0.42 * n_topics
-    return _HeatmapLayout(fig_w, fig_h, label_in, cell_in, n_topics, n_experts)
+    return HeatmapLayout(fig_w, fig_h, label_in, cell_in, n_topics, n_experts)
 
 
 def _style_heatmap_axes(ax, labels: Sequence[str], n_experts: int) -> None:

@@ -13,6 +13,23 @@ from pathlib import Path
 from config_utils import contracts
 from config_utils.contracts import step_script
 
+# the keys step 4's routing_stats.json holds per MoE layer (DESIGN.md's contract)
+ROUTING_LAYER_KEYS = {
+    "layer",
+    "layer_index",
+    "nmi",
+    "nmi_ci",
+    "p_value",
+    "js",
+    "js_ci",
+    "topic_expert_counts",
+    "token_class",
+    "token_id",
+    "conditional_topic",
+    "vocabulary",
+    "coactivation",
+}
+
 REPO = Path(__file__).resolve().parents[1]
 STEP_SCRIPTS = {step: step_script(step) for step in contracts.STEP_SCRIPTS}
 STEP_MODULES = contracts.STEP_MODULES

@@ -19,6 +19,7 @@ from helpers import (
     step_config_args,
     tiny_sets,
 )
+from inference.inference import METRIC_COLUMNS
 
 SWEEP = REPO / "process_exp_results" / "sweep.py"
 COMPARE = REPO / "process_exp_results" / "compare_runs.py"
@@ -340,18 +341,7 @@ def fake_result(folder, accuracy: float, stats: dict | None) -> None:
     folder.mkdir(parents=True)
     with open(folder / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "group",
-                "documents",
-                "real_tokens",
-                "masked_tokens",
-                "mlm_loss",
-                "accuracy",
-                "perplexity",
-                "majority_accuracy",
-            ]
-        )
+        writer.writerow(METRIC_COLUMNS)
         writer.writerow(["test", 10, 500, 75, 4.5, accuracy, 90.0, 0.09])
         writer.writerow(["gaming", 10, 500, 75, 6.5, 0.05, 600.0, 0.04])
     if stats is not None:

@@ -8,23 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import DEMO_CONFIGS, check_ok, run_step, run_step_in_process, step_config_args, tiny_sets
+from helpers import (
+    DEMO_CONFIGS,
+    ROUTING_LAYER_KEYS,
+    check_ok,
+    run_step,
+    run_step_in_process,
+    step_config_args,
+    tiny_sets,
+)
 
-SPEC_LAYER_KEYS = {
-    "layer",
-    "layer_index",
-    "nmi",
-    "nmi_ci",
-    "p_value",
-    "js",
-    "js_ci",
-    "topic_expert_counts",
-    "token_class",
-    "token_id",
-    "conditional_topic",
-    "vocabulary",
-    "coactivation",
-}
+SPEC_LAYER_KEYS = ROUTING_LAYER_KEYS  # what step 4 promises per layer (tests/helpers.py)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers import ROUTING_LAYER_KEYS
 from process_exp_results.information import nmi as _nmi
 from process_exp_results.report import stats_csv_rows, summary_sentences
 from process_exp_results.resampling import Cells as _Cells
@@ -294,21 +295,7 @@ def test_document_level_dependence_does_not_fool_the_topic_test():
 # ---------------------------------------------------------------------------------------------- (i) shape
 
 TOP_KEYS = {"n_tokens", "n_documents", "topics", "groups", "n_experts", "k", "settings", "layers", "held_out_shift"}
-LAYER_KEYS = {
-    "layer",
-    "layer_index",
-    "nmi",
-    "nmi_ci",
-    "p_value",
-    "js",
-    "js_ci",
-    "topic_expert_counts",
-    "token_class",
-    "token_id",
-    "conditional_topic",
-    "vocabulary",
-    "coactivation",
-}
+LAYER_KEYS = ROUTING_LAYER_KEYS
 
 
 def test_output_is_json_with_the_spec_keys():
