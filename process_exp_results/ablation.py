@@ -694,7 +694,7 @@ def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 
-    from process_exp_results.plots import DPI, save_figure_atomic
+    from process_exp_results.plots import DPI, heatmap_titles, save_figure_atomic
 
     experts, row_labels, values = _ablation_table(ablation[layer])
     limit = _symmetric_limit(values)
@@ -708,23 +708,10 @@ def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
     _write_cell_values(ax, values, cmap, norm, 8.0 if layout.n_cols <= 8 else 6.5)
     _style_heatmap_axes(ax, experts, row_labels)
     _draw_colorbar(fig, image, layout.colour_bar_rect(), limit)
-    fig_h = layout.fig_h
-    fig.suptitle(
+    heatmap_titles(
+        fig,
         f"Expert ablation, {layer}: MLM loss increase when one expert is disabled",
-        fontsize=11.5,
-        fontweight="bold",
-        x=0.02,
-        ha="left",
-        y=1.0 - 0.12 / fig_h,
-        va="top",
-    )
-    fig.text(
-        0.02,
-        1.0 - 0.45 / fig_h,
         "red = loss rises without the expert, blue = it falls; white = no change",
-        fontsize=8.5,
-        color="0.3",
-        ha="left",
-        va="top",
+        layout.fig_h,
     )
     return save_figure_atomic(fig, path)

@@ -408,25 +408,10 @@ def _share_colour_bar(fig: Figure, image, cax, norm, uniform: float) -> None:
     bar.set_label(f"% of topic's tokens\n(white = uniform {uniform:.3g}%)", fontsize=8.5)
 
 
-def _heatmap_titles(fig: Figure, layer_name: str, uniform: float, fig_h: float) -> None:
-    fig.suptitle(
-        f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
-        fontsize=11.5,
-        fontweight="bold",
-        x=0.02,
-        ha="left",
-        y=1.0 - 0.12 / fig_h,
-        va="top",
-    )
-    fig.text(
-        0.02,
-        1.0 - 0.45 / fig_h,
-        f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
-        fontsize=8.5,
-        color="0.3",
-        ha="left",
-        va="top",
-    )
+def heatmap_titles(fig: Figure, title: str, subtitle: str, fig_h: float) -> None:
+    """A heatmap's bold title and grey one-line key, top left (the topic x expert and the ablation heatmaps)."""
+    fig.suptitle(title, fontsize=11.5, fontweight="bold", x=0.02, ha="left", y=1.0 - 0.12 / fig_h, va="top")
+    fig.text(0.02, 1.0 - 0.45 / fig_h, subtitle, fontsize=8.5, color="0.3", ha="left", va="top")
 
 
 def plot_topic_expert_heatmap(topic_names: Sequence[str], counts, path: str | os.PathLike, layer_name: str) -> Path:
@@ -459,7 +444,12 @@ def plot_topic_expert_heatmap(topic_names: Sequence[str], counts, path: str | os
     _write_cell_shares(ax, shares, cmap, norm)
     _style_heatmap_axes(ax, labels, n_experts)
     _share_colour_bar(fig, image, fig.add_axes(layout.colour_bar_rect()), norm, uniform)
-    _heatmap_titles(fig, layer_name, uniform, layout.fig_h)
+    heatmap_titles(
+        fig,
+        f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
+        f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
+        layout.fig_h,
+    )
     return save_figure_atomic(fig, path)
 
 
