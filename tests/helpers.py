@@ -179,6 +179,24 @@ def leftover_temporaries(folder: Path) -> list[Path]:
     return [path for path in folder.rglob(".*") if ".tmp" in path.name or ".old-" in path.name]
 
 
+def small_moe_config(**overrides):
+    """A two-block, four-expert model small enough for a unit test; overrides change any setting."""
+    from models import MoEEncoderConfig
+
+    settings = dict(
+        vocab_size=50,
+        embedding_dim=16,
+        seq_len=16,
+        num_head=2,
+        n_encoder_blocks=2,
+        n_experts=4,
+        top_k_experts=2,
+        moe_dim=16,
+        dropout=0.0,
+    )
+    return MoEEncoderConfig(**{**settings, **overrides})
+
+
 def relative_error(actual, expected) -> float:
     """||actual - expected|| / ||expected||, in float64 on the CPU (tensors of any dtype and device)."""
     actual, expected = actual.double().cpu(), expected.double().cpu()

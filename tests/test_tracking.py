@@ -19,6 +19,7 @@ from helpers import (
     run_step,
     run_step_in_process,
     sets,
+    small_moe_config,
     step_config_args,
 )
 
@@ -294,22 +295,8 @@ def one_train_step(config, seed: int = 0):
 def test_expert_choice_training_metrics_are_the_layers_own():
     """An expert-choice token no expert picked is still a real token: the logged dropped_fraction is the layer's d
     (it read d(1-d) when real tokens were counted as expert_index >= 0) and the z-loss is not scaled by (1-d)."""
-    from models import MoEEncoderConfig
 
-    config = MoEEncoderConfig(
-        vocab_size=50,
-        embedding_dim=16,
-        seq_len=16,
-        num_head=2,
-        n_encoder_blocks=2,
-        n_experts=4,
-        top_k_experts=1,
-        moe_dim=16,
-        dropout=0.0,
-        router_type="expert_choice",
-        capacity_factor=0.5,
-        router_z_loss_coef=0.1,
-    )
+    config = small_moe_config(top_k_experts=1, router_type="expert_choice", capacity_factor=0.5, router_z_loss_coef=0.1)
     result, stats = one_train_step(config)
     dropped = [float(layer.dropped_fraction) for layer in stats]
     assert min(dropped) > 0.3  # capacity 0.5: at least half the tokens are picked by no expert
@@ -318,22 +305,8 @@ def test_expert_choice_training_metrics_are_the_layers_own():
 
 
 def test_token_choice_training_metrics_are_the_layers_own():
-    from models import MoEEncoderConfig
 
-    config = MoEEncoderConfig(
-        vocab_size=50,
-        embedding_dim=16,
-        seq_len=16,
-        num_head=2,
-        n_encoder_blocks=2,
-        n_experts=4,
-        top_k_experts=2,
-        moe_dim=16,
-        dropout=0.0,
-        capacity_factor=0.6,
-        router_z_loss_coef=0.1,
-        load_balance_coef=0.01,
-    )
+    config = small_moe_config(capacity_factor=0.6, router_z_loss_coef=0.1, load_balance_coef=0.01)
     result, stats = one_train_step(config)
     assert result.layer_metrics["dropped_fraction"] == pytest.approx([float(s.dropped_fraction) for s in stats])
     assert result.layer_metrics["z_loss"] == pytest.approx([float(s.z_loss.detach()) for s in stats], rel=1e-6)

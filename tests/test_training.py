@@ -19,6 +19,7 @@ from helpers import (
     prepare_tiny_data,
     run_step_in_process,
     sets,
+    small_moe_config,
     step_config_args,
 )
 
@@ -256,22 +257,11 @@ def test_loop_loss_equals_the_models_loss_in_one_process():
     """The global-batch loss the loop differentiates is the model's own loss when there is one process."""
     from accelerate import Accelerator
 
-    from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+    from models import MoEEncoderForMaskedLM
     from train.loop import global_balancing_loss, step_loss
 
     torch.manual_seed(0)
-    config = MoEEncoderConfig(
-        vocab_size=50,
-        embedding_dim=16,
-        seq_len=12,
-        num_head=2,
-        n_encoder_blocks=2,
-        n_experts=4,
-        top_k_experts=2,
-        moe_dim=16,
-        dropout=0.0,
-        router_z_loss_coef=0.1,
-    )
+    config = small_moe_config(seq_len=12, router_z_loss_coef=0.1)
     model = MoEEncoderForMaskedLM(config)
     input_ids = torch.randint(5, 50, (3, 12))
     attention_mask = torch.ones(3, 12, dtype=torch.bool)
@@ -297,21 +287,10 @@ def test_loop_loss_equals_the_models_loss_in_one_process():
 def test_biases_and_layer_norms_are_not_decayed_stacked_expert_biases_included():
     """BERT's recipe: weight decay on weight matrices and embeddings only. The stacked experts' biases are 2-D
     ([E, h], [E, d]), so a rule on ndim alone decayed them."""
-    from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+    from models import MoEEncoderForMaskedLM
     from train.loop import optimizer_for
 
-    model = MoEEncoderForMaskedLM(
-        MoEEncoderConfig(
-            vocab_size=50,
-            embedding_dim=16,
-            seq_len=12,
-            num_head=2,
-            n_encoder_blocks=2,
-            n_experts=4,
-            top_k_experts=2,
-            moe_dim=16,
-        )
-    )
+    model = MoEEncoderForMaskedLM(small_moe_config(seq_len=12))
     optimizer = optimizer_for(model, learning_rate=1e-3, weight_decay=0.01, fused=False)
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     names = dict(model.named_parameters())
