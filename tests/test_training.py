@@ -301,3 +301,27 @@ def test_biases_and_layer_norms_are_not_decayed_stacked_expert_biases_included()
         expected = 0.0 if is_bias or in_norm else 0.01
         assert decay_of[id(parameter)] == expected, (name, tuple(parameter.shape))
     assert any(name.endswith(".b_in") and p.ndim == 2 for name, p in names.items())  # the case the rule missed
+
+
+def test_a_checkpoint_with_other_optimizer_groups_is_refused_in_one_line(tmp_path):
+    """A checkpoint from before the weight-decay fix holds two parameter groups of other sizes: resuming it must
+    say why in one line (load_checkpoint adds the folder and the command that starts again), not raise torch's
+    ValueError."""
+    from config_utils import PipelineError
+    from models import MoEEncoderForMaskedLM
+    from train.checkpoints import optimizer_tensors, restore_optimizer
+    from train.loop import optimizer_for
+
+    model = MoEEncoderForMaskedLM(small_moe_config())
+    old_style = torch.optim.AdamW(  # the old rule: decay every parameter with ndim >= 2, the experts' biases too
+        [
+            {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.01},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
+    model(input_ids=torch.randint(5, 50, (2, 16)), labels=torch.randint(5, 50, (2, 16))).loss.backward()
+    old_style.step()
+    tensors, saved = optimizer_tensors(old_style)
+    with pytest.raises(PipelineError, match=r"parameter groups of \[\d+, \d+\] tensors and this optimizer"):
+        restore_optimizer(optimizer_for(model, 1e-3, 0.01, fused=False), tensors, saved)

@@ -75,6 +75,14 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     groups = [
         {**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in saved["param_groups"]
     ]
+    saved_sizes = [len(group["params"]) for group in groups]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != sizes:  # torch would raise a ValueError; same sizes in another order cannot happen (one code)
+        raise PipelineError(
+            f"its optimizer state has parameter groups of {saved_sizes} tensors and this optimizer {sizes}: it was "
+            "made by an earlier version that grouped parameters for weight decay differently (the experts' biases "
+            "are no longer decayed)"
+        )
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -161,7 +169,10 @@ def load_checkpoint(
             f"checkpoint {folder} does not fit the model (missing {sorted(set(missing) - tied)[:3]},"
             f" unexpected {sorted(unexpected)[:3]}); resume with the configs it was made with"
         )
-    restore_optimizer(optimizer, optimizer_state, state.pop("optimizer"))
+    try:
+        restore_optimizer(optimizer, optimizer_state, state.pop("optimizer"))
+    except PipelineError as error:
+        raise PipelineError(f"checkpoint {folder}: {error}: start the run again with `{restart} --overwrite`") from None
     return state
 
 
