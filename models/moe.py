@@ -94,11 +94,8 @@ class _Routed:
 
 
 class MoELayer(nn.Module):
-    """The base of the three kinds; `MoELayer(config)` returns the kind the config names.
-
-    Routed kinds implement `route(tokens) -> _Routed`; this forward selects the real tokens (padding is never
-    routed: it would skew loads, capacities and the balancing loss), adds the shared experts and scatters back.
-    """
+    """The base of the three kinds (forward(hidden, real) -> (output, MoELayerStats)); `MoELayer(config)` returns
+    the kind the config names."""
 
     def __new__(cls, config: MoEEncoderConfig | None = None, *args, **kwargs):
         if cls is MoELayer and config is not None:
@@ -108,8 +105,16 @@ class MoELayer(nn.Module):
     def __init__(self, config: MoEEncoderConfig):
         super().__init__()
         self.n_experts = config.n_experts
+
+
+class RoutedLayer(MoELayer):
+    """Token choice and expert choice: they implement `route(tokens) -> _Routed`; this forward selects the real
+    tokens (padding is never routed: it would skew loads, capacities and the balancing loss), adds the shared
+    experts and scatters back."""
+
+    def __init__(self, config: MoEEncoderConfig):
+        super().__init__(config)
         self.top_k = config.top_k_experts
-        self.router_type = config.router_type
         self.capacity_factor = config.capacity_factor
         d_model = config.embedding_dim
         self.experts = StackedExperts(
@@ -155,7 +160,7 @@ class MoELayer(nn.Module):
         raise NotImplementedError
 
 
-class TokenChoiceLayer(MoELayer):
+class TokenChoiceLayer(RoutedLayer):
     """Each token picks its k best experts (TopKRouter); dropless unless capacity_factor is set."""
 
     def __init__(self, config: MoEEncoderConfig):
@@ -221,7 +226,7 @@ class TokenChoiceLayer(MoELayer):
         return combined
 
 
-class ExpertChoiceLayer(MoELayer):
+class ExpertChoiceLayer(RoutedLayer):
     """Each expert picks its `capacity` tokens (ExpertChoiceRouter); balanced by construction."""
 
     def __init__(self, config: MoEEncoderConfig):
@@ -259,8 +264,7 @@ class DenseBaselineLayer(MoELayer):
     """n_experts=1: exactly a plain FFN (padding rows are computed too; nothing real depends on them)."""
 
     def __init__(self, config: MoEEncoderConfig):
-        nn.Module.__init__(self)  # no router, experts or dispatch
-        self.n_experts, self.top_k, self.router_type, self.capacity_factor = 1, 1, config.router_type, None
+        super().__init__(config)  # no router, experts or dispatch
         self.dense = DenseFFN(config.embedding_dim, config.moe_dim, config.expert_type)
 
     def forward(self, hidden: torch.Tensor, real: RealTokens | torch.Tensor) -> tuple[torch.Tensor, MoELayerStats]:
