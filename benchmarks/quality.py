@@ -31,7 +31,7 @@ import statistics
 import time
 
 from config_utils import PipelineError, run_step, write_json_atomic
-from config_utils.cli import SET_HELP, HelpFormatter
+from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
 from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
 
@@ -291,14 +291,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--figure", default=None, metavar="PATH", help="also save the figure here (e.g. images/...)")
     parser.add_argument("--quick", action="store_true", help="150 steps on the builtin corpus only")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="ROLE.KEY=VALUE",
-        help=SET_HELP + " Applied after the experiment's own settings.",
-    )
+    add_set_option(parser, "Applied after the experiment's own settings.")
     parser.add_argument("--overwrite", action="store_true", help="redo finished runs")
     args = parser.parse_args()
     if args.quick:

@@ -18,6 +18,14 @@ SET_HELP = (
 )
 
 
+def add_set_option(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """The --set option (args.overrides) every step and experiment script takes; note: what the script adds."""
+    help_text = f"{SET_HELP} {note}" if note else SET_HELP
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="ROLE.KEY=VALUE", help=help_text
+    )
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -33,7 +41,7 @@ def step_parser(description: str, config_flags: dict[str, tuple[str, str]]) -> a
             metavar="YAML",
             help=f"{role} config: a name in configs/ (e.g. demo/{default}) or a path",
         )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ROLE.KEY=VALUE", help=SET_HELP)
+    add_set_option(parser)
     return parser
 
 

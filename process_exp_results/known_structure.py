@@ -33,7 +33,7 @@ import argparse
 import json
 
 from config_utils import PipelineError, run_step, write_json_atomic, write_text_atomic
-from config_utils.cli import SET_HELP, HelpFormatter
+from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
 from process_exp_results.formatting import MISSING, format_number, format_p, with_interval
 from process_exp_results.report import band_text
@@ -261,14 +261,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (train.random_seed 0..N-1)")
     parser.add_argument("--n-boot", type=int, default=200, help="step 4: bootstrap resamples per interval")
     parser.add_argument("--n-perm", type=int, default=200, help="step 4: permutations per p-value")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="ROLE.KEY=VALUE",
-        help=SET_HELP + " Applied after the experiment's own sizes.",
-    )
+    add_set_option(parser, "Applied after the experiment's own sizes.")
     parser.add_argument("--overwrite", action="store_true", help="redo finished runs")
     return parser.parse_args()
 
