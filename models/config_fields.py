@@ -58,6 +58,13 @@ MODEL_FIELDS = {
     "embedding_dim": ModelField("int", 256, "model width", required=True, min=1),
     "seq_len": ModelField("int", 64, "tokens per sequence, [CLS] and [SEP] included", required=True, min=4),
     "num_head": ModelField("int", 8, "attention heads", required=True, min=1),
+    "attention": ModelField(
+        "str",
+        "bidirectional",
+        "self-attention: bidirectional (an encoder) or causal (each token sees only earlier ones; the earlier "
+        "study's defect, or a decoder-style comparison)",
+        choices=("bidirectional", "causal"),
+    ),
     "n_encoder_blocks": ModelField("int", 3, "Transformer blocks", required=True, min=1),
     "n_experts": ModelField("int", 4, "experts per MoE layer (1 = dense)", required=True, min=1),
     "top_k_experts": ModelField("int", 1, "experts chosen per token", required=True, min=1),

@@ -1,4 +1,5 @@
-"""Bidirectional pre-LayerNorm Transformer encoder with MoE feed-forward blocks and an MLM head.
+"""Pre-LayerNorm Transformer encoder (bidirectional, or causal with `attention: causal`) with MoE feed-forward
+blocks and an MLM head.
 
 Classes appear in forward order: attention, block (its FFN: models/experts.py or models/moe.py), base encoder, masked-LM model.
 """
@@ -22,6 +23,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_head = config.num_head
         self.dropout = config.dropout
+        self.causal = config.attention == "causal"
         self.qkv = nn.Linear(config.embedding_dim, 3 * config.embedding_dim)  # fused: one matmul for q, k, v
         self.out_proj = nn.Linear(config.embedding_dim, config.embedding_dim)
 
@@ -30,12 +32,13 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(batch_size, seq_len, 3, self.num_head, -1).permute(2, 0, 3, 1, 4)
         # An all-padding sequence would mask every key (NaN); let it attend everywhere instead.
         key_mask = real_token_mask | ~real_token_mask.any(dim=-1, keepdim=True)
+        attn_mask = key_mask[:, None, None, :]  # [B, 1, 1, T], True = attend
+        if self.causal:  # one boolean mask, as SDPA refuses attn_mask with is_causal=True
+            earlier = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
+            # each query keeps itself, so a padding query before every real token still has a key (no NaN)
+            attn_mask = (attn_mask & earlier) | torch.eye(seq_len, dtype=torch.bool, device=x.device)
         y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=key_mask[:, None, None, :],  # [B, 1, 1, T], True = attend; no causal mask
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out_proj(y.transpose(1, 2).reshape(batch_size, seq_len, d_model))
 

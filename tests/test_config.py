@@ -429,6 +429,8 @@ def test_model_schema_and_model_config_share_one_definition():
         ("n_shared_experts", -1, False),
         ("router_type", "expert_choice", True),
         ("router_type", "switch", False),
+        ("attention", "causal", True),
+        ("attention", "sideways", False),
     ],
 )
 def test_model_schema_and_model_config_accept_the_same_values(tmp_path, key, value, allowed):
@@ -447,6 +449,18 @@ def test_model_schema_and_model_config_accept_the_same_values(tmp_path, key, val
     except ValueError:
         config_allowed = False
     assert loader_allowed == config_allowed == allowed
+
+
+def test_attention_defaults_to_bidirectional_and_refuses_other_kinds(tmp_path):
+    from models import MoEEncoderConfig
+
+    raw = demo_raw("model")
+    del raw["attention"]
+    assert load_config("model", str(write_config(tmp_path, raw)), [])["attention"] == "bidirectional"
+    assert MoEEncoderConfig(vocab_size=100).attention == "bidirectional"
+    raw["attention"] = "sideways"
+    message = load_error(tmp_path, "model", raw)
+    assert "'attention'" in message and "bidirectional, causal" in message and "'sideways'" in message
 
 
 def test_model_config_names_the_range_it_refuses():

@@ -320,6 +320,11 @@ def test_model_card_has_the_hub_metadata_and_every_section():
         assert f"\n{heading}\n" in body, heading
     assert "| parameters | 1,234,567 |" in body and "| MoE layers | block 0, block 1 |" in body
     assert "token choice, top-1 with the switch gate, dropless" in body
+    assert "| self-attention, heads | bidirectional, 4 |" in body  # no attention key: an older config
+    card = full_card()
+    card["architecture"] = {**card["architecture"], "attention": "causal"}
+    causal_body = card_parts(model_card(card))[1]
+    assert "| self-attention, heads | causal, 4 |" in causal_body and "A causal Transformer encoder" in causal_body
     assert "| topic gaming | 500 | 26665 | 3813 |" in body and "trained WordPiece, vocabulary 945" in body
     assert "| seed | 7 |" in body and "| precision | bf16 |" in body and "| optimizer steps | 400 |" in body
     assert "step 400" in body and "| MLM loss (nats per masked token) | 4.1776 |" in body  # the last eval

@@ -1,11 +1,13 @@
 """Tests for models/: masking, routing gradients, dispatch vs a naive reference, save/load."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from helpers import relative_error
+from helpers import relative_error, small_moe_config
 from models import (
     MoEEncoderConfig,
     MoEEncoderForMaskedLM,
@@ -76,15 +78,47 @@ def test_padding_does_not_change_real_positions(top_k):
             assert (probs_long[row, n:] == 0).all()
 
 
-def test_attention_is_bidirectional():
-    model = small_model().eval()
-    ids = random_ids(1, 12)
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_only_bidirectional_attention_lets_earlier_positions_see_later_tokens(attention):
+    torch.manual_seed(0)
+    model = MoEEncoderForMaskedLM(small_moe_config(attention=attention)).eval()
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 10:] = False  # padding after the changed token
     changed = ids.clone()
-    changed[0, 9] = (ids[0, 9] % (VOCAB - 1)) + 1  # a different non-pad token, LATER than position 2
+    changed[:, 9] = (ids[:, 9] % (VOCAB - 1)) + 1  # a different non-pad token at position 9
     with torch.no_grad():
-        before = model(ids).logits
-        after = model(changed).logits
-    assert not torch.allclose(before[0, 2], after[0, 2]), "an earlier position must see a later token"
+        before, after = model(ids, attention_mask=mask), model(changed, attention_mask=mask)
+        hidden_before = model.encoder(ids, mask).last_hidden_state
+        hidden_after = model.encoder(changed, mask).last_hidden_state
+    for old, new in ((hidden_before, hidden_after), (before.logits, after.logits)):
+        assert not torch.allclose(old[:, 9], new[:, 9])  # the changed position itself always differs
+        if attention == "causal":
+            torch.testing.assert_close(old[:, :9], new[:, :9], atol=1e-6, rtol=0)
+        else:
+            assert not torch.allclose(old[:, 2], new[:, 2]), "an earlier position must see a later token"
+
+
+def test_causal_attention_gives_every_query_a_key(monkeypatch):
+    """A query with no real key at or before it (left padding, an all-padding row) would get an all-False mask
+    row: NaN on some SDPA backends (CPU's math backend returns 0, so the mask itself is checked)."""
+    torch.manual_seed(0)
+    model = MoEEncoderForMaskedLM(small_moe_config(attention="causal")).eval()
+    sdpa, masks = F.scaled_dot_product_attention, []
+
+    def recording_sdpa(*args, **kwargs):
+        masks.append(kwargs["attn_mask"])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    ids = random_ids(3, 8)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    mask[1, 5:] = False  # right padding
+    mask[2, :] = False  # nothing real
+    with torch.no_grad():
+        assert torch.isfinite(model.encoder(ids, mask).last_hidden_state).all()
+    assert len(masks) == 2 and all(attn_mask.any(dim=-1).all() for attn_mask in masks)
 
 
 def test_top1_router_learns_from_mlm_loss_alone():
@@ -200,6 +234,23 @@ def test_save_and_load_with_auto_class(tmp_path):
     base = AutoModel.from_pretrained(tmp_path)  # the encoder alone loads from the MLM checkpoint
     assert isinstance(base, MoEEncoderModel)
     torch.testing.assert_close(base.token_embedding.weight, model.encoder.token_embedding.weight)
+
+
+def test_save_and_load_keep_causal_attention_and_older_configs_load_bidirectional(tmp_path):
+    torch.manual_seed(0)
+    model = MoEEncoderForMaskedLM(small_moe_config(attention="causal")).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.attention == "causal" and all(block.attn.causal for block in loaded.encoder.blocks)
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved.pop("attention") == "causal"
+    config_file.write_text(json.dumps(saved))  # as exported before the key existed
+    assert AutoConfig.from_pretrained(tmp_path).attention == "bidirectional"
 
 
 def test_loss_combines_mlm_and_aux_losses():

@@ -23,10 +23,10 @@ def model_card(card: dict) -> str:
     sections = [
         _metadata(card),
         f"# {_title(card)}\n\n"
-        "A bidirectional Transformer encoder whose feed-forward blocks are sparse Mixture-of-Experts layers, "
-        "pretrained with masked language modelling by this project's step 3 (`train/train.py`). The modeling "
-        "code is in this folder (`encoder.py` and the files it imports), so it loads without the project with "
-        "`trust_remote_code=True`.",
+        f"A {_attention(card['architecture'])} Transformer encoder whose feed-forward blocks are sparse "
+        "Mixture-of-Experts layers, pretrained with masked language modelling by this project's step 3 "
+        "(`train/train.py`). The modeling code is in this folder (`encoder.py` and the files it imports), so it "
+        "loads without the project with `trust_remote_code=True`.",
         _architecture(card),
         _training_data(card),
         _training(card),
@@ -67,6 +67,10 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def _attention(arch: dict) -> str:
+    return arch.get("attention", "bidirectional")  # configs saved before the key existed are bidirectional
+
+
 def _architecture(card: dict) -> str:
     arch = card["architecture"]
     n_experts = arch["n_experts"]
@@ -87,7 +91,7 @@ def _architecture(card: dict) -> str:
     rows = [
         ["encoder blocks", arch["n_encoder_blocks"]],
         ["width (embedding_dim)", arch["embedding_dim"]],
-        ["attention heads", arch["num_head"]],
+        ["self-attention, heads", f"{_attention(arch)}, {arch['num_head']}"],
         ["positions (seq_len)", arch["seq_len"]],
         ["vocabulary", arch["vocab_size"]],
         ["experts per MoE layer", n_experts],
@@ -105,7 +109,7 @@ def _architecture(card: dict) -> str:
     ]
     return (
         "## Architecture and config\n\n"
-        "Pre-LayerNorm encoder blocks (bidirectional self-attention, then a feed-forward block), token + "
+        f"Pre-LayerNorm encoder blocks ({_attention(arch)} self-attention, then a feed-forward block), token + "
         "position embeddings, a final LayerNorm and a BERT-style MLM head tied to the input embeddings. "
         "The full config is `config.json`.\n\n" + _table(["", "value"], rows)
     )
