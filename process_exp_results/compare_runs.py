@@ -30,9 +30,11 @@ from matplotlib.figure import Figure
 
 from config_utils import PipelineError, run_step, write_text_atomic
 from config_utils.cli import HelpFormatter
+from process_exp_results.common_eval import read_common_eval
 from process_exp_results.formatting import MISSING, format_number, format_p, with_interval
 from process_exp_results.plots import save_figure_atomic
 from process_exp_results.routing_stats import is_specialized
+from process_exp_results.study_summary import ablation_cells, arm_markdown, summarize_sweep, write_arm_figure
 
 NO_ROUTING = "no routing_stats.json: metrics only"
 
@@ -47,7 +49,13 @@ def find_runs(paths: list[str]) -> list[dict]:
             for run in sweep["runs"]:
                 folder = path / "results" / run["tag"]
                 runs.append(
-                    {"name": run["tag"], "folder": folder, "grid": run.get("grid", {}), "status": run.get("status")}
+                    {
+                        "name": run["tag"],
+                        "folder": folder,
+                        "grid": run.get("grid", {}),
+                        "status": run.get("status"),
+                        "arm": run.get("arm"),  # study.py and known_structure.py label their runs
+                    }
                 )
         elif (path / "metrics.csv").is_file():
             runs.append({"name": path.name, "folder": path, "grid": {}, "status": None})
@@ -69,19 +77,34 @@ def find_runs(paths: list[str]) -> list[dict]:
 
 
 def load_run(run: dict) -> dict:
-    """metrics (group -> row) and routing stats (or None); a missing metrics.csv marks the run as missing."""
-    metrics_path, stats_path = run["folder"] / "metrics.csv", run["folder"] / "routing_stats.json"
+    """metrics (group -> row), routing stats, ablation and common-set evaluation (each None where step 4 or
+    study.py wrote none); a missing metrics.csv marks the run as missing."""
+    metrics_path = run["folder"] / "metrics.csv"
     if not metrics_path.is_file():
         return {
             **run,
             "metrics": {},
             "stats": None,
+            "ablation": None,
+            "common": None,
             "note": f"no results ({run['status']})" if run["status"] else "no metrics.csv",
         }
     with open(metrics_path, newline="", encoding="utf-8") as handle:
         metrics = {row["group"]: row for row in csv.DictReader(handle)}
-    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
-    return {**run, "metrics": metrics, "stats": stats, "note": "" if stats else NO_ROUTING}
+    stats, ablation = (_json_or_none(run["folder"] / name) for name in ("routing_stats.json", "ablation.json"))
+    common = read_common_eval(run["folder"])
+    return {
+        **run,
+        "metrics": metrics,
+        "stats": stats,
+        "ablation": ablation,
+        "common": common,
+        "note": "" if stats else NO_ROUTING,
+    }
+
+
+def _json_or_none(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def as_float(value) -> float:
@@ -114,11 +137,17 @@ LAYER_COLUMNS = [
     "cmi_excess_ci_high",
     "cmi_p",
     "explained_by",
+    "settled_at",
+    "consecutive_excess",
+    "ablation_topic_cells",
+    "ablation_class_cells",
 ]
 
 
-def layer_values(layer: dict) -> dict:
-    """The LAYER_COLUMNS of one layer of routing_stats.json (None where step 4 computed no references)."""
+def layer_values(layer: dict, stats: dict | None = None, ablation: dict | None = None) -> dict:
+    """The LAYER_COLUMNS of one layer of routing_stats.json (None where step 4 computed no references); its
+    saturation and local consistency from the rest of stats, its ablation cells (experts whose loss increase
+    depends on topic / token class at p <= 0.05, of all) from ablation.json."""
     conditional = layer.get("conditional_topic") or {}
     references = layer.get("references") or {}
     topic, token_class = references.get("topic") or {}, references.get("token_class") or {}
@@ -139,7 +168,12 @@ def layer_values(layer: dict) -> dict:
         "cmi_excess": conditional.get("cmi_excess"),
         "cmi_p": conditional.get("p_value"),
         "explained_by": conditional.get("explained_by"),
+        "settled_at": ((stats or {}).get("saturation") or {}).get(layer["layer"], {}).get("settled_at"),
+        "consecutive_excess": ((stats or {}).get("consecutive") or {}).get(layer["layer"], {}).get("top1_excess"),
     }
+    cells = ablation_cells(ablation, layer["layer"])
+    for factor in ("topic", "class"):
+        values[f"ablation_{factor}_cells"] = f"{cells[factor][0]}/{cells[factor][1]}" if cells[factor][1] else None
     for name, interval in (
         ("topic_nmi", layer.get("nmi_ci")),
         ("topic_index", topic.get("index_ci")),
@@ -156,7 +190,7 @@ def table_rows(runs: list[dict]) -> tuple[list[str], list[dict], dict]:
     grid_keys = list(dict.fromkeys(key for run in runs for key in run["grid"]))
     groups = list(dict.fromkeys(group for run in runs for group in run["metrics"]))
     layers = list(dict.fromkeys(layer["layer"] for run in runs if run["stats"] for layer in run["stats"]["layers"]))
-    columns = ["run", *grid_keys]
+    columns = ["run", *grid_keys, "common mlm_loss", "common accuracy"]
     for group in groups:
         columns += [f"{group} mlm_loss", f"{group} accuracy", f"{group} baseline"]
     for layer in layers:
@@ -165,6 +199,8 @@ def table_rows(runs: list[dict]) -> tuple[list[str], list[dict], dict]:
     rows = []
     for run in runs:
         row = {"run": run["name"], **{key: run["grid"].get(key) for key in grid_keys}, "note": run["note"]}
+        row["common mlm_loss"] = as_float((run.get("common") or {}).get("mlm_loss"))
+        row["common accuracy"] = as_float((run.get("common") or {}).get("accuracy"))
         for group, metric in run["metrics"].items():
             row.update(
                 {
@@ -174,7 +210,8 @@ def table_rows(runs: list[dict]) -> tuple[list[str], list[dict], dict]:
                 }
             )
         for layer in (run["stats"] or {}).get("layers", []):
-            row.update({f"{layer['layer']} {name}": value for name, value in layer_values(layer).items()})
+            values = layer_values(layer, run["stats"], run.get("ablation"))
+            row.update({f"{layer['layer']} {name}": value for name, value in values.items()})
         rows.append(row)
     return columns, rows, {"grid_keys": grid_keys, "groups": groups, "layers": layers}
 
@@ -189,9 +226,10 @@ def _with_ci(row: dict, layer: str, name: str, digits: int = 3) -> str:
 
 
 def _layer_cells(row: dict, layer: str) -> list[str]:
-    """The eight cells of one layer: topic NMI, p, random band, the two indices, CMI excess, p, explanation."""
+    """The eleven cells of one layer: topic NMI, p, random band, the two indices, CMI excess, p, explanation,
+    the step its routing settled at, the consecutive-token excess and the ablation's topic-dependent cells."""
     if row.get(f"{layer} topic_nmi") is None:
-        return [MISSING] * 8
+        return [MISSING] * 11
     band = [as_float(row.get(f"{layer} topic_random_{end}")) for end in ("low", "high")]
     return [
         _with_ci(row, layer, "topic_nmi"),
@@ -202,6 +240,9 @@ def _layer_cells(row: dict, layer: str) -> list[str]:
         _with_ci(row, layer, "cmi_excess", 4),
         format_p(as_float(row.get(f"{layer} cmi_p"))),
         str(row[f"{layer} explained_by"]),
+        MISSING if row.get(f"{layer} settled_at") is None else str(row[f"{layer} settled_at"]),
+        _number(row, f"{layer} consecutive_excess"),
+        row.get(f"{layer} ablation_topic_cells") or MISSING,
     ]
 
 
@@ -209,7 +250,7 @@ def markdown_table(rows: list[dict], families: dict) -> str:
     """The same numbers, value and interval in one cell, per group and per layer."""
     grid_keys, groups, layers = families["grid_keys"], families["groups"], families["layers"]
     header = ["run", *[key.rsplit(".", 1)[-1] for key in grid_keys]]
-    header += [f"{group} acc (baseline) / loss" for group in groups]
+    header += ["common set acc / loss"] + [f"{group} acc (baseline) / loss" for group in groups]
     for layer in layers:
         header += [
             f"{layer} topic NMI [CI]",
@@ -220,11 +261,15 @@ def markdown_table(rows: list[dict], families: dict) -> str:
             "CMI excess [CI]",
             "p",
             "explained by",
+            "settled at",
+            "consecutive excess",
+            "ablation: topic cells",
         ]
     header.append("note")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["run"], *[str(row.get(key)) for key in grid_keys]]
+        cells.append(f"{_number(row, 'common accuracy')} / {_number(row, 'common mlm_loss', 2)}")
         cells += [
             f"{_number(row, f'{g} accuracy')} ({_number(row, f'{g} baseline')}) / {_number(row, f'{g} mlm_loss', 2)}"
             for g in groups
@@ -296,6 +341,45 @@ def comparison_figure(runs: list[dict]) -> Figure:
     return fig
 
 
+def compare(paths: list[str], out_dir: Path) -> list[Path]:
+    """comparison.csv / .md / .png in out_dir (the table printed too); for one sweep whose runs carry arms
+    (study.py), also arms.md and arms.png: the arms over their seeds. Returns the files written."""
+    runs = [load_run(run) for run in find_runs(paths)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns, rows, families = table_rows(runs)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out_dir / "comparison.csv", buffer.getvalue())
+    markdown = markdown_table(rows, families)
+    missing = [run["name"] for run in runs if run["stats"] is None]
+    notes = [
+        "acc = masked-token accuracy; baseline = always the group's most frequent masked token; common set = "
+        "study.py's one evaluation set for every run; "
+        "NMI: top choice vs document topic, 95% document-bootstrap interval, p from a document-level "
+        "permutation; random: what random routers with the trained loads give on the same hidden states "
+        "(mean [2.5, 97.5%]); index: 0 = no more than such a router, 1 = as much as the best linear router; "
+        "CMI excess = I(expert; topic | token) minus its permutation null; settled at = the step from which "
+        ">= 90% of probe tokens go to the final top-1 expert; consecutive excess = neighbouring tokens sharing "
+        "a top-1 expert beyond chance; ablation topic cells = experts whose loss increase depends on topic at "
+        "p <= 0.05, of all."
+    ]
+    if missing:
+        notes.append(f"{len(missing)} run(s) without routing_stats.json (metrics only): {', '.join(missing)}")
+    write_text_atomic(out_dir / "comparison.md", markdown + "\n\n" + "\n".join(notes) + "\n")
+    written = [out_dir / "comparison.csv", out_dir / "comparison.md"]
+    written.append(save_figure_atomic(comparison_figure(runs), out_dir / "comparison.png"))
+    print(markdown)
+    print("\n".join(notes))
+    if len(paths) == 1 and (Path(paths[0]) / "sweep.json").is_file() and any(run.get("arm") for run in runs):
+        design = summarize_sweep(Path(paths[0]))
+        write_text_atomic(out_dir / "arms.md", arm_markdown(design) + "\n")
+        written += [out_dir / "arms.md", write_arm_figure(design, out_dir / "arms.png")]
+        print("\n" + arm_markdown(design))
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
@@ -312,34 +396,12 @@ def main() -> None:
         "else process_exp_results/comparison",
     )
     args = parser.parse_args()
-    runs = [load_run(run) for run in find_runs(args.results)]
     single_sweep = len(args.results) == 1 and (Path(args.results[0]) / "sweep.json").is_file()
     out_dir = Path(
         args.out or (Path(args.results[0]) / "comparison" if single_sweep else "process_exp_results/comparison")
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns, rows, families = table_rows(runs)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out_dir / "comparison.csv", buffer.getvalue())
-    markdown = markdown_table(rows, families)
-    missing = [run["name"] for run in runs if run["stats"] is None]
-    notes = [
-        "acc = masked-token accuracy; baseline = always the group's most frequent masked token; "
-        "NMI: top choice vs document topic, 95% document-bootstrap interval, p from a document-level "
-        "permutation; random: what random routers with the trained loads give on the same hidden states "
-        "(mean [2.5, 97.5%]); index: 0 = no more than such a router, 1 = as much as the best linear router; "
-        "CMI excess = I(expert; topic | token) minus its permutation null."
-    ]
-    if missing:
-        notes.append(f"{len(missing)} run(s) without routing_stats.json (metrics only): {', '.join(missing)}")
-    write_text_atomic(out_dir / "comparison.md", markdown + "\n\n" + "\n".join(notes) + "\n")
-    save_figure_atomic(comparison_figure(runs), out_dir / "comparison.png")
-    print(markdown)
-    print("\n".join(notes))
-    print(f"table: {out_dir / 'comparison.csv'} and {out_dir / 'comparison.md'}\nfigure: {out_dir / 'comparison.png'}")
+    written = compare(args.results, out_dir)
+    print("written: " + ", ".join(str(path) for path in written))
 
 
 if __name__ == "__main__":

@@ -248,6 +248,15 @@ def print_outcome(runs: list[dict], sweep_dir: Path) -> list[dict]:
     return failed
 
 
+def earlier_seconds(sweep_dir: Path) -> dict[str, float]:
+    """tag -> seconds, from the sweep.json an earlier invocation left (nothing if there is none)."""
+    try:
+        runs = json.loads((sweep_dir / MANIFEST).read_text(encoding="utf-8"))["runs"]
+        return {run["tag"]: run["seconds"] for run in runs if run.get("seconds") is not None}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: dict) -> list[dict]:
     """Run steps 1-4 for every planned run, going on past failures; write sweep.json; return the failed runs.
     args also needs `overwrite`; extra: more manifest keys (e.g. the grid)."""
@@ -261,11 +270,14 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
         "runs": runs,
     }
     data_status: dict[str, str] = {}  # data folder -> "" (made) or why it failed
+    earlier = earlier_seconds(sweep_dir)
     for number, run in enumerate(runs, 1):
         started = time.perf_counter()
         results = Path(run["results_dir"])
         if (results / "metrics.csv").is_file() and not args.overwrite:
             run["status"] = "done earlier"
+            if run["tag"] in earlier:  # the time it took when it ran
+                run["seconds"] = earlier[run["tag"]]
             print(f"[{number}/{len(runs)}] {run['tag']}: done earlier ({results})")
             continue
         print(f"[{number}/{len(runs)}] {run['tag']}", flush=True)

@@ -1,0 +1,337 @@
+r"""The earlier study, redone: its five masking configurations and its defects as an arm, on real text, with seeds.
+
+Arms (each trained with --seeds seeds, train.random_seed 0..N-1; one seed's data are every seed's data):
+  seq64_mask0.15            seq_len 64, mask 0.15 (the reference arm: its test split is the common set)
+  seq64_mask0.05            seq_len 64, mask 0.05
+  seq128_mask0.10           seq_len 128, mask 0.10
+  seq128_mask0.30           seq_len 128, mask 0.30
+  seq64_mask0.15_balanced   seq_len 64, mask 0.15, train/valid/test balanced over the corpus's main topics
+                            (data_params.train_topics), with the reference arm's tokenizer
+  seed_replica              seq_len 64, mask 0.15 with the earlier model's defects: causal attention, a router
+                            left at its initialisation (train.freeze_router: it never received a gradient) and no
+                            balancing loss
+Designs: `seen` (every topic in training; the routing analysed on the test split) runs every arm; `held_out` (two
+topics held out by step 1, the earlier study's design: topic and unfamiliar text mix) runs the reference arm and
+seed_replica. Corpora: reddit (../shared/data/reddit_sample, topic = subreddit), agnews (../shared/data/ag_news),
+builtin (offline, synthetic; what --quick uses).
+
+The masking comparison is on one common evaluation set per corpus and design: the reference arm's step-2 test
+split (the same documents, cut to 64 tokens, masked once at 0.15 with the dataset seed), less any document the
+balanced arm trained on; every model is scored on those tensors (common_eval.json in its results folder).
+Each corpus and design is one sweep folder (sweep.py: resumable, a failed run is reported and the rest go on;
+rerun the command to finish), compared by compare_runs.py (comparison.md / .csv / .png, and the arm table
+arms.md). Writes study.md (the arm tables of every corpus and design), study.json and study_*.png into --out.
+    python process_exp_results/study.py --out process_exp_results/study                  # reddit and agnews
+    python process_exp_results/study.py --quick --out process_exp_results/study_quick    # builtin, 1 seed
+Extra --set options apply to every run, after the study's own sizes (e.g. --set train.max_steps=800).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import time
+
+from config_utils import PipelineError, run_step, write_json_atomic, write_text_atomic
+from config_utils.cli import HelpFormatter, add_set_option
+from config_utils.config import parse_override
+from process_exp_results import study_summary
+from process_exp_results.compare_runs import compare
+from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+REFERENCE_ARM = "seq64_mask0.15"
+BALANCED_ARM = "seq64_mask0.15_balanced"
+
+
+def _masking(seq_len: int, mask_prob: float) -> dict:
+    return {"model.seq_len": seq_len, "dataset.data_params.mask_prob": mask_prob}
+
+
+ARMS = {
+    REFERENCE_ARM: _masking(64, 0.15),
+    "seq64_mask0.05": _masking(64, 0.05),
+    "seq128_mask0.10": _masking(128, 0.10),
+    "seq128_mask0.30": _masking(128, 0.30),
+    BALANCED_ARM: _masking(64, 0.15),  # + the corpus's train_topics and the reference arm's tokenizer
+    "seed_replica": {
+        **_masking(64, 0.15),
+        "model.attention": "causal",
+        "train.freeze_router": True,
+        "model.load_balance_coef": 0.0,
+    },
+}
+DESIGN_ARMS = {"seen": list(ARMS), "held_out": [REFERENCE_ARM, "seed_replica"]}
+
+# each corpus: where it comes from, its split sizes, the topics the held-out design holds out, and the topics the
+# balanced arm balances over (the corpus's large topics: Reddit's other subreddits have a few posts each)
+CORPORA = {
+    "reddit": {
+        "sets": {
+            "dataset.load_params.source": "files",
+            "dataset.load_params.data_files": [str(SHARED_DATA / "reddit_sample" / "*.csv")],
+            "dataset.load_params.text_field": "body",
+            "dataset.load_params.topic_field": "subreddit",
+            "dataset.load_params.train_len": 1800,
+            "dataset.load_params.valid_len": 100,
+            "dataset.load_params.test_len": 400,
+            "dataset.load_params.topic_len": 500,
+            "dataset.data_params.tokenizer_vocab_size": 4000,
+        },
+        "folder": SHARED_DATA / "reddit_sample",
+        "held_out": ["programming", "gaming"],
+        "balanced": ["programming", "gaming"],
+    },
+    "agnews": {
+        "sets": {
+            "dataset.load_params.source": "files",
+            "dataset.load_params.data_files": [str(SHARED_DATA / "ag_news" / "ag_news.csv")],
+            "dataset.load_params.text_field": "text",
+            "dataset.load_params.topic_field": "topic",
+            "dataset.load_params.train_len": 5000,
+            "dataset.load_params.valid_len": 250,
+            "dataset.load_params.test_len": 750,
+            "dataset.load_params.topic_len": 1000,
+            "dataset.data_params.tokenizer_vocab_size": 4000,
+        },
+        "folder": SHARED_DATA / "ag_news",
+        "held_out": ["scitech", "sports"],
+        "balanced": ["business", "scitech", "sports", "world"],
+    },
+    "builtin": {
+        "sets": {
+            "dataset.load_params.source": "builtin",
+            "dataset.load_params.builtin.n_topics": 4,
+            "dataset.load_params.builtin.n_docs": 2400,
+            "dataset.load_params.train_len": 1500,
+            "dataset.load_params.valid_len": 100,
+            "dataset.load_params.test_len": 300,
+            "dataset.load_params.topic_len": 200,
+            "dataset.data_params.tokenizer_vocab_size": 800,
+        },
+        "folder": None,
+        "held_out": ["programming", "gaming"],
+        "balanced": ["programming", "gaming", "cooking", "sports"],
+    },
+}
+
+# the documented CPU scale: the demo model with 4 experts, 400 steps of 32 sequences
+SCALE = {
+    "model.embedding_dim": 128,
+    "model.num_head": 4,
+    "model.n_encoder_blocks": 2,
+    "model.n_experts": 4,
+    "model.top_k_experts": 1,
+    "model.moe_dim": 256,
+    "train.max_steps": 400,
+    "train.batch_size": 32,
+    "train.learning_rate": 1e-3,
+    "train.eval_steps": 50,  # a routing snapshot per evaluation: the saturation curve
+    "train.eval_batches": 4,
+    "train.save_steps": 400,
+    "train.keep_checkpoints": 1,
+    "train.device": "cpu",
+    "dataset.data_params.num_proc": 1,
+}
+QUICK_SCALE = {
+    **SCALE,
+    "model.embedding_dim": 64,
+    "model.num_head": 2,
+    "model.moe_dim": 128,
+    "train.max_steps": 60,
+    "train.learning_rate": 3e-3,
+    "train.eval_steps": 20,
+    "train.eval_batches": 2,
+    "train.save_steps": 60,
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--out", default=None, metavar="DIR", help="default process_exp_results/study[_quick]")
+    parser.add_argument(
+        "--corpora", default=None, help="comma-separated subset of reddit, agnews, builtin; default reddit,agnews"
+    )
+    parser.add_argument("--designs", default="seen,held_out", help="comma-separated subset of seen, held_out")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="builtin corpus, one seed, a smaller model, 60 steps")
+    parser.add_argument("--n-boot", type=int, default=None, help="step 4: bootstrap resamples (default 200; quick 50)")
+    parser.add_argument("--n-perm", type=int, default=None, help="step 4: permutations (default 200; quick 50)")
+    add_set_option(parser, "Applied after the study's own sizes.")
+    parser.add_argument("--overwrite", action="store_true", help="redo finished runs")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="corpus-design sweeps run at once, each a worker process with cores/JOBS threads (2 on 2 cores: small "
+        "models use one core poorly, and the steps' start-up overlaps)",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # run the sweeps, no summary
+    args = parser.parse_args()
+    args.corpora = [
+        name.strip() for name in (args.corpora or ("builtin" if args.quick else "reddit,agnews")).split(",")
+    ]
+    args.designs = [name.strip() for name in args.designs.split(",") if name.strip()]
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.n_boot = args.n_boot or (50 if args.quick else 200)
+    args.n_perm = args.n_perm or (50 if args.quick else 200)
+    args.out = Path(args.out or ("process_exp_results/study_quick" if args.quick else "process_exp_results/study"))
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Names, counts and --set keys, before anything runs."""
+    for option, chosen, known in (("--corpora", args.corpora, CORPORA), ("--designs", args.designs, DESIGN_ARMS)):
+        unknown = [name for name in chosen if name not in known]
+        if unknown or not chosen:
+            raise PipelineError(f"{option}: unknown {unknown or 'none given'}; choose from {', '.join(known)}")
+    if args.seeds < 1 or args.jobs < 1:
+        raise PipelineError("--seeds and --jobs must be at least 1")
+    for name in args.corpora:
+        folder = CORPORA[name]["folder"]
+        if folder is not None and not folder.is_dir():
+            raise PipelineError(f"--corpora {name}: {folder} is not here; choose other corpora (e.g. --quick)")
+    own = PLACED_KEYS | {key for arm in ARMS.values() for key in arm} | {"train.random_seed"}
+    own |= {"dataset.data_params.eval_topics", "dataset.data_params.train_topics", "dataset.data_params.tokenizer_name"}
+    for text in args.overrides:
+        role, path, _ = parse_override(text)
+        if ".".join([role, *path]) in own:
+            raise PipelineError(f"--set {text}: the study sets this key itself")
+
+
+def runner_for(args: argparse.Namespace, corpus: str, design: str) -> argparse.Namespace:
+    """What sweep.py's plan_runs and execute need: the demo configs, the corpus and scale, then the --set texts."""
+    held_out = CORPORA[corpus]["held_out"] if design == "held_out" else []
+    sets = {**CORPORA[corpus]["sets"], **(QUICK_SCALE if args.quick else SCALE)}
+    sets["dataset.data_params.eval_topics"] = held_out
+    return argparse.Namespace(
+        config_dataset="demo/dataset_params.yaml",
+        config_model="demo/model_params.yaml",
+        config_train="demo/train_params.yaml",
+        overrides=[
+            *(f"{key}={json.dumps(value)}" for key, value in sets.items()),
+            f"train.aim_repo={args.out / f'{corpus}-{design}'}",  # one Aim repository per sweep: workers never share
+            *args.overrides,
+        ],
+        overwrite=args.overwrite,
+        step4_options=["--n-boot", str(args.n_boot), "--n-perm", str(args.n_perm)],
+    )
+
+
+def plan_design(args: argparse.Namespace, runner: argparse.Namespace, corpus: str, design: str) -> list[dict]:
+    """One run per arm and seed (the reference arm first: the balanced arm uses its tokenizer), tagged
+    <arm>__seed-<seed>."""
+    sweep_dir = args.out / f"{corpus}-{design}"
+    arms = DESIGN_ARMS[design]
+
+    def plan(tokenizer: str | None) -> list[dict]:
+        assignments, labels = [], []
+        for arm in arms:
+            extra = {}
+            if arm == BALANCED_ARM:
+                extra = {"dataset.data_params.train_topics": CORPORA[corpus]["balanced"]}
+                extra["dataset.data_params.tokenizer_name"] = tokenizer
+            for seed in range(args.seeds):
+                assignments.append({**ARMS[arm], **extra, "train.random_seed": seed})
+                labels.append((arm, seed))
+        runs = plan_runs(runner, assignments, sweep_dir, [f"{arm}__seed-{seed}" for arm, seed in labels])
+        for run, (arm, seed) in zip(runs, labels):
+            run["arm"], run["seed"] = arm, seed
+        return runs
+
+    runs = plan(None)
+    reference = next(run for run in runs if run["arm"] == REFERENCE_ARM)
+    return plan(str(Path(reference["masked_dir"]) / "tokenizer")) if BALANCED_ARM in arms else runs
+
+
+def worker_command(args: argparse.Namespace, corpus: str, design: str) -> list[str]:
+    """This script for one corpus and design, with the same settings, as a worker (it writes no study.md)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--corpora", corpus]
+    command += ["--designs", design, "--seeds", str(args.seeds), "--n-boot", str(args.n_boot), "--n-perm"]
+    command += [str(args.n_perm), *(["--quick"] if args.quick else []), *(["--overwrite"] if args.overwrite else [])]
+    for text in args.overrides:
+        command += ["--set", text]
+    return [*command, "--worker"]
+
+
+def run_workers(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> None:
+    """The sweeps in args.jobs worker processes at a time, largest first; each logs to <out>/logs/<pair>.log."""
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    waiting = sorted(pairs, key=lambda pair: -len(DESIGN_ARMS[pair[1]]))
+    running: list[tuple[subprocess.Popen, str]] = []
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    while waiting or running:
+        while waiting and len(running) < args.jobs:
+            corpus, design = waiting.pop(0)
+            log = args.out / "logs" / f"{corpus}-{design}.log"
+            with open(log, "w", encoding="utf-8") as handle:
+                process = subprocess.Popen(
+                    worker_command(args, corpus, design), stdout=handle, stderr=subprocess.STDOUT, env=env
+                )
+            running.append((process, f"{corpus}-{design}"))
+            print(f"started {corpus}-{design} ({env['OMP_NUM_THREADS']} thread(s); log: {log})", flush=True)
+        time.sleep(1.0)
+        for process, name in [entry for entry in running if entry[0].poll() is not None]:
+            running.remove((process, name))
+            print(f"finished {name} (exit {process.returncode})", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    designs = {}
+    pairs = [(corpus, design) for corpus in args.corpora for design in args.designs]
+    in_workers = args.jobs > 1 and len(pairs) > 1 and not args.worker
+    if in_workers:
+        run_workers(args, pairs)
+    for corpus, design in pairs:
+        sweep_dir = args.out / f"{corpus}-{design}"
+        if not in_workers:
+            runner = runner_for(args, corpus, design)
+            runs = plan_design(args, runner, corpus, design)
+            print(f"\n== {corpus}, {design} topics: {len(runs)} runs in {sweep_dir}", flush=True)
+            execute(runner, runs, sweep_dir, {"experiment": "study", "corpus": corpus, "design": design})
+        if args.worker:
+            continue
+        if not (sweep_dir / "sweep.json").is_file():
+            raise PipelineError(f"{sweep_dir}: its worker wrote no sweep.json; see {args.out / 'logs'}")
+        runs = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))["runs"]
+        study_summary.score_on_common_set(runs, sweep_dir, REFERENCE_ARM, BALANCED_ARM)
+        with contextlib.redirect_stdout(io.StringIO()):  # its tables are in study.md; the files stay
+            compare([str(sweep_dir)], sweep_dir / "comparison")
+        designs[f"{corpus}-{design}"] = study_summary.summarize_sweep(sweep_dir)
+    if args.worker:
+        return
+    seconds = round(time.perf_counter() - started, 1)
+    settings = {
+        "scale": QUICK_SCALE if args.quick else SCALE,
+        "sets": list(args.overrides),
+        "seeds": args.seeds,
+        "n_boot": args.n_boot,
+        "n_perm": args.n_perm,
+        "seconds": seconds,
+    }
+    write_json_atomic(args.out / "study.json", {"settings": settings, "designs": designs})
+    figures = study_summary.write_figures(designs, args.out)
+    table = study_summary.study_markdown(designs, settings)
+    write_text_atomic(args.out / "study.md", table + "\n")
+    print(table)
+    print(f"\nstudy: {args.out / 'study.md'} and {args.out / 'study.json'} ({seconds / 60:.1f} min)")
+    print("figures: " + ", ".join(str(path) for path in figures))
+    if any(run["status"] == "failed" for design in designs.values() for run in design["runs"]):
+        print("some runs failed; rerun the same command to finish them", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_step(main)
