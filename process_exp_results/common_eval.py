@@ -11,33 +11,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets
 import numpy as np
-import torch
 
 from config_utils import PipelineError, write_json_atomic
-from data_processors.dataset import vocab_hash
-from train.evaluation import evaluate_mlm, mlm_loader
-from train.final_model import MODEL_DIR, load_model
 
 FILE = "common_eval.json"
 
 
-def step1_doc_ids(processed_dir: Path, splits: tuple[str, ...] = ("train", "valid")) -> set[int]:
-    """The documents a step-1 output put into the given splits (what a model trained on it has seen)."""
+def document_texts(processed_dir: Path, splits: tuple[str, ...] = ("train", "valid")) -> set[str]:
+    """The texts a step-1 output put into the given splits (what a model trained on it has seen). Texts, not
+    doc_ids: step 1 numbers the documents it keeps, so two splits of one corpus give one id to different texts."""
     import pandas as pd
 
-    return {int(i) for split in splits for i in pd.read_parquet(processed_dir / f"{split}.parquet")["doc_id"]}
+    return {text for split in splits for text in pd.read_parquet(Path(processed_dir) / f"{split}.parquet")["text"]}
 
 
 class CommonSet:
-    """A step-2 test split, less the documents some model was trained on (the same rows for every model)."""
+    """A step-2 test split, less the documents whose text is in exclude_texts (the same rows for every model).
+    processed_dir: the step-1 output that test split was made from (it maps the split's doc_ids to texts)."""
 
-    def __init__(self, masked_dir: Path, exclude_doc_ids: set[int] = frozenset()):
+    def __init__(self, masked_dir: Path, processed_dir: Path, exclude_texts: set[str] = frozenset()):
+        import datasets  # here, not at the top: study.py checks its arguments without loading torch and datasets
+        import pandas as pd
+
         self.masked_dir = Path(masked_dir)
         manifest = json.loads((self.masked_dir / "manifest.json").read_text(encoding="utf-8"))
         test = datasets.load_from_disk(str(self.masked_dir / "test"))
-        keep = [index for index, doc in enumerate(test["doc_id"]) if int(doc) not in exclude_doc_ids]
+        processed = pd.read_parquet(Path(processed_dir) / "test.parquet")
+        text_of = dict(zip(processed["doc_id"].astype(int), processed["text"]))
+        keep = [index for index, doc in enumerate(test["doc_id"]) if text_of[int(doc)] not in exclude_texts]
         if not keep:
             raise PipelineError(f"{self.masked_dir}/test: every document is in some model's training data")
         self.dataset = test.select(keep)
@@ -54,11 +56,17 @@ class CommonSet:
 
     def evaluate(self, run_dir: Path, batch_size: int = 64) -> dict:
         """MLM loss and accuracy of the run's final model on the set."""
+        import torch
+
+        from data_processors.dataset import vocab_hash
+        from train.evaluation import evaluate_mlm, mlm_loader
+        from train.final_model import MODEL_DIR, load_model
+
         model, tokenizer = load_model(Path(run_dir) / MODEL_DIR)
         if vocab_hash(tokenizer) != self.vocab_hash:
             raise PipelineError(
-                f"{run_dir}: its tokenizer is not the common set's ({self.masked_dir}); train it with "
-                f"--set dataset.data_params.tokenizer_name={self.masked_dir / 'tokenizer'}"
+                f"{run_dir}: its tokenizer is not the common set's ({self.masked_dir}), so the same ids would "
+                f"mean other words; train it with dataset.data_params.tokenizer_name={self.masked_dir / 'tokenizer'}"
             )
         if model.config.seq_len < self.description["seq_len"]:
             raise PipelineError(f"{run_dir}: seq_len {model.config.seq_len} is shorter than the common set's")

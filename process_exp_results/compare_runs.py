@@ -5,9 +5,11 @@ or a sweep folder (its sweep.json lists the runs, in grid order, with their grid
 Writes to --out: comparison.csv (one row per run: per group mlm_loss / accuracy / baseline; per MoE layer
 topic NMI with its bootstrap interval and permutation p, what random routers with the same loads give on the
 same hidden states, the best linear router, the topic and token-class specialization indices with intervals,
-the excess of I(expert; topic | token) over its null with interval and p, and what explains the topic signal),
-comparison.md (the same, printed too) and comparison.png (per run: the topic specialization index per layer with
-its interval, and test accuracy against the baseline).
+the excess of I(expert; topic | token) over its null with interval and p, what explains the topic signal, the
+step routing settled at, neighbouring tokens' shared experts against random routers, and the ablation's
+topic-dependent experts; and study.py's common-set loss and accuracy), comparison.md (the same, printed too) and
+comparison.png (per run: the topic specialization index per layer with its interval, and test accuracy against
+the baseline). For a study.py sweep also arms.md and arms.png: each arm over its seeds.
 A run without routing_stats.json contributes its metrics only (the table says so). Examples:
     python process_exp_results/compare_runs.py process_exp_results/results/demo process_exp_results/results/big \
         --out process_exp_results/comparisons/demo_vs_big
@@ -34,7 +36,14 @@ from process_exp_results.common_eval import read_common_eval
 from process_exp_results.formatting import MISSING, format_number, format_p, with_interval
 from process_exp_results.plots import save_figure_atomic
 from process_exp_results.routing_stats import is_specialized
-from process_exp_results.study_summary import ablation_cells, arm_markdown, summarize_sweep, write_arm_figure
+from process_exp_results.study_summary import (
+    ablation_cells,
+    arm_markdown,
+    consecutive_vs_random,
+    design_notes,
+    summarize_sweep,
+    write_arm_figure,
+)
 
 NO_ROUTING = "no routing_stats.json: metrics only"
 
@@ -138,7 +147,7 @@ LAYER_COLUMNS = [
     "cmi_p",
     "explained_by",
     "settled_at",
-    "consecutive_excess",
+    "consecutive_vs_random",
     "ablation_topic_cells",
     "ablation_class_cells",
 ]
@@ -169,7 +178,7 @@ def layer_values(layer: dict, stats: dict | None = None, ablation: dict | None =
         "cmi_p": conditional.get("p_value"),
         "explained_by": conditional.get("explained_by"),
         "settled_at": ((stats or {}).get("saturation") or {}).get(layer["layer"], {}).get("settled_at"),
-        "consecutive_excess": ((stats or {}).get("consecutive") or {}).get(layer["layer"], {}).get("top1_excess"),
+        "consecutive_vs_random": consecutive_vs_random(stats, layer["layer"]),
     }
     cells = ablation_cells(ablation, layer["layer"])
     for factor in ("topic", "class"):
@@ -241,7 +250,7 @@ def _layer_cells(row: dict, layer: str) -> list[str]:
         format_p(as_float(row.get(f"{layer} cmi_p"))),
         str(row[f"{layer} explained_by"]),
         MISSING if row.get(f"{layer} settled_at") is None else str(row[f"{layer} settled_at"]),
-        _number(row, f"{layer} consecutive_excess"),
+        _number(row, f"{layer} consecutive_vs_random"),
         row.get(f"{layer} ablation_topic_cells") or MISSING,
     ]
 
@@ -262,7 +271,7 @@ def markdown_table(rows: list[dict], families: dict) -> str:
             "p",
             "explained by",
             "settled at",
-            "consecutive excess",
+            "consecutive minus random",
             "ablation: topic cells",
         ]
     header.append("note")
@@ -341,6 +350,12 @@ def comparison_figure(runs: list[dict]) -> Figure:
     return fig
 
 
+def _experiment(path: Path) -> str | None:
+    """The experiment a sweep folder belongs to (study.py, known_structure.py), or None."""
+    manifest = path / "sweep.json"
+    return json.loads(manifest.read_text(encoding="utf-8")).get("experiment") if manifest.is_file() else None
+
+
 def compare(paths: list[str], out_dir: Path) -> list[Path]:
     """comparison.csv / .md / .png in out_dir (the table printed too); for one sweep whose runs carry arms
     (study.py), also arms.md and arms.png: the arms over their seeds. Returns the files written."""
@@ -361,8 +376,8 @@ def compare(paths: list[str], out_dir: Path) -> list[Path]:
         "permutation; random: what random routers with the trained loads give on the same hidden states "
         "(mean [2.5, 97.5%]); index: 0 = no more than such a router, 1 = as much as the best linear router; "
         "CMI excess = I(expert; topic | token) minus its permutation null; settled at = the step from which "
-        ">= 90% of probe tokens go to the final top-1 expert; consecutive excess = neighbouring tokens sharing "
-        "a top-1 expert beyond chance; ablation topic cells = experts whose loss increase depends on topic at "
+        ">= 90% of probe tokens go to the final top-1 expert; consecutive minus random = how much more often "
+        "neighbouring tokens share a top-1 expert than under random routers with the same loads; ablation topic cells = experts whose loss increase depends on topic at "
         "p <= 0.05, of all."
     ]
     if missing:
@@ -372,9 +387,9 @@ def compare(paths: list[str], out_dir: Path) -> list[Path]:
     written.append(save_figure_atomic(comparison_figure(runs), out_dir / "comparison.png"))
     print(markdown)
     print("\n".join(notes))
-    if len(paths) == 1 and (Path(paths[0]) / "sweep.json").is_file() and any(run.get("arm") for run in runs):
+    if len(paths) == 1 and _experiment(Path(paths[0])) == "study":
         design = summarize_sweep(Path(paths[0]))
-        write_text_atomic(out_dir / "arms.md", arm_markdown(design) + "\n")
+        write_text_atomic(out_dir / "arms.md", arm_markdown(design) + "\n\n" + "\n".join(design_notes(design)) + "\n")
         written += [out_dir / "arms.md", write_arm_figure(design, out_dir / "arms.png")]
         print("\n" + arm_markdown(design))
     return written

@@ -10,19 +10,21 @@ Arms (each trained with --seeds seeds, train.random_seed 0..N-1; one seed's data
   seed_replica              seq_len 64, mask 0.15 with the earlier model's defects: causal attention, a router
                             left at its initialisation (train.freeze_router: it never received a gradient) and no
                             balancing loss
-Designs: `seen` (every topic in training; the routing analysed on the test split) runs every arm; `held_out` (two
-topics held out by step 1, the earlier study's design: topic and unfamiliar text mix) runs the reference arm and
-seed_replica. Corpora: reddit (../shared/data/reddit_sample, topic = subreddit), agnews (../shared/data/ag_news),
-builtin (offline, synthetic; what --quick uses).
+Designs: `seen` (every topic in training; step 4 on the test split) runs every arm; `held_out` (two topics held out
+by step 1, step 4 pooling them with the test split's: the earlier study's design, where topic and unfamiliar text
+mix) runs the reference arm and seed_replica. Corpora: reddit (../shared/data/reddit_sample, topic = subreddit),
+agnews (../shared/data/ag_news), builtin (offline, synthetic; what --quick uses).
 
 The masking comparison is on one common evaluation set per corpus and design: the reference arm's step-2 test
-split (the same documents, cut to 64 tokens, masked once at 0.15 with the dataset seed), less any document the
-balanced arm trained on; every model is scored on those tensors (common_eval.json in its results folder).
-Each corpus and design is one sweep folder (sweep.py: resumable, a failed run is reported and the rest go on;
-rerun the command to finish), compared by compare_runs.py (comparison.md / .csv / .png, and the arm table
-arms.md). Writes study.md (the arm tables of every corpus and design), study.json and study_*.png into --out.
-    python process_exp_results/study.py --out process_exp_results/study                  # reddit and agnews
-    python process_exp_results/study.py --quick --out process_exp_results/study_quick    # builtin, 1 seed
+split (the same documents, cut to 64 tokens, masked once at 0.15 with the dataset seed). The masking arms and
+seed_replica share its split, so none trained on it; the balanced arm's own split holds many of its documents, so
+it and the reference arm are also scored on the documents neither trained on, and compared there
+(common_eval.json in each results folder; study_summary.py). Each corpus and design is one sweep folder (sweep.py:
+resumable, a failed run is reported and the rest go on; rerun the command to finish), compared by compare_runs.py
+(comparison.md / .csv / .png, and arms.md / arms.png: each arm over its seeds). Writes study.md (the arm tables of
+every corpus and design), study.json, study_masking.png and study_index.png into --out.
+    python process_exp_results/study.py --jobs 2 --out process_exp_results/study         # reddit and agnews
+    python process_exp_results/study.py --quick --jobs 2 --out process_exp_results/study_quick   # builtin, 1 seed
 Extra --set options apply to every run, after the study's own sizes (e.g. --set train.max_steps=800).
 """
 
@@ -36,6 +38,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import subprocess
 import time
 
@@ -43,13 +46,11 @@ from config_utils import PipelineError, run_step, write_json_atomic, write_text_
 from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
 from process_exp_results import study_summary
-from process_exp_results.compare_runs import compare
+from process_exp_results.study_summary import BALANCED_ARM, REFERENCE_ARM
 from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-REFERENCE_ARM = "seq64_mask0.15"
-BALANCED_ARM = "seq64_mask0.15_balanced"
 
 
 def _masking(seq_len: int, mask_prob: float) -> dict:
@@ -152,6 +153,7 @@ QUICK_SCALE = {
     "train.eval_batches": 2,
     "train.save_steps": 60,
 }
+QUICK_STEP4 = ["--n-random-routers", "10"]  # the references' cost is per random router
 
 
 def parse_args() -> argparse.Namespace:
@@ -180,9 +182,9 @@ def parse_args() -> argparse.Namespace:
         name.strip() for name in (args.corpora or ("builtin" if args.quick else "reddit,agnews")).split(",")
     ]
     args.designs = [name.strip() for name in args.designs.split(",") if name.strip()]
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    args.n_boot = args.n_boot or (50 if args.quick else 200)
-    args.n_perm = args.n_perm or (50 if args.quick else 200)
+    args.seeds = (1 if args.quick else 3) if args.seeds is None else args.seeds
+    args.n_boot = (50 if args.quick else 200) if args.n_boot is None else args.n_boot
+    args.n_perm = (50 if args.quick else 200) if args.n_perm is None else args.n_perm
     args.out = Path(args.out or ("process_exp_results/study_quick" if args.quick else "process_exp_results/study"))
     check_args(args)
     return args
@@ -194,14 +196,21 @@ def check_args(args: argparse.Namespace) -> None:
         unknown = [name for name in chosen if name not in known]
         if unknown or not chosen:
             raise PipelineError(f"{option}: unknown {unknown or 'none given'}; choose from {', '.join(known)}")
-    if args.seeds < 1 or args.jobs < 1:
-        raise PipelineError("--seeds and --jobs must be at least 1")
+    for option, value in (
+        ("--seeds", args.seeds),
+        ("--jobs", args.jobs),
+        ("--n-boot", args.n_boot),
+        ("--n-perm", args.n_perm),
+    ):
+        if value < 1:
+            raise PipelineError(f"{option} {value}: must be at least 1")
     for name in args.corpora:
         folder = CORPORA[name]["folder"]
         if folder is not None and not folder.is_dir():
             raise PipelineError(f"--corpora {name}: {folder} is not here; choose other corpora (e.g. --quick)")
     own = PLACED_KEYS | {key for arm in ARMS.values() for key in arm} | {"train.random_seed"}
     own |= {"dataset.data_params.eval_topics", "dataset.data_params.train_topics", "dataset.data_params.tokenizer_name"}
+    own.add("train.aim_repo")  # one repository per sweep: workers never share one
     for text in args.overrides:
         role, path, _ = parse_override(text)
         if ".".join([role, *path]) in own:
@@ -223,7 +232,14 @@ def runner_for(args: argparse.Namespace, corpus: str, design: str) -> argparse.N
             *args.overrides,
         ],
         overwrite=args.overwrite,
-        step4_options=["--n-boot", str(args.n_boot), "--n-perm", str(args.n_perm)],
+        step4_options=[
+            "--n-boot",
+            str(args.n_boot),
+            "--n-perm",
+            str(args.n_perm),
+            *(QUICK_STEP4 if args.quick else []),
+            *(["--pool-held-out"] if design == "held_out" else []),  # analysed as the earlier study did
+        ],
     )
 
 
@@ -264,7 +280,8 @@ def worker_command(args: argparse.Namespace, corpus: str, design: str) -> list[s
 
 
 def run_workers(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> None:
-    """The sweeps in args.jobs worker processes at a time, largest first; each logs to <out>/logs/<pair>.log."""
+    """The sweeps in args.jobs worker processes at a time, largest first; each logs to <out>/logs/<pair>.log.
+    A worker that stops with an error (a failed run is not one: its sweep.json records it) stops the study."""
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
     waiting = sorted(pairs, key=lambda pair: -len(DESIGN_ARMS[pair[1]]))
@@ -284,10 +301,15 @@ def run_workers(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> None:
         for process, name in [entry for entry in running if entry[0].poll() is not None]:
             running.remove((process, name))
             print(f"finished {name} (exit {process.returncode})", flush=True)
+            if process.returncode != 0:  # a failed run does not stop a worker: it is recorded in its sweep.json
+                log = args.out / "logs" / f"{name}.log"
+                raise PipelineError(f"the {name} worker stopped with exit {process.returncode}; see {log}")
 
 
 def main() -> None:
     args = parse_args()
+    from process_exp_results.compare_runs import compare  # loads torch: after the arguments are checked
+
     started = time.perf_counter()
     designs = {}
     pairs = [(corpus, design) for corpus in args.corpora for design in args.designs]
@@ -306,7 +328,7 @@ def main() -> None:
         if not (sweep_dir / "sweep.json").is_file():
             raise PipelineError(f"{sweep_dir}: its worker wrote no sweep.json; see {args.out / 'logs'}")
         runs = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))["runs"]
-        study_summary.score_on_common_set(runs, sweep_dir, REFERENCE_ARM, BALANCED_ARM)
+        study_summary.score_on_common_set(runs)
         with contextlib.redirect_stdout(io.StringIO()):  # its tables are in study.md; the files stay
             compare([str(sweep_dir)], sweep_dir / "comparison")
         designs[f"{corpus}-{design}"] = study_summary.summarize_sweep(sweep_dir)
@@ -328,8 +350,14 @@ def main() -> None:
     print(table)
     print(f"\nstudy: {args.out / 'study.md'} and {args.out / 'study.json'} ({seconds / 60:.1f} min)")
     print("figures: " + ", ".join(str(path) for path in figures))
-    if any(run["status"] == "failed" for design in designs.values() for run in design["runs"]):
-        print("some runs failed; rerun the same command to finish them", file=sys.stderr)
+    unfinished = [
+        run["tag"] for design in designs.values() for run in design["runs"] if run["status"] in ("failed", "planned")
+    ]
+    if unfinished:
+        again = shlex.join(["python", "process_exp_results/study.py", *(a for a in sys.argv[1:] if a != "--overwrite")])
+        print(
+            f"{len(unfinished)} run(s) not finished; to finish them (finished runs are kept): {again}", file=sys.stderr
+        )
         sys.exit(1)
 
 

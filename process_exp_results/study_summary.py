@@ -4,49 +4,71 @@ A run contributes (results/<tag>/): common_eval.json (MLM loss and accuracy on t
 own test split), routing_stats.json (per MoE layer the topic and token-class specialization indices with their
 intervals, the routing saturation curve, local consistency) and ablation.json (per layer and expert whether the
 loss increase depends on topic or token class). An arm aggregates its seeds: a per-seed value (the mean over its
-MoE layers) summarized by the seed mean with a t interval and the seed range; ablation cells are pooled over
-layers, experts and seeds, as a share with a Wilson interval against the 5% a test at 0.05 gives by chance.
+MoE layers) summarized by the seed mean with a t interval and the seed range.
+
+The common set is the reference arm's test split: the four masking arms and seed_replica share the reference's
+step-1 split, so none of them trained on it. The balanced arm has its own split (train_topics), which holds many
+of those documents, so it is scored apart: it and the reference arm on the test documents neither trained on
+("balanced_subset"), and the table gives their paired difference.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
+from config_utils import PipelineError
 from process_exp_results.common_eval import (
     CommonSet,
     difference_interval,
+    document_texts,
     read_common_eval,
     seed_summary,
-    step1_doc_ids,
     write_common_eval,
 )
 from process_exp_results.formatting import MISSING, format_number, with_interval
 
+REFERENCE_ARM = "seq64_mask0.15"
+BALANCED_ARM = "seq64_mask0.15_balanced"
 ABLATION_ALPHA = 0.05  # a cell "depends on topic" at p <= 0.05; by chance 5% of cells do
 
 
-def score_on_common_set(runs: list[dict], sweep_dir: Path, reference_arm: str, balanced_arm: str) -> None:
-    """common_eval.json for every finished run: its model on the reference arm's test split, less the documents
-    any arm trained on (the balanced arm's split differs)."""
+def _evaluate(common: CommonSet, run: dict) -> dict:
+    try:
+        return common.evaluate(Path(run["run_dir"]))
+    except PipelineError as error:  # one run that cannot be scored does not stop the others
+        print(f"common set: {run['tag']}: {error}")
+        return {"error": str(error)}
+
+
+def score_on_common_set(runs: list[dict]) -> None:
+    """common_eval.json for every finished run (see the module doc): "common" for every arm but the balanced one,
+    "balanced_subset" for the reference and balanced arms."""
     finished = [run for run in runs if run["status"] != "failed" and (Path(run["run_dir"]) / "model").is_dir()]
-    reference = next((run for run in runs if run["arm"] == reference_arm and run["status"] != "failed"), None)
-    if reference is None or not finished:
+    reference = next((run for run in finished if run["arm"] == REFERENCE_ARM), None)
+    if reference is None:
         return
-    seen: set[int] = set()
-    for processed in {run["processed_dir"] for run in finished if run["processed_dir"] != reference["processed_dir"]}:
-        seen |= step1_doc_ids(Path(processed))
-    common = CommonSet(Path(reference["masked_dir"]), seen)
-    for run in finished:
-        write_common_eval(Path(run["results_dir"]), common.evaluate(Path(run["run_dir"])))
-    print(
-        f"common set: {common.description['documents']} test documents of {reference['masked_dir']} "
-        f"({common.description['excluded_documents']} left out: in the balanced arm's training data)"
+    masked, processed = Path(reference["masked_dir"]), Path(reference["processed_dir"])
+    shared = [run for run in finished if run["arm"] != BALANCED_ARM]
+    common = CommonSet(
+        masked, processed, set().union(*(document_texts(p) for p in {r["processed_dir"] for r in shared}))
     )
+    balanced = [run for run in finished if run["arm"] == BALANCED_ARM]
+    subset = None
+    if balanced:
+        seen = set().union(*(document_texts(p) for p in {r["processed_dir"] for r in finished}))
+        subset = CommonSet(masked, processed, seen)
+    for run in finished:
+        values = {} if run["arm"] == BALANCED_ARM else {"common": _evaluate(common, run)}
+        if subset is not None and run["arm"] in (REFERENCE_ARM, BALANCED_ARM):
+            values["balanced_subset"] = _evaluate(subset, run)
+        write_common_eval(Path(run["results_dir"]), values)
+    print(f"common set: {common.description['documents']} test documents of {masked}")
+    if subset is not None:
+        print(f"balanced arm vs reference: on the {subset.description['documents']} of them neither trained on")
 
 
 def _test_metrics(folder: Path) -> dict:
@@ -67,11 +89,18 @@ def ablation_cells(ablation: dict | None, layer: str) -> dict:
     return counts
 
 
+def consecutive_vs_random(stats: dict | None, layer: str) -> float | None:
+    """How much more often neighbouring tokens share their top-1 expert under the trained router than under
+    random routers with its loads on the same hidden states (their mean); None without the reference."""
+    reference = (((stats or {}).get("consecutive") or {}).get(layer) or {}).get("random_reference") or {}
+    band = reference.get("random_load_matched") or {}
+    return reference["trained"] - band["mean"] if reference.get("trained") is not None and band else None
+
+
 def layer_row(layer: dict, stats: dict, ablation: dict | None) -> dict:
     references = layer.get("references") or {}
     topic, token_class = references.get("topic") or {}, references.get("token_class") or {}
     saturation = (stats.get("saturation") or {}).get(layer["layer"]) or {}
-    consecutive = (stats.get("consecutive") or {}).get(layer["layer"]) or {}
     top1 = saturation.get("top1") or []
     return {
         "layer": layer["layer"],
@@ -82,8 +111,7 @@ def layer_row(layer: dict, stats: dict, ablation: dict | None) -> dict:
         "token_class_index_ci": token_class.get("index_ci"),
         "settled_at": saturation.get("settled_at"),
         "agreement_before_last": top1[-2] if len(top1) >= 2 else None,
-        "consecutive_excess": consecutive.get("top1_excess"),
-        "consecutive_excess_ci": consecutive.get("top1_excess_ci"),
+        "consecutive_vs_random": consecutive_vs_random(stats, layer["layer"]),
         "ablation": ablation_cells(ablation, layer["layer"]),
     }
 
@@ -91,7 +119,8 @@ def layer_row(layer: dict, stats: dict, ablation: dict | None) -> dict:
 def run_row(run: dict) -> dict:
     """One run: arm, seed, status, its common-set and own test metrics, and one row per MoE layer."""
     folder = Path(run["results_dir"])
-    common = read_common_eval(folder) or {}
+    evaluations = read_common_eval(folder) or {}
+    common, subset = evaluations.get("common") or {}, evaluations.get("balanced_subset") or {}
     test = _test_metrics(folder).get("test", {})
     stats_path, ablation_path = folder / "routing_stats.json", folder / "ablation.json"
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
@@ -104,6 +133,8 @@ def run_row(run: dict) -> dict:
         "common_loss": common.get("mlm_loss"),
         "common_accuracy": common.get("accuracy"),
         "common_set": common.get("common_set"),
+        "subset_loss": subset.get("mlm_loss"),
+        "subset_set": subset.get("common_set"),
         "own_test_loss": float(test["mlm_loss"]) if test else None,
         "own_test_accuracy": float(test["accuracy"]) if test else None,
         "layers": [layer_row(layer, stats, ablation) for layer in stats.get("layers", [])],
@@ -115,20 +146,17 @@ def _layer_mean(row: dict, key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def wilson_interval(successes: int, n: int) -> list[float] | None:
-    """95% Wilson score interval for a proportion (None for n = 0)."""
-    if n == 0:
-        return None
-    z, share = 1.96, successes / n
-    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [centre - half, centre + half]
-
-
 def _pairs_clearing(rows: list[dict], key: str) -> list[int]:
-    """[layer-seed pairs whose interval lies above 0, pairs with an interval]."""
+    """[layer-seed pairs whose interval lies above 0, pairs with an interval, all layer-seed pairs] (a layer whose
+    best linear router is no better than random routers has no index)."""
     intervals = [layer[f"{key}_ci"] for row in rows for layer in row["layers"] if layer[f"{key}_ci"]]
-    return [sum(interval[0] > 0 for interval in intervals), len(intervals)]
+    return [sum(interval[0] > 0 for interval in intervals), len(intervals), sum(len(row["layers"]) for row in rows)]
+
+
+def _ablation_share(row: dict, factor: str) -> float | None:
+    """A seed's share of (layer, expert) cells whose loss increase depends on the factor at p <= ABLATION_ALPHA."""
+    hits, cells = (sum(layer["ablation"][factor][i] for layer in row["layers"]) for i in (0, 1))
+    return hits / cells if cells else None
 
 
 def _saturation(rows: list[dict]) -> dict:
@@ -146,8 +174,9 @@ def _saturation(rows: list[dict]) -> dict:
 
 
 def arm_summary(rows: list[dict]) -> dict:
-    """An arm's seeds together (see the module doc)."""
-    done = [row for row in rows if row["layers"] or row["common_loss"] is not None]
+    """An arm's finished seeds together (see the module doc); ablation shares are per seed, their interval over
+    seeds (the experts of one layer share their permutations, so cells are not independent trials)."""
+    done = [row for row in rows if row["status"] != "failed" and (row["layers"] or row["common_loss"] is not None)]
     cells = {
         factor: [sum(layer["ablation"][factor][i] for row in done for layer in row["layers"]) for i in (0, 1)]
         for factor in ("topic", "class")
@@ -156,18 +185,15 @@ def arm_summary(rows: list[dict]) -> dict:
         "seeds": len(done),
         "common_loss": seed_summary([row["common_loss"] for row in done]),
         "common_accuracy": seed_summary([row["common_accuracy"] for row in done]),
+        "subset_loss": seed_summary([row.get("subset_loss") for row in done]),
         "own_test_loss": seed_summary([row["own_test_loss"] for row in done]),
         "topic_index": seed_summary([_layer_mean(row, "topic_index") for row in done]),
         "topic_pairs_clearing_0": _pairs_clearing(done, "topic_index"),
         "token_class_index": seed_summary([_layer_mean(row, "token_class_index") for row in done]),
         "token_class_pairs_clearing_0": _pairs_clearing(done, "token_class_index"),
-        "consecutive_excess": seed_summary([_layer_mean(row, "consecutive_excess") for row in done]),
+        "consecutive_vs_random": seed_summary([_layer_mean(row, "consecutive_vs_random") for row in done]),
         "ablation": {
-            factor: {
-                "cells": counts,
-                "share": counts[0] / counts[1] if counts[1] else None,
-                "ci": wilson_interval(*counts),
-            }
+            factor: {"cells": counts, "share": seed_summary([_ablation_share(row, factor) for row in done])}
             for factor, counts in cells.items()
         },
         "saturation": _saturation(done),
@@ -175,23 +201,28 @@ def arm_summary(rows: list[dict]) -> dict:
 
 
 def summarize_sweep(sweep_dir: Path) -> dict:
-    """Per run and per arm (in the sweep's order); the differences of each arm's common-set loss from the
-    reference arm's (the first), with Welch intervals over seeds."""
+    """Per run and per arm (in the sweep's order); each arm's common-set loss minus the reference arm's, with a
+    Welch interval over seeds (the balanced arm: on the documents neither trained on, see the module doc)."""
     sweep = json.loads((Path(sweep_dir) / "sweep.json").read_text(encoding="utf-8"))
     rows = [run_row(run) for run in sweep["runs"]]
     arms = list(dict.fromkeys(row["arm"] for row in rows))
     summary = {arm: arm_summary([row for row in rows if row["arm"] == arm]) for arm in arms}
-    reference = [row["common_loss"] for row in rows if row["arm"] == arms[0] and row["common_loss"] is not None]
+
+    def losses(arm: str, key: str) -> list[float]:
+        return [row[key] for row in rows if row["arm"] == arm and row["status"] != "failed" and row[key] is not None]
+
     for arm in arms:
-        values = [row["common_loss"] for row in rows if row["arm"] == arm and row["common_loss"] is not None]
-        summary[arm]["common_loss_minus_reference"] = difference_interval(values, reference)
+        key = "subset_loss" if arm == BALANCED_ARM else "common_loss"
+        summary[arm]["loss_minus_reference"] = difference_interval(losses(arm, key), losses(REFERENCE_ARM, key))
+    subset = next((row["subset_set"] for row in rows if row.get("subset_set")), None)
     return {
         "seconds": round(sum(run.get("seconds") or 0 for run in sweep["runs"]), 1),  # its runs, data steps included
         "corpus": sweep.get("corpus"),
         "design": sweep.get("design"),
-        "reference_arm": arms[0],
         "runs": rows,
         "arms": summary,
+        "common_set": next((row["common_set"] for row in rows if row.get("common_set")), None),
+        "balanced_subset": subset,
     }
 
 
@@ -205,9 +236,15 @@ def _seeds_cell(summary: dict, digits: int = 3) -> str:
     return f"{with_interval(summary['mean'], summary['ci'], digits)} ({spread})"
 
 
+def _index_cell(summary: dict, pairs: list[int]) -> str:
+    cleared, with_interval_, total = pairs
+    without = f", {total - with_interval_} without an index" if total > with_interval_ else ""
+    return f"{_seeds_cell(summary, 2)} ({cleared}/{with_interval_}{without})"
+
+
 def _cells_cell(ablation: dict) -> str:
     hits, n = ablation["cells"]
-    return MISSING if not n else f"{hits}/{n} = {with_interval(ablation['share'], ablation['ci'], 2)}"
+    return MISSING if not n else f"{hits}/{n}; {_seeds_cell(ablation['share'], 2)}"
 
 
 def _settled_cell(saturation: dict) -> str:
@@ -223,50 +260,81 @@ ARM_COLUMNS = [
     "common-set MLM loss [95% CI] (seed range)",
     "minus reference [95% CI]",
     "common-set accuracy",
+    "own test split's loss (its own masks)",
     "topic index [95% CI] (pairs > 0)",
     "token-class index [95% CI] (pairs > 0)",
-    "ablation: topic-dependent cells",
-    "ablation: class-dependent cells",
+    "ablation: topic-dependent cells; share",
+    "ablation: class-dependent cells; share",
     "settled at step (seeds); agreement before the last",
-    "consecutive excess",
+    "consecutive, minus random routers",
 ]
 
 
-def arm_markdown(design: dict) -> str:
-    """The arm table of one corpus and design."""
-    lines = ["| " + " | ".join(ARM_COLUMNS) + " |", "|" + "---|" * len(ARM_COLUMNS)]
+# the README's shorter table: the masking metrics on the common set, the two indices, the ablation, saturation
+README_COLUMNS = [ARM_COLUMNS[index] for index in (0, 2, 3, 4, 6, 7, 8, 10)]
+
+
+def arm_markdown(design: dict, columns: list[str] = ARM_COLUMNS) -> str:
+    """The arm table of one corpus and design (the given columns of ARM_COLUMNS)."""
+    keep = [ARM_COLUMNS.index(column) for column in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for arm, summary in design["arms"].items():
-        difference = summary["common_loss_minus_reference"]
-        topic_pairs, class_pairs = summary["topic_pairs_clearing_0"], summary["token_class_pairs_clearing_0"]
+        difference = summary["loss_minus_reference"]
+        balanced = arm == BALANCED_ARM
         cells = [
             arm,
             str(summary["seeds"]),
-            _seeds_cell(summary["common_loss"]),
+            f"{_seeds_cell(summary['subset_loss'])} *" if balanced else _seeds_cell(summary["common_loss"]),
             MISSING
-            if arm == design["reference_arm"] or difference["difference"] is None
-            else with_interval(difference["difference"], difference["ci"], 3, signed=True),
-            _seeds_cell(summary["common_accuracy"]),
-            f"{_seeds_cell(summary['topic_index'], 2)} ({topic_pairs[0]}/{topic_pairs[1]})",
-            f"{_seeds_cell(summary['token_class_index'], 2)} ({class_pairs[0]}/{class_pairs[1]})",
+            if arm == REFERENCE_ARM or difference["difference"] is None
+            else with_interval(difference["difference"], difference["ci"], 3, signed=True) + (" *" if balanced else ""),
+            MISSING if balanced else _seeds_cell(summary["common_accuracy"]),
+            _seeds_cell(summary["own_test_loss"]),
+            _index_cell(summary["topic_index"], summary["topic_pairs_clearing_0"]),
+            _index_cell(summary["token_class_index"], summary["token_class_pairs_clearing_0"]),
             _cells_cell(summary["ablation"]["topic"]),
             _cells_cell(summary["ablation"]["class"]),
             _settled_cell(summary["saturation"]),
-            _seeds_cell(summary["consecutive_excess"]),
+            _seeds_cell(summary["consecutive_vs_random"]),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells[index] for index in keep) + " |")
     return "\n".join(lines)
 
 
+def design_notes(design: dict) -> list[str]:
+    """The common set and the balanced arm's subset, in words."""
+    notes = []
+    if design.get("common_set"):
+        common = design["common_set"]
+        notes.append(
+            f"Common set: {common['documents']} test documents of the reference arm, seq_len {common['seq_len']}, "
+            f"mask {common['mask_prob']}, seed {common['seed']}."
+        )
+    if design.get("balanced_subset"):
+        notes.append(
+            f"* {BALANCED_ARM}: its own split holds {design['balanced_subset']['excluded_documents']} of those "
+            f"documents, so it and the reference arm are scored on the other {design['balanced_subset']['documents']}"
+            f" (loss there; difference paired on those documents)."
+        )
+    if design.get("design") == "held_out":
+        notes.append(
+            "Held-out design: the routing analysis pools the held-out topics with the test split's, as the earlier "
+            "study did (held-out topics are unfamiliar text: topic and novelty mix); ablation: the test split's topics."
+        )
+    return notes
+
+
 LEGEND = (
-    "Common set: the reference arm's test split (the same documents for every model, cut to 64 tokens, masked "
-    "once at 0.15). Per-seed values are means over the MoE layers; [95% CI] is a t interval over seeds (a single "
-    "seed has none), (a-b) the seed range. Index: 0 = no more specific than random routers with the same loads on "
-    "the same hidden states, 1 = the best linear router; (k/n) = layer-seed pairs whose own interval lies above 0. "
-    "Ablation: experts (layer x expert x seed) whose loss increase when disabled depends on topic / token class at "
-    "p <= 0.05, with a Wilson interval; chance alone gives 0.05. Settled: the step from which >= 90% of probe "
-    "tokens go to the final top-1 expert, median over seeds where every layer settled; agreement = that share at "
-    "the evaluation before the last. Consecutive excess: how much more often neighbouring tokens share their top-1 "
-    "expert than under the load-matched chance."
+    "Per-seed values are means over the MoE layers; [95% CI] is a t interval over seeds (a single seed has none), "
+    "(a-b) the seed range. The indices, ablation, saturation and consistency are step 4's, on each run's own test "
+    "split (its own seq_len and masks). Index: 0 = no more specific than random routers with the same loads on the "
+    "same hidden states, 1 = the best linear router; (k/n) = layer-seed pairs whose own interval lies above 0 (a "
+    "layer whose best linear router is no better than random routers has no index). Ablation: (layer, expert) cells "
+    "whose loss increase when the expert is disabled depends on topic / token class at p <= 0.05, pooled over "
+    "seeds; share = per-seed share, interval over seeds; chance alone gives 0.05. Settled: the step from which "
+    ">= 90% of probe tokens go to the final top-1 expert, median over the seeds where every layer settled; "
+    "agreement = that share at the evaluation before the last. Consecutive: the rate at which neighbouring tokens "
+    "share their top-1 expert, minus that of random routers with the same loads on the same hidden states."
 )
 
 
@@ -274,17 +342,16 @@ def study_markdown(designs: dict, settings: dict) -> str:
     parts = []
     for name, design in designs.items():
         minutes = design.get("seconds", 0) / 60
-        parts.append(f"### {design['corpus']}, {design['design']} topics ({name}, {minutes:.1f} min)\n")
+        parts.append(f"### {design['corpus']}, {design['design']} topics ({name}: {minutes:.1f} min of runs)\n")
         parts.append(arm_markdown(design))
-        common = next((row["common_set"] for row in design["runs"] if row.get("common_set")), None)
-        if common:
-            parts.append(
-                f"\nCommon set: {common['documents']} documents ({common['excluded_documents']} left out), "
-                f"seq_len {common['seq_len']}, mask {common['mask_prob']}, seed {common['seed']}."
-            )
-        parts.append("")
+        parts.append("\n" + "\n".join(design_notes(design)) + "\n")
+        parts.append("Shorter (the README's):\n\n" + arm_markdown(design, README_COLUMNS) + "\n")
     parts.append(LEGEND)
-    parts.append(f"\nWhole study: {settings['seconds'] / 60:.1f} min, {settings['seeds']} seed(s) per arm.")
+    run_minutes = sum(design.get("seconds", 0) for design in designs.values()) / 60
+    parts.append(
+        f"\n{settings['seeds']} seed(s) per arm; {run_minutes:.1f} min of runs in all; this invocation "
+        f"{settings['seconds'] / 60:.1f} min."
+    )
     return "\n".join(parts)
 
 
@@ -308,8 +375,8 @@ def _seed_points(axes, x: float, summary: dict, values: list, colour: str, label
 
 def _arm_axes(axes, design: dict, key: str, colour: str, offset: float, label: str) -> None:
     for position, (arm, summary) in enumerate(design["arms"].items()):
-        rows = [row for row in design["runs"] if row["arm"] == arm]
-        values = [row[key] if key.startswith("common") else _layer_mean(row, key) for row in rows]
+        rows = [row for row in design["runs"] if row["arm"] == arm and row["status"] != "failed"]
+        values = [row[key] if key in row else _layer_mean(row, key) for row in rows]
         _seed_points(axes, position + offset, summary[key], values, colour, label if position == 0 else None)
     arms = list(design["arms"])
     axes.set_xticks(range(len(arms)), [arm.replace("_", " ") for arm in arms], rotation=30, ha="right", fontsize=8)
@@ -317,7 +384,21 @@ def _arm_axes(axes, design: dict, key: str, colour: str, offset: float, label: s
 
 
 def _loss_panel(axes, design: dict) -> None:
+    """The common-set loss per arm; the balanced arm (scored on other documents) as its paired difference."""
     _arm_axes(axes, design, "common_loss", "C0", 0.0, "one seed")
+    balanced = design["arms"].get(BALANCED_ARM)
+    if balanced and balanced["loss_minus_reference"]["difference"] is not None:
+        difference = balanced["loss_minus_reference"]
+        text = with_interval(difference["difference"], difference["ci"], 3, signed=True)
+        position = list(design["arms"]).index(BALANCED_ARM)
+        axes.annotate(
+            f"vs reference,\nown documents:\n{text}",
+            (position, 0.5),
+            xycoords=("data", "axes fraction"),
+            ha="center",
+            fontsize=7,
+            color="0.3",
+        )
     axes.set_title(f"{design['corpus']}: MLM loss on the common set\n(lower is better; bar: mean, 95% CI)", fontsize=10)
     axes.set_ylabel("MLM loss (nats per masked token)")
     axes.legend(fontsize=8)

@@ -11,7 +11,8 @@ run), runs/<tag>/ (step 3), results/<tag>/ (step 4: metrics.csv, routing_stats.j
         --grid model.seq_len=[64,128] --grid dataset.data_params.mask_prob=[0.05,0.15] \
         --set train.max_steps=200 --results process_exp_results/sweeps/seq_mask
     python process_exp_results/compare_runs.py process_exp_results/sweeps/seq_mask
-A run whose results/<tag>/metrics.csv exists is skipped (rerun a sweep to finish it); --overwrite redoes all.
+A run whose results/<tag>/metrics.csv exists is skipped unless it failed last time (rerun a sweep to finish it);
+--overwrite redoes all.
 """
 
 import sys
@@ -248,11 +249,10 @@ def print_outcome(runs: list[dict], sweep_dir: Path) -> list[dict]:
     return failed
 
 
-def earlier_seconds(sweep_dir: Path) -> dict[str, float]:
-    """tag -> seconds, from the sweep.json an earlier invocation left (nothing if there is none)."""
+def earlier_runs(sweep_dir: Path) -> dict[str, dict]:
+    """tag -> run, from the sweep.json an earlier invocation left (nothing if there is none)."""
     try:
-        runs = json.loads((sweep_dir / MANIFEST).read_text(encoding="utf-8"))["runs"]
-        return {run["tag"]: run["seconds"] for run in runs if run.get("seconds") is not None}
+        return {run["tag"]: run for run in json.loads((sweep_dir / MANIFEST).read_text(encoding="utf-8"))["runs"]}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -270,14 +270,16 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
         "runs": runs,
     }
     data_status: dict[str, str] = {}  # data folder -> "" (made) or why it failed
-    earlier = earlier_seconds(sweep_dir)
+    earlier = earlier_runs(sweep_dir)
     for number, run in enumerate(runs, 1):
         started = time.perf_counter()
         results = Path(run["results_dir"])
-        if (results / "metrics.csv").is_file() and not args.overwrite:
+        before = earlier.get(run["tag"], {})
+        # a run that failed last time may have left an older run's results: it is redone
+        if (results / "metrics.csv").is_file() and not args.overwrite and before.get("status") != "failed":
             run["status"] = "done earlier"
-            if run["tag"] in earlier:  # the time it took when it ran
-                run["seconds"] = earlier[run["tag"]]
+            if before.get("seconds") is not None:  # the time it took when it ran
+                run["seconds"] = before["seconds"]
             print(f"[{number}/{len(runs)}] {run['tag']}: done earlier ({results})")
             continue
         print(f"[{number}/{len(runs)}] {run['tag']}", flush=True)
