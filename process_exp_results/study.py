@@ -111,11 +111,11 @@ CORPORA = {
         "sets": {
             "dataset.load_params.source": "builtin",
             "dataset.load_params.builtin.n_topics": 4,
-            "dataset.load_params.builtin.n_docs": 2400,
-            "dataset.load_params.train_len": 1500,
+            "dataset.load_params.builtin.n_docs": 1600,
+            "dataset.load_params.train_len": 1000,
             "dataset.load_params.valid_len": 100,
-            "dataset.load_params.test_len": 300,
-            "dataset.load_params.topic_len": 200,
+            "dataset.load_params.test_len": 240,
+            "dataset.load_params.topic_len": 150,
             "dataset.data_params.tokenizer_vocab_size": 800,
         },
         "folder": None,
@@ -147,13 +147,13 @@ QUICK_SCALE = {
     "model.embedding_dim": 64,
     "model.num_head": 2,
     "model.moe_dim": 128,
-    "train.max_steps": 60,
+    "train.max_steps": 40,
     "train.learning_rate": 3e-3,
     "train.eval_steps": 20,
     "train.eval_batches": 2,
-    "train.save_steps": 60,
+    "train.save_steps": 40,
 }
-QUICK_STEP4 = ["--n-random-routers", "10"]  # the references' cost is per random router
+QUICK_STEP4 = ["--n-random-routers", "8"]  # the references' cost is per random router
 
 
 def parse_args() -> argparse.Namespace:
@@ -164,7 +164,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--designs", default="seen,held_out", help="comma-separated subset of seen, held_out")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; --quick 1)")
-    parser.add_argument("--quick", action="store_true", help="builtin corpus, one seed, a smaller model, 60 steps")
+    parser.add_argument("--quick", action="store_true", help="builtin corpus, one seed, a smaller model, 40 steps")
     parser.add_argument("--n-boot", type=int, default=None, help="step 4: bootstrap resamples (default 200; quick 50)")
     parser.add_argument("--n-perm", type=int, default=None, help="step 4: permutations (default 200; quick 50)")
     add_set_option(parser, "Applied after the study's own sizes.")
@@ -282,8 +282,9 @@ def worker_command(args: argparse.Namespace, corpus: str, design: str) -> list[s
 def run_workers(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> None:
     """The sweeps in args.jobs worker processes at a time, largest first; each logs to <out>/logs/<pair>.log.
     A worker that stops with an error (a failed run is not one: its sweep.json records it) stops the study."""
-    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    # OMP_NUM_THREADS (default: every core) is the budget of all workers together: more threads than cores spin
+    total = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, total // args.jobs))}
     waiting = sorted(pairs, key=lambda pair: -len(DESIGN_ARMS[pair[1]]))
     running: list[tuple[subprocess.Popen, str]] = []
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
