@@ -32,9 +32,9 @@ from matplotlib.figure import Figure
 
 from config_utils import PipelineError, run_step, write_text_atomic
 from config_utils.cli import HelpFormatter
-from process_exp_results.common_eval import read_common_eval
 from process_exp_results.formatting import MISSING, format_number, format_p, with_interval
 from process_exp_results.plots import save_figure_atomic
+from process_exp_results.result_files import read_result_folder
 from process_exp_results.routing_stats import is_specialized
 from process_exp_results.study_summary import (
     ablation_cells,
@@ -88,8 +88,7 @@ def find_runs(paths: list[str]) -> list[dict]:
 def load_run(run: dict) -> dict:
     """metrics (group -> row), routing stats, ablation and common-set evaluation (each None where step 4 or
     study.py wrote none); a missing metrics.csv marks the run as missing."""
-    metrics_path = run["folder"] / "metrics.csv"
-    if not metrics_path.is_file():
+    if not (run["folder"] / "metrics.csv").is_file():
         return {
             **run,
             "metrics": {},
@@ -98,22 +97,8 @@ def load_run(run: dict) -> dict:
             "common": None,
             "note": f"no results ({run['status']})" if run["status"] else "no metrics.csv",
         }
-    with open(metrics_path, newline="", encoding="utf-8") as handle:
-        metrics = {row["group"]: row for row in csv.DictReader(handle)}
-    stats, ablation = (_json_or_none(run["folder"] / name) for name in ("routing_stats.json", "ablation.json"))
-    common = read_common_eval(run["folder"])
-    return {
-        **run,
-        "metrics": metrics,
-        "stats": stats,
-        "ablation": ablation,
-        "common": common,
-        "note": "" if stats else NO_ROUTING,
-    }
-
-
-def _json_or_none(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    files = read_result_folder(run["folder"])
+    return {**run, **files, "note": "" if files["stats"] else NO_ROUTING}
 
 
 def as_float(value) -> float:
@@ -356,9 +341,10 @@ def _experiment(path: Path) -> str | None:
     return json.loads(manifest.read_text(encoding="utf-8")).get("experiment") if manifest.is_file() else None
 
 
-def compare(paths: list[str], out_dir: Path) -> list[Path]:
+def compare(paths: list[str], out_dir: Path) -> tuple[list[Path], dict | None]:
     """comparison.csv / .md / .png in out_dir (the table printed too); for one sweep whose runs carry arms
-    (study.py), also arms.md and arms.png: the arms over their seeds. Returns the files written."""
+    (study.py), also arms.md and arms.png: the arms over their seeds. Returns the files written and that arm
+    summary (study_summary.summarize_sweep; None for other folders)."""
     runs = [load_run(run) for run in find_runs(paths)]
     out_dir.mkdir(parents=True, exist_ok=True)
     columns, rows, families = table_rows(runs)
@@ -387,12 +373,13 @@ def compare(paths: list[str], out_dir: Path) -> list[Path]:
     written.append(save_figure_atomic(comparison_figure(runs), out_dir / "comparison.png"))
     print(markdown)
     print("\n".join(notes))
+    design = None
     if len(paths) == 1 and _experiment(Path(paths[0])) == "study":
         design = summarize_sweep(Path(paths[0]))
         write_text_atomic(out_dir / "arms.md", arm_markdown(design) + "\n\n" + "\n".join(design_notes(design)) + "\n")
         written += [out_dir / "arms.md", write_arm_figure(design, out_dir / "arms.png")]
         print("\n" + arm_markdown(design))
-    return written
+    return written, design
 
 
 def main() -> None:
@@ -415,7 +402,7 @@ def main() -> None:
     out_dir = Path(
         args.out or (Path(args.results[0]) / "comparison" if single_sweep else "process_exp_results/comparison")
     )
-    written = compare(args.results, out_dir)
+    written, _ = compare(args.results, out_dir)
     print("written: " + ", ".join(str(path) for path in written))
 
 

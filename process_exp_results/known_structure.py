@@ -37,6 +37,7 @@ from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
 from process_exp_results.formatting import MISSING, format_number, format_p, with_interval
 from process_exp_results.report import band_text
+from process_exp_results.result_files import read_metrics
 from process_exp_results.routing_stats import ALPHA, is_specialized, permutations_needed  # step 4's rule, here too
 from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
 
@@ -127,10 +128,7 @@ def expectation(arm: str, layers: list[dict]) -> str:
 
 def _test_accuracy(folder: Path) -> tuple[float | None, float | None]:
     """The test split's accuracy and majority baseline from metrics.csv (None, None without a test row)."""
-    import csv
-
-    with open(folder / "metrics.csv", newline="", encoding="utf-8") as handle:
-        test = {r["group"]: r for r in csv.DictReader(handle)}.get("test", {})
+    test = read_metrics(folder).get("test", {})
     return (float(test["accuracy"]) if test else None, float(test["majority_accuracy"]) if test else None)
 
 

@@ -331,8 +331,7 @@ def main() -> None:
         runs = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))["runs"]
         study_summary.score_on_common_set(runs)
         with contextlib.redirect_stdout(io.StringIO()):  # its tables are in study.md; the files stay
-            compare([str(sweep_dir)], sweep_dir / "comparison")
-        designs[f"{corpus}-{design}"] = study_summary.summarize_sweep(sweep_dir)
+            _, designs[f"{corpus}-{design}"] = compare([str(sweep_dir)], sweep_dir / "comparison")
     if args.worker:
         return
     seconds = round(time.perf_counter() - started, 1)

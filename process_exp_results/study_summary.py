@@ -14,7 +14,6 @@ of those documents, so it is scored apart: it and the reference arm on the test 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -25,11 +24,11 @@ from process_exp_results.common_eval import (
     CommonSet,
     difference_interval,
     document_texts,
-    read_common_eval,
     seed_summary,
     write_common_eval,
 )
 from process_exp_results.formatting import MISSING, format_number, with_interval
+from process_exp_results.result_files import read_result_folder
 
 REFERENCE_ARM = "seq64_mask0.15"
 BALANCED_ARM = "seq64_mask0.15_balanced"
@@ -52,15 +51,12 @@ def score_on_common_set(runs: list[dict]) -> None:
     if reference is None:
         return
     masked, processed = Path(reference["masked_dir"]), Path(reference["processed_dir"])
-    shared = [run for run in finished if run["arm"] != BALANCED_ARM]
-    common = CommonSet(
-        masked, processed, set().union(*(document_texts(p) for p in {r["processed_dir"] for r in shared}))
-    )
-    balanced = [run for run in finished if run["arm"] == BALANCED_ARM]
+    trained_on = {folder: document_texts(folder) for folder in {run["processed_dir"] for run in finished}}
+    shared = {run["processed_dir"] for run in finished if run["arm"] != BALANCED_ARM}
+    common = CommonSet(masked, processed, set().union(*(trained_on[folder] for folder in shared)))
     subset = None
-    if balanced:
-        seen = set().union(*(document_texts(p) for p in {r["processed_dir"] for r in finished}))
-        subset = CommonSet(masked, processed, seen)
+    if any(run["arm"] == BALANCED_ARM for run in finished):
+        subset = CommonSet(masked, processed, set().union(*trained_on.values()))
     for run in finished:
         values = {} if run["arm"] == BALANCED_ARM else {"common": _evaluate(common, run)}
         if subset is not None and run["arm"] in (REFERENCE_ARM, BALANCED_ARM):
@@ -69,14 +65,6 @@ def score_on_common_set(runs: list[dict]) -> None:
     print(f"common set: {common.description['documents']} test documents of {masked}")
     if subset is not None:
         print(f"balanced arm vs reference: on the {subset.description['documents']} of them neither trained on")
-
-
-def _test_metrics(folder: Path) -> dict:
-    path = folder / "metrics.csv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        return {row["group"]: row for row in csv.DictReader(handle)}
 
 
 def ablation_cells(ablation: dict | None, layer: str) -> dict:
@@ -119,13 +107,10 @@ def layer_row(layer: dict, stats: dict, ablation: dict | None) -> dict:
 
 def run_row(run: dict) -> dict:
     """One run: arm, seed, status, its common-set and own test metrics, and one row per MoE layer."""
-    folder = Path(run["results_dir"])
-    evaluations = read_common_eval(folder) or {}
+    files = read_result_folder(Path(run["results_dir"]))
+    evaluations, stats, ablation = files["common"] or {}, files["stats"] or {}, files["ablation"]
     common, subset = evaluations.get("common") or {}, evaluations.get("balanced_subset") or {}
-    test = _test_metrics(folder).get("test", {})
-    stats_path, ablation_path = folder / "routing_stats.json", folder / "ablation.json"
-    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
-    ablation = json.loads(ablation_path.read_text(encoding="utf-8")) if ablation_path.is_file() else None
+    test = files["metrics"].get("test", {})
     return {
         "tag": run["tag"],
         "arm": run.get("arm"),
