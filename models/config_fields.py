@@ -70,6 +70,16 @@ MODEL_FIELDS = {
     "top_k_experts": ModelField("int", 1, "experts chosen per token", required=True, min=1),
     "moe_dim": ModelField("int", 512, "hidden size of each expert", required=True, min=1),
     "dropout": ModelField("float", 0.1, "dropout rate", required=True, min=0.0, max=1.0),
+    # a separate rate because attention dropout is costly on the CPU: the fused attention kernel has none, so any
+    # rate above 0 falls back to the unfused path, which materializes [batch, heads, T, T] probabilities
+    "attention_dropout": ModelField(
+        "float",
+        None,
+        "dropout on the attention probabilities; null = dropout (0 keeps the fused attention kernel on the CPU)",
+        nullable=True,
+        min=0.0,
+        max=1.0,
+    ),
     "moe_every": ModelField("int", 1, "every n-th block is MoE, the rest dense", min=1),
     "router_type": ModelField(
         "str",

@@ -22,7 +22,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config: MoEEncoderConfig):
         super().__init__()
         self.num_head = config.num_head
-        self.dropout = config.dropout
+        self.dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.causal = config.attention == "causal"
         self.qkv = nn.Linear(config.embedding_dim, 3 * config.embedding_dim)  # fused: one matmul for q, k, v
         self.out_proj = nn.Linear(config.embedding_dim, config.embedding_dim)
@@ -37,9 +37,16 @@ class SelfAttention(nn.Module):
             earlier = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
             # each query keeps itself, so a padding query before every real token still has a key (no NaN)
             attn_mask = (attn_mask & earlier) | torch.eye(seq_len, dtype=torch.bool, device=x.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # The CPU's fused attention runs forward + backward faster in float32 than in bfloat16 (22 vs 32 ms at
+            # 32 x 4 heads x 128 x 64, measured): only the projections around it run in bfloat16.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p
+                )
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.out_proj(y.transpose(1, 2).reshape(batch_size, seq_len, d_model))
 
 

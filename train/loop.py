@@ -25,6 +25,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from config_utils import PipelineError
 from data_processors.masking import IGNORE_INDEX
 from models.losses import BalancingSums, switch_balancing_loss
+from models.precision import bf16_is_fast
 from train.evaluation import EvalResult, evaluate_mlm, mlm_loader
 from train.tracking import LAYER_SUMS, RoutingRecorder, routing_metric_names
 
@@ -32,8 +33,8 @@ from train.tracking import LAYER_SUMS, RoutingRecorder, routing_metric_names
 def make_accelerator(train_config: dict) -> Accelerator:
     precision = train_config["mixed_precision"]
     cuda = train_config["device"] != "cpu" and torch.cuda.is_available()
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision == "auto":  # bf16 where the device multiplies it natively (models/precision.py says which)
+        precision = "bf16" if bf16_is_fast("cuda" if cuda else "cpu") else "no"
     mps = train_config["device"] != "cpu" and torch.backends.mps.is_available()
     if precision == "fp16" and not (cuda or mps):  # accelerate would train in float32 and still report fp16
         raise PipelineError(
@@ -71,8 +72,13 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.
     return groups
 
 
-def optimizer_for(model: torch.nn.Module, learning_rate: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and LayerNorm weights are not decayed; fused kernels on CUDA."""
+def optimizer_for(
+    model: torch.nn.Module, learning_rate: float, weight_decay: float, fused: bool = True
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases and LayerNorm weights are not decayed.
+
+    fused: one kernel for the whole update, on the CPU as on CUDA (5x faster than the per-tensor loop on the CPU,
+    measured: 10 vs 56 ms a step for 4 x [8, 256, 2048] experts); fused=False keeps torch's default path."""
     groups = parameter_groups(model)
     return torch.optim.AdamW(
         [

@@ -270,9 +270,7 @@ def build_training(run: Run) -> None:
     model = build_model(run.model_config, run.step2_manifest["tokenizer"]["vocab_size"], run.tokenizer.pad_token_id)
     if train_config.freeze_router:
         freeze_routers(model)
-    optimizer = optimizer_for(
-        model, train_config.learning_rate, train_config.weight_decay, fused=accelerator.device.type == "cuda"
-    )
+    optimizer = optimizer_for(model, train_config.learning_rate, train_config.weight_decay)
     run.batches = TrainBatches(
         run.train_set,
         train_config.batch_size,
