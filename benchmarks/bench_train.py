@@ -57,10 +57,27 @@ from functools import partial
 
 import torch
 
-from benchmarks.common import alternate, check_device, finish, library_meta, make_parser, one_line, ratio_check, sync
+from benchmarks.common import (
+    alternate,
+    check_device,
+    finish,
+    library_meta,
+    make_parser,
+    one_line,
+    ratio_check,
+    sync,
+    timed_ms,
+)
+from models.precision import autocast
 
 IMPLS = ("ours_dense", "hf_bert", "ours_moe")
-STEPS = ("train.py", "bare")  # train.loop.train_step as train/train.py calls it; the bare four-call step
+STEPS = ("train.py", "bare")
+PRECISIONS = (
+    "fp32",
+    "bf16",
+    "fp32+compile",
+    "bf16+compile",
+)  # +compile: train.compile, ours_moe's train.py step  # train.loop.train_step as train/train.py calls it; the bare four-call step
 SCHEDULE_STEPS = 10**6  # the linear schedule's length: the learning rate stays at its peak while timed
 MASK_PROB = 0.15
 MASK_ID = 4
@@ -81,6 +98,8 @@ class Shapes:
     seq_len: int = 64
     batch_size: int = 32
     dropout: float = 0.1
+    attention_dropout: float | None = None  # None = dropout (BERT's attention_probs_dropout_prob likewise)
+    expert_type: str = "mlp"  # our models' FFN/experts: mlp (BERT's) or swiglu
     pad_frac: float = 0.0
     lr: float = 5e-4
     weight_decay: float = 0.01
@@ -108,7 +127,8 @@ def build_model(impl: str, shapes: Shapes, n_experts: int = 1, top_k: int = 1) -
             top_k_experts=top_k,
             moe_dim=shapes.moe_dim,
             dropout=shapes.dropout,
-            expert_type="mlp",
+            attention_dropout=shapes.attention_dropout,
+            expert_type=shapes.expert_type,
         )
         return MoEEncoderForMaskedLM(config)
     if impl == "hf_bert":
@@ -123,7 +143,9 @@ def build_model(impl: str, shapes: Shapes, n_experts: int = 1, top_k: int = 1) -
             max_position_embeddings=shapes.seq_len,
             hidden_act="gelu",
             hidden_dropout_prob=shapes.dropout,
-            attention_probs_dropout_prob=shapes.dropout,
+            attention_probs_dropout_prob=shapes.dropout
+            if shapes.attention_dropout is None
+            else shapes.attention_dropout,
             pad_token_id=0,
         )
         config._attn_implementation = "sdpa"
@@ -158,28 +180,37 @@ def make_batch(shapes: Shapes, seed: int = 0, device="cpu") -> dict:
 def make_optimizer(model: torch.nn.Module, shapes: Shapes, device: torch.device):
     from train.loop import optimizer_for
 
-    return optimizer_for(model, shapes.lr, shapes.weight_decay, fused=device.type == "cuda")
+    return optimizer_for(model, shapes.lr, shapes.weight_decay)
 
 
-def bare_step(model, optimizer, batch: dict, head: str = "all") -> torch.Tensor:
-    """head "masked": our models' masked_logits_only=True (as train/train.py); "all": logits at every position."""
+def bare_step(model, optimizer, batch: dict, head: str = "all", precision: str = "fp32") -> torch.Tensor:
+    """head "masked": our models' masked_logits_only=True (as train/train.py); "all": logits at every position.
+    precision "bf16": the forward under bfloat16 autocast (float32 weights and optimizer), as train.py runs it."""
     optimizer.zero_grad(set_to_none=True)
-    loss = (model(**batch, masked_logits_only=True) if head == "masked" else model(**batch)).loss
+    with autocast(batch["input_ids"].device, precision.startswith("bf16")):
+        loss = (model(**batch, masked_logits_only=True) if head == "masked" else model(**batch)).loss
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
-def make_train_accelerator(device: torch.device):
-    """The Accelerator train/train.py builds (train.loop.make_accelerator), float32, no compile, no tracker started."""
+def make_train_accelerator(device: torch.device, precision: str = "fp32"):
+    """The Accelerator train/train.py builds (train.loop.make_accelerator) for one precision (fp32, bf16, and either
+    with "+compile": train.compile's inductor backend), no tracker started.
+
+    accelerate keeps one process-wide state, read when a model is prepared: a new precision resets it, so the
+    cases of one precision are built (prepared) together, before the next precision's accelerator replaces it."""
+    from accelerate.state import AcceleratorState
+
     from train.loop import make_accelerator
 
+    AcceleratorState._reset_state(True)
     return make_accelerator(
         {
-            "mixed_precision": "no",
+            "mixed_precision": "bf16" if precision.startswith("bf16") else "no",
             "device": "cpu" if device.type == "cpu" else "auto",
             "aim_repo": tempfile.gettempdir(),
-            "compile": False,
+            "compile": precision.endswith("+compile"),
         }
     )
 
@@ -219,14 +250,17 @@ def train_py_step(accelerator, model, optimizer, batch: dict, shapes: Shapes) ->
 
 def make_runner(spec: tuple, shapes: Shapes, batch: dict, device: torch.device, accelerator=None):
     """(model, step) of one case; step() runs one training step and returns its loss (float or tensor)."""
-    impl, n_experts, top_k, head, step_kind = spec
+    impl, n_experts, top_k, head, step_kind, precision = spec
     model = build_model(impl, shapes, n_experts, top_k).to(device).train()
     optimizer = make_optimizer(model, shapes, device)
     if step_kind == "bare":
-        return model, partial(bare_step, model, optimizer, batch, head)
+        if precision.endswith("+compile"):
+            raise ValueError("compiled rows run the train.py step (train.compile), not the bare step")
+        return model, partial(bare_step, model, optimizer, batch, head, precision)
     if head != "masked" or impl == "hf_bert":
         raise ValueError("the train.py step runs our models with the masked head only")
-    return model, train_py_step(accelerator or make_train_accelerator(device), model, optimizer, batch, shapes)
+    accelerator = accelerator or make_train_accelerator(device, precision)
+    return model, train_py_step(accelerator, model, optimizer, batch, shapes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +298,7 @@ def probe(spec: dict) -> dict:
     import models  # noqa: F401 - imports before the baseline, not counted
     import train.loop  # noqa: F401
 
-    accelerator = make_train_accelerator(device) if case[4] == "train.py" else None
+    accelerator = make_train_accelerator(device, case[5]) if case[4] == "train.py" else None
     # one step of a tiny model of the same kind first: one-time lazy allocations (kernels, thread pools,
     # allocator arenas; ~20 MiB on CPU) then fall before the baseline instead of into the measurement
     tiny = Shapes(
@@ -331,33 +365,98 @@ def run_probe(
 
 
 # --------------------------------------------------------------------------------------------------
+# Roofline: the step's matmul FLOPs and the matmul peak at the model's shapes
+# --------------------------------------------------------------------------------------------------
+
+
+def step_matmul_flops(shapes: Shapes, batch: dict, n_experts: int, top_k: int, head: str) -> float:
+    """Multiply-add FLOPs (x2) of one training step's matmuls: forward, and backward as twice the forward (the
+    input and the weight gradients). Attention projections and scores, the FFN or the k chosen experts of each
+    real token, the router, and the MLM head at the masked positions ("masked") or at every position ("all")."""
+    d, h, seq_len = shapes.embedding_dim, shapes.moe_dim, shapes.seq_len
+    real = int(batch["attention_mask"].sum())
+    head_rows = int((batch["labels"] != -100).sum()) if head == "masked" else batch["input_ids"].numel()
+    ffn_mats = 3 if shapes.expert_type == "swiglu" else 2
+    per_token = 8 * d * d + 4 * seq_len * d + 2 * ffn_mats * top_k * d * h + (2 * d * n_experts if n_experts > 1 else 0)
+    forward = shapes.n_layers * real * per_token + head_rows * (2 * d * d + 2 * d * shapes.vocab_size)
+    return 3.0 * forward
+
+
+def matmul_shapes(shapes: Shapes, batch: dict, n_experts: int, top_k: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the model's main matmuls: one expert's slice, the q/k/v projection, the head on masked rows."""
+    tokens = int(batch["attention_mask"].sum())
+    per_expert = max(tokens * top_k // n_experts, 1)
+    masked = max(int((batch["labels"] != -100).sum()), 1)
+    d = shapes.embedding_dim
+    return [(per_expert, d, shapes.moe_dim), (tokens, d, 3 * d), (masked, d, shapes.vocab_size)]
+
+
+def matmul_peak(mnk_list, device: torch.device, precisions, repeats: int = 10) -> dict[str, dict]:
+    """Per dtype, the best median GFLOP/s over the model's matmul shapes, timed alternating in this process: the
+    roofline the step's FLOP rate is read against."""
+    dtypes = sorted({"bf16" if p.startswith("bf16") else "fp32" for p in precisions})
+    operands = {
+        (dtype, mnk): (
+            torch.randn(mnk[0], mnk[1], device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32),
+            torch.randn(mnk[1], mnk[2], device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32),
+        )
+        for dtype in dtypes
+        for mnk in mnk_list
+    }
+    steps = {key: partial(torch.mm, *pair) for key, pair in operands.items()}
+    for step in steps.values():
+        step()
+    times, _ = alternate(steps, repeats, device)
+    peak = {}
+    for (dtype, (m, k, n)), ms in times.items():
+        rate = 2 * m * k * n / statistics.median(ms) / 1e6
+        if rate > peak.get(dtype, {}).get("gflop_per_s", 0.0):
+            peak[dtype] = {"gflop_per_s": round(rate, 1), "shape_mkn": [m, k, n]}
+    return peak
+
+
+# --------------------------------------------------------------------------------------------------
 # Harness
 # --------------------------------------------------------------------------------------------------
 
 
-def case_list(impls, experts, top_ks) -> list[tuple[str, int, int, str, str]]:
-    """(impl, n_experts, top_k, head, step) per case: ours as train.py runs it and bare; ours_dense also with the
-    head at every position; BERT bare only (train.loop.train_step needs our model's outputs)."""
+def case_list(impls, experts, top_ks, precisions=("fp32",)) -> list[tuple[str, int, int, str, str, str]]:
+    """(impl, n_experts, top_k, head, step, precision) per case, grouped by precision: ours as train.py runs it and
+    bare; ours_dense also with the head at every position; BERT bare only (train.loop.train_step needs our model's
+    outputs). A "+compile" precision: the train.py step of ours_moe only (compiling takes a minute a model)."""
     cases = []
-    for impl in impls:
-        if impl == "ours_moe":
-            cases += [(impl, e, k, "masked", step) for e in experts for k in top_ks if k <= e for step in STEPS]
-        elif impl == "ours_dense":
-            cases += [(impl, 1, 1, "masked", step) for step in STEPS] + [(impl, 1, 1, "all", "bare")]
-        else:
-            cases.append((impl, 1, 1, "all", "bare"))
+    for precision in precisions:
+        steps = ("train.py",) if precision.endswith("+compile") else STEPS
+        for impl in impls:
+            if impl == "ours_moe":
+                cases += [(impl, e, k, "masked", step) for e in experts for k in top_ks if k <= e for step in steps]
+            elif precision.endswith("+compile"):
+                continue
+            elif impl == "ours_dense":
+                cases += [(impl, 1, 1, "masked", step) for step in STEPS] + [(impl, 1, 1, "all", "bare")]
+            else:
+                cases.append((impl, 1, 1, "all", "bare"))
+        cases = [case if len(case) == 6 else (*case, precision) for case in cases]
     return cases
 
 
 def time_cases(specs, shapes: Shapes, batch: dict, device: torch.device, repeats: int, warmup: int, seed: int):
-    """Build and warm up every case, then time them alternating; (times, losses, params, skipped) per case."""
-    accelerator = make_train_accelerator(device) if any(spec[4] == "train.py" for spec in specs) else None
-    steps, models, losses, skipped = {}, {}, {}, {}
+    """Build and warm up every case, then time them alternating; (times, losses, params, skipped, first-step
+    seconds) per case. The first step's time is the compile time of a compiled case."""
+    accelerators = []  # one per precision, each made when its cases are built (case_list groups them)
+    steps, models, losses, skipped, first_step = {}, {}, {}, {}, {}
     for spec in specs:
         torch.manual_seed(seed)  # the same initial weights for a model's train.py and bare rows
         try:
+            if spec[4] == "train.py" and (not accelerators or accelerators[-1][0] != spec[5]):
+                accelerators.append((spec[5], make_train_accelerator(device, spec[5])))
+            accelerator = accelerators[-1][1] if spec[4] == "train.py" else None
             models[spec], steps[spec] = make_runner(spec, shapes, batch, device, accelerator)
-            losses[spec] = [float(steps[spec]()) for _ in range(warmup)]
+            losses[spec] = []
+            for _ in range(max(warmup, 1)):
+                ms, loss = timed_ms(steps[spec], device)
+                losses[spec].append(float(loss))
+                first_step[spec] = first_step.get(spec, ms / 1e3)
         except Exception as error:  # noqa: BLE001 - reported as skipped
             steps.pop(spec, None)
             skipped[spec] = one_line(error)
@@ -369,19 +468,22 @@ def time_cases(specs, shapes: Shapes, batch: dict, device: torch.device, repeats
     for spec in steps:
         losses[spec] += [float(loss) for loss in outputs[spec]]
     params = {spec: sum(p.numel() for p in {id(p): p for p in models[spec].parameters()}.values()) for spec in models}
-    if accelerator is not None:
+    for _, accelerator in accelerators:
         accelerator.free_memory()  # it keeps the prepared models alive otherwise
-    return times, losses, params, skipped
+    return times, losses, params, skipped, first_step
 
 
-def case_record(spec: tuple, times: list[float], losses: list[float], n_params: int | None, tokens: int) -> dict:
-    impl, n_experts, top_k, head, step = spec
+def case_record(
+    spec: tuple, times: list[float], losses: list[float], n_params: int | None, tokens: int, flops: float = 0.0
+) -> dict:
+    impl, n_experts, top_k, head, step, precision = spec
     case = {
         "impl": impl,
         "n_experts": n_experts,
         "top_k": top_k,
         "mlm_head": head,
         "step": step,
+        "precision": precision,
         "steps_per_s": None,
         "tokens_per_s": None,
         "peak_mem_mb": None,
@@ -397,6 +499,8 @@ def case_record(spec: tuple, times: list[float], losses: list[float], n_params: 
         n_params=n_params,
         loss_first=round(losses[0], 4),
         loss_last=round(losses[-1], 4),
+        matmul_gflop=round(flops / 1e9, 2),
+        gflop_per_s=round(flops / ms / 1e6, 1),
     )
     return case
 
@@ -428,30 +532,38 @@ def run_benchmark(
     memory: bool = True,
     probe_steps: int = 3,
     log=print,
+    precisions=("fp32",),
 ) -> dict:
     """Time every case, alternating; then probe memory per case in child processes. Returns the JSON payload."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
     batch = make_batch(shapes, seed, dev)
     tokens = int(batch["attention_mask"].sum())
-    specs = case_list(impls, experts, top_ks)
+    specs = case_list(impls, experts, top_ks, precisions)
     start = time.perf_counter()
-    times, losses, params, skipped = time_cases(specs, shapes, batch, dev, repeats, warmup, seed)
+    peak = matmul_peak(matmul_shapes(shapes, batch, max(experts), 1), dev, precisions)
+    times, losses, params, skipped, first_step = time_cases(specs, shapes, batch, dev, repeats, warmup, seed)
     if log:
         log(f"  timed {repeats} rounds of {len(specs) - len(skipped)} cases in {time.perf_counter() - start:.1f} s")
     cases = []
     for spec in specs:
-        case = case_record(spec, [] if spec in skipped else times[spec], losses.get(spec), params.get(spec), tokens)
+        impl, n_experts, top_k, head = spec[:4]
+        flops = step_matmul_flops(shapes, batch, n_experts, top_k, head)
+        case = case_record(
+            spec, [] if spec in skipped else times[spec], losses.get(spec), params.get(spec), tokens, flops
+        )
+        if spec in first_step:
+            case["first_step_s"] = round(first_step[spec], 2)
+        dtype_peak = peak.get("bf16" if spec[5].startswith("bf16") else "fp32")
+        if case.get("gflop_per_s") and dtype_peak:
+            case["share_of_matmul_peak"] = round(case["gflop_per_s"] / dtype_peak["gflop_per_s"], 3)
         if spec in skipped:
             case["skipped"] = skipped[spec]
         elif memory:
             add_memory(case, spec, shapes, device, threads, seed, probe_steps, log)
         cases.append(case)
-    return {
-        "cases": cases,
-        "checks": check_summary(cases),
-        "meta": benchmark_meta(shapes, dev, threads, repeats, warmup, seed, tokens, memory, probe_steps),
-    }
+    meta = benchmark_meta(shapes, dev, threads, repeats, warmup, seed, tokens, memory, probe_steps)
+    return {"cases": cases, "checks": check_summary(cases), "matmul_peak": peak, "meta": meta}
 
 
 def benchmark_meta(
@@ -486,22 +598,29 @@ def benchmark_meta(
         },
         "optimizer": f"AdamW (train.loop.optimizer_for) lr {shapes.lr}, weight decay {shapes.weight_decay}",
         "tokens_per_s": "real (non-padding) tokens per step / median step time",
+        "gflop_per_s": "the step's matmul FLOPs (step_matmul_flops: forward x 3) / median step time",
+        "matmul_peak": "per dtype, the best median GFLOP/s of a plain matmul at the model's shapes (matmul_shapes), "
+        "timed in this run; share_of_matmul_peak = gflop_per_s / that peak",
+        "precision": "bf16 = bfloat16 autocast with float32 weights and AdamW state (train.mixed_precision bf16); "
+        "+compile = train.compile (accelerate's inductor backend); first_step_s = its compile time",
         "peak_mem": peak_mem,
         **library_meta(device),
     }
 
 
-def _ms(cases, impl, n_experts=1, top_k=1, head=None, step="bare"):
+def _ms(cases, impl, n_experts=1, top_k=1, head=None, step="bare", precision="fp32"):
     """Median ms of a case; head defaults to how the implementation trains (ours "masked", BERT "all")."""
     head = head or ("all" if impl == "hf_bert" else "masked")
+    wanted = (impl, n_experts, top_k, head, step, precision)
     for c in cases:
-        if (c["impl"], c["n_experts"], c["top_k"], c["mlm_head"], c.get("step", "bare")) == (
-            impl,
-            n_experts,
-            top_k,
-            head,
-            step,
-        ):
+        if (
+            c["impl"],
+            c["n_experts"],
+            c["top_k"],
+            c["mlm_head"],
+            c.get("step", "bare"),
+            c.get("precision", "fp32"),
+        ) == wanted:
             return c.get("ms_median")
     return None
 
@@ -539,6 +658,16 @@ def check_summary(cases: list[dict]) -> list[dict]:
             _ms(cases, "ours_moe", CHECK_E, 1),
             None,
         ),
+        *[
+            ratio_check(
+                f"ours_moe E={CHECK_E} top-1 train.py step, {precision} / fp32 (no target)",
+                _ms(cases, "ours_moe", CHECK_E, 1, step="train.py", precision=precision),
+                moe_train[1],
+                None,
+            )
+            for precision in ("bf16", "fp32+compile", "bf16+compile")
+            if _ms(cases, "ours_moe", CHECK_E, 1, step="train.py", precision=precision)
+        ],
     ]
 
 
@@ -546,33 +675,46 @@ def _ratio_cell(ms, reference, width: int) -> str:
     return f"{ms / reference:>{width}.2f} " if ms and reference else f"{'-':>{width}} "
 
 
-def format_table(cases: list[dict]) -> str:
-    """One row per case; x dense against ours_dense in the same step, x bare against the same case's bare step."""
+def format_table(cases: list[dict], peak: dict | None = None) -> str:
+    """One row per case; x dense against ours_dense in the same step and precision, x bare against the same case's
+    bare step, x fp32 against the same case in float32 (above 1 = faster); GFLOP/s and its share of the measured
+    matmul peak of the row's dtype (the roofline)."""
     bert = _ms(cases, "hf_bert")
     header = (
-        f"{'impl':<11} {'E':>3} {'k':>2} {'head':>6} {'step':>8} {'ms_median':>10} {'steps/s':>8} "
-        f"{'tokens/s':>9} {'x dense':>8} {'x bert':>7} {'x bare':>7} {'peak_MiB':>9} {'params':>10}  note"
+        f"{'impl':<11} {'E':>3} {'k':>2} {'head':>6} {'step':>8} {'precision':>12} {'ms_median':>10} {'steps/s':>8} "
+        f"{'tokens/s':>9} {'GFLOP/s':>8} {'%peak':>6} {'x dense':>8} {'x bert':>7} {'x bare':>7} {'x fp32':>7} "
+        f"{'peak_MiB':>9} {'params':>10}  note"
     )
     lines = [header, "-" * len(header)]
     for c in cases:
-        ms, step = c.get("ms_median"), c.get("step", "bare")
-        dense = _ms(cases, "ours_dense", step=step)
-        bare = _ms(cases, c["impl"], c["n_experts"], c["top_k"], c["mlm_head"])
+        ms, step, precision = c.get("ms_median"), c.get("step", "bare"), c.get("precision", "fp32")
+        key = (c["impl"], c["n_experts"], c["top_k"], c["mlm_head"])
+        dense = _ms(cases, "ours_dense", step=step, precision=precision)
+        bare = _ms(cases, *key, precision=precision)
+        fp32 = _ms(cases, *key, step=step)
         note = f"skipped: {c['skipped']}" if "skipped" in c else c.get("memory_error", "")
+        if "first_step_s" in c and precision.endswith("+compile"):
+            note = f"compile {c['first_step_s']:.0f} s; {note}".rstrip("; ")
+        share = c.get("share_of_matmul_peak")
         lines.append(
-            f"{c['impl']:<11} {c['n_experts']:>3} {c['top_k']:>2} {c['mlm_head']:>6} {step:>8} "
+            f"{c['impl']:<11} {c['n_experts']:>3} {c['top_k']:>2} {c['mlm_head']:>6} {step:>8} {precision:>12} "
             + (
-                f"{ms:>10.1f} {c['steps_per_s']:>8.2f} {c['tokens_per_s']:>9.0f} "
+                f"{ms:>10.1f} {c['steps_per_s']:>8.2f} {c['tokens_per_s']:>9.0f} {c.get('gflop_per_s') or 0:>8.0f} "
                 if ms
-                else f"{'-':>10} {'-':>8} {'-':>9} "
+                else f"{'-':>10} {'-':>8} {'-':>9} {'-':>8} "
             )
+            + (f"{100 * share:>5.0f}% " if share else f"{'-':>6} ")
             + _ratio_cell(ms, dense, 8)
             + _ratio_cell(ms, bert, 7)
             + _ratio_cell(ms, bare, 7)
+            + _ratio_cell(fp32, ms, 7)
             + (f"{c['peak_mem_mb']:>9.0f} " if c["peak_mem_mb"] is not None else f"{'-':>9} ")
             + (f"{c['n_params']:>10}" if c.get("n_params") else f"{'-':>10}")
             + (f"  {note}" if note else "")
         )
+    for dtype, entry in (peak or {}).items():
+        m, k, n = entry["shape_mkn"]
+        lines.append(f"matmul peak {dtype}: {entry['gflop_per_s']:.0f} GFLOP/s (at {m} x {k} x {n}, this run)")
     return "\n".join(lines)
 
 
@@ -609,6 +751,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--dropout", type=float, default=d.dropout, help="dropout of both models (default 0.1)")
+    parser.add_argument(
+        "--attention-dropout", type=float, default=None, help="attention-probability dropout (default: --dropout)"
+    )
+    parser.add_argument(
+        "--expert-type", choices=("mlp", "swiglu"), default=d.expert_type, help="our FFN/experts (default mlp)"
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=PRECISIONS,
+        metavar="P",
+        help="precisions, timed alternating (default fp32): " + " ".join(PRECISIONS),
+    )
     parser.add_argument(
         "--pad-frac",
         type=float,
@@ -659,12 +815,16 @@ def main(argv=None) -> int:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         dropout=args.dropout,
+        attention_dropout=args.attention_dropout,
+        expert_type=args.expert_type,
         pad_frac=args.pad_frac,
     )
     print(
         f"training step: batch {shapes.batch_size}x{shapes.seq_len}, vocab {shapes.vocab_size}, width "
         f"{shapes.embedding_dim}, {shapes.n_layers} blocks, {shapes.num_head} heads, FFN {shapes.moe_dim}, dropout "
-        f"{shapes.dropout}, {args.device}, {args.threads} threads, {args.repeats} repeats, {args.warmup} warm-up"
+        f"{shapes.dropout} (attention {shapes.attention_dropout if shapes.attention_dropout is not None else shapes.dropout}), "
+        f"{shapes.expert_type}, {' '.join(args.precision)}, {args.device}, {args.threads} threads, {args.repeats} repeats, "
+        f"{args.warmup} warm-up"
     )
     start = time.perf_counter()
     payload = run_benchmark(
@@ -679,8 +839,10 @@ def main(argv=None) -> int:
         args.seed,
         not args.no_memory,
         args.probe_steps,
+        precisions=args.precision,
     )
-    return finish(payload, format_table(payload["cases"]), "ratios of median step times", start, args.json)
+    table = format_table(payload["cases"], payload["matmul_peak"])
+    return finish(payload, table, "ratios of median step times", start, args.json)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def test_memory_probe_does_not_inherit_the_parents_peak():
     """Linux carries ru_maxrss over fork + exec: a big parent must not inflate the child's number."""
     ballast = torch.ones(300 * 2**20 // 4)  # 300 MiB resident in this (the parent) process
     result = bench_train.run_probe(
-        ("ours_dense", 1, 1, "masked", "train.py"), tiny_shapes(), "cpu", threads=1, seed=0, steps=1
+        ("ours_dense", 1, 1, "masked", "train.py", "fp32"), tiny_shapes(), "cpu", threads=1, seed=0, steps=1
     )
     assert 0 <= result["peak_mem_mb"] < 150, result
     assert result["peak_rss_mb"] < result["base_rss_mb"] + 150, result
