@@ -38,13 +38,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
-from process_exp_results.references import Band, RouterSample, random_choices
+from process_exp_results.references import Band, RandomRouters, RouterSample, draw_random_routers
 from process_exp_results.resampling import Cells, bootstrap_weights, percentile_ci, rng_for
 from process_exp_results.routing_stats import RoutingRecords
 
 __all__ = [
+    "analysed_mask",
     "analyze_consistency",
     "consecutive_pairs",
     "consecutive_rate",
@@ -54,7 +54,6 @@ __all__ = [
 ]
 
 BOOTSTRAP_PURPOSE = 30  # rng_for(seed, 30): this module's bootstrap; routing_stats uses 1-5, references 20-22
-RANDOM_ROUTERS_PURPOSE = 20  # rng_for(seed, 20, layer): the very routers layer_references draws
 
 
 def consecutive_pairs(doc_id: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -284,6 +283,13 @@ def _analysed_rows(records: RoutingRecords, pool_held_out: bool) -> np.ndarray:
     return np.flatnonzero(~np.asarray(records.held_out, bool))
 
 
+def analysed_mask(records: RoutingRecords, pool_held_out: bool = False) -> np.ndarray:
+    """[n_records] bool: the rows the analysis reads (the held-out topics' rows left out unless pooled)."""
+    mask = np.zeros(len(records.doc_id), bool)
+    mask[_analysed_rows(records, pool_held_out)] = True
+    return mask
+
+
 def analyze_consistency(
     records: RoutingRecords,
     id_to_token: list[str],
@@ -292,11 +298,15 @@ def analyze_consistency(
     pool_held_out: bool = False,
     router_sample: RouterSample | None = None,
     n_random_routers: int = 50,
+    random_routers: list[RandomRouters] | None = None,
+    progress=None,
 ) -> dict[str, dict]:
     """Per layer name ("block 0") the consistency measures of the module docstring, JSON-ready.
 
     router_sample: the sampled router inputs (None: ``random_reference`` is None); the random routers are
-    ``layer_references``' own (same seed and n_random_routers give the same routers)."""
+    ``layer_references``' own (same seed and n_random_routers give the same routers). random_routers: those routers
+    already drawn (references.draw_random_routers, as step 4 does for the references), so none is drawn again.
+    progress: called once per layer."""
     experts = np.asarray(records.experts, dtype=np.int64)
     if experts.ndim == 2:
         experts = experts[:, :, None]
@@ -316,11 +326,35 @@ def analyze_consistency(
         out[name] = _layer_consistency(
             experts[rows, li, :], doc, first, second, continuation_pair, n_docs, int(records.n_experts), boot
         )
-        if router_sample is not None:
+        if router_sample is not None and random_routers is not None:
+            out[name]["random_reference"] = _reference_from_drawn(
+                records, router_sample, random_routers[li], pool_held_out
+            )
+        elif router_sample is not None:
             out[name]["random_reference"] = random_router_reference(
                 records, router_sample, li, n_random_routers, seed, pool_held_out
             )
+        if progress is not None:
+            progress()
     return out
+
+
+def _reference_from_drawn(
+    records: RoutingRecords, sample: RouterSample, routers: RandomRouters, pool_held_out: bool
+) -> dict:
+    """random_router_reference from routers already drawn on the sample's analysed tokens."""
+    if not np.array_equal(routers.keep, analysed_mask(records, pool_held_out)[sample.rows]):
+        raise ValueError("random_routers were drawn on other tokens than the analysed ones")
+    n_experts = sample.weights[0].shape[0]
+    return reference_from_choices(
+        records,
+        sample.rows[routers.keep],
+        routers.trained.numpy(),
+        routers.plain.numpy(),
+        routers.matched.numpy(),
+        n_experts,
+        pool_held_out,
+    )
 
 
 def reference_from_choices(
@@ -381,15 +415,6 @@ def random_router_reference(
     """The consecutive top-1 rate of random routers (plain and load-matched) on the sampled router inputs of one
     layer, beside the trained router's on the same pairs: ``reference_from_choices`` of ``references.random_choices``
     with layer_references' generator, so these are the routers its NMI references use. Costs one more draw and load
-    fit of the R routers; step 4 can pass the choices layer_references already made to reference_from_choices."""
-    analysed = np.zeros(len(records.doc_id), bool)
-    analysed[_analysed_rows(records, pool_held_out)] = True
-    keep = analysed[sample.rows]  # as routing_stats._references: the load-matching target is over these tokens
-    x = torch.from_numpy(np.ascontiguousarray(sample.inputs[layer][keep]))
-    weight = sample.weights[layer]
-    trained, plain, matched, _ = random_choices(
-        x, weight, sample.rule, sample.batch[keep], n_random, rng_for(seed, RANDOM_ROUTERS_PURPOSE, layer)
-    )
-    return reference_from_choices(
-        records, sample.rows[keep], trained.numpy(), plain.numpy(), matched.numpy(), weight.shape[0], pool_held_out
-    )
+    fit of the R routers; step 4 passes analyze_consistency the routers the references drew instead."""
+    routers = draw_random_routers(sample, analysed_mask(records, pool_held_out), n_random, seed, layer)
+    return _reference_from_drawn(records, sample, routers, pool_held_out)

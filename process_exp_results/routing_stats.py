@@ -39,7 +39,15 @@ import numpy as np
 import torch
 
 from process_exp_results.information import cmi, js_rows, nmi
-from process_exp_results.references import Factor, RouterSample, layer_references
+from process_exp_results.phases import Phases, no_phases
+from process_exp_results.references import (
+    LOAD_FIT_TOKENS,
+    PROBE_FIT_TOKENS,
+    Factor,
+    RandomRouters,
+    RouterSample,
+    layer_references,
+)
 from process_exp_results.resampling import Cells, GroupShuffler, basic_ci, bootstrap_weights, p_value, rng_for
 
 __all__ = [
@@ -428,6 +436,8 @@ def _reference_settings(sample: RouterSample, n_random_routers: int) -> dict:
         "n_router_inputs": int(len(sample.rows)),
         "n_candidate_tokens": int(sample.n_candidates),
         "selection": sample.rule.router_type,
+        "load_fit_tokens": LOAD_FIT_TOKENS,  # the load-matching biases' seeded subsample (then checked on all)
+        "probe_fit_tokens": PROBE_FIT_TOKENS,  # the cap on each probe half's L-BFGS fit
     }
 
 
@@ -474,25 +484,30 @@ def _seen_references(
     n_random_routers: int,
     n_boot: int,
     seed: int,
+    random_routers: list[RandomRouters] | None,
+    phases: Phases,
 ) -> list[dict | None]:
     """Per layer the references on the sampled router inputs of the analysed rows (None without a sample)."""
     if router_sample is None:
         return [None] * len(seen.layers)
-    return _references(
-        router_sample,
-        seen.rows,
-        seen.doc,
-        seen.doc_topic,
-        seen.topic,
-        seen.token_class,
-        seen.seen.token_id,
-        len(seen.topics),
-        n_classes,
-        min_token_count,
-        n_random_routers,
-        n_boot,
-        seed,
-    )
+    with phases("references", total=len(seen.layers)) as bar:
+        return _references(
+            router_sample,
+            seen.rows,
+            seen.doc,
+            seen.doc_topic,
+            seen.topic,
+            seen.token_class,
+            seen.seen.token_id,
+            len(seen.topics),
+            n_classes,
+            min_token_count,
+            n_random_routers,
+            n_boot,
+            seed,
+            random_routers,
+            bar.update,
+        )
 
 
 def _layer_entry(
@@ -566,40 +581,67 @@ def analyze_routing(
     n_random_routers: int = 50,
     train_token_ids: np.ndarray | None = None,
     pool_held_out: bool = False,
+    random_routers: list[RandomRouters] | None = None,
+    phases: Phases | None = None,
 ) -> dict:
     """Routing statistics per layer as a JSON-ready dict (the layout is the README's "Routing analysis").
 
     router_sample: the sampled router inputs for the references (None: no references);
     train_token_ids: the token ids that occur in the training split (for the held-out topics' unfamiliar pieces);
-    pool_held_out: analyse the held-out topics together with the seen ones, as the earlier study did.
+    pool_held_out: analyse the held-out topics together with the seen ones, as the earlier study did;
+    random_routers: per layer the random routers already drawn on the sample (references.draw_random_routers with
+    this seed and n_random_routers; None: drawn here); phases: times "statistics" and "references" (step 4).
     """
-    records, token_class_of_id, held_out = _prepared_records(records, token_class_of_id)
-    k = records.experts.shape[2]
-    seen = _seen_tables(
-        records, held_out, token_class_of_id, len(class_names), min_token_count, min_topic_docs, pool_held_out
-    )
-    resampled = _resample(seen, n_boot, n_perm, seed)
+    phases = phases or no_phases()
+    with phases("statistics", total=3) as bar:
+        records, token_class_of_id, held_out = _prepared_records(records, token_class_of_id)
+        k = records.experts.shape[2]
+        seen = _seen_tables(
+            records, held_out, token_class_of_id, len(class_names), min_token_count, min_topic_docs, pool_held_out
+        )
+        bar.update()
+        resampled = _resample(seen, n_boot, n_perm, seed)
+        bar.update()
     references = _seen_references(
-        seen, router_sample, len(class_names), min_token_count, n_random_routers, n_boot, seed
+        seen, router_sample, len(class_names), min_token_count, n_random_routers, n_boot, seed, random_routers, phases
     )
+    with phases("statistics") as bar:
+        stats = _assembled(records, seen, held_out, pool_held_out, resampled, references, k, class_names, id_to_token)
+        stats["settings"] = _settings(n_boot, n_perm, seed, min_token_count, router_sample, n_random_routers)
+        stats["held_out_shift"] = _held_out_shift(records, held_out, train_token_ids, n_boot, seed)
+        if train_token_ids is not None:
+            stats["seen_unseen_piece_share"] = _unseen_share(records.token_id[~held_out], train_token_ids)
+        bar.update()
+    return stats
+
+
+def _assembled(
+    records: RoutingRecords,
+    seen: _SeenTables,
+    held_out: np.ndarray,
+    pool_held_out: bool,
+    resampled: _Resampled,
+    references: list[dict | None],
+    k: int,
+    class_names: list[str],
+    id_to_token: list[str],
+) -> dict:
+    """The JSON of analyze_routing, its settings and held-out blocks left to fill (kept in the file's key order)."""
     layers = [
         _layer_entry(seen, li, resampled, references[li], records.n_experts, k, class_names, id_to_token)
         for li in range(len(seen.layers))
     ]
-    stats = {
+    return {
         "n_tokens": int(len(seen.rows)),
         "n_documents": int(len(seen.doc_topic)),
         "topics": seen.topics,
         "groups": _topic_groups(records, held_out, pool_held_out),
         "n_experts": int(records.n_experts),
         "k": int(k),
-        "settings": _settings(n_boot, n_perm, seed, min_token_count, router_sample, n_random_routers),
+        "settings": None,
         "layers": layers,
-        "held_out_shift": _held_out_shift(records, held_out, train_token_ids, n_boot, seed),
+        "held_out_shift": None,
     }
-    if train_token_ids is not None:
-        stats["seen_unseen_piece_share"] = _unseen_share(records.token_id[~held_out], train_token_ids)
-    return stats
 
 
 def _layer_result(
@@ -673,8 +715,11 @@ def _references(
     n_random: int,
     n_boot: int,
     seed: int,
+    random_routers: list[RandomRouters] | None = None,
+    progress=None,
 ) -> list[dict]:
-    """layer_references for every layer, on the sampled tokens that are among the analysed rows."""
+    """layer_references for every layer, on the sampled tokens that are among the analysed rows (random_routers:
+    the layers' random routers already drawn on them, else drawn here; progress: called once per layer)."""
     position = np.minimum(np.searchsorted(analysed_rows, sample.rows), max(len(analysed_rows) - 1, 0))
     keep = analysed_rows[position] == sample.rows if len(analysed_rows) else np.zeros(len(sample.rows), bool)
     rows = position[keep]
@@ -689,23 +734,31 @@ def _references(
     conditional = (
         {"token": np.where(f < F, f, -1), "n_tokens": F, "topic": topic[rows], "n_topics": n_topics} if F else None
     )
-    return [
-        layer_references(
-            torch.from_numpy(np.ascontiguousarray(inputs[keep])),
-            weight,
-            sample.rule,
-            sample.batch[keep],
-            doc[rows],
-            doc_topic,
-            factors,
-            conditional,
-            n_random,
-            n_boot,
-            seed,
-            li,
+    out = []
+    for li, (inputs, weight) in enumerate(zip(sample.inputs, sample.weights)):
+        random = random_routers[li] if random_routers is not None else None
+        if random is not None and not np.array_equal(random.keep, keep):
+            raise ValueError("random_routers were drawn on other tokens than the analysed ones")
+        out.append(
+            layer_references(
+                torch.from_numpy(np.ascontiguousarray(inputs[keep], dtype=np.float32)),
+                weight,
+                sample.rule,
+                sample.batch[keep],
+                doc[rows],
+                doc_topic,
+                factors,
+                conditional,
+                n_random,
+                n_boot,
+                seed,
+                li,
+                random,
+            )
         )
-        for li, (inputs, weight) in enumerate(zip(sample.inputs, sample.weights))
-    ]
+        if progress is not None:
+            progress()
+    return out
 
 
 def _unseen_share(token_id: np.ndarray, train_token_ids: np.ndarray) -> float:
