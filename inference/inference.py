@@ -34,9 +34,12 @@ from config_utils.contracts import check_run_data, read_step2_output, step3_comm
 from config_utils.io import check_output_folder, read_manifest, safe_file_stems
 from inference.routing import collect_routing, first_documents
 from inference.routing_files import file_stem, write_routing_outputs
-from process_exp_results.ablation import analyze_ablation, plot_ablation
-from process_exp_results.consistency import analyze_consistency
+from models.precision import autocast, bf16_is_fast
+from process_exp_results.ablation import ablation_losses, ablation_statistics, plot_ablation
+from process_exp_results.consistency import analysed_mask, analyze_consistency
+from process_exp_results.phases import Phases
 from process_exp_results.plots import plot_pooled_expert_histogram, plot_routing_saturation, plot_topic_layer_histogram
+from process_exp_results.references import draw_random_routers
 from process_exp_results.report import (
     ablation_sentence,
     consistency_sentence,
@@ -99,6 +102,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="run tag under train.save_path, or a run folder; if not given, the last finished run",
     )
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per evaluation batch")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the forward passes (evaluation, routing collection, ablation): bf16 = bfloat16 autocast, fp32 = "
+        "float32, auto = bf16 where the device multiplies bfloat16 natively (models/precision.py); the routers and "
+        "every statistic compute in float32 either way",
+    )
 
 
 def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
@@ -217,15 +228,37 @@ def load_run(args: argparse.Namespace, configs: dict) -> Run:
     return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash)
 
 
+def resolve_precision(option: str, device) -> bool:
+    """--precision as a flag: True = bfloat16 autocast."""
+    return bf16_is_fast(device) if option == "auto" else option == "bf16"
+
+
 def evaluate_groups(
-    model, group_datasets: dict, layer_names: list[str], device, batch_size: int
+    model,
+    group_datasets: dict,
+    layer_names: list[str],
+    device,
+    batch_size: int,
+    bf16: bool = False,
+    done: dict | None = None,
+    phases: Phases | None = None,
 ) -> tuple[list[dict], list[dict], dict]:
-    """Per group the MLM metrics row, the expert_counts.csv rows and the [layer, expert] count array."""
+    """Per group the MLM metrics row, the expert_counts.csv rows and the [layer, expert] count array.
+
+    done: group -> EvalResult already computed on all of the group's documents (the ablation's plain pass), used
+    instead of a second pass."""
+    done = done or {}
+    phases = phases or Phases(progress=False)
     metric_rows, count_rows, expert_counts = [], [], {}
+    with phases("evaluation", total=len(group_datasets)) as bar:
+        results = {}
+        for group, dataset in group_datasets.items():
+            if group not in done:
+                with autocast(device, bf16):
+                    results[group] = evaluate_mlm(model, mlm_loader(dataset, batch_size), device)
+            bar.update()
     for group, dataset in group_datasets.items():
-        result = evaluate_mlm(
-            model, mlm_loader(dataset, batch_size), device, progress_desc=f"step 4: evaluating {group}"
-        )
+        result = done.get(group) or results[group]
         metric_rows.append({"group": group, "documents": len(dataset), **result.as_dict()})
         expert_counts[group] = result.expert_counts.numpy()
         for layer_row, layer_name in enumerate(layer_names):
@@ -250,26 +283,55 @@ class RoutingAnalysis:
     id_to_token: list[str]
 
 
+def n_forward_passes(group_datasets: dict, max_docs: int, batch_size: int) -> int:
+    """The batches of batch_size documents over the first max_docs of each group (a progress bar's total)."""
+    return sum(-(-min(len(dataset), max_docs) // batch_size) for dataset in group_datasets.values())
+
+
+def draw_references(records: RoutingRecords, router_sample, args: argparse.Namespace, phases: Phases) -> list | None:
+    """Per layer the random routers on the sampled router inputs, drawn once for the references and the
+    consistency reference (the analysis's seed, 0)."""
+    if router_sample is None:
+        return None
+    analysed = analysed_mask(records, args.pool_held_out)
+    with phases("references", total=len(router_sample.inputs)) as bar:
+        routers = []
+        for layer in range(len(router_sample.inputs)):
+            routers.append(draw_random_routers(router_sample, analysed, args.n_random_routers, 0, layer))
+            bar.update()
+    return routers
+
+
 def analyze_run_routing(
-    run: Run, group_datasets: dict, layer_names: list[str], device, args: argparse.Namespace
+    run: Run,
+    group_datasets: dict,
+    layer_names: list[str],
+    device,
+    args: argparse.Namespace,
+    bf16: bool = False,
+    phases: Phases | None = None,
 ) -> RoutingAnalysis:
     """The routing records of every group, their statistics against references, local consistency, saturation over
     training, and the plain-language summary."""
     model, tokenizer = run.model, run.tokenizer
+    phases = phases or Phases(progress=False)
     held_out = tuple(run.configs["dataset"].data_params.eval_topics)
-    records, router_sample = collect_routing(
-        model,
-        group_datasets,
-        device,
-        args.batch_size,
-        args.max_docs_per_group,
-        held_out,
-        args.max_router_inputs,
-        sample_held_out=args.pool_held_out,
-    )
+    with phases("collection", total=n_forward_passes(group_datasets, args.max_docs_per_group, args.batch_size)) as bar:
+        records, router_sample = collect_routing(
+            model,
+            group_datasets,
+            device,
+            args.batch_size,
+            args.max_docs_per_group,
+            held_out,
+            args.max_router_inputs,
+            sample_held_out=args.pool_held_out,
+            bf16=bf16,
+            progress=bar.update,
+        )
     class_of_id, class_names = token_classes(tokenizer)
     id_to_token = tokenizer.convert_ids_to_tokens(list(range(model.config.vocab_size)))
-    print("step 4: routing statistics (bootstrap, permutations, references) ...", file=sys.stderr)
+    random_routers = draw_references(records, router_sample, args, phases)
     stats = analyze_routing(
         records,
         class_of_id,
@@ -281,16 +343,20 @@ def analyze_run_routing(
         n_random_routers=args.n_random_routers,
         train_token_ids=training_token_ids(run.masked_dir / "train"),
         pool_held_out=args.pool_held_out,
+        random_routers=random_routers,
+        phases=phases,
     )
-    print("step 4: local routing consistency ...", file=sys.stderr)
-    stats["consecutive"] = analyze_consistency(
-        records,
-        id_to_token,
-        n_boot=args.n_boot,
-        pool_held_out=args.pool_held_out,
-        router_sample=router_sample,
-        n_random_routers=args.n_random_routers,
-    )
+    with phases("consistency", total=len(layer_names)) as bar:
+        stats["consecutive"] = analyze_consistency(
+            records,
+            id_to_token,
+            n_boot=args.n_boot,
+            pool_held_out=args.pool_held_out,
+            router_sample=router_sample,
+            n_random_routers=args.n_random_routers,
+            random_routers=random_routers,
+            progress=bar.update,
+        )
     stats["saturation"] = saturation(run.run_dir, layer_names)  # from the run's routing snapshots
     stats["summary"] = (
         summary_sentences(stats)
@@ -300,21 +366,27 @@ def analyze_run_routing(
     return RoutingAnalysis(stats, records, id_to_token)
 
 
-def run_ablation(run: Run, group_datasets: dict, device, args: argparse.Namespace) -> dict:
-    print("step 4: expert ablation (each expert disabled in turn) ...", file=sys.stderr)
+def run_ablation(
+    run: Run, group_datasets: dict, device, args: argparse.Namespace, bf16: bool, phases: Phases
+) -> tuple[dict, dict]:
+    """ablation.json's content, and the MLM evaluation of every group whose documents were all ablated (the
+    ablation's plain pass is that evaluation: evaluate_groups reuses it)."""
     ablated_groups = {
         name: first_documents(dataset, args.max_docs_per_group) for name, dataset in group_datasets.items()
     }
-    return analyze_ablation(
-        run.model,
-        ablated_groups,
-        device,
-        args.batch_size,
-        run.tokenizer,
-        topic_groups=("test",),
-        n_bootstrap=args.n_boot,
-        n_permutations=args.n_perm,
-    )
+    with phases("ablation", total=n_forward_passes(group_datasets, args.max_docs_per_group, args.batch_size)) as bar:
+        losses = ablation_losses(run.model, ablated_groups, device, args.batch_size, bf16=bf16, on_batch=bar.update)
+        token_class, class_names = token_classes(run.tokenizer)
+        ablation = ablation_statistics(
+            losses,
+            token_class,
+            class_names,
+            topic_groups=("test",),
+            n_bootstrap=args.n_boot,
+            n_permutations=args.n_perm,
+        )
+    whole = {name for name, dataset in group_datasets.items() if len(ablated_groups[name]) == len(dataset)}
+    return ablation, {name: result for name, result in losses.evaluations.items() if name in whole}
 
 
 def write_figures(
@@ -378,39 +450,47 @@ def main() -> None:
     run = load_run(args, configs)
     train_config = run.configs["train"]
     device = torch.device("cuda" if train_config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    bf16 = resolve_precision(args.precision, device)
     run.model.to(device)
     groups = run.groups()
     layer_names = run.layer_names()
     file_stems = safe_file_stems(list(groups), "the evaluated groups")  # topic labels are data, not paths
     started = time.time()
+    phases = Phases()
     group_datasets = {group: datasets.load_from_disk(str(folder)) for group, folder in groups.items()}
+    if args.ablation is None:
+        args.ablation = bool(layer_names) and run.model.config.n_experts <= ABLATION_MAX_EXPERTS
+    ablation, evaluated = None, {}
+    if args.ablation and layer_names:  # first: its plain pass is the MLM evaluation of the groups it covers
+        ablation, evaluated = run_ablation(run, group_datasets, device, args, bf16, phases)
     metric_rows, count_rows, expert_counts = evaluate_groups(
-        run.model, group_datasets, layer_names, device, args.batch_size
+        run.model, group_datasets, layer_names, device, args.batch_size, bf16, evaluated, phases
     )
     routing = None
     if layer_names and not args.no_routing_stats:  # a dense model (no MoE layer) has no routing to analyse
-        routing = analyze_run_routing(run, group_datasets, layer_names, device, args)
-    if args.ablation is None:
-        args.ablation = bool(layer_names) and run.model.config.n_experts <= ABLATION_MAX_EXPERTS
-    ablation = run_ablation(run, group_datasets, device, args) if args.ablation and layer_names else None
+        routing = analyze_run_routing(run, group_datasets, layer_names, device, args, bf16, phases)
 
     stats = routing.stats if routing else None
     out_dir = out_root / run.run_dir.name
     with atomic_dir(out_dir) as tmp_dir:
-        write_csv(tmp_dir / "metrics.csv", METRIC_COLUMNS, metric_rows)
-        write_csv(tmp_dir / "expert_counts.csv", ["group", "layer", "expert", "count", "share"], count_rows)
-        write_figures(tmp_dir, run.run_dir.name, expert_counts, layer_names, file_stems)
-        routing_files = write_analysis_files(tmp_dir, routing, ablation, layer_names)
-        figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
-        write_report_md(
-            tmp_dir / "report.md",
-            run_summary(run.run_dir, run.model.config, metric_rows),
-            metric_rows,
-            stats,
-            figures,
-            [path for path in routing_files if path.suffix != ".png"],
-            ablation,
-        )
+        with phases("figures", total=3) as bar:
+            write_csv(tmp_dir / "metrics.csv", METRIC_COLUMNS, metric_rows)
+            write_csv(tmp_dir / "expert_counts.csv", ["group", "layer", "expert", "count", "share"], count_rows)
+            write_figures(tmp_dir, run.run_dir.name, expert_counts, layer_names, file_stems)
+            bar.update()
+            routing_files = write_analysis_files(tmp_dir, routing, ablation, layer_names)
+            bar.update()
+            figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
+            write_report_md(
+                tmp_dir / "report.md",
+                run_summary(run.run_dir, run.model.config, metric_rows),
+                metric_rows,
+                stats,
+                figures,
+                [path for path in routing_files if path.suffix != ".png"],
+                ablation,
+            )
+            bar.update()
         write_json_atomic(
             tmp_dir / "manifest.json",
             {
@@ -418,10 +498,13 @@ def main() -> None:
                 "run": str(run.run_dir),
                 "input_manifest_hash": run.step2_hash,
                 "config": {"dataset": run.configs["dataset"], "train": train_config},
+                "precision": {"option": args.precision, "forward": "bf16" if bf16 else "fp32", "statistics": "fp32"},
                 "metrics": metric_rows,
+                "metrics_from_ablation": sorted(evaluated),  # groups whose evaluation is the ablation's plain pass
                 "figures": [str(path) for path in figures],
                 "routing_files": [str(path) for path in routing_files],
                 "routing_settings": stats["settings"] if stats else None,
+                "phase_seconds": phases.rounded(),
                 "seconds": round(time.time() - started, 2),
             },
         )

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from models import MoELayer
+from models.precision import autocast
 from process_exp_results.references import RouterSample, SelectionRule
 from process_exp_results.routing_stats import RoutingRecords
 
@@ -179,14 +180,18 @@ def _route_group(
     held_out: bool,
     hooks: _RouterInputs | None,
     collected: _Collected,
+    bf16: bool = False,
+    progress=None,
 ) -> None:
     """One group's encoder passes, batch_size documents each, into `collected`: every real token's record, and
-    with hooks (a sampled group) the router inputs of its sampled tokens. topics: each document's topic index."""
+    with hooks (a sampled group) the router inputs of its sampled tokens. topics: each document's topic index.
+    bf16: the passes under bfloat16 autocast (the router inputs are kept in float32 all the same)."""
     start = 0
     for batch in dataset.with_format("numpy", columns=ROUTING_COLUMNS).iter(batch_size=batch_size):
         ids = torch.as_tensor(batch["unmasked_ids"], dtype=torch.long, device=device)
         real = torch.as_tensor(batch["attention_mask"], device=device).bool()
-        output = model.encoder(input_ids=ids, attention_mask=real)
+        with autocast(device, bf16):
+            output = model.encoder(input_ids=ids, attention_mask=real)
         experts = _expert_indices(output, len(model.config.moe_layer_indices), ids)
         collected.add_tokens(ids, real, experts, batch["doc_id"], topics[start : start + len(ids)], held_out)
         n_real = int(real.sum())
@@ -194,6 +199,8 @@ def _route_group(
             collected.add_router_inputs(hooks.current, n_real)
         collected.end_pass(n_real)
         start += len(ids)
+        if progress is not None:
+            progress()
 
 
 @torch.no_grad()
@@ -207,6 +214,8 @@ def collect_routing(
     max_router_inputs: int = 200_000,
     sample_held_out: bool = False,
     seed: int = 0,
+    bf16: bool = False,
+    progress=None,
 ) -> tuple[RoutingRecords, RouterSample | None]:
     """Encoder forward passes (no MLM head: the analysis needs the routing only) over each group's `unmasked_ids`
     with attention_mask, in eval mode, no grad; one record per real token; topic = the document's own `topic`
@@ -237,7 +246,8 @@ def collect_routing(
         for name, dataset in groups.items():
             topics = np.array([topic_index[topic] for topic in dataset["topic"]], dtype=np.int64)
             inputs = hooks if name in sampled else None
-            _route_group(model, dataset, topics, device, batch_size, name in held_out_groups, inputs, collected)
+            held_out = name in held_out_groups
+            _route_group(model, dataset, topics, device, batch_size, held_out, inputs, collected, bf16, progress)
     finally:
         if hooks is not None:
             hooks.remove()

@@ -51,6 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.losses import count_assignments
+from models.precision import autocast
 from process_exp_results.formatting import format_number
 from process_exp_results.resampling import GroupShuffler, bootstrap_weights, p_value, percentile_ci, rng_for
 
@@ -135,6 +137,45 @@ class AblationLosses:
     n_experts: int
     groups: dict[str, GroupLosses]
     cost: dict = field(default_factory=dict)
+    evaluations: dict = field(default_factory=dict)  # group -> train.evaluation.EvalResult of the plain pass
+
+
+class _EvalTally:
+    """The plain pass's MLM evaluation, summed as train/evaluation.evaluate_mlm sums it (loss, accuracy, masked and
+    real tokens, the most frequent label, expert counts over real tokens), so step 4 need not run that pass again."""
+
+    def __init__(self, config, device):
+        self.n_experts = config.n_experts
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.masked = torch.zeros((), dtype=torch.long, device=device)
+        self.real = torch.zeros((), dtype=torch.long, device=device)
+        self.label_counts = torch.zeros(config.vocab_size, dtype=torch.long, device=device)
+        self.expert_counts = torch.zeros(
+            len(config.moe_layer_indices), config.n_experts, dtype=torch.long, device=device
+        )
+
+    def add(self, output, batch, token_losses: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss_sum += token_losses.sum().double()
+        self.correct += (output.logits.argmax(-1) == targets).sum()
+        self.masked += targets.numel()
+        self.real += batch["attention_mask"].sum()
+        self.label_counts += torch.bincount(targets, minlength=self.label_counts.numel())
+        for row, expert_index in enumerate(output.expert_indices):  # each token's expert(s); -1 skipped
+            self.expert_counts[row] += count_assignments(expert_index, self.n_experts)
+
+    def result(self):
+        from train.evaluation import EvalResult
+
+        n_masked = max(int(self.masked), 1)
+        return EvalResult(
+            mlm_loss=float(self.loss_sum) / n_masked,
+            accuracy=int(self.correct) / n_masked,
+            masked_tokens=int(self.masked),
+            real_tokens=int(self.real),
+            expert_counts=self.expert_counts.cpu(),
+            majority_accuracy=int(self.label_counts.max()) / n_masked,
+        )
 
 
 def _suffix_token_losses(model, x, real_mask, start: int, is_masked, targets) -> torch.Tensor:
@@ -146,14 +187,18 @@ def _suffix_token_losses(model, x, real_mask, start: int, is_masked, targets) ->
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def _full_token_losses(model, batch, is_masked, targets) -> torch.Tensor:
-    output = model(
+def _full_forward(model, batch):
+    """The model's own forward on the batch, logits at the masked positions only (as the MLM evaluation)."""
+    return model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         labels=batch["labels"],
         masked_logits_only=True,
     )
-    return F.cross_entropy(output.logits.float(), targets, reduction="none")
+
+
+def _full_token_losses(model, batch, is_masked, targets) -> torch.Tensor:
+    return F.cross_entropy(_full_forward(model, batch).logits.float(), targets, reduction="none")
 
 
 @dataclass
@@ -204,6 +249,7 @@ class _AblationRun:
     n_experts: int
     reuse_below: bool
     block_inputs: _BlockInputs
+    bf16: bool = False
     n_batches: int = 0
     plain_seconds: float = 0.0
     ablation_seconds: float = 0.0
@@ -217,13 +263,15 @@ def _ablated_layers(model, layers: Sequence[int] | None) -> list[int]:
     return layers
 
 
-def _plain_pass(run: _AblationRun, batch, is_masked, targets) -> torch.Tensor:
-    """The plain per-token losses (CPU); fills ``run.block_inputs`` on the way."""
+def _plain_pass(run: _AblationRun, batch, targets, tally: _EvalTally) -> torch.Tensor:
+    """The plain per-token losses (CPU), added to the evaluation tally; fills ``run.block_inputs`` on the way."""
     run.block_inputs.inputs.clear()
     run.block_inputs.capturing = True
-    losses = _full_token_losses(run.model, batch, is_masked, targets).cpu()
+    output = _full_forward(run.model, batch)
     run.block_inputs.capturing = False
-    return losses
+    losses = F.cross_entropy(output.logits.float(), targets, reduction="none")
+    tally.add(output, batch, losses, targets)
+    return losses.cpu()
 
 
 def _ablated_passes(run: _AblationRun, batch, is_masked, targets) -> list[list[torch.Tensor]]:
@@ -244,13 +292,17 @@ def _ablated_passes(run: _AblationRun, batch, is_masked, targets) -> list[list[t
     return out
 
 
-def _group_token_parts(run: _AblationRun, dataset, name: str, batch_size: int, progress: bool) -> _TokenParts:
-    """Run one group batch by batch: each masked token's document, id and losses, plain and ablated."""
+def _group_token_parts(
+    run: _AblationRun, dataset, name: str, batch_size: int, progress: bool, on_batch=None
+) -> tuple[_TokenParts, _EvalTally]:
+    """Run one group batch by batch: each masked token's document, id and losses, plain and ablated; and the
+    plain pass's evaluation. on_batch: called after every batch (step 4's progress bar)."""
     from tqdm.auto import tqdm
 
     from train.evaluation import mlm_loader
 
     parts = _TokenParts(ablated=[[[] for _ in range(run.n_experts)] for _ in run.layers])
+    tally = _EvalTally(run.model.config, run.device)
     row0 = 0
     loader = mlm_loader(dataset, batch_size)
     for batch in tqdm(loader, desc=f"ablation {name}", leave=False, disable=not progress):
@@ -260,10 +312,12 @@ def _group_token_parts(run: _AblationRun, dataset, name: str, batch_size: int, p
         targets = labels[is_masked]
         rows = is_masked.nonzero()[:, 0]
         started = time.perf_counter()
-        parts.plain.append(_plain_pass(run, batch, is_masked, targets))
+        with autocast(run.device, run.bf16):
+            parts.plain.append(_plain_pass(run, batch, targets, tally))
         run.plain_seconds += time.perf_counter() - started
         started = time.perf_counter()
-        ablated = _ablated_passes(run, batch, is_masked, targets)
+        with autocast(run.device, run.bf16):
+            ablated = _ablated_passes(run, batch, is_masked, targets)
         run.ablation_seconds += time.perf_counter() - started
         for li, per_expert in enumerate(ablated):
             for expert, losses in enumerate(per_expert):
@@ -272,7 +326,9 @@ def _group_token_parts(run: _AblationRun, dataset, name: str, batch_size: int, p
         parts.id.append(targets.cpu())
         row0 += labels.shape[0]
         run.n_batches += 1
-    return parts
+        if on_batch is not None:
+            on_batch()
+    return parts, tally
 
 
 def _joined(parts, dtype) -> np.ndarray:
@@ -319,6 +375,7 @@ def _ablation_cost(run: _AblationRun, n_blocks: int) -> dict:
     naive_per_batch = n_blocks + n_experts * len(layers) * n_blocks
     return {
         "reuse_below": bool(run.reuse_below),
+        "precision": "bf16" if run.bf16 else "fp32",
         "n_batches": run.n_batches,
         "n_blocks": n_blocks,
         "n_moe_layers": len(layers),
@@ -342,6 +399,8 @@ def ablation_losses(
     reuse_below: bool = True,
     layers: Sequence[int] | None = None,
     progress: bool = False,
+    bf16: bool = False,
+    on_batch=None,
 ) -> AblationLosses:
     """Per document of every group: masked-token loss sums, plain and with each expert of each MoE layer disabled.
 
@@ -349,25 +408,29 @@ def ablation_losses(
     groups: name -> datasets.Dataset with input_ids, attention_mask, labels (-100 = not masked) and optionally
     topic, doc_id (step 2's files). layers: block indices to ablate (default every MoE layer).
     reuse_below: cache each MoE block's input from the plain pass and rerun only the blocks from there
-    (False: E full passes per layer, the reference).
+    (False: E full passes per layer, the reference). bf16: bfloat16 autocast (the losses are float32).
+    progress: a tqdm bar per group; on_batch: called after every batch. ``evaluations`` holds each group's MLM
+    evaluation from the plain pass.
     """
     encoder = _encoder(model)
     layers = _ablated_layers(model, layers)
     n_experts = int(model.config.n_experts)
     was_training = model.training
     model.eval()
-    run = _AblationRun(
-        model, torch.device(device), layers, n_experts, reuse_below, _BlockInputs(encoder, layers, reuse_below)
-    )
+    block_inputs = _BlockInputs(encoder, layers, reuse_below)
+    run = _AblationRun(model, torch.device(device), layers, n_experts, reuse_below, block_inputs, bf16)
     out: dict[str, GroupLosses] = {}
+    evaluations = {}
     try:
         for name, dataset in groups.items():
-            parts = _group_token_parts(run, dataset, name, batch_size, progress)
+            parts, tally = _group_token_parts(run, dataset, name, batch_size, progress, on_batch)
             out[name] = _group_losses(dataset, parts, len(layers), n_experts)
+            evaluations[name] = tally.result()
     finally:
         run.block_inputs.close()
         model.train(was_training)
-    return AblationLosses(layers=layers, n_experts=n_experts, groups=out, cost=_ablation_cost(run, len(encoder.blocks)))
+    cost = _ablation_cost(run, len(encoder.blocks))
+    return AblationLosses(layers=layers, n_experts=n_experts, groups=out, cost=cost, evaluations=evaluations)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -594,9 +657,10 @@ def analyze_ablation(
     seed: int = 0,
     reuse_below: bool = True,
     progress: bool = False,
+    bf16: bool = False,
 ) -> dict:
     """ablation_losses + ablation_statistics, with the token classes of ``tokenizer`` (None: no class test)."""
-    losses = ablation_losses(model, groups, device, batch_size, reuse_below=reuse_below, progress=progress)
+    losses = ablation_losses(model, groups, device, batch_size, reuse_below=reuse_below, progress=progress, bf16=bf16)
     token_class = class_names = None
     if tokenizer is not None:
         from process_exp_results.routing_stats import token_classes
