@@ -140,3 +140,19 @@ def test_same_seed_same_weights_on_cpu(pipeline):
     assert first.keys() == second.keys()
     for name in first:
         assert (first[name] == second[name]).all(), name
+
+
+def test_step4_manifest_records_precision_and_phase_times(pipeline):
+    tmp_path, _ = pipeline
+    import torch
+
+    from models.precision import bf16_is_fast
+
+    manifest = json.loads((tmp_path / "results" / "tiny" / "manifest.json").read_text())
+    expected = "bf16" if bf16_is_fast(torch.device("cpu")) else "fp32"  # --precision auto on this machine
+    assert manifest["precision"] == {"option": "auto", "forward": expected, "statistics": "fp32"}
+    phases = manifest["phase_seconds"]
+    assert set(phases) == {"evaluation", "collection", "references", "statistics", "ablation", "consistency", "figures"}
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) <= manifest["seconds"] + 1.0  # the phases are parts of step 4's time
+    assert manifest["metrics_from_ablation"] == sorted(row["group"] for row in manifest["metrics"])
