@@ -62,6 +62,11 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, real: RealTokens) -> tuple[torch.Tensor, MoELayerStats | None]:
         x = x + self.resid_dropout(self.attn(self.ln1(x), real.mask))
+        return self.feed_forward(x, real)
+
+    def feed_forward(self, x: torch.Tensor, real: RealTokens) -> tuple[torch.Tensor, MoELayerStats | None]:
+        """The block's second half, x + FFN(LN(x)), on the attention's residual output (the expert ablation reruns
+        only this half of the ablated block: its attention does not see the experts)."""
         stats = None
         if self.use_moe:
             ffn_out, stats = self.ffn(self.ln2(x), real)

@@ -7,12 +7,13 @@ experts); expert choice keeps every expert's picks but gives e's picks gate weig
 The masked positions are the dataset's own (``labels != -100``), the same as the plain evaluation
 (train/evaluation.py).
 
-Cost. The blocks below L do not see the ablation, so each batch is run once with the plain model, the input
-of every MoE block is cached (a forward pre-hook; the model's own forward, so embeddings and all stay the
-model's code), and only blocks L.. + final norm + MLM head are rerun per ablated expert:
-``n_blocks + E * sum_L (n_blocks - L)`` block forwards per batch instead of ``n_blocks + E * n_L * n_blocks``
-for E x n_L full passes. ``reuse_below=False`` runs the full passes (the reference the fast path is tested
-against). Both counts and the wall time are in ``cost``.
+Cost. The blocks below L, and block L's attention, do not see the ablation, so each batch is run once with the
+plain model, the attention output of every MoE block is cached (forward pre-hooks; the model's own forward, so
+embeddings and all stay the model's code), and only block L's feed-forward half, blocks L+1.. + final norm + MLM
+head are rerun per ablated expert: ``n_blocks + E * sum_L (n_blocks - L)`` block forwards per batch (one
+attention fewer in each) instead of ``n_blocks + E * n_L * n_blocks`` for E x n_L full passes.
+``reuse_below=False`` runs the full passes (the reference the fast path is tested against). Both counts and the
+wall time are in ``cost``.
 
 Statistics (``ablation_statistics``), per (layer, expert):
 
@@ -178,11 +179,13 @@ class _EvalTally:
         )
 
 
-def _suffix_token_losses(model, x, real_mask, start: int, is_masked, targets) -> torch.Tensor:
-    """Blocks start.. + final norm + MLM head on the masked positions: per-token cross-entropy."""
+def _suffix_token_losses(model, attended, real, start: int, is_masked, targets) -> torch.Tensor:
+    """Block start's feed-forward half on its attention output, blocks start+1.. + final norm + MLM head on the
+    masked positions: per-token cross-entropy."""
     encoder = _encoder(model)
-    for block in encoder.blocks[start:]:
-        x, _ = block(x, real_mask)
+    x, _ = encoder.blocks[start].feed_forward(attended, real)
+    for block in encoder.blocks[start + 1 :]:
+        x, _ = block(x, real)
     logits = model.lm_head(encoder.final_norm(x)[is_masked])
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
@@ -212,30 +215,37 @@ class _TokenParts:
 
 
 class _BlockInputs:
-    """The input (x, real_mask) of every ablated MoE block, kept by forward pre-hooks (the model's own forward).
+    """Per ablated MoE block, what its feed-forward half reads: the attention's residual output (the input of the
+    block's ln2) and the RealTokens; kept by forward pre-hooks on the block and its ln2 (the model's own forward).
 
-    Only the plain pass fills it (``capturing``): the suffix reruns call the same blocks. Without
-    ``enabled`` (reuse_below=False) no hook is registered.
+    Only the plain pass fills it (``capturing``): the suffix reruns call the same modules. Without ``enabled``
+    (reuse_below=False) no hook is registered.
     """
 
     def __init__(self, encoder, layers: Sequence[int], enabled: bool):
-        self.inputs: dict[int, tuple] = {}
+        self.inputs: dict[int, tuple] = {}  # block index -> (attention output, RealTokens)
+        self._real: dict[int, object] = {}
         self.capturing = False
         self._hooks = []
         if enabled:
             for block_index in layers:
-                self._hooks.append(
-                    encoder.blocks[block_index].register_forward_pre_hook(functools.partial(self._keep, block_index))
-                )
+                block = encoder.blocks[block_index]
+                self._hooks.append(block.register_forward_pre_hook(functools.partial(self._keep_real, block_index)))
+                self._hooks.append(block.ln2.register_forward_pre_hook(functools.partial(self._keep, block_index)))
+
+    def _keep_real(self, block_index: int, module, args) -> None:
+        if self.capturing:
+            self._real[block_index] = args[1]
 
     def _keep(self, block_index: int, module, args) -> None:
         if self.capturing:
-            self.inputs[block_index] = (args[0], args[1])
+            self.inputs[block_index] = (args[0], self._real[block_index])
 
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self.inputs.clear()
+        self._real.clear()
         self.capturing = False
 
 
@@ -283,8 +293,8 @@ def _ablated_passes(run: _AblationRun, batch, is_masked, targets) -> list[list[t
         for expert in range(run.n_experts):
             with disabled_experts(model, block_index, expert):
                 if run.reuse_below:
-                    x, real_mask = run.block_inputs.inputs[block_index]
-                    losses = _suffix_token_losses(model, x, real_mask, block_index, is_masked, targets)
+                    attended, real = run.block_inputs.inputs[block_index]
+                    losses = _suffix_token_losses(model, attended, real, block_index, is_masked, targets)
                 else:
                     losses = _full_token_losses(model, batch, is_masked, targets)
             per_expert.append(losses.cpu())
