@@ -211,7 +211,8 @@ def make_train_accelerator(device: torch.device, precision: str = "fp32"):
             "device": "cpu" if device.type == "cpu" else "auto",
             "aim_repo": tempfile.gettempdir(),
             "compile": precision.endswith("+compile"),
-        }
+        },
+        model_width=0,  # unused: the precision is named, not "auto"
     )
 
 

@@ -228,9 +228,9 @@ def load_run(args: argparse.Namespace, configs: dict) -> Run:
     return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash)
 
 
-def resolve_precision(option: str, device) -> bool:
-    """--precision as a flag: True = bfloat16 autocast."""
-    return bf16_is_fast(device) if option == "auto" else option == "bf16"
+def resolve_precision(option: str, device, width: int) -> bool:
+    """--precision as a flag: True = bfloat16 autocast (auto: models/precision.py's rule for the device and width)."""
+    return bf16_is_fast(device, width) if option == "auto" else option == "bf16"
 
 
 def evaluate_groups(
@@ -450,7 +450,7 @@ def main() -> None:
     run = load_run(args, configs)
     train_config = run.configs["train"]
     device = torch.device("cuda" if train_config.device != "cpu" and torch.cuda.is_available() else "cpu")
-    bf16 = resolve_precision(args.precision, device)
+    bf16 = resolve_precision(args.precision, device, run.model.config.embedding_dim)
     run.model.to(device)
     groups = run.groups()
     layer_names = run.layer_names()

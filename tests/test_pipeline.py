@@ -149,7 +149,8 @@ def test_step4_manifest_records_precision_and_phase_times(pipeline):
     from models.precision import bf16_is_fast
 
     manifest = json.loads((tmp_path / "results" / "tiny" / "manifest.json").read_text())
-    expected = "bf16" if bf16_is_fast(torch.device("cpu")) else "fp32"  # --precision auto on this machine
+    width = json.loads((tmp_path / "runs" / "tiny" / "model" / "config.json").read_text())["embedding_dim"]
+    expected = "bf16" if bf16_is_fast(torch.device("cpu"), width) else "fp32"  # --precision auto here
     assert manifest["precision"] == {"option": "auto", "forward": expected, "statistics": "fp32"}
     phases = manifest["phase_seconds"]
     assert set(phases) == {"evaluation", "collection", "references", "statistics", "ablation", "consistency", "figures"}

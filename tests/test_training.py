@@ -49,12 +49,10 @@ def env_one_thread() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def single_run(data):
-    tmp_path, options = data
+def train_in_one_process(tmp_path, options, tag):
     check_ok(
         subprocess.run(
-            [sys.executable, str(STEP_SCRIPTS[3]), *step_config_args(3), *options, "--tag", "one"],
+            [sys.executable, str(STEP_SCRIPTS[3]), *step_config_args(3), *options, "--tag", tag],
             cwd=tmp_path,
             env=env_one_thread(),
             capture_output=True,
@@ -62,6 +60,12 @@ def single_run(data):
             timeout=180,
         )
     )
+
+
+@pytest.fixture(scope="module")
+def single_run(data):
+    tmp_path, options = data
+    train_in_one_process(tmp_path, options, "one")
     return tmp_path / "runs" / "one"
 
 
@@ -82,8 +86,13 @@ def metric_values(run, name, context=None) -> list[float]:
     raise AssertionError(f"no metric {name} {context}")
 
 
-def test_two_processes_give_the_single_process_loss_curve(data, single_run):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])  # auto: float32 at this width (models/precision.py)
+def test_two_processes_give_the_single_process_loss_curve(data, single_run, precision):
     tmp_path, options = data
+    one_tag, two_tag = ("one", "two") if precision == "auto" else ("one_bf16", "two_bf16")
+    if precision != "auto":
+        options = [*options, *sets(**{"train.mixed_precision": precision})]
+        train_in_one_process(tmp_path, options, one_tag)
     result = subprocess.run(
         [
             sys.executable,
@@ -95,7 +104,7 @@ def test_two_processes_give_the_single_process_loss_curve(data, single_run):
             *step_config_args(3),
             *options,
             "--tag",
-            "two",
+            two_tag,
         ],
         cwd=tmp_path,
         env=env_one_thread(),
@@ -105,13 +114,15 @@ def test_two_processes_give_the_single_process_loss_curve(data, single_run):
     )
     check_ok(result)
     assert "on 2 x cpu" in result.stdout
-    one = metric_values(aim_run(tmp_path, "one"), "loss", TRAIN)
-    two = metric_values(aim_run(tmp_path, "two"), "loss", TRAIN)
+    assert f"{'bf16' if precision == 'bf16' else 'no'} precision" in result.stdout
+    one = metric_values(aim_run(tmp_path, one_tag), "loss", TRAIN)
+    two = metric_values(aim_run(tmp_path, two_tag), "loss", TRAIN)
     assert len(one) == len(two) == STEPS
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
 
 
-def test_resume_after_sigterm_ends_with_the_same_weights(data):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_after_sigterm_ends_with_the_same_weights(data, precision):
     from safetensors.torch import load_file
 
     tmp_path, options = data
@@ -119,6 +130,8 @@ def test_resume_after_sigterm_ends_with_the_same_weights(data):
         *options,
         *sets(
             **{
+                "train.mixed_precision": precision,
+                "train.save_path": tmp_path / f"runs_{precision}",
                 "model.dropout": 0.1,
                 "train.max_steps": 150,
                 "train.save_steps": 20,
@@ -139,7 +152,8 @@ def test_resume_after_sigterm_ends_with_the_same_weights(data):
         stderr=subprocess.PIPE,
         text=True,
     )
-    checkpoints = tmp_path / "runs" / "cut" / "checkpoints"
+    runs = tmp_path / f"runs_{precision}"
+    checkpoints = runs / "cut" / "checkpoints"
     deadline = time.time() + 120
     while not (checkpoints / "step-000020").is_dir() and interrupted.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -147,14 +161,14 @@ def test_resume_after_sigterm_ends_with_the_same_weights(data):
     _, stderr = interrupted.communicate(timeout=60)
     assert interrupted.returncode == 143, stderr
     assert "--tag cut --resume latest" in stderr.splitlines()[-1]
-    assert not (tmp_path / "runs" / "cut" / "model").exists()
+    assert not (runs / "cut" / "model").exists()
     kept = sorted(path.name for path in checkpoints.iterdir())
     assert len(kept) == 2 and kept[0] == "step-000020", kept  # keep_checkpoints=2: the signal's one and the one before
 
     resumed = check_ok(subprocess.run([*command, "--tag", "cut", "--resume", "latest"], **run))
     assert "resuming cut from" in resumed.stdout
-    whole = load_file(tmp_path / "runs" / "whole" / "model" / "model.safetensors")
-    cut = load_file(tmp_path / "runs" / "cut" / "model" / "model.safetensors")
+    whole = load_file(runs / "whole" / "model" / "model.safetensors")
+    cut = load_file(runs / "cut" / "model" / "model.safetensors")
     assert whole.keys() == cut.keys()
     for name in whole:
         assert torch.equal(whole[name], cut[name]), name

@@ -30,11 +30,13 @@ from train.evaluation import EvalResult, evaluate_mlm, mlm_loader
 from train.tracking import LAYER_SUMS, RoutingRecorder, routing_metric_names
 
 
-def make_accelerator(train_config: dict) -> Accelerator:
+def make_accelerator(train_config: dict, model_width: int) -> Accelerator:
+    """train.py's Accelerator; mixed_precision "auto" follows models/precision.py's rule for the device and the
+    model's width (embedding_dim)."""
     precision = train_config["mixed_precision"]
     cuda = train_config["device"] != "cpu" and torch.cuda.is_available()
-    if precision == "auto":  # bf16 where the device multiplies it natively (models/precision.py says which)
-        precision = "bf16" if bf16_is_fast("cuda" if cuda else "cpu") else "no"
+    if precision == "auto":  # bf16 where the device multiplies it natively and it pays at this width
+        precision = "bf16" if bf16_is_fast("cuda" if cuda else "cpu", model_width) else "no"
     mps = train_config["device"] != "cpu" and torch.backends.mps.is_available()
     if precision == "fp16" and not (cuda or mps):  # accelerate would train in float32 and still report fp16
         raise PipelineError(

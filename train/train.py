@@ -237,7 +237,7 @@ def read_inputs(args: argparse.Namespace) -> Run:
 def claim_run_folder(run: Run) -> None:
     """The processes, the run's tag and its folder, locked by the main process (started afresh unless resumed)."""
     args, train_config = run.args, run.train_config
-    run.accelerator = make_accelerator(train_config)
+    run.accelerator = make_accelerator(train_config, run.model_config.embedding_dim)
     n_processes = run.accelerator.num_processes
     if train_config.batch_size % n_processes:
         raise PipelineError(
