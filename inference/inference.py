@@ -31,6 +31,7 @@ import torch
 
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import check_run_data, read_step2_output, step3_command
+from config_utils.host_memory import keep_freed_memory
 from config_utils.io import check_output_folder, read_manifest, safe_file_stems
 from inference.routing import collect_routing, first_documents
 from inference.routing_files import file_stem, write_routing_outputs
@@ -444,6 +445,7 @@ def print_summary(
 
 
 def main() -> None:
+    keep_freed_memory()  # the ablation's reruns allocate the same large tensors batch after batch
     args = parse_args()
     configs = load_step_configs(args, ["dataset", "model", "train"])
     out_root = check_output_folder(args.save_path, "--save_path")

@@ -200,3 +200,38 @@ def test_a_short_bf16_training_stays_within_the_float32_seed_spread():
             finals[precision].append(sum(curve[-tail:]) / tail)
     bf16_mean = sum(finals["bf16"]) / 3
     assert min(finals["fp32"]) <= bf16_mean <= max(finals["fp32"]), finals
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from config_utils.host_memory import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[2] == "keep" else None
+for _ in range(3):  # the heap grows to hold the block in the first few rounds, either way
+    torch.empty(2**24).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.empty(2**24).fill_(1.0)
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="counts Linux page faults")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    """A 64 MiB tensor allocated ten times: glibc maps fresh pages each time (16,384 faults each), unless told to keep
+    freed memory (config_utils.host_memory), as train.py and step 4 do."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    faults = {}
+    for mode in ("default", "keep"):
+        result = subprocess.run(
+            [sys.executable, "-c", FAULTS_SCRIPT, str(REPO), mode], capture_output=True, text=True, check=True
+        )
+        kept, faults[mode] = result.stdout.split()
+    if kept != "True":
+        pytest.skip("not glibc: the allocator is left as it is")
+    assert int(faults["default"]) > 10 * 16_384 // 2, faults  # fresh pages every time
+    assert int(faults["keep"]) < 1_000, faults  # reused: the pages are already there

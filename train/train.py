@@ -33,6 +33,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_sche
 
 from config_utils import ConfigSection, PipelineError, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import read_step2_output, step2_command, step3_command, step4_command
+from config_utils.host_memory import keep_freed_memory
 from config_utils.io import check_output_folder
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from models.router import LinearRouter
@@ -150,6 +151,7 @@ class Run:
 
 
 def main() -> None:
+    keep_freed_memory()  # every step allocates the same large tensors: reuse them instead of faulting them in
     run = set_up(parse_args())
     train(run)
     finish(run)
