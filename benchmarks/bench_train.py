@@ -69,7 +69,7 @@ from benchmarks.common import (
     timed_ms,
 )
 from config_utils.host_memory import keep_freed_memory
-from models.precision import autocast
+from train.precision import autocast
 
 IMPLS = ("ours_dense", "hf_bert", "ours_moe")
 STEPS = ("train.py", "bare")

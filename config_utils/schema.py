@@ -147,7 +147,7 @@ TRAIN_SCHEMA = {
         "str",
         default="auto",
         choices=("auto", "no", "bf16", "fp16"),
-        help="auto = bf16 where it is faster: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX for embedding_dim >= 256 (models/precision.py); else no",
+        help="auto = bf16 where it is faster: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX for embedding_dim >= 256 (train/precision.py); else no",
     ),
     "compile": Field("bool", default=False, help="torch.compile the model"),
     "eval_steps": Field("int", min=1, help="evaluate on valid every n steps"),

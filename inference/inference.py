@@ -35,7 +35,6 @@ from config_utils.host_memory import keep_freed_memory
 from config_utils.io import check_output_folder, read_manifest, safe_file_stems
 from inference.routing import collect_routing, first_documents
 from inference.routing_files import file_stem, write_routing_outputs
-from models.precision import autocast, bf16_is_fast
 from process_exp_results.ablation import ablation_losses, ablation_statistics, plot_ablation
 from process_exp_results.consistency import analysed_mask, analyze_consistency
 from process_exp_results.phases import Phases
@@ -51,6 +50,7 @@ from process_exp_results.report import (
 from process_exp_results.routing_stats import RoutingRecords, analyze_routing, token_classes
 from train.evaluation import evaluate_mlm, mlm_loader
 from train.final_model import MODEL_DIR, find_run, load_model
+from train.precision import autocast, bf16_is_fast
 from train.routing_snapshots import saturation
 
 ABLATION_MAX_EXPERTS = 16  # E x L evaluations: beyond this the default is off
@@ -108,7 +108,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "bf16"],
         default="auto",
         help="the forward passes (evaluation, routing collection, ablation): bf16 = bfloat16 autocast, fp32 = "
-        "float32, auto = bf16 where the device multiplies bfloat16 natively (models/precision.py); the routers and "
+        "float32, auto = bf16 where the device multiplies bfloat16 natively (train/precision.py); the routers and "
         "every statistic compute in float32 either way",
     )
 
@@ -230,7 +230,7 @@ def load_run(args: argparse.Namespace, configs: dict) -> Run:
 
 
 def resolve_precision(option: str, device, width: int) -> bool:
-    """--precision as a flag: True = bfloat16 autocast (auto: models/precision.py's rule for the device and width)."""
+    """--precision as a flag: True = bfloat16 autocast (auto: train/precision.py's rule for the device and width)."""
     return bf16_is_fast(device, width) if option == "auto" else option == "bf16"
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from models import MoELayer
-from models.precision import autocast
 from process_exp_results.references import RouterSample, SelectionRule
 from process_exp_results.routing_stats import RoutingRecords
+from train.precision import autocast
 
 ROUTING_COLUMNS = ["doc_id", "unmasked_ids", "attention_mask"]
 

@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from models.losses import count_assignments
-from models.precision import autocast
 from process_exp_results.formatting import format_number
 from process_exp_results.resampling import GroupShuffler, bootstrap_weights, p_value, percentile_ci, rng_for
+from train.precision import autocast
 
 __all__ = [
     "AblationLosses",

@@ -146,7 +146,7 @@ def test_step4_manifest_records_precision_and_phase_times(pipeline):
     tmp_path, _ = pipeline
     import torch
 
-    from models.precision import bf16_is_fast
+    from train.precision import bf16_is_fast
 
     manifest = json.loads((tmp_path / "results" / "tiny" / "manifest.json").read_text())
     width = json.loads((tmp_path / "runs" / "tiny" / "model" / "config.json").read_text())["embedding_dim"]

@@ -136,17 +136,17 @@ def test_fused_adamw_matches_the_per_tensor_loop():
 
 
 def test_auto_precision_follows_the_documented_rule(monkeypatch, tmp_path):
-    """auto = bf16 exactly where models.precision says it pays: native bfloat16 and, on the CPU, a model at least
+    """auto = bf16 exactly where train.precision says it pays: native bfloat16 and, on the CPU, a model at least
     CPU_BF16_MIN_WIDTH wide."""
     from accelerate.state import AcceleratorState
 
-    import models.precision
+    import train.precision
     from train.loop import make_accelerator
 
     config = {"mixed_precision": "auto", "device": "cpu", "aim_repo": str(tmp_path), "compile": False}
-    wide, narrow = models.precision.CPU_BF16_MIN_WIDTH, models.precision.CPU_BF16_MIN_WIDTH // 2
+    wide, narrow = train.precision.CPU_BF16_MIN_WIDTH, train.precision.CPU_BF16_MIN_WIDTH // 2
     for fast in (True, False):
-        monkeypatch.setattr(models.precision, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(train.precision, "cpu_has_fast_bf16", lambda fast=fast: fast)
         for width in (wide, narrow):
             AcceleratorState._reset_state(True)
             expected = "bf16" if fast and width >= wide else "no"
@@ -155,7 +155,7 @@ def test_auto_precision_follows_the_documented_rule(monkeypatch, tmp_path):
     monkeypatch.undo()
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     if "avx512_bf16" in flags or "amx_bf16" in flags:  # the rule reads the same flags the kernel reports
-        assert models.precision.bf16_is_fast("cpu", wide) and not models.precision.bf16_is_fast("cpu", narrow)
+        assert train.precision.bf16_is_fast("cpu", wide) and not train.precision.bf16_is_fast("cpu", narrow)
 
 
 def _train_curve(precision: str, seed: int, steps: int = 120) -> list[float]:

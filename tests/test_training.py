@@ -86,7 +86,7 @@ def metric_values(run, name, context=None) -> list[float]:
     raise AssertionError(f"no metric {name} {context}")
 
 
-@pytest.mark.parametrize("precision", ["auto", "bf16"])  # auto: float32 at this width (models/precision.py)
+@pytest.mark.parametrize("precision", ["auto", "bf16"])  # auto: float32 at this width (train/precision.py)
 def test_two_processes_give_the_single_process_loss_curve(data, single_run, precision):
     tmp_path, options = data
     one_tag, two_tag = ("one", "two") if precision == "auto" else ("one_bf16", "two_bf16")

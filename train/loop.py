@@ -25,13 +25,13 @@ from accelerate.utils import DistributedDataParallelKwargs
 from config_utils import PipelineError
 from data_processors.masking import IGNORE_INDEX
 from models.losses import BalancingSums, switch_balancing_loss
-from models.precision import bf16_is_fast
 from train.evaluation import EvalResult, evaluate_mlm, mlm_loader
+from train.precision import bf16_is_fast
 from train.tracking import LAYER_SUMS, RoutingRecorder, routing_metric_names
 
 
 def make_accelerator(train_config: dict, model_width: int) -> Accelerator:
-    """train.py's Accelerator; mixed_precision "auto" follows models/precision.py's rule for the device and the
+    """train.py's Accelerator; mixed_precision "auto" follows train/precision.py's rule for the device and the
     model's width (embedding_dim)."""
     precision = train_config["mixed_precision"]
     cuda = train_config["device"] != "cpu" and torch.cuda.is_available()

@@ -1,4 +1,5 @@
-"""Which precision the model computes in, and the autocast context for it: one rule for training and step 4.
+"""Which precision the model computes in, and the autocast context for it: one rule for training and step 4
+(here, not in models/: it is how a run is executed, not part of the exported model).
 
 bfloat16 autocast keeps float32 weights (and optimizer state) and runs the matmuls in bfloat16. It pays where the
 hardware multiplies bfloat16 natively:
