@@ -62,7 +62,6 @@ __all__ = [
     "GroupLosses",
     "ablation_losses",
     "ablation_statistics",
-    "analyze_ablation",
     "disabled_experts",
     "plot_ablation",
 ]
@@ -652,39 +651,6 @@ def ablation_statistics(
         "statistic": "token-weighted between-level variance of the per-level loss increases",
     }
     return result
-
-
-def analyze_ablation(
-    model,
-    groups: Mapping,
-    device,
-    batch_size: int,
-    tokenizer=None,
-    *,
-    topic_groups: Sequence[str] = ("test",),
-    n_bootstrap: int = 1000,
-    n_permutations: int = 1000,
-    seed: int = 0,
-    reuse_below: bool = True,
-    progress: bool = False,
-    bf16: bool = False,
-) -> dict:
-    """ablation_losses + ablation_statistics, with the token classes of ``tokenizer`` (None: no class test)."""
-    losses = ablation_losses(model, groups, device, batch_size, reuse_below=reuse_below, progress=progress, bf16=bf16)
-    token_class = class_names = None
-    if tokenizer is not None:
-        from process_exp_results.routing_stats import token_classes
-
-        token_class, class_names = token_classes(tokenizer)
-    return ablation_statistics(
-        losses,
-        token_class,
-        class_names,
-        topic_groups=topic_groups,
-        n_bootstrap=n_bootstrap,
-        n_permutations=n_permutations,
-        seed=seed,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def write_report_md(
         metric_rows: step 4's metrics.csv rows.
         stats: analyze_routing's result, or None when the routing analysis was skipped.
         figure_paths: PNGs to embed; other_files: files to link (token pages, statistics).
-        ablation: process_exp_results.ablation.analyze_ablation's result, or None when it did not run.
+        ablation: process_exp_results.ablation.ablation_statistics' result, or None when it did not run.
     """
     lines = [f"# Run report: {run_info.get('run', '')}", ""]
     lines += [f"- {key}: {value}" for key, value in run_info.items() if key != "run"]
