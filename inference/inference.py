@@ -108,7 +108,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "bf16"],
         default="auto",
         help="the forward passes (evaluation, routing collection, ablation): bf16 = bfloat16 autocast, fp32 = "
-        "float32, auto = bf16 where the device multiplies bfloat16 natively (train/precision.py); the routers and "
+        "float32, auto = the training rule (train/precision.py: bf16 on a CUDA GPU with bf16, or on an AVX512-BF16/AMX "
+        "CPU for embedding_dim >= 256); the routers and "
         "every statistic compute in float32 either way",
     )
 
