@@ -93,6 +93,8 @@ def test_two_processes_give_the_single_process_loss_curve(data, single_run, prec
     if precision != "auto":
         options = [*options, *sets(**{"train.mixed_precision": precision})]
         train_in_one_process(tmp_path, options, one_tag)
+    else:  # the default device: without a GPU, accelerate must still join the launched processes in one world
+        options = [*options, *sets(**{"train.device": "auto"})]
     result = subprocess.run(
         [
             sys.executable,

@@ -16,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 
 from config_utils import PipelineError
 from data_processors.masking import IGNORE_INDEX
@@ -35,24 +35,41 @@ def make_accelerator(train_config: dict, model_width: int) -> Accelerator:
     model's width (embedding_dim)."""
     precision = train_config["mixed_precision"]
     cuda = train_config["device"] != "cpu" and torch.cuda.is_available()
+    launched = launched_world_size()
+    mps = train_config["device"] != "cpu" and torch.backends.mps.is_available() and launched == 1
+    # accelerate forms a multi-process CPU world only when told cpu=True: with device auto and no GPU it would
+    # give each launched process a world of its own, and N processes would each train the whole run alone
+    cpu = not (cuda or mps)
     if precision == "auto":  # bf16 where the device multiplies it natively and it pays at this width
         precision = "bf16" if bf16_is_fast("cuda" if cuda else "cpu", model_width) else "no"
-    mps = train_config["device"] != "cpu" and torch.backends.mps.is_available()
     if precision == "fp16" and not (cuda or mps):  # accelerate would train in float32 and still report fp16
         raise PipelineError(
             "train.mixed_precision=fp16 needs a GPU, and this run is on the CPU, where it would "
             "silently train in float32: use mixed_precision: no (or auto), or bf16, which runs "
             "on the CPU under bfloat16 autocast"
         )
-    return Accelerator(
-        cpu=train_config["device"] == "cpu",
+    accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=precision,
         log_with="aim",
         project_dir=train_config["aim_repo"],
         dynamo_backend="inductor" if train_config["compile"] else "no",
-        # the broadcast is for buffers (BatchNorm); this model has none, and it costs a collective
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+    if accelerator.num_processes != launched:  # each would train the whole run alone, into one folder
+        raise PipelineError(
+            f"the launcher started {launched} processes but accelerate joined {accelerator.num_processes} on "
+            f"{accelerator.device} (distributed type {accelerator.distributed_type}): launch with torchrun, or "
+            f"set train.device=cpu to train on the CPUs"
+        )
+    return accelerator
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher (torchrun, accelerate launch, mpirun) says make up this run; 1 if none."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
 
 
 def no_decay_parameter(module: torch.nn.Module, name: str) -> bool:

@@ -319,11 +319,11 @@ def resume_or_start(run: Run) -> None:
     )
     run.scheduler.load_state_dict(run.state.pop("scheduler"))
     if not restore_rng_states(run.accelerator, run.state.pop("rng")):
-        print(
+        run.accelerator.print(
             f"note: {run.resume_from} was written by {run.state['n_processes']} processes, this run has "
             f"{run.accelerator.num_processes}: the data order resumes exactly, dropout draws do not"
         )
-    print(f"resuming {run.tag} from {run.resume_from} (step {run.state['step']} of {run.total_steps})")
+    run.accelerator.print(f"resuming {run.tag} from {run.resume_from} (step {run.state['step']} of {run.total_steps})")
     # checkpoints written before runs recorded their commit have none
     run.state.setdefault("git", {"commit": None, "dirty": None})
     run.state["resume_git"] = [*run.state.get("resume_git", []), {"step": run.state["step"], **git}]
@@ -373,7 +373,7 @@ def start_tracking(run: Run) -> None:
 def train(run: Run) -> None:
     """Steps up to total_steps, evaluating and checkpointing on schedule; a signal saves and exits with 128+signal."""
     config, accelerator = run.train_config, run.accelerator
-    print(
+    run.accelerator.print(
         f"training {run.n_parameters:,} parameters for {run.total_steps} steps on {accelerator.num_processes} x "
         f"{accelerator.device} ({len(run.train_set)} sequences, global batch {config.batch_size} x "
         f"{config.gradient_accumulation_steps} accumulation, {accelerator.mixed_precision} precision); "
@@ -473,9 +473,10 @@ def evaluate(run: Run, step: int, progress) -> None:
     if run.probe is not None:
         take_routing_snapshot(run, step)
     run.state["eval_history"].append({"step": step, **metrics})
-    progress.write(
-        f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, accuracy {metrics['eval_accuracy']:.3f}"
-    )
+    if run.accelerator.is_main_process:  # tqdm.write prints in every process
+        progress.write(
+            f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, accuracy {metrics['eval_accuracy']:.3f}"
+        )
 
 
 def take_routing_snapshot(run: Run, step: int) -> None:
@@ -521,7 +522,7 @@ def save_checkpoint_now(run: Run, step: int) -> None:
 def exit_on_signal(run: Run, step: int, signal_number: int | None) -> None:
     """After the checkpoint of a stopped step: how to continue, then exit with 128+signal."""
     kept = f" (the run it replaces stays in {run.replaced_run} until this one finishes)" if run.replaced_run else ""
-    print(
+    run.accelerator.print(
         f"stopped by a signal after step {step}: checkpoint {checkpoint_folder(run.run_dir, step)}; "
         f"continue with `{step3_command(run.args, run.tag)} --resume latest`{kept}",
         file=sys.stderr,
@@ -545,8 +546,8 @@ def finish(run: Run) -> None:
     run.accelerator.free_memory()
     run.accelerator.end_training()
     eval_history = run.state["eval_history"]
-    print(f"step 3 done: {eval_history[-1] if eval_history else ''}")
-    print(f"wrote {run.run_dir / MODEL_DIR}/ (next: {step4_command(run.args, run.tag)})")
+    run.accelerator.print(f"step 3 done: {eval_history[-1] if eval_history else ''}")
+    run.accelerator.print(f"wrote {run.run_dir / MODEL_DIR}/ (next: {step4_command(run.args, run.tag)})")
 
 
 def configs_of(run: Run) -> dict:
