@@ -163,8 +163,64 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_manifest(folder: str | Path, run_first: str) -> tuple[dict, str]:
-    """Return (manifest, its hash); a missing or broken one names the command to run first."""
+# ---- content hashes: what a step wrote is checked byte for byte by the step that reads it ----------------------------
+
+FILE_HASHES = "file_sha256"  # manifest key: relative path -> SHA-256 of each file the step wrote
+SELF_HASH = "manifest_sha256"  # manifest key: SHA-256 of the manifest's own content (without this key)
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _content_sha256(manifest: dict) -> str:
+    content = {key: value for key, value in manifest.items() if key != SELF_HASH}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def write_sealed_manifest(folder: str | Path, manifest: dict, files: list[str] | None = None) -> Path:
+    """Write folder/manifest.json with the SHA-256 of `files` (paths relative to folder; None: every file under
+    folder) and of the manifest itself, so a reader can tell damaged or hand-edited outputs from the real ones."""
+    folder = Path(folder)
+    if files is None:
+        files = sorted(
+            str(path.relative_to(folder))
+            for path in folder.rglob("*")
+            if path.is_file() and path.name != MANIFEST and not TEMPORARY.match(path.name)
+        )
+    manifest = {**manifest, FILE_HASHES: {name: file_sha256(folder / name) for name in files}}
+    # a JSON round trip first: the self-hash must be of what a reader will parse (tuples become lists, paths text)
+    manifest = json.loads(json.dumps(manifest, default=str))
+    return write_json_atomic(folder / MANIFEST, {**manifest, SELF_HASH: _content_sha256(manifest)})
+
+
+def check_manifest_seal(path: Path, manifest: dict, run_first: str) -> None:
+    """A manifest whose content no longer matches its own hash was edited by hand or damaged (absent: older run)."""
+    if SELF_HASH in manifest and manifest[SELF_HASH] != _content_sha256(manifest):
+        raise PipelineError(
+            f"{path} was edited or damaged after it was written (its content no longer matches its "
+            f"{SELF_HASH}): run `{run_first}` again rather than editing it"
+        )
+
+
+def check_file_hashes(folder: str | Path, manifest: dict, run_first: str) -> None:
+    """Every file the manifest lists is there with the bytes it was written with."""
+    folder = Path(folder)
+    for name, digest in manifest.get(FILE_HASHES, {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing (its {MANIFEST} lists it): run `{run_first}` again")
+        if file_sha256(path) != digest:
+            raise PipelineError(
+                f"{path} is damaged or was replaced: its SHA-256 differs from the one recorded in "
+                f"{folder / MANIFEST} when it was written; run `{run_first}` again"
+            )
+
+
+def read_manifest(folder: str | Path, run_first: str, check_files: bool = True) -> tuple[dict, str]:
+    """Return (manifest, its hash), checked against its own hash and (check_files) its files' hashes; a missing,
+    broken, edited or damaged one names the command to run first."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise PipelineError(f"{path} not found: run `{run_first}` first")
@@ -172,11 +228,17 @@ def read_manifest(folder: str | Path, run_first: str) -> tuple[dict, str]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PipelineError(f"{path} is corrupt: run `{run_first}` again") from None
+    if not isinstance(manifest, dict):
+        raise PipelineError(f"{path} is corrupt (not a JSON object): run `{run_first}` again")
+    check_manifest_seal(path, manifest, run_first)
+    if check_files:
+        check_file_hashes(folder, manifest, run_first)
     return manifest, manifest_hash(manifest)
 
 
-# how long a step took does not change what it made: rerunning a step on the same input keeps its hash
-VOLATILE_MANIFEST_KEYS = {"seconds"}
+# how long a step took does not change what it made: rerunning a step on the same input keeps its hash (the files'
+# hashes stay in: new bytes are a new output); the self-hash covers the seconds, so it goes with them
+VOLATILE_MANIFEST_KEYS = {"seconds", SELF_HASH}
 
 
 def manifest_hash(manifest: dict) -> str:

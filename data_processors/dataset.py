@@ -25,9 +25,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the map forks worker
 import datasets
 import numpy as np
 
-from config_utils import atomic_dir, load_step_configs, read_manifest, run_step, step_parser, write_json_atomic
+from config_utils import PipelineError, atomic_dir, first_line, load_step_configs, read_manifest, run_step, step_parser
 from config_utils.contracts import check_settings, dataset_settings, step1_command, step3_command
-from config_utils.io import check_output_folder
+from config_utils.io import check_output_folder, write_sealed_manifest
 from data_processors.masking import IGNORE_INDEX, document_rng, mask_tokens, maskable_tokens
 from data_processors.splitting import SPLITS
 from data_processors.tokenizer import load_tokenizer, train_wordpiece
@@ -143,7 +143,7 @@ def main() -> None:
     )
     # each topic's folder is named as step 1 named its file (a safe name, not the label)
     topic_folders = {topic: f"topics/{Path(path).stem}" for topic, path in step1_manifest["files"]["topics"].items()}
-    inputs = read_step1_files(processed_dir, step1_manifest["files"], topic_folders)
+    inputs = read_step1_files(processed_dir, step1_manifest["files"], topic_folders, step1_command(args))
     tokenizer = make_tokenizer(data_params, inputs["train"], seq_len)
 
     masked_dir = check_output_folder(data_params.masked_dir, "dataset.data_params.masked_dir")
@@ -154,8 +154,8 @@ def main() -> None:
             masked = mask_dataset(dataset, name, tokenizer, seq_len, dataset_config)
             masked.save_to_disk(str(tmp_dir / name))
             counts[name] = token_counts(masked)
-        write_json_atomic(
-            tmp_dir / "manifest.json",
+        write_sealed_manifest(
+            tmp_dir,
             {
                 **manifest(dataset_config, step1_hash, seq_len, tokenizer, topic_folders, counts),
                 "seconds": round(time.time() - started, 2),
@@ -170,12 +170,21 @@ def main() -> None:
     print(f"wrote {masked_dir}/ (next: {step3_command(args)})")
 
 
-def read_step1_files(processed_dir: Path, files: dict, topic_folders: dict[str, str]) -> dict[str, datasets.Dataset]:
+def read_step1_files(
+    processed_dir: Path, files: dict, topic_folders: dict[str, str], run_first: str
+) -> dict[str, datasets.Dataset]:
     """Step 1's splits and topic files, keyed by the folder each is written to here (train, ..., topics/<stem>)."""
     paths = {name: files[name] for name in SPLITS}
     paths.update({topic_folders[topic]: path for topic, path in files["topics"].items()})
     datasets.disable_progress_bars()  # reading a few parquet files is instant; keep the bars for the map
-    inputs = {name: datasets.Dataset.from_parquet(str(processed_dir / path)) for name, path in paths.items()}
+    inputs = {}
+    for name, path in paths.items():
+        try:
+            inputs[name] = datasets.Dataset.from_parquet(str(processed_dir / path))
+        except Exception as error:  # a damaged file of an output from before step 1 recorded its files' hashes
+            raise PipelineError(
+                f"{processed_dir / path} cannot be read ({first_line(error)}): run `{run_first}` again"
+            ) from None
     datasets.enable_progress_bars()
     return inputs
 

@@ -23,9 +23,9 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
+from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser
 from config_utils.contracts import step2_command
-from config_utils.io import check_output_folder, safe_file_stems
+from config_utils.io import check_output_folder, safe_file_stems, write_sealed_manifest
 from data_processors.sources import open_source
 from data_processors.splitting import SPLITS, iter_with_progress, split_corpus
 
@@ -137,9 +137,9 @@ def warn_short(result, split_lens: dict, topic_len: int) -> None:
             )
 
 
-def write_manifest(path: Path, config, result, files: dict, topic_files: dict, started: float) -> None:
-    write_json_atomic(
-        path,
+def write_manifest(folder: Path, config, result, files: dict, topic_files: dict, started: float) -> None:
+    write_sealed_manifest(
+        folder,
         {
             "step": "load_dataset",
             "config": config,
@@ -187,7 +187,7 @@ def main() -> None:
     with atomic_dir(out_dir) as tmp_dir:
         result = stream_splits(tmp_dir, rows, expected, config, files, topic_files, split_lens)
         warn_short(result, split_lens, load_params.topic_len)
-        write_manifest(tmp_dir / "manifest.json", config, result, files, topic_files, started)
+        write_manifest(tmp_dir, config, result, files, topic_files, started)
     print_done(result, out_dir, args)
 
 

@@ -32,7 +32,7 @@ import torch
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import check_run_data, read_step2_output, step3_command
 from config_utils.host_memory import keep_freed_memory
-from config_utils.io import check_output_folder, read_manifest, safe_file_stems
+from config_utils.io import check_output_folder, read_manifest, safe_file_stems, write_sealed_manifest
 from inference.routing import collect_routing, first_documents
 from inference.routing_files import file_stem, write_routing_outputs
 from process_exp_results.ablation import ablation_losses, ablation_statistics, plot_ablation
@@ -494,8 +494,8 @@ def main() -> None:
                 ablation,
             )
             bar.update()
-        write_json_atomic(
-            tmp_dir / "manifest.json",
+        write_sealed_manifest(
+            tmp_dir,
             {
                 "step": "inference",
                 "run": str(run.run_dir),

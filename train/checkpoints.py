@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
-from config_utils.io import remove_stale_temporaries, use_default_file_modes
+from config_utils.io import FILE_HASHES, file_sha256, remove_stale_temporaries, use_default_file_modes
 from train.final_model import save_tokenizer
 
 CHECKPOINT_DIR = "checkpoints"  # run_dir/checkpoints/step-NNNNNN/
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+TENSOR_FILES = ("model.safetensors", OPTIMIZER_FILE, RNG_FILE)
 # train keys that do not change what a resumed run computes
 RESUMABLE_CHANGES = {
     "eval_steps",
@@ -96,7 +97,9 @@ def save_checkpoint(
         save_tokenizer(tokenizer, tmp_dir)
         save_file(tensors, str(tmp_dir / OPTIMIZER_FILE))
         save_file(rng_states, str(tmp_dir / RNG_FILE))
-        write_json_atomic(tmp_dir / STATE_FILE, {**state, "optimizer": optimizer_json})  # last: marks it complete
+        hashes = {name: file_sha256(tmp_dir / name) for name in TENSOR_FILES}  # checked before a resume reads them
+        # last: marks it complete
+        write_json_atomic(tmp_dir / STATE_FILE, {**state, "optimizer": optimizer_json, FILE_HASHES: hashes})
         use_default_file_modes(tmp_dir)  # safetensors writes 0600; others must be able to read the checkpoint
     return folder
 
@@ -138,6 +141,9 @@ def load_checkpoint(
     (restart: the step-3 command that starts the run again, for the message)."""
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        for name, digest in state.pop(FILE_HASHES, {}).items():  # absent in checkpoints written before
+            if file_sha256(folder / name) != digest:
+                raise ValueError(f"{name} differs from the bytes it was written with")
         weights = load_file(str(folder / "model.safetensors"))
         optimizer_state = load_file(str(folder / OPTIMIZER_FILE))
         state["rng"] = load_file(str(folder / RNG_FILE))

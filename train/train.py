@@ -31,10 +31,10 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from config_utils import ConfigSection, PipelineError, load_step_configs, run_step, step_parser, write_json_atomic
+from config_utils import ConfigSection, PipelineError, load_step_configs, run_step, step_parser
 from config_utils.contracts import read_step2_output, step2_command, step3_command, step4_command
 from config_utils.host_memory import keep_freed_memory
-from config_utils.io import check_output_folder
+from config_utils.io import check_output_folder, write_sealed_manifest
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from models.router import LinearRouter
 from train.checkpoints import (
@@ -536,7 +536,8 @@ def exit_on_signal(run: Run, step: int, signal_number: int | None) -> None:
 def finish(run: Run) -> None:
     if run.accelerator.is_main_process:
         save_model(run.unwrapped, run.tokenizer, run.run_dir / MODEL_DIR, run.state, card=model_card_facts(run))
-        write_json_atomic(run.run_dir / "manifest.json", manifest(run))
+        model_files = sorted(f"{MODEL_DIR}/{path.name}" for path in (run.run_dir / MODEL_DIR).iterdir())
+        write_sealed_manifest(run.run_dir, manifest(run), model_files)  # step 4 checks the weights against it
         mark_latest(run.train_config.save_path, run.tag)
         finish_run_folder(run.run_dir, run.replaced_run)
         run.run_lock.release()

@@ -1,0 +1,127 @@
+"""What a step wrote is checked byte for byte by the step that reads it: damaged files, hand-edited manifests and
+damaged checkpoints are refused in one line (tests/faults/run_faults.py tries every such case end to end)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from config_utils import PipelineError
+from config_utils.io import FILE_HASHES, SELF_HASH, read_manifest, write_sealed_manifest
+from helpers import check_ok, error_line, prepare_tiny_data, run_step_in_process, snapshot, step_config_args
+
+
+def flip_bytes(path: Path, n_bytes: int) -> None:
+    """Invert n_bytes in the middle of a file: its size and any header stay as they were."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + n_bytes] = bytes(255 - byte for byte in data[middle : middle + n_bytes])
+    path.write_bytes(bytes(data))
+
+
+# ---- the manifest seal ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sealed(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.bin").write_bytes(b"x" * 1000)
+    (tmp_path / "b.txt").write_text("hello", encoding="utf-8")
+    write_sealed_manifest(tmp_path, {"step": "test", "count": 3, "seconds": 1.5})
+    return tmp_path
+
+
+def test_a_sealed_manifest_lists_every_file_and_reads_back(sealed):
+    manifest, _ = read_manifest(sealed, "remake it")
+    assert sorted(manifest[FILE_HASHES]) == ["b.txt", "sub/a.bin"] and SELF_HASH in manifest
+
+
+def test_a_damaged_file_is_named(sealed):
+    flip_bytes(sealed / "sub" / "a.bin", 4)
+    with pytest.raises(PipelineError, match=r"a\.bin is damaged or was replaced.*run `remake it` again"):
+        read_manifest(sealed, "remake it")
+    read_manifest(sealed, "remake it", check_files=False)  # the manifest itself is intact
+
+
+def test_a_missing_file_is_named(sealed):
+    (sealed / "b.txt").unlink()
+    with pytest.raises(PipelineError, match=r"b\.txt is missing"):
+        read_manifest(sealed, "remake it")
+
+
+def test_a_hand_edited_manifest_is_refused(sealed):
+    path = sealed / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**manifest, "count": 4}), encoding="utf-8")
+    with pytest.raises(PipelineError, match="edited or damaged"):
+        read_manifest(sealed, "remake it")
+
+
+def test_the_timing_and_the_seal_do_not_change_the_hash_later_steps_record(sealed, tmp_path):
+    _, first = read_manifest(sealed, "remake it")
+    manifest = json.loads((sealed / "manifest.json").read_text(encoding="utf-8"))
+    write_sealed_manifest(sealed, {key: manifest[key] for key in ("step", "count")} | {"seconds": 9.0})
+    assert read_manifest(sealed, "remake it")[1] == first
+    (sealed / "b.txt").write_text("other", encoding="utf-8")
+    write_sealed_manifest(sealed, {key: manifest[key] for key in ("step", "count")} | {"seconds": 9.0})
+    assert read_manifest(sealed, "remake it")[1] != first  # other bytes: another output
+
+
+# ---- the steps ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Steps 1-3 once on the tiny corpus: a run with a final model and checkpoints."""
+    tmp_path = tmp_path_factory.mktemp("hashes")
+    options = prepare_tiny_data(tmp_path, **{"train.max_steps": 4, "train.save_steps": 2})
+    check_ok(run_step_in_process(3, *step_config_args(3), *options, "--tag", "base", cwd=tmp_path))
+    return tmp_path, options
+
+
+@pytest.fixture
+def copy_of(trained, tmp_path):
+    """A fresh copy of the trained pipeline's folders, and the options pointing at it."""
+    folder, options = trained
+    for name in ("processed", "masked", "runs"):
+        shutil.copytree(folder / name, tmp_path / name)
+    return tmp_path, [option.replace(str(folder), str(tmp_path)) for option in options]
+
+
+def test_step4_refuses_weights_with_flipped_bytes(copy_of):
+    folder, options = copy_of
+    flip_bytes(folder / "runs" / "base" / "model" / "model.safetensors", 64)
+    result = run_step_in_process(4, *step_config_args(4), *options, "--run", "base", cwd=folder)
+    line = error_line(result)
+    assert "model.safetensors is damaged" in line and "--tag base --overwrite" in line
+    assert not (folder / "process_exp_results").exists()
+
+
+def test_step2_refuses_a_step1_split_with_flipped_bytes_and_keeps_its_output(copy_of):
+    folder, options = copy_of
+    flip_bytes(folder / "processed" / "test.parquet", 32)
+    before = snapshot(folder / "masked")
+    line = error_line(run_step_in_process(2, *step_config_args(2), *options, cwd=folder))
+    assert "test.parquet is damaged" in line and "load_dataset.py" in line
+    assert snapshot(folder / "masked") == before
+
+
+def test_step3_refuses_step2_data_with_flipped_bytes(copy_of):
+    folder, options = copy_of
+    arrow = sorted((folder / "masked" / "train").glob("*.arrow"))[0]
+    flip_bytes(arrow, 32)
+    line = error_line(run_step_in_process(3, *step_config_args(3), *options, "--tag", "other", cwd=folder))
+    assert arrow.name in line and "damaged" in line and "dataset.py" in line
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.safetensors"])
+def test_resume_refuses_a_checkpoint_with_flipped_bytes(copy_of, damaged):
+    folder, options = copy_of
+    checkpoint = sorted((folder / "runs" / "base" / "checkpoints").glob("step-*"))[-1]
+    flip_bytes(checkpoint / damaged, 64)
+    result = run_step_in_process(
+        3, *step_config_args(3), *options, "--tag", "base", "--resume", str(checkpoint), cwd=folder
+    )
+    line = error_line(result)
+    assert f"checkpoint {checkpoint} is corrupt ({damaged} differs" in line and "resume from an older one" in line
