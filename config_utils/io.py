@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -104,6 +105,50 @@ def disk_full_message(final_dir: Path, written: int) -> str:
         f"no space left on the device holding {final_dir.parent}: the disk filled after {human_size(written)} of "
         f"{final_dir.name} ({human_size(free)} free now) and needs at least {human_size(needed)}: free space "
         f"there or choose another output folder, and run again{kept}"
+    )
+
+
+class OutputLock:
+    """An exclusive, non-blocking POSIX lock on parent/.NAME.lock for the one process writing output NAME; a
+    second writer gets one line naming the holder's PID. The kernel drops it when the process dies (no stale
+    locks after a kill -9), and it belongs to the process (a step run twice in one process does not lock itself
+    out). The lock file stays: deleting it would let a third process lock a file the second one still holds."""
+
+    def __init__(self, output: str | Path, busy: str):
+        """busy: the refusal, with "{pid}" where the holder's PID goes."""
+        output = Path(output)
+        self.path = output.parent / f".{output.name}.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.lockf(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: another process holds it
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "unknown"
+            self._handle.close()
+            raise PipelineError(busy.format(pid=holder)) from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"{os.getpid()}\n")
+        self._handle.flush()
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            fcntl.lockf(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+
+
+_STEP_LOCKS: list[OutputLock] = []  # a lock lives as long as its open file: these are held until the process exits
+
+
+def lock_step_output(output: str | Path, key: str) -> None:
+    """Lock a step's output folder until the process exits; key: the option or config key naming it."""
+    _STEP_LOCKS.append(
+        OutputLock(
+            output,
+            f"{output} is being written by another process (PID {{pid}}) running this step: wait for it to "
+            f"finish, stop it, or choose another {key}",
+        )
     )
 
 

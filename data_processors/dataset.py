@@ -27,7 +27,7 @@ import numpy as np
 
 from config_utils import PipelineError, atomic_dir, first_line, load_step_configs, read_manifest, run_step, step_parser
 from config_utils.contracts import check_settings, dataset_settings, step1_command, step3_command
-from config_utils.io import check_output_folder, write_sealed_manifest
+from config_utils.io import check_output_folder, lock_step_output, write_sealed_manifest
 from data_processors.masking import IGNORE_INDEX, document_rng, mask_tokens, maskable_tokens
 from data_processors.splitting import SPLITS
 from data_processors.tokenizer import load_tokenizer, train_wordpiece
@@ -133,6 +133,8 @@ def main() -> None:
     data_params = dataset_config.data_params
     started = time.time()
 
+    masked_dir = check_output_folder(data_params.masked_dir, "dataset.data_params.masked_dir")
+    lock_step_output(masked_dir, "dataset.data_params.masked_dir")  # before the work: a second one stops now
     processed_dir = Path(data_params.processed_dir)
     step1_manifest, step1_hash = read_manifest(processed_dir, step1_command(args))
     check_settings(
@@ -146,7 +148,6 @@ def main() -> None:
     inputs = read_step1_files(processed_dir, step1_manifest["files"], topic_folders, step1_command(args))
     tokenizer = make_tokenizer(data_params, inputs["train"], seq_len)
 
-    masked_dir = check_output_folder(data_params.masked_dir, "dataset.data_params.masked_dir")
     counts = {}
     with atomic_dir(masked_dir) as tmp_dir:
         tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser
 from config_utils.contracts import step2_command
-from config_utils.io import check_output_folder, safe_file_stems, write_sealed_manifest
+from config_utils.io import check_output_folder, lock_step_output, safe_file_stems, write_sealed_manifest
 from data_processors.sources import open_source
 from data_processors.splitting import SPLITS, iter_with_progress, split_corpus
 
@@ -183,6 +183,7 @@ def main() -> None:
     topic_files = {topic: f"topics/{stem}.parquet" for topic, stem in stems.items()}
 
     out_dir = check_output_folder(data_params.processed_dir, "dataset.data_params.processed_dir")
+    lock_step_output(out_dir, "dataset.data_params.processed_dir")
     # the rows stream into the temporary folder as they are kept; an error (or Ctrl-C) removes it whole
     with atomic_dir(out_dir) as tmp_dir:
         result = stream_splits(tmp_dir, rows, expected, config, files, topic_files, split_lens)

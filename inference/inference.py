@@ -32,7 +32,7 @@ import torch
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import check_run_data, read_step2_output, step3_command
 from config_utils.host_memory import keep_freed_memory
-from config_utils.io import check_output_folder, read_manifest, safe_file_stems, write_sealed_manifest
+from config_utils.io import check_output_folder, lock_step_output, read_manifest, safe_file_stems, write_sealed_manifest
 from inference.routing import collect_routing, first_documents
 from inference.routing_files import file_stem, write_routing_outputs
 from process_exp_results.ablation import ablation_losses, ablation_statistics, plot_ablation
@@ -141,6 +141,12 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
     parser.add_argument(
+        "--accept-long",
+        action="store_true",
+        help=f"run even when the routing analysis's resampling (--n-perm, --n-boot) is estimated to take more "
+        f"than {LONG_ANALYSIS_SECONDS // 60} minutes (otherwise: asked on a terminal, refused elsewhere)",
+    )
+    parser.add_argument(
         "--ablation",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -216,6 +222,50 @@ class Run:
             )
             return []
         return [f"block {index}" for index in self.model.config.moe_layer_indices]
+
+
+# The routing analysis's permutations and bootstrap draws each pass over every analysed token of every MoE layer:
+# 19 ns per token, layer and resample on the 2-core CPU this was built on (the demo's step 4 at --n-perm and --n-boot
+# 200 vs 1000: 4.3 s more for 1,600 more resamples of 72,020 tokens x 2 layers). Only the order of magnitude matters.
+SECONDS_PER_RESAMPLED_TOKEN = 19e-9
+LONG_ANALYSIS_SECONDS = 30 * 60
+
+
+def analysed_tokens(run: Run, max_docs_per_group: int) -> int:
+    """About how many real tokens the routing analysis reads: each group's first documents, at its mean length."""
+    total = 0.0
+    for folder in run.groups().values():
+        counts = run.step2_manifest["counts"][str(folder.relative_to(run.masked_dir))]
+        per_document = counts["real_tokens"] / max(counts["documents"], 1)
+        total += min(counts["documents"], max_docs_per_group) * per_document
+    return int(total)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} minutes" if seconds < 5400 else f"{seconds / 3600:.1f} hours"
+
+
+def check_analysis_scale(run: Run, args: argparse.Namespace, n_layers: int) -> None:
+    """Before any work: resampling that would take hours is asked about (on a terminal) or refused, with the
+    estimate and the settings that would bring it down, never started silently."""
+    if not n_layers or args.no_routing_stats or args.accept_long:
+        return
+    tokens = analysed_tokens(run, args.max_docs_per_group)
+    seconds = SECONDS_PER_RESAMPLED_TOKEN * tokens * n_layers * (args.n_perm + args.n_boot)
+    if seconds <= LONG_ANALYSIS_SECONDS:
+        return
+    at_defaults = SECONDS_PER_RESAMPLED_TOKEN * tokens * n_layers * 400
+    estimate = (
+        f"--n-perm {args.n_perm} and --n-boot {args.n_boot} on about {tokens:,} tokens x {n_layers} MoE layers "
+        f"would take roughly {duration(seconds)} of resampling here (the defaults, 200 each: {duration(at_defaults)})"
+    )
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        print(f"{estimate}. Run it? [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() in ("y", "yes"):
+            return
+    raise PipelineError(f"{estimate}: pass smaller values (1000 each resolves p down to 0.001), or add --accept-long")
 
 
 def load_run(args: argparse.Namespace, configs: dict) -> Run:
@@ -451,12 +501,14 @@ def main() -> None:
     configs = load_step_configs(args, ["dataset", "model", "train"])
     out_root = check_output_folder(args.save_path, "--save_path")
     run = load_run(args, configs)
+    lock_step_output(out_root / run.run_dir.name, "--save_path")  # before the analysis: a second one stops now
     train_config = run.configs["train"]
     device = torch.device("cuda" if train_config.device != "cpu" and torch.cuda.is_available() else "cpu")
     bf16 = resolve_precision(args.precision, device, run.model.config.embedding_dim)
     run.model.to(device)
     groups = run.groups()
     layer_names = run.layer_names()
+    check_analysis_scale(run, args, len(layer_names))
     file_stems = safe_file_stems(list(groups), "the evaluated groups")  # topic labels are data, not paths
     started = time.time()
     phases = Phases()

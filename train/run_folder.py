@@ -13,7 +13,6 @@ from, or mistaken for the new run's.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 from config_utils import PipelineError
-from config_utils.io import remove_stale_temporaries
+from config_utils.io import OutputLock, remove_stale_temporaries
 from train.checkpoints import CHECKPOINT_DIR
 from train.final_model import MODEL_DIR
 
@@ -32,32 +31,13 @@ def run_dir_for(save_path: str, tag: str) -> Path:
     return Path(save_path) / tag
 
 
-class RunLock:
-    """An exclusive, non-blocking lock on a run folder; a second writer gets one line naming the holder's PID."""
-
-    def __init__(self, save_path: str | Path, tag: str):
-        self.path = Path(save_path) / f".{tag}.lock"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.lockf(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EACCES or EAGAIN: another process holds it
-            self._handle.seek(0)
-            holder = self._handle.read().strip() or "unknown"
-            self._handle.close()
-            raise PipelineError(
-                f"run {Path(save_path) / tag} is being written by another training process (PID "
-                f"{holder}): wait for it to finish, stop it, or pick another --tag"
-            ) from None
-        self._handle.seek(0)
-        self._handle.truncate()
-        self._handle.write(f"{os.getpid()}\n")
-        self._handle.flush()
-
-    def release(self) -> None:
-        if not self._handle.closed:
-            fcntl.lockf(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
+def RunLock(save_path: str | Path, tag: str) -> OutputLock:  # noqa: N802  a class in all but name
+    """The lock of run folder save_path/<tag> (save_path/.<tag>.lock), held by its one training process."""
+    return OutputLock(
+        Path(save_path) / tag,
+        f"run {Path(save_path) / tag} is being written by another training process (PID {{pid}}): wait for it to "
+        f"finish, stop it, or pick another --tag",
+    )
 
 
 def describe_run(run_dir: Path) -> str:

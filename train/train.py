@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_sche
 from config_utils import ConfigSection, PipelineError, load_step_configs, run_step, step_parser
 from config_utils.contracts import read_step2_output, step2_command, step3_command, step4_command
 from config_utils.host_memory import keep_freed_memory
-from config_utils.io import check_output_folder, write_sealed_manifest
+from config_utils.io import OutputLock, check_output_folder, write_sealed_manifest
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from models.router import LinearRouter
 from train.checkpoints import (
@@ -127,7 +127,7 @@ class Run:
     accelerator: Accelerator | None = None
     tag: str = ""
     run_dir: Path | None = None
-    run_lock: RunLock | None = None  # main process only
+    run_lock: OutputLock | None = None  # main process only
     replaced_run: Path | None = None  # where --overwrite set the earlier run aside until this one finishes
     resume_from: Path | None = None
     # build_training and resume_or_start: what the steps change

@@ -1,15 +1,18 @@
-"""What a step wrote is checked byte for byte by the step that reads it: damaged files, hand-edited manifests and
-damaged checkpoints are refused in one line (tests/faults/run_faults.py tries every such case end to end)."""
+"""Faults after the obvious ones, each refused in one line: damaged files, hand-edited manifests and damaged
+checkpoints (what a step wrote is checked byte for byte by the step that reads it), a second writer of a step's
+output, and a resampling that would take hours. tests/faults/run_faults.py tries these and more end to end."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from config_utils import PipelineError
 from config_utils.io import FILE_HASHES, SELF_HASH, read_manifest, write_sealed_manifest
-from helpers import check_ok, error_line, prepare_tiny_data, run_step_in_process, snapshot, step_config_args
+from helpers import REPO, check_ok, error_line, prepare_tiny_data, run_step_in_process, snapshot, step_config_args
 
 
 def flip_bytes(path: Path, n_bytes: int) -> None:
@@ -125,3 +128,42 @@ def test_resume_refuses_a_checkpoint_with_flipped_bytes(copy_of, damaged):
     )
     line = error_line(result)
     assert f"checkpoint {checkpoint} is corrupt ({damaged} differs" in line and "resume from an older one" in line
+
+
+# ---- a second writer, and work that would take hours -----------------------------------------------------------
+
+
+def test_a_second_step4_on_the_same_output_is_refused_before_any_work(copy_of):
+    folder, options = copy_of
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_AND_WAIT, str(REPO), str(folder / "results" / "base")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run_step_in_process(
+            4, *step_config_args(4), *options, "--run", "base", "--save_path", folder / "results", cwd=folder
+        )
+        line = error_line(result)
+        assert f"is being written by another process (PID {holder.pid})" in line and "--save_path" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (folder / "results" / "base").exists()
+
+
+LOCK_AND_WAIT = (
+    "import sys, time; sys.path.insert(0, sys.argv[1]); from config_utils.io import lock_step_output; "
+    "lock_step_output(sys.argv[2], 'x'); print('locked', flush=True); time.sleep(60)"
+)
+
+
+def test_resampling_that_would_take_hours_is_refused_up_front_with_an_estimate(copy_of):
+    folder, options = copy_of
+    result = run_step_in_process(
+        4, *step_config_args(4), *options, "--run", "base", "--n-perm", "10000000000", cwd=folder
+    )
+    line = error_line(result)
+    assert "hours of resampling" in line and "--accept-long" in line
+    assert "step 4: " not in result.stderr  # refused before the first phase's progress bar
