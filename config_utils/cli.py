@@ -58,6 +58,15 @@ def run_step(main: Callable[[], None]) -> None:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except PermissionError as error:  # an output folder (or an input) this user may not write (or read)
+        where = f" {error.filename}" if error.filename else ""
+        print(
+            f"error: permission denied on{where} ({error.strerror or error}): run as a user who may write there, or "
+            f"choose other output folders (the configs' *_dir / save_path keys, --save_path); nothing was "
+            f"written in place of earlier outputs",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except OSError as error:
         if not is_disk_full(error):
             raise

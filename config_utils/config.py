@@ -25,6 +25,27 @@ ConfigLoader.add_implicit_resolver(
 )
 
 
+def _mapping_without_duplicates(loader: ConfigLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """PyYAML keeps the last of two equal keys; a config that says one thing twice is refused instead."""
+    seen = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges keys, which is not a duplicate
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key '{key}' (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def read_yaml(text: str):
     return yaml.load(text, Loader=ConfigLoader)  # noqa: S506  a SafeLoader subclass
 
@@ -47,6 +68,13 @@ def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    for folder in (path, in_configs):
+        if folder.is_dir():
+            examples = sorted(item.name for item in folder.glob("*.yaml"))[:3]
+            raise PipelineError(
+                f"config '{name}' is a folder ({folder}), not a file: pass one of its YAML files"
+                + (f" ({', '.join(examples)})" if examples else "")
+            )
     raise PipelineError(
         f"config file '{name}' not found in {CONFIG_DIR} or as a path; "
         f"pass a file name from configs/ (e.g. demo/dataset_params.yaml) or a path"
