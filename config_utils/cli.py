@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 
@@ -58,22 +59,23 @@ def run_step(main: Callable[[], None]) -> None:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except PermissionError as error:  # an output folder (or an input) this user may not write (or read)
-        where = f" {error.filename}" if error.filename else ""
-        print(
-            f"error: permission denied on{where} ({error.strerror or error}): run as a user who may write there, or "
-            f"choose other output folders (the configs' *_dir / save_path keys, --save_path); nothing was "
-            f"written in place of earlier outputs",
-            file=sys.stderr,
-        )
-        sys.exit(2)
     except OSError as error:
-        if not is_disk_full(error):
+        if is_disk_full(error):
+            where = f" writing {error.filename}" if error.filename else ""
+            print(
+                f"error: no space left on the device{where}; free space there (or choose other output folders) and "
+                f"run again: outputs written whole before this one are intact",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        where = f" writing {error.filename}" if error.filename else ""
+        # an output folder this user may not write (or on a read-only file system), or an input it may not read
+        where = f"{error.filename}: " if error.filename else ""
         print(
-            f"error: no space left on the device{where}; free space there (or choose other output folders) and "
-            f"run again: outputs written whole before this one are intact",
+            f"error: {where}{error.strerror or error}: give this user access there, or choose output folders it "
+            f"can write (the configs' *_dir, save_path and aim_repo keys, step 4's --save_path); nothing was "
+            f"written in place of earlier outputs",
             file=sys.stderr,
         )
         sys.exit(2)

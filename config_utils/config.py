@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,8 @@ def _check_value(field: Field, value: Any, where: str, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail()
         value = float(value)
+        if not math.isfinite(value):  # .nan and .inf parse as floats; no setting means them
+            raise fail()
     elif field.kind == "str":
         if value is False and field.choices and "no" in field.choices:
             value = "no"  # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means the choice "no"

@@ -281,9 +281,10 @@ def read_manifest(folder: str | Path, run_first: str, check_files: bool = True) 
     return manifest, manifest_hash(manifest)
 
 
-# how long a step took does not change what it made: rerunning a step on the same input keeps its hash (the files'
-# hashes stay in: new bytes are a new output); the self-hash covers the seconds, so it goes with them
-VOLATILE_MANIFEST_KEYS = {"seconds", SELF_HASH}
+# how long a step took does not change what it made: rerunning a step on the same input keeps its hash. Nor do the
+# files' bytes, which carry more than the content (datasets' state.json has a fingerprint of its input files'
+# modification times), nor the self-hash, which covers the seconds
+VOLATILE_MANIFEST_KEYS = {"seconds", FILE_HASHES, SELF_HASH}
 
 
 def manifest_hash(manifest: dict) -> str:

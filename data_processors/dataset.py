@@ -206,6 +206,12 @@ def make_tokenizer(data_params: dict, train_texts: datasets.Dataset, seq_len: in
     else:
         tokenizer = load_tokenizer(data_params.tokenizer_name)
     tokenizer.model_max_length = seq_len
+    if len(tokenizer) <= len(tokenizer.all_special_ids):  # nothing to mask, predict or replace a token with
+        raise PipelineError(
+            f"the tokenizer has no token but its {len(tokenizer)} special ones: the {len(train_texts)} train texts "
+            f"hold nothing it keeps (only control characters or whitespace?); check dataset.load_params.text_field "
+            f"and the corpus"
+        )
     return tokenizer
 
 

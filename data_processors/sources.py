@@ -7,6 +7,7 @@ many rows it expects (None when unknown), so the splitter does not care where ro
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def expand_data_files(patterns: list[str]) -> list[Path]:
             raise PipelineError(f"data file '{pattern}' not found (load_params.data_files); check the path")
         paths.extend(Path(match) for match in matches)
     for path in paths:
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+            raise PipelineError(
+                f"data file '{path}' is a symbolic link that leads nowhere or in a loop ({path} -> "
+                f"{os.readlink(path) if path.is_symlink() else '?'}); point load_params.data_files at the real file"
+            ) from None
         if path.suffix.lower() not in FILE_BUILDERS:
             raise PipelineError(f"data file '{path}' has an unsupported type; use {', '.join(FILE_BUILDERS)}")
     return paths
@@ -76,6 +84,11 @@ def load_files(patterns: list[str], text_field: str, topic_field: str):
                 f"data file '{path}' has no column {missing[0]!r} (columns: "
                 f"{', '.join(part.column_names)}); set dataset.load_params.text_field / "
                 f"topic_field"
+            )
+        if _type_name(part.features[text_field]) not in TEXT_TYPES and all(text is None for text in part[text_field]):
+            raise PipelineError(  # a reader types a column with no value at all as numbers
+                f"data file '{path}': text column {text_field!r} is empty in every row; point "
+                f"dataset.load_params.text_field at a column of text"
             )
         check_column_types(part.features, path, text_field, topic_field)
         parts.append(

@@ -22,6 +22,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: impor
 
 import argparse
 import csv
+import os
 import time
 from dataclasses import dataclass
 
@@ -32,7 +33,14 @@ import torch
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser, write_json_atomic
 from config_utils.contracts import check_run_data, read_step2_output, step3_command
 from config_utils.host_memory import keep_freed_memory
-from config_utils.io import check_output_folder, lock_step_output, read_manifest, safe_file_stems, write_sealed_manifest
+from config_utils.io import (
+    check_output_folder,
+    human_size,
+    lock_step_output,
+    read_manifest,
+    safe_file_stems,
+    write_sealed_manifest,
+)
 from inference.routing import collect_routing, first_documents
 from inference.routing_files import file_stem, write_routing_outputs
 from process_exp_results.ablation import ablation_losses, ablation_statistics, plot_ablation
@@ -143,8 +151,9 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--accept-long",
         action="store_true",
-        help=f"run even when the routing analysis's resampling (--n-perm, --n-boot) is estimated to take more "
-        f"than {LONG_ANALYSIS_SECONDS // 60} minutes (otherwise: asked on a terminal, refused elsewhere)",
+        help=f"run even when the resampling (--n-perm, --n-boot) is estimated to take more than "
+        f"{LONG_ANALYSIS_SECONDS // 60} minutes or half the free memory (otherwise: asked on a terminal, refused "
+        f"elsewhere)",
     )
     parser.add_argument(
         "--ablation",
@@ -224,42 +233,57 @@ class Run:
         return [f"block {index}" for index in self.model.config.moe_layer_indices]
 
 
-# The routing analysis's permutations and bootstrap draws each pass over every analysed token of every MoE layer:
-# 19 ns per token, layer and resample on the 2-core CPU this was built on (the demo's step 4 at --n-perm and --n-boot
-# 200 vs 1000: 4.3 s more for 1,600 more resamples of 72,020 tokens x 2 layers). Only the order of magnitude matters.
-SECONDS_PER_RESAMPLED_TOKEN = 19e-9
-LONG_ANALYSIS_SECONDS = 30 * 60
+# What --n-perm and --n-boot cost, measured on the 2-core CPU this was built on; only the order of magnitude matters.
+# Each permutation and each bootstrap draw passes over every analysed token of every MoE layer (19 ns a token: the
+# demo's step 4 at 200 vs 1000 of each took 4.3 s more for 1,600 more resamples of 72,020 tokens x 2 layers), on top
+# of a fixed cost per layer (a tiny corpus: 80 us a permutation, 330 us a bootstrap draw, from 5 vs 3000 of each).
+SECONDS_PER_TOKEN = 19e-9
+SECONDS_PER_PERMUTATION, SECONDS_PER_BOOTSTRAP = 80e-6, 330e-6
+LONG_ANALYSIS_SECONDS = 10 * 60
 
 
-def analysed_tokens(run: Run, max_docs_per_group: int) -> int:
-    """About how many real tokens the routing analysis reads: each group's first documents, at its mean length."""
-    total = 0.0
+def analysed_sizes(run: Run, max_docs_per_group: int) -> tuple[int, int]:
+    """About how many documents and real tokens the analysis reads: each group's first documents, at its mean
+    length (from step 2's counts, so before any work)."""
+    documents, tokens = 0, 0.0
     for folder in run.groups().values():
         counts = run.step2_manifest["counts"][str(folder.relative_to(run.masked_dir))]
-        per_document = counts["real_tokens"] / max(counts["documents"], 1)
-        total += min(counts["documents"], max_docs_per_group) * per_document
-    return int(total)
+        kept = min(counts["documents"], max_docs_per_group)
+        documents += kept
+        tokens += kept * counts["real_tokens"] / max(counts["documents"], 1)
+    return documents, int(tokens)
 
 
 def duration(seconds: float) -> str:
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.0f} s" if seconds >= 1 else "under a second"
     return f"{seconds / 60:.0f} minutes" if seconds < 5400 else f"{seconds / 3600:.1f} hours"
 
 
+def resampling_cost(n_perm: int, n_boot: int, n_layers: int, documents: int, tokens: int) -> tuple[float, int]:
+    """(seconds, bytes): the time of the resampling, and the bootstrap weights it holds at once (a float64 weight
+    per document and draw, in the consistency and ablation intervals)."""
+    per_token = SECONDS_PER_TOKEN * tokens
+    seconds = n_layers * (n_perm * (SECONDS_PER_PERMUTATION + per_token) + n_boot * (SECONDS_PER_BOOTSTRAP + per_token))
+    return seconds, 8 * n_boot * documents
+
+
 def check_analysis_scale(run: Run, args: argparse.Namespace, n_layers: int) -> None:
-    """Before any work: resampling that would take hours is asked about (on a terminal) or refused, with the
-    estimate and the settings that would bring it down, never started silently."""
-    if not n_layers or args.no_routing_stats or args.accept_long:
+    """Before any work: resampling that would take long or not fit in memory is asked about (on a terminal) or
+    refused, with the estimate and what the defaults would cost, never started silently."""
+    if not n_layers or args.accept_long or args.no_routing_stats and args.ablation is False:  # nothing resampled
         return
-    tokens = analysed_tokens(run, args.max_docs_per_group)
-    seconds = SECONDS_PER_RESAMPLED_TOKEN * tokens * n_layers * (args.n_perm + args.n_boot)
-    if seconds <= LONG_ANALYSIS_SECONDS:
+    documents, tokens = analysed_sizes(run, args.max_docs_per_group)
+    seconds, weights = resampling_cost(args.n_perm, args.n_boot, n_layers, documents, tokens)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if seconds <= LONG_ANALYSIS_SECONDS and weights <= available / 2:
         return
-    at_defaults = SECONDS_PER_RESAMPLED_TOKEN * tokens * n_layers * 400
+    at_defaults, _ = resampling_cost(200, 200, n_layers, documents, tokens)
     estimate = (
-        f"--n-perm {args.n_perm} and --n-boot {args.n_boot} on about {tokens:,} tokens x {n_layers} MoE layers "
-        f"would take roughly {duration(seconds)} of resampling here (the defaults, 200 each: {duration(at_defaults)})"
+        f"--n-perm {args.n_perm} and --n-boot {args.n_boot} on about {documents:,} documents ({tokens:,} tokens) x "
+        f"{n_layers} MoE layer{'s' if n_layers > 1 else ''} would take roughly {duration(seconds)} of resampling here and hold "
+        f"{human_size(weights)} of bootstrap weights ({human_size(available)} free); the defaults, 200 each: "
+        f"{duration(at_defaults)}"
     )
     if sys.stdin.isatty() and sys.stderr.isatty():
         print(f"{estimate}. Run it? [y/N] ", end="", file=sys.stderr, flush=True)

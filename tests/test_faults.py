@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 
 from config_utils import PipelineError
+from config_utils.config import load_config, parse_override, read_yaml
 from config_utils.io import FILE_HASHES, SELF_HASH, read_manifest, write_sealed_manifest
-from helpers import REPO, check_ok, error_line, prepare_tiny_data, run_step_in_process, snapshot, step_config_args
+from helpers import (
+    REPO,
+    check_ok,
+    error_line,
+    prepare_tiny_data,
+    run_step_in_process,
+    snapshot,
+    step_config_args,
+    tiny_sets,
+)
 
 
 def flip_bytes(path: Path, n_bytes: int) -> None:
@@ -61,14 +71,15 @@ def test_a_hand_edited_manifest_is_refused(sealed):
         read_manifest(sealed, "remake it")
 
 
-def test_the_timing_and_the_seal_do_not_change_the_hash_later_steps_record(sealed, tmp_path):
+def test_the_hash_later_steps_record_is_of_the_content_not_the_timing_or_bytes(sealed, tmp_path):
+    """A step rerun on the same input with the same settings keeps the runs made from its output: its files' bytes
+    may differ (datasets' state.json fingerprints file times), and the manifest's content says what they hold."""
     _, first = read_manifest(sealed, "remake it")
-    manifest = json.loads((sealed / "manifest.json").read_text(encoding="utf-8"))
-    write_sealed_manifest(sealed, {key: manifest[key] for key in ("step", "count")} | {"seconds": 9.0})
-    assert read_manifest(sealed, "remake it")[1] == first
     (sealed / "b.txt").write_text("other", encoding="utf-8")
-    write_sealed_manifest(sealed, {key: manifest[key] for key in ("step", "count")} | {"seconds": 9.0})
-    assert read_manifest(sealed, "remake it")[1] != first  # other bytes: another output
+    write_sealed_manifest(sealed, {"step": "test", "count": 3, "seconds": 9.0})
+    assert read_manifest(sealed, "remake it")[1] == first
+    write_sealed_manifest(sealed, {"step": "test", "count": 4, "seconds": 1.5})
+    assert read_manifest(sealed, "remake it")[1] != first
 
 
 # ---- the steps ------------------------------------------------------------------------------------------------------
@@ -167,3 +178,65 @@ def test_resampling_that_would_take_hours_is_refused_up_front_with_an_estimate(c
     line = error_line(result)
     assert "hours of resampling" in line and "--accept-long" in line
     assert "step 4: " not in result.stderr  # refused before the first phase's progress bar
+
+
+# ---- resuming another run, a damaged Aim repository, corpora and values at the edges -------------------------------
+
+
+@pytest.mark.parametrize("how", ["by path", "copied in"])
+def test_resuming_another_runs_checkpoint_is_refused(copy_of, how):
+    folder, options = copy_of
+    checkpoints = folder / "runs" / "base" / "checkpoints"
+    if how == "by path":
+        resume = ["--tag", "fresh", "--resume", str(sorted(checkpoints.glob("step-*"))[0])]
+    else:
+        shutil.copytree(checkpoints, folder / "runs" / "fresh" / "checkpoints")
+        resume = ["--tag", "fresh", "--resume", "latest"]
+    line = error_line(run_step_in_process(3, *step_config_args(3), *options, *resume, cwd=folder))
+    assert "is a checkpoint of run 'base', not of 'fresh'" in line and "--tag base --resume latest" in line
+
+
+def test_a_damaged_aim_repository_stops_training_before_its_first_step(copy_of, trained):
+    folder, options = copy_of
+    shutil.copytree(trained[0] / ".aim", folder / ".aim")
+    for path in (folder / ".aim").rglob("*"):
+        if path.is_file():
+            path.write_bytes(bytes(range(256)) * 4)
+    line = error_line(run_step_in_process(3, *step_config_args(3), *options, "--tag", "new", cwd=folder))
+    assert f"the Aim repository {folder / '.aim'} cannot be used" in line and "mv " in line
+    assert not list((folder / "runs" / "new").glob("checkpoints/*"))
+
+
+def test_a_corpus_of_control_characters_is_refused_at_the_tokenizer(tmp_path):
+    corpus = tmp_path / "corpus.csv"
+    rows = [f'"{chr(1 + i % 8) * 5}\x0b\x0c",{"ab"[i % 2]}' for i in range(200)]
+    corpus.write_text("text,topic\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    options = tiny_sets(
+        tmp_path,
+        **{
+            "dataset.load_params.source": "files",
+            "dataset.load_params.data_files": f"[{corpus}]",
+            "dataset.data_params.eval_topics": "[b]",
+            "dataset.load_params.train_len": 60,
+            "dataset.load_params.topic_len": 20,
+        },
+    )
+    check_ok(run_step_in_process(1, *step_config_args(1), *options, cwd=tmp_path))
+    line = error_line(run_step_in_process(2, *step_config_args(2), *options, cwd=tmp_path))
+    assert "the tokenizer has no token but its" in line and "text_field" in line
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_a_learning_rate_that_is_not_a_number_is_refused(value):
+    with pytest.raises(PipelineError, match=f"'learning_rate' must be a number >= 0.0, got {value[1:]}"):
+        load_config("train", "demo/train_params.yaml", [parse_override(f"train.learning_rate={value}")])
+
+
+def test_yaml_duplicate_keys_are_refused_and_anchors_work(tmp_path):
+    assert read_yaml("a: &x {n: 1}\nb:\n  <<: *x\n  m: 2\n") == {"a": {"n": 1}, "b": {"n": 1, "m": 2}}
+    path = tmp_path / "dataset_params.yaml"
+    path.write_text("seed: 1\nseed: 2\n", encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"duplicate key 'seed' \(lines 1 and 2\)"):
+        load_config("dataset", str(path), [])
+    with pytest.raises(PipelineError, match="is a folder .* not a file: pass one of its YAML files .dataset_params"):
+        load_config("dataset", str(tmp_path), [])

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 
+from config_utils import PipelineError, first_line
 from models import MoELayer, count_assignments
 
 # per-layer sums kept by RoutingRecorder, one column each
@@ -84,15 +87,29 @@ class RoutingRecorder:
         return sums
 
 
-def start_aim_run(accelerator, tag: str, experiment: str, hparams: dict, run_hash: str | None):
-    """The Aim run (main process only; None elsewhere); a resumed run continues its earlier Aim run."""
+def start_aim_run(accelerator, tag: str, experiment: str, hparams: dict, run_hash: str | None, aim_repo: str):
+    """The Aim run (main process only; None elsewhere); a resumed run continues its earlier Aim run.
+
+    A repository Aim cannot open (damaged, or its database locked by another program) stops the run in one line
+    before its first step, in every process: an untracked run is not what the configs asked for."""
     init = {"experiment": experiment, **({"run_hash": run_hash} if run_hash else {})}
-    accelerator.init_trackers(tag, config=hparams, init_kwargs={"aim": init})
-    if not accelerator.is_main_process:
-        return None
-    run = accelerator.get_tracker("aim", unwrap=True)
-    if tag not in run.tags:
-        run.add_tag(tag)
+    problem, run = None, None
+    try:
+        accelerator.init_trackers(tag, config=hparams, init_kwargs={"aim": init})
+        if accelerator.is_main_process:
+            run = accelerator.get_tracker("aim", unwrap=True)
+            if tag not in run.tags:
+                run.add_tag(tag)
+    except Exception as error:  # sqlite, rocksdb and decoding errors all mean the same to the user
+        problem = (
+            f"the Aim repository {Path(aim_repo) / '.aim'} cannot be used ({type(error).__name__}: "
+            f"{first_line(error, 120)}): if another program holds it, wait for it; if it is damaged, move it "
+            f"aside (mv {Path(aim_repo) / '.aim'} {Path(aim_repo) / '.aim.broken'}) or set train.aim_repo to "
+            f"another folder, and run again"
+        )
+    problem = broadcast_object_list([problem])[0]  # the other processes must not wait for a main that has stopped
+    if problem:
+        raise PipelineError(problem)
     return run
 
 

@@ -317,6 +317,13 @@ def resume_or_start(run: Run) -> None:
         run.step2_hash,
         step3_command(run.args, run.tag),
     )
+    written_by = run.state.get("tag", run.tag)
+    if written_by != run.tag:  # its Aim run, checkpoints and schedule are another run's: continuing it here mixes two
+        raise PipelineError(
+            f"--resume {run.args.resume}: {run.resume_from} is a checkpoint of run '{written_by}', not of "
+            f"'{run.tag}': continue that run with `{step3_command(run.args, written_by)} --resume latest`, or "
+            f"start '{run.tag}' without --resume"
+        )
     run.scheduler.load_state_dict(run.state.pop("scheduler"))
     if not restore_rng_states(run.accelerator, run.state.pop("rng")):
         run.accelerator.print(
@@ -352,6 +359,7 @@ def start_tracking(run: Run) -> None:
             "mixed_precision": accelerator.mixed_precision,
         },
         state["aim_run_hash"],
+        run.train_config.aim_repo,
     )
     state["aim_run_hash"] = run.aim_run.hash if run.aim_run is not None else None
     run.recorder = RoutingRecorder(run.unwrapped, config.n_experts, accelerator.device)
