@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from config_utils.config import ConfigSection, load_config, parse_override
 from config_utils.errors import PipelineError
-from config_utils.io import is_disk_full
+from config_utils.io import is_disk_full, release_output_locks
 
 SET_HELP = (
     "override one config key, repeatable: ROLE.KEY=VALUE with ROLE dataset, model or train and "
@@ -55,7 +55,10 @@ def load_step_configs(args: argparse.Namespace, roles: list[str]) -> dict[str, C
 def run_step(main: Callable[[], None]) -> None:
     """Run a step; bad input becomes one line on stderr and exit code 2, never a traceback."""
     try:
-        main()
+        try:
+            main()
+        finally:
+            release_output_locks()  # and remove their files: a step that stops leaves nothing behind
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -112,43 +112,61 @@ class OutputLock:
     """An exclusive, non-blocking POSIX lock on parent/.NAME.lock for the one process writing output NAME; a
     second writer gets one line naming the holder's PID. The kernel drops it when the process dies (no stale
     locks after a kill -9), and it belongs to the process (a step run twice in one process does not lock itself
-    out). The lock file stays: deleting it would let a third process lock a file the second one still holds."""
+    out). Held until release() or the end of the step (config_utils.cli.run_step releases every lock), which
+    also removes the file, so a step that stops leaves nothing behind."""
 
     def __init__(self, output: str | Path, busy: str):
         """busy: the refusal, with "{pid}" where the holder's PID goes."""
         output = Path(output)
         self.path = output.parent / f".{output.name}.lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.lockf(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EACCES or EAGAIN: another process holds it
-            self._handle.seek(0)
-            holder = self._handle.read().strip() or "unknown"
-            self._handle.close()
-            raise PipelineError(busy.format(pid=holder)) from None
+        while True:
+            self._handle = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.lockf(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # EACCES or EAGAIN: another process holds it
+                self._handle.seek(0)
+                holder = self._handle.read().strip() or "unknown"
+                self._handle.close()
+                raise PipelineError(busy.format(pid=holder)) from None
+            if self._is_current():
+                break
+            self._handle.close()  # its holder removed the file between our open and lock: lock the new one
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(f"{os.getpid()}\n")
         self._handle.flush()
+        _HELD_LOCKS.append(self)
+
+    def _is_current(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
         if not self._handle.closed:
+            if self._is_current():
+                self.path.unlink()  # while still locked: the next writer opens a new file, never this one
             fcntl.lockf(self._handle, fcntl.LOCK_UN)
             self._handle.close()
 
 
-_STEP_LOCKS: list[OutputLock] = []  # a lock lives as long as its open file: these are held until the process exits
+_HELD_LOCKS: list[OutputLock] = []  # a lock lives as long as its open file: held here until the step ends
 
 
-def lock_step_output(output: str | Path, key: str) -> None:
-    """Lock a step's output folder until the process exits; key: the option or config key naming it."""
-    _STEP_LOCKS.append(
-        OutputLock(
-            output,
-            f"{output} is being written by another process (PID {{pid}}) running this step: wait for it to "
-            f"finish, stop it, or choose another {key}",
-        )
+def release_output_locks() -> None:
+    """Release every lock this process took (the end of a step), removing their files."""
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().release()
+
+
+def lock_step_output(output: str | Path, key: str) -> OutputLock:
+    """Lock a step's output folder until the step ends; key: the option or config key naming it."""
+    return OutputLock(
+        output,
+        f"{output} is being written by another process (PID {{pid}}) running this step: wait for it to finish, "
+        f"stop it, or choose another {key}",
     )
 
 

@@ -134,7 +134,6 @@ def main() -> None:
     started = time.time()
 
     masked_dir = check_output_folder(data_params.masked_dir, "dataset.data_params.masked_dir")
-    lock_step_output(masked_dir, "dataset.data_params.masked_dir")  # before the work: a second one stops now
     processed_dir = Path(data_params.processed_dir)
     step1_manifest, step1_hash = read_manifest(processed_dir, step1_command(args))
     check_settings(
@@ -143,6 +142,7 @@ def main() -> None:
         str(processed_dir),
         step1_command(args),
     )
+    lock_step_output(masked_dir, "dataset.data_params.masked_dir")  # before the work: a second one stops now
     # each topic's folder is named as step 1 named its file (a safe name, not the label)
     topic_folders = {topic: f"topics/{Path(path).stem}" for topic, path in step1_manifest["files"]["topics"].items()}
     inputs = read_step1_files(processed_dir, step1_manifest["files"], topic_folders, step1_command(args))

@@ -332,7 +332,7 @@ def test_resolve_config_path_prefers_configs_dir(tmp_path, monkeypatch):
     assert resolve_config_path(str(tmp_path / "mine.yaml")) == tmp_path / "mine.yaml"
     with pytest.raises(PipelineError, match="'nope.yaml' not found"):
         resolve_config_path("nope.yaml")
-    with pytest.raises(PipelineError, match="not found"):
+    with pytest.raises(PipelineError, match="is a folder"):
         resolve_config_path("demo")  # a folder is not a config file
 
 
