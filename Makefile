@@ -8,7 +8,7 @@ DEMO_RESULTS := process_exp_results/results
 # the demo is offline by design: fail at once instead of retrying the hub
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: demo test install figures clean
+.PHONY: demo test faults install figures clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check --quiet .
 	$(VENV)/bin/ruff check --quiet .
 	$(OFFLINE) $(PY) -m pytest -q
+
+# every fault the steps must survive, end to end (about 10 minutes): one row per case, exit 1 if any fails
+faults: $(VENV)/.installed
+	$(OFFLINE) $(PY) tests/faults/run_faults.py --slow
 
 figures: $(VENV)/.installed
 	$(PY) process_exp_results/architecture.py --out images/architecture.png

@@ -240,3 +240,16 @@ def test_yaml_duplicate_keys_are_refused_and_anchors_work(tmp_path):
         load_config("dataset", str(path), [])
     with pytest.raises(PipelineError, match="is a folder .* not a file: pass one of its YAML files .dataset_params"):
         load_config("dataset", str(tmp_path), [])
+
+
+def test_the_fault_probe_lists_a_case_for_every_kind_of_fault():
+    """tests/faults/run_faults.py (`make faults`, ten minutes) runs every case end to end; here only its catalogue."""
+    listed = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "faults" / "run_faults.py"), "--list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    groups = {word.split("/")[0] for word in listed if "/" in word}
+    assert groups == {"corrupt", "kill", "concurrency", "corpus", "sizes", "resume", "yaml", "perm", "aim", "scale"}
