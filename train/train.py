@@ -174,7 +174,7 @@ def parse_args() -> argparse.Namespace:
         "--resume",
         metavar="latest|PATH",
         default=None,
-        help="continue the run --tag from its newest checkpoint, or from a checkpoint folder",
+        help="continue the run --tag from its newest checkpoint, or from one of its checkpoint folders",
     )
     return parser.parse_args()
 
