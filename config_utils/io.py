@@ -281,9 +281,9 @@ def check_file_hashes(folder: str | Path, manifest: dict, run_first: str) -> Non
             )
 
 
-def read_manifest(folder: str | Path, run_first: str, check_files: bool = True) -> tuple[dict, str]:
-    """Return (manifest, its hash), checked against its own hash and (check_files) its files' hashes; a missing,
-    broken, edited or damaged one names the command to run first."""
+def read_manifest(folder: str | Path, run_first: str) -> tuple[dict, str]:
+    """Return (manifest, its hash), checked against its own hash and its files' hashes; a missing, broken, edited
+    or damaged one names the command to run first."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise PipelineError(f"{path} not found: run `{run_first}` first")
@@ -294,8 +294,7 @@ def read_manifest(folder: str | Path, run_first: str, check_files: bool = True) 
     if not isinstance(manifest, dict):
         raise PipelineError(f"{path} is corrupt (not a JSON object): run `{run_first}` again")
     check_manifest_seal(path, manifest, run_first)
-    if check_files:
-        check_file_hashes(folder, manifest, run_first)
+    check_file_hashes(folder, manifest, run_first)
     return manifest, manifest_hash(manifest)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from config_utils import PipelineError
 from config_utils.config import load_config, parse_override, read_yaml
-from config_utils.io import FILE_HASHES, SELF_HASH, read_manifest, write_sealed_manifest
+from config_utils.io import FILE_HASHES, SELF_HASH, check_manifest_seal, read_manifest, write_sealed_manifest
 from helpers import (
     REPO,
     check_ok,
@@ -54,7 +54,8 @@ def test_a_damaged_file_is_named(sealed):
     flip_bytes(sealed / "sub" / "a.bin", 4)
     with pytest.raises(PipelineError, match=r"a\.bin is damaged or was replaced.*run `remake it` again"):
         read_manifest(sealed, "remake it")
-    read_manifest(sealed, "remake it", check_files=False)  # the manifest itself is intact
+    manifest = json.loads((sealed / "manifest.json").read_text(encoding="utf-8"))
+    check_manifest_seal(sealed / "manifest.json", manifest, "remake it")  # the manifest itself is intact
 
 
 def test_a_missing_file_is_named(sealed):

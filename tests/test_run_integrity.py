@@ -245,8 +245,8 @@ def test_a_second_writer_of_a_tag_is_refused_with_the_holders_pid(data):
             sys.executable,
             "-c",
             (
-                "import sys, time; sys.path.insert(0, sys.argv[1]); from train.run_folder import RunLock; "
-                "lock = RunLock(sys.argv[2], 'locked'); print('locked', flush=True); time.sleep(60)"
+                "import sys, time; sys.path.insert(0, sys.argv[1]); from train.run_folder import lock_run_folder; "
+                "lock = lock_run_folder(sys.argv[2], 'locked'); print('locked', flush=True); time.sleep(60)"
             ),
             str(REPO),
             str(tmp_path / "runs"),

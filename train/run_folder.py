@@ -1,6 +1,6 @@
 """A run folder's name, its one writer, a fresh folder for every new run, and the code that wrote it.
 
-A run folder train.save_path/<tag>/ belongs to one training process at a time: RunLock holds an
+A run folder train.save_path/<tag>/ belongs to one training process at a time: lock_run_folder holds an
 exclusive POSIX lock on save_path/.<tag>.lock (the kernel drops it when the process dies, so a killed run
 never leaves a stale lock; it belongs to the process, so a step run twice in one process does not lock
 itself out) and writes its PID there for the next writer's error message.
@@ -31,7 +31,7 @@ def run_dir_for(save_path: str, tag: str) -> Path:
     return Path(save_path) / tag
 
 
-def RunLock(save_path: str | Path, tag: str) -> OutputLock:  # noqa: N802  a class in all but name
+def lock_run_folder(save_path: str | Path, tag: str) -> OutputLock:
     """The lock of run folder save_path/<tag> (save_path/.<tag>.lock), held by its one training process."""
     return OutputLock(
         Path(save_path) / tag,

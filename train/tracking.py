@@ -101,11 +101,11 @@ def start_aim_run(accelerator, tag: str, experiment: str, hparams: dict, run_has
             if tag not in run.tags:
                 run.add_tag(tag)
     except Exception as error:  # sqlite, rocksdb and decoding errors all mean the same to the user
+        repository = Path(aim_repo) / ".aim"
         problem = (
-            f"the Aim repository {Path(aim_repo) / '.aim'} cannot be used ({type(error).__name__}: "
-            f"{first_line(error, 120)}): if another program holds it, wait for it; if it is damaged, move it "
-            f"aside (mv {Path(aim_repo) / '.aim'} {Path(aim_repo) / '.aim.broken'}) or set train.aim_repo to "
-            f"another folder, and run again"
+            f"the Aim repository {repository} cannot be used ({type(error).__name__}: {first_line(error, 120)}): "
+            f"if another program holds it, wait for it; if it is damaged, move it aside (mv {repository} "
+            f"{repository}.broken) or set train.aim_repo to another folder, and run again"
         )
     problem = broadcast_object_list([problem])[0]  # the other processes must not wait for a main that has stopped
     if problem:

@@ -67,7 +67,7 @@ from train.routing_snapshots import (
     snapshot_steps,
     top1_agreement,
 )
-from train.run_folder import RunLock, finish_run_folder, git_state, run_dir_for, start_run_folder
+from train.run_folder import finish_run_folder, git_state, lock_run_folder, run_dir_for, start_run_folder
 from train.tracking import (
     RoutingHealth,
     RoutingRecorder,
@@ -252,7 +252,7 @@ def claim_run_folder(run: Run) -> None:
     problem = None
     if run.accelerator.is_main_process:  # one process owns the folder; the others hear whether it could
         try:
-            run.run_lock = RunLock(train_config.save_path, run.tag)
+            run.run_lock = lock_run_folder(train_config.save_path, run.tag)
             run.replaced_run = start_run_folder(
                 run.run_dir, args.overwrite, bool(args.resume), step3_command(args, run.tag)
             )
