@@ -39,7 +39,7 @@ faults: $(VENV)/.installed
 	$(OFFLINE) $(PY) tests/faults/run_faults.py --slow
 
 figures: $(VENV)/.installed
-	$(PY) process_exp_results/architecture.py --out images/architecture.png
+	$(PY) process_exp_results/figures/architecture.py --out images/architecture.png
 
 clean:
 	rm -rf data/demo train_results/demo $(DEMO_RESULTS)/demo

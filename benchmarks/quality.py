@@ -7,7 +7,7 @@ Three models, identical except the feed-forward blocks (width, depth, heads, dat
 on two corpora: the builtin synthetic corpus, and the Reddit sample (local CSVs; skipped with a note when the
 folder is absent), each trained with several seeds (train.random_seed: initialisation, data order, dropout;
 the data split is the same for every seed). Every run is the user's pipeline (steps 1-4 as subprocesses,
-through process_exp_results/sweep.py's runner; steps 1-2 run once per corpus); the validation MLM loss and
+through process_exp_results/experiments/sweep.py's runner; steps 1-2 run once per corpus); the validation MLM loss and
 masked-token accuracy over the whole validation split come from step 3's eval every --eval-steps steps (its
 manifest's eval_history); step 4 adds the test split.
 
@@ -33,7 +33,7 @@ import time
 from config_utils import PipelineError, run_step, write_json_atomic
 from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
-from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
+from process_exp_results.experiments.sweep import PLACED_KEYS, execute, plan_runs
 
 REPO = Path(__file__).resolve().parents[1]
 REDDIT_DIR = REPO.parent / "shared" / "data" / "reddit_sample"

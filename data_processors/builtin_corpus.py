@@ -351,7 +351,7 @@ def _template_words() -> frozenset[str]:
 
 
 # The words every topic shares: the templates' and the function slots'. Not the analysis' English function-word
-# list (process_exp_results/routing_stats.py FUNCTION_WORDS); this is the generator's own vocabulary.
+# list (process_exp_results/analysis/statistics.py FUNCTION_WORDS); this is the generator's own vocabulary.
 TEMPLATE_WORDS: frozenset[str] = _template_words()
 
 

@@ -1,4 +1,4 @@
-"""Expert ablation (process_exp_results/ablation.py): disabling an expert, the cached fast path, the statistics."""
+"""Expert ablation (process_exp_results/analysis/ablation.py): disabling an expert, the cached fast path, the statistics."""
 
 import copy
 import json
@@ -9,7 +9,9 @@ import torch
 from datasets import Dataset, concatenate_datasets
 
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
-from process_exp_results.ablation import ablation_losses, ablation_statistics, disabled_experts, plot_ablation
+from process_exp_results.analysis.ablation import ablation_losses, disabled_experts
+from process_exp_results.analysis.ablation_statistics import ablation_statistics
+from process_exp_results.figures.ablation import plot_ablation
 from train.evaluation import evaluate_mlm, mlm_loader
 
 VOCAB = 40
@@ -262,7 +264,8 @@ def test_plot_ablation_with_constant_or_one_sided_values(tmp_path, value):
 
 
 def test_ablation_sentence_names_the_expert_that_matters_and_the_tests():
-    from process_exp_results.report import ablation_section, ablation_sentence
+    from process_exp_results.report.markdown import ablation_section
+    from process_exp_results.report.sentences import ablation_sentence
 
     entry = {
         "experts": {

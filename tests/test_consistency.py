@@ -1,20 +1,20 @@
-"""Local routing consistency (process_exp_results.consistency) on synthetic routing records with known answers."""
+"""Local routing consistency (process_exp_results.analysis.consistency) on synthetic routing records with known answers."""
 
 import json
 
 import numpy as np
 import pytest
 
-from process_exp_results.consistency import (
+from process_exp_results.analysis.consistency import (
     analyze_consistency,
     consecutive_pairs,
     consecutive_rate,
     continuation_ids,
     random_router_reference,
 )
-from process_exp_results.references import RouterSample, SelectionRule
-from process_exp_results.resampling import GroupShuffler
-from process_exp_results.routing_stats import RoutingRecords
+from process_exp_results.analysis.records import RoutingRecords
+from process_exp_results.analysis.resampling import GroupShuffler
+from process_exp_results.analysis.routers import RouterSample, SelectionRule
 
 VOCAB = [f"tok{i}" for i in range(50)]
 

@@ -21,9 +21,9 @@ from helpers import (
 )
 from inference.inference import METRIC_COLUMNS
 
-SWEEP = REPO / "process_exp_results" / "sweep.py"
-COMPARE = REPO / "process_exp_results" / "compare_runs.py"
-KNOWN = REPO / "process_exp_results" / "known_structure.py"
+SWEEP = REPO / "process_exp_results" / "experiments" / "sweep.py"
+COMPARE = REPO / "process_exp_results" / "experiments" / "compare_runs.py"
+KNOWN = REPO / "process_exp_results" / "experiments" / "known_structure.py"
 
 
 def run_script(script, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
@@ -395,8 +395,8 @@ def test_compare_runs_says_what_to_run_when_there_are_no_results(tmp_path):
 def test_known_structure_threshold_is_split_over_the_layers():
     """A layer is specialized when its index interval clears 0 and p <= 0.01 / L: p = 1/101 passes in a one-layer
     run, not in a two-layer one; an interval that reaches 0 never passes."""
-    from process_exp_results.known_structure import layer_threshold, specialized
-    from process_exp_results.routing_stats import permutations_needed
+    from process_exp_results.analysis.verdicts import permutations_needed
+    from process_exp_results.experiments.known_structure import layer_threshold, specialized
 
     layer = {"p_value": 1 / 101, "references": {"topic": {"index": 0.3, "index_ci": [0.1, 0.5]}}}
     assert specialized(layer, 1) and not specialized(layer, 2)
@@ -410,7 +410,7 @@ def test_known_structure_threshold_is_split_over_the_layers():
 
 
 def test_known_structure_verdicts_from_results_and_too_few_permutations(tmp_path):
-    from process_exp_results.known_structure import summarize
+    from process_exp_results.experiments.known_structure import summarize
 
     fake_result(tmp_path / "supervised__seed-0", 0.16, fake_stats(0.45, 1 / 201, 0.004, "context beyond the token"))
     fake_result(tmp_path / "overlap_1__seed-0", 0.12, fake_stats(0.001, 1 / 101, 0.5, "neither"))

@@ -17,9 +17,17 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-from process_exp_results.architecture import draw_architecture  # noqa: E402
-from process_exp_results.formatting import MISSING, format_interval, format_number, format_p, p_text, with_interval  # noqa: E402
-from process_exp_results.plots import format_count, plot_pooled_expert_histogram, plot_topic_layer_histogram  # noqa: E402
+from process_exp_results.figures.architecture import draw_architecture  # noqa: E402
+from process_exp_results.figures.histograms import plot_pooled_expert_histogram, plot_topic_layer_histogram  # noqa: E402
+from process_exp_results.report.formatting import (  # noqa: E402
+    MISSING,
+    format_count,
+    format_interval,
+    format_number,
+    format_p,
+    p_text,
+    with_interval,
+)
 
 
 def _counts(rng, n_layers, n_experts, n_tokens):
@@ -184,7 +192,7 @@ def test_architecture_script_runs_from_repo_root(tmp_path):
     out = tmp_path / "a.png"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run(
-        [sys.executable, "process_exp_results/architecture.py", "--out", str(out)],
+        [sys.executable, "process_exp_results/figures/architecture.py", "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -5,19 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-from process_exp_results.references import (
-    Factor,
+from process_exp_results.analysis.records import RoutingRecords
+from process_exp_results.analysis.references import Factor, layer_references
+from process_exp_results.analysis.routers import (
     RouterSample,
     SelectionRule,
     document_folds,
     expert_loads,
     fit_load_biases,
-    layer_references,
     merge_classes,
     probe_choices,
     random_router_weights,
 )
-from process_exp_results.routing_stats import RoutingRecords, analyze_routing, is_specialized
+from process_exp_results.analysis.statistics import analyze_routing
+from process_exp_results.analysis.verdicts import is_specialized
 
 TOPK = SelectionRule("topk")
 

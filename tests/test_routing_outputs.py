@@ -87,8 +87,8 @@ def test_token_pages_are_self_contained_with_one_span_per_token(tiny_run):
     _, out_dir, _ = tiny_run
     from transformers import AutoTokenizer
 
-    from inference.routing_files import sample_documents
-    from process_exp_results.report import write_token_html
+    from inference.outputs import sample_documents
+    from process_exp_results.report.tokens_html import write_token_html
 
     for layer in ("block_0", "block_1"):
         page = (out_dir / f"tokens_{layer}.html").read_text(encoding="utf-8")
@@ -132,7 +132,7 @@ def _collect(tmp_path: Path, max_docs):
     import datasets
     import torch
 
-    from inference.routing import collect_routing
+    from process_exp_results.analysis.collect import collect_routing
     from train.final_model import load_model
 
     model, _ = load_model(tmp_path / "runs" / "tiny" / "model")
@@ -220,7 +220,7 @@ def _sample(tiny_run, model, max_router_inputs, seed=0, batch_size=16):
     import datasets
     import torch
 
-    from inference.routing import collect_routing
+    from process_exp_results.analysis.collect import collect_routing
 
     masked = tiny_run[0] / "masked"
     manifest = json.loads((masked / "manifest.json").read_text())
@@ -243,7 +243,7 @@ def test_router_inputs_reproduce_the_routing_and_the_mlm_head_never_runs(tiny_ru
     the sample is capped, seeded and drawn from the seen (test split) tokens only; the MLM head is not run."""
     import torch
 
-    from process_exp_results.references import SelectionRule
+    from process_exp_results.analysis.routers import SelectionRule
     from train.final_model import load_model
 
     model, _ = load_model(tiny_run[0] / "runs" / "tiny" / "model")
@@ -275,7 +275,7 @@ def test_expert_choice_references_use_the_models_own_rule(tiny_run):
     import torch
 
     from models import MoEEncoderConfig, MoEEncoderForMaskedLM
-    from process_exp_results.references import SelectionRule
+    from process_exp_results.analysis.routers import SelectionRule
     from train.final_model import load_model
 
     trained, _ = load_model(tiny_run[0] / "runs" / "tiny" / "model")
@@ -296,7 +296,7 @@ def test_expert_choice_references_use_the_models_own_rule(tiny_run):
 
 
 def test_token_pages_draw_word_pieces_against_the_piece_before(tmp_path):
-    from process_exp_results.report import write_token_html
+    from process_exp_results.report.tokens_html import write_token_html
 
     documents = [
         {

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from helpers import ROUTING_LAYER_KEYS
-from process_exp_results.information import nmi as _nmi
-from process_exp_results.report import stats_csv_rows, summary_sentences
-from process_exp_results.resampling import Cells as _Cells
-from process_exp_results.resampling import GroupShuffler as _GroupShuffler
-from process_exp_results.resampling import basic_ci as _basic_ci
-from process_exp_results.routing_stats import RoutingRecords, analyze_routing, token_classes
+from process_exp_results.analysis.information import nmi as _nmi
+from process_exp_results.analysis.records import RoutingRecords, token_classes
+from process_exp_results.analysis.resampling import Cells as _Cells
+from process_exp_results.analysis.resampling import GroupShuffler as _GroupShuffler
+from process_exp_results.analysis.resampling import basic_ci as _basic_ci
+from process_exp_results.analysis.statistics import analyze_routing
+from process_exp_results.report.sentences import summary_sentences
+from process_exp_results.report.stats_csv import stats_csv_rows
 
 FAST = {"n_boot": 50, "n_perm": 100}
 

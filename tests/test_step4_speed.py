@@ -9,12 +9,12 @@ import torch
 from datasets import Dataset
 from test_ablation import CPU, random_group, tiny_model
 
-from inference.routing import collect_routing
-from process_exp_results.ablation import ablation_losses
-from process_exp_results.consistency import analysed_mask, analyze_consistency
-from process_exp_results.phases import PHASE_ORDER, Phases
-from process_exp_results.references import SelectionRule, draw_random_routers, load_fit_subsample, probe_choices
-from process_exp_results.routing_stats import analyze_routing
+from process_exp_results.analysis.ablation import ablation_losses
+from process_exp_results.analysis.collect import collect_routing
+from process_exp_results.analysis.consistency import analysed_mask, analyze_consistency
+from process_exp_results.analysis.phases import PHASE_ORDER, Phases
+from process_exp_results.analysis.routers import SelectionRule, draw_random_routers, load_fit_subsample, probe_choices
+from process_exp_results.analysis.statistics import analyze_routing
 from train.evaluation import evaluate_mlm, mlm_loader
 
 CLASS_OF_ID = np.arange(40) % 3  # three made-up token classes

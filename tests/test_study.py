@@ -1,4 +1,4 @@
-"""The study (process_exp_results/study.py): every arm on one common evaluation set, resumable; its statistics."""
+"""The study (process_exp_results/experiments/study.py): every arm on one common evaluation set, resumable; its statistics."""
 
 import json
 import math
@@ -8,10 +8,10 @@ import pytest
 from test_experiments import run_script
 
 from helpers import REPO, check_ok, error_line
-from process_exp_results.common_eval import difference_interval, seed_summary, t_975
-from process_exp_results.study_summary import arm_summary
+from process_exp_results.experiments.common_eval import difference_interval, seed_summary, t_975
+from process_exp_results.experiments.study_summary import arm_summary
 
-STUDY = REPO / "process_exp_results" / "study.py"
+STUDY = REPO / "process_exp_results" / "experiments" / "study.py"
 SEEN_ARMS = [
     "seq64_mask0.15",
     "seq64_mask0.05",
@@ -146,7 +146,7 @@ def test_a_second_invocation_reuses_every_finished_run(quick_study):
 
 def test_the_common_set_refuses_a_model_with_another_vocabulary(quick_study):
     from config_utils import PipelineError
-    from process_exp_results.common_eval import CommonSet
+    from process_exp_results.experiments.common_eval import CommonSet
 
     out, _, _ = quick_study
     run = sweep_runs(out, "builtin-held_out")[0]

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCRIPTS = {1: "data_processors/load_dataset.py", 2: "data_processors/dataset.py", 3: "train/train.py"}
-SCRIPTS.update({4: "inference/inference.py", "sweep": "process_exp_results/sweep.py"})
-SCRIPTS["study"] = "process_exp_results/study.py"
+SCRIPTS.update({4: "inference/inference.py", "sweep": "process_exp_results/experiments/sweep.py"})
+SCRIPTS["study"] = "process_exp_results/experiments/study.py"
 ALL_CONFIGS = ["--config-dataset", "demo/dataset_params.yaml", "--config-model", "demo/model_params.yaml"]
 ALL_CONFIGS += ["--config-train", "demo/train_params.yaml"]
 CONFIGS = {1: ["--config-name", "demo/dataset_params.yaml"], 2: ALL_CONFIGS[:4], 3: ALL_CONFIGS, 4: ALL_CONFIGS}

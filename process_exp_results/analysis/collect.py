@@ -2,8 +2,8 @@
 
 collect_routing runs the encoder over step 2's *unmasked* ids (the analysis asks where real text goes, not where
 [MASK] goes) and keeps one row per real token: its document, topic, token id, position and experts per layer, and
-the router inputs of a seeded sample of tokens (the references of process_exp_results.references).
-inference.routing_files turns the records and their statistics into files.
+the router inputs of a seeded sample of tokens (the references of process_exp_results.analysis.references).
+inference.outputs turns the records and their statistics into files.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from models import MoELayer
-from process_exp_results.references import RouterSample, SelectionRule
-from process_exp_results.routing_stats import RoutingRecords
+from process_exp_results.analysis.records import RoutingRecords
+from process_exp_results.analysis.routers import RouterSample, SelectionRule
 from train.precision import autocast
 
 ROUTING_COLUMNS = ["doc_id", "unmasked_ids", "attention_mask"]

@@ -24,7 +24,7 @@ natural extra question is about the pieces of one word. Per MoE layer, over the 
   per-document sums, not a biased plug-in measure, so the plain percentiles serve); ``top1_excess_ci`` resamples
   ``top1_rate - chance`` with both recomputed per draw.
 * ``random_reference``: the same top-1 rate for random routers applied to the same hidden states (the router sample
-  of ``process_exp_results.references``, the routers of ``layer_references``: same seed, same routers), on the
+  of ``process_exp_results.analysis.references``, the routers of ``layer_references``: same seed, same routers), on the
   pairs whose two tokens are both in the sample. The sample is a uniform subset of token positions, independent of
   the routing, so the rate on the sampled pairs estimates the rate on all pairs without bias; a sample of a share
   f of the tokens keeps about f^2 of the pairs (every pair when step 4 keeps all tokens, as on the demo).
@@ -39,9 +39,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from process_exp_results.references import Band, RandomRouters, RouterSample, draw_random_routers
-from process_exp_results.resampling import Cells, bootstrap_weights, percentile_ci, rng_for
-from process_exp_results.routing_stats import RoutingRecords
+from process_exp_results.analysis.records import RoutingRecords
+from process_exp_results.analysis.references import Band
+from process_exp_results.analysis.resampling import Cells, bootstrap_weights, percentile_ci, rng_for
+from process_exp_results.analysis.routers import RandomRouters, RouterSample, draw_random_routers
 
 __all__ = [
     "analysed_mask",

@@ -3,7 +3,7 @@
 Drawn with matplotlib patches and arrows only (no graphviz).  Left: the
 encoder stack, bottom to top.  Right: a zoom into one MoE feed-forward layer.
 
-    python process_exp_results/architecture.py [--out images/architecture.png]
+    python process_exp_results/figures/architecture.py [--out images/architecture.png]
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from pathlib import Path
 if __name__ == "__main__":
     # Run as a script, sys.path[0] is process_exp_results/; use the repo root so
     # `process_exp_results.*` imports resolve.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
 from matplotlib.path import Path as MplPath  # noqa: E402
 
-from process_exp_results.plots import DPI, save_figure_atomic  # noqa: E402
+from process_exp_results.figures.common import DPI, save_figure_atomic  # noqa: E402
 
 __all__ = ["draw_architecture", "DEFAULT_OUT"]
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "images" / "architecture.png"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "images" / "architecture.png"
 
 # Palette.
 C_INPUT = "#ffffff"

@@ -20,14 +20,14 @@ The seed is train.random_seed (initialisation, data order): each overlap's data 
 One topic (gaming) is held out by step 1 with only a few documents; the topics of the test split carry the test.
 Writes to --out: the sweep folder's runs/, results/ (step 4 outputs, routing_stats.json), sweep.json, and
 known_structure.md / known_structure.json. About 10 minutes on 2 CPU cores:
-    python process_exp_results/known_structure.py --out process_exp_results/known_structure
+    python process_exp_results/experiments/known_structure.py --out process_exp_results/known_structure
 Extra --set options apply to every run (e.g. --set train.max_steps=400); --arms and --seeds pick a subset.
 """
 
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: import the project, not this folder
 
 import argparse
 import json
@@ -35,11 +35,11 @@ import json
 from config_utils import PipelineError, run_step, write_json_atomic, write_text_atomic
 from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
-from process_exp_results.formatting import MISSING, format_number, format_p, with_interval
-from process_exp_results.report import band_text
-from process_exp_results.result_files import read_metrics
-from process_exp_results.routing_stats import ALPHA, is_specialized, permutations_needed  # step 4's rule, here too
-from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
+from process_exp_results.analysis.verdicts import ALPHA, is_specialized, permutations_needed  # step 4's rule, here too
+from process_exp_results.experiments.result_files import read_metrics
+from process_exp_results.experiments.sweep import PLACED_KEYS, execute, plan_runs
+from process_exp_results.report.formatting import MISSING, format_number, format_p, with_interval
+from process_exp_results.report.sentences import band_text
 
 ARMS = {
     "overlap_0": {

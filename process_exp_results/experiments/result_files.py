@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-from process_exp_results.common_eval import read_common_eval
+from process_exp_results.experiments.common_eval import read_common_eval
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 __all__ = [
     "MISSING",
@@ -104,3 +105,9 @@ def format_count(n: float) -> str:
                 text = text[:-2]
             return text + suffix
     raise AssertionError("unreachable")
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines

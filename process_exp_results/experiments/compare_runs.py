@@ -11,15 +11,15 @@ topic-dependent experts; and study.py's common-set loss and accuracy), compariso
 comparison.png (per run: the topic specialization index per layer with its interval, and test accuracy against
 the baseline). For a study.py sweep also arms.md and arms.png: each arm over its seeds.
 A run without routing_stats.json contributes its metrics only (the table says so). Examples:
-    python process_exp_results/compare_runs.py process_exp_results/results/demo process_exp_results/results/big \
+    python process_exp_results/experiments/compare_runs.py process_exp_results/results/demo process_exp_results/results/big \
         --out process_exp_results/comparisons/demo_vs_big
-    python process_exp_results/compare_runs.py process_exp_results/sweeps/seq_mask
+    python process_exp_results/experiments/compare_runs.py process_exp_results/sweeps/seq_mask
 """
 
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: import the project, not this folder
 
 import argparse
 import csv
@@ -32,11 +32,9 @@ from matplotlib.figure import Figure
 
 from config_utils import PipelineError, run_step, write_text_atomic
 from config_utils.cli import HelpFormatter
-from process_exp_results.formatting import MISSING, format_number, format_p, with_interval
-from process_exp_results.plots import save_figure_atomic
-from process_exp_results.result_files import read_result_folder
-from process_exp_results.routing_stats import is_specialized
-from process_exp_results.study_summary import (
+from process_exp_results.analysis.verdicts import is_specialized
+from process_exp_results.experiments.result_files import read_result_folder
+from process_exp_results.experiments.study_summary import (
     ablation_cells,
     arm_markdown,
     consecutive_vs_random,
@@ -44,6 +42,8 @@ from process_exp_results.study_summary import (
     summarize_sweep,
     write_arm_figure,
 )
+from process_exp_results.figures.common import save_figure_atomic
+from process_exp_results.report.formatting import MISSING, format_number, format_p, with_interval
 
 NO_ROUTING = "no routing_stats.json: metrics only"
 

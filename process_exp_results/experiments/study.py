@@ -23,15 +23,15 @@ it and the reference arm are also scored on the documents neither trained on, an
 resumable, a failed run is reported and the rest go on; rerun the command to finish), compared by compare_runs.py
 (comparison.md / .csv / .png, and arms.md / arms.png: each arm over its seeds). Writes study.md (the arm tables of
 every corpus and design), study.json, study_masking.png and study_index.png into --out.
-    python process_exp_results/study.py --jobs 2 --out process_exp_results/study         # reddit and agnews
-    python process_exp_results/study.py --quick --jobs 2 --out process_exp_results/study_quick   # builtin, 1 seed
+    python process_exp_results/experiments/study.py --jobs 2 --out process_exp_results/study         # reddit and agnews
+    python process_exp_results/experiments/study.py --quick --jobs 2 --out process_exp_results/study_quick   # builtin, 1 seed
 Extra --set options apply to every run, after the study's own sizes (e.g. --set train.max_steps=800).
 """
 
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: import the project, not this folder
 
 import argparse
 import contextlib
@@ -45,11 +45,11 @@ import time
 from config_utils import PipelineError, run_step, write_json_atomic, write_text_atomic
 from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
-from process_exp_results import study_summary
-from process_exp_results.study_summary import BALANCED_ARM, REFERENCE_ARM
-from process_exp_results.sweep import PLACED_KEYS, execute, plan_runs
+from process_exp_results.experiments import study_summary
+from process_exp_results.experiments.study_summary import BALANCED_ARM, REFERENCE_ARM
+from process_exp_results.experiments.sweep import PLACED_KEYS, execute, plan_runs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -309,7 +309,7 @@ def run_workers(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> None:
 
 def main() -> None:
     args = parse_args()
-    from process_exp_results.compare_runs import compare  # loads torch: after the arguments are checked
+    from process_exp_results.experiments.compare_runs import compare  # loads torch: after the arguments are checked
 
     started = time.perf_counter()
     designs = {}
@@ -354,7 +354,9 @@ def main() -> None:
         run["tag"] for design in designs.values() for run in design["runs"] if run["status"] in ("failed", "planned")
     ]
     if unfinished:
-        again = shlex.join(["python", "process_exp_results/study.py", *(a for a in sys.argv[1:] if a != "--overwrite")])
+        again = shlex.join(
+            ["python", "process_exp_results/experiments/study.py", *(a for a in sys.argv[1:] if a != "--overwrite")]
+        )
         print(
             f"{len(unfinished)} run(s) not finished; to finish them (finished runs are kept): {again}", file=sys.stderr
         )

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from config_utils import PipelineError
-from process_exp_results.common_eval import (
+from process_exp_results.experiments.common_eval import (
     CommonSet,
     difference_interval,
     document_texts,
     seed_summary,
     write_common_eval,
 )
-from process_exp_results.formatting import MISSING, format_number, with_interval
-from process_exp_results.result_files import read_result_folder
+from process_exp_results.experiments.result_files import read_result_folder
+from process_exp_results.report.formatting import MISSING, format_number, with_interval
 
 REFERENCE_ARM = "seq64_mask0.15"
 BALANCED_ARM = "seq64_mask0.15_balanced"
@@ -408,7 +408,7 @@ def write_arm_figure(design: dict, path: Path) -> Path:
     """One corpus and design: the common-set loss per arm (left) and the two specialization indices (right)."""
     from matplotlib.figure import Figure
 
-    from process_exp_results.plots import save_figure_atomic
+    from process_exp_results.figures.common import save_figure_atomic
 
     fig = Figure(figsize=(11, 4.6))
     left, right = fig.subplots(1, 2)
@@ -423,7 +423,7 @@ def write_figures(designs: dict, out_dir: Path) -> list[Path]:
     index per arm, every design)."""
     from matplotlib.figure import Figure
 
-    from process_exp_results.plots import save_figure_atomic
+    from process_exp_results.figures.common import save_figure_atomic
 
     seen = [design for design in designs.values() if design["design"] == "seen"]
     paths = []

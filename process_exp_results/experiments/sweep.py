@@ -6,11 +6,11 @@ Steps 1 and 2 run once per distinct input: each combination gets its data folder
 that agree on those settings share them. A failing run is reported and the sweep goes on. Writes into the
 sweep folder: sweep.json (the manifest: every run, its overrides, status and folders, rewritten after each
 run), runs/<tag>/ (step 3), results/<tag>/ (step 4: metrics.csv, routing_stats.json, ...), logs/. Example:
-    python process_exp_results/sweep.py --config-dataset demo/dataset_params.yaml \
+    python process_exp_results/experiments/sweep.py --config-dataset demo/dataset_params.yaml \
         --config-model demo/model_params.yaml --config-train demo/train_params.yaml \
         --grid model.seq_len=[64,128] --grid dataset.data_params.mask_prob=[0.05,0.15] \
         --set train.max_steps=200 --results process_exp_results/sweeps/seq_mask
-    python process_exp_results/compare_runs.py process_exp_results/sweeps/seq_mask
+    python process_exp_results/experiments/compare_runs.py process_exp_results/sweeps/seq_mask
 A run whose results/<tag>/metrics.csv exists is skipped unless it failed last time (rerun a sweep to finish it);
 --overwrite redoes all.
 """
@@ -18,7 +18,7 @@ A run whose results/<tag>/metrics.csv exists is skipped unless it failed last ti
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import the project, not this folder
+sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: import the project, not this folder
 
 import argparse
 import itertools
@@ -341,7 +341,7 @@ def main() -> None:
         return
 
     failed = execute(args, runs, sweep_dir, {"grid": grid})
-    print(f"next: python process_exp_results/compare_runs.py {sweep_dir}")
+    print(f"next: python process_exp_results/experiments/compare_runs.py {sweep_dir}")
     if failed:
         sys.exit(1)
 
