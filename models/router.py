@@ -18,7 +18,7 @@ def _routing_dtype(dtype: torch.dtype) -> torch.dtype:
 class LinearRouter(nn.Module):
     """Router logits = x @ W, with Switch's multiplicative jitter on the router input in training.
 
-    disabled_experts: for the expert ablation only (process_exp_results/ablation.py), a [E] bool tensor,
+    disabled_experts: for the expert ablation only (process_exp_results/analysis/ablation.py), a [E] bool tensor,
     True = switched off (token choice: logit -inf, so its tokens go to their next choice; expert choice: its
     tokens get gate weight 0, the other experts' choices unchanged). A plain attribute, not a buffer: never
     saved or exported. None (the default) leaves routing untouched.

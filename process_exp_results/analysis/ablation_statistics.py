@@ -9,7 +9,7 @@
   variance of the per-topic deltas, sum_t n_t (delta_t - delta)^2 / sum_t n_t; the null shuffles the topic
   labels among those documents (a document keeps its tokens, so within-document dependence is respected);
 - ``class_p_value``: does it depend on the kind of token? Each masked token gets the class of its true id
-  (routing_stats.token_classes); the statistic is the same between-class variance over the masked tokens of
+  (records.token_classes); the statistic is the same between-class variance over the masked tokens of
   ``topic_groups``. The null shuffles class labels among the masked tokens *within each document*: it keeps
   every document's class mix, so a document-level effect (a topic that e carries and that happens to be rich
   in, say, digits) cannot pass for a class effect, and the class totals (the weights n_c) stay fixed.
@@ -219,7 +219,7 @@ def ablation_statistics(
     {"e": {topic: delta}}, "class_p_value": {"e": p}, "class_deltas": {"e": {class: delta}}}, ...,
     "cost": {...}, "plain": {group: {"loss", "masked_tokens", "documents"}}, "settings": {...}}``.
     delta/ci are None for a group without masked tokens; a p-value is None with fewer than two topics (classes).
-    token_class: class index per token id (routing_stats.token_classes); None skips the class test.
+    token_class: class index per token id (records.token_classes); None skips the class test.
     """
     layers, n_experts = losses.layers, losses.n_experts
     k_all = len(layers) * n_experts

@@ -18,7 +18,7 @@ natural extra question is about the pieces of one word. Per MoE layer, over the 
   the neighbourhood reaches it and not more; the gap ``top1_rate - within_document_chance`` is the local part.
   On documents that share one expert distribution it equals ``chance`` up to O(1/n) terms.
 * ``word_piece_rate``: the same rate over the pairs whose second token is a WordPiece continuation ("##" followed by
-  at least one character, the rule of ``routing_stats.token_classes``), and ``word_piece_chance``, the squared load
+  at least one character, the rule of ``records.token_classes``), and ``word_piece_chance``, the squared load
   shares over those pairs' endpoints.
 * intervals: 95% document-bootstrap percentile intervals (``resampling.bootstrap_weights``; a rate is a ratio of
   per-document sums, not a biased plug-in measure, so the plain percentiles serve); ``top1_excess_ci`` resamples
@@ -29,7 +29,7 @@ natural extra question is about the pieces of one word. Per MoE layer, over the 
   the routing, so the rate on the sampled pairs estimates the rate on all pairs without bias; a sample of a share
   f of the tokens keeps about f^2 of the pairs (every pair when step 4 keeps all tokens, as on the demo).
 
-The held-out topics are left out unless ``pool_held_out``, as in ``routing_stats.analyze_routing``. Vectorized
+The held-out topics are left out unless ``pool_held_out``, as in ``statistics.analyze_routing``. Vectorized
 numpy; seeded: same inputs and seed, same output.
 """
 
@@ -54,7 +54,7 @@ __all__ = [
     "reference_from_choices",
 ]
 
-BOOTSTRAP_PURPOSE = 30  # rng_for(seed, 30): this module's bootstrap; routing_stats uses 1-5, references 20-22
+BOOTSTRAP_PURPOSE = 30  # rng_for(seed, 30): this module's bootstrap; statistics.py uses 1-5, references.py 20-22
 
 
 def consecutive_pairs(doc_id: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
 
+from process_exp_results.figures.common import DPI, HeatmapLayout, heatmap_titles, save_figure_atomic
 from process_exp_results.report.formatting import format_number
 
 
@@ -35,8 +40,6 @@ def _heatmap_layout(row_labels: Sequence[str], n_experts: int):
     cell_in = 0.62 if n_cols <= 12 else 0.5
     label_in = 0.3 + 0.075 * max([len(label) for label in row_labels] + [4])
     fig_w = max(6.0, label_in + cell_in * n_cols + 1.8)
-    from process_exp_results.figures.common import HeatmapLayout  # matplotlib only where a figure is drawn
-
     return HeatmapLayout(fig_w, 1.5 + 0.42 * n_rows, label_in, cell_in, n_rows, n_cols)
 
 
@@ -81,12 +84,6 @@ def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
     columns = experts, cell = loss increase (nats per masked token) when that expert is disabled, written in
     the cell. Diverging colours centred at 0 (red = loss rises, blue = falls), symmetric limits (so vmin <
     0 < vmax even when all values are equal, zero or of one sign); grey = no masked tokens."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-
-    from process_exp_results.figures.common import DPI, heatmap_titles, save_figure_atomic
 
     experts, row_labels, values = _ablation_table(ablation[layer])
     limit = _symmetric_limit(values)
