@@ -29,13 +29,13 @@ import torch
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser
 from config_utils.host_memory import keep_freed_memory
 from config_utils.io import check_output_folder, lock_step_output, safe_file_stems, write_sealed_manifest
+from inference.aim_results import record_in_aim
 from inference.outputs import METRIC_COLUMNS, print_summary, write_analysis_files, write_csv, write_figures
 from inference.run import load_run, resolve_precision, run_summary
 from inference.scale import LONG_ANALYSIS_SECONDS, check_analysis_scale
 from inference.stages import analyze_run_routing, evaluate_groups, run_ablation
 from process_exp_results.analysis.phases import Phases
 from process_exp_results.report.markdown import write_report_md
-from process_exp_results.report.sentences import ablation_sentence
 
 ABLATION_MAX_EXPERTS = 16  # E x L evaluations: beyond this the default is off
 
@@ -86,6 +86,13 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
         "design; they are unfamiliar text, so topic and novelty mix)",
     )
     parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
+    parser.add_argument(
+        "--aim",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="record the metrics, the indices and the figures in the run's Aim run (train.aim_repo), beside its "
+        "training curves",
+    )
     parser.add_argument(
         "--accept-long",
         action="store_true",
@@ -205,10 +212,12 @@ def main() -> None:
                 "seconds": round(time.time() - started, 2),
             },
         )
-    ablation_lines = [
-        ablation_sentence(layer, entry) for layer, entry in (ablation or {}).items() if layer.startswith("block ")
-    ]
-    print_summary(out_dir, metric_rows, figures, routing_files, [*(stats["summary"] if stats else []), *ablation_lines])
+    aim_line = None
+    if args.aim:  # beside the training curves, for Aim's run comparison; the files above are the result
+        aim_line = record_in_aim(
+            run.manifest, train_config.aim_repo, metric_rows, stats, ablation, [out_dir / path for path in figures]
+        )
+    print_summary(out_dir, metric_rows, [*figures, *routing_files], stats, ablation, aim_line)
 
 
 if __name__ == "__main__":

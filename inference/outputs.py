@@ -19,6 +19,7 @@ from process_exp_results.figures.ablation import plot_ablation
 from process_exp_results.figures.heatmaps import plot_topic_expert_heatmap
 from process_exp_results.figures.histograms import plot_pooled_expert_histogram, plot_topic_layer_histogram
 from process_exp_results.figures.layers import plot_nmi_per_layer, plot_routing_saturation, plot_specialization_index
+from process_exp_results.report.glance import glance_lines
 from process_exp_results.report.stats_csv import stats_csv_rows
 from process_exp_results.report.tokens_html import write_token_html
 
@@ -142,21 +143,33 @@ def write_analysis_files(
 
 
 def print_summary(
-    out_dir: Path, metric_rows: list[dict], figures: list[Path], routing_files: list[Path], sentences: list[str]
+    out_dir: Path,
+    metric_rows: list[dict],
+    files: list[Path],
+    stats: dict | None,
+    ablation: dict | None,
+    aim_line: str | None,
 ) -> None:
-    print(f"{'group':<16}{'docs':>7}{'mlm loss':>10}{'accuracy':>10}{'baseline':>10}{'perplexity':>12}")
+    """The metrics per group, where the files are, the routing table at a glance and a verdict per layer."""
+    print(f"{'group':<16}{'docs':>7}{'mlm loss':>10}{'perplexity':>12}{'accuracy':>10}{'baseline':>10}")
     for row in metric_rows:
         print(
-            f"{row['group']:<16}{row['documents']:>7}{row['mlm_loss']:>10.4f}{row['accuracy']:>10.3f}"
-            f"{row['majority_accuracy']:>10.3f}{row['perplexity']:>12.2f}"
+            f"{row['group']:<16}{row['documents']:>7}{row['mlm_loss']:>10.4f}{row['perplexity']:>12.2f}"
+            f"{row['accuracy']:>10.3f}{row['majority_accuracy']:>10.3f}"
         )
-    print("(baseline: accuracy of always predicting the group's most frequent masked token)")
-    print(f"metrics: {out_dir / 'metrics.csv'}\nexpert counts: {out_dir / 'expert_counts.csv'}")
-    for path in figures:
-        print(f"figure: {out_dir / path}")
-    for path in routing_files:
-        if path.suffix != ".png":
-            print(f"routing: {out_dir / path}")
-    print(f"report: {out_dir / 'report.md'}")
-    for sentence in sentences:
-        print(sentence)
+    print(
+        "(perplexity = exp(mlm loss); baseline: accuracy of always predicting the group's most frequent masked token)"
+    )
+    if stats is not None:
+        print()
+        for line in glance_lines(stats, ablation):
+            print(line)
+        print()
+    n_figures = len({path.name for path in files if path.suffix == ".png"})
+    others = sorted({path.name for path in files if path.suffix != ".png"} | {"metrics.csv", "expert_counts.csv"})
+    print(
+        f"wrote {out_dir}/: report.md (every number above in sentences, with the figures), {', '.join(others)}, "
+        f"figures/ ({n_figures} PNG)"
+    )
+    if aim_line:
+        print(aim_line)

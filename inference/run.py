@@ -48,6 +48,7 @@ class Run:
     tokenizer: object
     step2_manifest: dict
     step2_hash: str
+    manifest: dict  # the run's manifest (its Aim run, its steps)
 
     @property
     def masked_dir(self) -> Path:
@@ -81,7 +82,7 @@ def load_run(args: argparse.Namespace, configs: dict) -> Run:
     run_model_config = {**configs["model"], "seq_len": model.config.seq_len, "vocab_size": model.config.vocab_size}
     step2_manifest, step2_hash = read_step2_output(configs["dataset"], run_model_config, args)
     check_run_data(run_manifest, run_dir, step2_hash, args)
-    return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash)
+    return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash, run_manifest)
 
 
 def resolve_precision(option: str, device, width: int) -> bool:

@@ -87,7 +87,7 @@ def test_step4_writes_metrics_counts_and_figures(pipeline):
         "topic_expert_heatmap_block_0.png",
         "topic_expert_heatmap_block_1.png",
     ]
-    assert "figure:" in stdout and "metrics:" in stdout
+    assert f"wrote {out_dir}/: report.md" in stdout and f"figures/ ({len(figures)} PNG)" in stdout
 
 
 def test_run_is_a_hugging_face_model_with_safetensors(pipeline):

@@ -17,6 +17,7 @@ from helpers import (
     step_config_args,
     tiny_sets,
 )
+from process_exp_results.report.formatting import with_interval
 
 SPEC_LAYER_KEYS = ROUTING_LAYER_KEYS  # what step 4 promises per layer (tests/helpers.py)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -60,9 +61,30 @@ def test_routing_stats_json_and_csv(tiny_run):
     assert rows and set(rows[0]) == {"layer", "measure", "value", "ci_low", "ci_high", "p_value"}
     assert {row["layer"] for row in rows} == {"block 0", "block 1", ""}  # "": not per layer (held-out vocabulary)
     assert all(row["measure"].startswith("held_out_unseen_piece_share:") for row in rows if not row["layer"])
-    for sentence in stats["summary"]:  # step 4 prints what the statistics say
-        assert sentence in stdout
-    assert "report:" in stdout
+    report = (out_dir / "report.md").read_text(encoding="utf-8")
+    for sentence in stats["summary"]:  # the sentences are in the report; the console gets the table at a glance
+        assert sentence in report and sentence not in stdout
+    assert f"wrote {out_dir}/: report.md" in stdout
+
+
+def test_step4_prints_the_routing_table_at_a_glance_and_a_verdict_per_layer(tiny_run):
+    _, out_dir, stdout = tiny_run
+    stats = json.loads((out_dir / "routing_stats.json").read_text())
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer ") and "topic index" in line)
+    for offset, layer in enumerate(stats["layers"], start=2):  # header, rule, then one row per layer
+        row = lines[header + offset]
+        assert row.startswith(layer["layer"])
+        topic = layer["references"]["topic"]
+        band = topic["random_load_matched"]
+        assert with_interval(band["mean"], [band["low"], band["high"]]) in row  # the topic NMI's own band
+        index = with_interval(topic["index"], topic["index_ci"], 2) if topic["index"] is not None else "n/a"
+        assert index in row
+    verdicts = [line for line in lines if re.match(r"block \d: topic ", line)]
+    assert [line.split(":")[0] for line in verdicts] == [layer["layer"] for layer in stats["layers"]]
+    assert all(len(line) <= 250 for line in verdicts)
+    report = (out_dir / "report.md").read_text(encoding="utf-8")
+    assert "## At a glance" in report and all(f"- {line}" in report for line in verdicts)
 
 
 def test_figures_are_readable_pngs(tiny_run):
@@ -316,3 +338,42 @@ def test_token_pages_draw_word_pieces_against_the_piece_before(tmp_path):
         (" ", False, "cats"),
         (" ", False, "[SEP]"),
     ]
+
+
+def test_step4_records_its_numbers_and_figures_in_the_runs_aim_run(tiny_run):
+    tmp_path, out_dir, stdout = tiny_run
+    from aim import Repo
+
+    (run,) = [run for run in Repo(str(tmp_path)).iter_runs() if "tiny" in run.tags]
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    metrics = {
+        (metric.name, tuple(sorted(metric.context.to_dict().items()))): metric
+        for metric in run.metrics()
+        if not metric.name.startswith("__system__")
+    }
+    stats = json.loads((out_dir / "routing_stats.json").read_text())
+    for layer in stats["layers"]:
+        nmi = metrics[("topic_nmi", (("layer", layer["layer"]), ("subset", "test")))]
+        steps, (values, *_) = nmi.data.items_list()
+        assert steps == [manifest["total_steps"]] and values == [pytest.approx(layer["nmi"])]
+    rows = list(csv.DictReader(open(out_dir / "metrics.csv", encoding="utf-8")))
+    for row in rows:
+        _, (values, *_) = metrics[("perplexity", (("subset", row["group"]),))].data.items_list()
+        assert values == [pytest.approx(float(row["perplexity"]))]
+    figures = {
+        context["figure"] for name, context, _ in run.iter_sequence_info_by_type("aim.image") if name == "step4_figures"
+    }
+    assert figures == {path.stem for path in (out_dir / "figures").glob("*.png")}
+    assert f"in Aim run {run.hash}" in stdout
+
+
+def test_aim_is_an_extra_step4_says_why_it_recorded_nothing(tmp_path):
+    from inference.aim_results import record_in_aim
+
+    rows = [{"group": "test", "mlm_loss": 2.0, "accuracy": 0.5, "perplexity": 7.39}]
+    assert "trained without tracking" in record_in_aim({"aim_run_hash": None}, str(tmp_path), rows, None, None, [])
+    line = record_in_aim({"aim_run_hash": "abc", "total_steps": 5}, str(tmp_path / "gone"), rows, None, None, [])
+    assert line.startswith("aim: ") and "is gone" in line
+    (tmp_path / ".aim").mkdir()  # not a repository Aim can open
+    line = record_in_aim({"aim_run_hash": "abc", "total_steps": 5}, str(tmp_path), rows, None, None, [])
+    assert "were not recorded" in line and "files are complete" in line

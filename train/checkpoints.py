@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
 from config_utils.io import FILE_HASHES, file_sha256, remove_stale_temporaries, use_default_file_modes
-from train.final_model import save_tokenizer
+from train.final_model import save_tokenizer, without_transformers_bars
 
 CHECKPOINT_DIR = "checkpoints"  # run_dir/checkpoints/step-NNNNNN/
 STATE_FILE = "trainer_state.json"
@@ -92,7 +92,7 @@ def save_checkpoint(
 ) -> Path:
     """All or nothing: a crash mid-write leaves the previous checkpoints as they were."""
     tensors, optimizer_json = optimizer_tensors(optimizer)
-    with atomic_dir(folder) as tmp_dir:
+    with atomic_dir(folder) as tmp_dir, without_transformers_bars():
         model.save_pretrained(str(tmp_dir), safe_serialization=True)
         save_tokenizer(tokenizer, tmp_dir)
         save_file(tensors, str(tmp_dir / OPTIMIZER_FILE))

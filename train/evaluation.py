@@ -35,6 +35,11 @@ def mlm_loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -
     )
 
 
+def perplexity(mlm_loss: float) -> float:
+    """exp(mean cross-entropy in nats), capped at exp(50) so a diverged loss stays a finite number."""
+    return math.exp(min(mlm_loss, 50.0))
+
+
 @dataclass
 class EvalResult:
     mlm_loss: float
@@ -46,7 +51,7 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.mlm_loss, 50.0))
+        return perplexity(self.mlm_loss)
 
     def as_dict(self) -> dict:
         return {

@@ -3,7 +3,10 @@ save_path/latest naming the last finished run; finding and loading a run's model
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+
+from transformers.utils import logging as transformers_logging
 
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
 from config_utils.io import use_default_file_modes
@@ -13,6 +16,19 @@ from train.model_card import model_card
 MODEL_DIR = "model"
 LATEST_FILE = "latest"  # save_path/latest names the last finished run, for step 4's default
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # the encoder takes no token_type_ids
+
+
+@contextlib.contextmanager
+def without_transformers_bars():
+    """transformers' own bars ("Writing model shards", "Loading weights") for one file would cut through step 3's
+    and step 4's; hidden for the call, restored after."""
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
@@ -31,7 +47,7 @@ def save_model(model, tokenizer, folder: Path, state: dict, card: dict | None = 
     card: what the model card reports beyond the model itself (see train.model_card.model_card).
     """
     card = {**(card or {}), "architecture": model.config.to_dict(), "mask_token": tokenizer.mask_token}
-    with atomic_dir(folder) as tmp_dir:
+    with atomic_dir(folder) as tmp_dir, without_transformers_bars():
         model.save_pretrained(str(tmp_dir), safe_serialization=True)
         save_tokenizer(tokenizer, tmp_dir)
         write_json_atomic(tmp_dir / "trainer_state.json", state)
@@ -73,8 +89,9 @@ def load_model(folder: Path):
     if not weights.is_file():
         raise PipelineError(f"{weights} is missing: the checkpoint is incomplete; train the run again")
     try:
-        model = AutoModelForMaskedLM.from_pretrained(str(folder))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        with without_transformers_bars():
+            model = AutoModelForMaskedLM.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:  # safetensors, json and shape errors all mean "corrupt"
         reason = first_line(error)
         raise PipelineError(f"checkpoint {folder} is corrupt ({reason}); train the run again") from None

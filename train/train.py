@@ -47,6 +47,7 @@ from train.checkpoints import (
     save_checkpoint,
 )
 from train.data import TrainBatches
+from train.evaluation import perplexity
 from train.final_model import MODEL_DIR, mark_latest, save_model
 from train.loop import (
     NonFiniteLoss,
@@ -456,7 +457,12 @@ def record_step(run: Run, step: int, result, progress, tokens: int, paused: floa
         tokens_per_s = tokens / max(time.perf_counter() - run.started - paused, 1e-9)
         layer_metrics = {**result.layer_metrics, **(run.health.take_window() if run.health is not None else {})}
         track_step(
-            run.aim_run, step, "train", {**result.metrics, "tokens_per_s": tokens_per_s}, layer_metrics, run.moe_layers
+            run.aim_run,
+            step,
+            "train",
+            {**result.metrics, "perplexity": perplexity(result.metrics["mlm_loss"]), "tokens_per_s": tokens_per_s},
+            layer_metrics,
+            run.moe_layers,
         )
 
 
@@ -473,9 +479,8 @@ def evaluate(run: Run, step: int, progress) -> None:
     )
     metrics = {"eval_mlm_loss": evaluation.mlm_loss, "eval_accuracy": evaluation.accuracy}
     # the same names as the training metrics, told apart by their context (eval_history keeps its keys)
-    track_step(
-        run.aim_run, step, "valid", {"mlm_loss": evaluation.mlm_loss, "accuracy": evaluation.accuracy}, {}, moe_layers
-    )
+    valid = {"mlm_loss": evaluation.mlm_loss, "perplexity": evaluation.perplexity, "accuracy": evaluation.accuracy}
+    track_step(run.aim_run, step, "valid", valid, {}, moe_layers)
     track_expert_load(run.aim_run, evaluation.expert_counts, moe_layers, step, "valid", load_name)
     run.state["valid_expert_counts"] = evaluation.expert_counts.tolist()  # the model card's routing summary
     if run.probe is not None:
@@ -483,7 +488,8 @@ def evaluate(run: Run, step: int, progress) -> None:
     run.state["eval_history"].append({"step": step, **metrics})
     if run.accelerator.is_main_process:  # tqdm.write prints in every process
         progress.write(
-            f"step {step}: eval mlm loss {metrics['eval_mlm_loss']:.4f}, accuracy {metrics['eval_accuracy']:.3f}"
+            f"step {step}: eval mlm loss {evaluation.mlm_loss:.4f} (perplexity {evaluation.perplexity:.1f}), "
+            f"accuracy {evaluation.accuracy:.3f}"
         )
 
 
@@ -554,9 +560,21 @@ def finish(run: Run) -> None:
     run.model = None
     run.accelerator.free_memory()
     run.accelerator.end_training()
-    eval_history = run.state["eval_history"]
-    run.accelerator.print(f"step 3 done: {eval_history[-1] if eval_history else ''}")
+    run.accelerator.print(done_line(run))
     run.accelerator.print(f"wrote {run.run_dir / MODEL_DIR}/ (next: {step4_command(run.args, run.tag)})")
+
+
+def done_line(run: Run) -> str:
+    """What a user looks for when training ends: how long it took and where the validation loss landed."""
+    seconds = time.perf_counter() - run.started
+    text = f"step 3 done: {run.total_steps} steps, {seconds:.0f} s this start"
+    if run.state["eval_history"]:
+        last = run.state["eval_history"][-1]
+        text += (
+            f"; validation at step {last['step']}: MLM loss {last['eval_mlm_loss']:.4f} (perplexity "
+            f"{perplexity(last['eval_mlm_loss']):.1f}), accuracy {last['eval_accuracy']:.3f}"
+        )
+    return text
 
 
 def configs_of(run: Run) -> dict:

@@ -111,3 +111,8 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> list[str
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
+
+
+def share_floor(share: float) -> str:
+    """A share in percent, rounded down to 0.1: 0.8994 is 89.9%, never the 90% it falls short of."""
+    return f"{math.floor(share * 1000 + 1e-9) / 10:.1f}%"

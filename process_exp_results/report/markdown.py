@@ -10,6 +10,7 @@ from pathlib import Path
 
 from config_utils import write_text_atomic
 from process_exp_results.report.formatting import MISSING, format_number, format_p, markdown_table, with_interval
+from process_exp_results.report.glance import glance_markdown, layer_verdict
 from process_exp_results.report.sentences import (
     FACTOR_WORDS,
     ablation_sentence,
@@ -59,6 +60,8 @@ def write_report_md(
     lines += ["", "Baseline accuracy: always predicting the group's most frequent masked token.", ""]
 
     if stats is not None:
+        lines += ["## At a glance", "", *glance_markdown(stats, ablation), ""]
+        lines += [f"- {layer_verdict(layer, stats, ablation)}" for layer in stats["layers"]] + [""]
         lines += _routing_section(stats)
         lines += consistency_section(stats.get("consecutive"))
     lines += ablation_section(ablation)

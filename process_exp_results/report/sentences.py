@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from process_exp_results.analysis.verdicts import ALPHA, is_specialized, permutations_needed
-from process_exp_results.report.formatting import MISSING, format_number, p_text, with_interval
+from process_exp_results.report.formatting import MISSING, format_number, p_text, share_floor, with_interval
 
 
 def ablation_sentence(layer: str, entry: Mapping, alpha: float = 0.01) -> str:
@@ -69,11 +69,11 @@ def saturation_sentence(layer: str, values: Mapping) -> str:
         return (
             f"{layer}: routing settled at step {values['settled_at']}: from then on at least 90% of the probe "
             f"tokens went to the final model's top-1 expert (at the evaluation before the last: "
-            f"{values['top1'][-2]:.0%})."
+            f"{share_floor(values['top1'][-2])})."
         )
     return (
         f"{layer}: routing was still changing when training stopped: at the evaluation before the last only "
-        f"{values['top1'][-2]:.0%} of the probe tokens went to the final model's top-1 expert, so the routing "
+        f"{share_floor(values['top1'][-2])} of the probe tokens went to the final model's top-1 expert, so the routing "
         f"analysed here describes a moving target."
     )
 
