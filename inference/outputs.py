@@ -19,7 +19,7 @@ from process_exp_results.figures.ablation import plot_ablation
 from process_exp_results.figures.heatmaps import plot_topic_expert_heatmap
 from process_exp_results.figures.histograms import plot_pooled_expert_histogram, plot_topic_layer_histogram
 from process_exp_results.figures.layers import plot_nmi_per_layer, plot_routing_saturation, plot_specialization_index
-from process_exp_results.report.glance import glance_lines
+from process_exp_results.report.glance import factor_finding, glance_lines
 from process_exp_results.report.stats_csv import stats_csv_rows
 from process_exp_results.report.tokens_html import write_token_html
 
@@ -72,7 +72,11 @@ def write_routing_outputs(out_dir: Path, stats: dict, records: RoutingRecords, i
         stem = file_stem(layer["layer"])
         figure = Path("figures") / f"topic_expert_heatmap_{stem}.png"
         plot_topic_expert_heatmap(
-            stats["topics"], np.asarray(layer["topic_expert_counts"]), out_dir / figure, layer["layer"]
+            stats["topics"],
+            np.asarray(layer["topic_expert_counts"]),
+            out_dir / figure,
+            layer["layer"],
+            finding=factor_finding(layer, stats) if layer.get("references") else None,
         )
         page = Path(f"tokens_{stem}.html")
         layer_axis = records.layer_names.index(layer["layer"])  # the layer's column in records.experts

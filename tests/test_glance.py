@@ -16,7 +16,7 @@ CASES = [
     (reference(0.4, [0.2, 0.6]), 0.3, 1000, "undecided (p)"),
     (reference(0.4, [0.2, 0.6]), 0.05, 19, "undecided (too few permutations)"),
     (reference(-0.3, [-0.5, -0.1]), 0.5, 1000, "below random routers"),
-    (reference(0.05, [-0.1, 0.2]), 0.001, 1000, "no more than random"),
+    (reference(0.05, [-0.1, 0.2]), 0.001, 1000, "no more than random routers"),
     (reference(None, None), 0.001, 1000, "not in the hidden states"),
     (None, 0.001, 1000, "no references"),
 ]
@@ -31,7 +31,7 @@ def test_the_word_and_the_sentence_follow_one_rule(ref, p_value, n_perm, word):
         "undecided (p)": "not called specialized",
         "undecided (too few permutations)": "no p-value can reach",
         "below random routers": "less topic-specific than a router that learned nothing",
-        "no more than random": "no more topic-specific than a router that learned nothing",
+        "no more than random routers": "no more topic-specific than a router that learned nothing",
         "not in the hidden states": "hold no more topic",
         "no references": "no references were computed",
     }[word]

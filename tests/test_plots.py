@@ -201,3 +201,38 @@ def test_architecture_script_runs_from_repo_root(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     _read_png(out)
+
+
+def test_figure_titles_state_the_finding():
+    from process_exp_results.figures.ablation import _ablation_title
+    from process_exp_results.figures.layers import _index_title, _saturation_title
+
+    saturation = {
+        "block 0": {"steps": [1, 2], "top1": [0.95, 1.0], "topk": [0.95, 1.0], "settled_at": 1},
+        "block 1": {"steps": [1, 2], "top1": [0.5, 1.0], "topk": [0.5, 1.0], "settled_at": None},
+    }
+    assert _saturation_title(saturation).startswith(
+        "Routing settled in block 0 (step 1); still changing at the end of training in block 1"
+    )
+    clear, straddles = {"index": 0.5, "index_ci": [0.2, 0.8]}, {"index": 0.1, "index_ci": [-0.1, 0.3]}
+    layers = [
+        {
+            "layer": "block 0",
+            "p_value": 0.001,
+            "token_class": {"p_value": 0.001},
+            "references": {"topic": straddles, "token_class": clear},
+        },
+        {
+            "layer": "block 1",
+            "p_value": 0.001,
+            "token_class": {"p_value": 0.5},
+            "references": {"topic": clear, "token_class": clear},
+        },
+    ]
+    assert _index_title(layers) == (
+        "Specialized beyond routers that learned nothing: topic in block 1; token class in block 0"
+    )
+    entry = {
+        "experts": {"0": {"test": {"delta": 0.02}}, "1": {"test": {"delta": 0.31}}, "2": {"test": {"delta": None}}}
+    }
+    assert _ablation_title(entry, "block 2") == "block 2: without expert 1 the test loss rises most (+0.31 nats)"

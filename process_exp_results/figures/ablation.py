@@ -79,6 +79,20 @@ def _draw_colorbar(fig, image, rect, limit: float) -> None:
     bar.set_label("loss increase\n(nats / masked token)", fontsize=8.5)
 
 
+_ABLATION_KEY = "MLM loss increase (nats per masked token) when one expert is disabled; red = it rises, blue = it falls"
+
+
+def _ablation_title(entry: Mapping, layer: str) -> str:
+    """The finding: which expert's removal costs the test split most."""
+    test = {e: groups["test"]["delta"] for e, groups in entry["experts"].items() if groups.get("test", {}).get("delta")}
+    if not test:
+        return f"Expert ablation, {layer}: MLM loss increase when one expert is disabled"
+    worst = max(test, key=test.get)
+    return (
+        f"{layer}: without expert {worst} the test loss rises most ({format_number(test[worst], 2, signed=True)} nats)"
+    )
+
+
 def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
     """Heatmap for one layer ("block 0"): rows = groups (then the seen topics of the topic test, "test: <topic>"),
     columns = experts, cell = loss increase (nats per masked token) when that expert is disabled, written in
@@ -97,10 +111,5 @@ def plot_ablation(ablation: Mapping, layer: str, path) -> Path:
     _write_cell_values(ax, values, cmap, norm, 8.0 if layout.n_cols <= 8 else 6.5)
     _style_heatmap_axes(ax, experts, row_labels)
     _draw_colorbar(fig, image, layout.colour_bar_rect(), limit)
-    heatmap_titles(
-        fig,
-        f"Expert ablation, {layer}: MLM loss increase when one expert is disabled",
-        "red = loss rises without the expert, blue = it falls; white = no change",
-        layout.fig_h,
-    )
+    heatmap_titles(fig, _ablation_title(ablation[layer], layer), _ABLATION_KEY, layout.fig_h)
     return save_figure_atomic(fig, path)

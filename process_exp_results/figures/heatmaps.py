@@ -53,7 +53,9 @@ def _share_colour_bar(fig: Figure, image, cax, norm, uniform: float) -> None:
     bar.set_label(f"% of topic's tokens\n(white = uniform {uniform:.3g}%)", fontsize=8.5)
 
 
-def plot_topic_expert_heatmap(topic_names: Sequence[str], counts, path: str | os.PathLike, layer_name: str) -> Path:
+def plot_topic_expert_heatmap(
+    topic_names: Sequence[str], counts, path: str | os.PathLike, layer_name: str, finding: str | None = None
+) -> Path:
     """Which experts each topic's tokens go to, in one MoE layer.
 
     Rows are topics, columns experts; a cell is the share (%) of the topic's
@@ -66,6 +68,7 @@ def plot_topic_expert_heatmap(topic_names: Sequence[str], counts, path: str | os
         counts: [n_topics, n_experts] routed real tokens (top choice).
         path: PNG to write (atomically).
         layer_name: e.g. ``"block 0"``, used in the title.
+        finding: the title when the verdict is known (step 4: the layer's topic verdict with its index).
     """
     mat = as_count_matrix(f"topic x expert counts for {layer_name!r}", counts)
     n_topics, n_experts = mat.shape
@@ -85,7 +88,7 @@ def plot_topic_expert_heatmap(topic_names: Sequence[str], counts, path: str | os
     _share_colour_bar(fig, image, fig.add_axes(layout.colour_bar_rect()), norm, uniform)
     heatmap_titles(
         fig,
-        f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
+        finding or f"Topic x expert, {layer_name}: % of each topic's tokens per expert",
         f"red = more than uniform ({uniform:.3g}%), blue = less; rows sum to 100%",
         layout.fig_h,
     )

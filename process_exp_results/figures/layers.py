@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
+from process_exp_results.analysis.verdicts import is_specialized
 from process_exp_results.figures.common import DPI, save_figure_atomic
 from process_exp_results.report.formatting import MISSING, format_interval, format_number, p_text
 
@@ -219,8 +220,9 @@ def plot_nmi_per_layer(stats: Mapping, path: str | os.PathLike) -> Path:
 _INDEX_SERIES = (("topic", "tab:red", "o"), ("token_class", "tab:blue", "s"))
 
 
-def _draw_index_point(ax, xi: float, index: float, ci: Sequence[float], colour, marker: str, label) -> None:
-    """One index with its interval, and both written above the interval."""
+def _draw_index_point(ax, xi: float, index: float, ci: Sequence[float], colour, marker: str, label, side: int) -> None:
+    """One index with its interval, both written beside the point (side -1: left, 1: right), away from the
+    other factor's."""
     # an interval need not contain its estimate (few resamples): draw the part that does
     ax.errorbar(
         xi,
@@ -236,11 +238,11 @@ def _draw_index_point(ax, xi: float, index: float, ci: Sequence[float], colour, 
     )
     ax.annotate(
         f"{format_number(index, 2)}\n{format_interval(ci, 2)}",
-        (xi, ci[1]),
-        xytext=(0, 4),
+        (xi, index),
+        xytext=(9 * side, 0),
         textcoords="offset points",
-        ha="center",
-        va="bottom",
+        ha="left" if side > 0 else "right",
+        va="center",
         fontsize=7.5,
         color=colour,
     )
@@ -259,7 +261,7 @@ def _draw_index_series(ax, layers: Sequence[Mapping], x: np.ndarray) -> list[flo
                 continue
             bounds += [ci[0], ci[1]]
             label = factor.replace("_", " ") if xi == x[0] + offset else None
-            _draw_index_point(ax, xi, index, ci, colour, marker, label)
+            _draw_index_point(ax, xi, index, ci, colour, marker, label, 1 if offset > 0 else -1)
     return bounds
 
 
@@ -287,6 +289,18 @@ def _style_index_axis(ax, names: Sequence[str], bounds: Sequence[float]) -> None
         ax.spines[side].set_visible(False)
 
 
+def _index_title(layers: Sequence[Mapping]) -> str:
+    """The finding: on which factor, in which layers, the router learned more than routers that learned nothing."""
+    parts = []
+    for factor, p_value in (
+        ("topic", lambda layer: layer.get("p_value")),
+        ("token_class", lambda layer: layer["token_class"].get("p_value")),
+    ):
+        found = [layer["layer"] for layer in layers if is_specialized(layer["references"].get(factor), p_value(layer))]
+        parts.append(f"{factor.replace('_', ' ')} in {', '.join(found) if found else 'no layer'}")
+    return "Specialized beyond routers that learned nothing: " + "; ".join(parts)
+
+
 def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
     """The specialization index per MoE layer and factor, with 95% intervals: 0 = no more than a router that
     learned nothing (random routers with the trained loads, on the same hidden states), 1 = as much as the best
@@ -304,13 +318,27 @@ def plot_specialization_index(stats: Mapping, path: str | os.PathLike) -> Path:
     _draw_index_anchors(ax)
     _style_index_axis(ax, names, bounds)
     fig.suptitle(
-        "What did the router learn? (95% CI over documents and random routers)",
+        _index_title(layers) + "\nspecialization index, 95% CI over documents and random routers",
         fontsize=11.5,
         fontweight="bold",
         x=0.02,
         ha="left",
     )
     return save_figure_atomic(fig, path)
+
+
+def _saturation_title(saturation: Mapping) -> str:
+    """The finding: which layers had settled, and when."""
+    settled = [
+        f"{layer} (step {values['settled_at']})"
+        for layer, values in saturation.items()
+        if values["settled_at"] is not None
+    ]
+    moving = [layer for layer, values in saturation.items() if values["settled_at"] is None]
+    parts = ([f"settled in {', '.join(settled)}"] if settled else []) + (
+        [f"still changing at the end of training in {', '.join(moving)}"] if moving else []
+    )
+    return "Routing " + "; ".join(parts) + "\n(probe tokens routed to the final model's top-1 expert)"
 
 
 def plot_routing_saturation(saturation: Mapping, path: str | os.PathLike) -> Path:
@@ -348,7 +376,7 @@ def plot_routing_saturation(saturation: Mapping, path: str | os.PathLike) -> Pat
     ax.set_ylim(0.0, 1.02)
     ax.set_xlabel("training step")
     ax.set_ylabel("agreement with the final model")
-    ax.set_title("Router saturation: probe tokens routed as by the final model", fontsize=10)
+    ax.set_title(_saturation_title(saturation), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.04, 1.0), fontsize=8, frameon=False)
     return save_figure_atomic(fig, path)

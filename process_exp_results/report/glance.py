@@ -26,7 +26,7 @@ def factor_word(reference: Mapping | None, p_value: float | None, n_perm: int) -
         if is_specialized(reference, p_value):
             return "specialized"
         return "undecided (too few permutations)" if n_perm < permutations_needed(ALPHA) else "undecided (p)"
-    return "below random routers" if ci[1] < 0 else "no more than random"
+    return "below random routers" if ci[1] < 0 else "no more than random routers"
 
 
 def _index(reference: Mapping | None) -> str:
@@ -91,18 +91,7 @@ def _band(reference: Mapping) -> list[float]:
 
 def layer_verdict(layer: Mapping, stats: Mapping, ablation: Mapping | None) -> str:
     """'block 0: topic no more than random (index 0.09 [-0.12, 0.24]); token class specialized (...); ...'."""
-    n_perm = int(stats.get("settings", {}).get("n_perm", 0))
-    references = layer.get("references") or {}
-    parts = []
-    for factor, word, p_value in (
-        ("topic", "topic", layer.get("p_value")),
-        ("token_class", "token class", layer["token_class"].get("p_value")),
-    ):
-        reference = references.get(factor)
-        text = f"{word} {factor_word(reference, p_value, n_perm)}"
-        if reference and reference.get("index") is not None:
-            text += f" (index {with_interval(reference['index'], reference.get('index_ci'), 2)})"
-        parts.append(text)
+    parts = [factor_finding(layer, stats, factor).split(": ", 1)[1] for factor in ("topic", "token_class")]
     worst = worst_expert((ablation or {}).get(layer["layer"]))
     if worst is not None:
         parts.append(
@@ -112,6 +101,20 @@ def layer_verdict(layer: Mapping, stats: Mapping, ablation: Mapping | None) -> s
     if saturation:
         parts.append("routing settled" if saturation["settled_at"] is not None else "routing still changing")
     return f"{layer['layer']}: " + "; ".join(parts)
+
+
+def factor_finding(layer: Mapping, stats: Mapping, factor: str = "topic") -> str:
+    """'block 0: topic no more than random (index 0.09 [-0.12, 0.24])': a figure's title, the verdict line's words."""
+    reference = (layer.get("references") or {}).get(factor)
+    p_value = layer.get("p_value") if factor == "topic" else layer[factor].get("p_value")
+    text = f"{layer['layer']}: {factor.replace('_', ' ')} {factor_word(reference, p_value, _n_perm(stats))}"
+    if reference and reference.get("index") is not None:
+        text += f" (index {with_interval(reference['index'], reference.get('index_ci'), 2)})"
+    return text
+
+
+def _n_perm(stats: Mapping) -> int:
+    return int(stats.get("settings", {}).get("n_perm", 0))
 
 
 def glance_lines(stats: Mapping, ablation: Mapping | None) -> list[str]:
