@@ -38,8 +38,10 @@ test: $(VENV)/.installed-test
 faults: $(VENV)/.installed
 	$(OFFLINE) $(PY) tests/faults/run_faults.py --slow
 
+# the README's figures: the architecture, and the demo's topic x expert heatmap (after make demo)
 figures: $(VENV)/.installed
 	$(PY) process_exp_results/figures/architecture.py --out images/architecture.png
+	cp $(DEMO_RESULTS)/demo/figures/topic_expert_heatmap_block_0.png images/demo_topic_expert_heatmap.png
 
 clean:
 	rm -rf data/demo train_results/demo $(DEMO_RESULTS)/demo

@@ -1,4 +1,4 @@
-"""Print the config reference (every key, type, default, meaning) as Markdown, for the README.
+"""Print the config reference (every key, type, default, meaning) as Markdown, for docs/config-reference.md.
 
 python -m config_utils.reference
 """

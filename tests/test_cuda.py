@@ -90,7 +90,7 @@ def test_bf16_autocast_training_step_reaches_every_router():
 
 
 def test_the_dropless_bf16_layer_never_waits_on_the_host():
-    """README "host syncs": a dropless token-choice layer in bf16, given the real tokens of a batch without
+    """docs/model.md "host syncs": a dropless token-choice layer in bf16, given the real tokens of a batch without
     padding, runs forward and backward with no device-to-host synchronization (torch raises on one here)."""
     from models import RealTokens
 

@@ -1,6 +1,6 @@
 """What a training run records: routing statistics gathered on the device, and the Aim run.
 
-Aim metrics (`aim up` in the folder holding .aim shows them; README "What Aim records" has the table).
+Aim metrics (`aim up` in the folder holding .aim shows them; docs/training-at-scale.md, "What Aim records", has the table).
 One naming convention, Aim's: a metric measured on data has the same name for every subset and says
 which in its context, {"subset": "train" | "valid"} (mlm_loss, accuracy, expert_load); per MoE layer
 a context `layer` named as in step 4's CSVs ("block 0"); a sum over layers has its own name

@@ -218,7 +218,7 @@ def analyze_routing(
     random_routers: list[RandomRouters] | None = None,
     phases: Phases | None = None,
 ) -> dict:
-    """Routing statistics per layer as a JSON-ready dict (the layout is the README's "Routing analysis").
+    """Routing statistics per layer as a JSON-ready dict (the layout is in docs/routing-analysis.md).
 
     router_sample: the sampled router inputs for the references (None: no references);
     train_token_ids: the token ids that occur in the training split (for the held-out topics' unfamiliar pieces);

@@ -259,8 +259,8 @@ ARM_COLUMNS = [
 ]
 
 
-# the README's shorter table: the masking metrics on the common set, the two indices, the ablation, saturation
-README_COLUMNS = [ARM_COLUMNS[index] for index in (0, 2, 3, 4, 6, 7, 8, 9, 11)]
+# the shorter table of docs/results.md: the masking metrics on the common set, the two indices, the ablation, saturation
+SHORT_COLUMNS = [ARM_COLUMNS[index] for index in (0, 2, 3, 4, 6, 7, 8, 9, 11)]
 
 
 def arm_markdown(design: dict, columns: list[str] = ARM_COLUMNS) -> str:
@@ -336,7 +336,7 @@ def study_markdown(designs: dict, settings: dict) -> str:
         parts.append(f"### {design['corpus']}, {design['design']} topics ({name}: {minutes:.1f} min of runs)\n")
         parts.append(arm_markdown(design))
         parts.append("\n" + "\n".join(design_notes(design)) + "\n")
-        parts.append("Shorter (the README's):\n\n" + arm_markdown(design, README_COLUMNS) + "\n")
+        parts.append("Shorter (docs/results.md's):\n\n" + arm_markdown(design, SHORT_COLUMNS) + "\n")
     parts.append(LEGEND)
     run_minutes = sum(design.get("seconds", 0) for design in designs.values()) / 60
     parts.append(

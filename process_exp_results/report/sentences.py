@@ -1,6 +1,6 @@
 """The plain-language verdicts of step 4: per layer a sentence per factor (topic, token class, token identity), the
 conditional topic information, the ablation, local consistency and saturation; every number with its interval and
-read against its references (README, "How a routing claim is judged").
+read against its references (docs/routing-analysis.md, "How a routing claim is judged").
 """
 
 from __future__ import annotations
