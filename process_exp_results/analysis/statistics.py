@@ -40,7 +40,14 @@ from process_exp_results.analysis.information import cmi, nmi
 from process_exp_results.analysis.phases import Phases, no_phases
 from process_exp_results.analysis.records import RoutingRecords
 from process_exp_results.analysis.references import reference_settings, seen_references
-from process_exp_results.analysis.resampling import GroupShuffler, basic_ci, bootstrap_weights, p_value, rng_for
+from process_exp_results.analysis.resampling import (
+    GroupShuffler,
+    basic_ci,
+    bootstrap_weights,
+    p_value,
+    percentile_ci,
+    rng_for,
+)
 from process_exp_results.analysis.routers import RandomRouters, RouterSample
 from process_exp_results.analysis.tables import LayerTables, SeenTables, prepared_records, seen_tables
 from process_exp_results.analysis.verdicts import ALPHA
@@ -60,6 +67,59 @@ def topic_null(layers: list[LayerTables], doc_topic: np.ndarray, n_perm: int, se
     return nulls
 
 
+@dataclass
+class ConditionalShuffle:
+    """The conditional null's shuffle for layers that route the same rows: topics move among the units (a token's
+    occurrences in one document) of the same token and size, so p(topic | token) stays as observed."""
+
+    frequent: np.ndarray  # positions, among the layer's routed rows, of the frequent tokens' occurrences
+    token: np.ndarray  # their frequent-token index
+    unit_of: np.ndarray  # their unit
+    unit_topic: np.ndarray  # per unit its document's topic
+    shuffler: GroupShuffler  # over units, grouped by (token, size)
+    movable: float  # the share of the occurrences the shuffle can move to another topic
+
+    @classmethod
+    def of(cls, layer: LayerTables, doc: np.ndarray, doc_topic: np.ndarray) -> ConditionalShuffle:
+        """doc: per analysed row its document; layer: any of the layers routing the same rows."""
+        D, F = len(doc_topic), layer.n_frequent
+        frequent = np.flatnonzero(layer.token_index < F)
+        f = layer.token_index[frequent]
+        # a unit = a token's occurrences in one document; units trade topics only with units of the same token and
+        # size, so the shuffle keeps p(topic | token) and the null mean is the plug-in bias, not a bit less
+        units, unit_of, unit_size = np.unique(
+            f * D + doc[layer.rows][frequent], return_inverse=True, return_counts=True
+        )
+        unit_group = units // D * (unit_size.max() + 1) + unit_size
+        unit_topic = doc_topic[units % D]
+        # a unit can move only if units of another topic share its (token, size)
+        pairs = np.unique(np.stack([unit_group, unit_topic]), axis=1)
+        groups_with_topics, topics_per_group = np.unique(pairs[0], return_counts=True)
+        can_move = topics_per_group[np.searchsorted(groups_with_topics, unit_group)] >= 2
+        movable = float(unit_size[can_move].sum() / unit_size.sum())
+        return cls(frequent, f, unit_of, unit_topic, GroupShuffler(unit_group), movable)
+
+    def permuted_topics(self, rng: np.random.Generator) -> np.ndarray:
+        """One draw of the null: per frequent occurrence its shuffled topic."""
+        return self.shuffler.shuffle(self.unit_topic, rng)[self.unit_of]
+
+    def cmi(self, layer: LayerTables, topics: np.ndarray, row_weights: np.ndarray | None = None) -> float:
+        """I(expert; topic | token) of the layer with these topics; row_weights: per routed row its document's
+        bootstrap multiplicity (None: the plain data)."""
+        K, _, F, E = layer.shape
+        index = (self.token * K + topics) * E + layer.expert[self.frequent]
+        weights = None if row_weights is None else row_weights[self.frequent]
+        return cmi(np.bincount(index, weights=weights, minlength=F * K * E).reshape(F, K, E))
+
+
+def same_rows(layers: list[LayerTables]) -> list[list[int]]:
+    """The layers grouped by the rows they route (one group for token choice), in order: they share permutations."""
+    groups: dict[bytes, list[int]] = {}
+    for number, layer in enumerate(layers):
+        groups.setdefault(layer.rows.tobytes(), []).append(number)
+    return list(groups.values())
+
+
 def within_document_nulls(
     layers: list[LayerTables], doc: np.ndarray, doc_topic: np.ndarray, token_class: np.ndarray, n_perm: int, seed: int
 ) -> tuple[list[list[float]], list[list[float]], list[float | None]]:
@@ -71,11 +131,7 @@ def within_document_nulls(
     Layers with the same routed rows (all of them, for token choice) share their permutations.
     """
     class_nulls, conditional_nulls, movable = [[] for _ in layers], [[] for _ in layers], [None] * len(layers)
-    groups: dict[bytes, list[int]] = {}
-    for number, layer in enumerate(layers):
-        groups.setdefault(layer.rows.tobytes(), []).append(number)
-    D = len(doc_topic)
-    for group_number, members in enumerate(groups.values()):
+    for group_number, members in enumerate(same_rows(layers)):
         first = layers[members[0]]
         rows = first.rows
         shuffler, classes = GroupShuffler(doc[rows]), token_class[rows]
@@ -87,39 +143,41 @@ def within_document_nulls(
                 class_nulls[number].append(
                     nmi(np.bincount(permuted * E + layers[number].expert, minlength=C * E).reshape(C, E))
                 )
-        K, _, F, E = first.shape
-        if F == 0:
+        if first.n_frequent == 0:
             continue
-        frequent = np.flatnonzero(first.token_index < F)
-        f = first.token_index[frequent]
-        # a unit = a token's occurrences in one document; units trade topics only with units of the same token and
-        # size, so the shuffle keeps p(topic | token) and the null mean is the plug-in bias, not a bit less
-        units, unit_of, unit_size = np.unique(f * D + doc[rows][frequent], return_inverse=True, return_counts=True)
-        unit_group = units // D * (unit_size.max() + 1) + unit_size
-        shuffler, unit_topic = GroupShuffler(unit_group), doc_topic[units % D]
-        # a unit can move only if units of another topic share its (token, size)
-        pairs = np.unique(np.stack([unit_group, unit_topic]), axis=1)
-        groups_with_topics, topics_per_group = np.unique(pairs[0], return_counts=True)
-        can_move = topics_per_group[np.searchsorted(groups_with_topics, unit_group)] >= 2
+        shuffle = ConditionalShuffle.of(first, doc, doc_topic)
         for number in members:
-            movable[number] = float(unit_size[can_move].sum() / unit_size.sum())
+            movable[number] = shuffle.movable
         rng = rng_for(seed, 4, group_number)
         for _ in range(n_perm):
-            permuted = shuffler.shuffle(unit_topic, rng)[unit_of]
+            topics = shuffle.permuted_topics(rng)
             for number in members:
-                t3 = np.bincount((f * K + permuted) * E + layers[number].expert[frequent], minlength=F * K * E)
-                conditional_nulls[number].append(cmi(t3.reshape(F, K, E)))
+                conditional_nulls[number].append(shuffle.cmi(layers[number], topics))
     return class_nulls, conditional_nulls, movable
 
 
-def _bootstrap_measures(layers: list[LayerTables], n_docs: int, n_boot: int, seed: int) -> list[list[dict]]:
+def _bootstrap_measures(
+    layers: list[LayerTables], doc: np.ndarray, doc_topic: np.ndarray, n_boot: int, seed: int
+) -> list[list[dict]]:
     """Per layer the measures of n_boot document-bootstrap draws; one draw of document multiplicities serves every
-    layer and measure."""
+    layer and measure. With frequent tokens each draw also has ``cmi_null``, its CMI under one shuffle of the
+    conditional null: the draw's own plug-in bias (larger than the data's: duplicated documents), so that the
+    excess over the null is corrected once in the estimate and once in each draw."""
+    groups = same_rows(layers)
+    shuffles = [
+        ConditionalShuffle.of(layers[g[0]], doc, doc_topic) if layers[g[0]].n_frequent else None for g in groups
+    ]
+    null_rngs = [rng_for(seed, 6, number) for number in range(len(groups))]  # apart from the draws' own stream
     rng, draws = rng_for(seed, 1), [[] for _ in layers]
     for _ in range(n_boot):
-        weights = bootstrap_weights(rng, n_docs)
-        for layer_draws, layer in zip(draws, layers):
-            layer_draws.append(layer.measures(weights))
+        weights = bootstrap_weights(rng, len(doc_topic))
+        for members, shuffle, null_rng in zip(groups, shuffles, null_rngs):
+            topics = shuffle.permuted_topics(null_rng) if shuffle is not None else None
+            for number in members:
+                measures = layers[number].measures(weights)
+                if shuffle is not None:
+                    measures["cmi_null"] = shuffle.cmi(layers[number], topics, weights[doc[layers[number].rows]])
+                draws[number].append(measures)
     return draws
 
 
@@ -136,7 +194,7 @@ class _Resampled:
 
 def _resample(seen: SeenTables, n_boot: int, n_perm: int, seed: int) -> _Resampled:
     layers = seen.layers
-    draws = _bootstrap_measures(layers, len(seen.doc_topic), n_boot, seed)
+    draws = _bootstrap_measures(layers, seen.doc, seen.doc_topic, n_boot, seed)
     topic_nulls = topic_null(layers, seen.doc_topic, n_perm, seed)
     class_nulls, conditional_nulls, movable = within_document_nulls(
         layers, seen.doc, seen.doc_topic, seen.token_class, n_perm, seed
@@ -278,6 +336,21 @@ def _assembled(
     }
 
 
+def _excess_interval(excess: float, draws: list[dict]) -> tuple[list[float] | None, float | None]:
+    """The excess over the null's 95% interval: the spread of each bootstrap draw's own excess (its CMI minus its
+    own null's, the same statistic as the estimate), placed at the estimate; and how far the draws' median sits from
+    the estimate. A basic interval of the raw CMI shifted by the null mean removed the plug-in bias twice and lay
+    below its own estimate on 20 Newsgroups. The draws sit a little below the estimate when the routing has
+    structure (the shuffled table's bias is larger than a structured one's, and more so with duplicated documents):
+    the shift says by how much, and that the estimate errs low."""
+    values = np.array([draw["cmi"] - draw["cmi_null"] for draw in draws if "cmi_null" in draw])
+    spread = percentile_ci(values)
+    if spread is None:
+        return None, None
+    median = float(np.median(values[np.isfinite(values)]))
+    return [excess + spread[0] - median, excess + spread[1] - median], median - excess
+
+
 def _layer_result(
     layer: LayerTables,
     observed: dict,
@@ -299,8 +372,7 @@ def _layer_result(
         cmi_value = float(observed["cmi"])
     else:
         p_cmi, null_mean, cmi_value = 1.0, 0.0, 0.0
-    excess_ci = basic_ci(boot["cmi"], cmi_value, clip_at_zero=False)
-    excess_ci = None if excess_ci is None else [excess_ci[0] - null_mean, excess_ci[1] - null_mean]
+    excess_ci, excess_shift = _excess_interval(cmi_value - null_mean, draws)
     if excess_ci is not None and excess_ci[0] > 0 and p_cmi <= ALPHA:
         explained_by = "context beyond the token"
     elif p_topic <= ALPHA:
@@ -329,6 +401,7 @@ def _layer_result(
             "null_mean": null_mean,
             "cmi_excess": cmi_value - null_mean,
             "cmi_excess_ci": excess_ci,
+            "cmi_excess_resample_shift": excess_shift,
             "explained_by": explained_by,
         },
         "vocabulary": expert_vocabulary(layer, tables["token"], id_to_token),
