@@ -3,6 +3,7 @@
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 from test_experiments import run_script
@@ -161,9 +162,42 @@ def test_the_study_refuses_keys_it_sets_and_unknown_names(tmp_path):
     assert "model.seq_len=32" in line and "sets this key itself" in line
     for key in ("train.random_seed=3", "train.aim_repo=elsewhere", "dataset.data_params.eval_topics=[cooking]"):
         assert "sets this key itself" in error_line(run_script(STUDY, "--quick", "--set", key, "--out", tmp_path))
-    line = error_line(run_script(STUDY, "--corpora", "wikipedia", "--out", tmp_path, timeout=60))
-    assert "wikipedia" in line and "reddit, agnews, builtin" in line
+    line = error_line(run_script(STUDY, "--corpus", "wikipedia", "--out", tmp_path, timeout=60))
+    assert "wikipedia" in line and "20newsgroups, agnews, builtin, reddit" in line
     assert not (tmp_path / "study.md").exists()
+
+
+def test_a_corpus_file_naming_a_topic_its_corpus_lacks_is_refused_before_any_run(tmp_path):
+    """A user's own corpus: one line naming the file, the key and the topic, and nothing run or written (today the
+    balanced arm failed at step 1 with "the corpus is empty after filtering")."""
+    rows = [{"body": f"post {i} about things", "label": ("cats", "dogs", "birds")[i % 3]} for i in range(60)]
+    (tmp_path / "posts.csv").write_text(
+        "body,label\n" + "".join(f"{row['body']},{row['label']}\n" for row in rows), encoding="utf-8"
+    )
+    corpus = tmp_path / "mine.yaml"
+    text = (
+        "source: files\ndata_files: [posts.csv]\ntext_field: body\ntopic_field: label\n"
+        "train_len: 30\nvalid_len: 5\ntest_len: 10\ntopic_len: 5\ntokenizer_vocab_size: 200\n"
+        "held_out: [birds]\nbalanced: [cats, dogs, fish]\n"
+    )
+    corpus.write_text(text, encoding="utf-8")
+    result = run_script(STUDY, "--corpus", corpus, "--out", tmp_path / "study", timeout=60)
+    line = error_line(result)
+    assert f"{corpus}: balanced names 'fish', which is not a topic of the corpus (3 topics: birds, cats, dogs)" in line
+    assert not (tmp_path / "study").exists()
+    corpus.write_text(text.replace("topic_field: label", "topic_field: label\nsauce: yes"), encoding="utf-8")
+    assert "unknown key 'sauce'" in error_line(run_script(STUDY, "--corpus", corpus, "--out", tmp_path / "study"))
+
+
+def test_every_corpus_file_in_configs_names_only_topics_its_corpus_has():
+    from process_exp_results.experiments.corpora import CORPUS_FOLDER, check_named_topics, load_corpus
+
+    names = sorted(path.stem for path in CORPUS_FOLDER.glob("*.yaml"))
+    assert names == ["20newsgroups", "agnews", "builtin", "reddit"]
+    for name in names:
+        corpus = load_corpus(name)
+        if all(Path(pattern).parent.is_dir() for pattern in corpus.data_files):  # the shared data may be absent
+            check_named_topics(corpus)
 
 
 # --------------------------------------------------------------------------- statistics, by hand

@@ -12,8 +12,9 @@ Arms (each trained with --seeds seeds, train.random_seed 0..N-1; one seed's data
                             balancing loss
 Designs: `seen` (every topic in training; step 4 on the test split) runs every arm; `held_out` (two topics held out
 by step 1, step 4 pooling them with the test split's: the earlier study's design, where topic and unfamiliar text
-mix) runs the reference arm and seed_replica. Corpora: reddit (../shared/data/reddit_sample, topic = subreddit),
-agnews (../shared/data/ag_news), builtin (offline, synthetic; what --quick uses).
+mix) runs the reference arm and seed_replica. Corpora are YAML files (experiments/corpora.py): configs/corpora/ has
+reddit (../shared/data/reddit_sample, topic = subreddit), agnews, 20newsgroups and builtin (offline, synthetic; what
+--quick uses); --corpus takes one of those names or a file of your own.
 
 The masking comparison is on one common evaluation set per corpus and design: the reference arm's step-2 test
 split (the same documents, cut to 64 tokens, masked once at 0.15 with the dataset seed). The masking arms and
@@ -46,11 +47,11 @@ from config_utils import PipelineError, run_step, write_json_atomic, write_text_
 from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
 from process_exp_results.experiments import study_summary
+from process_exp_results.experiments.corpora import check_named_topics, load_corpus
 from process_exp_results.experiments.study_summary import BALANCED_ARM, REFERENCE_ARM
 from process_exp_results.experiments.sweep import PLACED_KEYS, execute, plan_runs
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _masking(seq_len: int, mask_prob: float) -> dict:
@@ -71,58 +72,6 @@ ARMS = {
     },
 }
 DESIGN_ARMS = {"seen": list(ARMS), "held_out": [REFERENCE_ARM, "seed_replica"]}
-
-# each corpus: where it comes from, its split sizes, the topics the held-out design holds out, and the topics the
-# balanced arm balances over (the corpus's large topics: Reddit's other subreddits have a few posts each)
-CORPORA = {
-    "reddit": {
-        "sets": {
-            "dataset.load_params.source": "files",
-            "dataset.load_params.data_files": [str(SHARED_DATA / "reddit_sample" / "*.csv")],
-            "dataset.load_params.text_field": "body",
-            "dataset.load_params.topic_field": "subreddit",
-            "dataset.load_params.train_len": 1800,
-            "dataset.load_params.valid_len": 100,
-            "dataset.load_params.test_len": 400,
-            "dataset.load_params.topic_len": 500,
-            "dataset.data_params.tokenizer_vocab_size": 4000,
-        },
-        "folder": SHARED_DATA / "reddit_sample",
-        "held_out": ["programming", "gaming"],
-        "balanced": ["programming", "gaming"],
-    },
-    "agnews": {
-        "sets": {
-            "dataset.load_params.source": "files",
-            "dataset.load_params.data_files": [str(SHARED_DATA / "ag_news" / "ag_news.csv")],
-            "dataset.load_params.text_field": "text",
-            "dataset.load_params.topic_field": "topic",
-            "dataset.load_params.train_len": 5000,
-            "dataset.load_params.valid_len": 250,
-            "dataset.load_params.test_len": 750,
-            "dataset.load_params.topic_len": 1000,
-            "dataset.data_params.tokenizer_vocab_size": 4000,
-        },
-        "folder": SHARED_DATA / "ag_news",
-        "held_out": ["scitech", "sports"],
-        "balanced": ["business", "scitech", "sports", "world"],
-    },
-    "builtin": {
-        "sets": {
-            "dataset.load_params.source": "builtin",
-            "dataset.load_params.builtin.n_topics": 4,
-            "dataset.load_params.builtin.n_docs": 1600,
-            "dataset.load_params.train_len": 1000,
-            "dataset.load_params.valid_len": 100,
-            "dataset.load_params.test_len": 240,
-            "dataset.load_params.topic_len": 150,
-            "dataset.data_params.tokenizer_vocab_size": 800,
-        },
-        "folder": None,
-        "held_out": ["programming", "gaming"],
-        "balanced": ["programming", "gaming", "cooking", "sports"],
-    },
-}
 
 # the documented CPU scale: the demo model with 4 experts, 400 steps of 32 sequences
 SCALE = {
@@ -160,7 +109,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default=None, metavar="DIR", help="default process_exp_results/study[_quick]")
     parser.add_argument(
-        "--corpora", default=None, help="comma-separated subset of reddit, agnews, builtin; default reddit,agnews"
+        "--corpus",
+        action="append",
+        metavar="NAME_OR_FILE",
+        help="a corpus file (configs/corpora/*.yaml: source, fields, sizes, held-out and balanced topics) or the name "
+        "of one there (reddit, agnews, 20newsgroups, builtin); repeat for several; default reddit and agnews "
+        "(--quick: builtin)",
     )
     parser.add_argument("--designs", default="seen,held_out", help="comma-separated subset of seen, held_out")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; --quick 1)")
@@ -178,9 +132,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # run the sweeps, no summary
     args = parser.parse_args()
-    args.corpora = [
-        name.strip() for name in (args.corpora or ("builtin" if args.quick else "reddit,agnews")).split(",")
-    ]
+    names = args.corpus or (["builtin"] if args.quick else ["reddit", "agnews"])
+    args.corpora = {}
+    for corpus in map(load_corpus, names):
+        if corpus.name in args.corpora:
+            raise PipelineError(f"--corpus {corpus.path}: a second corpus named {corpus.name!r}; rename one file")
+        args.corpora[corpus.name] = corpus
     args.designs = [name.strip() for name in args.designs.split(",") if name.strip()]
     args.seeds = (1 if args.quick else 3) if args.seeds is None else args.seeds
     args.n_boot = (50 if args.quick else 200) if args.n_boot is None else args.n_boot
@@ -192,10 +149,9 @@ def parse_args() -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Names, counts and --set keys, before anything runs."""
-    for option, chosen, known in (("--corpora", args.corpora, CORPORA), ("--designs", args.designs, DESIGN_ARMS)):
-        unknown = [name for name in chosen if name not in known]
-        if unknown or not chosen:
-            raise PipelineError(f"{option}: unknown {unknown or 'none given'}; choose from {', '.join(known)}")
+    unknown = [name for name in args.designs if name not in DESIGN_ARMS]
+    if unknown or not args.designs:
+        raise PipelineError(f"--designs: unknown {unknown or 'none given'}; choose from {', '.join(DESIGN_ARMS)}")
     for option, value in (
         ("--seeds", args.seeds),
         ("--jobs", args.jobs),
@@ -204,10 +160,11 @@ def check_args(args: argparse.Namespace) -> None:
     ):
         if value < 1:
             raise PipelineError(f"{option} {value}: must be at least 1")
-    for name in args.corpora:
-        folder = CORPORA[name]["folder"]
-        if folder is not None and not folder.is_dir():
-            raise PipelineError(f"--corpora {name}: {folder} is not here; choose other corpora (e.g. --quick)")
+    for corpus in args.corpora.values():
+        for design, key in (("held_out", "held_out"), ("seen", "balanced")):
+            if design in args.designs and not getattr(corpus, key):
+                raise PipelineError(f"{corpus.path}: {key} is empty; the {design} design needs its topics")
+        check_named_topics(corpus)  # before any run: a misspelt topic would fail one arm at step 1
     own = PLACED_KEYS | {key for arm in ARMS.values() for key in arm} | {"train.random_seed"}
     own |= {"dataset.data_params.eval_topics", "dataset.data_params.train_topics", "dataset.data_params.tokenizer_name"}
     own.add("train.aim_repo")  # one repository per sweep: workers never share one
@@ -219,8 +176,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def runner_for(args: argparse.Namespace, corpus: str, design: str) -> argparse.Namespace:
     """What sweep.py's plan_runs and execute need: the demo configs, the corpus and scale, then the --set texts."""
-    held_out = CORPORA[corpus]["held_out"] if design == "held_out" else []
-    sets = {**CORPORA[corpus]["sets"], **(QUICK_SCALE if args.quick else SCALE)}
+    held_out = args.corpora[corpus].held_out if design == "held_out" else []
+    sets = {**args.corpora[corpus].sets, **(QUICK_SCALE if args.quick else SCALE)}
     sets["dataset.data_params.eval_topics"] = held_out
     return argparse.Namespace(
         config_dataset="demo/dataset_params.yaml",
@@ -254,7 +211,7 @@ def plan_design(args: argparse.Namespace, runner: argparse.Namespace, corpus: st
         for arm in arms:
             extra = {}
             if arm == BALANCED_ARM:
-                extra = {"dataset.data_params.train_topics": CORPORA[corpus]["balanced"]}
+                extra = {"dataset.data_params.train_topics": args.corpora[corpus].balanced}
                 extra["dataset.data_params.tokenizer_name"] = tokenizer
             for seed in range(args.seeds):
                 assignments.append({**ARMS[arm], **extra, "train.random_seed": seed})
@@ -271,7 +228,8 @@ def plan_design(args: argparse.Namespace, runner: argparse.Namespace, corpus: st
 
 def worker_command(args: argparse.Namespace, corpus: str, design: str) -> list[str]:
     """This script for one corpus and design, with the same settings, as a worker (it writes no study.md)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--corpora", corpus]
+    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out)]
+    command += ["--corpus", str(args.corpora[corpus].path)]
     command += ["--designs", design, "--seeds", str(args.seeds), "--n-boot", str(args.n_boot), "--n-perm"]
     command += [str(args.n_perm), *(["--quick"] if args.quick else []), *(["--overwrite"] if args.overwrite else [])]
     for text in args.overrides:

@@ -564,7 +564,7 @@ def sweep_argv(ctx: Ctx, root: Path) -> list[str]:
 
 def study_argv(ctx: Ctx, root: Path) -> list[str]:
     sets = ctx.sets({key: None for key in PATH_KEYS} | {"model.seq_len": None, "train.max_steps": 2}, root)
-    options = "--quick --corpora builtin --designs seen --seeds 1 --n-boot 5 --n-perm 5".split()
+    options = "--quick --corpus builtin --designs seen --seeds 1 --n-boot 5 --n-perm 5".split()
     return [sys.executable, str(ctx.probe.repo / SCRIPTS["study"]), *options, "--out", str(root / "study"), *sets]
 
 
@@ -582,7 +582,7 @@ def _kill_sweep(ctx):
 @case("kill/study_mid_run", SAME, slow=True, alone=True, base=False)
 def _kill_study(ctx):
     ready = lambda study: has_runs(study / "builtin-seen/runs", 3)  # noqa: E731
-    short = "study --quick --corpora builtin --designs seen --seeds 1 (killed in run 3's step 3, rerun)"
+    short = "study --quick --corpus builtin --designs seen --seeds 1 (killed in run 3's step 3, rerun)"
     return kill_sweep_like(ctx, study_argv, ready, short, "study")
 
 
