@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from config_utils import first_line
-from process_exp_results.report.glance import worst_expert
+from process_exp_results.report.sentences import worst_expert
 
 
 def headline_metrics(metric_rows: Sequence[Mapping], stats: Mapping | None, ablation: Mapping | None) -> list:

@@ -120,8 +120,22 @@ def same_rows(layers: list[LayerTables]) -> list[list[int]]:
     return list(groups.values())
 
 
+def conditional_shuffles(layers: list[LayerTables], doc: np.ndarray, doc_topic: np.ndarray) -> list:
+    """Per group of same_rows the conditional null's shuffle (None without frequent tokens): built once, used by the
+    permutation test and by every bootstrap draw."""
+    return [
+        ConditionalShuffle.of(layers[g[0]], doc, doc_topic) if layers[g[0]].n_frequent else None
+        for g in same_rows(layers)
+    ]
+
+
 def within_document_nulls(
-    layers: list[LayerTables], doc: np.ndarray, doc_topic: np.ndarray, token_class: np.ndarray, n_perm: int, seed: int
+    layers: list[LayerTables],
+    doc: np.ndarray,
+    token_class: np.ndarray,
+    shuffles: list[ConditionalShuffle | None],
+    n_perm: int,
+    seed: int,
 ) -> tuple[list[list[float]], list[list[float]], list[float | None]]:
     """Per layer: token-class NMI with classes permuted within documents, the conditional MI with topics permuted
     among the occurrences of each frequent token (a token's occurrences in one document move together), and the
@@ -131,7 +145,7 @@ def within_document_nulls(
     Layers with the same routed rows (all of them, for token choice) share their permutations.
     """
     class_nulls, conditional_nulls, movable = [[] for _ in layers], [[] for _ in layers], [None] * len(layers)
-    for group_number, members in enumerate(same_rows(layers)):
+    for group_number, (members, shuffle) in enumerate(zip(same_rows(layers), shuffles)):
         first = layers[members[0]]
         rows = first.rows
         shuffler, classes = GroupShuffler(doc[rows]), token_class[rows]
@@ -143,9 +157,8 @@ def within_document_nulls(
                 class_nulls[number].append(
                     nmi(np.bincount(permuted * E + layers[number].expert, minlength=C * E).reshape(C, E))
                 )
-        if first.n_frequent == 0:
+        if shuffle is None:
             continue
-        shuffle = ConditionalShuffle.of(first, doc, doc_topic)
         for number in members:
             movable[number] = shuffle.movable
         rng = rng_for(seed, 4, group_number)
@@ -157,20 +170,22 @@ def within_document_nulls(
 
 
 def _bootstrap_measures(
-    layers: list[LayerTables], doc: np.ndarray, doc_topic: np.ndarray, n_boot: int, seed: int
+    layers: list[LayerTables],
+    doc: np.ndarray,
+    n_docs: int,
+    shuffles: list[ConditionalShuffle | None],
+    n_boot: int,
+    seed: int,
 ) -> list[list[dict]]:
     """Per layer the measures of n_boot document-bootstrap draws; one draw of document multiplicities serves every
     layer and measure. With frequent tokens each draw also has ``cmi_null``, its CMI under one shuffle of the
     conditional null: the draw's own plug-in bias (larger than the data's: duplicated documents), so that the
     excess over the null is corrected once in the estimate and once in each draw."""
     groups = same_rows(layers)
-    shuffles = [
-        ConditionalShuffle.of(layers[g[0]], doc, doc_topic) if layers[g[0]].n_frequent else None for g in groups
-    ]
     null_rngs = [rng_for(seed, 6, number) for number in range(len(groups))]  # apart from the draws' own stream
     rng, draws = rng_for(seed, 1), [[] for _ in layers]
     for _ in range(n_boot):
-        weights = bootstrap_weights(rng, len(doc_topic))
+        weights = bootstrap_weights(rng, n_docs)
         for members, shuffle, null_rng in zip(groups, shuffles, null_rngs):
             topics = shuffle.permuted_topics(null_rng) if shuffle is not None else None
             for number in members:
@@ -194,10 +209,11 @@ class _Resampled:
 
 def _resample(seen: SeenTables, n_boot: int, n_perm: int, seed: int) -> _Resampled:
     layers = seen.layers
-    draws = _bootstrap_measures(layers, seen.doc, seen.doc_topic, n_boot, seed)
+    shuffles = conditional_shuffles(layers, seen.doc, seen.doc_topic)
+    draws = _bootstrap_measures(layers, seen.doc, len(seen.doc_topic), shuffles, n_boot, seed)
     topic_nulls = topic_null(layers, seen.doc_topic, n_perm, seed)
     class_nulls, conditional_nulls, movable = within_document_nulls(
-        layers, seen.doc, seen.doc_topic, seen.token_class, n_perm, seed
+        layers, seen.doc, seen.token_class, shuffles, n_perm, seed
     )
     return _Resampled(draws, topic_nulls, class_nulls, conditional_nulls, movable)
 

@@ -164,7 +164,8 @@ def check_args(args: argparse.Namespace) -> None:
         for design, key in (("held_out", "held_out"), ("seen", "balanced")):
             if design in args.designs and not getattr(corpus, key):
                 raise PipelineError(f"{corpus.path}: {key} is empty; the {design} design needs its topics")
-        check_named_topics(corpus)  # before any run: a misspelt topic would fail one arm at step 1
+        if not args.worker:  # the study that starts the workers has read the corpora already
+            check_named_topics(corpus)  # before any run: a misspelt topic would fail one arm at step 1
     own = PLACED_KEYS | {key for arm in ARMS.values() for key in arm} | {"train.random_seed"}
     own |= {"dataset.data_params.eval_topics", "dataset.data_params.train_topics", "dataset.data_params.tokenizer_name"}
     own.add("train.aim_repo")  # one repository per sweep: workers never share one

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from process_exp_results.figures.common import DPI, HeatmapLayout, heatmap_titles, save_figure_atomic
 from process_exp_results.report.formatting import format_number
+from process_exp_results.report.sentences import worst_expert
 
 
 def _ablation_table(entry: Mapping) -> tuple[list[str], list[str], np.ndarray]:
@@ -84,13 +85,11 @@ _ABLATION_KEY = "MLM loss increase (nats per masked token) when one expert is di
 
 def _ablation_title(entry: Mapping, layer: str) -> str:
     """The finding: which expert's removal costs the test split most."""
-    test = {e: groups["test"]["delta"] for e, groups in entry["experts"].items() if groups.get("test", {}).get("delta")}
-    if not test:
+    worst = worst_expert(entry)
+    if worst is None:
         return f"Expert ablation, {layer}: MLM loss increase when one expert is disabled"
-    worst = max(test, key=test.get)
-    return (
-        f"{layer}: without expert {worst} the test loss rises most ({format_number(test[worst], 2, signed=True)} nats)"
-    )
+    expert, test = worst
+    return f"{layer}: without expert {expert} the test loss rises most ({format_number(test['delta'], 2, signed=True)} nats)"
 
 
 def plot_ablation(ablation: Mapping, layer: str, path) -> Path:

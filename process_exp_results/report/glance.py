@@ -7,45 +7,16 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Mapping
 
-from process_exp_results.analysis.verdicts import ALPHA, is_specialized, permutations_needed
 from process_exp_results.report.formatting import MISSING, format_number, markdown_table, share_floor, with_interval
+from process_exp_results.report.sentences import factor_word, worst_expert
 
 COLUMNS = ["layer", "topic NMI", "random routers", "topic index", "token-class index", "ablation", "settled?"]
-
-
-def factor_word(reference: Mapping | None, p_value: float | None, n_perm: int) -> str:
-    """factor_verdict (report/sentences.py) in a word or three, by the same rule."""
-    if reference is None:
-        return "no references"
-    if reference.get("probe") is not None and reference.get("index") is None:
-        return "not in the hidden states"
-    ci = reference.get("index_ci")
-    if ci is None:
-        return "no index"
-    if ci[0] > 0:
-        if is_specialized(reference, p_value):
-            return "specialized"
-        return "undecided (too few permutations)" if n_perm < permutations_needed(ALPHA) else "undecided (p)"
-    return "below random routers" if ci[1] < 0 else "no more than random routers"
 
 
 def _index(reference: Mapping | None) -> str:
     if not reference or reference.get("index") is None:
         return MISSING
     return with_interval(reference["index"], reference.get("index_ci"), 2)
-
-
-def worst_expert(ablation_entry: Mapping | None) -> tuple[str, Mapping] | None:
-    """The expert whose removal raises the test loss most, and its test entry (delta, ci)."""
-    test = {
-        expert: groups["test"]
-        for expert, groups in (ablation_entry or {}).get("experts", {}).items()
-        if groups.get("test", {}).get("delta") is not None
-    }
-    if not test:
-        return None
-    worst = max(test, key=lambda expert: test[expert]["delta"])
-    return worst, test[worst]
 
 
 def _ablation_cell(ablation_entry: Mapping | None) -> str:

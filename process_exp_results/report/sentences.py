@@ -11,17 +11,32 @@ from process_exp_results.analysis.verdicts import ALPHA, is_specialized, permuta
 from process_exp_results.report.formatting import MISSING, format_number, p_text, share_floor, with_interval
 
 
+def test_deltas(entry: Mapping | None) -> dict[str, Mapping]:
+    """A layer's ablation on the test split: per expert its entry (delta, ci), where the test split had masked
+    tokens."""
+    return {
+        expert: groups["test"]
+        for expert, groups in (entry or {}).get("experts", {}).items()
+        if groups.get("test", {}).get("delta") is not None
+    }
+
+
+def worst_expert(entry: Mapping | None) -> tuple[str, Mapping] | None:
+    """The expert whose removal raises the test loss most, and its test entry; None without test tokens."""
+    test = test_deltas(entry)
+    if not test:
+        return None
+    worst = max(test, key=lambda expert: test[expert]["delta"])
+    return worst, test[worst]
+
+
 def ablation_sentence(layer: str, entry: Mapping, alpha: float = 0.01) -> str:
     """The layer's ablation in words: the expert that matters most on the test split, and which depend on topic or
     token class."""
-    test = {
-        expert: by_group["test"]
-        for expert, by_group in entry["experts"].items()
-        if by_group.get("test", {}).get("delta") is not None
-    }
+    test = test_deltas(entry)
     if not test:
         return f"{layer}: expert ablation: no masked test tokens."
-    worst = max(test, key=lambda expert: test[expert]["delta"])
+    worst, _ = worst_expert(entry)
     others = ", ".join(format_number(test[expert]["delta"], signed=True) for expert in test if expert != worst)
     text = (
         f"{layer}: disabling expert {worst} raises the test loss most, by "
@@ -97,29 +112,46 @@ def _too_few_permutations(n_perm: int) -> bool:
     return n_perm < permutations_needed(ALPHA)  # the smallest reachable p-value is above ALPHA: no test can pass
 
 
-def factor_verdict(reference: Mapping | None, p_value: float | None, factor: str, n_perm: int) -> str:
-    """What the references allow one to say about one factor in one layer."""
-    word, specific = FACTOR_WORDS.get(factor, factor), SPECIFIC.get(factor, factor)
+def factor_word(reference: Mapping | None, p_value: float | None, n_perm: int) -> str:
+    """The verdict on one factor in one layer, in a word or three: the rule factor_verdict's sentences and step 4's
+    table at a glance both follow."""
     if reference is None:
-        return "no references were computed, so whether this is more than a router that learned nothing is open"
+        return "no references"
     if reference.get("probe") is not None and reference.get("index") is None:
+        return "not in the hidden states"
+    ci = reference.get("index_ci")
+    if ci is None:
+        return "no index"
+    if ci[0] > 0:
+        if is_specialized(reference, p_value):
+            return "specialized"
+        return "undecided (too few permutations)" if _too_few_permutations(n_perm) else "undecided (p)"
+    return "below random routers" if ci[1] < 0 else "no more than random routers"
+
+
+def factor_verdict(reference: Mapping | None, p_value: float | None, factor: str, n_perm: int) -> str:
+    """What the references allow one to say about one factor in one layer (factor_word's verdict, in a sentence)."""
+    word, specific = FACTOR_WORDS.get(factor, factor), SPECIFIC.get(factor, factor)
+    verdict = factor_word(reference, p_value, n_perm)
+    if verdict == "no references":
+        return "no references were computed, so whether this is more than a router that learned nothing is open"
+    if verdict == "not in the hidden states":
         return (
             f"the best linear router is within the random routers' band: these hidden states hold no more "
             f"{word} than a router that learned nothing picks up"
         )
-    ci = reference.get("index_ci")
-    if ci is None:
+    if verdict == "no index":
         return f"no specialization index for {word}"
-    if ci[0] > 0:
-        if is_specialized(reference, p_value):
-            return f"specialized on {word}: more {specific} than random routers on the same hidden states"
-        if _too_few_permutations(n_perm):
-            return (
-                f"index clear of 0, but with {n_perm} permutations no p-value can reach {ALPHA}: rerun with "
-                f"--n-perm {permutations_needed(ALPHA)} or more to decide"
-            )
+    if verdict == "specialized":
+        return f"specialized on {word}: more {specific} than random routers on the same hidden states"
+    if verdict == "undecided (too few permutations)":
+        return (
+            f"index clear of 0, but with {n_perm} permutations no p-value can reach {ALPHA}: rerun with "
+            f"--n-perm {permutations_needed(ALPHA)} or more to decide"
+        )
+    if verdict == "undecided (p)":
         return f"index clear of 0 but the permutation test is not ({p_text(p_value, n_perm)}): not called specialized"
-    if ci[1] < 0:
+    if verdict == "below random routers":
         return f"less {specific} than a router that learned nothing"
     return f"no more {specific} than a router that learned nothing"
 
