@@ -48,7 +48,7 @@ from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
 from process_exp_results.experiments import study_summary
 from process_exp_results.experiments.corpora import check_named_topics, load_corpus
-from process_exp_results.experiments.study_summary import BALANCED_ARM, REFERENCE_ARM
+from process_exp_results.experiments.study_summary import BALANCED_ARM, LEARNED_REFERENCE_ARM, REFERENCE_ARM
 from process_exp_results.experiments.sweep import PLACED_KEYS, execute, plan_runs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,20 +58,25 @@ def _masking(seq_len: int, mask_prob: float) -> dict:
     return {"model.seq_len": seq_len, "dataset.data_params.mask_prob": mask_prob}
 
 
-ARMS = {
+# the earlier study's defects: causal attention, a router that never received a gradient, no balancing loss
+DEFECTS = {"model.attention": "causal", "train.freeze_router": True, "model.load_balance_coef": 0.0}
+EARLY_ARMS = {
     REFERENCE_ARM: _masking(64, 0.15),
     "seq64_mask0.05": _masking(64, 0.05),
     "seq128_mask0.10": _masking(128, 0.10),
     "seq128_mask0.30": _masking(128, 0.30),
     BALANCED_ARM: _masking(64, 0.15),  # + the corpus's train_topics and the reference arm's tokenizer
-    "seed_replica": {
-        **_masking(64, 0.15),
-        "model.attention": "causal",
-        "train.freeze_router": True,
-        "model.load_balance_coef": 0.0,
-    },
+    "seed_replica": {**_masking(64, 0.15), **DEFECTS},
 }
-DESIGN_ARMS = {"seen": list(ARMS), "held_out": [REFERENCE_ARM, "seed_replica"]}
+# the learned profile asks what routing a model that learned does, against its controls (the reference arm first)
+LEARNED_ARMS = {
+    LEARNED_REFERENCE_ARM: {},
+    "supervised_router": {"train.router_supervision": "topic"},  # the power check: topic t -> expert t mod E
+    "frozen_router": {"train.freeze_router": True},  # a router that learned nothing: the false clearances
+    "dense_equal_active": {"model.n_experts": 1},  # one FFN as wide as one expert: the reference's active parameters
+    "moe_top2": {"model.top_k_experts": 2},
+    "seed_replica": DEFECTS,
+}
 
 # the documented CPU scale: the demo model with 4 experts, 400 steps of 32 sequences
 SCALE = {
@@ -102,7 +107,38 @@ QUICK_SCALE = {
     "train.eval_batches": 2,
     "train.save_steps": 40,
 }
+# chosen on 20 Newsgroups (docs/results.md): width 256 learns far more per CPU-second than 128 and runs in bf16;
+# 4,000 steps of 32 sequences, the learning rate falling linearly to 0 so routing settles; a checkpoint every 1/8
+# of the steps, all kept: step 4 on 12.5%, 25%, 50% and 100% of training is the emergence curve
+LEARNED_SCALE = {
+    **SCALE,
+    "model.embedding_dim": 256,
+    "model.moe_dim": 1024,
+    "model.n_experts": 8,
+    "model.seq_len": 128,
+    "dataset.data_params.mask_prob": 0.15,
+    "train.max_steps": 4000,
+    "train.eval_steps": 250,
+    "train.eval_batches": 8,
+    "train.save_steps": 500,
+    "train.keep_checkpoints": 8,
+    "train.masking": "dynamic",  # re-masked every epoch: the 12,000 posts are seen about 10 times
+    "train.mixed_precision": "auto",
+    "train.log_steps": 10,
+}
+QUICK_LEARNED_SCALE = {**QUICK_SCALE, "train.save_steps": 5, "train.keep_checkpoints": 8, "model.n_experts": 4}
+PROFILES = {
+    "early": {"arms": EARLY_ARMS, "designs": {"seen": list(EARLY_ARMS), "held_out": [REFERENCE_ARM, "seed_replica"]}},
+    "learned": {"arms": LEARNED_ARMS, "designs": {"seen": list(LEARNED_ARMS)}},
+}
+ARMS = {**EARLY_ARMS, **LEARNED_ARMS}  # every arm of either profile, by name
 QUICK_STEP4 = ["--n-random-routers", "8"]  # the references' cost is per random router
+
+
+def profile_scale(args: argparse.Namespace) -> dict:
+    if args.profile == "learned":
+        return QUICK_LEARNED_SCALE if args.quick else LEARNED_SCALE
+    return QUICK_SCALE if args.quick else SCALE
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,7 +152,17 @@ def parse_args() -> argparse.Namespace:
         "of one there (reddit, agnews, 20newsgroups, builtin); repeat for several; default reddit and agnews "
         "(--quick: builtin)",
     )
-    parser.add_argument("--designs", default="seen,held_out", help="comma-separated subset of seen, held_out")
+    parser.add_argument(
+        "--profile",
+        choices=list(PROFILES),
+        default="early",
+        help="early: the earlier study's scale and masking arms (models that learned little); learned: a model that "
+        "learns (width 256, 8 experts, 4,000 steps) with the reference, supervised, frozen, dense, top-2 and "
+        "seed_replica arms, and step 4 along the reference's training",
+    )
+    parser.add_argument(
+        "--designs", default=None, help="comma-separated subset of seen, held_out (default: all of the profile's)"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; --quick 1)")
     parser.add_argument("--quick", action="store_true", help="builtin corpus, one seed, a smaller model, 40 steps")
     parser.add_argument("--n-boot", type=int, default=None, help="step 4: bootstrap resamples (default 200; quick 50)")
@@ -138,20 +184,26 @@ def parse_args() -> argparse.Namespace:
         if corpus.name in args.corpora:
             raise PipelineError(f"--corpus {corpus.path}: a second corpus named {corpus.name!r}; rename one file")
         args.corpora[corpus.name] = corpus
-    args.designs = [name.strip() for name in args.designs.split(",") if name.strip()]
+    designs = args.designs or ",".join(PROFILES[args.profile]["designs"])
+    args.designs = [name.strip() for name in designs.split(",") if name.strip()]
     args.seeds = (1 if args.quick else 3) if args.seeds is None else args.seeds
     args.n_boot = (50 if args.quick else 200) if args.n_boot is None else args.n_boot
     args.n_perm = (50 if args.quick else 200) if args.n_perm is None else args.n_perm
-    args.out = Path(args.out or ("process_exp_results/study_quick" if args.quick else "process_exp_results/study"))
+    default_out = "process_exp_results/study" + ("_learned" if args.profile == "learned" else "")
+    args.out = Path(args.out or (default_out + "_quick" if args.quick else default_out))
     check_args(args)
     return args
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Names, counts and --set keys, before anything runs."""
-    unknown = [name for name in args.designs if name not in DESIGN_ARMS]
+    design_arms = PROFILES[args.profile]["designs"]
+    unknown = [name for name in args.designs if name not in design_arms]
     if unknown or not args.designs:
-        raise PipelineError(f"--designs: unknown {unknown or 'none given'}; choose from {', '.join(DESIGN_ARMS)}")
+        raise PipelineError(
+            f"--designs: unknown {unknown or 'none given'} for --profile {args.profile}; choose from "
+            f"{', '.join(design_arms)}"
+        )
     for option, value in (
         ("--seeds", args.seeds),
         ("--jobs", args.jobs),
@@ -166,7 +218,8 @@ def check_args(args: argparse.Namespace) -> None:
                 raise PipelineError(f"{corpus.path}: {key} is empty; the {design} design needs its topics")
         if not args.worker:  # the study that starts the workers has read the corpora already
             check_named_topics(corpus)  # before any run: a misspelt topic would fail one arm at step 1
-    own = PLACED_KEYS | {key for arm in ARMS.values() for key in arm} | {"train.random_seed"}
+    arms = PROFILES[args.profile]["arms"].values()
+    own = PLACED_KEYS | {key for arm in arms for key in arm} | {"train.random_seed"}
     own |= {"dataset.data_params.eval_topics", "dataset.data_params.train_topics", "dataset.data_params.tokenizer_name"}
     own.add("train.aim_repo")  # one repository per sweep: workers never share one
     for text in args.overrides:
@@ -178,7 +231,7 @@ def check_args(args: argparse.Namespace) -> None:
 def runner_for(args: argparse.Namespace, corpus: str, design: str) -> argparse.Namespace:
     """What sweep.py's plan_runs and execute need: the demo configs, the corpus and scale, then the --set texts."""
     held_out = args.corpora[corpus].held_out if design == "held_out" else []
-    sets = {**args.corpora[corpus].sets, **(QUICK_SCALE if args.quick else SCALE)}
+    sets = {**args.corpora[corpus].sets, **profile_scale(args)}
     sets["dataset.data_params.eval_topics"] = held_out
     return argparse.Namespace(
         config_dataset="demo/dataset_params.yaml",
@@ -205,16 +258,16 @@ def plan_design(args: argparse.Namespace, runner: argparse.Namespace, corpus: st
     """One run per arm and seed (the reference arm first: the balanced arm uses its tokenizer), tagged
     <arm>__seed-<seed>."""
     sweep_dir = args.out / f"{corpus}-{design}"
-    arms = DESIGN_ARMS[design]
+    arms = PROFILES[args.profile]["designs"][design]
 
     def plan(tokenizer: str | None) -> list[dict]:
         assignments, labels = [], []
-        for arm in arms:
-            extra = {}
-            if arm == BALANCED_ARM:
-                extra = {"dataset.data_params.train_topics": args.corpora[corpus].balanced}
-                extra["dataset.data_params.tokenizer_name"] = tokenizer
-            for seed in range(args.seeds):
+        for seed in range(args.seeds):  # seed-major: a study stopped early has every arm once before any twice
+            for arm in arms:
+                extra = {}
+                if arm == BALANCED_ARM:
+                    extra = {"dataset.data_params.train_topics": args.corpora[corpus].balanced}
+                    extra["dataset.data_params.tokenizer_name"] = tokenizer
                 assignments.append({**ARMS[arm], **extra, "train.random_seed": seed})
                 labels.append((arm, seed))
         runs = plan_runs(runner, assignments, sweep_dir, [f"{arm}__seed-{seed}" for arm, seed in labels])
@@ -223,15 +276,17 @@ def plan_design(args: argparse.Namespace, runner: argparse.Namespace, corpus: st
         return runs
 
     runs = plan(None)
-    reference = next(run for run in runs if run["arm"] == REFERENCE_ARM)
-    return plan(str(Path(reference["masked_dir"]) / "tokenizer")) if BALANCED_ARM in arms else runs
+    if BALANCED_ARM not in arms:
+        return runs
+    reference = next(run for run in runs if run["arm"] == arms[0])
+    return plan(str(Path(reference["masked_dir"]) / "tokenizer"))
 
 
 def worker_command(args: argparse.Namespace, corpus: str, design: str) -> list[str]:
     """This script for one corpus and design, with the same settings, as a worker (it writes no study.md)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out)]
     command += ["--corpus", str(args.corpora[corpus].path)]
-    command += ["--designs", design, "--seeds", str(args.seeds), "--n-boot", str(args.n_boot), "--n-perm"]
+    command += ["--profile", args.profile, "--designs", design, "--seeds", str(args.seeds), "--n-boot", str(args.n_boot), "--n-perm"]
     command += [str(args.n_perm), *(["--quick"] if args.quick else []), *(["--overwrite"] if args.overwrite else [])]
     for text in args.overrides:
         command += ["--set", text]
@@ -244,7 +299,7 @@ def run_workers(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> None:
     # OMP_NUM_THREADS (default: every core) is the budget of all workers together: more threads than cores spin
     total = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, total // args.jobs))}
-    waiting = sorted(pairs, key=lambda pair: -len(DESIGN_ARMS[pair[1]]))
+    waiting = sorted(pairs, key=lambda pair: -len(PROFILES[args.profile]["designs"][pair[1]]))
     running: list[tuple[subprocess.Popen, str]] = []
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     while waiting or running:
@@ -282,20 +337,23 @@ def main() -> None:
             runner = runner_for(args, corpus, design)
             runs = plan_design(args, runner, corpus, design)
             print(f"\n== {corpus}, {design} topics: {len(runs)} runs in {sweep_dir}", flush=True)
-            execute(runner, runs, sweep_dir, {"experiment": "study", "corpus": corpus, "design": design})
+            reference = PROFILES[args.profile]["designs"][design][0]
+            metadata = {"experiment": "study", "corpus": corpus, "design": design, "reference_arm": reference}
+            execute(runner, runs, sweep_dir, metadata)
         if args.worker:
             continue
         if not (sweep_dir / "sweep.json").is_file():
             raise PipelineError(f"{sweep_dir}: its worker wrote no sweep.json; see {args.out / 'logs'}")
         runs = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))["runs"]
-        study_summary.score_on_common_set(runs)
+        study_summary.score_on_common_set(runs, PROFILES[args.profile]["designs"][design][0])
         with contextlib.redirect_stdout(io.StringIO()):  # its tables are in study.md; the files stay
             _, designs[f"{corpus}-{design}"] = compare([str(sweep_dir)], sweep_dir / "comparison")
     if args.worker:
         return
     seconds = round(time.perf_counter() - started, 1)
     settings = {
-        "scale": QUICK_SCALE if args.quick else SCALE,
+        "profile": args.profile,
+        "scale": profile_scale(args),
         "sets": list(args.overrides),
         "seeds": args.seeds,
         "n_boot": args.n_boot,

@@ -30,7 +30,8 @@ from process_exp_results.experiments.common_eval import (
 from process_exp_results.experiments.result_files import read_result_folder
 from process_exp_results.report.formatting import MISSING, format_number, with_interval
 
-REFERENCE_ARM = "seq64_mask0.15"
+REFERENCE_ARM = "seq64_mask0.15"  # the early profile's; a sweep.json names its own ("reference_arm")
+LEARNED_REFERENCE_ARM = "moe_top1"
 BALANCED_ARM = "seq64_mask0.15_balanced"
 ABLATION_ALPHA = 0.05  # a cell "depends on topic" at p <= 0.05; by chance 5% of cells do
 
@@ -43,11 +44,11 @@ def _evaluate(common: CommonSet, run: dict) -> dict:
         return {"error": str(error)}
 
 
-def score_on_common_set(runs: list[dict]) -> None:
+def score_on_common_set(runs: list[dict], reference_arm: str = REFERENCE_ARM) -> None:
     """common_eval.json for every finished run (see the module doc): "common" for every arm but the balanced one,
     "balanced_subset" for the reference and balanced arms."""
     finished = [run for run in runs if run["status"] != "failed" and (Path(run["run_dir"]) / "model").is_dir()]
-    reference = next((run for run in finished if run["arm"] == REFERENCE_ARM), None)
+    reference = next((run for run in finished if run["arm"] == reference_arm), None)
     if reference is None:
         return
     masked, processed = Path(reference["masked_dir"]), Path(reference["processed_dir"])
@@ -59,7 +60,7 @@ def score_on_common_set(runs: list[dict]) -> None:
         subset = CommonSet(masked, processed, set().union(*trained_on.values()))
     for run in finished:
         values = {} if run["arm"] == BALANCED_ARM else {"common": _evaluate(common, run)}
-        if subset is not None and run["arm"] in (REFERENCE_ARM, BALANCED_ARM):
+        if subset is not None and run["arm"] in (reference_arm, BALANCED_ARM):
             values["balanced_subset"] = _evaluate(subset, run)
         write_common_eval(Path(run["results_dir"]), values)
     print(f"common set: {common.description['documents']} test documents of {masked}")
@@ -192,6 +193,7 @@ def summarize_sweep(sweep_dir: Path) -> dict:
     """Per run and per arm (in the sweep's order); each arm's common-set loss minus the reference arm's, with a
     Welch interval over seeds (the balanced arm: on the documents neither trained on, see the module doc)."""
     sweep = json.loads((Path(sweep_dir) / "sweep.json").read_text(encoding="utf-8"))
+    reference = sweep.get("reference_arm", REFERENCE_ARM)
     rows = [run_row(run) for run in sweep["runs"]]
     arms = list(dict.fromkeys(row["arm"] for row in rows))
     summary = {arm: arm_summary([row for row in rows if row["arm"] == arm]) for arm in arms}
@@ -201,12 +203,13 @@ def summarize_sweep(sweep_dir: Path) -> dict:
 
     for arm in arms:
         key = "subset_loss" if arm == BALANCED_ARM else "common_loss"
-        summary[arm]["loss_minus_reference"] = difference_interval(losses(arm, key), losses(REFERENCE_ARM, key))
+        summary[arm]["loss_minus_reference"] = difference_interval(losses(arm, key), losses(reference, key))
     subset = next((row["subset_set"] for row in rows if row.get("subset_set")), None)
     return {
         "seconds": round(sum(run.get("seconds") or 0 for run in sweep["runs"]), 1),  # its runs, data steps included
         "corpus": sweep.get("corpus"),
         "design": sweep.get("design"),
+        "reference_arm": reference,
         "runs": rows,
         "arms": summary,
         "common_set": next((row["common_set"] for row in rows if row.get("common_set")), None),
@@ -275,7 +278,7 @@ def arm_markdown(design: dict, columns: list[str] = ARM_COLUMNS) -> str:
             str(summary["seeds"]),
             f"{_seeds_cell(summary['subset_loss'])} *" if balanced else _seeds_cell(summary["common_loss"]),
             MISSING
-            if arm == REFERENCE_ARM or difference["difference"] is None
+            if arm == design.get("reference_arm", REFERENCE_ARM) or difference["difference"] is None
             else with_interval(difference["difference"], difference["ci"], 3, signed=True) + (" *" if balanced else ""),
             MISSING if balanced else _seeds_cell(summary["common_accuracy"]),
             _seeds_cell(summary["own_test_loss"]),
