@@ -286,8 +286,9 @@ def worker_command(args: argparse.Namespace, corpus: str, design: str) -> list[s
     """This script for one corpus and design, with the same settings, as a worker (it writes no study.md)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out)]
     command += ["--corpus", str(args.corpora[corpus].path)]
-    command += ["--profile", args.profile, "--designs", design, "--seeds", str(args.seeds), "--n-boot", str(args.n_boot), "--n-perm"]
-    command += [str(args.n_perm), *(["--quick"] if args.quick else []), *(["--overwrite"] if args.overwrite else [])]
+    command += ["--profile", args.profile, "--designs", design, "--seeds", str(args.seeds)]
+    command += ["--n-boot", str(args.n_boot), "--n-perm", str(args.n_perm)]
+    command += [*(["--quick"] if args.quick else []), *(["--overwrite"] if args.overwrite else [])]
     for text in args.overrides:
         command += ["--set", text]
     return [*command, "--worker"]
