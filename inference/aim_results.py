@@ -54,16 +54,17 @@ def record_in_aim(
     stats: Mapping | None,
     ablation: Mapping | None,
     figures: Sequence[Path],
+    step: int | None = None,
 ) -> str:
     """Track step 4's numbers and figures into the run's Aim run; returns the line to print (what was recorded, or
-    why nothing was)."""
+    why nothing was). step: the training step they belong to (default: the run's last; a checkpoint's own)."""
     run_hash = run_manifest.get("aim_run_hash")
     if not run_hash:
         return "aim: the run has no Aim run (it was trained without tracking): nothing recorded there"
     repository = Path(aim_repo) / ".aim"
     if not repository.is_dir():
         return f"aim: {repository} is gone: step 4's results were not recorded in the run's Aim run"
-    step = int(run_manifest.get("total_steps") or 0)
+    step = int(run_manifest.get("total_steps") or 0) if step is None else step
     metrics = headline_metrics(metric_rows, stats, ablation)
     try:
         from aim import Image, Run  # loads Aim's storage only when there is a run to write to

@@ -31,7 +31,7 @@ from config_utils.host_memory import keep_freed_memory
 from config_utils.io import check_output_folder, lock_step_output, safe_file_stems, write_sealed_manifest
 from inference.aim_results import record_in_aim
 from inference.outputs import METRIC_COLUMNS, print_summary, write_analysis_files, write_csv, write_figures
-from inference.run import load_run, resolve_precision, run_summary
+from inference.run import load_run, resolve_precision, run_summary, with_coarse_topics
 from inference.scale import LONG_ANALYSIS_SECONDS, check_analysis_scale
 from inference.stages import analyze_run_routing, evaluate_groups, run_ablation
 from process_exp_results.analysis.phases import Phases
@@ -47,6 +47,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--run",
         default=None,
         help="run tag under train.save_path, or a run folder; if not given, the last finished run",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="evaluate the run's checkpoint at this training step (checkpoints/step-NNNNNN) instead of its final "
+        "model; results go to SAVE_PATH/<run tag>@step-STEP/ (routing along training: the study's emergence curve)",
     )
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per evaluation batch")
     parser.add_argument(
@@ -84,6 +92,14 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="analyse the held-out topics together with the test split's (the earlier study's "
         "design; they are unfamiliar text, so topic and novelty mix)",
+    )
+    parser.add_argument(
+        "--topic-map",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="analyse coarser topics: each document's topic becomes its family under the YAML file's coarse_topics "
+        "(patterns such as comp.*; configs/corpora/20newsgroups.yaml has one); pair with another --save_path",
     )
     parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
     parser.add_argument(
@@ -150,7 +166,7 @@ def main() -> None:
     configs = load_step_configs(args, ["dataset", "model", "train"])
     out_root = check_output_folder(args.save_path, "--save_path")
     run = load_run(args, configs)
-    lock_step_output(out_root / run.run_dir.name, "--save_path")  # before the analysis: a second one stops now
+    lock_step_output(out_root / run.name, "--save_path")  # before the analysis: a second one stops now
     train_config = run.configs["train"]
     device = torch.device("cuda" if train_config.device != "cpu" and torch.cuda.is_available() else "cpu")
     bf16 = resolve_precision(args.precision, device, run.model.config.embedding_dim)
@@ -162,6 +178,8 @@ def main() -> None:
     started = time.time()
     phases = Phases()
     group_datasets = {group: datasets.load_from_disk(str(folder)) for group, folder in groups.items()}
+    if args.topic_map is not None:  # every group's documents labelled with their family, before any analysis
+        group_datasets, run.topic_families = with_coarse_topics(group_datasets, args.topic_map)
     if args.ablation is None:
         args.ablation = bool(layer_names) and run.model.config.n_experts <= ABLATION_MAX_EXPERTS
     ablation, evaluated = None, {}
@@ -175,19 +193,19 @@ def main() -> None:
         routing = analyze_run_routing(run, group_datasets, layer_names, device, args, bf16, phases)
 
     stats = routing.stats if routing else None
-    out_dir = out_root / run.run_dir.name
+    out_dir = out_root / run.name
     with atomic_dir(out_dir) as tmp_dir:
         with phases("figures", total=3) as bar:
             write_csv(tmp_dir / "metrics.csv", METRIC_COLUMNS, metric_rows)
             write_csv(tmp_dir / "expert_counts.csv", ["group", "layer", "expert", "count", "share"], count_rows)
-            write_figures(tmp_dir, run.run_dir.name, expert_counts, layer_names, file_stems)
+            write_figures(tmp_dir, run.name, expert_counts, layer_names, file_stems)
             bar.update()
             routing_files = write_analysis_files(tmp_dir, routing, ablation, layer_names)
             bar.update()
             figures = sorted(path.relative_to(tmp_dir) for path in (tmp_dir / "figures").glob("*.png"))
             write_report_md(
                 tmp_dir / "report.md",
-                run_summary(run.run_dir, run.model.config, metric_rows),
+                run_summary(run, metric_rows),
                 metric_rows,
                 stats,
                 figures,
@@ -200,6 +218,9 @@ def main() -> None:
             {
                 "step": "inference",
                 "run": str(run.run_dir),
+                "model": str(run.model_dir),
+                "checkpoint_step": run.checkpoint_step,
+                "topic_map": {"file": str(args.topic_map), "families": run.topic_families} if args.topic_map else None,
                 "input_manifest_hash": run.step2_hash,
                 "config": {"dataset": run.configs["dataset"], "train": train_config},
                 "precision": {"option": args.precision, "forward": "bf16" if bf16 else "fp32", "statistics": "fp32"},
@@ -215,7 +236,13 @@ def main() -> None:
     aim_line = None
     if args.aim:  # beside the training curves, for Aim's run comparison; the files above are the result
         aim_line = record_in_aim(
-            run.manifest, train_config.aim_repo, metric_rows, stats, ablation, [out_dir / path for path in figures]
+            run.manifest,
+            train_config.aim_repo,
+            metric_rows,
+            stats,
+            ablation,
+            [out_dir / path for path in figures],
+            step=run.checkpoint_step,
         )
     print_summary(out_dir, metric_rows, [*figures, *routing_files], stats, ablation, aim_line)
 

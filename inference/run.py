@@ -11,8 +11,11 @@ import datasets
 import numpy as np
 import torch
 
+from config_utils import PipelineError
 from config_utils.contracts import check_run_data, read_step2_output, step3_command
 from config_utils.io import read_manifest
+from process_exp_results.analysis.topic_map import coarse_topics, read_topic_map
+from train.checkpoints import checkpoint_folder, complete_checkpoints
 from train.final_model import MODEL_DIR, find_run, load_model
 from train.precision import bf16_is_fast
 
@@ -26,16 +29,35 @@ def training_token_ids(train_dir: Path) -> np.ndarray:
     return np.array(sorted(seen), dtype=np.int64)
 
 
-def run_summary(run_dir: Path, model_config, metric_rows: list[dict]) -> dict:
+def run_summary(run: Run, metric_rows: list[dict]) -> dict:
     """The facts at the top of report.md."""
+    model_config = run.model.config
     return {
-        "run": run_dir.name,
-        "model folder": str(run_dir / MODEL_DIR),
+        "run": run.name,
+        "model folder": str(run.model_dir),
         "model": f"{model_config.n_encoder_blocks} blocks, MoE in blocks {model_config.moe_layer_indices}, "
         f"{model_config.n_experts} experts, top-{model_config.top_k_experts}, "
         f"embedding {model_config.embedding_dim}, seq_len {model_config.seq_len}",
         "evaluated": ", ".join(f"{row['group']} ({row['documents']} documents)" for row in metric_rows),
+        **({"topics": coarse_summary(run.topic_families)} if run.topic_families else {}),
     }
+
+
+def coarse_summary(families: dict) -> str:
+    names = sorted(set(families.values()))
+    return f"{len(families)} topics analysed as {len(names)} families ({', '.join(names)}; --topic-map)"
+
+
+def with_coarse_topics(group_datasets: dict, map_file: Path) -> tuple[dict, dict]:
+    """Each group's `topic` column replaced by the topic's family (in memory: step 2's files stay as they are)."""
+    topic_map = read_topic_map(map_file)
+    topics = {topic for dataset in group_datasets.values() for topic in dataset.unique("topic")}
+    families = coarse_topics(topics, topic_map, f"--topic-map {map_file}")
+    mapped = {}
+    for name, dataset in group_datasets.items():
+        coarse = [families[topic] for topic in dataset["topic"]]
+        mapped[name] = dataset.remove_columns("topic").add_column("topic", coarse)
+    return mapped, families
 
 
 @dataclass
@@ -49,6 +71,19 @@ class Run:
     step2_manifest: dict
     step2_hash: str
     manifest: dict  # the run's manifest (its Aim run, its steps)
+    checkpoint_step: int | None = None  # evaluated: the run's checkpoint at this step, not its final model
+    topic_families: dict | None = None  # step 4 --topic-map: each topic's family, the label analysed
+
+    @property
+    def name(self) -> str:
+        """The results folder's name: the run's tag, or <tag>@step-N for one of its checkpoints."""
+        return self.run_dir.name if self.checkpoint_step is None else f"{self.run_dir.name}@step-{self.checkpoint_step}"
+
+    @property
+    def model_dir(self) -> Path:
+        if self.checkpoint_step is None:
+            return self.run_dir / MODEL_DIR
+        return checkpoint_folder(self.run_dir, self.checkpoint_step)
 
     @property
     def masked_dir(self) -> Path:
@@ -77,12 +112,23 @@ def load_run(args: argparse.Namespace, configs: dict) -> Run:
     """The run's model and tokenizer, checked against the step 2 output it was trained on."""
     run_dir = find_run(configs["train"].save_path, args.run, step3_command(args))
     run_manifest, _ = read_manifest(run_dir, step3_command(args, run_dir.name) + " --overwrite")
-    model, tokenizer = load_model(run_dir / MODEL_DIR)
+    step = getattr(args, "checkpoint", None)
+    model, tokenizer = load_model(checkpoint_of(run_dir, step) if step is not None else run_dir / MODEL_DIR)
     # the run's own model settings decide what data it can read, whatever model config is passed now
     run_model_config = {**configs["model"], "seq_len": model.config.seq_len, "vocab_size": model.config.vocab_size}
     step2_manifest, step2_hash = read_step2_output(configs["dataset"], run_model_config, args)
     check_run_data(run_manifest, run_dir, step2_hash, args)
-    return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash, run_manifest)
+    return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash, run_manifest, step)
+
+
+def checkpoint_of(run_dir: Path, step: int) -> Path:
+    """The run's checkpoint at `step`, or one line naming the steps it has."""
+    folder = checkpoint_folder(run_dir, step)
+    if folder not in complete_checkpoints(run_dir):
+        steps = [int(path.name.split("-")[1]) for path in complete_checkpoints(run_dir)]
+        kept = ", ".join(map(str, steps)) if steps else "none (train.keep_checkpoints, train.save_steps)"
+        raise PipelineError(f"--checkpoint {step}: run {run_dir.name} has no checkpoint at that step; it kept: {kept}")
+    return folder
 
 
 def resolve_precision(option: str, device, width: int) -> bool:

@@ -145,7 +145,7 @@ def analyze_run_routing(
             random_routers=random_routers,
             progress=bar.update,
         )
-    stats["saturation"] = saturation(run.run_dir, layer_names)  # from the run's routing snapshots
+    stats["saturation"] = saturation(run.run_dir, layer_names, run.checkpoint_step)  # the run's routing snapshots
     stats["summary"] = (
         summary_sentences(stats)
         + [consistency_sentence(layer, values) for layer, values in stats["consecutive"].items()]

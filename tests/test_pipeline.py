@@ -157,3 +157,61 @@ def test_step4_manifest_records_precision_and_phase_times(pipeline):
     assert all(seconds >= 0 for seconds in phases.values())
     assert sum(phases.values()) <= manifest["seconds"] + 1.0  # the phases are parts of step 4's time
     assert manifest["metrics_from_ablation"] == sorted(row["group"] for row in manifest["metrics"])
+
+
+def test_step4_evaluates_a_checkpoint_at_coarse_topics(pipeline, tmp_path):
+    """--checkpoint: the run's model at that step, in <tag>@step-N; --topic-map: topics analysed as families."""
+    run_dir, _ = pipeline
+    options = small_overrides(run_dir)
+    coarse = tmp_path / "coarse.yaml"
+    coarse.write_text("coarse_topics:\n  tech: [programming, gaming]\n  leisure: [cooking, sports]\n")
+    light = [
+        "--run",
+        "tiny",
+        "--n-boot",
+        "20",
+        "--n-perm",
+        "20",
+        "--no-ablation",
+        "--no-aim",
+        "--n-random-routers",
+        "4",
+    ]
+    out = tmp_path / "results"
+    check_ok(
+        run_step(
+            4,
+            *DEMO_CONFIGS,
+            *options,
+            "--save_path",
+            str(out),
+            "--checkpoint",
+            "40",
+            "--topic-map",
+            str(coarse),
+            *light,
+        )
+    )
+    folder = out / "tiny@step-40"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["checkpoint_step"] == 40 and manifest["model"].endswith("checkpoints/step-000040")
+    assert manifest["topic_map"]["families"] == {
+        "cooking": "leisure",
+        "gaming": "tech",
+        "programming": "tech",
+        "sports": "leisure",
+    }
+    stats = json.loads((folder / "routing_stats.json").read_text())
+    assert set(stats["topics"]) <= {"tech", "leisure"}
+    assert stats["saturation"] is None  # no routing snapshot at step 40 (evaluations at 30 and 60): nothing to compare
+
+    def test_loss(path):
+        return next(row["mlm_loss"] for row in csv.DictReader(open(path / "metrics.csv")) if row["group"] == "test")
+
+    assert test_loss(folder) != test_loss(run_dir / "results" / "tiny")  # another model than the final one
+    missing = run_step(4, *DEMO_CONFIGS, *options, "--save_path", str(out), "--checkpoint", "30", *light)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: --checkpoint 30: run tiny has no checkpoint")
+    coarse.write_text("coarse_topics:\n  tech: [programming]\n  leisure: [cooking, sports]\n")
+    unmatched = run_step(4, *DEMO_CONFIGS, *options, "--save_path", str(out), "--topic-map", str(coarse), *light)
+    assert unmatched.returncode == 2 and "topic 'gaming' matches no family" in unmatched.stderr

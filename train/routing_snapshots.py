@@ -101,9 +101,15 @@ def settled_at(steps: list[int], agreement: list[float], threshold: float = SETT
     return first
 
 
-def saturation(run_dir: Path, layer_names: list[str]) -> dict | None:
-    """Per layer: agreement of every snapshot with the final one, and the step from which it stays settled."""
+def saturation(run_dir: Path, layer_names: list[str], until_step: int | None = None) -> dict | None:
+    """Per layer: agreement of every snapshot with the final one, and the step from which it stays settled.
+    until_step: the model is the run's checkpoint at that step: its snapshot is the final one, later ones unseen."""
     steps, snapshots = load_snapshots(run_dir)
+    if until_step is not None:
+        if until_step not in steps:  # no snapshot of that model: its routing cannot be compared
+            return None
+        kept = [index for index, step in enumerate(steps) if step <= until_step]
+        steps, snapshots = [steps[index] for index in kept], [snapshots[index] for index in kept]
     if len(snapshots) < 2:
         return None
     final = snapshots[-1]

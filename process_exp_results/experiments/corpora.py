@@ -13,6 +13,8 @@
     tokenizer_vocab_size: 4000
     held_out: [a, b]                   # the topics the held-out design keeps out of training
     balanced: [a, b, c]                # the topics the balanced arm balances train/valid/test over
+    coarse_topics:                     # optional: families of topics, a second granularity (patterns allowed)
+      comp: [comp.*]
 
 Every topic the file names must be one of the corpus's topics: checked before any run starts (files and builtin;
 a hub corpus cannot be read here beforehand), so a misspelt topic is one line, not a failed arm.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from config_utils import PipelineError
 from config_utils.config import read_yaml
+from process_exp_results.analysis.topic_map import check_topic_map, coarse_topics
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS_FOLDER = REPO / "configs" / "corpora"
@@ -33,7 +36,7 @@ SOURCE_KEYS = {
     "builtin": {"builtin"},
     "hub": {"hub_name", "text_field", "topic_field"},
 }
-OPTIONAL_KEYS = {"hub_config", "hub_split"}
+OPTIONAL_KEYS = {"hub_config", "hub_split", "coarse_topics"}
 SIZE_KEYS = ("train_len", "valid_len", "test_len", "topic_len")
 REQUIRED_KEYS = {"source", *SIZE_KEYS, "tokenizer_vocab_size", "held_out", "balanced"}
 
@@ -45,6 +48,7 @@ class Corpus:
     sets: dict  # the steps' --set overrides: source, files, fields, sizes, vocabulary
     held_out: list[str]
     balanced: list[str]
+    coarse_topics: dict[str, list[str]] | None = None  # family -> topic patterns
 
     @property
     def data_files(self) -> list[str]:
@@ -88,7 +92,8 @@ def load_corpus(name_or_path: str) -> Corpus:
     for key in ("held_out", "balanced"):
         if not isinstance(raw[key], list) or not all(isinstance(topic, str) for topic in raw[key]):
             raise PipelineError(f"{path}: key {key!r} must be a list of topic names, got {raw[key]!r}")
-    return Corpus(path.stem, path, _sets(raw, path), list(raw["held_out"]), list(raw["balanced"]))
+    coarse = check_topic_map(raw["coarse_topics"], str(path)) if "coarse_topics" in raw else None
+    return Corpus(path.stem, path, _sets(raw, path), list(raw["held_out"]), list(raw["balanced"]), coarse)
 
 
 def _sets(raw: dict, path: Path) -> dict:
@@ -139,3 +144,5 @@ def check_named_topics(corpus: Corpus) -> None:
                 f"{corpus.path}: {key} names {absent[0]!r}, which is not a topic of the corpus ({len(topics)} topics: "
                 f"{shown}); fix the file"
             )
+    if corpus.coarse_topics:
+        coarse_topics(topics, corpus.coarse_topics, f"{corpus.path}: coarse_topics")

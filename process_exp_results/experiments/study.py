@@ -1,6 +1,8 @@
-r"""The earlier study, redone: its five masking configurations and its defects as an arm, on real text, with seeds.
+r"""The earlier study, redone: its five masking configurations and its defects as an arm, on real text, with seeds;
+and (--profile learned) the same question asked of a model that learned.
 
-Arms (each trained with --seeds seeds, train.random_seed 0..N-1; one seed's data are every seed's data):
+Profile early (the default; the earlier study's scale: width 128, 4 experts, 400 steps). Arms (each trained with
+--seeds seeds, train.random_seed 0..N-1; one seed's data are every seed's data):
   seq64_mask0.15            seq_len 64, mask 0.15 (the reference arm: its test split is the common set)
   seq64_mask0.05            seq_len 64, mask 0.05
   seq128_mask0.10           seq_len 128, mask 0.10
@@ -10,6 +12,18 @@ Arms (each trained with --seeds seeds, train.random_seed 0..N-1; one seed's data
   seed_replica              seq_len 64, mask 0.15 with the earlier model's defects: causal attention, a router
                             left at its initialisation (train.freeze_router: it never received a gradient) and no
                             balancing loss
+Profile learned (width 256, 8 experts, seq_len 128, 4,000 steps with dynamic masking; seen design). Arms:
+  moe_top1                  the reference: top-1 MoE
+  supervised_router         each router trained to send topic t to expert t mod E: the power check (its index
+                            must be high, or the index is wrong)
+  frozen_router             routers left at their random init: how often a router that learned nothing clears 0
+  dense_equal_active        one FFN as wide as one expert: the reference's active parameters without experts
+  moe_top2                  top-2 MoE
+  seed_replica              the earlier model's defects, as above
+  Then step 4 on the reference's first seed at 12.5%, 25% and 50% of its steps (emergence/: does specialization
+  appear as the model learns?) and on every reference seed with the corpus's coarse_topics (results_coarse/), and
+  <corpus>-<design>_emergence.png (learned.py). A stopped study resumes: finished runs are kept, an interrupted
+  training continues from its newest checkpoint.
 Designs: `seen` (every topic in training; step 4 on the test split) runs every arm; `held_out` (two topics held out
 by step 1, step 4 pooling them with the test split's: the earlier study's design, where topic and unfamiliar text
 mix) runs the reference arm and seed_replica. Corpora are YAML files (experiments/corpora.py): configs/corpora/ has
@@ -26,6 +40,7 @@ resumable, a failed run is reported and the rest go on; rerun the command to fin
 every corpus and design), study.json, study_masking.png and study_index.png into --out.
     python process_exp_results/experiments/study.py --jobs 2 --out process_exp_results/study         # reddit and agnews
     python process_exp_results/experiments/study.py --quick --jobs 2 --out process_exp_results/study_quick   # builtin, 1 seed
+    python process_exp_results/experiments/study.py --profile learned --corpus 20newsgroups --seeds 2
 Extra --set options apply to every run, after the study's own sizes (e.g. --set train.max_steps=800).
 """
 
@@ -48,6 +63,12 @@ from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
 from process_exp_results.experiments import study_summary
 from process_exp_results.experiments.corpora import check_named_topics, load_corpus
+from process_exp_results.experiments.learned import (
+    emergence_steps,
+    learned_views,
+    run_extra_step4,
+    write_emergence_figure,
+)
 from process_exp_results.experiments.study_summary import BALANCED_ARM, LEARNED_REFERENCE_ARM, REFERENCE_ARM
 from process_exp_results.experiments.sweep import PLACED_KEYS, execute, plan_runs
 
@@ -126,13 +147,34 @@ LEARNED_SCALE = {
     "train.mixed_precision": "auto",
     "train.log_steps": 10,
 }
-QUICK_LEARNED_SCALE = {**QUICK_SCALE, "train.save_steps": 5, "train.keep_checkpoints": 8, "model.n_experts": 4}
+QUICK_LEARNED_SCALE = {
+    **QUICK_SCALE,
+    "model.n_experts": 4,
+    "train.eval_steps": 5,  # a routing snapshot at every checkpoint
+    "train.save_steps": 5,
+    "train.keep_checkpoints": 8,
+}
 PROFILES = {
     "early": {"arms": EARLY_ARMS, "designs": {"seen": list(EARLY_ARMS), "held_out": [REFERENCE_ARM, "seed_replica"]}},
     "learned": {"arms": LEARNED_ARMS, "designs": {"seen": list(LEARNED_ARMS)}},
 }
 ARMS = {**EARLY_ARMS, **LEARNED_ARMS}  # every arm of either profile, by name
 QUICK_STEP4 = ["--n-random-routers", "8"]  # the references' cost is per random router
+
+
+def design_arms(args: argparse.Namespace, design: str) -> list[str]:
+    """The design's arms (its reference arm first), less those --arms leaves out."""
+    return [arm for arm in PROFILES[args.profile]["designs"][design] if args.arms is None or arm in args.arms]
+
+
+def emergence_steps_of(args: argparse.Namespace) -> list[int]:
+    scale = {**profile_scale(args), **dict(parse_override_pair(text) for text in args.overrides)}
+    return emergence_steps(int(scale["train.max_steps"]), int(scale["train.save_steps"]))
+
+
+def parse_override_pair(text: str) -> tuple[str, object]:
+    role, path, value = parse_override(text)
+    return ".".join([role, *path]), value
 
 
 def profile_scale(args: argparse.Namespace) -> dict:
@@ -163,7 +205,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--designs", default=None, help="comma-separated subset of seen, held_out (default: all of the profile's)"
     )
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; --quick 1)")
+    parser.add_argument(
+        "--arms",
+        default=None,
+        help="comma-separated subset of the profile's arms, its reference arm among them (default: all of them)",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; learned 2; --quick 1)")
     parser.add_argument("--quick", action="store_true", help="builtin corpus, one seed, a smaller model, 40 steps")
     parser.add_argument("--n-boot", type=int, default=None, help="step 4: bootstrap resamples (default 200; quick 50)")
     parser.add_argument("--n-perm", type=int, default=None, help="step 4: permutations (default 200; quick 50)")
@@ -186,7 +233,8 @@ def parse_args() -> argparse.Namespace:
         args.corpora[corpus.name] = corpus
     designs = args.designs or ",".join(PROFILES[args.profile]["designs"])
     args.designs = [name.strip() for name in designs.split(",") if name.strip()]
-    args.seeds = (1 if args.quick else 3) if args.seeds is None else args.seeds
+    default_seeds = 1 if args.quick else (2 if args.profile == "learned" else 3)
+    args.seeds = default_seeds if args.seeds is None else args.seeds
     args.n_boot = (50 if args.quick else 200) if args.n_boot is None else args.n_boot
     args.n_perm = (50 if args.quick else 200) if args.n_perm is None else args.n_perm
     default_out = "process_exp_results/study" + ("_learned" if args.profile == "learned" else "")
@@ -197,12 +245,19 @@ def parse_args() -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Names, counts and --set keys, before anything runs."""
-    design_arms = PROFILES[args.profile]["designs"]
-    unknown = [name for name in args.designs if name not in design_arms]
+    profile_arms = list(PROFILES[args.profile]["arms"])
+    if args.arms is not None:
+        args.arms = [name.strip() for name in args.arms.split(",") if name.strip()]
+        unknown = [name for name in args.arms if name not in profile_arms]
+        if unknown or profile_arms[0] not in args.arms:
+            why = f"unknown {unknown}" if unknown else f"the reference arm {profile_arms[0]} must be among them"
+            raise PipelineError(f"--arms: {why}; the {args.profile} profile's arms: {', '.join(profile_arms)}")
+    profile_designs = PROFILES[args.profile]["designs"]
+    unknown = [name for name in args.designs if name not in profile_designs]
     if unknown or not args.designs:
         raise PipelineError(
             f"--designs: unknown {unknown or 'none given'} for --profile {args.profile}; choose from "
-            f"{', '.join(design_arms)}"
+            f"{', '.join(profile_designs)}"
         )
     for option, value in (
         ("--seeds", args.seeds),
@@ -258,7 +313,7 @@ def plan_design(args: argparse.Namespace, runner: argparse.Namespace, corpus: st
     """One run per arm and seed (the reference arm first: the balanced arm uses its tokenizer), tagged
     <arm>__seed-<seed>."""
     sweep_dir = args.out / f"{corpus}-{design}"
-    arms = PROFILES[args.profile]["designs"][design]
+    arms = design_arms(args, design)
 
     def plan(tokenizer: str | None) -> list[dict]:
         assignments, labels = [], []
@@ -287,6 +342,7 @@ def worker_command(args: argparse.Namespace, corpus: str, design: str) -> list[s
     command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out)]
     command += ["--corpus", str(args.corpora[corpus].path)]
     command += ["--profile", args.profile, "--designs", design, "--seeds", str(args.seeds)]
+    command += ["--arms", ",".join(args.arms)] if args.arms else []
     command += ["--n-boot", str(args.n_boot), "--n-perm", str(args.n_perm)]
     command += [*(["--quick"] if args.quick else []), *(["--overwrite"] if args.overwrite else [])]
     for text in args.overrides:
@@ -341,6 +397,9 @@ def main() -> None:
             reference = PROFILES[args.profile]["designs"][design][0]
             metadata = {"experiment": "study", "corpus": corpus, "design": design, "reference_arm": reference}
             execute(runner, runs, sweep_dir, metadata)
+            if args.profile == "learned":  # step 4 along the reference's training, and at the corpus's families
+                coarse = args.corpora[corpus].path if args.corpora[corpus].coarse_topics else None
+                run_extra_step4(runner, runs, sweep_dir, reference, emergence_steps_of(args), coarse)
         if args.worker:
             continue
         if not (sweep_dir / "sweep.json").is_file():
@@ -349,6 +408,10 @@ def main() -> None:
         study_summary.score_on_common_set(runs, PROFILES[args.profile]["designs"][design][0])
         with contextlib.redirect_stdout(io.StringIO()):  # its tables are in study.md; the files stay
             _, designs[f"{corpus}-{design}"] = compare([str(sweep_dir)], sweep_dir / "comparison")
+        if args.profile == "learned":
+            reference = PROFILES[args.profile]["designs"][design][0]
+            views = learned_views(runs, designs[f"{corpus}-{design}"], sweep_dir, reference, emergence_steps_of(args))
+            designs[f"{corpus}-{design}"]["learned"] = views
     if args.worker:
         return
     seconds = round(time.perf_counter() - started, 1)
@@ -363,6 +426,16 @@ def main() -> None:
     }
     write_json_atomic(args.out / "study.json", {"settings": settings, "designs": designs})
     figures = study_summary.write_figures(designs, args.out)
+    for name, design in designs.items():
+        if "learned" in design:
+            path = args.out / f"{name}_emergence.png"
+            figures += [
+                p
+                for p in [
+                    write_emergence_figure(design["learned"]["emergence"], design["learned"]["loss_curves"], path)
+                ]
+                if p
+            ]
     table = study_summary.study_markdown(designs, settings)
     write_text_atomic(args.out / "study.md", table + "\n")
     print(table)

@@ -27,6 +27,7 @@ from process_exp_results.experiments.common_eval import (
     seed_summary,
     write_common_eval,
 )
+from process_exp_results.experiments.learned import learned_markdown
 from process_exp_results.experiments.result_files import read_result_folder
 from process_exp_results.report.formatting import MISSING, format_number, with_interval
 
@@ -340,6 +341,8 @@ def study_markdown(designs: dict, settings: dict) -> str:
         parts.append(arm_markdown(design))
         parts.append("\n" + "\n".join(design_notes(design)) + "\n")
         parts.append("Shorter (docs/results.md's):\n\n" + arm_markdown(design, SHORT_COLUMNS) + "\n")
+        if design.get("learned"):
+            parts.append(learned_markdown(design["learned"]) + "\n")
     parts.append(LEGEND)
     run_minutes = sum(design.get("seconds", 0) for design in designs.values()) / 60
     parts.append(

@@ -142,6 +142,16 @@ def plan_runs(
     return runs
 
 
+def is_trained(run_dir: Path) -> bool:
+    """Step 3 finished this run: its model and its manifest (written last) are there."""
+    return (run_dir / "model").is_dir() and (run_dir / "manifest.json").is_file()
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """A complete checkpoint (train/checkpoints.py writes trainer_state.json into it last) to resume from."""
+    return any((folder / "trainer_state.json").is_file() for folder in (run_dir / "checkpoints").glob("step-*"))
+
+
 def step_command(step: int, args: argparse.Namespace, run: dict, sweep_dir: Path) -> list[str]:
     configs = {
         1: ["--config-name", args.config_dataset],
@@ -161,7 +171,9 @@ def step_command(step: int, args: argparse.Namespace, run: dict, sweep_dir: Path
     for text in run["overrides"]:
         command += ["--set", text]
     if step == 3:
-        command += ["--tag", run["tag"], "--overwrite"]  # a half-finished run of this tag is redone
+        # an interrupted run continues from its newest checkpoint; anything else of this tag is redone
+        interrupted = not args.overwrite and has_checkpoint(Path(run["run_dir"]))
+        command += ["--tag", run["tag"], *(["--resume", "latest"] if interrupted else ["--overwrite"])]
     if step == 4:
         command += ["--run", run["tag"], "--save_path", str(sweep_dir / "results"), *getattr(args, "step4_options", [])]
     return command
@@ -226,6 +238,8 @@ def run_steps(args: argparse.Namespace, run: dict, sweep_dir: Path, data_status:
             ok, error = not data_status[folder], data_status[folder]
         elif folder is not None and not args.overwrite and data_is_current(step, folder, run["data_settings"][step]):
             ok, error = True, ""  # made by an earlier invocation of this sweep, with the same settings
+        elif step == 3 and not args.overwrite and is_trained(Path(run["run_dir"])):
+            ok, error = True, ""  # trained by an earlier invocation that stopped before its step 4 finished
         else:
             print(f"  step {step} ...", flush=True)
             ok, error = run_logged(step_command(step, args, run, sweep_dir), log)

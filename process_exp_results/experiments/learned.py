@@ -1,0 +1,381 @@
+"""The learned profile's own views (study.py --profile learned), each from files the runs already wrote:
+
+- emergence: step 4 on the reference arm's first seed at 12.5%, 25% and 50% of its steps (its checkpoints) and at
+  the end (its own results): topic and token-class index, accuracy and routing saturation against the step;
+- granularity: step 4 on each reference seed with the corpus's coarse_topics (step 4 --topic-map), beside the fine
+  topics' numbers;
+- the profile's bar: the reference arm's common-set accuracy >= 0.35 and every MoE layer settled (top-1 agreement
+  with the final model >= 0.95 at the two evaluations before the last);
+- experts against the dense model with the same active parameters: validation loss per step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from process_exp_results.experiments.result_files import read_json, read_metrics
+from process_exp_results.experiments.sweep import run_logged, step_command
+from process_exp_results.report.formatting import MISSING, format_number, with_interval
+
+EMERGENCE_FRACTIONS = (0.125, 0.25, 0.5)  # of the steps; 1.0 is the run's own step 4
+LEARNED_ACCURACY = 0.35  # the profile's bar: the reference arm's common-set masked accuracy
+SETTLED_AGREEMENT = 0.95  # ... and every MoE layer's top-1 agreement with the final model at the last evaluations
+CURVE_ARMS = ("moe_top1", "moe_top2", "dense_equal_active")  # validation loss per step: do experts pay?
+
+
+def emergence_steps(max_steps: int, save_steps: int) -> list[int]:
+    """The checkpoint steps nearest each fraction (checkpoints are every save_steps)."""
+    steps = [max(save_steps, round(max_steps * fraction / save_steps) * save_steps) for fraction in EMERGENCE_FRACTIONS]
+    return sorted(set(step for step in steps if step < max_steps))
+
+
+def extra_step4_jobs(runs: list[dict], sweep_dir: Path, reference_arm: str, steps: list[int], coarse_file) -> list:
+    """(run, options, results folder) of every extra step 4: emergence on the first finished reference seed,
+    coarse topics on every finished reference seed (when the corpus has coarse_topics)."""
+    references = [
+        run for run in runs if run["arm"] == reference_arm and (Path(run["results_dir"]) / "metrics.csv").is_file()
+    ]
+    jobs = []
+    for number, run in enumerate(references):
+        if number == 0:
+            for step in steps:
+                folder = sweep_dir / "emergence" / f"{run['tag']}@step-{step}"
+                jobs.append((run, ["--checkpoint", str(step), "--save_path", str(folder.parent)], folder))
+        if coarse_file is not None:
+            folder = sweep_dir / "results_coarse" / run["tag"]
+            jobs.append((run, ["--topic-map", str(coarse_file), "--save_path", str(folder.parent)], folder))
+    return jobs
+
+
+def run_extra_step4(runner, runs: list[dict], sweep_dir: Path, reference_arm: str, steps: list[int], coarse_file):
+    """Step 4 on checkpoints and at coarse topics; a folder finished earlier is kept (resumable), a failure is
+    printed and the rest go on."""
+    for run, options, folder in extra_step4_jobs(runs, sweep_dir, reference_arm, steps, coarse_file):
+        if (folder / "metrics.csv").is_file() and not runner.overwrite:
+            continue
+        print(f"  step 4 on {folder.parent.name}/{folder.name} ...", flush=True)
+        # the sweep's own step 4 command; the later --save_path wins (argparse keeps the last)
+        log = sweep_dir / "logs" / f"{folder.parent.name}-{folder.name}.step4.log"
+        ok, error = run_logged([*step_command(4, runner, run, sweep_dir), *options], log)
+        if not ok:
+            print(f"  FAILED: {error} (log: {log})", flush=True)
+
+
+# ---- reading them --------------------------------------------------------------------------------------------------
+
+
+def _layer_indices(stats: dict | None) -> dict:
+    rows = {}
+    for layer in (stats or {}).get("layers", []):
+        references = layer.get("references") or {}
+        rows[layer["layer"]] = {
+            "topic_nmi": layer.get("nmi"),
+            **{
+                f"{factor}_{key}": (references.get(factor) or {}).get(key)
+                for factor in ("topic", "token_class")
+                for key in ("index", "index_ci")
+            },
+        }
+    return rows
+
+
+def _manifest(run: dict) -> dict:
+    return read_json(Path(run["run_dir"]) / "manifest.json") or {}
+
+
+def emergence_summary(runs: list[dict], sweep_dir: Path, reference_arm: str, steps: list[int]) -> dict | None:
+    """The reference's first finished seed along training: per evaluated step the indices and test accuracy; the
+    validation accuracy and the saturation curves at every evaluation."""
+    run = next(
+        (r for r in runs if r["arm"] == reference_arm and (Path(r["results_dir"]) / "metrics.csv").is_file()), None
+    )
+    if run is None:
+        return None
+    final_stats = read_json(Path(run["results_dir"]) / "routing_stats.json") or {}
+    manifest = _manifest(run)
+    total = manifest.get("total_steps")
+    points = []
+    for step, folder in [
+        *((s, sweep_dir / "emergence" / f"{run['tag']}@step-{s}") for s in steps),
+        (total, Path(run["results_dir"])),
+    ]:
+        test = read_metrics(folder).get("test")
+        points.append(
+            {
+                "step": step,
+                "fraction": step / total if total else None,
+                "test_accuracy": float(test["accuracy"]) if test else None,
+                "layers": _layer_indices(read_json(folder / "routing_stats.json")),
+            }
+        )
+    history = manifest.get("eval_history") or []
+    return {
+        "run": run["tag"],
+        "total_steps": total,
+        "points": points,
+        "validation": [{"step": row["step"], "accuracy": row["eval_accuracy"]} for row in history],
+        "saturation": {
+            layer: {"steps": values["steps"], "top1": values["top1"]}
+            for layer, values in (final_stats.get("saturation") or {}).items()
+        },
+    }
+
+
+def granularity_summary(runs: list[dict], sweep_dir: Path, reference_arm: str) -> list[dict]:
+    """Per reference seed and MoE layer: the topic NMI and index at the corpus's topics and at its families."""
+    rows = []
+    for run in runs:
+        coarse_folder = sweep_dir / "results_coarse" / run["tag"]
+        if run["arm"] != reference_arm or not (coarse_folder / "metrics.csv").is_file():
+            continue
+        fine = _layer_indices(read_json(Path(run["results_dir"]) / "routing_stats.json"))
+        coarse_stats = read_json(coarse_folder / "routing_stats.json") or {}
+        coarse = _layer_indices(coarse_stats)
+        for layer in fine:
+            rows.append(
+                {
+                    "run": run["tag"],
+                    "layer": layer,
+                    "fine": fine[layer],
+                    "coarse": coarse.get(layer, {}),
+                    "families": len(coarse_stats.get("topics") or []),
+                    "topics": len(read_json(Path(run["results_dir"]) / "routing_stats.json").get("topics") or []),
+                }
+            )
+    return rows
+
+
+def profile_bar(design: dict, runs: list[dict], reference_arm: str) -> dict:
+    """Whether the reference arm met the learned profile's bar, seed by seed."""
+    seeds = []
+    for row in design["runs"]:
+        if row["arm"] != reference_arm or row["status"] == "failed":
+            continue
+        run = next(r for r in runs if r["tag"] == row["tag"])
+        stats = read_json(Path(run["results_dir"]) / "routing_stats.json") or {}
+        agreement = {
+            layer: min(values["top1"][-3:-1]) if len(values["top1"]) >= 3 else None
+            for layer, values in (stats.get("saturation") or {}).items()
+        }
+        accuracy = row["common_accuracy"]
+        settled = bool(agreement) and all(
+            value is not None and value >= SETTLED_AGREEMENT for value in agreement.values()
+        )
+        seeds.append(
+            {
+                "tag": row["tag"],
+                "common_accuracy": accuracy,
+                "agreement_last_two": agreement,
+                "met": accuracy is not None and accuracy >= LEARNED_ACCURACY and settled,
+            }
+        )
+    return {"accuracy_bar": LEARNED_ACCURACY, "agreement_bar": SETTLED_AGREEMENT, "seeds": seeds}
+
+
+def loss_curves(runs: list[dict]) -> dict:
+    """arm -> [(seed, [steps], [validation MLM loss])] for the arms whose curves answer "do experts pay?"."""
+    curves = {}
+    for run in runs:
+        if run["arm"] not in CURVE_ARMS:
+            continue
+        history = _manifest(run).get("eval_history") or []
+        if history:
+            steps = [row["step"] for row in history]
+            curves.setdefault(run["arm"], []).append((run["seed"], steps, [row["eval_mlm_loss"] for row in history]))
+    return curves
+
+
+# ---- writing them --------------------------------------------------------------------------------------------------
+
+
+def _index(values: dict, factor: str) -> str:
+    index = values.get(f"{factor}_index")
+    return MISSING if index is None else with_interval(index, values.get(f"{factor}_index_ci"), 2)
+
+
+def emergence_markdown(summary: dict | None) -> str:
+    if not summary or not summary["points"]:
+        return "No emergence points yet (the reference arm's first seed has not finished)."
+    layers = list(summary["points"][-1]["layers"])
+    saturation = summary["saturation"]
+    header = ["step", "of training", "test accuracy"]
+    header += [
+        f"{layer}: {what}" for layer in layers for what in ("topic index", "token-class index", "agreement with final")
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for point in summary["points"]:
+        cells = [str(point["step"]), f"{point['fraction']:.1%}" if point["fraction"] else MISSING]
+        cells.append(format_number(point["test_accuracy"], 3) if point["test_accuracy"] is not None else MISSING)
+        for layer in layers:
+            values = point["layers"].get(layer, {})
+            curve = saturation.get(layer) or {"steps": [], "top1": []}
+            agreement = dict(zip(curve["steps"], curve["top1"])).get(point["step"])
+            cells += [
+                _index(values, "topic"),
+                _index(values, "token_class"),
+                format_number(agreement, 3) if agreement is not None else MISSING,
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def granularity_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "No coarse-topic results (the corpus file has no coarse_topics, or no reference seed finished)."
+    header = [
+        "run",
+        "layer",
+        "topic NMI (fine)",
+        "topic index (fine)",
+        "topic NMI (families)",
+        "topic index (families)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        fine, coarse = row["fine"], row["coarse"]
+        lines.append(
+            f"| {row['run']} | {row['layer']} | {format_number(fine.get('topic_nmi'), 3)} | {_index(fine, 'topic')} | "
+            f"{format_number(coarse.get('topic_nmi'), 3)} | {_index(coarse, 'topic')} |"
+        )
+    return (
+        "\n".join(lines)
+        + f"\n\nFine: the corpus's {rows[0]['topics']} topics; families: its {rows[0]['families']} coarse_topics."
+    )
+
+
+def bar_markdown(bar: dict) -> str:
+    if not bar["seeds"]:
+        return "The reference arm has no finished seed yet."
+    lines = []
+    for seed in bar["seeds"]:
+        agreement = ", ".join(
+            f"{layer} {format_number(value, 3)}" for layer, value in seed["agreement_last_two"].items()
+        )
+        verdict = "met" if seed["met"] else "not met"
+        lines.append(
+            f"* {seed['tag']}: common-set accuracy {format_number(seed['common_accuracy'], 3)} (bar "
+            f"{bar['accuracy_bar']}); lowest top-1 agreement with the final model at the two evaluations before the "
+            f"last: {agreement or MISSING} (bar {bar['agreement_bar']}): {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def write_emergence_figure(summary: dict | None, curves: dict, path: Path) -> Path | None:
+    """Three panels against the step: validation accuracy (every evaluation) and test accuracy (step 4 points);
+    each layer's topic and token-class index with intervals; each layer's agreement with the final routing. A
+    fourth: validation loss per step of the MoE and dense arms."""
+    if not summary or not summary["points"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from process_exp_results.figures.common import DPI
+
+    figure, grid = plt.subplots(2, 2, figsize=(13, 9))
+    axes = grid.ravel()
+    validation = summary["validation"]
+    axes[0].plot(
+        [row["step"] for row in validation],
+        [row["accuracy"] for row in validation],
+        "-",
+        color="0.4",
+        label="validation (every evaluation)",
+    )
+    points = [point for point in summary["points"] if point["test_accuracy"] is not None]
+    axes[0].plot(
+        [p["step"] for p in points],
+        [p["test_accuracy"] for p in points],
+        "o",
+        color="black",
+        label="test split (step 4)",
+    )
+    axes[0].axhline(
+        LEARNED_ACCURACY, color="tab:red", linestyle=":", linewidth=1, label=f"the profile's bar ({LEARNED_ACCURACY})"
+    )
+    axes[0].set(title="masked-token accuracy", xlabel="training step", ylabel="accuracy")
+    axes[0].legend(fontsize=8)
+    layers = list(summary["points"][-1]["layers"])
+    styles = {"topic": "o-", "token_class": "s--"}
+    for number, layer in enumerate(layers):
+        colour = f"C{number}"
+        for factor, style in styles.items():
+            xs, ys, low, high = [], [], [], []
+            for point in summary["points"]:
+                values = point["layers"].get(layer, {})
+                if values.get(f"{factor}_index") is None:
+                    continue
+                ci = values.get(f"{factor}_index_ci") or [values[f"{factor}_index"]] * 2
+                xs.append(point["step"])
+                ys.append(values[f"{factor}_index"])
+                low.append(values[f"{factor}_index"] - ci[0])
+                high.append(ci[1] - values[f"{factor}_index"])
+            if xs:
+                axes[1].errorbar(
+                    xs,
+                    ys,
+                    yerr=[low, high],
+                    fmt=style,
+                    color=colour,
+                    capsize=3,
+                    label=f"{layer}: {factor.replace('_', '-')}",
+                )
+        curve = summary["saturation"].get(layer)
+        if curve:
+            axes[2].plot(curve["steps"], curve["top1"], "-", color=colour, label=layer)
+    axes[1].axhline(0, color="0.5", linewidth=1)
+    axes[1].set(title="specialization index (0 = random routers)", xlabel="training step", ylabel="index, 95% interval")
+    axes[1].legend(fontsize=8)
+    axes[2].axhline(
+        SETTLED_AGREEMENT, color="tab:red", linestyle=":", linewidth=1, label=f"settled ({SETTLED_AGREEMENT})"
+    )
+    axes[2].set(
+        title="top-1 agreement with the final routing",
+        xlabel="training step",
+        ylabel="share of probe tokens",
+        ylim=(0, 1.02),
+    )
+    axes[2].legend(fontsize=8)
+    for number, (arm, seeds) in enumerate(curves.items()):
+        for seed, steps, losses in seeds:
+            axes[3].plot(
+                steps, losses, "-" if seed == 0 else "--", color=f"C{number + 3}", label=f"{arm} (seed {seed})"
+            )
+    axes[3].set(
+        title="validation MLM loss: experts vs dense at equal active parameters",
+        xlabel="training step",
+        ylabel="loss (nats)",
+    )
+    if curves:
+        axes[3].legend(fontsize=8)
+    figure.suptitle(
+        f"Does routing specialize as the model learns? {summary['run']}, {summary['total_steps']} steps", fontsize=12
+    )
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=DPI)
+    plt.close(figure)
+    tmp.replace(path)
+    return path
+
+
+def learned_views(runs: list[dict], design: dict, sweep_dir: Path, reference_arm: str, steps: list[int]) -> dict:
+    """Everything above for one sweep, as study.json keeps it."""
+    return {
+        "bar": profile_bar(design, runs, reference_arm),
+        "emergence": emergence_summary(runs, sweep_dir, reference_arm, steps),
+        "granularity": granularity_summary(runs, sweep_dir, reference_arm),
+        "loss_curves": loss_curves(runs),
+    }
+
+
+def learned_markdown(views: dict) -> str:
+    return "\n\n".join(
+        [
+            "#### The profile's bar\n\n" + bar_markdown(views["bar"]),
+            "#### Emergence: the reference arm along its training\n\n" + emergence_markdown(views["emergence"]),
+            "#### Two granularities: the corpus's topics and their families\n\n"
+            + granularity_markdown(views["granularity"]),
+        ]
+    )

@@ -1,0 +1,129 @@
+"""study.py --profile learned: its arms, step 4 along the reference's training and at coarse topics, resuming an
+interrupted training; the sweep's step 3 command; the corpus files' coarse_topics."""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_experiments import run_script
+
+from helpers import REPO, check_ok, error_line
+from process_exp_results.analysis.topic_map import coarse_topics
+from process_exp_results.experiments.learned import emergence_steps
+from process_exp_results.experiments.sweep import run_steps, step_command
+
+STUDY = REPO / "process_exp_results" / "experiments" / "study.py"
+
+
+@pytest.fixture(scope="module")
+def learned_quick(tmp_path_factory):
+    """The learned profile on the builtin corpus, the reference and dense arms only (--arms), one seed."""
+    out = tmp_path_factory.mktemp("learned") / "quick"
+    arms = "moe_top1,dense_equal_active"
+    result = check_ok(run_script(STUDY, "--quick", "--profile", "learned", "--arms", arms, "--out", out, timeout=600))
+    return out, result
+
+
+def test_the_learned_profile_runs_its_arms_then_step_4_along_training_and_at_coarse_topics(learned_quick):
+    out, result = learned_quick
+    sweep = out / "builtin-seen"
+    runs = json.loads((sweep / "sweep.json").read_text())
+    assert runs["reference_arm"] == "moe_top1"
+    assert [(run["arm"], run["status"]) for run in runs["runs"]] == [("moe_top1", "ok"), ("dense_equal_active", "ok")]
+    for step in (5, 10, 20):  # 12.5%, 25%, 50% of 40 steps
+        manifest = json.loads((sweep / "emergence" / f"moe_top1__seed-0@step-{step}" / "manifest.json").read_text())
+        assert manifest["checkpoint_step"] == step
+    coarse = json.loads((sweep / "results_coarse" / "moe_top1__seed-0" / "routing_stats.json").read_text())
+    assert set(coarse["topics"]) <= {"tech", "leisure"}  # configs/corpora/builtin.yaml's families
+    study = json.loads((out / "study.json").read_text())["designs"]["builtin-seen"]["learned"]
+    assert [point["step"] for point in study["emergence"]["points"]] == [5, 10, 20, 40]
+    assert all(point["layers"]["block 0"]["topic_index"] is not None for point in study["emergence"]["points"])
+    assert set(study["loss_curves"]) == {"moe_top1", "dense_equal_active"}
+    assert [seed["met"] for seed in study["bar"]["seeds"]] == [False]  # 40 steps on synthetic text: far from 0.35
+    table = (out / "study.md").read_text()
+    for heading in ("The profile's bar", "Emergence: the reference arm", "Two granularities"):
+        assert f"#### {heading}" in table
+    assert (out / "builtin-seen_emergence.png").stat().st_size > 20_000
+
+
+def test_an_interrupted_training_resumes_from_its_newest_checkpoint(learned_quick):
+    out, _ = learned_quick
+    sweep = out / "builtin-seen"
+    run_dir = sweep / "runs" / "moe_top1__seed-0"
+    for name in ("model", "manifest.json"):  # as a study stopped during the run's training leaves it
+        shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+    shutil.rmtree(sweep / "results" / "moe_top1__seed-0")
+    kept = sorted(path.name for path in (sweep / "emergence").iterdir())
+    result = check_ok(
+        run_script(STUDY, "--quick", "--profile", "learned", "--arms", "moe_top1,dense_equal_active", "--out", out)
+    )
+    log = (sweep / "logs" / "moe_top1__seed-0.step3.log").read_text()
+    assert "--resume latest" in log and "resuming moe_top1__seed-0 from" in log
+    assert "dense_equal_active__seed-0: done earlier" in result.stdout
+    assert "step 4 on emergence" not in result.stdout  # the checkpoints' results were kept
+    assert sorted(path.name for path in (sweep / "emergence").iterdir()) == kept
+
+
+def test_the_sweep_resumes_a_run_with_a_checkpoint_and_skips_a_trained_one(tmp_path, monkeypatch):
+    args = argparse.Namespace(config_dataset="d", config_model="m", config_train="t", overwrite=False)
+    run = {"tag": "a", "overrides": [], "run_dir": str(tmp_path / "a"), "processed_dir": "p", "masked_dir": "q"}
+    assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"  # nothing there: start afresh
+    (tmp_path / "a" / "checkpoints" / "step-000010").mkdir(parents=True)
+    assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"  # a checkpoint still being written
+    (tmp_path / "a" / "checkpoints" / "step-000010" / "trainer_state.json").write_text("{}")
+    assert step_command(3, args, run, tmp_path)[-2:] == ["--resume", "latest"]
+    args.overwrite = True
+    assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"
+    args.overwrite = False
+    (tmp_path / "a" / "model").mkdir()
+    (tmp_path / "a" / "manifest.json").write_text("{}")
+    commands = []
+    monkeypatch.setattr(
+        "process_exp_results.experiments.sweep.run_logged", lambda command, log: commands.append(command) or (True, "")
+    )
+    monkeypatch.setattr("process_exp_results.experiments.sweep.data_is_current", lambda *a: True)
+    run["data_settings"] = {1: {}, 2: {}}
+    run_steps(args, run, tmp_path, {})
+    assert len(commands) == 1 and "inference.py" in commands[0][1]  # trained earlier: only step 4 runs
+
+
+def test_emergence_steps_are_checkpoints_at_an_eighth_a_quarter_and_a_half():
+    assert emergence_steps(4000, 500) == [500, 1000, 2000]
+    assert emergence_steps(40, 5) == [5, 10, 20]
+    assert emergence_steps(100, 30) == [30, 60]  # the nearest checkpoints: 12.5 -> 30, 25 -> 30, 50 -> 60
+
+
+def test_coarse_topics_need_exactly_one_family_per_topic():
+    families = {"comp": ["comp.*"], "religion": ["alt.atheism", "soc.religion.christian"]}
+    assert coarse_topics(["comp.graphics", "alt.atheism"], families, "f") == {
+        "alt.atheism": "religion",
+        "comp.graphics": "comp",
+    }
+    from config_utils import PipelineError
+
+    with pytest.raises(PipelineError, match="'sci.space' matches no family"):
+        coarse_topics(["comp.graphics", "sci.space"], families, "f")
+    with pytest.raises(PipelineError, match=r"matches 2 families \(comp, all\)"):
+        coarse_topics(["comp.graphics"], {**families, "all": ["*"]}, "f")
+
+
+def test_a_corpus_file_whose_families_miss_a_topic_is_refused_before_any_run(tmp_path):
+    text = (REPO / "configs" / "corpora" / "builtin.yaml").read_text()
+    corpus = tmp_path / "mine.yaml"
+    corpus.write_text(text.replace("tech: [programming, gaming]", "tech: [programming]"))
+    line = error_line(run_script(STUDY, "--profile", "learned", "--corpus", corpus, "--out", tmp_path / "s"))
+    assert line == f"error: {corpus}: coarse_topics: topic 'gaming' matches no family; every topic needs exactly one"
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_20newsgroups_families_cover_its_groups():
+    from process_exp_results.experiments.corpora import corpus_topics, load_corpus
+
+    corpus = load_corpus("20newsgroups")
+    if not Path(corpus.data_files[0]).is_file():
+        pytest.skip("../shared/data/20newsgroups is absent")
+    families = coarse_topics(corpus_topics(corpus), corpus.coarse_topics, "20newsgroups")
+    assert len(families) == 20
+    assert sorted(set(families.values())) == ["comp", "forsale", "politics", "rec", "religion", "sci"]
