@@ -7,6 +7,7 @@
 - the profile's bar: the reference arm's common-set accuracy >= 0.35 and every MoE layer settled (top-1 agreement
   with the final model >= 0.95 at the two evaluations before the last);
 - experts against the dense model with the same active parameters: validation loss per step.
+emergence_figure.py draws them.
 """
 
 from __future__ import annotations
@@ -258,106 +259,6 @@ def bar_markdown(bar: dict) -> str:
             f"last: {agreement or MISSING} (bar {bar['agreement_bar']}): {verdict}"
         )
     return "\n".join(lines)
-
-
-def write_emergence_figure(summary: dict | None, curves: dict, path: Path) -> Path | None:
-    """Three panels against the step: validation accuracy (every evaluation) and test accuracy (step 4 points);
-    each layer's topic and token-class index with intervals; each layer's agreement with the final routing. A
-    fourth: validation loss per step of the MoE and dense arms."""
-    if not summary or not summary["points"]:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from process_exp_results.figures.common import DPI
-
-    figure, grid = plt.subplots(2, 2, figsize=(13, 9))
-    axes = grid.ravel()
-    validation = summary["validation"]
-    axes[0].plot(
-        [row["step"] for row in validation],
-        [row["accuracy"] for row in validation],
-        "-",
-        color="0.4",
-        label="validation (every evaluation)",
-    )
-    points = [point for point in summary["points"] if point["test_accuracy"] is not None]
-    axes[0].plot(
-        [p["step"] for p in points],
-        [p["test_accuracy"] for p in points],
-        "o",
-        color="black",
-        label="test split (step 4)",
-    )
-    axes[0].axhline(
-        LEARNED_ACCURACY, color="tab:red", linestyle=":", linewidth=1, label=f"the profile's bar ({LEARNED_ACCURACY})"
-    )
-    axes[0].set(title="masked-token accuracy", xlabel="training step", ylabel="accuracy")
-    axes[0].legend(fontsize=8)
-    layers = list(summary["points"][-1]["layers"])
-    styles = {"topic": "o-", "token_class": "s--"}
-    for number, layer in enumerate(layers):
-        colour = f"C{number}"
-        for factor, style in styles.items():
-            xs, ys, low, high = [], [], [], []
-            for point in summary["points"]:
-                values = point["layers"].get(layer, {})
-                if values.get(f"{factor}_index") is None:
-                    continue
-                ci = values.get(f"{factor}_index_ci") or [values[f"{factor}_index"]] * 2
-                xs.append(point["step"])
-                ys.append(values[f"{factor}_index"])
-                low.append(values[f"{factor}_index"] - ci[0])
-                high.append(ci[1] - values[f"{factor}_index"])
-            if xs:
-                axes[1].errorbar(
-                    xs,
-                    ys,
-                    yerr=[low, high],
-                    fmt=style,
-                    color=colour,
-                    capsize=3,
-                    label=f"{layer}: {factor.replace('_', '-')}",
-                )
-        curve = summary["saturation"].get(layer)
-        if curve:
-            axes[2].plot(curve["steps"], curve["top1"], "-", color=colour, label=layer)
-    axes[1].axhline(0, color="0.5", linewidth=1)
-    axes[1].set(title="specialization index (0 = random routers)", xlabel="training step", ylabel="index, 95% interval")
-    axes[1].legend(fontsize=8)
-    axes[2].axhline(
-        SETTLED_AGREEMENT, color="tab:red", linestyle=":", linewidth=1, label=f"settled ({SETTLED_AGREEMENT})"
-    )
-    axes[2].set(
-        title="top-1 agreement with the final routing",
-        xlabel="training step",
-        ylabel="share of probe tokens",
-        ylim=(0, 1.02),
-    )
-    axes[2].legend(fontsize=8)
-    for number, (arm, seeds) in enumerate(curves.items()):
-        for seed, steps, losses in seeds:
-            axes[3].plot(
-                steps, losses, "-" if seed == 0 else "--", color=f"C{number + 3}", label=f"{arm} (seed {seed})"
-            )
-    axes[3].set(
-        title="validation MLM loss: experts vs dense at equal active parameters",
-        xlabel="training step",
-        ylabel="loss (nats)",
-    )
-    if curves:
-        axes[3].legend(fontsize=8)
-    figure.suptitle(
-        f"Does routing specialize as the model learns? {summary['run']}, {summary['total_steps']} steps", fontsize=12
-    )
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=DPI)
-    plt.close(figure)
-    tmp.replace(path)
-    return path
 
 
 def learned_views(runs: list[dict], design: dict, sweep_dir: Path, reference_arm: str, steps: list[int]) -> dict:

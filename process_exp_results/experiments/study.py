@@ -63,12 +63,7 @@ from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
 from process_exp_results.experiments import study_summary
 from process_exp_results.experiments.corpora import check_named_topics, load_corpus
-from process_exp_results.experiments.learned import (
-    emergence_steps,
-    learned_views,
-    run_extra_step4,
-    write_emergence_figure,
-)
+from process_exp_results.experiments.learned import emergence_steps, learned_views, run_extra_step4
 from process_exp_results.experiments.study_summary import BALANCED_ARM, LEARNED_REFERENCE_ARM, REFERENCE_ARM
 from process_exp_results.experiments.sweep import PLACED_KEYS, execute, plan_runs
 
@@ -426,16 +421,13 @@ def main() -> None:
     }
     write_json_atomic(args.out / "study.json", {"settings": settings, "designs": designs})
     figures = study_summary.write_figures(designs, args.out)
+    from process_exp_results.experiments.emergence_figure import write_emergence_figure  # matplotlib: only here
+
     for name, design in designs.items():
-        if "learned" in design:
-            path = args.out / f"{name}_emergence.png"
-            figures += [
-                p
-                for p in [
-                    write_emergence_figure(design["learned"]["emergence"], design["learned"]["loss_curves"], path)
-                ]
-                if p
-            ]
+        views = design.get("learned")
+        path = args.out / f"{name}_emergence.png"
+        if views and write_emergence_figure(views["emergence"], views["loss_curves"], path):
+            figures.append(path)
     table = study_summary.study_markdown(designs, settings)
     write_text_atomic(args.out / "study.md", table + "\n")
     print(table)
