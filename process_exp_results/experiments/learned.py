@@ -30,28 +30,26 @@ def emergence_steps(max_steps: int, save_steps: int) -> list[int]:
     return sorted(set(step for step in steps if step < max_steps))
 
 
-def extra_step4_jobs(runs: list[dict], sweep_dir: Path, reference_arm: str, steps: list[int], coarse_file) -> list:
-    """(run, options, results folder) of every extra step 4: emergence on the first finished reference seed,
-    coarse topics on every finished reference seed (when the corpus has coarse_topics)."""
-    references = [
-        run for run in runs if run["arm"] == reference_arm and (Path(run["results_dir"]) / "metrics.csv").is_file()
-    ]
+def extra_step4_jobs(run: dict, sweep_dir: Path, reference_arm: str, steps: list[int], coarse_file) -> list:
+    """(options, results folder) of every extra step 4 of a finished run: on the reference's seed 0 at its
+    checkpoints; on every reference seed at the corpus's coarse_topics (when it has them)."""
+    if run["arm"] != reference_arm or not (Path(run["results_dir"]) / "metrics.csv").is_file():
+        return []
     jobs = []
-    for number, run in enumerate(references):
-        if number == 0:
-            for step in steps:
-                folder = sweep_dir / "emergence" / f"{run['tag']}@step-{step}"
-                jobs.append((run, ["--checkpoint", str(step), "--save_path", str(folder.parent)], folder))
-        if coarse_file is not None:
-            folder = sweep_dir / "results_coarse" / run["tag"]
-            jobs.append((run, ["--topic-map", str(coarse_file), "--save_path", str(folder.parent)], folder))
+    if run["seed"] == 0:
+        for step in steps:
+            folder = sweep_dir / "emergence" / f"{run['tag']}@step-{step}"
+            jobs.append((["--checkpoint", str(step), "--save_path", str(folder.parent)], folder))
+    if coarse_file is not None:
+        folder = sweep_dir / "results_coarse" / run["tag"]
+        jobs.append((["--topic-map", str(coarse_file), "--save_path", str(folder.parent)], folder))
     return jobs
 
 
-def run_extra_step4(runner, runs: list[dict], sweep_dir: Path, reference_arm: str, steps: list[int], coarse_file):
-    """Step 4 on checkpoints and at coarse topics; a folder finished earlier is kept (resumable), a failure is
-    printed and the rest go on."""
-    for run, options, folder in extra_step4_jobs(runs, sweep_dir, reference_arm, steps, coarse_file):
+def run_extra_step4(runner, run: dict, sweep_dir: Path, reference_arm: str, steps: list[int], coarse_file) -> None:
+    """Step 4 on the run's checkpoints and at coarse topics, right after its training (the sweep's after_run); a
+    folder finished earlier is kept (resumable), a failure is printed and the rest go on."""
+    for options, folder in extra_step4_jobs(run, sweep_dir, reference_arm, steps, coarse_file):
         if (folder / "metrics.csv").is_file() and not runner.overwrite:
             continue
         print(f"  step 4 on {folder.parent.name}/{folder.name} ...", flush=True)
@@ -85,12 +83,10 @@ def _manifest(run: dict) -> dict:
 
 
 def emergence_summary(runs: list[dict], sweep_dir: Path, reference_arm: str, steps: list[int]) -> dict | None:
-    """The reference's first finished seed along training: per evaluated step the indices and test accuracy; the
+    """The reference's seed 0 along training: per evaluated step the indices and test accuracy; the
     validation accuracy and the saturation curves at every evaluation."""
-    run = next(
-        (r for r in runs if r["arm"] == reference_arm and (Path(r["results_dir"]) / "metrics.csv").is_file()), None
-    )
-    if run is None:
+    run = next((r for r in runs if r["arm"] == reference_arm and r["seed"] == 0), None)
+    if run is None or not (Path(run["results_dir"]) / "metrics.csv").is_file():
         return None
     final_stats = read_json(Path(run["results_dir"]) / "routing_stats.json") or {}
     manifest = _manifest(run)

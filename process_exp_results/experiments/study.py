@@ -51,6 +51,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: impor
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -391,10 +392,20 @@ def main() -> None:
             print(f"\n== {corpus}, {design} topics: {len(runs)} runs in {sweep_dir}", flush=True)
             reference = PROFILES[args.profile]["designs"][design][0]
             metadata = {"experiment": "study", "corpus": corpus, "design": design, "reference_arm": reference}
-            execute(runner, runs, sweep_dir, metadata)
+            after_run = None
             if args.profile == "learned":  # step 4 along the reference's training, and at the corpus's families
                 coarse = args.corpora[corpus].path if args.corpora[corpus].coarse_topics else None
-                run_extra_step4(runner, runs, sweep_dir, reference, emergence_steps_of(args), coarse)
+                steps = emergence_steps_of(args)
+                after_run = functools.partial(
+                    run_extra_step4,
+                    runner,
+                    sweep_dir=sweep_dir,
+                    reference_arm=reference,
+                    steps=steps,
+                    coarse_file=coarse,
+                )
+
+            execute(runner, runs, sweep_dir, metadata, after_run)
         if args.worker:
             continue
         if not (sweep_dir / "sweep.json").is_file():

@@ -271,9 +271,10 @@ def earlier_runs(sweep_dir: Path) -> dict[str, dict]:
         return {}
 
 
-def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: dict) -> list[dict]:
+def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: dict, after_run=None) -> list[dict]:
     """Run steps 1-4 for every planned run, going on past failures; write sweep.json; return the failed runs.
-    args also needs `overwrite`; extra: more manifest keys (e.g. the grid)."""
+    args also needs `overwrite`; extra: more manifest keys (e.g. the grid); after_run(run): called after each run
+    that finished, now or earlier (the study's extra step 4 on it)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "sweep": sweep_dir.name,
@@ -295,11 +296,13 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
             if before.get("seconds") is not None:  # the time it took when it ran
                 run["seconds"] = before["seconds"]
             print(f"[{number}/{len(runs)}] {run['tag']}: done earlier ({results})")
-            continue
-        print(f"[{number}/{len(runs)}] {run['tag']}", flush=True)
-        run_steps(args, run, sweep_dir, data_status)
-        run["seconds"] = round(time.perf_counter() - started, 1)
-        save_manifest(sweep_dir, manifest, runs)
+        else:
+            print(f"[{number}/{len(runs)}] {run['tag']}", flush=True)
+            run_steps(args, run, sweep_dir, data_status)
+            run["seconds"] = round(time.perf_counter() - started, 1)
+            save_manifest(sweep_dir, manifest, runs)
+        if after_run is not None and run["status"] != "failed":
+            after_run(run)
     save_manifest(sweep_dir, manifest, runs)
     return print_outcome(runs, sweep_dir)
 
