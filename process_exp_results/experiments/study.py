@@ -126,7 +126,7 @@ QUICK_SCALE = {
 }
 # chosen on 20 Newsgroups (docs/results.md): width 256 learns far more per CPU-second than 128 and runs in bf16;
 # 4,000 steps of 32 sequences, the learning rate falling linearly to 0 so routing settles; a checkpoint every 1/8
-# of the steps, all kept: step 4 on 12.5%, 25%, 50% and 100% of training is the emergence curve
+# of the steps, all kept (128 MB each): step 4 on 12.5%, 25%, 50% and 100% of training is the emergence curve
 LEARNED_SCALE = {
     **SCALE,
     "model.embedding_dim": 256,
@@ -138,7 +138,7 @@ LEARNED_SCALE = {
     "train.eval_steps": 250,
     "train.eval_batches": 8,
     "train.save_steps": 500,
-    "train.keep_checkpoints": 8,
+    "train.keep_checkpoints": 12,  # 8 regular ones, and room for the one each interruption writes
     "train.masking": "dynamic",  # re-masked every epoch: the 12,000 posts are seen about 10 times
     "train.mixed_precision": "auto",
     "train.log_steps": 10,
