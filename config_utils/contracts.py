@@ -140,3 +140,19 @@ def check_run_data(run_manifest: dict, run_dir: Path, step2_hash: str, args: arg
             f"was trained with, or train it again on this data with "
             f"`{step3_command(args, run_dir.name)} --overwrite`"
         )
+
+
+# train keys that do not change what a resumed run computes
+RESUMABLE_CHANGES = {
+    "eval_steps",
+    "eval_batches",
+    "log_steps",
+    "save_steps",
+    "keep_checkpoints",
+    "save_path",
+    "experiment_name",
+    "device",
+    "aim_repo",
+    "compile",
+    "routing_snapshots",
+}

@@ -99,7 +99,8 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="analyse coarser topics: each document's topic becomes its family under the YAML file's coarse_topics "
-        "(patterns such as comp.*; configs/corpora/20newsgroups.yaml has one); pair with another --save_path",
+        "(patterns such as comp.*; configs/corpora/20newsgroups.yaml has one); results go to "
+        "SAVE_PATH/<run tag>@families/",
     )
     parser.add_argument("--no-routing-stats", action="store_true", help="skip the routing analysis")
     parser.add_argument(
@@ -234,7 +235,7 @@ def main() -> None:
             },
         )
     aim_line = None
-    if args.aim:  # beside the training curves, for Aim's run comparison; the files above are the result
+    if args.aim and not run.coarse:  # beside the training curves (the fine topics' numbers); the files are the result
         aim_line = record_in_aim(
             run.manifest,
             train_config.aim_repo,

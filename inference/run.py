@@ -72,12 +72,15 @@ class Run:
     step2_hash: str
     manifest: dict  # the run's manifest (its Aim run, its steps)
     checkpoint_step: int | None = None  # evaluated: the run's checkpoint at this step, not its final model
-    topic_families: dict | None = None  # step 4 --topic-map: each topic's family, the label analysed
+    coarse: bool = False  # step 4 --topic-map: topics analysed as their families
+    topic_families: dict | None = None  # ... each topic's family, once the groups are read
 
     @property
     def name(self) -> str:
-        """The results folder's name: the run's tag, or <tag>@step-N for one of its checkpoints."""
-        return self.run_dir.name if self.checkpoint_step is None else f"{self.run_dir.name}@step-{self.checkpoint_step}"
+        """The results folder's name: the run's tag, with @step-N for one of its checkpoints and @families for its
+        coarse topics (never the folder of the run's own results)."""
+        step = "" if self.checkpoint_step is None else f"@step-{self.checkpoint_step}"
+        return f"{self.run_dir.name}{step}{'@families' if self.coarse else ''}"
 
     @property
     def model_dir(self) -> Path:
@@ -118,7 +121,8 @@ def load_run(args: argparse.Namespace, configs: dict) -> Run:
     run_model_config = {**configs["model"], "seq_len": model.config.seq_len, "vocab_size": model.config.vocab_size}
     step2_manifest, step2_hash = read_step2_output(configs["dataset"], run_model_config, args)
     check_run_data(run_manifest, run_dir, step2_hash, args)
-    return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash, run_manifest, step)
+    coarse = getattr(args, "topic_map", None) is not None
+    return Run(configs, run_dir, model, tokenizer, step2_manifest, step2_hash, run_manifest, step, coarse)
 
 
 def checkpoint_of(run_dir: Path, step: int) -> Path:

@@ -192,7 +192,7 @@ def test_step4_evaluates_a_checkpoint_at_coarse_topics(pipeline, tmp_path):
             *light,
         )
     )
-    folder = out / "tiny@step-40"
+    folder = out / "tiny@step-40@families"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["checkpoint_step"] == 40 and manifest["model"].endswith("checkpoints/step-000040")
     assert manifest["topic_map"]["families"] == {
@@ -205,10 +205,10 @@ def test_step4_evaluates_a_checkpoint_at_coarse_topics(pipeline, tmp_path):
     assert set(stats["topics"]) <= {"tech", "leisure"}
     assert stats["saturation"] is None  # no routing snapshot at step 40 (evaluations at 30 and 60): nothing to compare
 
-    def test_loss(path):
+    def test_split_loss(path):
         return next(row["mlm_loss"] for row in csv.DictReader(open(path / "metrics.csv")) if row["group"] == "test")
 
-    assert test_loss(folder) != test_loss(run_dir / "results" / "tiny")  # another model than the final one
+    assert test_split_loss(folder) != test_split_loss(run_dir / "results" / "tiny")  # another model than the final one
     missing = run_step(4, *DEMO_CONFIGS, *options, "--save_path", str(out), "--checkpoint", "30", *light)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("error: --checkpoint 30: run tiny has no checkpoint")

@@ -455,3 +455,17 @@ def test_pruning_removes_the_temporaries_of_a_killed_checkpoint_write(tmp_path):
         (checkpoints / name).mkdir(parents=True)
     prune_checkpoints(tmp_path / "run", keep=3)
     assert sorted(path.name for path in checkpoints.iterdir()) == [f".step-000006.tmp-{os.getpid()}"]  # ours: alive
+
+
+def test_pruning_takes_the_checkpoints_interruptions_wrote_before_the_regular_ones(tmp_path):
+    """step 4 --checkpoint reads the regular ones (every save_steps): an interruption must not push one out."""
+    from train.checkpoints import STATE_FILE, prune_checkpoints
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step in (10, 17, 20, 23, 30, 33):  # 17, 23 and 33 written by interruptions (save_steps 10)
+        (checkpoints / f"step-{step:06d}").mkdir(parents=True)
+        (checkpoints / f"step-{step:06d}" / STATE_FILE).write_text("{}")
+    prune_checkpoints(tmp_path / "run", keep=4, save_steps=10)
+    assert sorted(path.name for path in checkpoints.iterdir()) == [f"step-0000{s}" for s in (10, 20, 30, 33)]
+    prune_checkpoints(tmp_path / "run", keep=2, save_steps=10)  # 33 is the newest: the one to resume from
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step-000030", "step-000033"]

@@ -48,7 +48,7 @@ def test_quick_study_runs_every_arm_and_writes_the_tables_and_figures(quick_stud
     assert [run["status"] for name in ("builtin-seen", "builtin-held_out") for run in sweep_runs(out, name)] == [
         "ok"
     ] * 8
-    for name in ("study_masking.png", "study_index.png"):
+    for name in ("study_loss.png", "study_index.png"):
         assert (out / name).stat().st_size > 10_000
     for name in ("builtin-seen", "builtin-held_out"):
         assert (out / name / "comparison" / "arms.md").read_text().count("| seed_replica |") == 1

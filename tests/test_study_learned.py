@@ -35,7 +35,7 @@ def test_the_learned_profile_runs_its_arms_then_step_4_along_training_and_at_coa
     for step in (5, 10, 20):  # 12.5%, 25%, 50% of 40 steps
         manifest = json.loads((sweep / "emergence" / f"moe_top1__seed-0@step-{step}" / "manifest.json").read_text())
         assert manifest["checkpoint_step"] == step
-    coarse = json.loads((sweep / "results_coarse" / "moe_top1__seed-0" / "routing_stats.json").read_text())
+    coarse = json.loads((sweep / "results_coarse" / "moe_top1__seed-0@families" / "routing_stats.json").read_text())
     assert set(coarse["topics"]) <= {"tech", "leisure"}  # configs/corpora/builtin.yaml's families
     study = json.loads((out / "study.json").read_text())["designs"]["builtin-seen"]["learned"]
     assert [point["step"] for point in study["emergence"]["points"]] == [5, 10, 20, 40]
@@ -66,27 +66,38 @@ def test_an_interrupted_training_resumes_from_its_newest_checkpoint(learned_quic
     assert sorted(path.name for path in (sweep / "emergence").iterdir()) == kept
 
 
-def test_the_sweep_resumes_a_run_with_a_checkpoint_and_skips_a_trained_one(tmp_path, monkeypatch):
+def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_path, monkeypatch):
     args = argparse.Namespace(config_dataset="d", config_model="m", config_train="t", overwrite=False)
-    run = {"tag": "a", "overrides": [], "run_dir": str(tmp_path / "a"), "processed_dir": "p", "masked_dir": "q"}
+    planned = {"model": {"n_experts": 4, "vocab_size": None}, "train": {"learning_rate": 1e-3, "eval_steps": 50}}
+    run = {"tag": "a", "overrides": [], "run_dir": str(tmp_path / "a"), "run_settings": planned}
     assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"  # nothing there: start afresh
-    (tmp_path / "a" / "checkpoints" / "step-000010").mkdir(parents=True)
+    checkpoint = tmp_path / "a" / "checkpoints" / "step-000010"
+    checkpoint.mkdir(parents=True)
     assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"  # a checkpoint still being written
-    (tmp_path / "a" / "checkpoints" / "step-000010" / "trainer_state.json").write_text("{}")
+    # vocab_size resolved by step 2 and eval_steps (a resumable change) do not count; the learning rate does
+    saved = {"model": {"n_experts": 4, "vocab_size": 800}, "train": {"learning_rate": 1e-3, "eval_steps": 20}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"config": saved}))
     assert step_command(3, args, run, tmp_path)[-2:] == ["--resume", "latest"]
     args.overwrite = True
     assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"
     args.overwrite = False
-    (tmp_path / "a" / "model").mkdir()
-    (tmp_path / "a" / "manifest.json").write_text("{}")
+    changed = {**saved, "train": {**saved["train"], "learning_rate": 3e-4}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"config": changed}))
+    assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"  # the user lowered it: start afresh
+
     commands = []
     monkeypatch.setattr(
         "process_exp_results.experiments.sweep.run_logged", lambda command, log: commands.append(command) or (True, "")
     )
     monkeypatch.setattr("process_exp_results.experiments.sweep.data_is_current", lambda *a: True)
-    run["data_settings"] = {1: {}, 2: {}}
-    run_steps(args, run, tmp_path, {})
-    assert len(commands) == 1 and "inference.py" in commands[0][1]  # trained earlier: only step 4 runs
+    run.update(processed_dir="p", masked_dir="q", data_settings={1: {}, 2: {}})
+    (tmp_path / "a" / "model").mkdir()
+    for config, trained_again in ((saved, False), (changed, True)):
+        (tmp_path / "a" / "manifest.json").write_text(json.dumps({"config": config}))
+        commands.clear()
+        run_steps(args, run, tmp_path, {})
+        expected = ["train.py", "inference.py"] if trained_again else ["inference.py"]
+        assert [Path(command[1]).name for command in commands] == expected
 
 
 def test_emergence_steps_are_checkpoints_at_an_eighth_a_quarter_and_a_half():

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
+from config_utils.contracts import RESUMABLE_CHANGES
 from config_utils.io import FILE_HASHES, file_sha256, remove_stale_temporaries, use_default_file_modes
 from train.final_model import save_tokenizer, without_transformers_bars
 
@@ -27,20 +28,6 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 TENSOR_FILES = ("model.safetensors", OPTIMIZER_FILE, RNG_FILE)
-# train keys that do not change what a resumed run computes
-RESUMABLE_CHANGES = {
-    "eval_steps",
-    "eval_batches",
-    "log_steps",
-    "save_steps",
-    "keep_checkpoints",
-    "save_path",
-    "experiment_name",
-    "device",
-    "aim_repo",
-    "compile",
-    "routing_snapshots",
-}
 
 
 def checkpoint_folder(run_dir: Path, step: int) -> Path:
@@ -104,10 +91,15 @@ def save_checkpoint(
     return folder
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep`; renamed first so a half-deleted folder never looks complete."""
+def prune_checkpoints(run_dir: Path, keep: int, save_steps: int | None = None) -> None:
+    """Delete all but `keep`: first those an interruption wrote (a step off the save_steps grid) once a newer one
+    exists, then the oldest; so the regular checkpoints step 4 --checkpoint reads outlive interruptions. Renamed
+    first so a half-deleted folder never looks complete."""
     remove_stale_temporaries(run_dir / CHECKPOINT_DIR)  # of checkpoint writes a killed run left behind
-    for old in complete_checkpoints(run_dir)[:-keep]:
+    found = complete_checkpoints(run_dir)
+    interrupted = [path for path in found[:-1] if save_steps and int(path.name.split("-")[1]) % save_steps]
+    regular = [path for path in found if path not in interrupted]
+    for old in (interrupted + regular)[: max(0, len(found) - keep)]:
         doomed = old.parent / f".{old.name}.deleting-{os.getpid()}"
         os.replace(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)

@@ -529,7 +529,7 @@ def save_checkpoint_now(run: Run, step: int) -> None:
                 "config": configs_of(run),
             },
         )
-        prune_checkpoints(run.run_dir, run.train_config.keep_checkpoints)
+        prune_checkpoints(run.run_dir, run.train_config.keep_checkpoints, run.train_config.save_steps)
     run.accelerator.wait_for_everyone()
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+import yaml
+
 from config_utils import PipelineError
 from config_utils.config import read_yaml
 
@@ -35,6 +37,10 @@ def read_topic_map(path: Path) -> dict[str, list[str]]:
         raw = read_yaml(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
         raise PipelineError(f"--topic-map {path}: cannot be read ({error.strerror}); check the path") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise PipelineError(f"--topic-map {path}: not valid YAML{line}; fix the file") from None
     if not isinstance(raw, dict) or KEY not in raw:
         raise PipelineError(f"--topic-map {path}: no {KEY} key (e.g. configs/corpora/20newsgroups.yaml has one)")
     return check_topic_map(raw[KEY], str(path))

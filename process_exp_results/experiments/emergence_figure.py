@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from process_exp_results.experiments.learned import LEARNED_ACCURACY, SETTLED_AGREEMENT
+from process_exp_results.experiments.learned import BAR_AGREEMENT, LEARNED_ACCURACY
 from process_exp_results.figures.common import save_figure_atomic
 
 FACTOR_STYLES = {"topic": "o-", "token_class": "s--"}
@@ -66,7 +66,7 @@ def _agreement_panel(axes, summary: dict, layers: list[str]) -> None:
         curve = summary["saturation"].get(layer)
         if curve:
             axes.plot(curve["steps"], curve["top1"], "-", color=f"C{number}", label=layer)
-    axes.axhline(SETTLED_AGREEMENT, color="tab:red", linestyle=":", linewidth=1, label=f"settled ({SETTLED_AGREEMENT})")
+    axes.axhline(BAR_AGREEMENT, color="tab:red", linestyle=":", linewidth=1, label=f"settled ({BAR_AGREEMENT})")
     axes.set(title="top-1 agreement with the final routing", xlabel="training step", ylabel="share of probe tokens")
     axes.set_ylim(0, 1.02)
     axes.legend(fontsize=8)

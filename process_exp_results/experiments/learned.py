@@ -20,7 +20,7 @@ from process_exp_results.report.formatting import MISSING, format_number, with_i
 
 EMERGENCE_FRACTIONS = (0.125, 0.25, 0.5)  # of the steps; 1.0 is the run's own step 4
 LEARNED_ACCURACY = 0.35  # the profile's bar: the reference arm's common-set masked accuracy
-SETTLED_AGREEMENT = 0.95  # ... and every MoE layer's top-1 agreement with the final model at the last evaluations
+BAR_AGREEMENT = 0.95  # ... and every MoE layer's top-1 agreement with the final model at the last evaluations
 CURVE_ARMS = ("moe_top1", "moe_top2", "dense_equal_active")  # validation loss per step: do experts pay?
 
 
@@ -41,14 +41,16 @@ def extra_step4_jobs(run: dict, sweep_dir: Path, reference_arm: str, steps: list
             folder = sweep_dir / "emergence" / f"{run['tag']}@step-{step}"
             jobs.append((["--checkpoint", str(step), "--save_path", str(folder.parent)], folder))
     if coarse_file is not None:
-        folder = sweep_dir / "results_coarse" / run["tag"]
+        folder = sweep_dir / "results_coarse" / f"{run['tag']}@families"
         jobs.append((["--topic-map", str(coarse_file), "--save_path", str(folder.parent)], folder))
     return jobs
 
 
 def run_extra_step4(runner, run: dict, sweep_dir: Path, reference_arm: str, steps: list[int], coarse_file) -> None:
     """Step 4 on the run's checkpoints and at coarse topics, right after its training (the sweep's after_run); a
-    folder finished earlier is kept (resumable), a failure is printed and the rest go on."""
+    folder finished earlier is kept (resumable); a failure is printed, recorded in the run's extra_failed (sweep.json:
+    the study counts it unfinished) and the rest go on."""
+    run["extra_failed"] = []
     for options, folder in extra_step4_jobs(run, sweep_dir, reference_arm, steps, coarse_file):
         if (folder / "metrics.csv").is_file() and not runner.overwrite:
             continue
@@ -58,6 +60,7 @@ def run_extra_step4(runner, run: dict, sweep_dir: Path, reference_arm: str, step
         ok, error = run_logged([*step_command(4, runner, run, sweep_dir), *options], log)
         if not ok:
             print(f"  FAILED: {error} (log: {log})", flush=True)
+            run["extra_failed"].append(f"{folder.parent.name}/{folder.name}")
 
 
 # ---- reading them --------------------------------------------------------------------------------------------------
@@ -122,12 +125,12 @@ def granularity_summary(runs: list[dict], sweep_dir: Path, reference_arm: str) -
     """Per reference seed and MoE layer: the topic NMI and index at the corpus's topics and at its families."""
     rows = []
     for run in runs:
-        coarse_folder = sweep_dir / "results_coarse" / run["tag"]
+        coarse_folder = sweep_dir / "results_coarse" / f"{run['tag']}@families"
         if run["arm"] != reference_arm or not (coarse_folder / "metrics.csv").is_file():
             continue
-        fine = _layer_indices(read_json(Path(run["results_dir"]) / "routing_stats.json"))
+        fine_stats = read_json(Path(run["results_dir"]) / "routing_stats.json") or {}
         coarse_stats = read_json(coarse_folder / "routing_stats.json") or {}
-        coarse = _layer_indices(coarse_stats)
+        fine, coarse = _layer_indices(fine_stats), _layer_indices(coarse_stats)
         for layer in fine:
             rows.append(
                 {
@@ -136,7 +139,7 @@ def granularity_summary(runs: list[dict], sweep_dir: Path, reference_arm: str) -
                     "fine": fine[layer],
                     "coarse": coarse.get(layer, {}),
                     "families": len(coarse_stats.get("topics") or []),
-                    "topics": len(read_json(Path(run["results_dir"]) / "routing_stats.json").get("topics") or []),
+                    "topics": len(fine_stats.get("topics") or []),
                 }
             )
     return rows
@@ -155,18 +158,16 @@ def profile_bar(design: dict, runs: list[dict], reference_arm: str) -> dict:
             for layer, values in (stats.get("saturation") or {}).items()
         }
         accuracy = row["common_accuracy"]
-        settled = bool(agreement) and all(
-            value is not None and value >= SETTLED_AGREEMENT for value in agreement.values()
-        )
+        settled = bool(agreement) and all(value is not None and value >= BAR_AGREEMENT for value in agreement.values())
         seeds.append(
             {
                 "tag": row["tag"],
                 "common_accuracy": accuracy,
-                "agreement_last_two": agreement,
+                "agreement_two_before_last": agreement,
                 "met": accuracy is not None and accuracy >= LEARNED_ACCURACY and settled,
             }
         )
-    return {"accuracy_bar": LEARNED_ACCURACY, "agreement_bar": SETTLED_AGREEMENT, "seeds": seeds}
+    return {"accuracy_bar": LEARNED_ACCURACY, "agreement_bar": BAR_AGREEMENT, "seeds": seeds}
 
 
 def loss_curves(runs: list[dict]) -> dict:
@@ -246,7 +247,7 @@ def bar_markdown(bar: dict) -> str:
     lines = []
     for seed in bar["seeds"]:
         agreement = ", ".join(
-            f"{layer} {format_number(value, 3)}" for layer, value in seed["agreement_last_two"].items()
+            f"{layer} {format_number(value, 3)}" for layer, value in seed["agreement_two_before_last"].items()
         )
         verdict = "met" if seed["met"] else "not met"
         lines.append(

@@ -20,11 +20,12 @@ Profile learned (width 256, 8 experts, seq_len 128, 4,000 steps with dynamic mas
   dense_equal_active        one FFN as wide as one expert: the reference's active parameters without experts
   moe_top2                  top-2 MoE
   seed_replica              the earlier model's defects, as above
-  Then step 4 on the reference's first seed at 12.5%, 25% and 50% of its steps (emergence/: does specialization
-  appear as the model learns?) and on every reference seed with the corpus's coarse_topics (results_coarse/), and
-  <corpus>-<design>_emergence.png (learned.py). A stopped study resumes: finished runs are kept, an interrupted
-  training continues from its newest checkpoint.
-Designs: `seen` (every topic in training; step 4 on the test split) runs every arm; `held_out` (two topics held out
+  Right after each reference run, step 4 on it at the corpus's coarse_topics (results_coarse/<tag>@families/) and,
+  for seed 0, at its checkpoints from 12.5%, 25% and 50% of its steps (emergence/: does specialization appear as
+  the model learns?); <corpus>-<design>_emergence.png draws them (learned.py). A stopped study resumes: finished
+  runs are kept, an interrupted training continues from its newest checkpoint. Runs go seed-major in both
+  profiles: a study stopped early has every arm once before any twice.
+Designs (early profile): `seen` (every topic in training; step 4 on the test split) runs every arm; `held_out` (two topics held out
 by step 1, step 4 pooling them with the test split's: the earlier study's design, where topic and unfamiliar text
 mix) runs the reference arm and seed_replica. Corpora are YAML files (experiments/corpora.py): configs/corpora/ has
 reddit (../shared/data/reddit_sample, topic = subreddit), agnews, 20newsgroups and builtin (offline, synthetic; what
@@ -37,7 +38,7 @@ it and the reference arm are also scored on the documents neither trained on, an
 (common_eval.json in each results folder; study_summary.py). Each corpus and design is one sweep folder (sweep.py:
 resumable, a failed run is reported and the rest go on; rerun the command to finish), compared by compare_runs.py
 (comparison.md / .csv / .png, and arms.md / arms.png: each arm over its seeds). Writes study.md (the arm tables of
-every corpus and design), study.json, study_masking.png and study_index.png into --out.
+every corpus and design), study.json, study_loss.png and study_index.png into --out.
     python process_exp_results/experiments/study.py --jobs 2 --out process_exp_results/study         # reddit and agnews
     python process_exp_results/experiments/study.py --quick --jobs 2 --out process_exp_results/study_quick   # builtin, 1 seed
     python process_exp_results/experiments/study.py --profile learned --corpus 20newsgroups --seeds 2
@@ -138,7 +139,7 @@ LEARNED_SCALE = {
     "train.eval_steps": 250,
     "train.eval_batches": 8,
     "train.save_steps": 500,
-    "train.keep_checkpoints": 12,  # 8 regular ones, and room for the one each interruption writes
+    "train.keep_checkpoints": 8,  # all 8 regular ones (pruning takes those interruptions wrote first)
     "train.masking": "dynamic",  # re-masked every epoch: the 12,000 posts are seen about 10 times
     "train.mixed_precision": "auto",
     "train.log_steps": 10,
@@ -164,7 +165,10 @@ def design_arms(args: argparse.Namespace, design: str) -> list[str]:
 
 
 def emergence_steps_of(args: argparse.Namespace) -> list[int]:
+    """The checkpoint steps step 4 reads for the emergence curve (none when training is not set in steps)."""
     scale = {**profile_scale(args), **dict(parse_override_pair(text) for text in args.overrides)}
+    if not scale.get("train.max_steps") or not scale.get("train.save_steps"):
+        return []
     return emergence_steps(int(scale["train.max_steps"]), int(scale["train.save_steps"]))
 
 
@@ -181,7 +185,9 @@ def profile_scale(args: argparse.Namespace) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default=None, metavar="DIR", help="default process_exp_results/study[_quick]")
+    parser.add_argument(
+        "--out", default=None, metavar="DIR", help="default process_exp_results/study[_learned][_quick]"
+    )
     parser.add_argument(
         "--corpus",
         action="append",
@@ -446,6 +452,9 @@ def main() -> None:
     print("figures: " + ", ".join(str(path) for path in figures))
     unfinished = [
         run["tag"] for design in designs.values() for run in design["runs"] if run["status"] in ("failed", "planned")
+    ]
+    unfinished += [
+        f"step 4 {name}" for design in designs.values() for run in design["runs"] for name in run["extra_failed"]
     ]
     if unfinished:
         again = shlex.join(

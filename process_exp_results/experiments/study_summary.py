@@ -118,6 +118,7 @@ def run_row(run: dict) -> dict:
         "arm": run.get("arm"),
         "seed": run.get("seed"),
         "status": run.get("status"),
+        "extra_failed": run.get("extra_failed") or [],  # the learned profile's step 4 on checkpoints or families
         "common_loss": common.get("mlm_loss"),
         "common_accuracy": common.get("accuracy"),
         "common_set": common.get("common_set"),
@@ -425,8 +426,8 @@ def write_arm_figure(design: dict, path: Path) -> Path:
 
 
 def write_figures(designs: dict, out_dir: Path) -> list[Path]:
-    """study_masking.png (common-set loss per arm, seen design) and study_index.png (topic and token-class
-    index per arm, every design)."""
+    """study_loss.png (common-set loss per arm, seen design) and study_index.png (topic and token-class index per
+    arm, every design)."""
     from matplotlib.figure import Figure
 
     from process_exp_results.figures.common import save_figure_atomic
@@ -438,7 +439,7 @@ def write_figures(designs: dict, out_dir: Path) -> list[Path]:
         for axes, design in zip(np.atleast_1d(fig.subplots(1, len(seen))), seen):
             _loss_panel(axes, design)
         fig.tight_layout()
-        paths.append(save_figure_atomic(fig, Path(out_dir) / "study_masking.png"))
+        paths.append(save_figure_atomic(fig, Path(out_dir) / "study_loss.png"))
     columns = min(len(designs), 2)  # a corpus per row: its seen and held-out designs side by side
     rows = -(-len(designs) // columns)
     fig = Figure(figsize=(6.2 * columns, 4.6 * rows))

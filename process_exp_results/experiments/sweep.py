@@ -12,7 +12,8 @@ run), runs/<tag>/ (step 3), results/<tag>/ (step 4: metrics.csv, routing_stats.j
         --set train.max_steps=200 --results process_exp_results/sweeps/seq_mask
     python process_exp_results/experiments/compare_runs.py process_exp_results/sweeps/seq_mask
 A run whose results/<tag>/metrics.csv exists is skipped unless it failed last time (rerun a sweep to finish it);
---overwrite redoes all.
+a run trained with the same settings is not trained again, and an interrupted training continues from its newest
+checkpoint if that was made with the same settings (otherwise the run starts afresh); --overwrite redoes all.
 """
 
 import sys
@@ -33,7 +34,14 @@ import yaml
 
 from config_utils import PipelineError, load_config, run_step, step_parser, write_json_atomic
 from config_utils.config import parse_override
-from config_utils.contracts import NOT_CONTENT_KEYS, STEP2_ONLY_KEYS, STEP_SCRIPTS, dataset_settings, step_script
+from config_utils.contracts import (
+    NOT_CONTENT_KEYS,
+    RESUMABLE_CHANGES,
+    STEP2_ONLY_KEYS,
+    STEP_SCRIPTS,
+    dataset_settings,
+    step_script,
+)
 
 SCRIPTS = {step: step_script(step) for step in STEP_SCRIPTS}
 MANIFEST = "sweep.json"
@@ -124,6 +132,7 @@ def plan_runs(
                 "masked_dir": str(masked),
                 "run_dir": str(sweep_dir / "runs" / tag),
                 "results_dir": str(sweep_dir / "results" / tag),
+                "run_settings": json.loads(json.dumps({role: configs[role] for role in ("model", "train")})),
                 "data_settings": {
                     1: dataset_settings(configs["dataset"], 1),
                     2: {**dataset_settings(configs["dataset"], 2), "model.seq_len": configs["model"]["seq_len"]},
@@ -142,14 +151,31 @@ def plan_runs(
     return runs
 
 
-def is_trained(run_dir: Path) -> bool:
-    """Step 3 finished this run: its model and its manifest (written last) are there."""
-    return (run_dir / "model").is_dir() and (run_dir / "manifest.json").is_file()
+def same_training(saved: dict, planned: dict) -> bool:
+    """A run's recorded model and train configs compute what the planned ones would (keys that do not change the
+    result aside, as train/checkpoints.py allows on resume; the vocabulary size is step 2's, checked by step 4)."""
+    for role, ignored in (("model", {"vocab_size"}), ("train", RESUMABLE_CHANGES)):
+        recorded = saved.get(role) or {}
+        for key, value in planned[role].items():
+            if key in recorded and key not in ignored and recorded[key] != value:
+                return False
+    return True
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    """A complete checkpoint (train/checkpoints.py writes trainer_state.json into it last) to resume from."""
-    return any((folder / "trainer_state.json").is_file() for folder in (run_dir / "checkpoints").glob("step-*"))
+def trained_alike(run: dict) -> bool:
+    """Step 3 finished this run (its manifest, written last, is there) with the planned settings."""
+    manifest = Path(run["run_dir"]) / "manifest.json"
+    if not (Path(run["run_dir"]) / "model").is_dir() or not manifest.is_file():
+        return False
+    return same_training(json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}, run["run_settings"])
+
+
+def resumable(run: dict) -> bool:
+    """The run's newest complete checkpoint (trainer_state.json is written into it last) has the planned settings."""
+    states = sorted(Path(run["run_dir"]).glob("checkpoints/step-*/trainer_state.json"))
+    if not states:
+        return False
+    return same_training(json.loads(states[-1].read_text(encoding="utf-8")).get("config") or {}, run["run_settings"])
 
 
 def step_command(step: int, args: argparse.Namespace, run: dict, sweep_dir: Path) -> list[str]:
@@ -171,9 +197,9 @@ def step_command(step: int, args: argparse.Namespace, run: dict, sweep_dir: Path
     for text in run["overrides"]:
         command += ["--set", text]
     if step == 3:
-        # an interrupted run continues from its newest checkpoint; anything else of this tag is redone
-        interrupted = not args.overwrite and has_checkpoint(Path(run["run_dir"]))
-        command += ["--tag", run["tag"], *(["--resume", "latest"] if interrupted else ["--overwrite"])]
+        # an interrupted run continues from its newest checkpoint if made with these settings; else it is redone
+        resume = not args.overwrite and resumable(run)
+        command += ["--tag", run["tag"], *(["--resume", "latest"] if resume else ["--overwrite"])]
     if step == 4:
         command += ["--run", run["tag"], "--save_path", str(sweep_dir / "results"), *getattr(args, "step4_options", [])]
     return command
@@ -217,7 +243,10 @@ def save_manifest(sweep_dir: Path, manifest: dict, runs: list[dict]) -> None:
     """sweep.json as it stands: the manifest with each run's current state (less its data settings)."""
     write_json_atomic(
         sweep_dir / MANIFEST,
-        {**manifest, "runs": [{key: value for key, value in run.items() if key != "data_settings"} for run in runs]},
+        {
+            **manifest,
+            "runs": [{key: value for key, value in run.items() if not key.endswith("_settings")} for run in runs],
+        },
     )
 
 
@@ -238,7 +267,7 @@ def run_steps(args: argparse.Namespace, run: dict, sweep_dir: Path, data_status:
             ok, error = not data_status[folder], data_status[folder]
         elif folder is not None and not args.overwrite and data_is_current(step, folder, run["data_settings"][step]):
             ok, error = True, ""  # made by an earlier invocation of this sweep, with the same settings
-        elif step == 3 and not args.overwrite and is_trained(Path(run["run_dir"])):
+        elif step == 3 and not args.overwrite and trained_alike(run):
             ok, error = True, ""  # trained by an earlier invocation that stopped before its step 4 finished
         else:
             print(f"  step {step} ...", flush=True)
