@@ -48,6 +48,18 @@ def test_the_learned_profile_runs_its_arms_then_step_4_along_training_and_at_coa
     assert (out / "builtin-seen_emergence.png").stat().st_size > 20_000
 
 
+def test_report_only_rebuilds_the_tables_from_the_finished_runs_and_runs_nothing(learned_quick, tmp_path):
+    out, _ = learned_quick
+    (out / "study.md").unlink()
+    arms = "moe_top1,dense_equal_active"
+    result = check_ok(
+        run_script(STUDY, "--quick", "--profile", "learned", "--arms", arms, "--out", out, "--report-only")
+    )
+    assert "step 3" not in result.stdout and "step 4 on" not in result.stdout and (out / "study.md").is_file()
+    line = error_line(run_script(STUDY, "--quick", "--profile", "learned", "--out", tmp_path / "none", "--report-only"))
+    assert line.startswith(f"error: {tmp_path / 'none' / 'builtin-seen'}: no sweep.json (no run has started there)")
+
+
 def test_an_interrupted_training_resumes_from_its_newest_checkpoint(learned_quick):
     out, _ = learned_quick
     sweep = out / "builtin-seen"

@@ -219,6 +219,12 @@ def parse_args() -> argparse.Namespace:
     add_set_option(parser, "Applied after the study's own sizes.")
     parser.add_argument("--overwrite", action="store_true", help="redo finished runs")
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild study.md, study.json and the figures from the runs finished so far (a study "
+        "that is still running or was stopped; its unfinished runs are listed)",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -380,6 +386,28 @@ def run_workers(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> None:
                 raise PipelineError(f"the {name} worker stopped with exit {process.returncode}; see {log}")
 
 
+def run_design(args: argparse.Namespace, corpus: str, design: str, sweep_dir: Path) -> None:
+    """One corpus and design: its runs through sweep.py's execute (resumable), and for the learned profile step 4
+    on each reference run's checkpoints and at the corpus's families right after it."""
+    runner = runner_for(args, corpus, design)
+    runs = plan_design(args, runner, corpus, design)
+    print(f"\n== {corpus}, {design} topics: {len(runs)} runs in {sweep_dir}", flush=True)
+    reference = PROFILES[args.profile]["designs"][design][0]
+    metadata = {"experiment": "study", "corpus": corpus, "design": design, "reference_arm": reference}
+    after_run = None
+    if args.profile == "learned":
+        coarse = args.corpora[corpus].path if args.corpora[corpus].coarse_topics else None
+        after_run = functools.partial(
+            run_extra_step4,
+            runner,
+            sweep_dir=sweep_dir,
+            reference_arm=reference,
+            steps=emergence_steps_of(args),
+            coarse_file=coarse,
+        )
+    execute(runner, runs, sweep_dir, metadata, after_run)
+
+
 def main() -> None:
     args = parse_args()
     from process_exp_results.experiments.compare_runs import compare  # loads torch: after the arguments are checked
@@ -387,35 +415,18 @@ def main() -> None:
     started = time.perf_counter()
     designs = {}
     pairs = [(corpus, design) for corpus in args.corpora for design in args.designs]
-    in_workers = args.jobs > 1 and len(pairs) > 1 and not args.worker
+    in_workers = args.jobs > 1 and len(pairs) > 1 and not args.worker and not args.report_only
     if in_workers:
         run_workers(args, pairs)
     for corpus, design in pairs:
         sweep_dir = args.out / f"{corpus}-{design}"
-        if not in_workers:
-            runner = runner_for(args, corpus, design)
-            runs = plan_design(args, runner, corpus, design)
-            print(f"\n== {corpus}, {design} topics: {len(runs)} runs in {sweep_dir}", flush=True)
-            reference = PROFILES[args.profile]["designs"][design][0]
-            metadata = {"experiment": "study", "corpus": corpus, "design": design, "reference_arm": reference}
-            after_run = None
-            if args.profile == "learned":  # step 4 along the reference's training, and at the corpus's families
-                coarse = args.corpora[corpus].path if args.corpora[corpus].coarse_topics else None
-                steps = emergence_steps_of(args)
-                after_run = functools.partial(
-                    run_extra_step4,
-                    runner,
-                    sweep_dir=sweep_dir,
-                    reference_arm=reference,
-                    steps=steps,
-                    coarse_file=coarse,
-                )
-
-            execute(runner, runs, sweep_dir, metadata, after_run)
+        if not in_workers and not args.report_only:
+            run_design(args, corpus, design, sweep_dir)
         if args.worker:
             continue
         if not (sweep_dir / "sweep.json").is_file():
-            raise PipelineError(f"{sweep_dir}: its worker wrote no sweep.json; see {args.out / 'logs'}")
+            why = "no run has started there" if args.report_only else f"its worker wrote none; see {args.out / 'logs'}"
+            raise PipelineError(f"{sweep_dir}: no sweep.json ({why}); run the study without --report-only first")
         runs = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))["runs"]
         study_summary.score_on_common_set(runs, PROFILES[args.profile]["designs"][design][0])
         with contextlib.redirect_stdout(io.StringIO()):  # its tables are in study.md; the files stay
@@ -457,9 +468,8 @@ def main() -> None:
         f"step 4 {name}" for design in designs.values() for run in design["runs"] for name in run["extra_failed"]
     ]
     if unfinished:
-        again = shlex.join(
-            ["python", "process_exp_results/experiments/study.py", *(a for a in sys.argv[1:] if a != "--overwrite")]
-        )
+        kept = [a for a in sys.argv[1:] if a not in ("--overwrite", "--report-only")]
+        again = shlex.join(["python", "process_exp_results/experiments/study.py", *kept])
         print(
             f"{len(unfinished)} run(s) not finished; to finish them (finished runs are kept): {again}", file=sys.stderr
         )
