@@ -149,7 +149,7 @@ def profile_bar(design: dict, runs: list[dict], reference_arm: str) -> dict:
     """Whether the reference arm met the learned profile's bar, seed by seed."""
     seeds = []
     for row in design["runs"]:
-        if row["arm"] != reference_arm or row["status"] == "failed":
+        if row["arm"] != reference_arm or row["status"] not in ("ok", "done earlier"):  # finished runs only
             continue
         run = next(r for r in runs if r["tag"] == row["tag"])
         stats = read_json(Path(run["results_dir"]) / "routing_stats.json") or {}
