@@ -15,7 +15,7 @@ from config_utils import PipelineError
 from config_utils.contracts import check_run_data, read_step2_output, step3_command
 from config_utils.io import read_manifest
 from process_exp_results.analysis.topic_map import coarse_topics, read_topic_map
-from train.checkpoints import checkpoint_folder, complete_checkpoints
+from train.checkpoints import checkpoint_folder, complete_checkpoints, step_of
 from train.final_model import MODEL_DIR, find_run, load_model
 from train.precision import bf16_is_fast
 
@@ -127,11 +127,12 @@ def load_run(args: argparse.Namespace, configs: dict) -> Run:
 
 def checkpoint_of(run_dir: Path, step: int) -> Path:
     """The run's checkpoint at `step`, or one line naming the steps it has."""
-    folder = checkpoint_folder(run_dir, step)
-    if folder not in complete_checkpoints(run_dir):
-        steps = [int(path.name.split("-")[1]) for path in complete_checkpoints(run_dir)]
-        kept = ", ".join(map(str, steps)) if steps else "none (train.keep_checkpoints, train.save_steps)"
-        raise PipelineError(f"--checkpoint {step}: run {run_dir.name} has no checkpoint at that step; it kept: {kept}")
+    folder, kept = checkpoint_folder(run_dir, step), complete_checkpoints(run_dir)
+    if folder not in kept:
+        listed = ", ".join(str(step_of(path)) for path in kept) or "none (train.keep_checkpoints, train.save_steps)"
+        raise PipelineError(
+            f"--checkpoint {step}: run {run_dir.name} has no checkpoint at that step; it kept: {listed}"
+        )
     return folder
 
 

@@ -30,6 +30,11 @@ RNG_FILE = "rng.safetensors"
 TENSOR_FILES = ("model.safetensors", OPTIMIZER_FILE, RNG_FILE)
 
 
+def step_of(folder: Path) -> int:
+    """The training step a checkpoint folder (step-NNNNNN) was written at."""
+    return int(folder.name.split("-")[1])
+
+
 def checkpoint_folder(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINT_DIR / f"step-{step:06d}"
 
@@ -97,7 +102,7 @@ def prune_checkpoints(run_dir: Path, keep: int, save_steps: int | None = None) -
     first so a half-deleted folder never looks complete."""
     remove_stale_temporaries(run_dir / CHECKPOINT_DIR)  # of checkpoint writes a killed run left behind
     found = complete_checkpoints(run_dir)
-    interrupted = [path for path in found[:-1] if save_steps and int(path.name.split("-")[1]) % save_steps]
+    interrupted = [path for path in found[:-1] if save_steps and step_of(path) % save_steps]
     regular = [path for path in found if path not in interrupted]
     for old in (interrupted + regular)[: max(0, len(found) - keep)]:
         doomed = old.parent / f".{old.name}.deleting-{os.getpid()}"

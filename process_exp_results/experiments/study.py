@@ -164,6 +164,11 @@ def design_arms(args: argparse.Namespace, design: str) -> list[str]:
     return [arm for arm in PROFILES[args.profile]["designs"][design] if args.arms is None or arm in args.arms]
 
 
+def reference_arm(args: argparse.Namespace, design: str) -> str:
+    """The arm every other is compared with: the design's first (--arms must keep it)."""
+    return PROFILES[args.profile]["designs"][design][0]
+
+
 def emergence_steps_of(args: argparse.Namespace) -> list[int]:
     """The checkpoint steps step 4 reads for the emergence curve (none when training is not set in steps)."""
     scale = {**profile_scale(args), **dict(parse_override_pair(text) for text in args.overrides)}
@@ -392,7 +397,7 @@ def run_design(args: argparse.Namespace, corpus: str, design: str, sweep_dir: Pa
     runner = runner_for(args, corpus, design)
     runs = plan_design(args, runner, corpus, design)
     print(f"\n== {corpus}, {design} topics: {len(runs)} runs in {sweep_dir}", flush=True)
-    reference = PROFILES[args.profile]["designs"][design][0]
+    reference = reference_arm(args, design)
     metadata = {"experiment": "study", "corpus": corpus, "design": design, "reference_arm": reference}
     after_run = None
     if args.profile == "learned":
@@ -428,11 +433,11 @@ def main() -> None:
             why = "no run has started there" if args.report_only else f"its worker wrote none; see {args.out / 'logs'}"
             raise PipelineError(f"{sweep_dir}: no sweep.json ({why}); run the study without --report-only first")
         runs = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))["runs"]
-        study_summary.score_on_common_set(runs, PROFILES[args.profile]["designs"][design][0])
+        study_summary.score_on_common_set(runs, reference_arm(args, design))
         with contextlib.redirect_stdout(io.StringIO()):  # its tables are in study.md; the files stay
             _, designs[f"{corpus}-{design}"] = compare([str(sweep_dir)], sweep_dir / "comparison")
         if args.profile == "learned":
-            reference = PROFILES[args.profile]["designs"][design][0]
+            reference = reference_arm(args, design)
             views = learned_views(runs, designs[f"{corpus}-{design}"], sweep_dir, reference, emergence_steps_of(args))
             designs[f"{corpus}-{design}"]["learned"] = views
     if args.worker:
