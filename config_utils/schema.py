@@ -167,11 +167,26 @@ TRAIN_SCHEMA = {
         "str",
         default=None,
         nullable=True,
-        choices=("topic",),
+        choices=("topic", "family"),
         help="a control, off by default: topic = a cross-entropy term on every router that "
-        "sends the train split's topic t (sorted) to expert t mod n_experts",
+        "sends the train split's topic t (sorted) to expert t mod n_experts; family = the same for the "
+        "topics' families (train.router_topic_map), each family f to expert f mod n_experts",
+    ),
+    "router_topic_map": Field(
+        "str",
+        default=None,
+        nullable=True,
+        help="router_supervision=family: a YAML file whose coarse_topics names each topic's family "
+        "(e.g. configs/corpora/20newsgroups.yaml)",
     ),
     "router_supervision_coef": Field("float", default=1.0, min=0.0, help="weight of that term"),
+    "router_refit_steps": Field(
+        "int",
+        default=0,
+        min=0,
+        help="router_supervision: after training, this many steps fitting the routers alone to its target on the "
+        "final representation (the rest frozen, no dropout), at learning_rate",
+    ),
     "routing_snapshots": Field(
         "bool",
         default=True,

@@ -149,7 +149,43 @@ def test_router_supervision_is_the_routers_cross_entropy_and_trains_the_routers_
     assert all(grad is None for grad in below)  # the hidden states are not pushed towards the topic
 
 
-def test_router_supervision_in_training_maps_each_train_topic_to_an_expert(tmp_path):
+def test_refitting_the_routers_lowers_their_loss_and_leaves_every_other_weight_as_trained():
+    import torch
+    from accelerate import Accelerator
+
+    from models import MoEEncoderConfig, MoEEncoderForMaskedLM
+    from train.router_refit import refit_routers
+    from train.tracking import RoutingRecorder
+
+    torch.manual_seed(0)
+    config = MoEEncoderConfig(
+        vocab_size=50, embedding_dim=16, seq_len=8, num_head=2, n_encoder_blocks=2, n_experts=4, moe_dim=16
+    )
+    model = MoEEncoderForMaskedLM(config)
+    ids = torch.randint(1, 50, (16, 8))
+    # the target is readable from the tokens: sequences of low ids go to expert 0, the others to expert 1
+    ids[:8] = ids[:8] % 10 + 1
+    labels = torch.full_like(ids, -100)
+    labels[:, 0] = ids[:, 0]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": labels}
+    batch["router_target"] = torch.tensor([0] * 8 + [1] * 8)
+
+    class Batches:  # the training's batch stream: one batch, forever
+        def steps(self, epoch, index, accumulation):
+            while True:
+                yield [dict(batch)], (epoch, index)
+
+    recorder = RoutingRecorder(model, 4, torch.device("cpu"))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    model.train()
+    result = refit_routers(Accelerator(cpu=True), model, recorder.moe_layers, Batches(), (0, 0), 40, 0.05, "t")
+    assert result["steps"] == 40 and result["loss_last"] < 0.7 * result["loss_first"]
+    assert model.training  # handed back as it came
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]) == (".router." not in name), name
+
+
+def test_router_supervision_in_training_sends_each_train_topic_or_family_to_an_expert(tmp_path):
     options = prepare_tiny_data(
         tmp_path,
         **{"train.router_supervision": "topic", "train.max_steps": 3, "train.save_steps": 3, "model.n_experts": 2},
@@ -161,13 +197,29 @@ def test_router_supervision_in_training_maps_each_train_topic_to_an_expert(tmp_p
         "factor": "topic",
         "coef": 1.0,
         "expert_of_topic": {topic: index % 2 for index, topic in enumerate(train_topics)},
+        "family_of_topic": None,
+        "refit": None,
     }
     dense = run_step_in_process(
         3, *DEMO_CONFIGS, *options, "--set", "model.n_experts=1", "--tag", "dense", cwd=tmp_path
     )
-    assert error_line(dense) == (
-        "error: train.router_supervision=topic needs routers: set model.n_experts to 2 or more"
-    )
+    assert error_line(dense) == ("error: train.router_supervision needs routers: set model.n_experts to 2 or more")
+    unsupervised = ["--set", "train.router_supervision=null", "--set", "train.router_refit_steps=5"]
+    refit_alone = run_step_in_process(3, *DEMO_CONFIGS, *options, *unsupervised, "--tag", "refit", cwd=tmp_path)
+    assert error_line(refit_alone).startswith("error: train.router_refit_steps fits the routers to")
+
+    family = ["--set", "train.router_supervision=family"]
+    unmapped = run_step_in_process(3, *DEMO_CONFIGS, *options, *family, "--tag", "unmapped", cwd=tmp_path)
+    assert error_line(unmapped).startswith("error: train.router_supervision=family needs train.router_topic_map")
+    topic_map = REPO / "configs" / "corpora" / "builtin.yaml"  # tech: programming, gaming; leisure: the others
+    mapped = [*family, "--set", f"train.router_topic_map={topic_map}", "--set", "train.router_refit_steps=4"]
+    check_ok(run_step_in_process(3, *DEMO_CONFIGS, *options, *mapped, "--tag", "families", cwd=tmp_path))
+    supervision = json.loads((tmp_path / "runs" / "families" / "manifest.json").read_text())["router_supervision"]
+    family_of = {"programming": "tech", "gaming": "tech", "cooking": "leisure", "sports": "leisure"}
+    assert supervision["family_of_topic"] == {topic: family_of[topic] for topic in train_topics}
+    # the sorted families leisure, tech go to experts 0 and 1: the family decides, not the topic's rank
+    assert supervision["expert_of_topic"] == {topic: int(family_of[topic] == "tech") for topic in train_topics}
+    assert supervision["refit"]["steps"] == 4 and supervision["refit"]["loss_last"] > 0
 
 
 # --------------------------------------------------------------------------- sweep

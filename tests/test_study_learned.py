@@ -9,20 +9,20 @@ from pathlib import Path
 import pytest
 from test_experiments import run_script
 
+from config_utils.topic_map import coarse_topics
 from helpers import REPO, check_ok, error_line
-from process_exp_results.analysis.topic_map import coarse_topics
 from process_exp_results.experiments.learned import emergence_steps
-from process_exp_results.experiments.sweep import run_steps, step_command
+from process_exp_results.experiments.sweep import execute, recorded_otherwise, run_steps, step_command
 
 STUDY = REPO / "process_exp_results" / "experiments" / "study.py"
+ARMS = "moe_top1,supervised_router,dense_equal_active"
 
 
 @pytest.fixture(scope="module")
 def learned_quick(tmp_path_factory):
-    """The learned profile on the builtin corpus, the reference and dense arms only (--arms), one seed."""
+    """The learned profile on the builtin corpus, the reference, supervised and dense arms only (--arms), one seed."""
     out = tmp_path_factory.mktemp("learned") / "quick"
-    arms = "moe_top1,dense_equal_active"
-    result = check_ok(run_script(STUDY, "--quick", "--profile", "learned", "--arms", arms, "--out", out, timeout=600))
+    result = check_ok(run_script(STUDY, "--quick", "--profile", "learned", "--arms", ARMS, "--out", out, timeout=600))
     return out, result
 
 
@@ -31,7 +31,11 @@ def test_the_learned_profile_runs_its_arms_then_step_4_along_training_and_at_coa
     sweep = out / "builtin-seen"
     runs = json.loads((sweep / "sweep.json").read_text())
     assert runs["reference_arm"] == "moe_top1"
-    assert [(run["arm"], run["status"]) for run in runs["runs"]] == [("moe_top1", "ok"), ("dense_equal_active", "ok")]
+    assert [(run["arm"], run["status"]) for run in runs["runs"]] == [
+        ("moe_top1", "ok"),
+        ("supervised_router", "ok"),
+        ("dense_equal_active", "ok"),
+    ]
     for step in (5, 10, 20):  # 12.5%, 25%, 50% of 40 steps
         manifest = json.loads((sweep / "emergence" / f"moe_top1__seed-0@step-{step}" / "manifest.json").read_text())
         assert manifest["checkpoint_step"] == step
@@ -41,9 +45,18 @@ def test_the_learned_profile_runs_its_arms_then_step_4_along_training_and_at_coa
     assert [point["step"] for point in study["emergence"]["points"]] == [5, 10, 20, 40]
     assert all(point["layers"]["block 0"]["topic_index"] is not None for point in study["emergence"]["points"])
     assert set(study["loss_curves"]) == {"moe_top1", "dense_equal_active"}
+    # the supervised arm was told the builtin corpus's families and is judged at them, in every MoE layer
+    assert [(row["told"], row["layer"]) for row in study["power"]] == [("family", "block 0"), ("family", "block 1")]
+    assert {row["refit_steps"] for row in study["power"]} == {20}  # half the 40 training steps
+    told = json.loads(
+        (sweep / "results_coarse" / "supervised_router__seed-0@families" / "routing_stats.json").read_text()
+    )
+    assert [row["topic_index"] for row in study["power"]] == [
+        layer["references"]["topic"]["index"] for layer in told["layers"]
+    ]
     assert [seed["met"] for seed in study["bar"]["seeds"]] == [False]  # 40 steps on synthetic text: far from 0.35
     table = (out / "study.md").read_text()
-    for heading in ("The profile's bar", "Emergence: the reference arm", "Two granularities"):
+    for heading in ("The profile's bar", "The power check", "Emergence: the reference arm", "Two granularities"):
         assert f"#### {heading}" in table
     assert (out / "builtin-seen_emergence.png").stat().st_size > 20_000
 
@@ -51,9 +64,8 @@ def test_the_learned_profile_runs_its_arms_then_step_4_along_training_and_at_coa
 def test_report_only_rebuilds_the_tables_from_the_finished_runs_and_runs_nothing(learned_quick, tmp_path):
     out, _ = learned_quick
     (out / "study.md").unlink()
-    arms = "moe_top1,dense_equal_active"
     result = check_ok(
-        run_script(STUDY, "--quick", "--profile", "learned", "--arms", arms, "--out", out, "--report-only")
+        run_script(STUDY, "--quick", "--profile", "learned", "--arms", ARMS, "--out", out, "--report-only")
     )
     assert "step 3" not in result.stdout and "step 4 on" not in result.stdout and (out / "study.md").is_file()
     line = error_line(run_script(STUDY, "--quick", "--profile", "learned", "--out", tmp_path / "none", "--report-only"))
@@ -68,12 +80,11 @@ def test_an_interrupted_training_resumes_from_its_newest_checkpoint(learned_quic
         shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     shutil.rmtree(sweep / "results" / "moe_top1__seed-0")
     kept = sorted(path.name for path in (sweep / "emergence").iterdir())
-    result = check_ok(
-        run_script(STUDY, "--quick", "--profile", "learned", "--arms", "moe_top1,dense_equal_active", "--out", out)
-    )
+    result = check_ok(run_script(STUDY, "--quick", "--profile", "learned", "--arms", ARMS, "--out", out))
     log = (sweep / "logs" / "moe_top1__seed-0.step3.log").read_text()
     assert "--resume latest" in log and "resuming moe_top1__seed-0 from" in log
     assert "dense_equal_active__seed-0: done earlier" in result.stdout
+    assert "supervised_router__seed-0: done earlier" in result.stdout
     assert "step 4 on emergence" not in result.stdout  # the checkpoints' results were kept
     assert sorted(path.name for path in (sweep / "emergence").iterdir()) == kept
 
@@ -110,6 +121,32 @@ def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_
         run_steps(args, run, tmp_path, {})
         expected = ["train.py", "inference.py"] if trained_again else ["inference.py"]
         assert [Path(command[1]).name for command in commands] == expected
+
+
+def test_a_finished_run_whose_arm_changed_since_is_redone_not_kept(tmp_path, monkeypatch):
+    args = argparse.Namespace(config_dataset="d", config_model="m", config_train="t", overwrite=False, overrides=[])
+    planned = {"model": {"n_experts": 4}, "train": {"router_supervision": "family", "eval_steps": 50}}
+    run = {"tag": "a", "run_dir": str(tmp_path / "runs" / "a"), "results_dir": str(tmp_path / "results" / "a")}
+    run["run_settings"] = planned
+    for folder in ("runs", "results"):
+        (tmp_path / folder / "a").mkdir(parents=True)
+    (tmp_path / "results" / "a" / "metrics.csv").write_text("group,accuracy\n")
+    redone = []
+    monkeypatch.setattr(
+        "process_exp_results.experiments.sweep.run_steps",
+        lambda args, run, *rest: redone.append(run["tag"]) or run.update(status="ok"),
+    )
+    for recorded, again in (
+        ({"router_supervision": "family", "eval_steps": 5}, []),
+        ({"router_supervision": "topic"}, ["a"]),
+    ):
+        (tmp_path / "runs" / "a" / "manifest.json").write_text(json.dumps({"config": {"train": recorded}}))
+        redone.clear()
+        run["status"] = None
+        execute(args, [run], tmp_path, {})
+        assert redone == again  # an evaluation interval does not change what was trained; the router's target does
+    assert recorded_otherwise(tmp_path / "runs" / "a" / "manifest.json", run)
+    assert not recorded_otherwise(tmp_path / "runs" / "b" / "manifest.json", run)  # nothing finished there
 
 
 def test_emergence_steps_are_checkpoints_at_an_eighth_a_quarter_and_a_half():

@@ -35,6 +35,7 @@ from config_utils import ConfigSection, PipelineError, load_step_configs, run_st
 from config_utils.contracts import read_step2_output, step2_command, step3_command, step4_command
 from config_utils.host_memory import keep_freed_memory
 from config_utils.io import OutputLock, check_output_folder, write_sealed_manifest
+from config_utils.topic_map import coarse_topics, read_topic_map
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from models.router import LinearRouter
 from train.checkpoints import (
@@ -58,6 +59,7 @@ from train.loop import (
     restore_rng_states,
     train_step,
 )
+from train.router_refit import refit_routers
 from train.routing_snapshots import (
     SNAPSHOT_DIR,
     last_snapshot,
@@ -95,16 +97,32 @@ def freeze_routers(model: MoEEncoderForMaskedLM) -> None:
             module.requires_grad_(False)
 
 
-def add_router_targets(train_set, n_experts: int):
-    """train.router_supervision=topic: each sequence's target expert, topic t of the sorted train topics -> t mod E."""
+def add_router_targets(train_set, n_experts: int, family_of_topic: dict | None = None):
+    """train.router_supervision: each sequence's target expert, group g of the sorted groups -> g mod E, a group
+    being a train topic (=topic) or a topic's family (=family, family_of_topic from train.router_topic_map)."""
     if n_experts < 2:
-        raise PipelineError("train.router_supervision=topic needs routers: set model.n_experts to 2 or more")
+        raise PipelineError("train.router_supervision needs routers: set model.n_experts to 2 or more")
     topics = sorted(set(train_set["topic"]))
-    expert_of_topic = {topic: index % n_experts for index, topic in enumerate(topics)}
+    group_of_topic = family_of_topic or {topic: topic for topic in topics}
+    groups = sorted({group_of_topic[topic] for topic in topics})
+    expert_of_topic = {topic: groups.index(group_of_topic[topic]) % n_experts for topic in topics}
     return (
         train_set.add_column("router_target", [expert_of_topic[topic] for topic in train_set["topic"]]),
         expert_of_topic,
     )
+
+
+def families_for_supervision(train_config: ConfigSection, topics) -> dict | None:
+    """train.router_supervision=family: each train topic's family, from train.router_topic_map's coarse_topics."""
+    if train_config.router_supervision != "family":
+        return None
+    if not train_config.router_topic_map:
+        raise PipelineError(
+            "train.router_supervision=family needs train.router_topic_map: a YAML file with coarse_topics, "
+            "e.g. --set train.router_topic_map=configs/corpora/20newsgroups.yaml"
+        )
+    topic_map = read_topic_map(Path(train_config.router_topic_map), "train.router_topic_map")
+    return coarse_topics(topics, topic_map, f"train.router_topic_map {train_config.router_topic_map}")
 
 
 @dataclass
@@ -122,8 +140,10 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     train_set: datasets.Dataset
     valid_set: datasets.Dataset
-    expert_of_topic: dict | None  # train.router_supervision=topic: the train topics' target experts
+    expert_of_topic: dict | None  # train.router_supervision: the train topics' target experts
+    family_of_topic: dict | None  # train.router_supervision=family: the train topics' families
     supervision_coef: float
+    router_refit: dict | None = None  # train.router_refit_steps: the routers' loss before and after
     # claim_run_folder: the processes and the run folder they write
     accelerator: Accelerator | None = None
     tag: str = ""
@@ -155,6 +175,17 @@ def main() -> None:
     keep_freed_memory()  # every step allocates the same large tensors: reuse them instead of faulting them in
     run = set_up(parse_args())
     train(run)
+    if run.train_config.router_refit_steps:
+        run.router_refit = refit_routers(
+            run.accelerator,
+            run.model,
+            run.recorder.moe_layers,
+            run.batches,
+            run.state["position"],
+            run.train_config.router_refit_steps,
+            run.train_config.learning_rate,
+            run.tag,
+        )
     finish(run)
 
 
@@ -213,14 +244,20 @@ def read_inputs(args: argparse.Namespace) -> Run:
             f"older step 2): run `{step2_command(args)}` again"
         )
 
-    expert_of_topic = None
-    if train_config.router_supervision == "topic":
+    expert_of_topic, family_of_topic = None, None
+    if train_config.router_supervision:
         if train_config.freeze_router:
             raise PipelineError(
-                "train.router_supervision=topic trains the routers, train.freeze_router=true keeps "
-                "them fixed: set one of them off"
+                f"train.router_supervision={train_config.router_supervision} trains the routers, "
+                "train.freeze_router=true keeps them fixed: set one of them off"
             )
-        train_set, expert_of_topic = add_router_targets(train_set, model_config.n_experts)
+        family_of_topic = families_for_supervision(train_config, train_set.unique("topic"))
+        train_set, expert_of_topic = add_router_targets(train_set, model_config.n_experts, family_of_topic)
+    elif train_config.router_refit_steps:
+        raise PipelineError(
+            "train.router_refit_steps fits the routers to train.router_supervision's target, which is off: set "
+            "train.router_supervision, or train.router_refit_steps to 0"
+        )
     supervision_coef = train_config.router_supervision_coef if expert_of_topic else 0.0
     return Run(
         args,
@@ -233,6 +270,7 @@ def read_inputs(args: argparse.Namespace) -> Run:
         train_set,
         valid_set,
         expert_of_topic,
+        family_of_topic,
         supervision_coef,
     )
 
@@ -632,7 +670,13 @@ def manifest(run: Run) -> dict:
         },
         "router_supervision": None
         if run.expert_of_topic is None
-        else {"factor": "topic", "coef": run.supervision_coef, "expert_of_topic": run.expert_of_topic},
+        else {
+            "factor": run.train_config.router_supervision,
+            "coef": run.supervision_coef,
+            "expert_of_topic": run.expert_of_topic,
+            "family_of_topic": run.family_of_topic,
+            "refit": run.router_refit,
+        },
     }
 
 

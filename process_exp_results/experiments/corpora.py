@@ -27,7 +27,7 @@ from pathlib import Path
 
 from config_utils import PipelineError
 from config_utils.config import read_yaml
-from process_exp_results.analysis.topic_map import check_topic_map, coarse_topics
+from config_utils.topic_map import check_topic_map, coarse_topics
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS_FOLDER = REPO / "configs" / "corpora"

@@ -2,8 +2,10 @@
 
 - emergence: step 4 on the reference arm's first seed at 12.5%, 25% and 50% of its steps (its checkpoints) and at
   the end (its own results): topic and token-class index, accuracy and routing saturation against the step;
-- granularity: step 4 on each reference seed with the corpus's coarse_topics (step 4 --topic-map), beside the fine
-  topics' numbers;
+- granularity: step 4 on each reference and supervised seed with the corpus's coarse_topics (step 4 --topic-map),
+  beside the fine topics' numbers;
+- the power check: the supervised arm's topic index, at the granularity its routers were told (topics, or families
+  where the corpus has them), against its bar (>= 0.8, interval above 0.5);
 - the profile's bar: the reference arm's common-set accuracy >= 0.35 and every MoE layer settled (top-1 agreement
   with the final model >= 0.95 at the two evaluations before the last);
 - experts against the dense model with the same active parameters: validation loss per step.
@@ -15,13 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from process_exp_results.experiments.result_files import read_json, read_metrics
-from process_exp_results.experiments.sweep import run_logged, step_command
+from process_exp_results.experiments.sweep import recorded_otherwise, run_logged, step_command
 from process_exp_results.report.formatting import MISSING, format_number, with_interval
 
 EMERGENCE_FRACTIONS = (0.125, 0.25, 0.5)  # of the steps; 1.0 is the run's own step 4
 LEARNED_ACCURACY = 0.35  # the profile's bar: the reference arm's common-set masked accuracy
 BAR_AGREEMENT = 0.95  # ... and every MoE layer's top-1 agreement with the final model at the last evaluations
 CURVE_ARMS = ("moe_top1", "moe_top2", "dense_equal_active")  # validation loss per step: do experts pay?
+SUPERVISED_ARM = "supervised_router"  # the power check: a router told where each topic goes
+POWER_INDEX, POWER_LOWER = 0.8, 0.5  # its bar: the index at least 0.8, its interval above 0.5
+# its routers are then fitted alone to their target, for half as many steps again (train.router_refit_steps): trained
+# along with the rest they end far from it (docs/results.md, the power check)
+REFIT_FRACTION = 0.5
 
 
 def emergence_steps(max_steps: int, save_steps: int) -> list[int]:
@@ -30,13 +37,24 @@ def emergence_steps(max_steps: int, save_steps: int) -> list[int]:
     return sorted(set(step for step in steps if step < max_steps))
 
 
+def supervised_settings(corpus, max_steps: int | None) -> dict:
+    """The supervised arm's own settings: its routers refitted after training (REFIT_FRACTION of the steps; 1,000
+    when training is not set in steps) and, on a corpus with families, each family sent to its own expert, a target a
+    linear router can fit (topic t -> expert t mod E puts unrelated topics together); step 4 judges it at the
+    granularity it was told."""
+    settings = {"train.router_refit_steps": max(1, round(REFIT_FRACTION * int(max_steps))) if max_steps else 1000}
+    if corpus.coarse_topics:
+        settings |= {"train.router_supervision": "family", "train.router_topic_map": str(corpus.path)}
+    return settings
+
+
 def extra_step4_jobs(run: dict, sweep_dir: Path, reference_arm: str, steps: list[int], coarse_file) -> list:
     """(options, results folder) of every extra step 4 of a finished run: on the reference's seed 0 at its
-    checkpoints; on every reference seed at the corpus's coarse_topics (when it has them)."""
-    if run["arm"] != reference_arm or not (Path(run["results_dir"]) / "metrics.csv").is_file():
+    checkpoints; on every reference and supervised seed at the corpus's coarse_topics (when it has them)."""
+    if run["arm"] not in (reference_arm, SUPERVISED_ARM) or not (Path(run["results_dir"]) / "metrics.csv").is_file():
         return []
     jobs = []
-    if run["seed"] == 0:
+    if run["arm"] == reference_arm and run["seed"] == 0:
         for step in steps:
             folder = sweep_dir / "emergence" / f"{run['tag']}@step-{step}"
             jobs.append((["--checkpoint", str(step), "--save_path", str(folder.parent)], folder))
@@ -48,11 +66,12 @@ def extra_step4_jobs(run: dict, sweep_dir: Path, reference_arm: str, steps: list
 
 def run_extra_step4(runner, run: dict, sweep_dir: Path, reference_arm: str, steps: list[int], coarse_file) -> None:
     """Step 4 on the run's checkpoints and at coarse topics, right after its training (the sweep's after_run); a
-    folder finished earlier is kept (resumable); a failure is printed, recorded in the run's extra_failed (sweep.json:
+    folder finished earlier with the run's settings is kept (resumable); a failure is printed, recorded in the run's extra_failed (sweep.json:
     the study counts it unfinished) and the rest go on."""
     run["extra_failed"] = []
     for options, folder in extra_step4_jobs(run, sweep_dir, reference_arm, steps, coarse_file):
-        if (folder / "metrics.csv").is_file() and not runner.overwrite:
+        stale = recorded_otherwise(folder / "manifest.json", run)
+        if (folder / "metrics.csv").is_file() and not runner.overwrite and not stale:
             continue
         print(f"  step 4 on {folder.parent.name}/{folder.name} ...", flush=True)
         # the sweep's own step 4 command; the later --save_path wins (argparse keeps the last)
@@ -122,11 +141,12 @@ def emergence_summary(runs: list[dict], sweep_dir: Path, reference_arm: str, ste
 
 
 def granularity_summary(runs: list[dict], sweep_dir: Path, reference_arm: str) -> list[dict]:
-    """Per reference seed and MoE layer: the topic NMI and index at the corpus's topics and at its families."""
+    """Per reference and supervised seed and MoE layer: the topic NMI and index at the corpus's topics and at its
+    families."""
     rows = []
     for run in runs:
         coarse_folder = sweep_dir / "results_coarse" / f"{run['tag']}@families"
-        if run["arm"] != reference_arm or not (coarse_folder / "metrics.csv").is_file():
+        if run["arm"] not in (reference_arm, SUPERVISED_ARM) or not (coarse_folder / "metrics.csv").is_file():
             continue
         fine_stats = read_json(Path(run["results_dir"]) / "routing_stats.json") or {}
         coarse_stats = read_json(coarse_folder / "routing_stats.json") or {}
@@ -168,6 +188,37 @@ def profile_bar(design: dict, runs: list[dict], reference_arm: str) -> dict:
             }
         )
     return {"accuracy_bar": LEARNED_ACCURACY, "agreement_bar": BAR_AGREEMENT, "seeds": seeds}
+
+
+def power_check(runs: list[dict], sweep_dir: Path) -> list[dict]:
+    """Per finished supervised seed and MoE layer: the topic index at the granularity its routers were told (the
+    families' results for train.router_supervision=family), and whether it clears the power bar."""
+    rows = []
+    for run in runs:
+        supervision = _manifest(run).get("router_supervision") if run["arm"] == SUPERVISED_ARM else None
+        if not supervision:
+            continue
+        told = supervision["factor"]
+        folder = (
+            sweep_dir / "results_coarse" / f"{run['tag']}@families" if told == "family" else Path(run["results_dir"])
+        )
+        for layer, values in _layer_indices(read_json(folder / "routing_stats.json")).items():
+            index, interval = values["topic_index"], values["topic_index_ci"]
+            passed = index is not None and index >= POWER_INDEX and bool(interval) and interval[0] > POWER_LOWER
+            rows.append(
+                {
+                    "run": run["tag"],
+                    "told": told,
+                    "refit_steps": (supervision.get("refit") or {}).get("steps", 0),
+                    "refit_loss": [(supervision.get("refit") or {}).get(key) for key in ("loss_first", "loss_last")],
+                    "layer": layer,
+                    "topic_nmi": values["topic_nmi"],
+                    "topic_index": index,
+                    "topic_index_ci": interval,
+                    "passed": passed,
+                }
+            )
+    return rows
 
 
 def loss_curves(runs: list[dict]) -> dict:
@@ -241,6 +292,26 @@ def granularity_markdown(rows: list[dict]) -> str:
     )
 
 
+def power_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "No supervised run has finished yet."
+    header = "| run | told | routers refitted | their loss | layer | topic NMI | topic index | bar met |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        first, last = row["refit_loss"]
+        loss = MISSING if first is None else f"{format_number(first, 3)} -> {format_number(last, 3)}"
+        lines.append(
+            f"| {row['run']} | {row['told']} | {row['refit_steps']} steps | {loss} | {row['layer']} | "
+            f"{format_number(row['topic_nmi'], 3)} | {_index(row, 'topic')} | {'yes' if row['passed'] else 'no'} |"
+        )
+    return "\n".join(lines) + (
+        f"\n\nThe supervised arm's routers are trained to send each topic (or each family: told = family) to its own "
+        f"expert, then fitted alone to that target on the final representation (their loss: summed over layers, "
+        f"before -> after); the index is read at that granularity. Bar: index >= {POWER_INDEX} with its interval above "
+        f"{POWER_LOWER}. Below it, the index cannot be trusted to see specialization that is there."
+    )
+
+
 def bar_markdown(bar: dict) -> str:
     if not bar["seeds"]:
         return "The reference arm has no finished seed yet."
@@ -264,6 +335,7 @@ def learned_views(runs: list[dict], design: dict, sweep_dir: Path, reference_arm
         "bar": profile_bar(design, runs, reference_arm),
         "emergence": emergence_summary(runs, sweep_dir, reference_arm, steps),
         "granularity": granularity_summary(runs, sweep_dir, reference_arm),
+        "power": power_check(runs, sweep_dir),
         "loss_curves": loss_curves(runs),
     }
 
@@ -272,6 +344,7 @@ def learned_markdown(views: dict) -> str:
     return "\n\n".join(
         [
             "#### The profile's bar\n\n" + bar_markdown(views["bar"]),
+            "#### The power check: routers told where each topic goes\n\n" + power_markdown(views.get("power") or []),
             "#### Emergence: the reference arm along its training\n\n" + emergence_markdown(views["emergence"]),
             "#### Two granularities: the corpus's topics and their families\n\n"
             + granularity_markdown(views["granularity"]),

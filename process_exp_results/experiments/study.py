@@ -14,15 +14,17 @@ Profile early (the default; the earlier study's scale: width 128, 4 experts, 400
                             balancing loss
 Profile learned (width 256, 8 experts, seq_len 128, 4,000 steps with dynamic masking; seen design). Arms:
   moe_top1                  the reference: top-1 MoE
-  supervised_router         each router trained to send topic t to expert t mod E: the power check (its index
-                            must be high, or the index is wrong)
+  supervised_router         each router trained to send family f of the corpus's coarse_topics to expert f mod E
+                            (without families: topic t to expert t mod E), then fitted alone to that target on the
+                            final representation for half as many steps again; judged at that granularity: the
+                            power check (its index must be high, or the index or the control is wrong)
   frozen_router             routers left at their random init: how often a router that learned nothing clears 0
   dense_equal_active        one FFN as wide as one expert: the reference's active parameters without experts
   moe_top2                  top-2 MoE
   seed_replica              the earlier model's defects, as above
-  Right after each reference run, step 4 on it at the corpus's coarse_topics (results_coarse/<tag>@families/) and,
-  for seed 0, at its checkpoints from 12.5%, 25% and 50% of its steps (emergence/: does specialization appear as
-  the model learns?); <corpus>-<design>_emergence.png draws them (learned.py). A stopped study resumes: finished
+  Right after each reference and supervised run, step 4 on it at the corpus's coarse_topics
+  (results_coarse/<tag>@families/) and, for the reference's seed 0, at its checkpoints from 12.5%, 25% and 50% of
+  its steps (emergence/: does specialization appear as the model learns?); <corpus>-<design>_emergence.png draws them (learned.py). A stopped study resumes: finished
   runs are kept, an interrupted training continues from its newest checkpoint. Runs go seed-major in both
   profiles: a study stopped early has every arm once before any twice.
 Designs (early profile): `seen` (every topic in training; step 4 on the test split) runs every arm; `held_out` (two topics held out
@@ -63,9 +65,8 @@ import time
 from config_utils import PipelineError, run_step, write_json_atomic, write_text_atomic
 from config_utils.cli import HelpFormatter, add_set_option
 from config_utils.config import parse_override
-from process_exp_results.experiments import study_summary
+from process_exp_results.experiments import learned, study_summary
 from process_exp_results.experiments.corpora import check_named_topics, load_corpus
-from process_exp_results.experiments.learned import emergence_steps, learned_views, run_extra_step4
 from process_exp_results.experiments.study_summary import BALANCED_ARM, LEARNED_REFERENCE_ARM, REFERENCE_ARM
 from process_exp_results.experiments.sweep import PLACED_KEYS, execute, plan_runs
 
@@ -89,13 +90,14 @@ EARLY_ARMS = {
 # the learned profile asks what routing a model that learned does, against its controls (the reference arm first)
 LEARNED_ARMS = {
     LEARNED_REFERENCE_ARM: {},
-    "supervised_router": {"train.router_supervision": "topic"},  # the power check: topic t -> expert t mod E
+    learned.SUPERVISED_ARM: {
+        "train.router_supervision": "topic"
+    },  # the power check (by family where the corpus has them)
     "frozen_router": {"train.freeze_router": True},  # a router that learned nothing: the false clearances
     "dense_equal_active": {"model.n_experts": 1},  # one FFN as wide as one expert: the reference's active parameters
     "moe_top2": {"model.top_k_experts": 2},
     "seed_replica": DEFECTS,
 }
-
 # the documented CPU scale: the demo model with 4 experts, 400 steps of 32 sequences
 SCALE = {
     "model.embedding_dim": 128,
@@ -169,12 +171,17 @@ def reference_arm(args: argparse.Namespace, design: str) -> str:
     return PROFILES[args.profile]["designs"][design][0]
 
 
+def run_scale(args: argparse.Namespace) -> dict:
+    """The profile's sizes with the user's --set texts over them: what every run trains with."""
+    return {**profile_scale(args), **dict(parse_override_pair(text) for text in args.overrides)}
+
+
 def emergence_steps_of(args: argparse.Namespace) -> list[int]:
     """The checkpoint steps step 4 reads for the emergence curve (none when training is not set in steps)."""
-    scale = {**profile_scale(args), **dict(parse_override_pair(text) for text in args.overrides)}
+    scale = run_scale(args)
     if not scale.get("train.max_steps") or not scale.get("train.save_steps"):
         return []
-    return emergence_steps(int(scale["train.max_steps"]), int(scale["train.save_steps"]))
+    return learned.emergence_steps(int(scale["train.max_steps"]), int(scale["train.save_steps"]))
 
 
 def parse_override_pair(text: str) -> tuple[str, object]:
@@ -289,6 +296,7 @@ def check_args(args: argparse.Namespace) -> None:
     arms = PROFILES[args.profile]["arms"].values()
     own = PLACED_KEYS | {key for arm in arms for key in arm} | {"train.random_seed"}
     own |= {"dataset.data_params.eval_topics", "dataset.data_params.train_topics", "dataset.data_params.tokenizer_name"}
+    own |= {"train.router_topic_map", "train.router_refit_steps"}  # learned.supervised_settings
     own.add("train.aim_repo")  # one repository per sweep: workers never share one
     for text in args.overrides:
         role, path, _ = parse_override(text)
@@ -336,6 +344,8 @@ def plan_design(args: argparse.Namespace, runner: argparse.Namespace, corpus: st
                 if arm == BALANCED_ARM:
                     extra = {"dataset.data_params.train_topics": args.corpora[corpus].balanced}
                     extra["dataset.data_params.tokenizer_name"] = tokenizer
+                if arm == learned.SUPERVISED_ARM:
+                    extra = learned.supervised_settings(args.corpora[corpus], run_scale(args).get("train.max_steps"))
                 assignments.append({**ARMS[arm], **extra, "train.random_seed": seed})
                 labels.append((arm, seed))
         runs = plan_runs(runner, assignments, sweep_dir, [f"{arm}__seed-{seed}" for arm, seed in labels])
@@ -403,7 +413,7 @@ def run_design(args: argparse.Namespace, corpus: str, design: str, sweep_dir: Pa
     if args.profile == "learned":
         coarse = args.corpora[corpus].path if args.corpora[corpus].coarse_topics else None
         after_run = functools.partial(
-            run_extra_step4,
+            learned.run_extra_step4,
             runner,
             sweep_dir=sweep_dir,
             reference_arm=reference,
@@ -438,7 +448,9 @@ def main() -> None:
             _, designs[f"{corpus}-{design}"] = compare([str(sweep_dir)], sweep_dir / "comparison")
         if args.profile == "learned":
             reference = reference_arm(args, design)
-            views = learned_views(runs, designs[f"{corpus}-{design}"], sweep_dir, reference, emergence_steps_of(args))
+            views = learned.learned_views(
+                runs, designs[f"{corpus}-{design}"], sweep_dir, reference, emergence_steps_of(args)
+            )
             designs[f"{corpus}-{design}"]["learned"] = views
     if args.worker:
         return

@@ -170,6 +170,14 @@ def trained_alike(run: dict) -> bool:
     return same_training(json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}, run["run_settings"])
 
 
+def recorded_otherwise(manifest: Path, run: dict) -> bool:
+    """A finished step 3 or 4 whose manifest records settings other than the planned ones (the arm changed since):
+    its outputs are stale, and redone."""
+    if not manifest.is_file():
+        return False
+    return not same_training(json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}, run["run_settings"])
+
+
 def resumable(run: dict) -> bool:
     """The run's newest complete checkpoint (trainer_state.json is written into it last) has the planned settings."""
     states = sorted(Path(run["run_dir"]).glob("checkpoints/step-*/trainer_state.json"))
@@ -319,14 +327,22 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
         started = time.perf_counter()
         results = Path(run["results_dir"])
         before = earlier.get(run["tag"], {})
-        # a run that failed last time may have left an older run's results: it is redone
-        if (results / "metrics.csv").is_file() and not args.overwrite and before.get("status") != "failed":
+        # a run that failed last time may have left an older run's results, a changed arm stale ones: both are redone
+        stale = any(recorded_otherwise(folder / "manifest.json", run) for folder in (Path(run["run_dir"]), results))
+        if (
+            (results / "metrics.csv").is_file()
+            and not args.overwrite
+            and before.get("status") != "failed"
+            and not stale
+        ):
             run["status"] = "done earlier"
             if before.get("seconds") is not None:  # the time it took when it ran
                 run["seconds"] = before["seconds"]
             print(f"[{number}/{len(runs)}] {run['tag']}: done earlier ({results})")
         else:
-            print(f"[{number}/{len(runs)}] {run['tag']}", flush=True)
+            print(
+                f"[{number}/{len(runs)}] {run['tag']}" + (": trained with other settings, redone" * stale), flush=True
+            )
             run_steps(args, run, sweep_dir, data_status)
             run["seconds"] = round(time.perf_counter() - started, 1)
             save_manifest(sweep_dir, manifest, runs)

@@ -31,18 +31,19 @@ def check_topic_map(topic_map, where: str) -> dict[str, list[str]]:
     return {str(family): list(patterns) for family, patterns in topic_map.items()}
 
 
-def read_topic_map(path: Path) -> dict[str, list[str]]:
-    """The `coarse_topics` of a YAML file (a corpus file of configs/corpora/ has one where its topics nest)."""
+def read_topic_map(path: Path, option: str = "--topic-map") -> dict[str, list[str]]:
+    """The `coarse_topics` of a YAML file (a corpus file of configs/corpora/ has one where its topics nest); option
+    names where the path came from in an error (step 4's --topic-map, train.router_topic_map)."""
     try:
         raw = read_yaml(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
-        raise PipelineError(f"--topic-map {path}: cannot be read ({error.strerror}); check the path") from None
+        raise PipelineError(f"{option} {path}: cannot be read ({error.strerror}); check the path") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
-        raise PipelineError(f"--topic-map {path}: not valid YAML{line}; fix the file") from None
+        raise PipelineError(f"{option} {path}: not valid YAML{line}; fix the file") from None
     if not isinstance(raw, dict) or KEY not in raw:
-        raise PipelineError(f"--topic-map {path}: no {KEY} key (e.g. configs/corpora/20newsgroups.yaml has one)")
+        raise PipelineError(f"{option} {path}: no {KEY} key (e.g. configs/corpora/20newsgroups.yaml has one)")
     return check_topic_map(raw[KEY], str(path))
 
 
