@@ -197,3 +197,12 @@ TRAIN_SCHEMA = {
 }
 
 SCHEMAS = {"dataset": DATASET_SCHEMA, "model": MODEL_SCHEMA, "train": TRAIN_SCHEMA}
+
+
+def recorded_setting(role: str, key: str, recorded: dict, now):
+    """A setting as a manifest or checkpoint recorded it. A key added to the schema after it was written ran with
+    its default; a required one (no default) cannot be told, and is taken as `now`."""
+    if key in recorded:
+        return recorded[key]
+    field = SCHEMAS[role].get(key)
+    return now if field is None or field.default is REQUIRED else field.default

@@ -219,7 +219,10 @@ def test_router_supervision_in_training_sends_each_train_topic_or_family_to_an_e
     assert supervision["family_of_topic"] == {topic: family_of[topic] for topic in train_topics}
     # the sorted families leisure, tech go to experts 0 and 1: the family decides, not the topic's rank
     assert supervision["expert_of_topic"] == {topic: int(family_of[topic] == "tech") for topic in train_topics}
-    assert supervision["refit"]["steps"] == 4 and supervision["refit"]["loss_last"] > 0
+    assert supervision["refit"]["steps"] == 4
+    stray_map = ["--set", f"train.router_topic_map={topic_map}"]  # with router_supervision=topic: not read
+    stray = run_step_in_process(3, *DEMO_CONFIGS, *options, *stray_map, "--tag", "stray", cwd=tmp_path)
+    assert error_line(stray).startswith("error: train.router_topic_map is read by train.router_supervision=family")
 
 
 # --------------------------------------------------------------------------- sweep

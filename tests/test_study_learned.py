@@ -125,7 +125,8 @@ def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_
 
 def test_a_finished_run_whose_arm_changed_since_is_redone_not_kept(tmp_path, monkeypatch):
     args = argparse.Namespace(config_dataset="d", config_model="m", config_train="t", overwrite=False, overrides=[])
-    planned = {"model": {"n_experts": 4}, "train": {"router_supervision": "family", "eval_steps": 50}}
+    planned = {"model": {"n_experts": 4}, "train": {"router_supervision": "family", "router_refit_steps": 9}}
+    planned["train"] |= {"eval_steps": 50, "router_z_loss_coef": 0.0}
     run = {"tag": "a", "run_dir": str(tmp_path / "runs" / "a"), "results_dir": str(tmp_path / "results" / "a")}
     run["run_settings"] = planned
     for folder in ("runs", "results"):
@@ -136,15 +137,18 @@ def test_a_finished_run_whose_arm_changed_since_is_redone_not_kept(tmp_path, mon
         "process_exp_results.experiments.sweep.run_steps",
         lambda args, run, *rest: redone.append(run["tag"]) or run.update(status="ok"),
     )
+    # an evaluation interval does not change what was trained, the router's target does; a manifest written before
+    # a key existed ran with its default (no refit: redone; z-loss at its default 0: kept)
     for recorded, again in (
-        ({"router_supervision": "family", "eval_steps": 5}, []),
-        ({"router_supervision": "topic"}, ["a"]),
+        ({"router_supervision": "family", "router_refit_steps": 9, "eval_steps": 5}, []),
+        ({"router_supervision": "topic", "router_refit_steps": 9}, ["a"]),
+        ({"router_supervision": "family"}, ["a"]),
     ):
         (tmp_path / "runs" / "a" / "manifest.json").write_text(json.dumps({"config": {"train": recorded}}))
         redone.clear()
         run["status"] = None
         execute(args, [run], tmp_path, {})
-        assert redone == again  # an evaluation interval does not change what was trained; the router's target does
+        assert redone == again, recorded
     assert recorded_otherwise(tmp_path / "runs" / "a" / "manifest.json", run)
     assert not recorded_otherwise(tmp_path / "runs" / "b" / "manifest.json", run)  # nothing finished there
 

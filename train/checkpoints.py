@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
 from config_utils.contracts import RESUMABLE_CHANGES
 from config_utils.io import FILE_HASHES, file_sha256, remove_stale_temporaries, use_default_file_modes
+from config_utils.schema import recorded_setting
 from train.final_model import save_tokenizer, without_transformers_bars
 
 CHECKPOINT_DIR = "checkpoints"  # run_dir/checkpoints/step-NNNNNN/
@@ -157,9 +158,7 @@ def load_checkpoint(
         )
     for role, now in (("model", model_config), ("train", train_config)):
         for key, value in now.items():
-            if key not in state["config"][role]:  # a key added to the schema since: it has its default
-                continue
-            saved = state["config"][role][key]
+            saved = recorded_setting(role, key, state["config"][role], value)  # a key added since: its default
             if saved != value and not (role == "train" and key in RESUMABLE_CHANGES):
                 raise PipelineError(
                     f"--resume {folder}: the run was trained with {role}.{key}={saved!r} but "

@@ -46,13 +46,12 @@ def refit_routers(
         real = batch["attention_mask"].sum()
         loss = router_supervision_sum(moe_layers, output.layer_stats, target, batch["attention_mask"]) / real
         optimizer.zero_grad(set_to_none=True)
-        with accelerator.no_sync(model):  # DDP's gradient hooks stay out: the routers' gradients are reduced below
-            loss.backward()
+        loss.backward()  # the forward ran on the unwrapped model: DDP's hooks stay out, the gradients are reduced here
         if accelerator.num_processes > 1:  # every process keeps the same routers
             for weight in weights:
                 weight.grad = accelerator.reduce(weight.grad, "mean")
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(accelerator.reduce(loss.detach(), "mean")))  # over the processes' batches
     unwrapped.train(was_training)
     window = max(1, min(50, len(losses) // 4))
     return {

@@ -258,6 +258,11 @@ def read_inputs(args: argparse.Namespace) -> Run:
             "train.router_refit_steps fits the routers to train.router_supervision's target, which is off: set "
             "train.router_supervision, or train.router_refit_steps to 0"
         )
+    if train_config.router_topic_map and train_config.router_supervision != "family":
+        raise PipelineError(
+            f"train.router_topic_map is read by train.router_supervision=family only (it is "
+            f"{train_config.router_supervision}): set router_supervision to family, or router_topic_map to null"
+        )
     supervision_coef = train_config.router_supervision_coef if expert_of_topic else 0.0
     return Run(
         args,

@@ -42,6 +42,7 @@ from config_utils.contracts import (
     dataset_settings,
     step_script,
 )
+from config_utils.schema import recorded_setting
 
 SCRIPTS = {step: step_script(step) for step in STEP_SCRIPTS}
 MANIFEST = "sweep.json"
@@ -155,9 +156,10 @@ def same_training(saved: dict, planned: dict) -> bool:
     """A run's recorded model and train configs compute what the planned ones would (keys that do not change the
     result aside, as train/checkpoints.py allows on resume; the vocabulary size is step 2's, checked by step 4)."""
     for role, ignored in (("model", {"vocab_size"}), ("train", RESUMABLE_CHANGES)):
-        recorded = saved.get(role) or {}
+        if role not in saved:  # step 4's manifest records the train settings, not the model's
+            continue
         for key, value in planned[role].items():
-            if key in recorded and key not in ignored and recorded[key] != value:
+            if key not in ignored and recorded_setting(role, key, saved[role], value) != value:
                 return False
     return True
 
@@ -341,7 +343,7 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
             print(f"[{number}/{len(runs)}] {run['tag']}: done earlier ({results})")
         else:
             print(
-                f"[{number}/{len(runs)}] {run['tag']}" + (": trained with other settings, redone" * stale), flush=True
+                f"[{number}/{len(runs)}] {run['tag']}" + (": made with other settings than planned, redone" * stale), flush=True
             )
             run_steps(args, run, sweep_dir, data_status)
             run["seconds"] = round(time.perf_counter() - started, 1)
