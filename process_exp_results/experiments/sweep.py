@@ -343,7 +343,8 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
             print(f"[{number}/{len(runs)}] {run['tag']}: done earlier ({results})")
         else:
             print(
-                f"[{number}/{len(runs)}] {run['tag']}" + (": made with other settings than planned, redone" * stale), flush=True
+                f"[{number}/{len(runs)}] {run['tag']}" + (": made with other settings than planned, redone" * stale),
+                flush=True,
             )
             run_steps(args, run, sweep_dir, data_status)
             run["seconds"] = round(time.perf_counter() - started, 1)
