@@ -164,12 +164,17 @@ def same_training(saved: dict, planned: dict) -> bool:
     return True
 
 
+def recorded_config(manifest: Path) -> dict:
+    """The model/train/dataset settings a step 3 or 4 manifest, or a checkpoint's trainer_state.json, records."""
+    return json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}
+
+
 def trained_alike(run: dict) -> bool:
     """Step 3 finished this run (its manifest, written last, is there) with the planned settings."""
     manifest = Path(run["run_dir"]) / "manifest.json"
     if not (Path(run["run_dir"]) / "model").is_dir() or not manifest.is_file():
         return False
-    return same_training(json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}, run["run_settings"])
+    return same_training(recorded_config(manifest), run["run_settings"])
 
 
 def recorded_otherwise(manifest: Path, run: dict) -> bool:
@@ -177,7 +182,7 @@ def recorded_otherwise(manifest: Path, run: dict) -> bool:
     its outputs are stale, and redone."""
     if not manifest.is_file():
         return False
-    return not same_training(json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}, run["run_settings"])
+    return not same_training(recorded_config(manifest), run["run_settings"])
 
 
 def resumable(run: dict) -> bool:
@@ -185,7 +190,7 @@ def resumable(run: dict) -> bool:
     states = sorted(Path(run["run_dir"]).glob("checkpoints/step-*/trainer_state.json"))
     if not states:
         return False
-    return same_training(json.loads(states[-1].read_text(encoding="utf-8")).get("config") or {}, run["run_settings"])
+    return same_training(recorded_config(states[-1]), run["run_settings"])
 
 
 def step_command(step: int, args: argparse.Namespace, run: dict, sweep_dir: Path) -> list[str]:
