@@ -155,4 +155,15 @@ RESUMABLE_CHANGES = {
     "aim_repo",
     "compile",
     "routing_snapshots",
+    "router_topic_map",  # its path (another clone's differs); what it told the routers is compared by same_families
 }
+
+
+def same_families(record: dict, topic_map_now: str | None, families_now: dict | None) -> bool:
+    """Whether a run's manifest or checkpoint state records the families its routers would be told now
+    (train.router_topic_map): by each train topic's family, so that the same map under another path matches and an
+    edited one does not. A record written before it kept the families is compared by the map's path."""
+    supervision = record.get("router_supervision") or {}
+    if "family_of_topic" in supervision:
+        return supervision["family_of_topic"] == families_now
+    return (record.get("config") or {}).get("train", {}).get("router_topic_map") == topic_map_now

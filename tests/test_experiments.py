@@ -225,6 +225,48 @@ def test_router_supervision_in_training_sends_each_train_topic_or_family_to_an_e
     assert error_line(stray).startswith("error: train.router_topic_map is read by train.router_supervision=family")
 
 
+def test_a_stop_while_refitting_keeps_the_final_checkpoint_and_a_resume_refits_told_the_same_families(
+    tmp_path, monkeypatch
+):
+    import shutil
+
+    import train.train
+
+    topic_map = tmp_path / "corpus.yaml"
+    shutil.copy(REPO / "configs" / "corpora" / "builtin.yaml", topic_map)
+    options = prepare_tiny_data(
+        tmp_path,
+        **{"train.router_supervision": "family", "train.max_steps": 3, "train.save_steps": 3, "model.n_experts": 2},
+    )
+    options += ["--set", "train.router_refit_steps=6", "--tag", "refit"]
+    refit_routers = train.train.refit_routers
+
+    def stopped_at_the_third_step(*args, stop_requested, **kwargs):  # as a signal there would
+        checks = iter(range(1000))
+        return refit_routers(*args, stop_requested=lambda: next(checks) >= 2, **kwargs)
+
+    monkeypatch.setattr(train.train, "refit_routers", stopped_at_the_third_step)
+    mapped = ["--set", f"train.router_topic_map={topic_map}"]
+    stopped = run_step_in_process(3, *DEMO_CONFIGS, *options, *mapped, cwd=tmp_path)
+    assert stopped.returncode == 143
+    assert "while fitting the routers" in stopped.stderr and "--tag refit --resume latest" in stopped.stderr
+    assert (tmp_path / "runs" / "refit" / "checkpoints" / "step-000003").is_dir()
+    assert not (tmp_path / "runs" / "refit" / "manifest.json").exists()
+    monkeypatch.setattr(train.train, "refit_routers", refit_routers)
+
+    # the map is judged by the families it tells: edited, the resume is refused; moved elsewhere, it resumes
+    moved = tmp_path / "elsewhere.yaml"
+    moved.write_text(topic_map.read_text().replace("leisure:", "hobbies:"))  # the train topics' family
+    resume = ["--set", f"train.router_topic_map={moved}", "--resume", "latest"]
+    refused = run_step_in_process(3, *DEMO_CONFIGS, *options, *resume, cwd=tmp_path)
+    assert "were told other topic families than train.router_topic_map" in error_line(refused)
+    shutil.copy(topic_map, moved)
+    check_ok(run_step_in_process(3, *DEMO_CONFIGS, *options, *resume, cwd=tmp_path))
+    manifest = json.loads((tmp_path / "runs" / "refit" / "manifest.json").read_text())
+    assert manifest["router_supervision"]["refit"]["steps"] == 6
+    assert set(manifest["router_supervision"]["family_of_topic"].values()) == {"leisure"}
+
+
 # --------------------------------------------------------------------------- sweep
 
 

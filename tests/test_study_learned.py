@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_experiments import run_script
 
+from config_utils.io import current_manifest_hash
 from config_utils.topic_map import coarse_topics
 from helpers import REPO, check_ok, error_line
 from process_exp_results.experiments.learned import emergence_steps
@@ -93,6 +94,7 @@ def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_
     args = argparse.Namespace(config_dataset="d", config_model="m", config_train="t", overwrite=False)
     planned = {"model": {"n_experts": 4, "vocab_size": None}, "train": {"learning_rate": 1e-3, "eval_steps": 50}}
     run = {"tag": "a", "overrides": [], "run_dir": str(tmp_path / "a"), "run_settings": planned}
+    run |= {"processed_dir": str(tmp_path / "p"), "masked_dir": str(tmp_path / "q"), "data_settings": {1: {}, 2: {}}}
     assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"  # nothing there: start afresh
     checkpoint = tmp_path / "a" / "checkpoints" / "step-000010"
     checkpoint.mkdir(parents=True)
@@ -113,7 +115,6 @@ def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_
         "process_exp_results.experiments.sweep.run_logged", lambda command, log: commands.append(command) or (True, "")
     )
     monkeypatch.setattr("process_exp_results.experiments.sweep.data_is_current", lambda *a: True)
-    run.update(processed_dir="p", masked_dir="q", data_settings={1: {}, 2: {}})
     (tmp_path / "a" / "model").mkdir()
     for config, trained_again in ((saved, False), (changed, True)):
         (tmp_path / "a" / "manifest.json").write_text(json.dumps({"config": config}))
@@ -128,7 +129,7 @@ def test_a_finished_run_whose_arm_changed_since_is_redone_not_kept(tmp_path, mon
     planned = {"model": {"n_experts": 4}, "train": {"router_supervision": "family", "router_refit_steps": 9}}
     planned["train"] |= {"eval_steps": 50, "router_z_loss_coef": 0.0}
     run = {"tag": "a", "run_dir": str(tmp_path / "runs" / "a"), "results_dir": str(tmp_path / "results" / "a")}
-    run["run_settings"] = planned
+    run |= {"run_settings": planned, "processed_dir": str(tmp_path / "p"), "masked_dir": str(tmp_path / "q")}
     for folder in ("runs", "results"):
         (tmp_path / folder / "a").mkdir(parents=True)
     (tmp_path / "results" / "a" / "metrics.csv").write_text("group,accuracy\n")
@@ -151,6 +152,59 @@ def test_a_finished_run_whose_arm_changed_since_is_redone_not_kept(tmp_path, mon
         assert redone == again, recorded
     assert recorded_otherwise(tmp_path / "runs" / "a" / "manifest.json", run)
     assert not recorded_otherwise(tmp_path / "runs" / "b" / "manifest.json", run)  # nothing finished there
+
+
+def test_a_finished_run_is_stale_when_its_data_its_routers_families_or_its_training_changed(tmp_path, monkeypatch):
+    data_current = {"value": True}
+    monkeypatch.setattr("process_exp_results.experiments.sweep.data_is_current", lambda *a: data_current["value"])
+    masked, run_dir = tmp_path / "q", tmp_path / "runs" / "a"
+    for folder in (masked, run_dir):
+        folder.mkdir(parents=True)
+    (masked / "manifest.json").write_text(json.dumps({"step": "dataset", "seed": 1}))
+    first_map = tmp_path / "corpus.yaml"
+    first_map.write_text("coarse_topics:\n  comp: [comp.*]\n  rec: [rec.*]\n")
+    planned = {"model": {"n_experts": 4}, "train": {"router_supervision": "family", "router_topic_map": None}}
+    run = {"tag": "a", "run_dir": str(run_dir), "run_settings": planned, "data_settings": {1: {}, 2: {}}}
+    run |= {"processed_dir": str(tmp_path / "p"), "masked_dir": str(masked)}
+    told = {"comp.graphics": "comp", "rec.autos": "rec"}
+    record = {
+        "config": {"model": {"n_experts": 4}, "train": {"router_supervision": "family", "router_topic_map": "gone"}},
+        "input_manifest_hash": current_manifest_hash(masked),
+        "router_supervision": {"family_of_topic": told},
+    }
+    manifest = run_dir / "manifest.json"
+    manifest.write_text(json.dumps(record))
+
+    def stale(topic_map: Path) -> bool:
+        planned["train"]["router_topic_map"] = str(topic_map)
+        return recorded_otherwise(manifest, run)
+
+    # the map is judged by the families it tells, not by its path: a copy elsewhere (another clone) matches
+    copy = tmp_path / "elsewhere" / "corpus.yaml"
+    copy.parent.mkdir()
+    shutil.copy(first_map, copy)
+    assert not stale(first_map) and not stale(copy)
+    copy.write_text("coarse_topics:\n  computers: [comp.*]\n  rec: [rec.*]\n")  # a family renamed: other targets
+    assert stale(copy)
+    copy.write_text("coarse_topics:\n  comp: [comp.*]\n")  # rec.autos in no family
+    assert stale(copy)
+    # the data: step 2 remade since (its manifest changed), or made with other settings
+    (masked / "manifest.json").write_text(json.dumps({"step": "dataset", "seed": 2}))
+    assert stale(first_map)
+    record["input_manifest_hash"] = current_manifest_hash(masked)
+    manifest.write_text(json.dumps(record))
+    assert not stale(first_map)
+    data_current["value"] = False
+    assert stale(first_map)
+    data_current["value"] = True
+    # step 4's results are of the training as it was: a run trained again since makes them stale
+    results = tmp_path / "results" / "a" / "manifest.json"
+    results.parent.mkdir(parents=True)
+    evaluated = {key: value for key, value in record.items() if key != "router_supervision"}
+    results.write_text(json.dumps({**evaluated, "run_manifest_hash": current_manifest_hash(run_dir)}))
+    assert not recorded_otherwise(results, run)
+    manifest.write_text(json.dumps({**record, "aim_run_hash": "another training"}))
+    assert recorded_otherwise(results, run)
 
 
 def test_emergence_steps_are_checkpoints_at_an_eighth_a_quarter_and_a_half():

@@ -18,12 +18,21 @@ from train.loop import router_supervision_sum
 
 
 def refit_routers(
-    accelerator: Accelerator, model, moe_layers: list, batches, position, steps: int, learning_rate: float, tag: str
-) -> dict:
+    accelerator: Accelerator,
+    model,
+    moe_layers: list,
+    batches,
+    position,
+    steps: int,
+    learning_rate: float,
+    tag: str,
+    stop_requested=lambda: False,
+) -> dict | None:
     """`steps` Adam steps (constant learning rate, no weight decay) on the routers' cross-entropy, the model in eval
     mode (no dropout: the representation step 4 sees) and the rest frozen; each step routes with the current
     routers, so a later layer's router fits the inputs the earlier routers now give it. Returns the loss at the
-    start and the end (mean over the first and last quarter of the steps, at most 50, summed over layers, mean over real tokens)."""
+    start and the end (mean over the first and last quarter of the steps, at most 50, summed over layers, mean over real
+    tokens); None when stop_requested() (a signal, on any process) stopped it first."""
     weights = [layer.router.linear.weight for layer in moe_layers]
     optimizer = torch.optim.Adam(weights, lr=learning_rate)
     stream = batches.steps(*position, 1)  # the training order, continued: batches of train.batch_size
@@ -38,6 +47,9 @@ def refit_routers(
         mininterval=1.0,
         disable=not accelerator.is_local_main_process,
     ):
+        if _any_process(accelerator, stop_requested()):
+            unwrapped.train(was_training)
+            return None
         (batch,), _ = next(stream)
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         target = batch.pop("router_target")
@@ -60,3 +72,10 @@ def refit_routers(
         "loss_first": statistics.fmean(losses[:window]) if losses else None,
         "loss_last": statistics.fmean(losses[-window:]) if losses else None,
     }
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether flag is set on any process (every process stops at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from config_utils import ConfigSection, PipelineError, load_step_configs, run_step, step_parser
-from config_utils.contracts import read_step2_output, step2_command, step3_command, step4_command
+from config_utils.contracts import read_step2_output, same_families, step2_command, step3_command, step4_command
 from config_utils.host_memory import keep_freed_memory
 from config_utils.io import OutputLock, check_output_folder, write_sealed_manifest
 from config_utils.topic_map import coarse_topics, read_topic_map
@@ -176,6 +176,13 @@ def main() -> None:
     run = set_up(parse_args())
     train(run)
     if run.train_config.router_refit_steps:
+        refit(run)
+    finish(run)
+
+
+def refit(run: Run) -> None:
+    """train.router_refit_steps, after the final checkpoint: a signal stops it, and --resume latest refits again."""
+    with StopRequest() as stop:
         run.router_refit = refit_routers(
             run.accelerator,
             run.model,
@@ -185,8 +192,16 @@ def main() -> None:
             run.train_config.router_refit_steps,
             run.train_config.learning_rate,
             run.tag,
+            stop_requested=lambda: stop.requested,
         )
-    finish(run)
+    if run.router_refit is None:
+        run.accelerator.print(
+            f"stopped by a signal while fitting the routers: training ended at checkpoint "
+            f"{checkpoint_folder(run.run_dir, run.state['step'])}; continue with "
+            f"`{step3_command(run.args, run.tag)} --resume latest` (the routers are fitted again from it)",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + (stop.signal_number or 15))
 
 
 def parse_args() -> argparse.Namespace:
@@ -361,6 +376,13 @@ def resume_or_start(run: Run) -> None:
         run.step2_hash,
         step3_command(run.args, run.tag),
     )
+    if not same_families(run.state, run.train_config.router_topic_map, run.family_of_topic):
+        raise PipelineError(
+            f"--resume {run.args.resume}: {run.resume_from}'s routers were told other topic families than "
+            f"train.router_topic_map={run.train_config.router_topic_map} tells them now: pass the map it was trained "
+            f"with, or start the run again with `{step3_command(run.args, run.tag)} --overwrite`"
+        )
+    run.state.pop("router_supervision", None)  # the manifest writes its own
     written_by = run.state.get("tag", run.tag)
     if written_by != run.tag:  # its Aim run, checkpoints and schedule are another run's: continuing it here mixes two
         raise PipelineError(
@@ -570,6 +592,7 @@ def save_checkpoint_now(run: Run, step: int) -> None:
                 "n_processes": run.accelerator.num_processes,
                 "total_steps": run.total_steps,
                 "config": configs_of(run),
+                "router_supervision": {"family_of_topic": run.family_of_topic},  # a resume is told the same
             },
         )
         prune_checkpoints(run.run_dir, run.train_config.keep_checkpoints, run.train_config.save_steps)

@@ -11,7 +11,8 @@ run), runs/<tag>/ (step 3), results/<tag>/ (step 4: metrics.csv, routing_stats.j
         --grid model.seq_len=[64,128] --grid dataset.data_params.mask_prob=[0.05,0.15] \
         --set train.max_steps=200 --results process_exp_results/sweeps/seq_mask
     python process_exp_results/experiments/compare_runs.py process_exp_results/sweeps/seq_mask
-A run whose results/<tag>/metrics.csv exists is skipped unless it failed last time (rerun a sweep to finish it);
+A run whose results/<tag>/metrics.csv exists is skipped unless it failed last time (rerun a sweep to finish it) or
+its manifests record other settings, data or training than planned now (then it is redone);
 a run trained with the same settings is not trained again, and an interrupted training continues from its newest
 checkpoint if that was made with the same settings (otherwise the run starts afresh); --overwrite redoes all.
 """
@@ -40,9 +41,12 @@ from config_utils.contracts import (
     STEP2_ONLY_KEYS,
     STEP_SCRIPTS,
     dataset_settings,
+    same_families,
     step_script,
 )
+from config_utils.io import current_manifest_hash
 from config_utils.schema import recorded_setting
+from config_utils.topic_map import coarse_topics, read_topic_map
 
 SCRIPTS = {step: step_script(step) for step in STEP_SCRIPTS}
 MANIFEST = "sweep.json"
@@ -164,33 +168,69 @@ def same_training(saved: dict, planned: dict) -> bool:
     return True
 
 
-def recorded_config(manifest: Path) -> dict:
-    """The model/train/dataset settings a step 3 or 4 manifest, or a checkpoint's trainer_state.json, records."""
-    return json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}
+def read_record(path: Path) -> dict:
+    """A step 3 or 4 manifest, or a checkpoint's trainer_state.json."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def planned_families(record: dict, run: dict) -> dict | None:
+    """The families the planned train.router_topic_map gives the topics the record's routers were told (None: no
+    map, or a map that no longer covers them)."""
+    told = (record.get("router_supervision") or {}).get("family_of_topic") or {}
+    topic_map = run["run_settings"]["train"].get("router_topic_map")
+    if not topic_map or not told:
+        return None
+    try:
+        return coarse_topics(told, read_topic_map(Path(topic_map), "train.router_topic_map"), topic_map)
+    except PipelineError:
+        return None
+
+
+def same_data(record: dict, run: dict) -> bool:
+    """The record was made from the data the run's folders hold, or will hold: a folder made with other settings is
+    remade, and with it what was made from it. A folder not there cannot tell (steps 3 and 4 check the chain)."""
+    for step, key in ((1, "processed_dir"), (2, "masked_dir")):
+        made = (Path(run[key]) / "manifest.json").is_file()
+        if made and not data_is_current(step, run[key], run["data_settings"][step]):
+            return False
+    now = current_manifest_hash(run["masked_dir"])
+    return now is None or record.get("input_manifest_hash") in (None, now)
+
+
+def made_as_planned(record: dict, run: dict) -> bool:
+    """A step 3 or 4 record computes what the planned run would: the same model and train settings, data, and
+    families told to its routers; a step 4 also evaluated the run's training as it is now."""
+    config = record.get("config") or {}
+    if not same_training(config, run["run_settings"]) or not same_data(record, run):
+        return False
+    if "run_manifest_hash" in record:  # step 4 (written before it recorded this: by its settings alone)
+        return record["run_manifest_hash"] == current_manifest_hash(run["run_dir"])
+    topic_map = run["run_settings"]["train"].get("router_topic_map")
+    return same_families(record, topic_map, planned_families(record, run))
 
 
 def trained_alike(run: dict) -> bool:
-    """Step 3 finished this run (its manifest, written last, is there) with the planned settings."""
+    """Step 3 finished this run (its manifest, written last, is there) as planned."""
     manifest = Path(run["run_dir"]) / "manifest.json"
     if not (Path(run["run_dir"]) / "model").is_dir() or not manifest.is_file():
         return False
-    return same_training(recorded_config(manifest), run["run_settings"])
+    return made_as_planned(read_record(manifest), run)
 
 
 def recorded_otherwise(manifest: Path, run: dict) -> bool:
-    """A finished step 3 or 4 whose manifest records settings other than the planned ones (the arm changed since):
-    its outputs are stale, and redone."""
+    """A finished step 3 or 4 whose manifest records another making than the planned one (the arm, its data or its
+    training changed since): its outputs are stale, and redone."""
     if not manifest.is_file():
         return False
-    return not same_training(recorded_config(manifest), run["run_settings"])
+    return not made_as_planned(read_record(manifest), run)
 
 
 def resumable(run: dict) -> bool:
-    """The run's newest complete checkpoint (trainer_state.json is written into it last) has the planned settings."""
+    """The run's newest complete checkpoint (trainer_state.json is written into it last) was made as planned."""
     states = sorted(Path(run["run_dir"]).glob("checkpoints/step-*/trainer_state.json"))
     if not states:
         return False
-    return same_training(recorded_config(states[-1]), run["run_settings"])
+    return made_as_planned(read_record(states[-1]), run)
 
 
 def step_command(step: int, args: argparse.Namespace, run: dict, sweep_dir: Path) -> list[str]:
