@@ -135,6 +135,12 @@ TRAIN_SCHEMA = {
     "learning_rate": Field("float", min=0.0, help="peak AdamW learning rate"),
     "weight_decay": Field("float", min=0.0, help="AdamW weight decay"),
     "warmup_proportion": Field("float", min=0.0, max=1.0, help="share of steps with linear warmup"),
+    "lr_schedule": Field(
+        "str",
+        default="linear",
+        choices=("linear", "cosine"),
+        help="after the warmup, the learning rate falls to 0 at the last step: linear, or along a half cosine",
+    ),
     "gradient_accumulation_steps": Field("int", default=1, min=1, help="micro-batches per optimizer step"),
     "max_grad_norm": Field("float", default=1.0, nullable=True, min=0.0, help="gradient clipping; null = off"),
     "masking": Field(

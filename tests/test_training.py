@@ -319,6 +319,30 @@ def test_biases_and_layer_norms_are_not_decayed_stacked_expert_biases_included()
     assert any(name.endswith(".b_in") and p.ndim == 2 for name, p in names.items())  # the case the rule missed
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_the_learning_rate_warms_up_then_falls_to_zero_as_train_lr_schedule_says(schedule):
+    import math
+
+    from config_utils import ConfigSection
+    from train.train import learning_rate_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    config = ConfigSection({"warmup_proportion": 0.1, "lr_schedule": schedule})
+    scheduler = learning_rate_schedule(optimizer, config, total_steps=40)
+    rates = []
+    for _ in range(41):
+        rates.append(optimizer.param_groups[0]["lr"])  # the rate the next step uses
+        optimizer.step()
+        scheduler.step()
+    for step, rate in enumerate(rates):
+        if step < 4:
+            expected = step / 4  # warmup: 4 of the 40 steps
+        else:
+            remaining = (40 - step) / 36
+            expected = remaining if schedule == "linear" else 0.5 * (1 - math.cos(math.pi * remaining))
+        assert rate == pytest.approx(2e-3 * expected, abs=1e-12), (step, rate)
+
+
 def test_a_checkpoint_with_other_optimizer_groups_is_refused_in_one_line(tmp_path):
     """A checkpoint from before the weight-decay fix holds two parameter groups of other sizes: resuming it must
     say why in one line (load_checkpoint adds the folder and the command that starts again), not raise torch's

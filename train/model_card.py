@@ -183,7 +183,7 @@ def _training(card: dict) -> str:
         [
             "optimizer",
             f"AdamW, peak learning rate {train.get('learning_rate')}, weight decay "
-            f"{train.get('weight_decay')}, linear warmup {train.get('warmup_proportion')} then linear decay",
+            f"{train.get('weight_decay')}, linear warmup {train.get('warmup_proportion')} then {train.get('lr_schedule', 'linear')} decay",
         ],
         ["gradient clipping", train.get("max_grad_norm")],
         ["masking", train.get("masking", "static")],

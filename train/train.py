@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from config_utils import ConfigSection, PipelineError, load_step_configs, run_step, step_parser
 from config_utils.contracts import read_step2_output, same_families, step2_command, step3_command, step4_command
@@ -345,12 +345,17 @@ def build_training(run: Run) -> None:
     run.total_steps = train_config.max_steps or train_config.n_epochs * math.ceil(
         run.batches.per_epoch / train_config.gradient_accumulation_steps
     )
-    run.scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(train_config.warmup_proportion * run.total_steps), run.total_steps
-    )
+    run.scheduler = learning_rate_schedule(optimizer, train_config, run.total_steps)
     # the scheduler is not prepared: accelerate would step it once per process per step
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     run.unwrapped = accelerator.unwrap_model(run.model)
+
+
+def learning_rate_schedule(optimizer, train_config: ConfigSection, total_steps: int):
+    """Linear warmup over warmup_proportion of the steps, then down to 0 at the last: linearly or along a half
+    cosine (train.lr_schedule)."""
+    warmup = int(train_config.warmup_proportion * total_steps)
+    return get_scheduler(train_config.lr_schedule, optimizer, warmup, total_steps)
 
 
 def resume_or_start(run: Run) -> None:
