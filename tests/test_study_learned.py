@@ -205,6 +205,8 @@ def test_a_finished_run_is_stale_when_its_data_its_routers_families_or_its_train
     assert not recorded_otherwise(results, run)
     manifest.write_text(json.dumps({**record, "aim_run_hash": "another training"}))
     assert recorded_otherwise(results, run)
+    manifest.unlink()  # the run folder deleted, its results kept: nothing says they are stale
+    assert not recorded_otherwise(results, run)
 
 
 def test_emergence_steps_are_checkpoints_at_an_eighth_a_quarter_and_a_half():

@@ -169,6 +169,7 @@ class Run:
     previous_snapshot: torch.Tensor | None = None
     snapshot_seconds: float = 0.0
     started: float = 0.0  # perf_counter at the first step of this start
+    stop_signal: int | None = None  # SIGINT/SIGTERM received during the last training step
 
 
 def main() -> None:
@@ -192,16 +193,17 @@ def refit(run: Run) -> None:
             run.train_config.router_refit_steps,
             run.train_config.learning_rate,
             run.tag,
-            stop_requested=lambda: stop.requested,
+            stop_requested=lambda: stop.requested or run.stop_signal is not None,
         )
     if run.router_refit is None:
+        kept = f" (the run it replaces stays in {run.replaced_run} until this one finishes)" if run.replaced_run else ""
         run.accelerator.print(
             f"stopped by a signal while fitting the routers: training ended at checkpoint "
             f"{checkpoint_folder(run.run_dir, run.state['step'])}; continue with "
-            f"`{step3_command(run.args, run.tag)} --resume latest` (the routers are fitted again from it)",
+            f"`{step3_command(run.args, run.tag)} --resume latest` (the routers are fitted again from it){kept}",
             file=sys.stderr,
         )
-        raise SystemExit(128 + (stop.signal_number or 15))
+        raise SystemExit(128 + (stop.signal_number or run.stop_signal or 15))
 
 
 def parse_args() -> argparse.Namespace:
@@ -488,6 +490,7 @@ def train(run: Run) -> None:
             if result.stop_requested and step < run.total_steps:
                 progress.close()  # before the message: tqdm redraws on close
                 exit_on_signal(run, step, stop.signal_number)
+        run.stop_signal = stop.signal_number  # one that came during the last step stops the refit after it
 
 
 def take_step(run: Run, micro_batches: list[dict], stop_requested: bool, step: int):

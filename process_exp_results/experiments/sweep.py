@@ -204,7 +204,8 @@ def made_as_planned(record: dict, run: dict) -> bool:
     if not same_training(config, run["run_settings"]) or not same_data(record, run):
         return False
     if "run_manifest_hash" in record:  # step 4 (written before it recorded this: by its settings alone)
-        return record["run_manifest_hash"] == current_manifest_hash(run["run_dir"])
+        now = current_manifest_hash(run["run_dir"])  # None: the run folder is gone, and cannot tell
+        return now is None or record["run_manifest_hash"] == now
     topic_map = run["run_settings"]["train"].get("router_topic_map")
     return same_families(record, topic_map, planned_families(record, run))
 
