@@ -159,6 +159,11 @@ RESUMABLE_CHANGES = {
 }
 
 
+# train keys that act only after the last training step (train/router_refit.py): a checkpoint of a run resumes with
+# another value, and the routers are fitted again from the final one
+AFTER_TRAINING = {"router_refit_steps"}
+
+
 def same_families(record: dict, topic_map_now: str | None, families_now: dict | None) -> bool:
     """Whether a run's manifest or checkpoint state records the families its routers would be told now
     (train.router_topic_map): by each train topic's family, so that the same map under another path matches and an

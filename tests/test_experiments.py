@@ -265,6 +265,11 @@ def test_a_stop_while_refitting_keeps_the_final_checkpoint_and_a_resume_refits_t
     manifest = json.loads((tmp_path / "runs" / "refit" / "manifest.json").read_text())
     assert manifest["router_supervision"]["refit"]["steps"] == 6
     assert set(manifest["router_supervision"]["family_of_topic"].values()) == {"leisure"}
+    # the refit acts after the last step: another length refits from the final checkpoint, no retraining
+    longer = [*options, *resume, "--set", "train.router_refit_steps=8"]
+    check_ok(run_step_in_process(3, *DEMO_CONFIGS, *longer, cwd=tmp_path))
+    manifest = json.loads((tmp_path / "runs" / "refit" / "manifest.json").read_text())
+    assert manifest["router_supervision"]["refit"]["steps"] == 8 and manifest["resumed_from"].endswith("step-000003")
 
 
 # --------------------------------------------------------------------------- sweep

@@ -93,6 +93,7 @@ def test_an_interrupted_training_resumes_from_its_newest_checkpoint(learned_quic
 def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_path, monkeypatch):
     args = argparse.Namespace(config_dataset="d", config_model="m", config_train="t", overwrite=False)
     planned = {"model": {"n_experts": 4, "vocab_size": None}, "train": {"learning_rate": 1e-3, "eval_steps": 50}}
+    planned["train"]["router_refit_steps"] = 0
     run = {"tag": "a", "overrides": [], "run_dir": str(tmp_path / "a"), "run_settings": planned}
     run |= {"processed_dir": str(tmp_path / "p"), "masked_dir": str(tmp_path / "q"), "data_settings": {1: {}, 2: {}}}
     assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"  # nothing there: start afresh
@@ -106,6 +107,9 @@ def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_
     args.overwrite = True
     assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"
     args.overwrite = False
+    refit = {**saved, "train": {**saved["train"], "router_refit_steps": 9}}  # acts after training: resumable
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"config": refit}))
+    assert step_command(3, args, run, tmp_path)[-2:] == ["--resume", "latest"]
     changed = {**saved, "train": {**saved["train"], "learning_rate": 3e-4}}
     (checkpoint / "trainer_state.json").write_text(json.dumps({"config": changed}))
     assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"  # the user lowered it: start afresh

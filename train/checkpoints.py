@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
-from config_utils.contracts import RESUMABLE_CHANGES
+from config_utils.contracts import AFTER_TRAINING, RESUMABLE_CHANGES
 from config_utils.io import FILE_HASHES, file_sha256, remove_stale_temporaries, use_default_file_modes
 from config_utils.schema import recorded_setting
 from train.final_model import save_tokenizer, without_transformers_bars
@@ -159,7 +159,7 @@ def load_checkpoint(
     for role, now in (("model", model_config), ("train", train_config)):
         for key, value in now.items():
             saved = recorded_setting(role, key, state["config"][role], value)  # a key added since: its default
-            if saved != value and not (role == "train" and key in RESUMABLE_CHANGES):
+            if saved != value and not (role == "train" and key in RESUMABLE_CHANGES | AFTER_TRAINING):
                 raise PipelineError(
                     f"--resume {folder}: the run was trained with {role}.{key}={saved!r} but "
                     f"the configs now say {value!r}; pass --set {role}.{key}={saved}"

@@ -36,6 +36,7 @@ import yaml
 from config_utils import PipelineError, load_config, run_step, step_parser, write_json_atomic
 from config_utils.config import parse_override
 from config_utils.contracts import (
+    AFTER_TRAINING,
     NOT_CONTENT_KEYS,
     RESUMABLE_CHANGES,
     STEP2_ONLY_KEYS,
@@ -156,10 +157,10 @@ def plan_runs(
     return runs
 
 
-def same_training(saved: dict, planned: dict) -> bool:
+def same_training(saved: dict, planned: dict, ignored_train: set = RESUMABLE_CHANGES) -> bool:
     """A run's recorded model and train configs compute what the planned ones would (keys that do not change the
     result aside, as train/checkpoints.py allows on resume; the vocabulary size is step 2's, checked by step 4)."""
-    for role, ignored in (("model", {"vocab_size"}), ("train", RESUMABLE_CHANGES)):
+    for role, ignored in (("model", {"vocab_size"}), ("train", ignored_train)):
         if role not in saved:  # step 4's manifest records the train settings, not the model's
             continue
         for key, value in planned[role].items():
@@ -197,11 +198,11 @@ def same_data(record: dict, run: dict) -> bool:
     return now is None or record.get("input_manifest_hash") in (None, now)
 
 
-def made_as_planned(record: dict, run: dict) -> bool:
+def made_as_planned(record: dict, run: dict, ignored_train: set = RESUMABLE_CHANGES) -> bool:
     """A step 3 or 4 record computes what the planned run would: the same model and train settings, data, and
     families told to its routers; a step 4 also evaluated the run's training as it is now."""
     config = record.get("config") or {}
-    if not same_training(config, run["run_settings"]) or not same_data(record, run):
+    if not same_training(config, run["run_settings"], ignored_train) or not same_data(record, run):
         return False
     if "run_manifest_hash" in record:  # step 4 (written before it recorded this: by its settings alone)
         now = current_manifest_hash(run["run_dir"])  # None: the run folder is gone, and cannot tell
@@ -227,11 +228,12 @@ def recorded_otherwise(manifest: Path, run: dict) -> bool:
 
 
 def resumable(run: dict) -> bool:
-    """The run's newest complete checkpoint (trainer_state.json is written into it last) was made as planned."""
+    """The run's newest complete checkpoint (trainer_state.json is written into it last) was made as planned, but for
+    what acts after training (a finished run whose refit changed continues from its final checkpoint)."""
     states = sorted(Path(run["run_dir"]).glob("checkpoints/step-*/trainer_state.json"))
     if not states:
         return False
-    return made_as_planned(read_record(states[-1]), run)
+    return made_as_planned(read_record(states[-1]), run, RESUMABLE_CHANGES | AFTER_TRAINING)
 
 
 def step_command(step: int, args: argparse.Namespace, run: dict, sweep_dir: Path) -> list[str]:
