@@ -266,10 +266,20 @@ def test_a_stop_while_refitting_keeps_the_final_checkpoint_and_a_resume_refits_t
     assert manifest["router_supervision"]["refit"]["steps"] == 6
     assert set(manifest["router_supervision"]["family_of_topic"].values()) == {"leisure"}
     # the refit acts after the last step: another length refits from the final checkpoint, no retraining
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "runs" / "refit" / "model" / "model.safetensors")
     longer = [*options, *resume, "--set", "train.router_refit_steps=8"]
     check_ok(run_step_in_process(3, *DEMO_CONFIGS, *longer, cwd=tmp_path))
-    manifest = json.loads((tmp_path / "runs" / "refit" / "manifest.json").read_text())
-    assert manifest["router_supervision"]["refit"]["steps"] == 8 and manifest["resumed_from"].endswith("step-000003")
+    refitted = json.loads((tmp_path / "runs" / "refit" / "manifest.json").read_text())
+    assert refitted["router_supervision"]["refit"]["steps"] == 8
+    assert refitted["eval_history"] == manifest["eval_history"]  # no training step, no evaluation, again
+    again = load_file(tmp_path / "runs" / "refit" / "model" / "model.safetensors")
+    changed = {name for name in weights if not torch.equal(weights[name], again[name])}
+    assert changed and all("router" in name for name in changed), changed
+    state = json.loads((tmp_path / "runs" / "refit" / "model" / "trainer_state.json").read_text())
+    assert "config" not in state  # not the checkpoint's settings, with the refit it had
 
 
 # --------------------------------------------------------------------------- sweep

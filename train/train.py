@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 from config_utils import ConfigSection, PipelineError, load_step_configs, run_step, step_parser
 from config_utils.contracts import read_step2_output, same_families, step2_command, step3_command, step4_command
 from config_utils.host_memory import keep_freed_memory
-from config_utils.io import OutputLock, check_output_folder, write_sealed_manifest
+from config_utils.io import MANIFEST, OutputLock, check_output_folder, write_sealed_manifest
 from config_utils.topic_map import coarse_topics, read_topic_map
 from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from models.router import LinearRouter
@@ -390,6 +390,7 @@ def resume_or_start(run: Run) -> None:
             f"with, or start the run again with `{step3_command(run.args, run.tag)} --overwrite`"
         )
     run.state.pop("router_supervision", None)  # the manifest writes its own
+    run.state.pop("config", None)  # the checkpoint's: a resumed refit may have another router_refit_steps
     written_by = run.state.get("tag", run.tag)
     if written_by != run.tag:  # its Aim run, checkpoints and schedule are another run's: continuing it here mixes two
         raise PipelineError(
@@ -623,6 +624,8 @@ def exit_on_signal(run: Run, step: int, signal_number: int | None) -> None:
 
 def finish(run: Run) -> None:
     if run.accelerator.is_main_process:
+        if run.resume_from is not None:  # a finished run refitted again: unfinished until its new manifest is written
+            (run.run_dir / MANIFEST).unlink(missing_ok=True)
         save_model(run.unwrapped, run.tokenizer, run.run_dir / MODEL_DIR, run.state, card=model_card_facts(run))
         model_files = sorted(f"{MODEL_DIR}/{path.name}" for path in (run.run_dir / MODEL_DIR).iterdir())
         write_sealed_manifest(run.run_dir, manifest(run), model_files)  # step 4 checks the weights against it
