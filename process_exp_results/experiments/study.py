@@ -128,8 +128,8 @@ QUICK_SCALE = {
     "train.save_steps": 40,
 }
 # chosen on 20 Newsgroups (docs/results.md): width 256 learns far more per CPU-second than 128 and runs in bf16;
-# 4,000 steps of 32 sequences, the learning rate falling linearly to 0 so routing settles; a checkpoint every 1/8
-# of the steps, all kept (128 MB each): step 4 on 12.5%, 25%, 50% and 100% of training is the emergence curve
+# 4,000 steps of 32 sequences, the learning rate falling linearly to 0 (cosine settles routing more but learns less);
+# a checkpoint every 1/8 of the steps, all kept (128 MB each): step 4 at 12.5, 25, 50, 100% is the emergence curve
 LEARNED_SCALE = {
     **SCALE,
     "model.embedding_dim": 256,
