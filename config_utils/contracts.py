@@ -142,6 +142,17 @@ def check_run_data(run_manifest: dict, run_dir: Path, step2_hash: str, args: arg
         )
 
 
+# the run folder as step 3 writes it, and step 4 and the sweep read it
+MODEL_DIR = "model"  # run_dir/model/: the final model
+CHECKPOINT_DIR = "checkpoints"  # run_dir/checkpoints/step-NNNNNN/
+STATE_FILE = "trainer_state.json"  # in a checkpoint: step, data position, configs, its files' hashes
+WEIGHTS_FILE = "model.safetensors"  # in the final model's folder and in every checkpoint
+
+
+def checkpoint_folder(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:06d}"
+
+
 # train keys that do not change what a resumed run computes
 RESUMABLE_CHANGES = {
     "eval_steps",

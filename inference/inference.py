@@ -27,8 +27,9 @@ import datasets
 import torch
 
 from config_utils import PipelineError, atomic_dir, load_step_configs, run_step, step_parser
+from config_utils.contracts import WEIGHTS_FILE
 from config_utils.host_memory import keep_freed_memory
-from config_utils.io import check_output_folder, lock_step_output, manifest_hash, safe_file_stems, write_sealed_manifest
+from config_utils.io import check_output_folder, file_sha256, lock_step_output, safe_file_stems, write_sealed_manifest
 from inference.aim_results import record_in_aim
 from inference.outputs import METRIC_COLUMNS, print_summary, write_analysis_files, write_csv, write_figures
 from inference.run import load_run, resolve_precision, run_summary, with_coarse_topics
@@ -223,7 +224,7 @@ def main() -> None:
                 "checkpoint_step": run.checkpoint_step,
                 "topic_map": {"file": str(args.topic_map), "families": run.topic_families} if args.topic_map else None,
                 "input_manifest_hash": run.step2_hash,
-                "run_manifest_hash": manifest_hash(run.manifest),  # the training evaluated: a retrained run's differs
+                "weights_sha256": file_sha256(run.model_dir / WEIGHTS_FILE),  # other weights there since: stale
                 "config": {"dataset": run.configs["dataset"], "train": train_config},
                 "precision": {"option": args.precision, "forward": "bf16" if bf16 else "fp32", "statistics": "fp32"},
                 "metrics": metric_rows,

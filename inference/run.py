@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from config_utils import PipelineError
-from config_utils.contracts import check_run_data, read_step2_output, step3_command
+from config_utils.contracts import MODEL_DIR, check_run_data, checkpoint_folder, read_step2_output, step3_command
 from config_utils.io import read_manifest
 from config_utils.topic_map import coarse_topics, read_topic_map
-from train.checkpoints import checkpoint_folder, complete_checkpoints, step_of
-from train.final_model import MODEL_DIR, find_run, load_model
+from train.checkpoints import complete_checkpoints, step_of
+from train.final_model import find_run, load_model
 from train.precision import bf16_is_fast
 
 

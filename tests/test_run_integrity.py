@@ -459,7 +459,8 @@ def test_pruning_removes_the_temporaries_of_a_killed_checkpoint_write(tmp_path):
 
 def test_pruning_takes_the_checkpoints_interruptions_wrote_before_the_regular_ones(tmp_path):
     """step 4 --checkpoint reads the regular ones (every save_steps): an interruption must not push one out."""
-    from train.checkpoints import STATE_FILE, prune_checkpoints
+    from config_utils.contracts import STATE_FILE
+    from train.checkpoints import prune_checkpoints
 
     checkpoints = tmp_path / "run" / "checkpoints"
     for step in (10, 17, 20, 23, 30, 33):  # 17, 23 and 33 written by interruptions (save_steps 10)

@@ -201,16 +201,25 @@ def test_a_finished_run_is_stale_when_its_data_its_routers_families_or_its_train
     data_current["value"] = False
     assert stale(first_map)
     data_current["value"] = True
-    # step 4's results are of the training as it was: a run trained again since makes them stale
+    # step 4's results are of the weights it evaluated: other weights there since (trained again) make them stale
     results = tmp_path / "results" / "a" / "manifest.json"
     results.parent.mkdir(parents=True)
     evaluated = {key: value for key, value in record.items() if key != "router_supervision"}
-    results.write_text(json.dumps({**evaluated, "run_manifest_hash": current_manifest_hash(run_dir)}))
+    manifest.write_text(json.dumps({**record, "file_sha256": {"model/model.safetensors": "aa"}}))
+    results.write_text(json.dumps({**evaluated, "weights_sha256": "aa", "checkpoint_step": None}))
     assert not recorded_otherwise(results, run)
-    manifest.write_text(json.dumps({**record, "aim_run_hash": "another training"}))
+    manifest.write_text(json.dumps({**record, "file_sha256": {"model/model.safetensors": "bb"}}))
     assert recorded_otherwise(results, run)
     manifest.unlink()  # the run folder deleted, its results kept: nothing says they are stale
     assert not recorded_otherwise(results, run)
+    # a checkpoint's results: by that checkpoint's weights (a resumed run keeps them, and them)
+    checkpoint = run_dir / "checkpoints" / "step-000500"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"file_sha256": {"model.safetensors": "cc"}}))
+    results.write_text(json.dumps({**evaluated, "weights_sha256": "cc", "checkpoint_step": 500}))
+    assert not recorded_otherwise(results, run)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"file_sha256": {"model.safetensors": "dd"}}))
+    assert recorded_otherwise(results, run)
 
 
 def test_emergence_steps_are_checkpoints_at_an_eighth_a_quarter_and_a_half():

@@ -19,25 +19,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
-from config_utils.contracts import AFTER_TRAINING, RESUMABLE_CHANGES
+from config_utils.contracts import AFTER_TRAINING, CHECKPOINT_DIR, RESUMABLE_CHANGES, STATE_FILE, WEIGHTS_FILE
 from config_utils.io import FILE_HASHES, file_sha256, remove_stale_temporaries, use_default_file_modes
 from config_utils.schema import recorded_setting
 from train.final_model import save_tokenizer, without_transformers_bars
 
-CHECKPOINT_DIR = "checkpoints"  # run_dir/checkpoints/step-NNNNNN/
-STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
-TENSOR_FILES = ("model.safetensors", OPTIMIZER_FILE, RNG_FILE)
+TENSOR_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE)
 
 
 def step_of(folder: Path) -> int:
     """The training step a checkpoint folder (step-NNNNNN) was written at."""
     return int(folder.name.split("-")[1])
-
-
-def checkpoint_folder(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINT_DIR / f"step-{step:06d}"
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -142,7 +136,7 @@ def load_checkpoint(
         for name, digest in state.pop(FILE_HASHES, {}).items():  # absent in checkpoints written before
             if file_sha256(folder / name) != digest:
                 raise ValueError(f"{name} differs from the bytes it was written with")
-        weights = load_file(str(folder / "model.safetensors"))
+        weights = load_file(str(folder / WEIGHTS_FILE))
         optimizer_state = load_file(str(folder / OPTIMIZER_FILE))
         state["rng"] = load_file(str(folder / RNG_FILE))
     except Exception as error:  # missing file, truncated safetensors, broken JSON all mean "corrupt"

@@ -9,11 +9,11 @@ from pathlib import Path
 from transformers.utils import logging as transformers_logging
 
 from config_utils import PipelineError, atomic_dir, first_line, write_json_atomic
+from config_utils.contracts import MODEL_DIR, WEIGHTS_FILE
 from config_utils.io import use_default_file_modes
 from data_processors.tokenizer import drop_load_options
 from train.model_card import model_card
 
-MODEL_DIR = "model"
 LATEST_FILE = "latest"  # save_path/latest names the last finished run, for step 4's default
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # the encoder takes no token_type_ids
 
@@ -85,7 +85,7 @@ def load_model(folder: Path):
 
     import models  # noqa: F401  registers the encoder with the Auto classes
 
-    weights = folder / "model.safetensors"
+    weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise PipelineError(f"{weights} is missing: the checkpoint is incomplete; train the run again")
     try:

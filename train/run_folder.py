@@ -20,9 +20,8 @@ import subprocess
 from pathlib import Path
 
 from config_utils import PipelineError
+from config_utils.contracts import CHECKPOINT_DIR, MODEL_DIR
 from config_utils.io import OutputLock, remove_stale_temporaries
-from train.checkpoints import CHECKPOINT_DIR
-from train.final_model import MODEL_DIR
 
 
 def run_dir_for(save_path: str, tag: str) -> Path:

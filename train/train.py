@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from config_utils import ConfigSection, PipelineError, load_step_configs, run_step, step_parser
-from config_utils.contracts import read_step2_output, same_families, step2_command, step3_command, step4_command
+from config_utils.contracts import (
+    MODEL_DIR,
+    checkpoint_folder,
+    read_step2_output,
+    same_families,
+    step2_command,
+    step3_command,
+    step4_command,
+)
 from config_utils.host_memory import keep_freed_memory
 from config_utils.io import MANIFEST, OutputLock, check_output_folder, write_sealed_manifest
 from config_utils.topic_map import coarse_topics, read_topic_map
@@ -40,7 +48,6 @@ from models import MoEEncoderConfig, MoEEncoderForMaskedLM
 from models.router import LinearRouter
 from train.checkpoints import (
     StopRequest,
-    checkpoint_folder,
     complete_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -49,7 +56,7 @@ from train.checkpoints import (
 )
 from train.data import TrainBatches
 from train.evaluation import perplexity
-from train.final_model import MODEL_DIR, mark_latest, save_model
+from train.final_model import mark_latest, save_model
 from train.loop import (
     NonFiniteLoss,
     evaluate_sharded,

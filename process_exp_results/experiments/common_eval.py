@@ -58,9 +58,10 @@ class CommonSet:
         """MLM loss and accuracy of the run's final model on the set."""
         import torch
 
+        from config_utils.contracts import MODEL_DIR
         from data_processors.dataset import vocab_hash
         from train.evaluation import evaluate_mlm, mlm_loader
-        from train.final_model import MODEL_DIR, load_model
+        from train.final_model import load_model
 
         model, tokenizer = load_model(Path(run_dir) / MODEL_DIR)
         if vocab_hash(tokenizer) != self.vocab_hash:

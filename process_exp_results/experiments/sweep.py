@@ -37,15 +37,19 @@ from config_utils import PipelineError, load_config, run_step, step_parser, writ
 from config_utils.config import parse_override
 from config_utils.contracts import (
     AFTER_TRAINING,
+    MODEL_DIR,
     NOT_CONTENT_KEYS,
     RESUMABLE_CHANGES,
+    STATE_FILE,
     STEP2_ONLY_KEYS,
     STEP_SCRIPTS,
+    WEIGHTS_FILE,
+    checkpoint_folder,
     dataset_settings,
     same_families,
     step_script,
 )
-from config_utils.io import current_manifest_hash
+from config_utils.io import FILE_HASHES, current_manifest_hash
 from config_utils.schema import recorded_setting
 from config_utils.topic_map import coarse_topics, read_topic_map
 
@@ -198,15 +202,28 @@ def same_data(record: dict, run: dict) -> bool:
     return now is None or record.get("input_manifest_hash") in (None, now)
 
 
+def recorded_weights(run: dict, checkpoint_step: int | None) -> str | None:
+    """The SHA-256 the run's final model (its manifest) or its checkpoint at checkpoint_step (trainer_state.json)
+    records of its weights now: a step 4 that evaluated other weights is stale."""
+    if checkpoint_step is None:
+        path, name = Path(run["run_dir"]) / "manifest.json", f"{MODEL_DIR}/{WEIGHTS_FILE}"
+    else:
+        path, name = checkpoint_folder(Path(run["run_dir"]), checkpoint_step) / STATE_FILE, WEIGHTS_FILE
+    try:
+        return read_record(path).get(FILE_HASHES, {}).get(name)
+    except (OSError, ValueError):
+        return None
+
+
 def made_as_planned(record: dict, run: dict, ignored_train: set = RESUMABLE_CHANGES) -> bool:
     """A step 3 or 4 record computes what the planned run would: the same model and train settings, data, and
     families told to its routers; a step 4 also evaluated the run's training as it is now."""
     config = record.get("config") or {}
     if not same_training(config, run["run_settings"], ignored_train) or not same_data(record, run):
         return False
-    if "run_manifest_hash" in record:  # step 4 (written before it recorded this: by its settings alone)
-        now = current_manifest_hash(run["run_dir"])  # None: the run folder is gone, and cannot tell
-        return now is None or record["run_manifest_hash"] == now
+    if "weights_sha256" in record:  # step 4 (written before it recorded this: by its settings alone)
+        now = recorded_weights(run, record.get("checkpoint_step"))  # None: gone, and cannot tell
+        return now is None or record["weights_sha256"] == now
     topic_map = run["run_settings"]["train"].get("router_topic_map")
     return same_families(record, topic_map, planned_families(record, run))
 
