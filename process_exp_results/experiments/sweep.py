@@ -217,7 +217,7 @@ def recorded_weights(run: dict, checkpoint_step: int | None) -> str | None:
 
 def made_as_planned(record: dict, run: dict, ignored_train: set = RESUMABLE_CHANGES) -> bool:
     """A step 3 or 4 record computes what the planned run would: the same model and train settings, data, and
-    families told to its routers; a step 4 also evaluated the run's training as it is now."""
+    families told to its routers; a step 4 also evaluated the weights the run holds now."""
     config = record.get("config") or {}
     if not same_training(config, run["run_settings"], ignored_train) or not same_data(record, run):
         return False
@@ -231,7 +231,7 @@ def made_as_planned(record: dict, run: dict, ignored_train: set = RESUMABLE_CHAN
 def trained_alike(run: dict) -> bool:
     """Step 3 finished this run (its manifest, written last, is there) as planned."""
     manifest = Path(run["run_dir"]) / "manifest.json"
-    if not (Path(run["run_dir"]) / "model").is_dir() or not manifest.is_file():
+    if not (Path(run["run_dir"]) / MODEL_DIR).is_dir() or not manifest.is_file():
         return False
     return made_as_planned(read_record(manifest), run)
 
