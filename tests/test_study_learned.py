@@ -12,7 +12,7 @@ from test_experiments import run_script
 from config_utils.io import current_manifest_hash
 from config_utils.topic_map import coarse_topics
 from helpers import REPO, check_ok, error_line
-from process_exp_results.experiments.learned import emergence_steps
+from process_exp_results.experiments.learned import bar_markdown, emergence_steps, profile_bar
 from process_exp_results.experiments.sweep import execute, recorded_otherwise, run_steps, step_command
 
 STUDY = REPO / "process_exp_results" / "experiments" / "study.py"
@@ -220,6 +220,27 @@ def test_a_finished_run_is_stale_when_its_data_its_routers_families_or_its_train
     assert not recorded_otherwise(results, run)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"file_sha256": {"model.safetensors": "dd"}}))
     assert recorded_otherwise(results, run)
+
+
+def test_the_bar_reads_the_agreement_two_evaluations_before_the_last_and_shows_the_frozen_routers_beside_it(tmp_path):
+    def finished(tag: str, arm: str, top1: list[float]) -> tuple[dict, dict]:
+        results = tmp_path / tag
+        results.mkdir()
+        saturation = {layer: {"steps": [1, 2, 3, 4], "top1": top1} for layer in ("block 0", "block 1")}
+        (results / "routing_stats.json").write_text(json.dumps({"saturation": saturation}))
+        row = {"tag": tag, "arm": arm, "status": "done earlier", "common_accuracy": 0.4}
+        return row, {"tag": tag, "results_dir": str(results)}
+
+    made = [
+        finished("ref0", "moe_top1", [0.5, 0.96, 0.97, 1.0]),
+        finished("ref1", "moe_top1", [0.5, 0.90, 0.99, 1.0]),
+        finished("frozen0", "frozen_router", [0.8, 0.93, 0.96, 1.0]),
+    ]
+    design = {"runs": [row for row, _ in made] + [{"tag": "frozen1", "arm": "frozen_router", "status": "planned"}]}
+    bar = profile_bar(design, [run for _, run in made], "moe_top1")
+    assert [seed["met"] for seed in bar["seeds"]] == [True, False]  # 0.90 < 0.95 two evaluations before the last
+    assert bar["frozen"] == [{"tag": "frozen0", "agreement_two_before_last": {"block 0": 0.93, "block 1": 0.93}}]
+    assert "frozen0 (routers that never change" in bar_markdown(bar) and "frozen1" not in bar_markdown(bar)
 
 
 def test_emergence_steps_are_checkpoints_at_an_eighth_a_quarter_and_a_half():

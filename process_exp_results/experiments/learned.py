@@ -25,6 +25,7 @@ LEARNED_ACCURACY = 0.35  # the profile's bar: the reference arm's common-set mas
 BAR_AGREEMENT = 0.95  # ... and every MoE layer's top-1 agreement with the final model at the last evaluations
 CURVE_ARMS = ("moe_top1", "moe_top2", "dense_equal_active")  # validation loss per step: do experts pay?
 SUPERVISED_ARM = "supervised_router"  # the power check: a router told where each topic goes
+FROZEN_ARM = "frozen_router"  # routers that never change: how much the hidden states alone move the routing
 POWER_INDEX, POWER_LOWER = 0.8, 0.5  # its bar: the index at least 0.8, its interval above 0.5
 # its routers are then fitted alone to their target, for half as many steps again (train.router_refit_steps): trained
 # along with the rest they end far from it (docs/results.md, the power check)
@@ -165,18 +166,27 @@ def granularity_summary(runs: list[dict], sweep_dir: Path, reference_arm: str) -
     return rows
 
 
+def _agreement_before_last(run: dict) -> dict:
+    """Per MoE layer, the lower top-1 agreement with the final routing at the two evaluations before the last."""
+    stats = read_json(Path(run["results_dir"]) / "routing_stats.json") or {}
+    return {
+        layer: min(values["top1"][-3:-1]) if len(values["top1"]) >= 3 else None
+        for layer, values in (stats.get("saturation") or {}).items()
+    }
+
+
+def _finished(design: dict, runs: list[dict], arm: str) -> list[tuple[dict, dict]]:
+    """(design row, run) of the arm's finished seeds."""
+    rows = [row for row in design["runs"] if row["arm"] == arm and row["status"] in ("ok", "done earlier")]
+    return [(row, next(run for run in runs if run["tag"] == row["tag"])) for row in rows]
+
+
 def profile_bar(design: dict, runs: list[dict], reference_arm: str) -> dict:
-    """Whether the reference arm met the learned profile's bar, seed by seed."""
+    """Whether the reference arm met the learned profile's bar, seed by seed; beside it, the same agreement for
+    routers that never change (FROZEN_ARM), which only the hidden states under them move."""
     seeds = []
-    for row in design["runs"]:
-        if row["arm"] != reference_arm or row["status"] not in ("ok", "done earlier"):  # finished runs only
-            continue
-        run = next(r for r in runs if r["tag"] == row["tag"])
-        stats = read_json(Path(run["results_dir"]) / "routing_stats.json") or {}
-        agreement = {
-            layer: min(values["top1"][-3:-1]) if len(values["top1"]) >= 3 else None
-            for layer, values in (stats.get("saturation") or {}).items()
-        }
+    for row, run in _finished(design, runs, reference_arm):
+        agreement = _agreement_before_last(run)
         accuracy = row["common_accuracy"]
         settled = bool(agreement) and all(value is not None and value >= BAR_AGREEMENT for value in agreement.values())
         seeds.append(
@@ -187,7 +197,11 @@ def profile_bar(design: dict, runs: list[dict], reference_arm: str) -> dict:
                 "met": accuracy is not None and accuracy >= LEARNED_ACCURACY and settled,
             }
         )
-    return {"accuracy_bar": LEARNED_ACCURACY, "agreement_bar": BAR_AGREEMENT, "seeds": seeds}
+    frozen = [
+        {"tag": row["tag"], "agreement_two_before_last": _agreement_before_last(run)}
+        for row, run in _finished(design, runs, FROZEN_ARM)
+    ]
+    return {"accuracy_bar": LEARNED_ACCURACY, "agreement_bar": BAR_AGREEMENT, "seeds": seeds, "frozen": frozen}
 
 
 def power_check(runs: list[dict], sweep_dir: Path) -> list[dict]:
@@ -325,6 +339,14 @@ def bar_markdown(bar: dict) -> str:
             f"* {seed['tag']}: common-set accuracy {format_number(seed['common_accuracy'], 3)} (bar "
             f"{bar['accuracy_bar']}); lowest top-1 agreement with the final model at the two evaluations before the "
             f"last: {agreement or MISSING} (bar {bar['agreement_bar']}): {verdict}"
+        )
+    for seed in bar.get("frozen", []):
+        agreement = ", ".join(
+            f"{layer} {format_number(value, 3)}" for layer, value in seed["agreement_two_before_last"].items()
+        )
+        lines.append(
+            f"* beside it, {seed['tag']} (routers that never change: only the hidden states under them move their "
+            f"routing): {agreement or MISSING}"
         )
     return "\n".join(lines)
 

@@ -93,7 +93,7 @@ LEARNED_ARMS = {
     learned.SUPERVISED_ARM: {
         "train.router_supervision": "topic"
     },  # the power check (by family where the corpus has them)
-    "frozen_router": {"train.freeze_router": True},  # a router that learned nothing: the false clearances
+    learned.FROZEN_ARM: {"train.freeze_router": True},  # a router that learned nothing: the false clearances
     "dense_equal_active": {"model.n_experts": 1},  # one FFN as wide as one expert: the reference's active parameters
     "moe_top2": {"model.top_k_experts": 2},
     "seed_replica": DEFECTS,
