@@ -203,11 +203,11 @@ def refit(run: Run) -> None:
             stop_requested=lambda: stop.requested or run.stop_signal is not None,
         )
     if run.router_refit is None:
-        kept = f" (the run it replaces stays in {run.replaced_run} until this one finishes)" if run.replaced_run else ""
         run.accelerator.print(
             f"stopped by a signal while fitting the routers: training ended at checkpoint "
             f"{checkpoint_folder(run.run_dir, run.state['step'])}; continue with "
-            f"`{step3_command(run.args, run.tag)} --resume latest` (the routers are fitted again from it){kept}",
+            f"`{step3_command(run.args, run.tag)} --resume latest` (the routers are fitted again from it)"
+            f"{replaced_run_note(run)}",
             file=sys.stderr,
         )
         raise SystemExit(128 + (stop.signal_number or run.stop_signal or 15))
@@ -615,12 +615,16 @@ def save_checkpoint_now(run: Run, step: int) -> None:
     run.accelerator.wait_for_everyone()
 
 
+def replaced_run_note(run: Run) -> str:
+    """For a stop line: where the run that --overwrite replaces waits until this one finishes."""
+    return f" (the run it replaces stays in {run.replaced_run} until this one finishes)" if run.replaced_run else ""
+
+
 def exit_on_signal(run: Run, step: int, signal_number: int | None) -> None:
     """After the checkpoint of a stopped step: how to continue, then exit with 128+signal."""
-    kept = f" (the run it replaces stays in {run.replaced_run} until this one finishes)" if run.replaced_run else ""
     run.accelerator.print(
         f"stopped by a signal after step {step}: checkpoint {checkpoint_folder(run.run_dir, step)}; "
-        f"continue with `{step3_command(run.args, run.tag)} --resume latest`{kept}",
+        f"continue with `{step3_command(run.args, run.tag)} --resume latest`{replaced_run_note(run)}",
         file=sys.stderr,
     )
     raise SystemExit(128 + (signal_number or 15))
