@@ -172,7 +172,7 @@ RESUMABLE_CHANGES = {
 
 # train keys that act only after the last training step (train/router_refit.py): a checkpoint of a run resumes with
 # another value, and the routers are fitted again from the final one
-AFTER_TRAINING = {"router_refit_steps"}
+AFTER_TRAINING = {"router_refit_batches"}
 
 
 def same_families(record: dict, topic_map_now: str | None, families_now: dict | None) -> bool:

@@ -186,12 +186,12 @@ TRAIN_SCHEMA = {
         "(e.g. configs/corpora/20newsgroups.yaml)",
     ),
     "router_supervision_coef": Field("float", default=1.0, min=0.0, help="weight of that term"),
-    "router_refit_steps": Field(
+    "router_refit_batches": Field(
         "int",
         default=0,
         min=0,
-        help="router_supervision: after training, this many steps fitting the routers alone to its target on the "
-        "final representation (the rest frozen, no dropout), at learning_rate",
+        help="router_supervision: after training, fit the routers alone to its target on the final representation "
+        "(the rest frozen, no dropout), by L-BFGS on their inputs from this many training batches",
     ),
     "routing_snapshots": Field(
         "bool",

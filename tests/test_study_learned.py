@@ -12,7 +12,7 @@ from test_experiments import run_script
 from config_utils.io import current_manifest_hash
 from config_utils.topic_map import coarse_topics
 from helpers import REPO, check_ok, error_line
-from process_exp_results.experiments.learned import bar_markdown, emergence_steps, profile_bar
+from process_exp_results.experiments.learned import REFIT_BATCHES, bar_markdown, emergence_steps, profile_bar
 from process_exp_results.experiments.sweep import execute, recorded_otherwise, run_steps, step_command
 
 STUDY = REPO / "process_exp_results" / "experiments" / "study.py"
@@ -48,7 +48,7 @@ def test_the_learned_profile_runs_its_arms_then_step_4_along_training_and_at_coa
     assert set(study["loss_curves"]) == {"moe_top1", "dense_equal_active"}
     # the supervised arm was told the builtin corpus's families and is judged at them, in every MoE layer
     assert [(row["told"], row["layer"]) for row in study["power"]] == [("family", "block 0"), ("family", "block 1")]
-    assert {row["refit_steps"] for row in study["power"]} == {20}  # half the 40 training steps
+    assert {row["refit_batches"] for row in study["power"]} == {REFIT_BATCHES}
     told = json.loads(
         (sweep / "results_coarse" / "supervised_router__seed-0@families" / "routing_stats.json").read_text()
     )
@@ -93,7 +93,7 @@ def test_an_interrupted_training_resumes_from_its_newest_checkpoint(learned_quic
 def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_path, monkeypatch):
     args = argparse.Namespace(config_dataset="d", config_model="m", config_train="t", overwrite=False)
     planned = {"model": {"n_experts": 4, "vocab_size": None}, "train": {"learning_rate": 1e-3, "eval_steps": 50}}
-    planned["train"]["router_refit_steps"] = 0
+    planned["train"]["router_refit_batches"] = 0
     run = {"tag": "a", "overrides": [], "run_dir": str(tmp_path / "a"), "run_settings": planned}
     run |= {"processed_dir": str(tmp_path / "p"), "masked_dir": str(tmp_path / "q"), "data_settings": {1: {}, 2: {}}}
     assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"  # nothing there: start afresh
@@ -107,7 +107,7 @@ def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_
     args.overwrite = True
     assert step_command(3, args, run, tmp_path)[-1] == "--overwrite"
     args.overwrite = False
-    refit = {**saved, "train": {**saved["train"], "router_refit_steps": 9}}  # acts after training: resumable
+    refit = {**saved, "train": {**saved["train"], "router_refit_batches": 9}}  # acts after training: resumable
     (checkpoint / "trainer_state.json").write_text(json.dumps({"config": refit}))
     assert step_command(3, args, run, tmp_path)[-2:] == ["--resume", "latest"]
     changed = {**saved, "train": {**saved["train"], "learning_rate": 3e-4}}
@@ -130,7 +130,7 @@ def test_the_sweep_resumes_or_reuses_a_training_only_with_the_same_settings(tmp_
 
 def test_a_finished_run_whose_arm_changed_since_is_redone_not_kept(tmp_path, monkeypatch):
     args = argparse.Namespace(config_dataset="d", config_model="m", config_train="t", overwrite=False, overrides=[])
-    planned = {"model": {"n_experts": 4}, "train": {"router_supervision": "family", "router_refit_steps": 9}}
+    planned = {"model": {"n_experts": 4}, "train": {"router_supervision": "family", "router_refit_batches": 9}}
     planned["train"] |= {"eval_steps": 50, "router_z_loss_coef": 0.0}
     run = {"tag": "a", "run_dir": str(tmp_path / "runs" / "a"), "results_dir": str(tmp_path / "results" / "a")}
     run |= {"run_settings": planned, "processed_dir": str(tmp_path / "p"), "masked_dir": str(tmp_path / "q")}
@@ -145,8 +145,8 @@ def test_a_finished_run_whose_arm_changed_since_is_redone_not_kept(tmp_path, mon
     # an evaluation interval does not change what was trained, the router's target does; a manifest written before
     # a key existed ran with its default (no refit: redone; z-loss at its default 0: kept)
     for recorded, again in (
-        ({"router_supervision": "family", "router_refit_steps": 9, "eval_steps": 5}, []),
-        ({"router_supervision": "topic", "router_refit_steps": 9}, ["a"]),
+        ({"router_supervision": "family", "router_refit_batches": 9, "eval_steps": 5}, []),
+        ({"router_supervision": "topic", "router_refit_batches": 9}, ["a"]),
         ({"router_supervision": "family"}, ["a"]),
     ):
         (tmp_path / "runs" / "a" / "manifest.json").write_text(json.dumps({"config": {"train": recorded}}))

@@ -150,7 +150,7 @@ class Run:
     expert_of_topic: dict | None  # train.router_supervision: the train topics' target experts
     family_of_topic: dict | None  # train.router_supervision=family: the train topics' families
     supervision_coef: float
-    router_refit: dict | None = None  # train.router_refit_steps: the routers' loss before and after
+    router_refit: dict | None = None  # train.router_refit_batches: the routers' loss before and after
     # claim_run_folder: the processes and the run folder they write
     accelerator: Accelerator | None = None
     tag: str = ""
@@ -183,13 +183,13 @@ def main() -> None:
     keep_freed_memory()  # every step allocates the same large tensors: reuse them instead of faulting them in
     run = set_up(parse_args())
     train(run)
-    if run.train_config.router_refit_steps:
+    if run.train_config.router_refit_batches:
         refit(run)
     finish(run)
 
 
 def refit(run: Run) -> None:
-    """train.router_refit_steps, after the final checkpoint: a signal stops it, and --resume latest refits again."""
+    """train.router_refit_batches, after the final checkpoint: a signal stops it, and --resume latest refits again."""
     with StopRequest() as stop:
         run.router_refit = refit_routers(
             run.accelerator,
@@ -197,8 +197,7 @@ def refit(run: Run) -> None:
             run.recorder.moe_layers,
             run.batches,
             run.state["position"],
-            run.train_config.router_refit_steps,
-            run.train_config.learning_rate,
+            run.train_config.router_refit_batches,
             run.tag,
             stop_requested=lambda: stop.requested or run.stop_signal is not None,
         )
@@ -277,10 +276,10 @@ def read_inputs(args: argparse.Namespace) -> Run:
             )
         family_of_topic = families_for_supervision(train_config, train_set.unique("topic"))
         train_set, expert_of_topic = add_router_targets(train_set, model_config.n_experts, family_of_topic)
-    elif train_config.router_refit_steps:
+    elif train_config.router_refit_batches:
         raise PipelineError(
-            "train.router_refit_steps fits the routers to train.router_supervision's target, which is off: set "
-            "train.router_supervision, or train.router_refit_steps to 0"
+            "train.router_refit_batches fits the routers to train.router_supervision's target, which is off: set "
+            "train.router_supervision, or train.router_refit_batches to 0"
         )
     if train_config.router_topic_map and train_config.router_supervision != "family":
         raise PipelineError(
@@ -397,7 +396,7 @@ def resume_or_start(run: Run) -> None:
             f"with, or start the run again with `{step3_command(run.args, run.tag)} --overwrite`"
         )
     run.state.pop("router_supervision", None)  # the manifest writes its own
-    run.state.pop("config", None)  # the checkpoint's: a resumed refit may have another router_refit_steps
+    run.state.pop("config", None)  # the checkpoint's: a resumed refit may have another router_refit_batches
     written_by = run.state.get("tag", run.tag)
     if written_by != run.tag:  # its Aim run, checkpoints and schedule are another run's: continuing it here mixes two
         raise PipelineError(

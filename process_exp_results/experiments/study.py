@@ -296,7 +296,7 @@ def check_args(args: argparse.Namespace) -> None:
     arms = PROFILES[args.profile]["arms"].values()
     own = PLACED_KEYS | {key for arm in arms for key in arm} | {"train.random_seed"}
     own |= {"dataset.data_params.eval_topics", "dataset.data_params.train_topics", "dataset.data_params.tokenizer_name"}
-    own |= {"train.router_topic_map", "train.router_refit_steps"}  # learned.supervised_settings
+    own |= {"train.router_topic_map", "train.router_refit_batches"}  # learned.supervised_settings
     own.add("train.aim_repo")  # one repository per sweep: workers never share one
     for text in args.overrides:
         role, path, _ = parse_override(text)
@@ -345,7 +345,7 @@ def plan_design(args: argparse.Namespace, runner: argparse.Namespace, corpus: st
                     extra = {"dataset.data_params.train_topics": args.corpora[corpus].balanced}
                     extra["dataset.data_params.tokenizer_name"] = tokenizer
                 if arm == learned.SUPERVISED_ARM:
-                    extra = learned.supervised_settings(args.corpora[corpus], run_scale(args).get("train.max_steps"))
+                    extra = learned.supervised_settings(args.corpora[corpus])
                 assignments.append({**ARMS[arm], **extra, "train.random_seed": seed})
                 labels.append((arm, seed))
         runs = plan_runs(runner, assignments, sweep_dir, [f"{arm}__seed-{seed}" for arm, seed in labels])
