@@ -1,6 +1,7 @@
 """Step 3 at scale: 2 processes = 1 process, resume = no interruption, NaN stops cleanly, Aim metrics,
 the fill-mask pipeline, dynamic masking, and the loss the loop builds equals the model's own."""
 
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,23 @@ def test_two_processes_give_the_single_process_loss_curve(data, single_run, prec
     two = metric_values(aim_run(tmp_path, two_tag), "loss", TRAIN)
     assert len(one) == len(two) == STEPS
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
+
+
+def test_two_processes_refit_the_routers_as_one_does(data):
+    """Each process reads half of every refit batch; the loss and gradient summed over both are one process's."""
+    tmp_path, options = data
+    options = [*options, *sets(**{"train.router_supervision": "topic", "train.router_refit_batches": 3})]
+    train_in_one_process(tmp_path, options, "refit_one")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*launch, str(STEP_SCRIPTS[3]), *step_config_args(3), *options, "--tag", "refit_two"]
+    check_ok(subprocess.run(command, cwd=tmp_path, env=env_one_thread(), capture_output=True, text=True, timeout=300))
+    manifests = [
+        json.loads((tmp_path / "runs" / tag / "manifest.json").read_text()) for tag in ("refit_one", "refit_two")
+    ]
+    one, two = (manifest["router_supervision"]["refit"] for manifest in manifests)
+    assert one["tokens"] == two["tokens"] and one["batches"] == two["batches"] == 3
+    assert abs(one["loss_first"] - two["loss_first"]) < 1e-4  # the same tokens, the same routers before the fit
+    assert abs(one["loss_last"] - two["loss_last"]) < 1e-3 and one["loss_last"] < one["loss_first"]
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
