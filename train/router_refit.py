@@ -48,7 +48,7 @@ def refit_routers(
                 return None
             weight = layer.router.linear.weight
             first = _loss_and_grad(accelerator, weight, inputs, targets, with_grad=False)
-            iterations = _fit(accelerator, weight, inputs, targets, f"{tag}'s block {index} router", stop_requested)
+            iterations = _fit(accelerator, weight, inputs, targets, f"{tag}'s MoE layer {index} router", stop_requested)
             if iterations is None:
                 return None
             result["tokens"] = int(_summed(accelerator, torch.tensor(float(len(targets)))))
@@ -66,7 +66,7 @@ def _router_inputs(accelerator, model, sample, index, stop_requested):
     inputs, targets = [], []
     for batch in tqdm(
         sample,
-        desc=f"step 3: reading block {index}'s router inputs",
+        desc=f"step 3: reading MoE layer {index}'s router inputs",
         unit="batch",
         mininterval=1.0,
         disable=not accelerator.is_local_main_process,
