@@ -47,14 +47,16 @@ def refit_routers(
             if inputs is None:
                 return None
             weight = layer.router.linear.weight
-            first = _loss_and_grad(accelerator, weight, inputs, targets, with_grad=False)
-            iterations = _fit(accelerator, weight, inputs, targets, f"{tag}'s MoE layer {index} router", stop_requested)
+            tokens = float(_summed(accelerator, torch.tensor(float(len(targets)))))  # every process's, for the mean
+            fit = (accelerator, weight, inputs, targets, tokens)
+            first = _loss_and_grad(*fit, with_grad=False)
+            iterations = _fit(*fit, f"{tag}'s MoE layer {index} router", stop_requested)
             if iterations is None:
                 return None
-            result["tokens"] = int(_summed(accelerator, torch.tensor(float(len(targets)))))
+            result["tokens"] = int(tokens)
             result["iterations"].append(iterations)
             result["loss_first"] += first
-            result["loss_last"] += _loss_and_grad(accelerator, weight, inputs, targets, with_grad=False)
+            result["loss_last"] += _loss_and_grad(*fit, with_grad=False)
     finally:
         unwrapped.train(was_training)
     return result
@@ -83,7 +85,7 @@ def _router_inputs(accelerator, model, sample, index, stop_requested):
     return torch.cat(inputs), torch.cat(targets)
 
 
-def _fit(accelerator, weight, inputs, targets, name, stop_requested) -> int | None:
+def _fit(accelerator, weight, inputs, targets, tokens, name, stop_requested) -> int | None:
     """L-BFGS on the router weight (no bias, as the router has none); the iterations it took, None when stopped."""
     optimizer = torch.optim.LBFGS(  # max_eval: the line searches never end a chunk early, only convergence does
         [weight], max_iter=CHUNK, max_eval=25 * CHUNK, history_size=20, line_search_fn="strong_wolfe"
@@ -91,7 +93,7 @@ def _fit(accelerator, weight, inputs, targets, name, stop_requested) -> int | No
 
     def closure():
         optimizer.zero_grad(set_to_none=True)
-        return torch.tensor(_loss_and_grad(accelerator, weight, inputs, targets, with_grad=True))
+        return torch.tensor(_loss_and_grad(accelerator, weight, inputs, targets, tokens, with_grad=True))
 
     bar = tqdm(
         total=MAX_ITERATIONS,
@@ -114,16 +116,16 @@ def _fit(accelerator, weight, inputs, targets, name, stop_requested) -> int | No
     return done
 
 
-def _loss_and_grad(accelerator, weight, inputs, targets, with_grad: bool) -> float:
-    """The router's mean cross-entropy over every process's tokens; with_grad: its gradient is in weight.grad."""
+def _loss_and_grad(accelerator, weight, inputs, targets, tokens: float, with_grad: bool) -> float:
+    """The router's mean cross-entropy over every process's tokens (`tokens` of them in all); with_grad: its
+    gradient is in weight.grad."""
     with torch.set_grad_enabled(with_grad):
         logits = torch.nn.functional.linear(inputs, weight.to(torch.float32))
         total = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    count = _summed(accelerator, torch.tensor(float(len(targets))))
     if with_grad:
         (grad,) = torch.autograd.grad(total, weight)
-        weight.grad = _summed(accelerator, grad) / count
-    return float(_summed(accelerator, total.detach()) / count)
+        weight.grad = _summed(accelerator, grad) / tokens
+    return float(_summed(accelerator, total.detach()) / tokens)
 
 
 def _summed(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
