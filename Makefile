@@ -29,10 +29,14 @@ demo: $(VENV)/.installed
 	$(OFFLINE) $(PY) inference/inference.py $(DEMO_CONFIGS) --run demo --save_path $(DEMO_RESULTS)
 	@echo "figures and metrics: $(DEMO_RESULTS)/demo/ (Aim runs: $(VENV)/bin/aim up)"
 
+# the suite in TEST_WORKERS pytest-xdist workers, one test file each at a time (module fixtures run once);
+# tests/conftest.py gives each worker its share of the cores
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check --quiet .
 	$(VENV)/bin/ruff check --quiet .
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # every fault the steps must survive, end to end (about 10 minutes): one row per case, exit 1 if any fails
 faults: $(VENV)/.installed
