@@ -3,6 +3,7 @@ the fill-mask pipeline, dynamic masking, and the loss the loop builds equals the
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,8 +186,18 @@ def test_resume_after_sigterm_ends_with_the_same_weights(data, precision):
     kept = sorted(path.name for path in checkpoints.iterdir())
     assert len(kept) == 2 and kept[0] == "step-000020", kept  # keep_checkpoints=2: the signal's one and the one before
 
+    first_start = json.loads((checkpoints / kept[-1] / "trainer_state.json").read_text())["train_seconds"]
     resumed = check_ok(subprocess.run([*command, "--tag", "cut", "--resume", "latest"], **run))
     assert "resuming cut from" in resumed.stdout
+    # the manifest times every start: the first one's seconds (to its last checkpoint) are not lost on resume
+    manifests = {tag: json.loads((runs / tag / "manifest.json").read_text()) for tag in ("whole", "cut")}
+    assert manifests["whole"]["seconds_all_starts"] == pytest.approx(manifests["whole"]["seconds"], abs=0.02)
+    assert first_start > 0
+    resumed_manifest = manifests["cut"]
+    all_starts = resumed_manifest["seconds_all_starts"]
+    assert all_starts - resumed_manifest["seconds"] == pytest.approx(first_start, abs=0.02)
+    printed = re.search(r"\((\d+) s over all starts\)", resumed.stdout)
+    assert printed and abs(int(printed.group(1)) - all_starts) <= 1, resumed.stdout
     whole = load_file(runs / "whole" / "model" / "model.safetensors")
     cut = load_file(runs / "cut" / "model" / "model.safetensors")
     assert whole.keys() == cut.keys()

@@ -176,6 +176,7 @@ class Run:
     previous_snapshot: torch.Tensor | None = None
     snapshot_seconds: float = 0.0
     started: float = 0.0  # perf_counter at the first step of this start
+    seconds_before_this_start: float | None = 0.0  # step 3's earlier starts (None: a checkpoint that did not record)
     stop_signal: int | None = None  # SIGINT/SIGTERM received during the last training step
 
 
@@ -377,6 +378,7 @@ def resume_or_start(run: Run) -> None:
         "aim_run_hash": None,
         "git": git,
         "resume_git": [],
+        "train_seconds": 0.0,  # this run's step 3 time over all its starts, up to the checkpoint
     }
     if run.resume_from is None:
         return
@@ -413,6 +415,7 @@ def resume_or_start(run: Run) -> None:
     run.accelerator.print(f"resuming {run.tag} from {run.resume_from} (step {run.state['step']} of {run.total_steps})")
     # checkpoints written before runs recorded their commit have none
     run.state.setdefault("git", {"commit": None, "dirty": None})
+    run.state.setdefault("train_seconds", None)  # unknown: written before runs recorded it
     run.state["resume_git"] = [*run.state.get("resume_git", []), {"step": run.state["step"], **git}]
 
 
@@ -477,6 +480,7 @@ def train(run: Run) -> None:
     )
     run.model.train()
     run.started, paused, tokens = time.perf_counter(), 0.0, 0  # paused: evaluation and checkpoints, not training
+    run.seconds_before_this_start = run.state["train_seconds"]
     with progress, StopRequest() as stop:  # the bar closes before an error line is printed
         steps = run.batches.steps(*run.state["position"], config.gradient_accumulation_steps)
         while run.state["step"] < run.total_steps:
@@ -593,6 +597,7 @@ def take_routing_snapshot(run: Run, step: int) -> None:
 
 def save_checkpoint_now(run: Run, step: int) -> None:
     rng_states = gather_rng_states(run.accelerator)  # every process takes part; the main one writes
+    run.state["train_seconds"] = seconds_all_starts(run)
     if run.accelerator.is_main_process:
         save_checkpoint(
             checkpoint_folder(run.run_dir, step),
@@ -651,10 +656,19 @@ def finish(run: Run) -> None:
     run.accelerator.print(f"wrote {run.run_dir / MODEL_DIR}/ (next: {step4_command(run.args, run.tag)})")
 
 
+def seconds_all_starts(run: Run) -> float | None:
+    """Seconds of step 3 over every start of the run up to now (None if a start before the last went unrecorded)."""
+    if run.seconds_before_this_start is None:
+        return None
+    return round(run.seconds_before_this_start + time.perf_counter() - run.started, 2)
+
+
 def done_line(run: Run) -> str:
     """What a user looks for when training ends: how long it took and where the validation loss landed."""
     seconds = time.perf_counter() - run.started
     text = f"step 3 done: {run.total_steps} steps, {seconds:.0f} s this start"
+    if run.resume_from is not None and run.seconds_before_this_start is not None:
+        text += f" ({seconds_all_starts(run):.0f} s over all starts)"
     if run.state["eval_history"]:
         last = run.state["eval_history"][-1]
         text += (
@@ -704,7 +718,8 @@ def manifest(run: Run) -> dict:
         "n_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
-        "seconds": round(time.perf_counter() - run.started, 2),
+        "seconds": round(time.perf_counter() - run.started, 2),  # this start's
+        "seconds_all_starts": seconds_all_starts(run),  # a resumed run's earlier starts too (None: unrecorded)
         "aim_run_hash": state["aim_run_hash"],
         "final_eval": state["eval_history"][-1] if state["eval_history"] else None,
         "eval_history": state["eval_history"],  # [{step, eval_mlm_loss, eval_accuracy}]: learning curves
