@@ -251,3 +251,25 @@ def test_arm_summary_pools_ablation_cells_and_needs_every_layer_settled():
     assert summary["ablation"]["topic"]["share"]["ci"] == pytest.approx(seed_summary([0.125, 0.25])["ci"])
     assert summary["topic_pairs_clearing_0"] == [4, 4, 4] and summary["token_class_pairs_clearing_0"] == [0, 4, 4]
     assert summary["common_loss"]["mean"] == pytest.approx(5.1)
+
+
+def test_a_resumed_runs_earlier_starts_count_in_the_study_time(tmp_path):
+    from process_exp_results.experiments.study_summary import earlier_starts_seconds, minutes_text
+
+    def run_with(manifest):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        if manifest is not None:
+            (folder / "manifest.json").write_text(json.dumps(manifest))
+        return {"run_dir": str(folder)}
+
+    # the sweep times a run's last invocation only: a resumed run adds the training of its starts before it
+    assert (
+        earlier_starts_seconds(run_with({"resumed_from": "ckpt", "seconds": 15.0, "seconds_all_starts": 115.5}))
+        == 100.5
+    )
+    assert earlier_starts_seconds(run_with({"resumed_from": None, "seconds": 15.0, "seconds_all_starts": 15.0})) == 0
+    assert earlier_starts_seconds(run_with(None)) == 0  # not trained yet (a failed run)
+    assert earlier_starts_seconds(run_with({"resumed_from": "ckpt", "seconds": 15.0})) is None  # before the record
+    assert minutes_text({"seconds": 90, "runs_with_unrecorded_starts": 0}) == "1.5 min"
+    assert minutes_text({"seconds": 90, "runs_with_unrecorded_starts": 2}) == "at least 1.5 min"

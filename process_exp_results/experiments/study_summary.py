@@ -207,8 +207,11 @@ def summarize_sweep(sweep_dir: Path) -> dict:
         key = "subset_loss" if arm == BALANCED_ARM else "common_loss"
         summary[arm]["loss_minus_reference"] = difference_interval(losses(arm, key), losses(reference, key))
     subset = next((row["subset_set"] for row in rows if row.get("subset_set")), None)
+    earlier = [earlier_starts_seconds(run) for run in sweep["runs"]]
     return {
-        "seconds": round(sum(run.get("seconds") or 0 for run in sweep["runs"]), 1),  # its runs, data steps included
+        # its runs, data steps included; the sweep times a run's last invocation, so add its earlier training starts
+        "seconds": round(sum((run.get("seconds") or 0) + (more or 0) for run, more in zip(sweep["runs"], earlier)), 1),
+        "runs_with_unrecorded_starts": sum(more is None for more in earlier),
         "corpus": sweep.get("corpus"),
         "design": sweep.get("design"),
         "reference_arm": reference,
@@ -217,6 +220,26 @@ def summarize_sweep(sweep_dir: Path) -> dict:
         "common_set": next((row["common_set"] for row in rows if row.get("common_set")), None),
         "balanced_subset": subset,
     }
+
+
+def earlier_starts_seconds(run: dict) -> float | None:
+    """Seconds of step 3 in the run's starts before its last (0 for a run started once; None when a resumed run's
+    checkpoint predates the record), from its training manifest."""
+    path = Path(run["run_dir"]) / "manifest.json"
+    if not path.is_file():
+        return 0.0
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("resumed_from") is None:
+        return 0.0
+    if manifest.get("seconds_all_starts") is None:
+        return None
+    return manifest["seconds_all_starts"] - manifest["seconds"]
+
+
+def minutes_text(design: dict) -> str:
+    """'12.3 min', or 'at least 12.3 min' when some resumed run's earlier starts went unrecorded."""
+    text = f"{design.get('seconds', 0) / 60:.1f} min"
+    return f"at least {text}" if design.get("runs_with_unrecorded_starts") else text
 
 
 def _seeds_cell(summary: dict, digits: int = 3) -> str:
@@ -337,18 +360,22 @@ LEGEND = (
 def study_markdown(designs: dict, settings: dict) -> str:
     parts = []
     for name, design in designs.items():
-        minutes = design.get("seconds", 0) / 60
-        parts.append(f"### {design['corpus']}, {design['design']} topics ({name}: {minutes:.1f} min of runs)\n")
+        parts.append(f"### {design['corpus']}, {design['design']} topics ({name}: {minutes_text(design)} of runs)\n")
         parts.append(arm_markdown(design))
         parts.append("\n" + "\n".join(design_notes(design)) + "\n")
         parts.append("Shorter (docs/results.md's):\n\n" + arm_markdown(design, SHORT_COLUMNS) + "\n")
         if design.get("learned"):
             parts.append(learned_markdown(design["learned"]) + "\n")
     parts.append(LEGEND)
-    run_minutes = sum(design.get("seconds", 0) for design in designs.values()) / 60
+    all_runs = {
+        "seconds": sum(design.get("seconds", 0) for design in designs.values()),
+        "runs_with_unrecorded_starts": sum(design.get("runs_with_unrecorded_starts", 0) for design in designs.values()),
+    }
+    unrecorded = all_runs["runs_with_unrecorded_starts"]
     parts.append(
-        f"\n{settings['seeds']} seed(s) per arm; {run_minutes:.1f} min of runs in all; this invocation "
-        f"{settings['seconds'] / 60:.1f} min."
+        f"\n{settings['seeds']} seed(s) per arm; {minutes_text(all_runs)} of runs in all"
+        + (f" ({unrecorded} resumed run(s) from before step 3 recorded its earlier starts)" if unrecorded else "")
+        + f"; this invocation {settings['seconds'] / 60:.1f} min."
     )
     return "\n".join(parts)
 
