@@ -145,6 +145,19 @@ def test_a_second_invocation_reuses_every_finished_run(quick_study):
     assert {run["tag"]: run["seconds"] for run in sweep_runs(out, "builtin-seen")} == before  # times kept
 
 
+def test_a_run_whose_step_4_was_cut_short_counts_its_earlier_training_in_the_study_time(quick_study):
+    out, _, _ = quick_study
+    run = next(run for run in sweep_runs(out, "builtin-seen") if run["arm"] == "seq64_mask0.05")
+    (REPO / run["results_dir"] / "metrics.csv").unlink()  # as if the last invocation stopped during its step 4
+    result = check_ok(run_script(STUDY, "--quick", "--out", out, timeout=300))
+    assert result.stdout.count("step 4 ...") == 1 and "step 3 ..." not in result.stdout
+    runs = sweep_runs(out, "builtin-seen")
+    assert [run["tag"] for run in runs if run["trained_earlier"]] == [run["tag"]]
+    training = json.loads((REPO / run["run_dir"] / "manifest.json").read_text())["seconds"]
+    design = json.loads((out / "study.json").read_text())["designs"]["builtin-seen"]
+    assert design["seconds"] == pytest.approx(sum(run["seconds"] for run in runs) + training, abs=0.1)
+
+
 def test_the_common_set_refuses_a_model_with_another_vocabulary(quick_study):
     from config_utils import PipelineError
     from process_exp_results.experiments.common_eval import CommonSet
@@ -256,12 +269,12 @@ def test_arm_summary_pools_ablation_cells_and_needs_every_layer_settled():
 def test_a_resumed_runs_earlier_starts_count_in_the_study_time(tmp_path):
     from process_exp_results.experiments.study_summary import earlier_starts_seconds, minutes_text
 
-    def run_with(manifest):
+    def run_with(manifest, trained_earlier=False):
         folder = tmp_path / str(len(list(tmp_path.iterdir())))
         folder.mkdir()
         if manifest is not None:
             (folder / "manifest.json").write_text(json.dumps(manifest))
-        return {"run_dir": str(folder)}
+        return {"run_dir": str(folder), "trained_earlier": trained_earlier}
 
     # the sweep times a run's last invocation only: a resumed run adds the training of its starts before it
     assert (
@@ -271,5 +284,9 @@ def test_a_resumed_runs_earlier_starts_count_in_the_study_time(tmp_path):
     assert earlier_starts_seconds(run_with({"resumed_from": None, "seconds": 15.0, "seconds_all_starts": 15.0})) == 0
     assert earlier_starts_seconds(run_with(None)) == 0  # not trained yet (a failed run)
     assert earlier_starts_seconds(run_with({"resumed_from": "ckpt", "seconds": 15.0})) is None  # before the record
+    # trained by an earlier invocation (this one only ran step 4): all of its training
+    assert earlier_starts_seconds(run_with({"resumed_from": None, "seconds": 15.0}, trained_earlier=True)) == 15.0
+    resumed = {"resumed_from": "ckpt", "seconds": 15.0, "seconds_all_starts": 115.5}
+    assert earlier_starts_seconds(run_with(resumed, trained_earlier=True)) == 115.5
     assert minutes_text({"seconds": 90, "runs_with_unrecorded_starts": 0}) == "1.5 min"
     assert minutes_text({"seconds": 90, "runs_with_unrecorded_starts": 2}) == "at least 1.5 min"

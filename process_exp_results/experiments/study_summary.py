@@ -223,17 +223,18 @@ def summarize_sweep(sweep_dir: Path) -> dict:
 
 
 def earlier_starts_seconds(run: dict) -> float | None:
-    """Seconds of step 3 in the run's starts before its last (0 for a run started once; None when a resumed run's
-    checkpoint predates the record), from its training manifest."""
+    """Seconds of step 3 that the sweep's time for the run leaves out, from its training manifest: the starts before
+    its last, or all of them when the sweep found it trained by an earlier invocation (None: a resumed run's
+    checkpoint predates the record)."""
     path = Path(run["run_dir"]) / "manifest.json"
     if not path.is_file():
         return 0.0
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("resumed_from") is None:
-        return 0.0
-    if manifest.get("seconds_all_starts") is None:
-        return None
-    return manifest["seconds_all_starts"] - manifest["seconds"]
+    resumed = manifest.get("resumed_from") is not None
+    all_starts = manifest.get("seconds_all_starts") if resumed else manifest["seconds"]
+    if run.get("trained_earlier"):
+        return all_starts
+    return None if all_starts is None else all_starts - manifest["seconds"]
 
 
 def minutes_text(design: dict) -> str:

@@ -334,7 +334,7 @@ def step_log(sweep_dir: Path, run: dict, step: int, folder: str | None) -> Path:
 def run_steps(args: argparse.Namespace, run: dict, sweep_dir: Path, data_status: dict[str, str]) -> None:
     """Steps 1-4 of one run, up to the first failure (recorded in run). A data folder made or failed for an
     earlier run, or left current by an earlier invocation, is not made again; data_status records each outcome."""
-    run["status"], run["error"] = "ok", None
+    run["status"], run["error"], run["trained_earlier"] = "ok", None, False
     for step in (1, 2, 3, 4):
         folder = {1: run["processed_dir"], 2: run["masked_dir"]}.get(step)
         log = step_log(sweep_dir, run, step, folder)
@@ -344,6 +344,7 @@ def run_steps(args: argparse.Namespace, run: dict, sweep_dir: Path, data_status:
             ok, error = True, ""  # made by an earlier invocation of this sweep, with the same settings
         elif step == 3 and not args.overwrite and trained_alike(run):
             ok, error = True, ""  # trained by an earlier invocation that stopped before its step 4 finished
+            run["trained_earlier"] = True  # its training time is not in this invocation's seconds
         else:
             print(f"  step {step} ...", flush=True)
             ok, error = run_logged(step_command(step, args, run, sweep_dir), log)
@@ -404,7 +405,7 @@ def execute(args: argparse.Namespace, runs: list[dict], sweep_dir: Path, extra: 
         ):
             run["status"] = "done earlier"
             if before.get("seconds") is not None:  # the time it took when it ran
-                run["seconds"] = before["seconds"]
+                run["seconds"], run["trained_earlier"] = before["seconds"], before.get("trained_earlier", False)
             print(f"[{number}/{len(runs)}] {run['tag']}: done earlier ({results})")
         else:
             print(
