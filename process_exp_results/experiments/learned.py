@@ -40,9 +40,9 @@ def emergence_steps(max_steps: int, save_steps: int) -> list[int]:
 
 
 def supervised_settings(corpus) -> dict:
-    """The supervised arm's own settings: its routers refitted after training (on REFIT_BATCHES batches) and, on a corpus with families, each family sent to its own expert, a target a
-    linear router can fit (topic t -> expert t mod E puts unrelated topics together); step 4 judges it at the
-    granularity it was told."""
+    """The supervised arm's own settings: its routers refitted after training (on REFIT_BATCHES batches) and, on a
+    corpus with families, each family sent to its own expert, a target a linear router can fit (topic t -> expert
+    t mod E puts unrelated topics together); step 4 judges it at the granularity it was told."""
     settings = {"train.router_refit_batches": REFIT_BATCHES}
     if corpus.coarse_topics:
         settings |= {"train.router_supervision": "family", "train.router_topic_map": str(corpus.path)}

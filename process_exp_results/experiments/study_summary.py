@@ -28,7 +28,7 @@ from process_exp_results.experiments.common_eval import (
     write_common_eval,
 )
 from process_exp_results.experiments.learned import learned_markdown
-from process_exp_results.experiments.result_files import read_result_folder
+from process_exp_results.experiments.result_files import read_json, read_result_folder
 from process_exp_results.report.formatting import MISSING, format_number, with_interval
 
 REFERENCE_ARM = "seq64_mask0.15"  # the early profile's; a sweep.json names its own ("reference_arm")
@@ -226,10 +226,9 @@ def earlier_starts_seconds(run: dict) -> float | None:
     """Seconds of step 3 that the sweep's time for the run leaves out, from its training manifest: the starts before
     its last, or all of them when the sweep found it trained by an earlier invocation (None: a resumed run's
     checkpoint predates the record)."""
-    path = Path(run["run_dir"]) / "manifest.json"
-    if not path.is_file():
+    manifest = read_json(Path(run["run_dir"]) / "manifest.json")
+    if manifest is None:
         return 0.0
-    manifest = json.loads(path.read_text(encoding="utf-8"))
     resumed = manifest.get("resumed_from") is not None
     all_starts = manifest.get("seconds_all_starts") if resumed else manifest["seconds"]
     if run.get("trained_earlier"):
